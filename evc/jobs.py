@@ -1,0 +1,197 @@
+"""The one job model: create and enqueue jobs, and the run-time handle tasks use to report."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from evc.errors import Conflict, EVCError, JobCancelled, NotFound
+from evc.store import JOB_STATES, TERMINAL_STATES, JSON, Store, new_id, now
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """How a kind of job is executed: the Celery task name and the queue it goes to."""
+
+    name: str
+    task: str
+    queue: str
+    mutating: bool = True
+
+
+#: every kind of asynchronous operation EVC runs; features add theirs here
+JOB_KINDS: dict[str, JobKind] = {
+    k.name: k
+    for k in (
+        JobKind("noop", "evc.noop", "default", mutating=False),
+        JobKind("register", "evc.register_device", "ssh"),
+        JobKind("facts", "evc.refresh_facts", "ssh", mutating=False),
+        JobKind("provision", "evc.provision", "ansible"),
+        JobKind("health", "evc.health_sweep", "ssh", mutating=False),
+        JobKind("level", "evc.raise_level", "ansible"),
+        JobKind("fl", "evc.fl_start", "fl"),
+    )
+}
+
+QUEUES = ("default", "ssh", "ansible", "fl")
+
+
+class Sender(Protocol):
+    """What the job service needs of Celery: ``Celery.send_task``."""
+
+    def send_task(self, name: str, args: Any = ..., **options: Any) -> Any: ...
+
+
+def new_job(
+    kind: str,
+    *,
+    params: JSON | None = None,
+    targets: list[str] | None = None,
+    created_by: str = "",
+) -> JSON:
+    if kind not in JOB_KINDS:
+        raise NotFound(f"unknown job kind {kind!r}")
+    targets = targets or []
+    return {
+        "id": new_id("job"),
+        "kind": kind,
+        "state": "queued",
+        "progress": {"done": 0, "total": len(targets) or 1, "percent": 0.0},
+        "targets": targets,
+        "params": params or {},
+        "summary": {},
+        "error": None,
+        "created_by": created_by,
+        "created_at": now(),
+        "started_at": None,
+        "finished_at": None,
+        "cancel_requested": False,
+        "attempt": 0,
+    }
+
+
+def submit(
+    store: Store,
+    sender: Sender,
+    kind: str,
+    *,
+    params: JSON | None = None,
+    targets: list[str] | None = None,
+    created_by: str = "",
+    idempotency_key: str | None = None,
+    countdown: float | None = None,
+) -> tuple[JSON, bool]:
+    """Create a job and enqueue its task. Returns (job, created); repeated keys return the first."""
+    job = new_job(kind, params=params, targets=targets, created_by=created_by)
+    if idempotency_key:
+        idempotency_key = f"{created_by}:{idempotency_key}"
+    job, created = store.create_job(job, idempotency_key)
+    if created:
+        enqueue(store, sender, job, countdown=countdown)
+    return job, created
+
+
+def enqueue(store: Store, sender: Sender, job: JSON, countdown: float | None = None) -> None:
+    jk = JOB_KINDS[job["kind"]]
+    opts: dict[str, Any] = {"queue": jk.queue, "task_id": f"{job['id']}-{job.get('attempt', 0)}"}
+    if countdown:
+        opts["countdown"] = countdown
+    sender.send_task(jk.task, args=[job["id"]], **opts)
+
+
+def public(job: JSON, store: Store | None = None, with_results: bool = True) -> JSON:
+    """A job as the API shows it."""
+    out = dict(job)
+    if with_results and store is not None:
+        out["results"] = store.results(job["id"])
+    return out
+
+
+def cancel(store: Store, job_id: str, revoke: Any | None = None) -> JSON:
+    """Ask a job to stop. A queued job is cancelled at once; a running one at its next check."""
+    job = store.get_job(job_id)
+    if job["state"] in TERMINAL_STATES:
+        raise Conflict(f"job {job_id} already {job['state']}", state=job["state"])
+    store.update_job(job_id, cancel_requested=True)
+    if store.transition_job(job_id, "cancelled", ["queued"], finished_at=now()):
+        store.add_event(job_id, {"type": "job", "state": "cancelled", "message": "cancelled before it started"})
+        if revoke is not None:
+            revoke(f"{job_id}-{job.get('attempt', 0)}")
+    else:
+        store.add_event(job_id, {"type": "job", "message": "cancel requested"})
+    return store.get_job(job_id)
+
+
+@dataclass
+class JobRun:
+    """The handle a task body reports through: state, progress, events, per-target results."""
+
+    store: Store
+    job: JSON
+    done: int = 0
+    _buffer: list[JSON] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return str(self.job["id"])
+
+    @property
+    def params(self) -> JSON:
+        return dict(self.job.get("params") or {})
+
+    @classmethod
+    def start(cls, store: Store, job_id: str) -> JobRun | None:
+        """Mark the job running; None when it is already final (a redelivery or a cancel)."""
+        if not store.transition_job(job_id, "running", ["queued", "running"], started_at=now()):
+            return None
+        job = store.get_job(job_id)
+        run = cls(store, job, done=int(job.get("progress", {}).get("done", 0)))
+        return run
+
+    def cancelled(self) -> bool:
+        return self.store.get_job(self.id).get("cancel_requested", False) is True
+
+    def check_cancel(self) -> None:
+        if self.cancelled():
+            raise JobCancelled("cancelled by request")
+
+    def event(self, message: str = "", **fields: Any) -> int:
+        return self.store.add_event(self.id, {"type": fields.pop("type", "log"), "message": message, **fields})
+
+    def events(self, events: list[JSON]) -> int:
+        return self.store.add_events(self.id, events)
+
+    def progress(self, done: int | None = None, total: int | None = None, **extra: Any) -> None:
+        if done is not None:
+            self.done = done
+        total = total if total is not None else int(self.job["progress"].get("total") or 1)
+        prog = {"done": self.done, "total": total, "percent": round(100.0 * self.done / max(total, 1), 1), **extra}
+        self.job["progress"] = prog
+        self.store.update_job(self.id, progress=prog)
+
+    def result(self, target: str, result: JSON, count: bool = True) -> None:
+        self.store.set_result(self.id, target, result)
+        if count:
+            self.progress(self.done + 1)
+
+    def succeed(self, summary: JSON | None = None, message: str = "succeeded") -> bool:
+        return self._finish("succeeded", summary=summary or {}, message=message)
+
+    def fail(self, error: EVCError | str, summary: JSON | None = None) -> bool:
+        err = error.to_dict() if isinstance(error, EVCError) else {"code": "failed", "message": error}
+        return self._finish("failed", summary=summary or {}, error=err, message=err["message"])
+
+    def cancel(self, summary: JSON | None = None) -> bool:
+        return self._finish("cancelled", summary=summary or {}, message="cancelled")
+
+    def _finish(self, state: str, message: str, **changes: Any) -> bool:
+        ok = self.store.transition_job(self.id, state, ["queued", "running"], finished_at=now(), **changes)
+        if ok:
+            self.store.add_event(self.id, {"type": "job", "state": state, "message": message})
+        return ok
+
+
+__all__ = ["JOB_KINDS", "JOB_STATES", "JobKind", "JobRun", "QUEUES", "cancel", "enqueue", "submit"]

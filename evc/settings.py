@@ -1,0 +1,141 @@
+"""One typed, frozen settings object: defaults -> optional file -> ``EVC_*`` environment."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from evc.errors import ConfigError
+
+ENV_PREFIX = "EVC_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything EVC can be configured with. Build with :func:`load_settings`."""
+
+    # Redis: empty means "start a private embedded Redis" (evc up only).
+    redis_url: str = ""
+    redis_sentinels: str = ""  # "host:port,host:port" -> Sentinel mode with redis_sentinel_master
+    redis_sentinel_master: str = "mymaster"
+    key_prefix: str = "evc"
+    data_dir: Path = Path.home() / ".local" / "share" / "evc"
+    api_bind: str = "127.0.0.1:8080"
+    public_url: str = ""  # how devices/CLI reach the API; defaults to http://<api_bind>
+    cors_origins: str = ""  # empty: CORS off
+    # tokens
+    token_bytes: int = 32
+    enrollment_ttl_s: int = 3600
+    enrollment_max_uses: int = 10
+    auth_fail_limit: int = 20  # failed authentications per client per window
+    auth_fail_window_s: int = 60
+    # jobs
+    idempotency_ttl_s: int = 86400
+    job_history: int = 100_000
+    audit_history: int = 100_000
+    # SSH
+    ssh_connect_timeout_s: float = 10.0
+    ssh_command_timeout_s: float = 60.0
+    ssh_retries: int = 2
+    # celery
+    task_soft_time_limit_s: int = 600
+    task_time_limit_s: int = 660
+    worker_concurrency: int = 4
+    # playbooks
+    playbook_dirs: str = ""  # extra operator playbook directories, os.pathsep separated
+    ansible_forks: int = 20
+    # health
+    health_interval_s: float = 60.0
+    health_concurrency: int = 200
+    health_degraded_after: int = 1
+    health_offline_after: int = 3
+    health_load_threshold: float = 4.0
+    health_disk_threshold: float = 0.95
+    health_mem_threshold: float = 0.95
+    webhook_url: str = ""
+    # monitoring
+    metrics_dir: str = ""  # prometheus_client multiprocess dir; empty: single process
+    exporter_port: int = 9110
+
+    @property
+    def api_url(self) -> str:
+        return self.public_url.rstrip("/") or f"http://{self.api_bind}"
+
+    @property
+    def key_path(self) -> Path:
+        return self.data_dir / "ssh" / "id_ed25519"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def extra_playbook_dirs(self) -> list[Path]:
+        return [Path(p) for p in self.playbook_dirs.split(os.pathsep) if p]
+
+
+def _coerce(name: str, typ: Any, raw: Any) -> Any:
+    try:
+        if typ is bool:
+            if isinstance(raw, bool):
+                return raw
+            return str(raw).strip().lower() in {"1", "true", "yes", "on"}
+        if typ is Path:
+            return Path(str(raw)).expanduser()
+        return typ(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name}: cannot read {raw!r} as {typ.__name__}") from exc
+
+
+def load_settings(
+    file: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Defaults, then a JSON/TOML file (``EVC_CONFIG`` or *file*), then ``EVC_*`` variables."""
+    env = os.environ if env is None else env
+    hints = get_type_hints(Settings)
+    values: dict[str, Any] = {}
+    path = file or env.get(ENV_PREFIX + "CONFIG")
+    if path:
+        values.update(_read_file(Path(path)))
+    for f in fields(Settings):
+        key = ENV_PREFIX + f.name.upper()
+        if key in env:
+            values[f.name] = env[key]
+    values.update(overrides)
+    known = {f.name for f in fields(Settings)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
+    return Settings(**{k: _coerce(k, hints[k], v) for k, v in values.items()})
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read settings file {path}: {exc.strerror}") from exc
+    if path.suffix == ".toml":
+        import tomllib
+
+        data: Any = tomllib.loads(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"settings file {path} must hold a mapping")
+    return data
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The ``EVC_*`` environment that reproduces *settings* in a child process."""
+    out: dict[str, str] = {}
+    for f in fields(Settings):
+        out[ENV_PREFIX + f.name.upper()] = str(getattr(settings, f.name))
+    return out
+
+
+__all__ = ["Settings", "load_settings", "settings_env", "field"]

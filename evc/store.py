@@ -1,0 +1,449 @@
+"""The one module that talks to Redis: devices, tokens, jobs, job events, audit log, locks."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import redis
+
+from evc.errors import Conflict, NotFound, StoreUnavailable
+from evc.settings import Settings
+
+JSON = dict[str, Any]
+
+TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+# Move a job to ARGV[1] only when its current state is one of ARGV[2] (a JSON list);
+# ARGV[3..] are extra field/value pairs set in the same step. Returns the state it had.
+_TRANSITION = """
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return false end
+local allowed = cjson.decode(ARGV[2])
+local ok = false
+for _, s in ipairs(allowed) do if cjson.encode(s) == cur then ok = true end end
+if not ok then return cur end
+redis.call('HSET', KEYS[1], 'state', ARGV[1])
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return cur
+"""
+
+# Consume one use of an enrollment token: KEYS[1] the record; ARGV[1] now. Returns
+# 'ok', 'missing', 'expired', 'used_up' or 'revoked'.
+_CONSUME = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
+if redis.call('HGET', KEYS[1], 'revoked') == 'true' then return 'revoked' end
+local exp = tonumber(redis.call('HGET', KEYS[1], 'expires_at'))
+if exp and exp < tonumber(ARGV[1]) then return 'expired' end
+local left = tonumber(redis.call('HGET', KEYS[1], 'uses_left'))
+if left <= 0 then return 'used_up' end
+redis.call('HSET', KEYS[1], 'uses_left', tostring(left - 1))
+return 'ok'
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+def now() -> float:
+    return time.time()
+
+
+def _dump(obj: JSON) -> dict[str, str]:
+    return {k: json.dumps(v, separators=(",", ":")) for k, v in obj.items()}
+
+
+def _load(raw: dict[Any, Any]) -> JSON:
+    return {
+        (k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()
+    }
+
+
+class Store:
+    """Typed access to EVC's state in Redis. Build one per process with :meth:`from_settings`."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "evc", settings: Settings | None = None):
+        self.r = client
+        self.prefix = prefix
+        self.settings = settings or Settings()
+        self._transition = self.r.register_script(_TRANSITION)
+        self._consume = self.r.register_script(_CONSUME)
+        self._release = self.r.register_script(_RELEASE)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Store:
+        return cls(redis_client(settings), settings.key_prefix, settings)
+
+    def k(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.r.ping())
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"Redis is unreachable: {exc}") from exc
+
+    # ------------------------------------------------------------------ generic records
+    def _put(self, kind: str, rec: JSON, score: float | None = None) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.k(kind, rec["id"]), mapping=_dump(rec))
+        pipe.zadd(self.k(kind + "s"), {rec["id"]: rec.get("created_at", now()) if score is None else score})
+        pipe.execute()
+
+    def _get(self, kind: str, rec_id: str) -> JSON:
+        raw = self.r.hgetall(self.k(kind, rec_id))
+        if not raw:
+            raise NotFound(f"{kind} {rec_id} not found", id=rec_id)
+        return _load(raw)
+
+    def _get_many(self, kind: str, ids: Iterable[str]) -> list[JSON]:
+        ids = list(ids)
+        pipe = self.r.pipeline(transaction=False)
+        for i in ids:
+            pipe.hgetall(self.k(kind, i))
+        return [_load(raw) for raw in pipe.execute() if raw]
+
+    def _update(self, kind: str, rec_id: str, changes: JSON) -> JSON:
+        key = self.k(kind, rec_id)
+        if not self.r.exists(key):
+            raise NotFound(f"{kind} {rec_id} not found", id=rec_id)
+        if changes:
+            self.r.hset(key, mapping=_dump(changes))
+        return self._get(kind, rec_id)
+
+    def _ids(self, kind: str, newest_first: bool = True) -> Iterator[str]:
+        key, start, batch = self.k(kind + "s"), 0, 500
+        while True:
+            if newest_first:
+                chunk = self.r.zrevrange(key, start, start + batch - 1)
+            else:
+                chunk = self.r.zrange(key, start, start + batch - 1)
+            if not chunk:
+                return
+            yield from (c.decode() for c in chunk)
+            start += batch
+
+    def _page(
+        self,
+        kind: str,
+        offset: int,
+        limit: int,
+        match: Callable[[JSON], bool] | None = None,
+        newest_first: bool = True,
+    ) -> tuple[list[JSON], int]:
+        """One page of records and the total that match (filters are applied in order)."""
+        if match is None:
+            key = self.k(kind + "s")
+            total = int(self.r.zcard(key))
+            rng = self.r.zrevrange if newest_first else self.r.zrange
+            ids = [i.decode() for i in rng(key, offset, offset + limit - 1)]
+            return self._get_many(kind, ids), total
+        items: list[JSON] = []
+        total = 0
+        ids = list(self._ids(kind, newest_first))
+        for start in range(0, len(ids), 500):
+            for rec in self._get_many(kind, ids[start : start + 500]):
+                if match(rec):
+                    if offset <= total < offset + limit:
+                        items.append(rec)
+                    total += 1
+        return items, total
+
+    def _delete(self, kind: str, rec_id: str, *extra_keys: str) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.delete(self.k(kind, rec_id), *extra_keys)
+        pipe.zrem(self.k(kind + "s"), rec_id)
+        pipe.execute()
+
+    # ------------------------------------------------------------------ devices
+    def create_device(self, dev: JSON, token_hash: str) -> JSON:
+        name_key = self.k("device-name", dev["name"])
+        if not self.r.set(name_key, dev["id"], nx=True):
+            raise Conflict(f"a device named {dev['name']!r} is already registered", field="name")
+        dev = {**dev, "token_hash": token_hash}
+        self._put("device", dev)
+        self.r.set(self.k("device-token", token_hash), dev["id"])
+        return dev
+
+    def get_device(self, device_id: str) -> JSON:
+        return self._get("device", device_id)
+
+    def get_devices(self, ids: Iterable[str]) -> list[JSON]:
+        return self._get_many("device", ids)
+
+    def update_device(self, device_id: str, **changes: Any) -> JSON:
+        return self._update("device", device_id, changes)
+
+    def device_by_token(self, token_hash: str) -> JSON | None:
+        dev_id = self.r.get(self.k("device-token", token_hash))
+        if not dev_id:
+            return None
+        try:
+            return self.get_device(dev_id.decode())
+        except NotFound:
+            return None
+
+    def device_ids(self) -> list[str]:
+        return list(self._ids("device", newest_first=False))
+
+    def list_devices(
+        self, offset: int = 0, limit: int = 50, match: Callable[[JSON], bool] | None = None
+    ) -> tuple[list[JSON], int]:
+        return self._page("device", offset, limit, match, newest_first=False)
+
+    def all_devices(self) -> list[JSON]:
+        return self._get_many("device", self.device_ids())
+
+    def delete_device(self, device_id: str) -> JSON:
+        dev = self.get_device(device_id)
+        self._delete(
+            "device",
+            device_id,
+            self.k("device-name", dev["name"]),
+            self.k("device-token", dev.get("token_hash", "")),
+        )
+        return dev
+
+    # ------------------------------------------------------------------ clusters
+    def create_cluster(self, cl: JSON) -> JSON:
+        if not self.r.set(self.k("cluster-name", cl["name"]), cl["id"], nx=True):
+            raise Conflict(f"a cluster named {cl['name']!r} exists", field="name")
+        self._put("cluster", cl)
+        return cl
+
+    def get_cluster(self, cluster_id: str) -> JSON:
+        return self._get("cluster", cluster_id)
+
+    def update_cluster(self, cluster_id: str, **changes: Any) -> JSON:
+        return self._update("cluster", cluster_id, changes)
+
+    def list_clusters(
+        self, offset: int = 0, limit: int = 50, match: Callable[[JSON], bool] | None = None
+    ) -> tuple[list[JSON], int]:
+        return self._page("cluster", offset, limit, match, newest_first=False)
+
+    def delete_cluster(self, cluster_id: str) -> JSON:
+        cl = self.get_cluster(cluster_id)
+        self._delete("cluster", cluster_id, self.k("cluster-name", cl["name"]))
+        return cl
+
+    # ------------------------------------------------------------------ operator tokens
+    def create_token(self, tok: JSON, token_hash: str) -> JSON:
+        self._put("token", {**tok, "hash": token_hash})
+        self.r.set(self.k("token-hash", token_hash), tok["id"])
+        return tok
+
+    def token_by_hash(self, token_hash: str) -> JSON | None:
+        tok_id = self.r.get(self.k("token-hash", token_hash))
+        if not tok_id:
+            return None
+        try:
+            return self._get("token", tok_id.decode())
+        except NotFound:
+            return None
+
+    def get_token(self, token_id: str) -> JSON:
+        return self._get("token", token_id)
+
+    def update_token(self, token_id: str, **changes: Any) -> JSON:
+        return self._update("token", token_id, changes)
+
+    def list_tokens(self, offset: int = 0, limit: int = 50) -> tuple[list[JSON], int]:
+        return self._page("token", offset, limit, newest_first=False)
+
+    # ------------------------------------------------------------------ enrollment tokens
+    def create_enrollment(self, enr: JSON, token_hash: str) -> JSON:
+        self._put("enrollment", {**enr, "hash": token_hash})
+        self.r.set(self.k("enrollment-hash", token_hash), enr["id"])
+        return enr
+
+    def enrollment_by_hash(self, token_hash: str) -> JSON | None:
+        enr_id = self.r.get(self.k("enrollment-hash", token_hash))
+        if not enr_id:
+            return None
+        try:
+            return self._get("enrollment", enr_id.decode())
+        except NotFound:
+            return None
+
+    def consume_enrollment(self, enrollment_id: str) -> str:
+        res = self._consume(keys=[self.k("enrollment", enrollment_id)], args=[now()])
+        return res.decode() if isinstance(res, bytes) else str(res)
+
+    def update_enrollment(self, enrollment_id: str, **changes: Any) -> JSON:
+        return self._update("enrollment", enrollment_id, changes)
+
+    def list_enrollments(self, offset: int = 0, limit: int = 50) -> tuple[list[JSON], int]:
+        return self._page("enrollment", offset, limit)
+
+    # ------------------------------------------------------------------ jobs
+    def create_job(self, job: JSON, idempotency_key: str | None = None) -> tuple[JSON, bool]:
+        """Store *job*; with an idempotency key already used, return that job instead."""
+        if idempotency_key:
+            ikey = self.k("idem", idempotency_key)
+            ttl = self.settings.idempotency_ttl_s
+            if not self.r.set(ikey, job["id"], nx=True, ex=ttl):
+                existing = self.r.get(ikey)
+                for _ in range(50):  # the first creator may still be writing its job
+                    if existing and self.r.exists(self.k("job", existing.decode())):
+                        return self.get_job(existing.decode()), False
+                    time.sleep(0.01)
+                    existing = self.r.get(ikey)
+                raise Conflict("a job with this Idempotency-Key is being created; retry")
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.k("job", job["id"]), mapping=_dump(job))
+        pipe.zadd(self.k("jobs"), {job["id"]: job["created_at"]})
+        pipe.zadd(self.k("jobs-kind", job["kind"]), {job["id"]: job["created_at"]})
+        pipe.execute()
+        return job, True
+
+    def get_job(self, job_id: str) -> JSON:
+        return self._get("job", job_id)
+
+    def job_state(self, job_id: str) -> str | None:
+        raw = self.r.hget(self.k("job", job_id), "state")
+        return json.loads(raw) if raw else None
+
+    def update_job(self, job_id: str, **changes: Any) -> None:
+        self.r.hset(self.k("job", job_id), mapping=_dump(changes))
+
+    def transition_job(self, job_id: str, state: str, allowed_from: Iterable[str], **changes: Any) -> bool:
+        """Atomically move a job to *state* if it is in one of *allowed_from*."""
+        args: list[Any] = [json.dumps(state), json.dumps(list(allowed_from))]
+        for k, v in _dump(changes).items():
+            args += [k, v]
+        prev = self._transition(keys=[self.k("job", job_id)], args=args)
+        if prev is None:
+            raise NotFound(f"job {job_id} not found", id=job_id)
+        return json.loads(prev) in set(allowed_from)
+
+    def list_jobs(
+        self,
+        offset: int = 0,
+        limit: int = 50,
+        kind: str | None = None,
+        match: Callable[[JSON], bool] | None = None,
+    ) -> tuple[list[JSON], int]:
+        if kind is None:
+            return self._page("job", offset, limit, match)
+        ids = [i.decode() for i in self.r.zrevrange(self.k("jobs-kind", kind), 0, -1)]
+        if match is None:
+            return self._get_many("job", ids[offset : offset + limit]), len(ids)
+        recs = [j for j in self._get_many("job", ids) if match(j)]
+        return recs[offset : offset + limit], len(recs)
+
+    def add_event(self, job_id: str, event: JSON) -> int:
+        event = {"ts": now(), **event}
+        seq = int(self.r.rpush(self.k("job", job_id, "events"), json.dumps(event)))
+        return seq
+
+    def add_events(self, job_id: str, events: list[JSON]) -> int:
+        if not events:
+            return int(self.r.llen(self.k("job", job_id, "events")))
+        t = now()
+        return int(
+            self.r.rpush(
+                self.k("job", job_id, "events"), *[json.dumps({"ts": t, **e}) for e in events]
+            )
+        )
+
+    def events(self, job_id: str, after: int = 0, limit: int = 100) -> list[JSON]:
+        raw = self.r.lrange(self.k("job", job_id, "events"), after, after + limit - 1)
+        return [{"seq": after + i + 1, **json.loads(e)} for i, e in enumerate(raw)]
+
+    def event_count(self, job_id: str) -> int:
+        return int(self.r.llen(self.k("job", job_id, "events")))
+
+    def set_result(self, job_id: str, target: str, result: JSON) -> None:
+        self.r.hset(self.k("job", job_id, "results"), target, json.dumps(result))
+
+    def results(self, job_id: str) -> JSON:
+        return _load(self.r.hgetall(self.k("job", job_id, "results")))
+
+    # ------------------------------------------------------------------ audit log
+    def audit(self, actor: str, action: str, target: str = "", ip: str = "", **details: Any) -> None:
+        rec = {"ts": now(), "actor": actor, "action": action, "target": target, "ip": ip}
+        if details:
+            rec["details"] = details
+        pipe = self.r.pipeline(transaction=False)
+        pipe.lpush(self.k("audit"), json.dumps(rec))
+        pipe.ltrim(self.k("audit"), 0, self.settings.audit_history - 1)
+        pipe.execute()
+
+    def audit_log(self, offset: int = 0, limit: int = 50) -> tuple[list[JSON], int]:
+        raw = self.r.lrange(self.k("audit"), offset, offset + limit - 1)
+        return [json.loads(x) for x in raw], int(self.r.llen(self.k("audit")))
+
+    # ------------------------------------------------------------------ fleet event log
+    def log_event(self, event: JSON) -> None:
+        """A fleet event (device state change, membership...), newest first, capped."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.lpush(self.k("events"), json.dumps({"ts": now(), **event}))
+        pipe.ltrim(self.k("events"), 0, self.settings.audit_history - 1)
+        pipe.execute()
+
+    def fleet_events(self, limit: int = 10_000) -> list[JSON]:
+        return [json.loads(x) for x in self.r.lrange(self.k("events"), 0, limit - 1)]
+
+    # ------------------------------------------------------------------ locks and counters
+    def acquire_lock(self, name: str, owner: str, ttl_s: float) -> bool:
+        return bool(self.r.set(self.k("lock", name), owner, nx=True, px=int(ttl_s * 1000)))
+
+    def refresh_lock(self, name: str, owner: str, ttl_s: float) -> bool:
+        key = self.k("lock", name)
+        if self.r.get(key) == owner.encode():
+            return bool(self.r.pexpire(key, int(ttl_s * 1000)))
+        return False
+
+    def release_lock(self, name: str, owner: str) -> bool:
+        return bool(self._release(keys=[self.k("lock", name)], args=[owner]))
+
+    def lock_owner(self, name: str) -> str | None:
+        v = self.r.get(self.k("lock", name))
+        return v.decode() if v else None
+
+    def hit(self, name: str, window_s: int) -> int:
+        """Count one event in a fixed window; returns the count so far."""
+        key = self.k("count", name, str(int(now() // window_s)))
+        pipe = self.r.pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, window_s * 2)
+        return int(pipe.execute()[0])
+
+    def count(self, name: str, window_s: int) -> int:
+        v = self.r.get(self.k("count", name, str(int(now() // window_s))))
+        return int(v) if v else 0
+
+    # ------------------------------------------------------------------ generic kv for features
+    def put_json(self, name: str, value: Any, ttl_s: int | None = None) -> None:
+        self.r.set(self.k(name), json.dumps(value), ex=ttl_s)
+
+    def get_json(self, name: str) -> Any:
+        v = self.r.get(self.k(name))
+        return json.loads(v) if v is not None else None
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """A Redis client for *settings*: a URL, or Sentinel when sentinels are configured."""
+    if settings.redis_sentinels:
+        from redis.sentinel import Sentinel
+
+        hosts = []
+        for hp in settings.redis_sentinels.split(","):
+            h, _, p = hp.strip().rpartition(":")
+            hosts.append((h, int(p)))
+        password = redis.connection.parse_url(settings.redis_url).get("password") if settings.redis_url else None
+        return Sentinel(hosts, password=password).master_for(settings.redis_sentinel_master)
+    if not settings.redis_url:
+        raise StoreUnavailable("no Redis URL configured (set EVC_REDIS_URL or run `evc up`)")
+    return redis.Redis.from_url(settings.redis_url, health_check_interval=30)

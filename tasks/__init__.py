@@ -1,0 +1,1 @@
+"""Thin Celery tasks: load ids, call a core service, record the outcome on the job."""

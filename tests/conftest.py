@@ -1,0 +1,5 @@
+"""Shared fixtures: real Redis, real Celery workers, simulated devices, a real sshd."""
+
+pytest_plugins = [
+    "tests.fixtures.services",
+]

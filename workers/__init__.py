@@ -1,0 +1,1 @@
+"""Celery side of EVC: the app builder, worker process hooks and the beat schedule."""

@@ -1,0 +1,66 @@
+"""The one Celery app builder: takes the settings, routes each task to its queue."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from evc.jobs import JOB_KINDS, QUEUES
+from evc.settings import Settings
+
+#: task modules every worker imports; features add theirs here
+TASK_MODULES = [
+    "evc.tasks.core",
+]
+
+
+def _routes() -> dict[str, dict[str, str]]:
+    routes = {jk.task: {"queue": jk.queue} for jk in JOB_KINDS.values()}
+    return routes
+
+
+def make_celery(settings: Settings, *, include_tasks: bool = True) -> Celery:
+    """A Celery app for *settings*. The API builds one without tasks and sends by name."""
+    app = Celery("evc", include=TASK_MODULES if include_tasks else [])
+    broker_opts: dict[str, Any] = {"visibility_timeout": max(3600, settings.task_time_limit_s * 2)}
+    if settings.redis_sentinels:
+        broker_url = ";".join(f"sentinel://{hp.strip()}" for hp in settings.redis_sentinels.split(","))
+        broker_opts["master_name"] = settings.redis_sentinel_master
+    else:
+        broker_url = settings.redis_url
+    app.conf.update(
+        broker_url=broker_url,
+        result_backend=None,
+        broker_transport_options=broker_opts,
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue="default",
+        task_queues=[Queue(q) for q in QUEUES],
+        task_routes=_routes(),
+        task_soft_time_limit=settings.task_soft_time_limit_s,
+        task_time_limit=settings.task_time_limit_s,
+        # events on from the moment a task is sent, so Flower shows queued tasks too
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        task_track_started=True,
+        worker_hijack_root_logger=False,
+        worker_concurrency=settings.worker_concurrency,
+        beat_schedule={
+            "health-sweep": {
+                "task": "evc.health_tick",
+                "schedule": settings.health_interval_s,
+                "options": {"queue": "ssh", "expires": settings.health_interval_s},
+            },
+        },
+        timezone="UTC",
+    )
+    app.evc_settings = settings  # type: ignore[attr-defined]
+    return app
