@@ -276,6 +276,9 @@ class Store:
         except NotFound:
             return None
 
+    def get_enrollment(self, enrollment_id: str) -> JSON:
+        return self._get("enrollment", enrollment_id)
+
     def consume_enrollment(self, enrollment_id: str) -> str:
         res = self._consume(keys=[self.k("enrollment", enrollment_id)], args=[now()])
         return res.decode() if isinstance(res, bytes) else str(res)
@@ -423,6 +426,14 @@ class Store:
     def count(self, name: str, window_s: int) -> int:
         v = self.r.get(self.k("count", name, str(int(now() // window_s))))
         return int(v) if v else 0
+
+    # ------------------------------------------------------------------ Celery queues
+    def queue_lengths(self, queues: Iterable[str] = ("default", "ssh", "ansible", "fl")) -> dict[str, int]:
+        """Messages waiting in each Celery queue (the broker shares this Redis)."""
+        pipe = self.r.pipeline(transaction=False)
+        for q in queues:
+            pipe.llen(q)
+        return {q: int(n) for q, n in zip(queues, pipe.execute(), strict=True)}
 
     # ------------------------------------------------------------------ generic kv for features
     def put_json(self, name: str, value: Any, ttl_s: int | None = None) -> None:

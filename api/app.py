@@ -1,0 +1,159 @@
+"""The Flask app factory: flask-smorest API, error handling, audit of mutating calls."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+from flask import Flask, g, jsonify, request
+from flask_smorest import Api
+from werkzeug.exceptions import HTTPException
+
+from evc import __version__
+from evc.errors import EVCError
+from evc.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+#: blueprint modules (each exposes ``blp``); features add theirs here
+BLUEPRINTS = [
+    "evc.api.meta",
+    "evc.api.access",
+    "evc.api.devices",
+    "evc.api.jobs",
+]
+
+MAX_BODY = 1024 * 1024
+MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or load_settings()
+    app = Flask("evc")
+    app.config.update(
+        API_TITLE="EVC — Edge Vision Cluster",
+        API_VERSION=__version__,
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/api/v1",
+        OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="/docs",
+        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/",  # fetched by the browser
+        MAX_CONTENT_LENGTH=MAX_BODY,
+        JSON_SORT_KEYS=False,
+        API_SPEC_OPTIONS={
+            "components": {
+                "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+            },
+            "info": {"description": "Provision, monitor, deploy to and train on edge devices over SSH."},
+        },
+    )
+    app.extensions["evc"] = {"settings": settings, "store": None, "celery": None}
+    api = Api(app)
+    for mod in BLUEPRINTS:
+        api.register_blueprint(importlib.import_module(mod).blp)
+    _errors(app)
+    _audit(app)
+    if settings.cors_origins:
+        _cors(app, settings.cors_origins)
+    return app
+
+
+def _error_body(status: int, message: str, **extra: Any) -> dict[str, Any]:
+    from http import HTTPStatus
+
+    return {"code": status, "status": HTTPStatus(status).phrase, "message": message, **extra}
+
+
+def _errors(app: Flask) -> None:
+    @app.errorhandler(EVCError)
+    def evc_error(exc: EVCError) -> Any:
+        body = _error_body(exc.status, exc.message, error=exc.code)
+        d = exc.to_dict()
+        if "details" in d:
+            body["details"] = d["details"]
+        if "reason" in d:
+            body["reason"] = d["reason"]
+        resp = jsonify(body)
+        resp.status_code = exc.status
+        if exc.status == 429 and exc.details.get("retry_after"):
+            resp.headers["Retry-After"] = str(exc.details["retry_after"])
+        return resp
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Any:
+        status = exc.code or 500
+        extra: dict[str, Any] = {}
+        data = getattr(exc, "data", None)
+        message = exc.description or ""
+        if status == 422 and data and "messages" in data:
+            extra["errors"] = data["messages"]
+            message = "invalid input: " + _flatten(data["messages"])
+        elif status == 400 and "JSON" in (message or ""):
+            message = "the body is not valid JSON (send Content-Type: application/json and UTF-8 JSON)"
+        elif status == 413:
+            message = f"the body is larger than {MAX_BODY} bytes"
+        return jsonify(_error_body(status, message, **extra)), status
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Any:
+        if isinstance(exc, HTTPException):
+            return http_error(exc)
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return jsonify(_error_body(500, f"internal error ({type(exc).__name__}); see the API log")), 500
+
+    @app.errorhandler(RecursionError)
+    def too_deep(exc: RecursionError) -> Any:
+        return jsonify(_error_body(400, "the JSON body is nested too deeply")), 400
+
+    @app.errorhandler(UnicodeDecodeError)
+    def bad_utf8(exc: UnicodeDecodeError) -> Any:
+        return jsonify(_error_body(400, "the body or query is not valid UTF-8")), 400
+
+
+def _flatten(messages: Any, prefix: str = "") -> str:
+    parts: list[str] = []
+    if isinstance(messages, dict):
+        for k, v in messages.items():
+            if k in ("json", "query", "headers", "form") and not prefix:
+                parts.append(_flatten(v, ""))
+            else:
+                parts.append(_flatten(v, f"{prefix}{k}."))
+    elif isinstance(messages, list):
+        parts.append(prefix.rstrip(".") + ": " + "; ".join(str(m) for m in messages) if prefix else "; ".join(map(str, messages)))
+    else:
+        parts.append(f"{prefix.rstrip('.')}: {messages}")
+    return ", ".join(p for p in parts if p)
+
+
+def _audit(app: Flask) -> None:
+    from evc.api.deps import get_store
+
+    @app.after_request
+    def audit(resp: Any) -> Any:
+        if request.method in MUTATING and resp.status_code < 400:
+            p = getattr(g, "principal", None)
+            try:
+                get_store().audit(
+                    p.label if p else "anonymous",
+                    f"{request.method} {request.path}",
+                    target=request.view_args and next(iter(request.view_args.values()), "") or "",
+                    ip=request.remote_addr or "",
+                    status=resp.status_code,
+                )
+            except EVCError:
+                log.warning("audit log unavailable for %s %s", request.method, request.path)
+        return resp
+
+
+def _cors(app: Flask, origins: str) -> None:
+    allowed = {o.strip() for o in origins.split(",") if o.strip()}
+
+    @app.after_request
+    def cors(resp: Any) -> Any:
+        origin = request.headers.get("Origin")
+        if origin and ("*" in allowed or origin in allowed):
+            resp.headers["Access-Control-Allow-Origin"] = origin
+            resp.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, Idempotency-Key"
+            resp.headers["Access-Control-Allow-Methods"] = "GET, POST, PATCH, DELETE"
+        return resp

@@ -1,0 +1,111 @@
+"""What views need, built once per process from the app's settings: store, Celery sender, auth."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+from flask import current_app, g, request
+
+from evc import auth
+from evc.auth import Principal
+from evc.settings import Settings
+from evc.store import Store
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _ext() -> dict[str, Any]:
+    return cast(dict[str, Any], current_app.extensions["evc"])
+
+
+def get_settings() -> Settings:
+    return cast(Settings, _ext()["settings"])
+
+
+def get_store() -> Store:
+    ext = _ext()
+    if ext.get("store") is None:
+        ext["store"] = Store.from_settings(ext["settings"])
+    return cast(Store, ext["store"])
+
+
+def get_sender() -> Any:
+    """A Celery app without task modules: the API sends tasks by name."""
+    ext = _ext()
+    if ext.get("celery") is None:
+        from evc.workers.celery_app import make_celery
+
+        ext["celery"] = make_celery(ext["settings"], include_tasks=False)
+    return ext["celery"]
+
+
+def client_address() -> str:
+    return request.remote_addr or ""
+
+
+def authenticate() -> Principal:
+    p = getattr(g, "principal", None)
+    if p is None:
+        p = auth.authenticate(get_store(), get_settings(), request.headers.get("Authorization"), client_address())
+        g.principal = p
+    return cast(Principal, p)
+
+
+def principal() -> Principal:
+    return authenticate()
+
+
+def require(scope: str) -> Callable[[F], F]:
+    """Operator token with *scope* (``admin`` implies every scope)."""
+
+    def deco(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            auth.check_scope(authenticate(), scope)
+            return fn(*args, **kwargs)
+
+        _security(wrapper)
+        return cast(F, wrapper)
+
+    return deco
+
+
+def authenticated(fn: F) -> F:
+    """Any valid token; the view decides what the principal may do."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        authenticate()
+        return fn(*args, **kwargs)
+
+    _security(wrapper)
+    return cast(F, wrapper)
+
+
+def require_device(fn: F) -> F:
+    """A device token: the view acts on the calling device only."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        p = authenticate()
+        if p.kind != "device":
+            from evc.errors import Forbidden
+
+            raise Forbidden("this endpoint takes a device token")
+        return fn(*args, **kwargs)
+
+    _security(wrapper)
+    return cast(F, wrapper)
+
+
+def _security(fn: Any) -> None:
+    doc = getattr(fn, "_apidoc", {})
+    doc.setdefault("manual_doc", {})["security"] = [{"bearerAuth": []}]
+    fn._apidoc = doc
+
+
+def actor() -> str:
+    p = getattr(g, "principal", None)
+    return p.label if p else "anonymous"

@@ -1,0 +1,72 @@
+"""The one job model over HTTP: list, show, events after a cursor, cancel, submit a no-op."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import request
+from flask_smorest import Blueprint
+
+from evc import jobs
+from evc.api.deps import actor, get_sender, get_store, require
+from evc.api.schemas import EventArgs, EventPageSchema, JobCreateSchema, JobListArgs, JobPageSchema, JobSchema, page
+
+blp = Blueprint("jobs", __name__, url_prefix="/api/v1", description="Asynchronous jobs")
+
+
+@blp.route("/jobs", methods=["POST"])
+@require("admin")
+@blp.arguments(JobCreateSchema)
+@blp.response(202, JobSchema)
+def submit(data: dict[str, Any]) -> Any:
+    """Submit a generic job (kind `noop`: checks the pipeline end to end)."""
+    job, _ = jobs.submit(get_store(), get_sender(), data["kind"], created_by=actor(),
+                         idempotency_key=request.headers.get("Idempotency-Key"))
+    return job
+
+
+@blp.route("/jobs", methods=["GET"])
+@require("read")
+@blp.arguments(JobListArgs, location="query")
+@blp.response(200, JobPageSchema)
+def list_jobs(args: dict[str, Any]) -> Any:
+    """Jobs, newest first; filter by kind, state and target device."""
+    state, target = args.get("state"), args.get("target")
+    match = None
+    if state or target:
+        def match(j: dict[str, Any]) -> bool:
+            return (not state or j["state"] == state) and (not target or target in j.get("targets", []))
+    items, total = get_store().list_jobs(args["offset"], args["limit"], kind=args.get("kind"), match=match)
+    return page(items, total, args)
+
+
+@blp.route("/jobs/<job_id>", methods=["GET"])
+@require("read")
+@blp.response(200, JobSchema)
+def show(job_id: str) -> Any:
+    """A job: state, progress, per-target results, error, timestamps."""
+    store = get_store()
+    return jobs.public(store.get_job(job_id), store)
+
+
+@blp.route("/jobs/<job_id>/events", methods=["GET"])
+@require("read")
+@blp.arguments(EventArgs, location="query")
+@blp.response(200, EventPageSchema)
+def events(args: dict[str, Any], job_id: str) -> Any:
+    """A job's events in order, after the cursor `after` (the last `seq` you saw)."""
+    store = get_store()
+    state = store.job_state(job_id)
+    if state is None:
+        store.get_job(job_id)  # raises 404
+    items = store.events(job_id, args["after"], args["limit"])
+    return {"items": items, "next_after": items[-1]["seq"] if items else args["after"], "state": state}
+
+
+@blp.route("/jobs/<job_id>/cancel", methods=["POST"])
+@require("admin")
+@blp.response(202, JobSchema)
+def cancel(job_id: str) -> Any:
+    """Cancel a job: a queued job stops at once, a running one at its next check point."""
+    sender = get_sender()
+    return jobs.cancel(get_store(), job_id, revoke=lambda tid: sender.control.revoke(tid))

@@ -1,0 +1,281 @@
+"""marshmallow schemas for every API input and output; validators for hosts, users and labels."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any
+
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+POSIX_USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+LABEL_KEY_RE = re.compile(r"^([a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?$")
+HOST_KEY_RE = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]{16,2048}$")
+
+
+def validate_host(value: str) -> None:
+    try:
+        ipaddress.ip_address(value)
+        return
+    except ValueError:
+        pass
+    if not HOSTNAME_RE.match(value) or value.replace(".", "").isdigit():
+        raise ValidationError("must be a host name (RFC 1123) or an IP address")
+
+
+def validate_name(value: str) -> None:
+    if not NAME_RE.match(value):
+        raise ValidationError("1-63 characters: letters, digits, '.', '_' or '-', starting with a letter or digit")
+
+
+def validate_user(value: str) -> None:
+    if not POSIX_USER_RE.match(value):
+        raise ValidationError("must be a POSIX user name: lower-case letters, digits, '_', '-', '.', at most 32")
+
+
+def validate_labels(value: dict[str, str]) -> None:
+    if len(value) > 64:
+        raise ValidationError("at most 64 labels")
+    for k, v in value.items():
+        if not LABEL_KEY_RE.match(k):
+            raise ValidationError(f"label key {k!r} is invalid (letters, digits, '.', '_', '-', optional prefix/)")
+        if not isinstance(v, str) or not LABEL_VALUE_RE.match(v):
+            raise ValidationError(f"label value for {k!r} is invalid (at most 63 letters, digits, '.', '_', '-')")
+
+
+def Labels(**kw: Any) -> fields.Dict:  # noqa: N802 - a field factory reads like a field
+    return fields.Dict(keys=fields.String(), values=fields.String(), validate=validate_labels, **kw)
+
+
+class StrictSchema(Schema):
+    """Unknown fields are an error (the default), kept explicit for readers."""
+
+
+# ----------------------------------------------------------------------------- paging
+class PageArgs(StrictSchema):
+    offset = fields.Integer(load_default=0, validate=validate.Range(min=0, max=10_000_000))
+    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
+
+
+class PageSchema(Schema):
+    total = fields.Integer()
+    offset = fields.Integer()
+    limit = fields.Integer()
+    next_offset = fields.Integer(allow_none=True)
+
+
+def page(items: list[Any], total: int, args: dict[str, Any]) -> dict[str, Any]:
+    nxt = args["offset"] + len(items)
+    return {
+        "items": items, "total": total, "offset": args["offset"], "limit": args["limit"],
+        "next_offset": nxt if nxt < total else None,
+    }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- errors
+class ErrorSchema(Schema):
+    code = fields.Raw()
+    status = fields.String()
+    message = fields.String()
+    errors = fields.Dict()
+    details = fields.Dict()
+    reason = fields.String()
+
+
+# ----------------------------------------------------------------------------- ssh key
+class SSHKeySchema(Schema):
+    public_key = fields.String(metadata={"description": "EVC's public key, authorized_keys format"})
+    install_command = fields.String(metadata={"description": "run this on the device as the account EVC will use"})
+    fingerprint = fields.String()
+
+
+class SSHKeyArgs(StrictSchema):
+    format = fields.String(load_default="json", validate=validate.OneOf(["json", "text", "sh"]))
+
+
+# ----------------------------------------------------------------------------- jobs
+class JobSchema(Schema):
+    id = fields.String()
+    kind = fields.String()
+    state = fields.String(metadata={"description": "queued, running, succeeded, failed or cancelled"})
+    progress = fields.Dict()
+    targets = fields.List(fields.String())
+    params = fields.Dict()
+    summary = fields.Dict()
+    results = fields.Dict(metadata={"description": "per-target results"})
+    error = fields.Dict(allow_none=True)
+    created_by = fields.String()
+    created_at = fields.Float()
+    started_at = fields.Float(allow_none=True)
+    finished_at = fields.Float(allow_none=True)
+    cancel_requested = fields.Boolean()
+    attempt = fields.Integer()
+    retry_of = fields.String(allow_none=True)
+
+
+class JobPageSchema(PageSchema):
+    items = fields.List(fields.Nested(JobSchema))
+
+
+class JobListArgs(PageArgs):
+    kind = fields.String(validate=validate.Length(max=32))
+    state = fields.String(validate=validate.OneOf(["queued", "running", "succeeded", "failed", "cancelled"]))
+    target = fields.String(validate=validate.Length(max=64))
+
+
+class JobCreateSchema(StrictSchema):
+    kind = fields.String(required=True, validate=validate.OneOf(["noop"]))
+
+
+class EventArgs(StrictSchema):
+    after = fields.Integer(load_default=0, validate=validate.Range(min=0))
+    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
+
+
+class EventSchema(Schema):
+    class Meta:
+        unknown = "include"
+
+    seq = fields.Integer()
+    ts = fields.Float()
+    type = fields.String()
+    message = fields.String()
+
+
+class EventPageSchema(Schema):
+    items = fields.List(fields.Dict())
+    next_after = fields.Integer()
+    state = fields.String()
+
+
+# ----------------------------------------------------------------------------- devices
+class JumpHostSchema(StrictSchema):
+    host = fields.String(required=True, validate=validate_host)
+    port = fields.Integer(load_default=22, validate=validate.Range(min=1, max=65535))
+    username = fields.String(required=True, validate=validate_user)
+    host_key = fields.String(validate=validate.Regexp(HOST_KEY_RE), allow_none=True)
+
+
+class DeviceCreateSchema(StrictSchema):
+    name = fields.String(required=True, validate=validate_name)
+    host = fields.String(required=True, validate=validate_host)
+    port = fields.Integer(load_default=22, validate=validate.Range(min=1, max=65535))
+    username = fields.String(required=True, validate=validate_user)
+    labels = Labels(load_default=dict)
+    jump_host = fields.Nested(JumpHostSchema, load_default=None, allow_none=True)
+
+
+class DeviceUpdateSchema(StrictSchema):
+    name = fields.String(validate=validate_name)
+    labels = Labels()
+
+    @validates_schema
+    def not_empty(self, data: dict[str, Any], **kw: Any) -> None:
+        if not data:
+            raise ValidationError("nothing to change: give name and/or labels")
+
+
+class DeviceSchema(Schema):
+    id = fields.String()
+    name = fields.String()
+    host = fields.String()
+    port = fields.Integer()
+    username = fields.String()
+    labels = fields.Dict()
+    jump_host = fields.Dict(allow_none=True)
+    state = fields.String()
+    host_key = fields.String(allow_none=True)
+    privilege = fields.String(allow_none=True)
+    capabilities = fields.List(fields.String())
+    facts = fields.Dict()
+    level = fields.Integer()
+    cluster_id = fields.String(allow_none=True)
+    health = fields.Dict(allow_none=True)
+    error = fields.Dict(allow_none=True)
+    created_at = fields.Float()
+    registered_at = fields.Float(allow_none=True)
+    last_seen = fields.Float(allow_none=True)
+
+
+class DevicePageSchema(PageSchema):
+    items = fields.List(fields.Nested(DeviceSchema))
+
+
+class DeviceListArgs(PageArgs):
+    state = fields.String(validate=validate.Length(max=32))
+    label = fields.List(fields.String(validate=validate.Length(max=320)), metadata={"description": "key=value, repeatable"})
+    cluster = fields.String(validate=validate.Length(max=64))
+    name = fields.String(validate=validate.Length(max=63), metadata={"description": "name prefix"})
+
+
+class DeviceCreatedSchema(Schema):
+    device = fields.Nested(DeviceSchema)
+    job = fields.Nested(JobSchema)
+    token = fields.String(metadata={"description": "the device's own token, shown once"})
+
+
+class HostKeySchema(StrictSchema):
+    host_key = fields.String(validate=validate.Regexp(HOST_KEY_RE), load_default=None, allow_none=True)
+
+
+class HeartbeatSchema(StrictSchema):
+    load1 = fields.Float(validate=validate.Range(min=0, max=10_000))
+    mem_used_ratio = fields.Float(validate=validate.Range(min=0, max=1))
+    disk_used_ratio = fields.Float(validate=validate.Range(min=0, max=1))
+    temperature_c = fields.Float(validate=validate.Range(min=-100, max=200))
+    uptime_s = fields.Float(validate=validate.Range(min=0))
+
+
+# ----------------------------------------------------------------------------- tokens
+class TokenCreateSchema(StrictSchema):
+    name = fields.String(required=True, validate=validate_name)
+    scopes = fields.List(fields.String(validate=validate.OneOf(["admin", "read"])), required=True,
+                         validate=validate.Length(min=1, max=2))
+    expires_in_s = fields.Integer(validate=validate.Range(min=60, max=10 * 365 * 86400), load_default=None)
+
+
+class TokenSchema(Schema):
+    id = fields.String()
+    name = fields.String()
+    scopes = fields.List(fields.String())
+    created_at = fields.Float()
+    created_by = fields.String()
+    revoked = fields.Boolean()
+    expires_at = fields.Float(allow_none=True)
+    prefix = fields.String()
+    token = fields.String(metadata={"description": "only in the response that creates it"})
+
+
+class TokenPageSchema(PageSchema):
+    items = fields.List(fields.Nested(TokenSchema))
+
+
+class EnrollmentCreateSchema(StrictSchema):
+    ttl_s = fields.Integer(validate=validate.Range(min=60, max=30 * 86400), load_default=None)
+    max_uses = fields.Integer(validate=validate.Range(min=1, max=100_000), load_default=None)
+    labels = Labels(load_default=dict)
+
+
+class EnrollmentSchema(Schema):
+    id = fields.String()
+    created_at = fields.Float()
+    expires_at = fields.Float()
+    uses_left = fields.Integer()
+    max_uses = fields.Integer()
+    labels = fields.Dict()
+    revoked = fields.Boolean()
+    prefix = fields.String()
+    token = fields.String(metadata={"description": "only in the response that creates it"})
+
+
+class EnrollmentPageSchema(PageSchema):
+    items = fields.List(fields.Nested(EnrollmentSchema))
+
+
+class AuditPageSchema(PageSchema):
+    items = fields.List(fields.Dict())

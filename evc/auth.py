@@ -1,0 +1,169 @@
+"""Bearer tokens: operator tokens with scopes, device tokens, enrollment tokens; hashed at rest."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from evc.errors import AuthError, Forbidden, NotFound, RateLimited
+from evc.settings import Settings
+from evc.store import JSON, Store, new_id, now
+
+SCOPES = ("admin", "read")
+PREFIX_OPERATOR = "evco_"
+PREFIX_DEVICE = "evcd_"
+PREFIX_ENROLL = "evce_"
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def make_token(prefix: str, nbytes: int = 32) -> str:
+    return prefix + secrets.token_urlsafe(nbytes)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: an operator token, a device (its token), or an enrollment token."""
+
+    kind: str  # "operator" | "device" | "enrollment"
+    id: str
+    name: str = ""
+    scopes: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}:{self.name or self.id}"
+
+    def allows(self, scope: str) -> bool:
+        if self.kind != "operator":
+            return False
+        return "admin" in self.scopes or scope in self.scopes
+
+
+def create_operator_token(store: Store, settings: Settings, name: str, scopes: list[str],
+                          created_by: str = "", expires_at: float | None = None) -> tuple[JSON, str]:
+    bad = [s for s in scopes if s not in SCOPES]
+    if bad or not scopes:
+        from evc.errors import ValidationError
+
+        raise ValidationError(f"scopes must be a non-empty subset of {list(SCOPES)}", field="scopes")
+    token = make_token(PREFIX_OPERATOR, settings.token_bytes)
+    rec = {
+        "id": new_id("tok"), "name": name, "scopes": sorted(set(scopes)), "created_at": now(),
+        "created_by": created_by, "revoked": False, "expires_at": expires_at, "last_used_at": None,
+        "prefix": token[:10],
+    }  # fmt: skip
+    store.create_token(rec, hash_token(token))
+    return rec, token
+
+
+def revoke_operator_token(store: Store, token_id: str) -> JSON:
+    store.get_token(token_id)
+    return store.update_token(token_id, revoked=True, revoked_at=now())
+
+
+def create_enrollment(store: Store, settings: Settings, *, ttl_s: int | None, max_uses: int | None,
+                      labels: dict[str, str] | None, created_by: str) -> tuple[JSON, str]:
+    token = make_token(PREFIX_ENROLL, settings.token_bytes)
+    ttl = ttl_s or settings.enrollment_ttl_s
+    rec = {
+        "id": new_id("enr"), "created_at": now(), "expires_at": now() + ttl,
+        "uses_left": max_uses or settings.enrollment_max_uses,
+        "max_uses": max_uses or settings.enrollment_max_uses, "labels": labels or {},
+        "created_by": created_by, "revoked": False, "prefix": token[:10],
+    }  # fmt: skip
+    store.create_enrollment(rec, hash_token(token))
+    return rec, token
+
+
+_ENROLL_REASONS = {
+    "expired": "this enrollment token has expired; ask an operator for a new one",
+    "used_up": "this enrollment token has been used the maximum number of times",
+    "revoked": "this enrollment token was revoked",
+    "missing": "unknown enrollment token",
+}
+
+
+def authenticate(store: Store, settings: Settings, header: str | None, client: str = "") -> Principal:
+    """Resolve an ``Authorization: Bearer ...`` header to a principal, or raise AuthError.
+
+    Tokens are looked up by their SHA-256 (the store keeps no plaintext); the comparison of the
+    stored hash is constant-time. Failed attempts are rate-limited per client address."""
+    if client and store.count(f"authfail:{client}", settings.auth_fail_window_s) >= settings.auth_fail_limit:
+        raise RateLimited("too many failed authentications; wait a minute", retry_after=settings.auth_fail_window_s)
+    if not header or not header.startswith("Bearer "):
+        raise AuthError("missing bearer token: send 'Authorization: Bearer <token>'")
+    token = header[7:].strip()
+    digest = hash_token(token)
+    principal: Principal | None = None
+    if token.startswith(PREFIX_OPERATOR):
+        rec = store.token_by_hash(digest)
+        if rec and hmac.compare_digest(rec.get("hash", ""), digest):
+            if rec.get("revoked"):
+                _fail(store, settings, client)
+                raise AuthError("this token has been revoked")
+            if rec.get("expires_at") and rec["expires_at"] < now():
+                _fail(store, settings, client)
+                raise AuthError("this token has expired")
+            principal = Principal("operator", rec["id"], rec.get("name", ""), frozenset(rec["scopes"]))
+    elif token.startswith(PREFIX_DEVICE):
+        dev = store.device_by_token(digest)
+        if dev and hmac.compare_digest(dev.get("token_hash", ""), digest):
+            principal = Principal("device", dev["id"], dev.get("name", ""))
+    elif token.startswith(PREFIX_ENROLL):
+        enr = store.enrollment_by_hash(digest)
+        if enr and hmac.compare_digest(enr.get("hash", ""), digest):
+            principal = Principal("enrollment", enr["id"])
+    if principal is None:
+        _fail(store, settings, client)
+        raise AuthError("invalid token")
+    return principal
+
+
+def _fail(store: Store, settings: Settings, client: str) -> None:
+    if client:
+        store.hit(f"authfail:{client}", settings.auth_fail_window_s)
+
+
+def check_scope(principal: Principal, scope: str) -> None:
+    if principal.kind == "device":
+        raise Forbidden("a device token cannot be used on operator endpoints")
+    if principal.kind == "enrollment":
+        raise Forbidden("an enrollment token can only register devices")
+    if not principal.allows(scope):
+        raise Forbidden(f"this token lacks the {scope!r} scope")
+
+
+def use_enrollment(store: Store, principal: Principal) -> JSON:
+    """Spend one use of an enrollment token; raise with the reason when it cannot be used."""
+    result = store.consume_enrollment(principal.id)
+    if result != "ok":
+        raise AuthError(_ENROLL_REASONS.get(result, "enrollment token refused"), reason=result)
+    try:
+        return store.get_enrollment(principal.id)
+    except NotFound as exc:  # pragma: no cover - removed in between
+        raise AuthError("unknown enrollment token") from exc
+
+
+def ensure_admin_token(store: Store, settings: Settings) -> str | None:
+    """Create the first admin token when none exists; returns it (shown once) or None."""
+    path = settings.data_dir / "admin-token"
+    if store.r.setnx(store.k("bootstrap"), "1"):
+        rec, token = create_operator_token(store, settings, "admin", ["admin"], created_by="bootstrap")
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        import os
+
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        return token
+    return None
+
+
+def public_token(rec: JSON) -> dict[str, Any]:
+    return {k: v for k, v in rec.items() if k != "hash"}

@@ -1,0 +1,123 @@
+"""Device registry service: create (and enqueue registration), filter, update, remove."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from evc import auth, jobs
+from evc.errors import Conflict
+from evc.settings import Settings
+from evc.store import JSON, Store, new_id, now
+
+HIDDEN = ("token_hash",)
+
+
+def public(dev: JSON) -> JSON:
+    return {k: v for k, v in dev.items() if k not in HIDDEN}
+
+
+def create(
+    store: Store,
+    settings: Settings,
+    sender: jobs.Sender,
+    data: JSON,
+    *,
+    created_by: str,
+    extra_labels: dict[str, str] | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[JSON, JSON, str | None]:
+    """Store a ``pending`` device and enqueue its registration job.
+
+    Returns (device, job, token). With a repeated idempotency key the first device and job come
+    back and the token is None (it was shown once)."""
+    if idempotency_key:
+        prior = store.get_json(f"idem-device:{created_by}:{idempotency_key}")
+        if prior:
+            return public(store.get_device(prior["device"])), store.get_job(prior["job"]), None
+    token = auth.make_token(auth.PREFIX_DEVICE, settings.token_bytes)
+    dev = {
+        "id": new_id("dev"),
+        "name": data["name"],
+        "host": data["host"],
+        "port": int(data.get("port", 22)),
+        "username": data["username"],
+        "labels": {**(extra_labels or {}), **(data.get("labels") or {})},
+        "jump_host": data.get("jump_host"),
+        "state": "pending",
+        "host_key": None,
+        "privilege": None,
+        "capabilities": [],
+        "facts": {},
+        "level": 0,
+        "cluster_id": None,
+        "health": None,
+        "error": None,
+        "created_at": now(),
+        "created_by": created_by,
+        "registered_at": None,
+        "last_seen": None,
+    }
+    store.create_device(dev, auth.hash_token(token))
+    job, _ = jobs.submit(store, sender, "register", targets=[dev["id"]], created_by=created_by)
+    if idempotency_key:
+        store.put_json(
+            f"idem-device:{created_by}:{idempotency_key}",
+            {"device": dev["id"], "job": job["id"]},
+            ttl_s=settings.idempotency_ttl_s,
+        )
+    return public(dev), job, token
+
+
+def parse_selector(labels: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in labels or []:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            from evc.errors import ValidationError
+
+            raise ValidationError(f"label filter {item!r} must be key=value", field="label")
+        out[k] = v
+    return out
+
+
+def matcher(
+    state: str | None = None,
+    labels: dict[str, str] | None = None,
+    cluster: str | None = None,
+    name: str | None = None,
+) -> Any:
+    if not (state or labels or cluster or name):
+        return None
+
+    def match(dev: JSON) -> bool:
+        if state and dev.get("state") != state:
+            return False
+        if cluster and dev.get("cluster_id") != cluster:
+            return False
+        if name and not str(dev.get("name", "")).startswith(name):
+            return False
+        have = dev.get("labels") or {}
+        return all(have.get(k) == v for k, v in (labels or {}).items())
+
+    return match
+
+
+def update(store: Store, device_id: str, changes: JSON) -> JSON:
+    dev = store.get_device(device_id)
+    if "name" in changes and changes["name"] != dev["name"]:
+        if not store.r.set(store.k("device-name", changes["name"]), device_id, nx=True):
+            raise Conflict(f"a device named {changes['name']!r} is already registered", field="name")
+        store.r.delete(store.k("device-name", dev["name"]))
+    return public(store.update_device(device_id, **changes))
+
+
+def remove(store: Store, device_id: str) -> JSON:
+    dev = store.delete_device(device_id)
+    if dev.get("cluster_id"):
+        try:
+            cl = store.get_cluster(dev["cluster_id"])
+            store.update_cluster(cl["id"], members=[m for m in cl.get("members", []) if m != device_id])
+        except Exception:  # noqa: BLE001 - the cluster may be gone already
+            pass
+    store.log_event({"type": "device.removed", "device": device_id, "name": dev["name"]})
+    return public(dev)

@@ -1,0 +1,519 @@
+"""Self-contained numpy federated-learning client: the model maths and the device-side runtime.
+
+This one file is copied to a device and run there as ONE long-lived process per FL job::
+
+    python3 client.py --data /path/to/shard.npz
+
+It depends on numpy only (no ``evc`` import), so it stays runnable on a bare device with
+Python >= 3.8.  The server (``evc.fl.models``) imports the model maths from this module, so the
+softmax-regression and MLP maths are defined exactly once.
+
+Protocol: line-delimited JSON, one request per stdin line, one response per stdout line, in order.
+Parameters travel as ``base64(npz)`` with arrays ``arr_0 .. arr_{n-1}`` in parameter order.
+
+* ``{"op": "ping"}`` -> ``{"ok": true, "op": "pong", "version": v, "pid": p, "num_examples": n}``
+* ``{"op": "info"}`` -> ``{"ok": true, "num_examples": n, "n_features": d, "label_counts": {...}}``
+* ``{"op": "fit", "round": r, "client_index": k, "params": b64, "config": {...}}``
+  -> ``{"ok": true, "op": "fit", "round": r, "client_index": k, "params": b64,
+  "num_examples": n, "metrics": {"loss": ..., "n": n, "fit_seconds": ...}}``.
+  ``config`` keys (all optional): ``epochs`` (1), ``lr`` (0.1), ``batch_size`` (32),
+  ``seed`` (None: batches in data order; else the batch order comes from
+  ``numpy.random.default_rng([seed, round, client_index])``), ``prox_mu`` (0.0),
+  ``model`` ("softmax"), ``n_classes`` (inferred from the last parameter array for built-ins).
+* ``{"op": "evaluate", "round": r, "params": b64, "config": {"model": ...}}``
+  -> ``{"ok": true, "op": "evaluate", "round": r, "num_examples": n,
+  "metrics": {"loss": ..., "accuracy": ..., "n": n}}``
+* ``{"op": "shutdown"}`` -> ``{"ok": true, "op": "shutdown"}`` and the process exits 0.
+
+A request's ``"id"`` (any JSON value) is echoed in its response.  A failing request is answered
+``{"ok": false, "error": "...", "op": ...}`` and never ends the process; end of stdin ends it.
+
+User models: ``model = "module:/path/to/file.py"`` loads a Python file on the device that defines
+module-level functions with the same signatures as the built-in models::
+
+    def init_params(seed: int) -> list[np.ndarray]: ...
+    def fit(params, X, y, *, epochs, lr, batch_size, batch_order_seed, prox_mu=0.0,
+            global_params=None) -> tuple[list[np.ndarray], dict]: ...   # metrics: loss, n
+    def evaluate(params, X, y) -> dict: ...                             # loss, accuracy, n
+
+Anything user code prints goes to stderr; stdout carries protocol lines only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import importlib.util
+import io
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "MLP",
+    "PROTOCOL_VERSION",
+    "ModuleModel",
+    "SoftmaxRegression",
+    "decode_params",
+    "encode_params",
+    "handle_request",
+    "load_model",
+    "main",
+    "sgd_fit",
+]
+
+PROTOCOL_VERSION = 1
+
+# --------------------------------------------------------------------------------------------
+# model maths (shared by device and server)
+# --------------------------------------------------------------------------------------------
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _cross_entropy(p: np.ndarray, y: np.ndarray) -> float:
+    picked = p[np.arange(len(y)), y]
+    return float(-np.mean(np.log(np.maximum(picked, 1e-300))))
+
+
+def _check_xy(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y)
+    if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"expected X of shape (n, d) and y of shape (n,), got {X.shape} and {y.shape}"
+        )
+    if y.size and not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels y must be integers, got dtype {y.dtype}")
+    return X, y.astype(np.int64, copy=False)
+
+
+def _check_params(params: Sequence[np.ndarray], shapes: Sequence[tuple[int, ...]]) -> None:
+    got = [tuple(np.shape(p)) for p in params]
+    if got != list(shapes):
+        raise ValueError(f"parameter shapes {got} do not match the model's {list(shapes)}")
+
+
+def sgd_fit(
+    loss_grad: Callable[[list[np.ndarray], np.ndarray, np.ndarray], tuple[float, list[np.ndarray]]],
+    params: Sequence[np.ndarray],
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    batch_order_seed: list[int] | None,
+    prox_mu: float = 0.0,
+    global_params: Sequence[np.ndarray] | None = None,
+) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """Plain mini-batch SGD on ``loss_grad`` (mean loss of a batch and its gradients).
+
+    The last partial batch is kept.  With ``batch_order_seed`` one
+    ``numpy.random.default_rng(batch_order_seed)`` draws ``permutation(n)`` once per epoch;
+    without it batches follow the data order.  ``prox_mu > 0`` adds the FedProx term
+    ``mu/2 * ||w - w_global||^2`` (``global_params`` defaults to the starting ``params``).
+    Returns the new parameters and ``{"loss": mean batch loss over the last epoch, "n": n}``.
+    """
+    if epochs < 1 or batch_size < 1 or not lr > 0:
+        raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+    if prox_mu < 0:
+        raise ValueError("prox_mu must be >= 0")
+    X, y = _check_xy(X, y)
+    w = [np.array(p, dtype=np.float64, copy=True) for p in params]
+    anchor = None
+    if prox_mu > 0:
+        source = params if global_params is None else global_params
+        anchor = [np.array(p, dtype=np.float64, copy=True) for p in source]
+    n = X.shape[0]
+    rng = np.random.default_rng(batch_order_seed) if batch_order_seed is not None else None
+    epoch_loss = 0.0
+    for _ in range(epochs):
+        order = rng.permutation(n) if rng is not None else np.arange(n)
+        total = 0.0
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            loss, grads = loss_grad(w, X[idx], y[idx])
+            total += loss * len(idx)
+            if anchor is not None:
+                grads = [g + prox_mu * (p - a) for g, p, a in zip(grads, w, anchor, strict=False)]
+            for p, g in zip(w, grads, strict=False):
+                p -= lr * g
+        epoch_loss = total / n if n else 0.0
+    return w, {"loss": float(epoch_loss), "n": int(n)}
+
+
+class SoftmaxRegression:
+    """Multinomial logistic regression: ``softmax(X @ W + b)``, W (d, k), b (k,), zero init."""
+
+    name = "softmax"
+
+    def __init__(self, n_features: int, n_classes: int) -> None:
+        if n_features < 1 or n_classes < 2:
+            raise ValueError("softmax needs n_features >= 1 and n_classes >= 2")
+        self.n_features = int(n_features)
+        self.n_classes = int(n_classes)
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [(self.n_features, self.n_classes), (self.n_classes,)]
+
+    def init_params(self, seed: int = 0) -> list[np.ndarray]:
+        """Zeros (``seed`` is accepted for interface symmetry and ignored)."""
+        return [np.zeros(s, dtype=np.float64) for s in self.shapes]
+
+    def predict_proba(self, params: Sequence[np.ndarray], X: np.ndarray) -> np.ndarray:
+        W, b = params
+        return _softmax(np.asarray(X, dtype=np.float64) @ W + b)
+
+    def loss_grad(
+        self, params: list[np.ndarray], X: np.ndarray, y: np.ndarray
+    ) -> tuple[float, list[np.ndarray]]:
+        p = self.predict_proba(params, X)
+        loss = _cross_entropy(p, y)
+        p[np.arange(len(y)), y] -= 1.0
+        p /= len(y)
+        return loss, [X.T @ p, p.sum(axis=0)]
+
+    def fit(
+        self,
+        params: Sequence[np.ndarray],
+        X: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        lr: float,
+        batch_size: int,
+        batch_order_seed: list[int] | None,
+        prox_mu: float = 0.0,
+        global_params: Sequence[np.ndarray] | None = None,
+    ) -> tuple[list[np.ndarray], dict[str, Any]]:
+        _check_params(params, self.shapes)
+        return sgd_fit(
+            self.loss_grad, params, X, y, epochs=epochs, lr=lr, batch_size=batch_size,
+            batch_order_seed=batch_order_seed, prox_mu=prox_mu, global_params=global_params,
+        )  # fmt: skip
+
+    def evaluate(
+        self, params: Sequence[np.ndarray], X: np.ndarray, y: np.ndarray
+    ) -> dict[str, Any]:
+        _check_params(params, self.shapes)
+        return _evaluate(self.predict_proba(params, X), *_check_xy(X, y))
+
+
+class MLP:
+    """One-hidden-layer ReLU network: ``softmax(relu(X @ W1 + b1) @ W2 + b2)``, seeded He init."""
+
+    name = "mlp"
+
+    def __init__(self, n_features: int, n_classes: int, hidden: int = 32) -> None:
+        if n_features < 1 or n_classes < 2 or hidden < 1:
+            raise ValueError("mlp needs n_features >= 1, n_classes >= 2 and hidden >= 1")
+        self.n_features = int(n_features)
+        self.n_classes = int(n_classes)
+        self.hidden = int(hidden)
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        d, h, k = self.n_features, self.hidden, self.n_classes
+        return [(d, h), (h,), (h, k), (k,)]
+
+    def init_params(self, seed: int = 0) -> list[np.ndarray]:
+        """He-normal W1, Glorot-scaled W2 from ``default_rng(seed)``; zero biases."""
+        rng = np.random.default_rng(seed)
+        d, h, k = self.n_features, self.hidden, self.n_classes
+        return [
+            rng.normal(0.0, np.sqrt(2.0 / d), size=(d, h)),
+            np.zeros(h),
+            rng.normal(0.0, np.sqrt(2.0 / (h + k)), size=(h, k)),
+            np.zeros(k),
+        ]
+
+    def _forward(
+        self, params: Sequence[np.ndarray], X: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        W1, b1, W2, b2 = params
+        hidden = np.maximum(np.asarray(X, dtype=np.float64) @ W1 + b1, 0.0)
+        return hidden, _softmax(hidden @ W2 + b2)
+
+    def predict_proba(self, params: Sequence[np.ndarray], X: np.ndarray) -> np.ndarray:
+        return self._forward(params, X)[1]
+
+    def loss_grad(
+        self, params: list[np.ndarray], X: np.ndarray, y: np.ndarray
+    ) -> tuple[float, list[np.ndarray]]:
+        W1, b1, W2, b2 = params
+        hidden, p = self._forward(params, X)
+        loss = _cross_entropy(p, y)
+        p[np.arange(len(y)), y] -= 1.0
+        p /= len(y)
+        dh = (p @ W2.T) * (hidden > 0)
+        return loss, [X.T @ dh, dh.sum(axis=0), hidden.T @ p, p.sum(axis=0)]
+
+    def fit(
+        self,
+        params: Sequence[np.ndarray],
+        X: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        lr: float,
+        batch_size: int,
+        batch_order_seed: list[int] | None,
+        prox_mu: float = 0.0,
+        global_params: Sequence[np.ndarray] | None = None,
+    ) -> tuple[list[np.ndarray], dict[str, Any]]:
+        _check_params(params, self.shapes)
+        return sgd_fit(
+            self.loss_grad, params, X, y, epochs=epochs, lr=lr, batch_size=batch_size,
+            batch_order_seed=batch_order_seed, prox_mu=prox_mu, global_params=global_params,
+        )  # fmt: skip
+
+    def evaluate(
+        self, params: Sequence[np.ndarray], X: np.ndarray, y: np.ndarray
+    ) -> dict[str, Any]:
+        _check_params(params, self.shapes)
+        return _evaluate(self.predict_proba(params, X), *_check_xy(X, y))
+
+
+def _evaluate(p: np.ndarray, X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    n = int(y.shape[0])
+    if n == 0:
+        return {"loss": 0.0, "accuracy": 0.0, "n": 0}
+    return {
+        "loss": _cross_entropy(p, y),
+        "accuracy": float(np.mean(p.argmax(axis=1) == y)),
+        "n": n,
+    }
+
+
+class ModuleModel:
+    """A user model: a Python file defining ``init_params``, ``fit`` and ``evaluate``."""
+
+    def __init__(self, path: str) -> None:
+        if not os.path.isfile(path):
+            raise ValueError(f"model module {path!r} does not exist")
+        name = "evc_user_model_" + "".join(c if c.isalnum() else "_" for c in path)
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ValueError(f"cannot import model module {path!r}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        missing = [
+            f for f in ("init_params", "fit", "evaluate") if not callable(getattr(module, f, None))
+        ]
+        if missing:
+            raise ValueError("model module {!r} lacks {}".format(path, ", ".join(missing)))
+        self.name = "module:" + path
+        self.module = module
+
+    def init_params(self, seed: int = 0) -> list[np.ndarray]:
+        return [np.asarray(p) for p in self.module.init_params(seed)]
+
+    def fit(
+        self,
+        params: Sequence[np.ndarray],
+        X: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        lr: float,
+        batch_size: int,
+        batch_order_seed: list[int] | None,
+        prox_mu: float = 0.0,
+        global_params: Sequence[np.ndarray] | None = None,
+    ) -> tuple[list[np.ndarray], dict[str, Any]]:
+        new, metrics = self.module.fit(
+            list(params), X, y, epochs=epochs, lr=lr, batch_size=batch_size,
+            batch_order_seed=batch_order_seed, prox_mu=prox_mu, global_params=global_params,
+        )  # fmt: skip
+        return [np.asarray(p) for p in new], dict(metrics)
+
+    def evaluate(
+        self, params: Sequence[np.ndarray], X: np.ndarray, y: np.ndarray
+    ) -> dict[str, Any]:
+        return dict(self.module.evaluate(list(params), X, y))
+
+
+def load_model(
+    spec: str, *, n_features: int, n_classes: int
+) -> SoftmaxRegression | MLP | ModuleModel:
+    """Build a model from its spec: ``"softmax"``, ``"mlp"``, ``"mlp:<hidden>"`` or
+    ``"module:/path/to/file.py"`` (dimensions are ignored for module models).
+
+    Raises ``ValueError`` for an unknown or malformed spec.
+    """
+    if spec == "softmax":
+        return SoftmaxRegression(n_features, n_classes)
+    if spec == "mlp" or spec.startswith("mlp:"):
+        hidden = spec[4:]
+        if hidden and not hidden.isdigit():
+            raise ValueError(f"mlp spec must be 'mlp' or 'mlp:<hidden units>', got {spec!r}")
+        return MLP(n_features, n_classes, int(hidden) if hidden else 32)
+    if spec.startswith("module:") and len(spec) > len("module:"):
+        return ModuleModel(spec[len("module:") :])
+    raise ValueError(
+        f"unknown model {spec!r}: use 'softmax', 'mlp', 'mlp:<hidden>' or 'module:<path>'"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# wire encoding
+# --------------------------------------------------------------------------------------------
+
+
+def encode_params(params: Sequence[np.ndarray]) -> str:
+    """Parameters -> base64 text of an uncompressed ``.npz`` holding ``arr_0 .. arr_{n-1}``."""
+    buf = io.BytesIO()
+    np.savez(buf, *[np.asarray(p) for p in params])
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def decode_params(text: str) -> list[np.ndarray]:
+    """Inverse of :func:`encode_params` (no pickles are ever loaded)."""
+    raw = base64.b64decode(text.encode("ascii"), validate=True)
+    with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+        count = len(z.files)
+        try:
+            return [z[f"arr_{i}"] for i in range(count)]
+        except KeyError:
+            raise ValueError(f"params npz must hold arr_0 .. arr_{count - 1}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# device runtime
+# --------------------------------------------------------------------------------------------
+
+
+class _Shard:
+    """The device-local data and a cache of loaded models."""
+
+    def __init__(self, X: np.ndarray, y: np.ndarray) -> None:
+        self.X, self.y = _check_xy(X, y)
+        self._models: dict[tuple[str, int, int], Any] = {}
+
+    def model(self, config: dict[str, Any], params: Sequence[np.ndarray]) -> Any:
+        spec = str(config.get("model", "softmax"))
+        n_classes = config.get("n_classes")
+        if n_classes is None:
+            n_classes = int(np.shape(params[-1])[0]) if params else 0
+        key = (spec, self.X.shape[1], int(n_classes))
+        if key not in self._models:
+            self._models[key] = load_model(spec, n_features=key[1], n_classes=key[2])
+        return self._models[key]
+
+
+def _int(config: dict[str, Any], key: str, default: int) -> int:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"config {key!r} must be an integer, got {value!r}")
+    return value
+
+
+def _float(config: dict[str, Any], key: str, default: float) -> float:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"config {key!r} must be a number, got {value!r}")
+    return float(value)
+
+
+def handle_request(shard: _Shard, request: Any) -> dict[str, Any]:
+    """Answer one decoded request; raises on bad input (the loop turns that into ok=false)."""
+    if not isinstance(request, dict):
+        raise ValueError("a request must be a JSON object")
+    op = request.get("op")
+    if op == "ping":
+        return {"ok": True, "op": "pong", "version": PROTOCOL_VERSION, "pid": os.getpid(),
+                "num_examples": int(shard.y.shape[0])}  # fmt: skip
+    if op == "info":
+        labels, counts = np.unique(shard.y, return_counts=True)
+        return {
+            "ok": True, "op": "info", "version": PROTOCOL_VERSION,
+            "num_examples": int(shard.y.shape[0]), "n_features": int(shard.X.shape[1]),
+            "label_counts": {str(int(k)): int(c) for k, c in zip(labels, counts, strict=False)},
+        }  # fmt: skip
+    if op == "shutdown":
+        return {"ok": True, "op": "shutdown"}
+    if op not in ("fit", "evaluate"):
+        raise ValueError(f"unknown op {op!r} (expected ping, info, fit, evaluate or shutdown)")
+    config = request.get("config") or {}
+    if not isinstance(config, dict):
+        raise ValueError("config must be a JSON object")
+    if not isinstance(request.get("params"), str):
+        raise ValueError(f"{op} needs 'params' (base64 npz)")
+    params = decode_params(request["params"])
+    model = shard.model(config, params)
+    rnd = request.get("round")
+    if op == "evaluate":
+        metrics = model.evaluate(params, shard.X, shard.y)
+        return {"ok": True, "op": "evaluate", "round": rnd,
+                "num_examples": int(shard.y.shape[0]), "metrics": metrics}  # fmt: skip
+    seed = config.get("seed")
+    order_seed = None
+    if seed is not None:
+        if not isinstance(rnd, int) or not isinstance(request.get("client_index"), int):
+            raise ValueError("a seeded fit needs integer 'round' and 'client_index'")
+        order_seed = [_int(config, "seed", 0), rnd, int(request["client_index"])]
+    started = time.perf_counter()
+    new, metrics = model.fit(
+        params, shard.X, shard.y,
+        epochs=_int(config, "epochs", 1), lr=_float(config, "lr", 0.1),
+        batch_size=_int(config, "batch_size", 32), batch_order_seed=order_seed,
+        prox_mu=_float(config, "prox_mu", 0.0),
+    )  # fmt: skip
+    metrics = dict(metrics)
+    metrics["fit_seconds"] = time.perf_counter() - started
+    return {
+        "ok": True, "op": "fit", "round": rnd, "client_index": request.get("client_index"),
+        "params": encode_params(new), "num_examples": int(shard.y.shape[0]), "metrics": metrics,
+    }  # fmt: skip
+
+
+def serve(shard: _Shard, stdin: Any, stdout: Any) -> int:
+    """Read requests line by line from binary ``stdin`` and answer on binary ``stdout``."""
+    for line in iter(stdin.readline, b""):
+        if not line.strip():
+            continue
+        request: Any = None
+        try:
+            request = json.loads(line)
+            response = handle_request(shard, request)
+        except Exception as exc:  # every error becomes an answer, never a crash
+            response = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            if isinstance(request, dict) and "op" in request:
+                response["op"] = request["op"]
+        if isinstance(request, dict):
+            if "id" in request:
+                response["id"] = request["id"]
+            if "round" in request and "round" not in response:
+                response["round"] = request["round"]
+        stdout.write(json.dumps(response, separators=(",", ":")).encode("utf-8") + b"\n")
+        stdout.flush()
+        if response.get("op") == "shutdown" and response.get("ok"):
+            return 0
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: ``python3 client.py --data shard.npz``."""
+    parser = argparse.ArgumentParser(description="EVC numpy federated-learning client")
+    parser.add_argument("--data", required=True, help=".npz file with arrays X and y")
+    args = parser.parse_args(argv)
+    with np.load(args.data, allow_pickle=False) as z:
+        shard = _Shard(z["X"], z["y"])
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # user code that prints must not corrupt the protocol stream
+    return serve(shard, stdin, stdout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Server-side view of the FL models: the ``Model`` protocol and the shared numpy maths.
+
+The maths lives in :mod:`evc.fl.client` (which must stay a self-contained file for devices), and
+is re-exported here so the server evaluates with exactly the code the devices train with.
+
+A user model is a Python file on the device defining, at module level::
+
+    def init_params(seed: int) -> list[np.ndarray]: ...
+    def fit(params, X, y, *, epochs: int, lr: float, batch_size: int,
+            batch_order_seed: list[int] | None, prox_mu: float = 0.0,
+            global_params: list[np.ndarray] | None = None,
+            ) -> tuple[list[np.ndarray], dict]: ...   # metrics with at least "loss" and "n"
+    def evaluate(params, X, y) -> dict: ...           # "loss", "accuracy" and "n"
+
+``fit`` must not modify ``params`` in place.  ``batch_order_seed`` is ``[seed, round,
+client_index]`` when the job is seeded (use ``numpy.random.default_rng(batch_order_seed)`` for
+a reproducible batch order) and ``None`` otherwise.  ``prox_mu > 0`` asks for the FedProx term
+``mu/2 * ||w - global_params||^2`` (``global_params`` defaults to ``params``).  Load it with
+``load_model("module:/path/to/file.py", ...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from evc.errors import ValidationError
+from evc.fl import client as _client
+from evc.fl.client import MLP, ModuleModel, SoftmaxRegression, sgd_fit
+
+__all__ = [
+    "MLP",
+    "Model",
+    "ModuleModel",
+    "Params",
+    "SoftmaxRegression",
+    "load_model",
+    "sgd_fit",
+    "validate_model_spec",
+]
+
+#: model parameters travel and aggregate as an ordered list of float arrays
+Params = list[np.ndarray]
+
+
+@runtime_checkable
+class Model(Protocol):
+    """What every FL model offers, built-in or user-supplied."""
+
+    def init_params(self, seed: int = 0) -> list[np.ndarray]:
+        """Initial global parameters (deterministic in ``seed``)."""
+        ...
+
+    def fit(
+        self,
+        params: Sequence[np.ndarray],
+        X: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        lr: float,
+        batch_size: int,
+        batch_order_seed: list[int] | None,
+        prox_mu: float = 0.0,
+        global_params: Sequence[np.ndarray] | None = None,
+    ) -> tuple[list[np.ndarray], dict[str, Any]]:
+        """Local SGD from ``params``; returns new parameters and ``{"loss", "n"}``."""
+        ...
+
+    def evaluate(
+        self, params: Sequence[np.ndarray], X: np.ndarray, y: np.ndarray
+    ) -> dict[str, Any]:
+        """``{"loss": mean cross-entropy, "accuracy": fraction correct, "n": len(y)}``."""
+        ...
+
+
+def load_model(spec: str, *, n_features: int = 64, n_classes: int = 10) -> Model:
+    """Build a model from ``"softmax"``, ``"mlp"``, ``"mlp:<hidden>"`` or ``"module:<path>"``.
+
+    ``n_features``/``n_classes`` size the built-in models (defaults fit the digits task);
+    a module model ignores them.  Raises :class:`evc.errors.ValidationError` for a bad spec.
+    """
+    try:
+        model: Model = _client.load_model(spec, n_features=n_features, n_classes=n_classes)
+    except (ValueError, ImportError, OSError, SyntaxError) as exc:
+        raise ValidationError(f"cannot load model {spec!r}: {exc}", model=spec) from exc
+    return model
+
+
+def validate_model_spec(spec: object) -> str:
+    """Check a model spec's form without loading it (a module path lives on the devices).
+
+    Returns the spec; raises :class:`evc.errors.ValidationError` naming what is wrong.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ValidationError(f"model must be a non-empty string, got {spec!r}", model=spec)
+    if spec == "softmax" or spec == "mlp":
+        return spec
+    if spec.startswith("mlp:") and spec[4:].isdigit() and int(spec[4:]) > 0:
+        return spec
+    if spec.startswith("module:") and spec[len("module:") :].endswith(".py"):
+        return spec
+    raise ValidationError(
+        f"unknown model {spec!r}: use 'softmax', 'mlp', 'mlp:<hidden>' or 'module:<path>.py'",
+        model=spec,
+    )

@@ -1,0 +1,162 @@
+"""The one asyncssh adapter: connect to a device with EVC's key and its pinned host key, run
+commands, and turn every failure into an :mod:`evc.errors` DeviceError with an actionable reason."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import asyncssh
+
+from evc.errors import (
+    AuthRefused,
+    CommandFailed,
+    ConnectionDropped,
+    DeviceError,
+    HostKeyMismatch,
+    SSHTimeout,
+    Unreachable,
+)
+from evc.settings import Settings
+from evc.store import JSON
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and as whom to connect; ``host_key`` is the pinned key (None: trust on first use)."""
+
+    host: str
+    port: int
+    username: str
+    host_key: str | None = None
+    jump: Target | None = None
+    device_id: str | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.username}@{self.host}:{self.port}"
+
+
+def target_of(device: JSON) -> Target:
+    jump = device.get("jump_host") or None
+    jt = None
+    if jump:
+        jt = Target(jump["host"], int(jump.get("port", 22)), jump["username"], jump.get("host_key"))
+    return Target(
+        device["host"], int(device["port"]), device["username"], device.get("host_key") or None,
+        jt, device.get("id"),
+    )  # fmt: skip
+
+
+def key_line(key: asyncssh.SSHKey) -> str:
+    return " ".join(key.export_public_key("openssh").decode().split()[:2])
+
+
+def _trust(host_key: str | None) -> Any:
+    if host_key is None:
+        return None
+    return ([asyncssh.import_public_key(host_key)], [], [])
+
+
+def _map_error(exc: BaseException, target: Target, settings: Settings, stage: str) -> DeviceError:
+    did = target.device_id
+    where = target.address
+    if isinstance(exc, DeviceError):
+        return exc
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        return HostKeyMismatch(
+            f"the host key of {where} does not match the key pinned at registration; if the "
+            "device was reinstalled, an admin can re-pin it (POST /api/v1/devices/{id}/host-key)",
+            device_id=did,
+        )
+    if isinstance(exc, asyncssh.PermissionDenied):
+        return AuthRefused(
+            f"{where} refused EVC's key: install it as {target.username!r} on the device with "
+            f"`curl -s {settings.api_url}/api/v1/ssh-key?format=sh | sh`, or append the key from "
+            "GET /api/v1/ssh-key to ~/.ssh/authorized_keys",
+            device_id=did,
+        )
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return SSHTimeout(f"{where} did not answer within the time limit during {stage}", device_id=did)
+    if isinstance(exc, ConnectionRefusedError):
+        return Unreachable(f"{where} refused the connection (is sshd running on port {target.port}?)", device_id=did)
+    if isinstance(exc, socket.gaierror):
+        return Unreachable(f"cannot resolve host {target.host!r}", device_id=did)
+    if isinstance(exc, asyncssh.ConnectionLost | asyncssh.DisconnectError | BrokenPipeError | ConnectionResetError):
+        return ConnectionDropped(f"the connection to {where} dropped during {stage}: {exc}", device_id=did)
+    if isinstance(exc, OSError):
+        return Unreachable(f"cannot reach {where}: {exc.strerror or exc}", device_id=did)
+    if isinstance(exc, asyncssh.Error):
+        return ConnectionDropped(f"SSH error with {where} during {stage}: {exc}", device_id=did)
+    return DeviceError(f"unexpected error with {where} during {stage}: {exc!r}", device_id=did)
+
+
+async def connect(target: Target, settings: Settings, **kw: Any) -> asyncssh.SSHClientConnection:
+    """Open a connection; host key pinned when the target has one. Raises DeviceError."""
+    key = str(settings.key_path)
+    tunnel = None
+    try:
+        if target.jump is not None:
+            tunnel = await asyncio.wait_for(
+                asyncssh.connect(
+                    target.jump.host, target.jump.port, username=target.jump.username,
+                    client_keys=[key], known_hosts=_trust(target.jump.host_key), agent_path=None,
+                ),
+                settings.ssh_connect_timeout_s,
+            )  # fmt: skip
+        return await asyncio.wait_for(
+            asyncssh.connect(
+                target.host, target.port, username=target.username, client_keys=[key],
+                known_hosts=_trust(target.host_key), agent_path=None, tunnel=tunnel,
+                keepalive_interval=30, **kw,
+            ),
+            settings.ssh_connect_timeout_s,
+        )  # fmt: skip
+    except BaseException as exc:
+        if tunnel is not None:
+            tunnel.close()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise _map_error(exc, target, settings, "connect") from exc
+
+
+@asynccontextmanager
+async def session(target: Target, settings: Settings) -> AsyncIterator[asyncssh.SSHClientConnection]:
+    conn = await connect(target, settings)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+async def run(
+    conn: asyncssh.SSHClientConnection,
+    command: str,
+    target: Target,
+    settings: Settings,
+    *,
+    input: str | None = None,
+    check: bool = True,
+    timeout: float | None = None,
+) -> asyncssh.SSHCompletedProcess:
+    """Run *command* (already quoted by the caller) and return the completed process."""
+    try:
+        res = await asyncio.wait_for(
+            conn.run(command, input=input, check=False), timeout or settings.ssh_command_timeout_s
+        )
+    except BaseException as exc:
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise _map_error(exc, target, settings, "command") from exc
+    if res.exit_status is None and res.exit_signal is None:
+        raise ConnectionDropped(f"{target.address} closed the channel before the command ended", device_id=target.device_id)
+    if check and res.exit_status != 0:
+        raise CommandFailed(
+            f"command failed on {target.address} with exit status {res.exit_status}",
+            exit_status=res.exit_status, stderr=str(res.stderr or ""), device_id=target.device_id,
+        )  # fmt: skip
+    return res

@@ -1,0 +1,180 @@
+"""The API spine against a real Redis and a real Celery worker: auth, jobs, idempotency, paging."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from evc.auth import create_enrollment
+from evc.embedded import RedisServer
+from evc.store import Store
+
+pytestmark = pytest.mark.integration
+
+
+def test_ssh_key_is_public(api) -> None:
+    status, body = api.call("GET", "/api/v1/ssh-key", token=None)
+    assert status == 200
+    assert body["public_key"].startswith("ssh-ed25519 ")
+    assert "authorized_keys" in body["install_command"]
+    resp = api.client.get("/api/v1/ssh-key?format=text")
+    assert resp.data.decode().strip() == body["public_key"]
+    key = api.settings.key_path
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+
+
+def test_openapi_and_health(api) -> None:
+    status, spec = api.call("GET", "/api/v1/openapi.json", token=None)
+    assert status == 200 and spec["openapi"].startswith("3.")
+    assert "/api/v1/devices" in spec["paths"]
+    assert api.call("GET", "/healthz", token=None)[0] == 200
+    resp = api.client.get("/metrics")
+    assert resp.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "token,status,needle",
+    [(None, 401, "missing bearer"), ("evco_wrong", 401, "invalid token"), ("garbage", 401, "invalid token")],
+)
+def test_auth_refused(api, token, status, needle) -> None:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    resp = api.client.get("/api/v1/devices", headers=headers)
+    assert resp.status_code == status
+    assert needle in resp.get_json()["message"]
+
+
+def test_read_scope_cannot_mutate(api) -> None:
+    assert api.call("GET", "/api/v1/jobs", token="read")[0] == 200
+    status, body = api.call("POST", "/api/v1/jobs", token="read", json={"kind": "noop"})
+    assert status == 403 and "admin" in body["message"]
+
+
+def test_token_revocation(api) -> None:
+    status, tok = api.call("POST", "/api/v1/tokens", json={"name": "temp", "scopes": ["read"]})
+    assert status == 201 and tok["token"].startswith("evco_")
+    assert api.call("GET", "/api/v1/jobs", token=tok["token"])[0] == 200
+    assert api.call("DELETE", f"/api/v1/tokens/{tok['id']}")[0] == 200
+    status, body = api.call("GET", "/api/v1/jobs", token=tok["token"])
+    assert status == 401 and "revoked" in body["message"]
+    # stored hashed: the plaintext appears nowhere in Redis
+    for key in api.store.r.scan_iter(f"{api.store.prefix}:token*"):
+        if api.store.r.type(key) == b"hash":
+            assert tok["token"].encode() not in b"".join(api.store.r.hgetall(key).values())
+
+
+def test_enrollment_token_reuse_and_expiry(api, store, settings) -> None:
+    rec, token = create_enrollment(store, settings, ttl_s=60, max_uses=1, labels={"site": "lab"}, created_by="t")
+    body = {"name": f"enr-{time.time_ns()}", "host": "127.0.0.1", "port": 1, "username": "nobody"}
+    status, out = api.call("POST", "/api/v1/devices", token=token, json=body)
+    assert status == 202, out
+    assert out["device"]["labels"] == {"site": "lab"}
+    status, out = api.call("POST", "/api/v1/devices", token=token, json={**body, "name": body["name"] + "b"})
+    assert status == 401 and "maximum number" in out["message"]
+    # an enrollment token cannot read the registry
+    assert api.call("GET", "/api/v1/devices", token=token)[0] == 403
+    rec2, token2 = create_enrollment(store, settings, ttl_s=60, max_uses=5, labels={}, created_by="t")
+    store.update_enrollment(rec2["id"], expires_at=time.time() - 1)
+    status, out = api.call("POST", "/api/v1/devices", token=token2, json={**body, "name": body["name"] + "c"})
+    assert status == 401 and "expired" in out["message"]
+
+
+def test_validation_errors_are_4xx_with_message(api) -> None:
+    status, body = api.call("POST", "/api/v1/devices", json={
+        "name": "ok-name", "host": "$(touch /tmp/pwned)", "username": "root;reboot", "port": 70000,
+        "labels": {"bad key!": "v"}})  # fmt: skip
+    assert status == 422
+    assert set(body["errors"]["json"]) == {"host", "username", "port", "labels"}
+    assert "host" in body["message"]
+    status, body = api.call("POST", "/api/v1/devices", data="{not json", content_type="application/json")
+    assert status == 400 and body["message"]
+    status, body = api.call("POST", "/api/v1/devices", json={"name": "x", "host": "h", "username": "u", "extra": 1})
+    assert status == 422 and "extra" in body["errors"]["json"]
+
+
+def test_noop_job_runs_on_a_real_worker(api, worker) -> None:
+    status, job = api.call("POST", "/api/v1/jobs", json={"kind": "noop"})
+    assert status == 202 and job["state"] == "queued"
+    done = api.wait_job(job["id"])
+    assert done["state"] == "succeeded"
+    assert done["started_at"] and done["finished_at"] >= done["started_at"]
+    status, ev = api.call("GET", f"/api/v1/jobs/{job['id']}/events")
+    assert [e["seq"] for e in ev["items"]] == list(range(1, len(ev["items"]) + 1))
+    assert ev["items"][-1]["state"] == "succeeded"
+
+
+def test_idempotency_key_returns_same_job(api) -> None:
+    key = f"idem-{time.time_ns()}"
+    s1, j1 = api.call("POST", "/api/v1/jobs", json={"kind": "noop"}, headers={"Idempotency-Key": key})
+    s2, j2 = api.call("POST", "/api/v1/jobs", json={"kind": "noop"}, headers={"Idempotency-Key": key})
+    assert s1 == s2 == 202 and j1["id"] == j2["id"]
+    s3, j3 = api.call("POST", "/api/v1/jobs", json={"kind": "noop"}, headers={"Idempotency-Key": key + "x"})
+    assert j3["id"] != j1["id"]
+
+
+def test_cancel_queued_job(api, store, settings) -> None:
+    from evc import jobs
+
+    class Hold:  # a sender that holds the task: the job stays queued
+        def send_task(self, *a, **k):
+            return None
+
+    job, _ = jobs.submit(store, Hold(), "noop", created_by="test")
+    status, out = api.call("POST", f"/api/v1/jobs/{job['id']}/cancel")
+    assert status == 202 and out["state"] == "cancelled"
+    status, out = api.call("POST", f"/api/v1/jobs/{job['id']}/cancel")
+    assert status == 409 and "already cancelled" in out["message"]
+
+
+def test_pagination_and_filters(api, store) -> None:
+    from evc import jobs
+
+    class Hold:
+        def send_task(self, *a, **k):
+            return None
+
+    made = [jobs.submit(store, Hold(), "facts", created_by="pager")[0]["id"] for _ in range(7)]
+    status, p1 = api.call("GET", "/api/v1/jobs?kind=facts&limit=3")
+    assert status == 200 and len(p1["items"]) == 3 and p1["total"] >= 7 and p1["next_offset"] == 3
+    status, p2 = api.call("GET", f"/api/v1/jobs?kind=facts&limit=3&offset={p1['next_offset']}")
+    assert not {j["id"] for j in p1["items"]} & {j["id"] for j in p2["items"]}
+    assert p1["items"][0]["id"] == made[-1]  # newest first
+    status, q = api.call("GET", "/api/v1/jobs?state=queued&kind=facts&limit=500")
+    assert all(j["state"] == "queued" for j in q["items"])
+    assert api.call("GET", "/api/v1/jobs?limit=0")[0] == 422
+
+
+def test_audit_log_records_mutations(api) -> None:
+    api.call("POST", "/api/v1/tokens", json={"name": "audited", "scopes": ["read"]})
+    status, log = api.call("GET", "/api/v1/audit?limit=5")
+    assert status == 200
+    entry = log["items"][0]
+    assert entry["action"] == "POST /api/v1/tokens" and entry["actor"] == "operator:test-admin"
+    assert "evco_" not in str(log)
+
+
+def test_state_survives_redis_restart(tmp_path, settings) -> None:
+    srv = RedisServer(tmp_path / "r").start()
+    try:
+        st = Store.from_settings(settings.replace(redis_url=srv.url))
+        from evc import jobs
+        from evc.auth import create_operator_token, hash_token
+
+        class Hold:
+            def send_task(self, *a, **k):
+                return None
+
+        job, _ = jobs.submit(st, Hold(), "noop", created_by="x")
+        st.add_event(job["id"], {"message": "hello"})
+        dev = st.create_device({"id": "dev_1", "name": "persist", "host": "h", "port": 22, "username": "u",
+                                "created_at": 1.0, "state": "online"}, "hash1")
+        rec, tok = create_operator_token(st, settings, "persist", ["read"])
+        time.sleep(1.2)  # appendfsync everysec
+        srv.restart()
+        st2 = Store.from_settings(settings.replace(redis_url=srv.url))
+        assert st2.get_job(job["id"])["kind"] == "noop"
+        assert st2.events(job["id"])[0]["message"] == "hello"
+        assert st2.get_device(dev["id"])["name"] == "persist"
+        assert st2.token_by_hash(hash_token(tok))["id"] == rec["id"]
+    finally:
+        srv.stop()
