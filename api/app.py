@@ -22,6 +22,7 @@ BLUEPRINTS = [
     "evc.api.access",
     "evc.api.devices",
     "evc.api.jobs",
+    "evc.api.events",
 ]
 
 MAX_BODY = 1024 * 1024

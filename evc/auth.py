@@ -89,21 +89,30 @@ _ENROLL_REASONS = {
 }
 
 
+_INDEX = {
+    PREFIX_OPERATOR: ("token-hash", "token"),
+    PREFIX_DEVICE: ("device-token", "device"),
+    PREFIX_ENROLL: ("enrollment-hash", "enrollment"),
+}
+
+
 def authenticate(store: Store, settings: Settings, header: str | None, client: str = "") -> Principal:
     """Resolve an ``Authorization: Bearer ...`` header to a principal, or raise AuthError.
 
     Tokens are looked up by their SHA-256 (the store keeps no plaintext); the comparison of the
     stored hash is constant-time. Failed attempts are rate-limited per client address."""
-    if client and store.count(f"authfail:{client}", settings.auth_fail_window_s) >= settings.auth_fail_limit:
-        raise RateLimited("too many failed authentications; wait a minute", retry_after=settings.auth_fail_window_s)
     if not header or not header.startswith("Bearer "):
         raise AuthError("missing bearer token: send 'Authorization: Bearer <token>'")
     token = header[7:].strip()
     digest = hash_token(token)
+    index, kind = _INDEX.get(token[:5], ("token-hash", "token"))
+    fails, rec = store.resolve_token(index, kind, digest, f"authfail:{client}", settings.auth_fail_window_s)
+    if client and fails >= settings.auth_fail_limit:
+        raise RateLimited("too many failed authentications; wait a minute", retry_after=settings.auth_fail_window_s)
     principal: Principal | None = None
-    if token.startswith(PREFIX_OPERATOR):
-        rec = store.token_by_hash(digest)
-        if rec and hmac.compare_digest(rec.get("hash", ""), digest):
+    stored = (rec or {}).get("token_hash" if kind == "device" else "hash", "")
+    if rec and hmac.compare_digest(stored, digest):
+        if kind == "token":
             if rec.get("revoked"):
                 _fail(store, settings, client)
                 raise AuthError("this token has been revoked")
@@ -111,14 +120,10 @@ def authenticate(store: Store, settings: Settings, header: str | None, client: s
                 _fail(store, settings, client)
                 raise AuthError("this token has expired")
             principal = Principal("operator", rec["id"], rec.get("name", ""), frozenset(rec["scopes"]))
-    elif token.startswith(PREFIX_DEVICE):
-        dev = store.device_by_token(digest)
-        if dev and hmac.compare_digest(dev.get("token_hash", ""), digest):
-            principal = Principal("device", dev["id"], dev.get("name", ""))
-    elif token.startswith(PREFIX_ENROLL):
-        enr = store.enrollment_by_hash(digest)
-        if enr and hmac.compare_digest(enr.get("hash", ""), digest):
-            principal = Principal("enrollment", enr["id"])
+        elif kind == "device":
+            principal = Principal("device", rec["id"], rec.get("name", ""))
+        else:
+            principal = Principal("enrollment", rec["id"])
     if principal is None:
         _fail(store, settings, client)
         raise AuthError("invalid token")

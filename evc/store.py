@@ -45,6 +45,15 @@ redis.call('HSET', KEYS[1], 'uses_left', tostring(left - 1))
 return 'ok'
 """
 
+# Resolve a token in one round trip: KEYS[1] the failure counter, KEYS[2] the hash index;
+# ARGV[1] the record key prefix. Returns {failures, record fields or false}.
+_RESOLVE = """
+local fails = redis.call('GET', KEYS[1]) or '0'
+local id = redis.call('GET', KEYS[2])
+if not id then return {fails, false} end
+return {fails, redis.call('HGETALL', ARGV[1] .. id)}
+"""
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -79,6 +88,7 @@ class Store:
         self._transition = self.r.register_script(_TRANSITION)
         self._consume = self.r.register_script(_CONSUME)
         self._release = self.r.register_script(_RELEASE)
+        self._resolve = self.r.register_script(_RESOLVE)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:
@@ -164,6 +174,18 @@ class Store:
         pipe.delete(self.k(kind, rec_id), *extra_keys)
         pipe.zrem(self.k(kind + "s"), rec_id)
         pipe.execute()
+
+    # ------------------------------------------------------------------ token lookup
+    def resolve_token(self, index: str, kind: str, token_hash: str, fail_counter: str,
+                      window_s: int) -> tuple[int, JSON | None]:
+        """(failed authentications in this window for the caller, the record the hash names)."""
+        fail_key = self.k("count", fail_counter, str(int(now() // window_s)))
+        fails, raw = self._resolve(keys=[fail_key, self.k(index, token_hash)], args=[self.k(kind) + ":"])
+        rec = None
+        if raw:
+            it = iter(raw)
+            rec = {k.decode(): json.loads(v) for k, v in zip(it, it, strict=True)}
+        return int(fails), rec
 
     # ------------------------------------------------------------------ devices
     def create_device(self, dev: JSON, token_hash: str) -> JSON:
@@ -303,7 +325,7 @@ class Store:
                     time.sleep(0.01)
                     existing = self.r.get(ikey)
                 raise Conflict("a job with this Idempotency-Key is being created; retry")
-        pipe = self.r.pipeline(transaction=True)
+        pipe = self.r.pipeline(transaction=False)
         pipe.hset(self.k("job", job["id"]), mapping=_dump(job))
         pipe.zadd(self.k("jobs"), {job["id"]: job["created_at"]})
         pipe.zadd(self.k("jobs-kind", job["kind"]), {job["id"]: job["created_at"]})
@@ -442,6 +464,64 @@ class Store:
     def get_json(self, name: str) -> Any:
         v = self.r.get(self.k(name))
         return json.loads(v) if v is not None else None
+
+    # ------------------------------------------------------------------ health (evc.health)
+    # Bulk writes of a health sweep and reads of the fleet event log.
+
+    #: HSET the field/value pairs ARGV into KEYS[1] only when that hash exists (1 if updated)
+    _HSET_EXISTING = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+    def record_health(self, changes: dict[str, JSON], events: Iterable[JSON] = ()) -> int:
+        """Apply per-device field changes and append fleet events in ONE pipelined round trip.
+
+        A device removed meanwhile is skipped, never re-created. Returns how many were updated."""
+        script = getattr(self, "_hset_existing", None)
+        if script is None:
+            script = self._hset_existing = self.r.register_script(self._HSET_EXISTING)
+        events = list(events)
+        pipe = self.r.pipeline(transaction=False)
+        for device_id, fields in changes.items():
+            args = [x for kv in _dump(fields).items() for x in kv]
+            script(keys=[self.k("device", device_id)], args=args, client=pipe)
+        if events:
+            t = now()
+            pipe.lpush(self.k("events"), *[json.dumps({"ts": t, **e}) for e in events])
+            pipe.ltrim(self.k("events"), 0, self.settings.audit_history - 1)
+        out = pipe.execute()
+        return sum(1 for x in out[: len(changes)] if x == 1)
+
+    def fleet_event_page(
+        self,
+        offset: int = 0,
+        limit: int = 50,
+        match: Callable[[JSON], bool] | None = None,
+        since: float | None = None,
+    ) -> tuple[list[JSON], int]:
+        """Fleet events newest first: one page of those that match and are not older than
+        *since*, and how many match in all."""
+        key, batch = self.k("events"), 1000
+        if match is None and since is None:
+            raw = self.r.lrange(key, offset, offset + limit - 1)
+            return [json.loads(x) for x in raw], int(self.r.llen(key))
+        items: list[JSON] = []
+        total, start = 0, 0
+        while True:
+            chunk = self.r.lrange(key, start, start + batch - 1)
+            for x in chunk:
+                ev = json.loads(x)
+                if since is not None and float(ev.get("ts", 0)) < since:
+                    return items, total  # newest first: everything after is older
+                if match is None or match(ev):
+                    if offset <= total < offset + limit:
+                        items.append(ev)
+                    total += 1
+            if len(chunk) < batch:
+                return items, total
+            start += batch
 
 
 def redis_client(settings: Settings) -> redis.Redis:

@@ -13,6 +13,7 @@ from evc.settings import Settings
 #: task modules every worker imports; features add theirs here
 TASK_MODULES = [
     "evc.tasks.core",
+    "evc.tasks.health",
 ]
 
 
@@ -24,12 +25,14 @@ def _routes() -> dict[str, dict[str, str]]:
 def make_celery(settings: Settings, *, include_tasks: bool = True) -> Celery:
     """A Celery app for *settings*. The API builds one without tasks and sends by name."""
     app = Celery("evc", include=TASK_MODULES if include_tasks else [])
+    extra: dict[str, Any] = {}
     broker_opts: dict[str, Any] = {"visibility_timeout": max(3600, settings.task_time_limit_s * 2)}
     if settings.redis_sentinels:
         broker_url = ";".join(f"sentinel://{hp.strip()}" for hp in settings.redis_sentinels.split(","))
         broker_opts["master_name"] = settings.redis_sentinel_master
     else:
         broker_url = settings.redis_url
+        extra["broker_transport"] = "evc.workers.transport:Transport"
     app.conf.update(
         broker_url=broker_url,
         result_backend=None,
@@ -61,6 +64,7 @@ def make_celery(settings: Settings, *, include_tasks: bool = True) -> Celery:
             },
         },
         timezone="UTC",
+        **extra,
     )
     app.evc_settings = settings  # type: ignore[attr-defined]
     return app
