@@ -64,7 +64,7 @@ def run_job(task: Task, job_id: str, body: Callable[[JobRun], JSON | None]) -> s
         return "cancelled"
     except TRANSIENT_ERRORS as exc:
         retries = int(task.request.retries or 0)
-        if retries < (task.max_retries or 0):
+        if retries < min(task.max_retries or 0, settings_of(task).ssh_retries):
             delay = backoff(retries)
             run.event(f"{exc} — retrying in {delay:.0f}s", type="retry", attempt=retries + 1)
             raise task.retry(exc=exc, countdown=delay) from None
