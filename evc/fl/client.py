@@ -5,7 +5,8 @@ This one file is copied to a device and run there as ONE long-lived process per 
     python3 client.py --data /path/to/shard.npz
 
 It depends on numpy only (no ``evc`` import), so it stays runnable on a bare device with
-Python >= 3.8.  The server (``evc.fl.models``) imports the model maths from this module, so the
+Python >= 3.8 (hence no ``zip(strict=...)``, ``match`` or runtime ``X | Y`` types here).
+The server (``evc.fl.models``) imports the model maths from this module, so the
 softmax-regression and MLP maths are defined exactly once.
 
 Protocol: line-delimited JSON, one request per stdin line, one response per stdout line, in order.
@@ -61,6 +62,7 @@ __all__ = [
     "SoftmaxRegression",
     "decode_params",
     "encode_params",
+    "fit_with_config",
     "handle_request",
     "load_model",
     "main",
@@ -145,8 +147,8 @@ def sgd_fit(
             loss, grads = loss_grad(w, X[idx], y[idx])
             total += loss * len(idx)
             if anchor is not None:
-                grads = [g + prox_mu * (p - a) for g, p, a in zip(grads, w, anchor, strict=False)]
-            for p, g in zip(w, grads, strict=False):
+                grads = [g + prox_mu * (p - a) for g, p, a in zip(grads, w, anchor)]  # noqa: B905
+            for p, g in zip(w, grads):  # noqa: B905
                 p -= lr * g
         epoch_loss = total / n if n else 0.0
     return w, {"loss": float(epoch_loss), "n": int(n)}
@@ -404,8 +406,9 @@ class _Shard:
     def model(self, config: dict[str, Any], params: Sequence[np.ndarray]) -> Any:
         spec = str(config.get("model", "softmax"))
         n_classes = config.get("n_classes")
-        if n_classes is None:
-            n_classes = int(np.shape(params[-1])[0]) if params else 0
+        if n_classes is None:  # built-ins end with the output bias; module models ignore it
+            last = np.shape(params[-1]) if params else ()
+            n_classes = int(last[0]) if len(last) == 1 else 0
         key = (spec, self.X.shape[1], int(n_classes))
         if key not in self._models:
             self._models[key] = load_model(spec, n_features=key[1], n_classes=key[2])
@@ -426,6 +429,33 @@ def _float(config: dict[str, Any], key: str, default: float) -> float:
     return float(value)
 
 
+def fit_with_config(
+    model: Any,
+    params: Sequence[np.ndarray],
+    X: np.ndarray,
+    y: np.ndarray,
+    config: dict[str, Any],
+    round: Any,
+    client_index: Any,
+) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """Run ``model.fit`` as a protocol ``config`` says (the one mapping, device and server).
+
+    ``config``: ``epochs`` (1), ``lr`` (0.1), ``batch_size`` (32), ``prox_mu`` (0.0) and
+    ``seed``: when not None the batch order seed is ``[seed, round, client_index]``.
+    """
+    order_seed = None
+    if config.get("seed") is not None:
+        if not isinstance(round, int) or not isinstance(client_index, int):
+            raise ValueError("a seeded fit needs integer 'round' and 'client_index'")
+        order_seed = [_int(config, "seed", 0), round, client_index]
+    return model.fit(
+        params, X, y,
+        epochs=_int(config, "epochs", 1), lr=_float(config, "lr", 0.1),
+        batch_size=_int(config, "batch_size", 32), batch_order_seed=order_seed,
+        prox_mu=_float(config, "prox_mu", 0.0),
+    )  # fmt: skip
+
+
 def handle_request(shard: _Shard, request: Any) -> dict[str, Any]:
     """Answer one decoded request; raises on bad input (the loop turns that into ok=false)."""
     if not isinstance(request, dict):
@@ -439,13 +469,15 @@ def handle_request(shard: _Shard, request: Any) -> dict[str, Any]:
         return {
             "ok": True, "op": "info", "version": PROTOCOL_VERSION,
             "num_examples": int(shard.y.shape[0]), "n_features": int(shard.X.shape[1]),
-            "label_counts": {str(int(k)): int(c) for k, c in zip(labels, counts, strict=False)},
+            "label_counts": {str(int(k)): int(c) for k, c in zip(labels, counts)},  # noqa: B905
         }  # fmt: skip
     if op == "shutdown":
         return {"ok": True, "op": "shutdown"}
     if op not in ("fit", "evaluate"):
         raise ValueError(f"unknown op {op!r} (expected ping, info, fit, evaluate or shutdown)")
-    config = request.get("config") or {}
+    config = request.get("config")
+    if config is None:
+        config = {}
     if not isinstance(config, dict):
         raise ValueError("config must be a JSON object")
     if not isinstance(request.get("params"), str):
@@ -457,19 +489,10 @@ def handle_request(shard: _Shard, request: Any) -> dict[str, Any]:
         metrics = model.evaluate(params, shard.X, shard.y)
         return {"ok": True, "op": "evaluate", "round": rnd,
                 "num_examples": int(shard.y.shape[0]), "metrics": metrics}  # fmt: skip
-    seed = config.get("seed")
-    order_seed = None
-    if seed is not None:
-        if not isinstance(rnd, int) or not isinstance(request.get("client_index"), int):
-            raise ValueError("a seeded fit needs integer 'round' and 'client_index'")
-        order_seed = [_int(config, "seed", 0), rnd, int(request["client_index"])]
     started = time.perf_counter()
-    new, metrics = model.fit(
-        params, shard.X, shard.y,
-        epochs=_int(config, "epochs", 1), lr=_float(config, "lr", 0.1),
-        batch_size=_int(config, "batch_size", 32), batch_order_seed=order_seed,
-        prox_mu=_float(config, "prox_mu", 0.0),
-    )  # fmt: skip
+    new, metrics = fit_with_config(
+        model, params, shard.X, shard.y, config, rnd, request.get("client_index")
+    )
     metrics = dict(metrics)
     metrics["fit_seconds"] = time.perf_counter() - started
     return {

@@ -77,15 +77,23 @@ class ClientProcess:
         return self.receive()
 
     def close(self, timeout: float = 5.0) -> int:
-        """Ask the client to shut down; kill it if it does not exit in ``timeout`` seconds."""
+        """Ask the client to shut down, kill it if it has not exited after ``timeout`` seconds,
+        close our ends of stdin/stdout, and return its exit status (a stderr pipe the caller
+        asked for is left open for the caller to read and close)."""
         if self.proc.poll() is None:
             try:
                 self.send(shutdown_request())
                 self._stdin.close()
-                return self.proc.wait(timeout=timeout)
+                self.proc.wait(timeout=timeout)
             except (ConnectionDropped, subprocess.TimeoutExpired, OSError):
                 self.proc.kill()
-        return self.proc.wait()
+        status = self.proc.wait()
+        for pipe in (self._stdin, self._stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        return status
 
     def __enter__(self) -> ClientProcess:
         return self

@@ -230,6 +230,13 @@ class Strategy:
                 f"client {client_id} sent {len(params)} arrays, model has {len(self._global)}",
                 client_id=client_id,
             )
+        shapes = [np.shape(p) for p in params]
+        expected = [p.shape for p in self._global]
+        if shapes != expected:
+            raise ValidationError(
+                f"client {client_id} sent parameter shapes {shapes}, model has {expected}",
+                client_id=client_id,
+            )
         self._acc.add(params, int(num_examples), key=client_id)
         self._client_metrics.append((int(num_examples), dict(metrics or {})))
         return True
