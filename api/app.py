@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 from typing import Any
 
+import redis
 from flask import Flask, g, jsonify, request
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException
@@ -128,22 +130,34 @@ def _flatten(messages: Any, prefix: str = "") -> str:
 
 
 def _audit(app: Flask) -> None:
-    from evc.api.deps import get_store
+    """Every successful mutating call is audited in the request's unit of work."""
+    from evc.api.deps import get_store, unit_of_work
 
     @app.after_request
-    def audit(resp: Any) -> Any:
-        if request.method in MUTATING and resp.status_code < 400:
+    def commit(resp: Any) -> Any:
+        pipe = getattr(g, "evc_pipe", None)
+        if resp.status_code >= 400:
+            if pipe is not None:
+                pipe.reset()
+            return resp
+        if request.method in MUTATING:
             p = getattr(g, "principal", None)
+            pipe = unit_of_work()
+            get_store().audit(
+                p.label if p else "anonymous",
+                f"{request.method} {request.path}",
+                target=request.view_args and next(iter(request.view_args.values()), "") or "",
+                ip=request.remote_addr or "",
+                pipe=pipe,
+                status=resp.status_code,
+            )
+        if pipe is not None:
             try:
-                get_store().audit(
-                    p.label if p else "anonymous",
-                    f"{request.method} {request.path}",
-                    target=request.view_args and next(iter(request.view_args.values()), "") or "",
-                    ip=request.remote_addr or "",
-                    status=resp.status_code,
-                )
-            except EVCError:
-                log.warning("audit log unavailable for %s %s", request.method, request.path)
+                pipe.execute()
+            except redis.RedisError as exc:
+                log.error("could not commit %s %s: %s", request.method, request.path, exc)
+                body = _error_body(503, "EVC's store is unavailable; nothing was done, retry later")
+                return app.response_class(json.dumps(body), status=503, mimetype="application/json")
         return resp
 
 

@@ -8,8 +8,16 @@ from flask import request
 from flask_smorest import Blueprint
 
 from evc import jobs
-from evc.api.deps import actor, get_sender, get_store, require
-from evc.api.schemas import EventArgs, EventPageSchema, JobCreateSchema, JobListArgs, JobPageSchema, JobSchema, page
+from evc.api.deps import actor, get_sender, get_store, require, unit_of_work
+from evc.api.schemas import (
+    EventArgs,
+    EventPageSchema,
+    JobCreateSchema,
+    JobListArgs,
+    JobPageSchema,
+    JobSchema,
+    page,
+)
 
 blp = Blueprint("jobs", __name__, url_prefix="/api/v1", description="Asynchronous jobs")
 
@@ -21,7 +29,7 @@ blp = Blueprint("jobs", __name__, url_prefix="/api/v1", description="Asynchronou
 def submit(data: dict[str, Any]) -> Any:
     """Submit a generic job (kind `noop`: checks the pipeline end to end)."""
     job, _ = jobs.submit(get_store(), get_sender(), data["kind"], created_by=actor(),
-                         idempotency_key=request.headers.get("Idempotency-Key"))
+                         idempotency_key=request.headers.get("Idempotency-Key"), pipe=unit_of_work())
     return job
 
 

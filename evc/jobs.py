@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from evc.errors import Conflict, EVCError, JobCancelled, NotFound
-from evc.store import JOB_STATES, TERMINAL_STATES, JSON, Store, new_id, now
+from evc.store import JOB_STATES, JSON, TERMINAL_STATES, Store, new_id, now
 
 log = logging.getLogger(__name__)
 
@@ -83,23 +83,36 @@ def submit(
     created_by: str = "",
     idempotency_key: str | None = None,
     countdown: float | None = None,
+    pipe: Any = None,
 ) -> tuple[JSON, bool]:
-    """Create a job and enqueue its task. Returns (job, created); repeated keys return the first."""
+    """Create a job and enqueue its task. Returns (job, created); repeated keys return the first.
+
+    With a sender that has a task publisher (EVC's Celery apps do), the job record and its task
+    message are written in one MULTI/EXEC — the worker can never see the message without the job
+    — or queued on *pipe*, the caller's unit of work."""
     job = new_job(kind, params=params, targets=targets, created_by=created_by)
     if idempotency_key:
         idempotency_key = f"{created_by}:{idempotency_key}"
-    job, created = store.create_job(job, idempotency_key)
-    if created:
+    publisher = getattr(sender, "evc_publisher", None)
+    publish = publisher.commands(*_task_of(job), countdown=countdown) if publisher else ()
+    job, created = store.create_job(job, idempotency_key, publish=publish, pipe=pipe)
+    if created and publisher is None:
         enqueue(store, sender, job, countdown=countdown)
     return job, created
 
 
-def enqueue(store: Store, sender: Sender, job: JSON, countdown: float | None = None) -> None:
+def _task_of(job: JSON) -> tuple[str, str, list[Any], str]:
     jk = JOB_KINDS[job["kind"]]
-    opts: dict[str, Any] = {"queue": jk.queue, "task_id": f"{job['id']}-{job.get('attempt', 0)}"}
+    return jk.task, f"{job['id']}-{job.get('attempt', 0)}", [job["id"]], jk.queue
+
+
+def enqueue(store: Store, sender: Sender, job: JSON, countdown: float | None = None) -> None:
+    """(Re-)enqueue an existing job's task."""
+    name, task_id, args, queue = _task_of(job)
+    opts: dict[str, Any] = {"queue": queue, "task_id": task_id}
     if countdown:
         opts["countdown"] = countdown
-    sender.send_task(jk.task, args=[job["id"]], **opts)
+    sender.send_task(name, args=args, **opts)
 
 
 def public(job: JSON, store: Store | None = None, with_results: bool = True) -> JSON:

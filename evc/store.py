@@ -312,24 +312,42 @@ class Store:
         return self._page("enrollment", offset, limit)
 
     # ------------------------------------------------------------------ jobs
-    def create_job(self, job: JSON, idempotency_key: str | None = None) -> tuple[JSON, bool]:
-        """Store *job*; with an idempotency key already used, return that job instead."""
+    def claim_idempotency_key(self, key: str, job_id: str) -> JSON | None:
+        """Reserve *key* for *job_id*; if another job holds it, return that job."""
+        ikey = self.k("idem", key)
+        if self.r.set(ikey, job_id, nx=True, ex=self.settings.idempotency_ttl_s):
+            return None
+        existing = self.r.get(ikey)
+        for _ in range(50):  # the first creator may still be writing its job
+            if existing and self.r.exists(self.k("job", existing.decode())):
+                return self.get_job(existing.decode())
+            time.sleep(0.01)
+            existing = self.r.get(ikey)
+        raise Conflict("a job with this Idempotency-Key is being created; retry")
+
+    def create_job(
+        self,
+        job: JSON,
+        idempotency_key: str | None = None,
+        *,
+        publish: Iterable[tuple[str, tuple[Any, ...]]] = (),
+        pipe: Any = None,
+    ) -> tuple[JSON, bool]:
+        """Store *job* and run *publish* (Redis commands that enqueue its task) in one MULTI/EXEC,
+        or queue both on the caller's *pipe*. With an idempotency key already used, return that
+        job instead (and publish nothing)."""
         if idempotency_key:
-            ikey = self.k("idem", idempotency_key)
-            ttl = self.settings.idempotency_ttl_s
-            if not self.r.set(ikey, job["id"], nx=True, ex=ttl):
-                existing = self.r.get(ikey)
-                for _ in range(50):  # the first creator may still be writing its job
-                    if existing and self.r.exists(self.k("job", existing.decode())):
-                        return self.get_job(existing.decode()), False
-                    time.sleep(0.01)
-                    existing = self.r.get(ikey)
-                raise Conflict("a job with this Idempotency-Key is being created; retry")
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hset(self.k("job", job["id"]), mapping=_dump(job))
-        pipe.zadd(self.k("jobs"), {job["id"]: job["created_at"]})
-        pipe.zadd(self.k("jobs-kind", job["kind"]), {job["id"]: job["created_at"]})
-        pipe.execute()
+            existing = self.claim_idempotency_key(idempotency_key, job["id"])
+            if existing is not None:
+                return existing, False
+        p = pipe if pipe is not None else self.r.pipeline(transaction=True)
+        p.hset(self.k("job", job["id"]), mapping=_dump(job))
+        p.zadd(self.k("jobs"), {job["id"]: job["created_at"]})
+        p.zadd(self.k("jobs-kind", job["kind"]), {job["id"]: job["created_at"]})
+        for name, args in publish:
+            getattr(p, name)(*args)
+        if pipe is None:
+            p.execute()
         return job, True
 
     def get_job(self, job_id: str) -> JSON:
@@ -396,14 +414,20 @@ class Store:
         return _load(self.r.hgetall(self.k("job", job_id, "results")))
 
     # ------------------------------------------------------------------ audit log
-    def audit(self, actor: str, action: str, target: str = "", ip: str = "", **details: Any) -> None:
+    def audit(self, actor: str, action: str, target: str = "", ip: str = "", *, pipe: Any = None,
+              **details: Any) -> None:
         rec = {"ts": now(), "actor": actor, "action": action, "target": target, "ip": ip}
         if details:
             rec["details"] = details
-        pipe = self.r.pipeline(transaction=False)
-        pipe.lpush(self.k("audit"), json.dumps(rec))
-        pipe.ltrim(self.k("audit"), 0, self.settings.audit_history - 1)
-        pipe.execute()
+        p = pipe if pipe is not None else self.r.pipeline(transaction=False)
+        p.lpush(self.k("audit"), json.dumps(rec))
+        p.ltrim(self.k("audit"), 0, self.settings.audit_history - 1)
+        if pipe is None:
+            p.execute()
+
+    def pipeline(self) -> Any:
+        """A MULTI/EXEC pipeline for a unit of work (the API uses one per request)."""
+        return self.r.pipeline(transaction=True)
 
     def audit_log(self, offset: int = 0, limit: int = 50) -> tuple[list[JSON], int]:
         raw = self.r.lrange(self.k("audit"), offset, offset + limit - 1)

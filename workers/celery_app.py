@@ -14,6 +14,7 @@ from evc.settings import Settings
 TASK_MODULES = [
     "evc.tasks.core",
     "evc.tasks.health",
+    "evc.tasks.provision",
 ]
 
 
@@ -67,4 +68,8 @@ def make_celery(settings: Settings, *, include_tasks: bool = True) -> Celery:
         **extra,
     )
     app.evc_settings = settings  # type: ignore[attr-defined]
+    if not settings.redis_sentinels:
+        from evc.workers.publish import TaskPublisher
+
+        app.evc_publisher = TaskPublisher(app)  # type: ignore[attr-defined]
     return app

@@ -1,0 +1,190 @@
+"""Benchmark: a health sweep over 1,000 simulated devices (the simulator in its own process),
+cold (connections opened) and warm (pooled), against `ansible all -m ping` on a subset.
+
+    .venv/bin/python bench/health_sweep.py [--devices 1000] [--ansible-devices 100] [--forks 50]
+
+Targets (issue 4, 2-core machine): warm sweep <= 2.5 s wall time for 1,000 devices including
+recording the results (a bare asyncssh sweep of the same kind takes about 2.26 s there); per
+device, >= 50x cheaper than `ansible all -m ping` over the same devices. The cold sweep is
+printed too. Sweeps go through `evc.health.sweep` exactly as the beat task runs it: read the
+registry, one command per device over the pool, the state machine, one pipelined write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import Figure, print_figures, private_stack
+
+from evc import health, keys
+from evc import pool as pooling
+from evc.settings import Settings
+from evc.sim import SimDevice, raise_fd_limit, read_state
+from evc.store import Store
+
+BARE_SWEEP_S = 2.26  # the issue's bare asyncssh sweep of 1,000 devices on the 2-core machine
+
+
+def start_simulator(root: Path, n: int, pub: Path) -> tuple[subprocess.Popen[bytes], list[SimDevice]]:
+    """`python -m evc.sim` in its own process; wait for its state file."""
+    state = root / "devices.json"
+    root.mkdir(parents=True, exist_ok=True)
+    log = open(root / "sim.log", "wb")  # noqa: SIM115 - kept open for the child's lifetime
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evc.sim", "--devices", str(n), "--root", str(root),
+         "--state-file", str(state), "--authorized-keys", str(pub), "--prefix", "bench"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 600
+    while not state.exists():
+        if proc.poll() is not None:
+            raise SystemExit(f"the simulator exited: {(root / 'sim.log').read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit("the simulator did not start within 10 minutes")
+        time.sleep(0.2)
+    return proc, read_state(state)
+
+
+def register(store: Store, devices: list[SimDevice]) -> list[str]:
+    """Device records as a successful registration leaves them (pinned host keys)."""
+    ids = []
+    for i, d in enumerate(devices):
+        dev_id = f"dev_{i:05d}"
+        rec = {
+            "id": dev_id, "name": d.name, "host": d.host, "port": d.port, "username": d.username,
+            "host_key": d.host_key_public, "state": "online", "health": None, "last_seen": None,
+            "cluster_id": None, "labels": {}, "created_at": time.time(),
+        }  # fmt: skip
+        store.create_device(rec, token_hash=f"h-{dev_id}")
+        ids.append(dev_id)
+    return ids
+
+
+def timed_sweep(store: Store, settings: Settings) -> tuple[float, health.SweepResult]:
+    t = time.perf_counter()
+    res = health.sweep(store, settings)
+    return time.perf_counter() - t, res
+
+
+def ansible_ping(tmp: Path, devices: list[SimDevice], key: Path, forks: int) -> float:
+    """Wall time of `ansible all -m ping` over *devices* (host keys checked, no fact gathering)."""
+    known = tmp / "known_hosts"
+    known.write_text("".join(f"[{d.host}]:{d.port} {d.host_key_public}\n" for d in devices))
+    inv = tmp / "inventory.ini"
+    ssh_args = f"-o UserKnownHostsFile={known} -o StrictHostKeyChecking=yes"
+    lines = ["[all]"] + [
+        f"{d.name} ansible_host={d.host} ansible_port={d.port} ansible_user={d.username}"
+        for d in devices
+    ]
+    lines += [
+        "[all:vars]",
+        f"ansible_ssh_private_key_file={key}",
+        f"ansible_ssh_common_args='{ssh_args}'",
+        "ansible_python_interpreter=/usr/bin/python3",
+    ]
+    inv.write_text("\n".join(lines) + "\n")
+    ansible = shutil.which("ansible", path=str(Path(sys.executable).parent)) or "ansible"
+    env = {
+        **os.environ,
+        "ANSIBLE_HOST_KEY_CHECKING": "True",
+        "ANSIBLE_LOCAL_TEMP": str(tmp / "ansible-tmp"),
+        "ANSIBLE_SSH_CONTROL_PATH_DIR": str(tmp / "cp"),
+        "ANSIBLE_NOCOLOR": "1",
+    }
+    t = time.perf_counter()
+    out = subprocess.run(
+        [ansible, "all", "-i", str(inv), "-m", "ping", "-f", str(forks), "-o"],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    wall = time.perf_counter() - t
+    ok = out.stdout.count("SUCCESS")
+    if ok != len(devices):
+        print(out.stdout[-3000:], out.stderr[-3000:], sep="\n")
+        raise SystemExit(f"ansible ping: {ok} of {len(devices)} devices answered")
+    return wall
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--devices", type=int, default=1000)
+    p.add_argument("--ansible-devices", type=int, default=100)
+    p.add_argument("--forks", type=int, default=50)
+    p.add_argument("--warm-runs", type=int, default=5)
+    args = p.parse_args()
+    raise_fd_limit()
+
+    tmp = Path(tempfile.mkdtemp(prefix="evc-bench-health-"))
+    tmp.chmod(0o755)  # the simulator's accounts must reach their homes when run as root
+    srv, base = private_stack(tmp)
+    settings = base.replace(
+        health_timeout_s=30.0, ssh_connect_timeout_s=30.0, health_load_threshold=10_000.0
+    )
+    sim = None
+    try:
+        key = keys.ensure_keypair(settings)
+        store = Store.from_settings(settings)
+        print(f"starting {args.devices} simulated devices in their own process…", flush=True)
+        t = time.perf_counter()
+        sim, devices = start_simulator(tmp / "sim", args.devices, key.with_suffix(".pub"))
+        print(f"  up in {time.perf_counter() - t:.1f} s", flush=True)
+        register(store, devices)
+
+        cold, res = timed_sweep(store, settings)
+        bad = res.failures
+        print(f"cold sweep: {cold:.2f} s, {len(res.results)} ok, {len(bad)} failed", flush=True)
+        if bad:
+            print("  e.g.", next(iter(bad.values())))
+        warm_times = []
+        for _ in range(args.warm_runs):
+            w, res = timed_sweep(store, settings)
+            if res.failures or len(res.results) != args.devices:
+                raise SystemExit(f"warm sweep: {len(res.failures)} failed: {list(res.failures.values())[:3]}")
+            warm_times.append(w)
+        stats = pooling.pool_for(settings).stats()
+        print(f"warm sweeps: {', '.join(f'{w:.2f}' for w in warm_times)} s; pool {stats}", flush=True)
+        warm = statistics.median(warm_times)
+
+        k = min(args.ansible_devices, args.devices)
+        print(f"ansible all -m ping over {k} devices, forks={args.forks}…", flush=True)
+        ans = ansible_ping(tmp, devices[:k], key, args.forks)
+        per_ansible, per_warm = ans / k, warm / args.devices
+        ratio = per_ansible / per_warm
+        print(f"  {ans:.2f} s: {per_ansible * 1000:.1f} ms per device; warm sweep "
+              f"{per_warm * 1000:.2f} ms per device", flush=True)  # fmt: skip
+        print()
+        print_figures(
+            [
+                Figure(f"warm sweep, {args.devices} devices (median of {len(warm_times)})",
+                       "<= 2.5 s", warm, "s", warm <= 2.5, warm / BARE_SWEEP_S),
+                Figure("per-device cost: ansible ping / warm sweep", ">= 50x", ratio, "x",
+                       ratio >= 50),
+                Figure(f"cold sweep, {args.devices} devices (connections opened)", "(printed)",
+                       cold, "s", True),
+            ]
+        )  # fmt: skip
+        print("(ratio column of the warm sweep: against the bare asyncssh sweep, 2.26 s)")
+    finally:
+        pooling.shutdown()
+        if sim is not None and sim.poll() is None:
+            sim.terminate()
+            try:
+                sim.wait(30)
+            except subprocess.TimeoutExpired:
+                sim.kill()
+        srv.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
