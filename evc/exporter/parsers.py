@@ -11,7 +11,7 @@ import csv
 import io
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Sequence
 
 MIB = 1024 * 1024
 KIB = 1024
@@ -47,15 +47,15 @@ class GpuSample:
     index: str
     name: str
     uuid: str
-    utilization_ratio: Optional[float]
-    memory_used_bytes: Optional[float]
-    memory_total_bytes: Optional[float]
-    temperature_celsius: Optional[float]
-    power_watts: Optional[float]
+    utilization_ratio: float | None
+    memory_used_bytes: float | None
+    memory_total_bytes: float | None
+    temperature_celsius: float | None
+    power_watts: float | None
 
 
-def _nvidia_number(raw: str) -> Optional[float]:
-    """A numeric nvidia-smi cell, or None for ``[N/A]``, ``[Not Supported]``, ``N/A`` and the like."""
+def _nvidia_number(raw: str) -> float | None:
+    """A numeric nvidia-smi cell, or None for ``[N/A]``, ``[Not Supported]`` and the like."""
     raw = raw.strip()
     if not raw or raw.startswith("[") or raw.upper() in {"N/A", "ERR!", "UNKNOWN ERROR"}:
         return None
@@ -65,13 +65,13 @@ def _nvidia_number(raw: str) -> Optional[float]:
         return None
 
 
-def parse_nvidia_smi_csv(text: str) -> List[GpuSample]:
+def parse_nvidia_smi_csv(text: str) -> list[GpuSample]:
     """Parse ``nvidia-smi --query-gpu=<NVIDIA_SMI_FIELDS> --format=csv,noheader,nounits``.
 
     Rows that do not have the expected columns are skipped; :class:`ParseError` when the text
     has rows but none parses.
     """
-    gpus: List[GpuSample] = []
+    gpus: list[GpuSample] = []
     rows = [r for r in csv.reader(io.StringIO(text), skipinitialspace=True) if any(c.strip() for c in r)]
     n = len(NVIDIA_SMI_FIELDS)
     for row in rows:
@@ -110,28 +110,28 @@ class CpuCore:
 
     index: int
     online: bool
-    utilization_ratio: Optional[float] = None
-    frequency_hertz: Optional[float] = None
+    utilization_ratio: float | None = None
+    frequency_hertz: float | None = None
 
 
 @dataclass(frozen=True)
 class TegrastatsSample:
     """One tegrastats line in base units. Fields a JetPack version does not print are None/empty."""
 
-    ram_used_bytes: Optional[float] = None
-    ram_total_bytes: Optional[float] = None
-    swap_used_bytes: Optional[float] = None
-    swap_total_bytes: Optional[float] = None
-    cpus: Tuple[CpuCore, ...] = ()
-    gpu_utilization_ratio: Optional[float] = None
-    gpu_frequency_hertz: Optional[float] = None
-    emc_utilization_ratio: Optional[float] = None
+    ram_used_bytes: float | None = None
+    ram_total_bytes: float | None = None
+    swap_used_bytes: float | None = None
+    swap_total_bytes: float | None = None
+    cpus: tuple[CpuCore, ...] = ()
+    gpu_utilization_ratio: float | None = None
+    gpu_frequency_hertz: float | None = None
+    emc_utilization_ratio: float | None = None
     #: sensor name (lower case, so JetPack 5 ``CPU`` and JetPack 6 ``cpu`` agree) -> celsius
-    temperatures_celsius: Dict[str, float] = field(default_factory=dict)
+    temperatures_celsius: dict[str, float] = field(default_factory=dict)
     #: rail name -> instantaneous watts
-    power_watts: Dict[str, float] = field(default_factory=dict)
+    power_watts: dict[str, float] = field(default_factory=dict)
     #: rail name -> average watts since tegrastats started
-    power_average_watts: Dict[str, float] = field(default_factory=dict)
+    power_average_watts: dict[str, float] = field(default_factory=dict)
 
 
 _RAM = re.compile(r"\bRAM (\d+)/(\d+)MB")
@@ -146,18 +146,20 @@ _TEMP = re.compile(r"(?<![\w@%])([A-Za-z][\w]*)@(-?\d+(?:\.\d+)?)C\b")
 # POM_5V_IN 2996/2910 (JetPack 4, milliwatts) or VDD_IN 4861mW/4861mW (JetPack 5/6)
 _RAIL = re.compile(r"(?<!\S)([A-Z][A-Z0-9_]*) (\d+)(?:mW)?/(\d+)(?:mW)?(?=\s|$)")
 _NOT_RAILS = frozenset({"RAM", "SWAP", "IRAM", "NC"})
-#: sensors that report a fixed placeholder or a powered-down block
+#: what a powered-down sensor (CV0@-256C on Orin) reports
 _INVALID_TEMPERATURE = -256.0
+#: JetPack 4 prints PMIC@100C on boards without a PMIC sensor: a placeholder, not a reading
+_PLACEHOLDER_TEMPERATURES = {("pmic", 100.0)}
 
 
-def _mhz(raw: Optional[str]) -> Optional[float]:
+def _mhz(raw: str | None) -> float | None:
     if not raw:
         return None
     values = [int(v) for v in raw.strip("[]").split(",") if v]
     return max(values) * 1e6 if values else None
 
 
-def _cpu_cores(raw: str) -> Tuple[CpuCore, ...]:
+def _cpu_cores(raw: str) -> tuple[CpuCore, ...]:
     cores = []
     for i, cell in enumerate(c.strip() for c in raw.split(",")):
         m = _CPU_CORE.match(cell)
@@ -183,15 +185,15 @@ def parse_tegrastats_line(line: str) -> TegrastatsSample:
     gr3d = _GR3D.search(line)
     emc = _EMC.search(line)
 
-    temps: Dict[str, float] = {}
+    temps: dict[str, float] = {}
     for name, value in _TEMP.findall(line):
         celsius = float(value)
-        if celsius <= _INVALID_TEMPERATURE:
+        if celsius <= _INVALID_TEMPERATURE or (name.lower(), celsius) in _PLACEHOLDER_TEMPERATURES:
             continue
         temps.setdefault(name.lower(), celsius)
 
-    power: Dict[str, float] = {}
-    average: Dict[str, float] = {}
+    power: dict[str, float] = {}
+    average: dict[str, float] = {}
     # the CPU [..] list is not a rail, but "CPU 154/154" on Xavier JetPack 4 is
     for name, now_mw, avg_mw in _RAIL.findall(_CPU_LIST.sub("", line)):
         if name in _NOT_RAILS or name in power:
@@ -217,7 +219,7 @@ def parse_tegrastats_line(line: str) -> TegrastatsSample:
 # --- /proc and /sys ---------------------------------------------------------------------------
 
 
-def parse_loadavg(text: str) -> Tuple[float, float, float]:
+def parse_loadavg(text: str) -> tuple[float, float, float]:
     """``/proc/loadavg`` -> (load1, load5, load15)."""
     parts = text.split()
     if len(parts) < 3:
@@ -225,9 +227,9 @@ def parse_loadavg(text: str) -> Tuple[float, float, float]:
     return float(parts[0]), float(parts[1]), float(parts[2])
 
 
-def parse_meminfo(text: str) -> Dict[str, float]:
+def parse_meminfo(text: str) -> dict[str, float]:
     """``/proc/meminfo`` -> field name -> bytes (``kB`` values multiplied by 1024)."""
-    out: Dict[str, float] = {}
+    out: dict[str, float] = {}
     for line in text.splitlines():
         key, _, rest = line.partition(":")
         parts = rest.split()
@@ -247,7 +249,7 @@ def parse_meminfo(text: str) -> Dict[str, float]:
 CPU_MODES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 
 
-def parse_proc_stat_cpu(text: str, ticks_per_second: float) -> Dict[str, float]:
+def parse_proc_stat_cpu(text: str, ticks_per_second: float) -> dict[str, float]:
     """The aggregate ``cpu`` line of ``/proc/stat`` -> mode -> seconds spent, all CPUs together.
 
     Guest time is already counted in user/nice, so it is left out.
@@ -280,9 +282,9 @@ class InterfaceCounters:
     transmit_errors: int
 
 
-def parse_net_dev(text: str) -> Dict[str, InterfaceCounters]:
+def parse_net_dev(text: str) -> dict[str, InterfaceCounters]:
     """``/proc/net/dev`` -> interface -> counters."""
-    out: Dict[str, InterfaceCounters] = {}
+    out: dict[str, InterfaceCounters] = {}
     for line in text.splitlines():
         name, sep, rest = line.partition(":")
         if not sep or "|" in line:
@@ -317,6 +319,6 @@ def process_matches(name: str, comm: str, cmdline: Sequence[str]) -> bool:
     return any(arg.rsplit("/", 1)[-1] == name for arg in cmdline if arg)
 
 
-def split_cmdline(raw: bytes) -> List[str]:
+def split_cmdline(raw: bytes) -> list[str]:
     """``/proc/<pid>/cmdline`` (NUL separated) -> argv."""
     return [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]

@@ -1,0 +1,510 @@
+"""Generate EVC's Grafana dashboards (deploy/grafana/dashboards/*.json) from one description.
+
+Run ``python deploy/grafana/generate_dashboards.py`` after changing a panel; the tests check the
+JSON files are what this script writes, and evaluate every query against a real Prometheus.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).resolve().parent / "dashboards"
+DS = {"type": "prometheus", "uid": "${datasource}"}
+#: Prometheus data source uid from provisioning/datasources/prometheus.yml
+DATASOURCE_UID = "evc-prometheus"
+
+Json = dict[str, Any]
+
+
+def target(expr: str, legend: str = "", *, instant: bool = False, table: bool = False) -> Json:
+    t: Json = {"datasource": DS, "expr": expr, "legendFormat": legend or "__auto"}
+    if table:
+        t.update(format="table", instant=True, range=False)
+    else:
+        t.update(instant=instant, range=not instant)
+    return t
+
+
+def panel(
+    title: str,
+    targets: list[Json],
+    *,
+    kind: str = "timeseries",
+    unit: str = "short",
+    w: int = 12,
+    h: int = 8,
+    description: str = "",
+    stack: bool = False,
+    links: list[Json] | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+) -> Json:
+    defaults: Json = {"unit": unit}
+    if minimum is not None:
+        defaults["min"] = minimum
+    if maximum is not None:
+        defaults["max"] = maximum
+    if links:
+        defaults["links"] = links
+    if kind == "timeseries":
+        defaults["custom"] = {
+            "drawStyle": "line",
+            "fillOpacity": 30 if stack else 10,
+            "lineWidth": 1,
+            "showPoints": "never",
+            "stacking": {"mode": "normal" if stack else "none", "group": "A"},
+        }
+    p: Json = {
+        "type": kind,
+        "title": title,
+        "description": description,
+        "datasource": DS,
+        "gridPos": {"w": w, "h": h},
+        "fieldConfig": {"defaults": defaults, "overrides": []},
+        "targets": [dict(t, refId=chr(ord("A") + i)) for i, t in enumerate(targets)],
+    }
+    if kind == "timeseries":
+        p["options"] = {
+            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+            "tooltip": {"mode": "multi", "sort": "desc"},
+        }
+    elif kind == "stat":
+        p["options"] = {
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "colorMode": "value",
+            "graphMode": "area",
+            "textMode": "auto",
+        }
+    return p
+
+
+def stat(title: str, expr: str, unit: str = "short", legend: str = "") -> Json:
+    return panel(title, [target(expr, legend)], kind="stat", unit=unit, w=6, h=4)
+
+
+def layout(panels: list[Json]) -> list[Json]:
+    """Give each panel an id and a place, filling rows of 24 columns left to right."""
+    x = y = row_h = 0
+    for i, p in enumerate(panels, start=1):
+        g = p["gridPos"]
+        if x + g["w"] > 24:
+            x, y, row_h = 0, y + row_h, 0
+        g.update(x=x, y=y)
+        x += g["w"]
+        row_h = max(row_h, g["h"])
+        p["id"] = i
+    return panels
+
+
+def datasource_var() -> Json:
+    return {
+        "name": "datasource",
+        "label": "Data source",
+        "type": "datasource",
+        "query": "prometheus",
+        "current": {"text": "Prometheus", "value": DATASOURCE_UID},
+        "hide": 0,
+        "refresh": 1,
+    }
+
+
+def query_var(name: str, query: str, label: str, *, multi: bool = True) -> Json:
+    return {
+        "name": name,
+        "label": label,
+        "type": "query",
+        "datasource": DS,
+        "definition": query,
+        "query": {"query": query, "refId": f"{name}-var"},
+        "refresh": 2,
+        "sort": 1,
+        "includeAll": multi,
+        "multi": multi,
+        "allValue": ".*" if multi else None,
+        "current": {},
+        "hide": 0,
+    }
+
+
+def dashboard(uid: str, title: str, panels: list[Json], variables: list[Json]) -> Json:
+    return {
+        "uid": uid,
+        "title": title,
+        "tags": ["evc"],
+        "editable": False,
+        "graphTooltip": 1,
+        "refresh": "30s",
+        "schemaVersion": 39,
+        "version": 1,
+        "time": {"from": "now-6h", "to": "now"},
+        "timezone": "",
+        "annotations": {"list": []},
+        "links": [{"type": "dashboards", "tags": ["evc"], "asDropdown": True, "title": "EVC dashboards"}],
+        "templating": {"list": [datasource_var(), *variables]},
+        "panels": layout(panels),
+    }
+
+
+# --- the dashboards ---------------------------------------------------------------------------
+
+C = 'cluster=~"$cluster"'
+D = 'device="$device"'
+RI = "$__rate_interval"
+TEMPERATURES = "evc_edge_thermal_zone_temperature_celsius|evc_edge_jetson_temperature_celsius"
+
+
+def fleet() -> Json:
+    device_link = [
+        {
+            "title": "Device detail",
+            "url": "/d/evc-device?var-device=${__data.fields.device}&${datasource:queryparam}",
+        }
+    ]
+    return dashboard(
+        "evc-fleet",
+        "EVC / Fleet overview",
+        [
+            stat("Registered devices", "sum(evc_devices)"),
+            stat("Devices up", f"sum(evc_device_up{{{C}}})"),
+            stat("Edge exporters answering", f'sum(up{{job="evc-edge", {C}}})'),
+            stat("Store reachable", "min(evc_store_up)"),
+            panel(
+                "Devices by state",
+                [target("sum by (state) (evc_devices)", "{{state}}")],
+                stack=True,
+            ),
+            panel(
+                "Devices by cluster",
+                [
+                    target(f"sum by (cluster) (evc_device_up{{{C}}})", "{{cluster}} up"),
+                    target(f"count by (cluster) (evc_device_up{{{C}}})", "{{cluster}} registered"),
+                ],
+            ),
+            panel(
+                "Device state changes (per hour)",
+                [
+                    target(
+                        "sum by (from_state, to_state) (increase(evc_device_state_changes_total[1h]))",
+                        "{{from_state}} → {{to_state}}",
+                    )
+                ],
+            ),
+            panel(
+                "Devices by function level",
+                [target(f'count_values("level", evc_device_level{{{C}}})', "L{{level}}")],
+                kind="bargauge",
+            ),
+            panel(
+                "Hottest devices",
+                [
+                    target(
+                        f'topk(10, max by (device) ({{__name__=~"{TEMPERATURES}", {C}}}))',
+                        "{{device}}",
+                    )
+                ],
+                unit="celsius",
+            ),
+            panel(
+                "Busiest GPUs",
+                [
+                    target(
+                        f"topk(10, max by (device) (evc_edge_gpu_utilization_ratio{{{C}}}))",
+                        "{{device}}",
+                    ),
+                    target(
+                        f"topk(10, evc_edge_jetson_gpu_utilization_ratio{{{C}}})",
+                        "{{device}} (Jetson)",
+                    ),
+                ],
+                unit="percentunit",
+                minimum=0,
+                maximum=1,
+            ),
+            panel(
+                "Devices",
+                [target(f"evc_device_info{{{C}}}", table=True)],
+                kind="table",
+                w=24,
+                h=10,
+                links=device_link,
+            ),
+        ],
+        [query_var("cluster", "label_values(evc_device_up, cluster)", "Cluster")],
+    )
+
+
+def device_detail() -> Json:
+    cpu_busy = (
+        f'1 - sum(rate(evc_edge_cpu_seconds_total{{{D}, mode=~"idle|iowait"}}[{RI}]))'
+        f" / sum(rate(evc_edge_cpu_seconds_total{{{D}}}[{RI}]))"
+    )
+    return dashboard(
+        "evc-device",
+        "EVC / Device detail",
+        [
+            stat("Exporter up", f'up{{job="evc-edge", {D}}}'),
+            stat("Uptime", f"evc_edge_uptime_seconds{{{D}}}", "s"),
+            stat("CPUs", f"evc_edge_cpus{{{D}}}"),
+            stat("Memory", f"evc_edge_memory_total_bytes{{{D}}}", "bytes"),
+            panel(
+                "CPU busy",
+                [
+                    target(cpu_busy, "all CPUs"),
+                    target(f"evc_edge_jetson_cpu_utilization_ratio{{{D}}}", "core {{core}}"),
+                ],
+                unit="percentunit",
+                minimum=0,
+                maximum=1,
+            ),
+            panel(
+                "Load",
+                [
+                    target(f"evc_edge_load1{{{D}}}", "1m"),
+                    target(f"evc_edge_load5{{{D}}}", "5m"),
+                    target(f"evc_edge_load15{{{D}}}", "15m"),
+                    target(f"evc_edge_cpus{{{D}}}", "CPUs"),
+                ],
+            ),
+            panel(
+                "Memory",
+                [
+                    target(
+                        f"evc_edge_memory_total_bytes{{{D}}} - evc_edge_memory_available_bytes{{{D}}}",
+                        "used",
+                    ),
+                    target(f"evc_edge_memory_total_bytes{{{D}}}", "total"),
+                    target(
+                        f"evc_edge_swap_total_bytes{{{D}}} - evc_edge_swap_free_bytes{{{D}}}",
+                        "swap used",
+                    ),
+                ],
+                unit="bytes",
+            ),
+            panel(
+                "Disk used",
+                [
+                    target(
+                        f"1 - evc_edge_filesystem_avail_bytes{{{D}}} / evc_edge_filesystem_size_bytes{{{D}}}",
+                        "{{mountpoint}}",
+                    )
+                ],
+                unit="percentunit",
+                minimum=0,
+                maximum=1,
+            ),
+            panel(
+                "Temperatures",
+                [
+                    target(f"evc_edge_thermal_zone_temperature_celsius{{{D}}}", "{{type}}"),
+                    target(f"evc_edge_jetson_temperature_celsius{{{D}}}", "{{sensor}}"),
+                    target(f"evc_edge_gpu_temperature_celsius{{{D}}}", "GPU {{gpu}}"),
+                ],
+                unit="celsius",
+            ),
+            panel(
+                "GPU busy",
+                [
+                    target(f"evc_edge_gpu_utilization_ratio{{{D}}}", "GPU {{gpu}}"),
+                    target(f"evc_edge_jetson_gpu_utilization_ratio{{{D}}}", "GR3D"),
+                ],
+                unit="percentunit",
+                minimum=0,
+                maximum=1,
+            ),
+            panel(
+                "GPU memory",
+                [
+                    target(f"evc_edge_gpu_memory_used_bytes{{{D}}}", "GPU {{gpu}} used"),
+                    target(f"evc_edge_gpu_memory_total_bytes{{{D}}}", "GPU {{gpu}} total"),
+                ],
+                unit="bytes",
+            ),
+            panel(
+                "Power",
+                [
+                    target(f"evc_edge_gpu_power_watts{{{D}}}", "GPU {{gpu}}"),
+                    target(f"evc_edge_jetson_power_watts{{{D}}}", "{{rail}}"),
+                ],
+                unit="watt",
+            ),
+            panel(
+                "Network",
+                [
+                    target(
+                        f"rate(evc_edge_network_receive_bytes_total{{{D}}}[{RI}])",
+                        "{{interface}} in",
+                    ),
+                    target(
+                        f"-rate(evc_edge_network_transmit_bytes_total{{{D}}}[{RI}])",
+                        "{{interface}} out",
+                    ),
+                ],
+                unit="Bps",
+            ),
+            panel(
+                "Processes",
+                [target(f"evc_edge_process_up{{{D}}}", "{{name}}")],
+                kind="state-timeline",
+                w=12,
+            ),
+            panel(
+                "Exporter collectors",
+                [target(f"evc_edge_collector_up{{{D}}}", "{{collector}}")],
+                kind="state-timeline",
+                w=24,
+            ),
+        ],
+        [
+            query_var("cluster", "label_values(evc_device_up, cluster)", "Cluster"),
+            query_var(
+                "device",
+                f'label_values(up{{job="evc-edge", {C}}}, device)',
+                "Device",
+                multi=False,
+            ),
+        ],
+    )
+
+
+def jobs() -> Json:
+    return dashboard(
+        "evc-jobs",
+        "EVC / Jobs and queues",
+        [
+            panel(
+                "Jobs finished (per 5 minutes)",
+                [target("sum by (kind, state) (increase(evc_jobs_total[5m]))", "{{kind}} {{state}}")],
+                stack=True,
+            ),
+            panel(
+                "Job failure ratio (15 minutes)",
+                [
+                    target(
+                        'sum by (kind) (rate(evc_jobs_total{state="failed"}[15m]))'
+                        " / sum by (kind) (rate(evc_jobs_total[15m]))",
+                        "{{kind}}",
+                    )
+                ],
+                unit="percentunit",
+                minimum=0,
+                maximum=1,
+            ),
+            panel(
+                "Job duration",
+                [
+                    target(
+                        f"histogram_quantile(0.5, sum by (kind, le) (rate(evc_job_duration_seconds_bucket[{RI}])))",
+                        "{{kind}} p50",
+                    ),
+                    target(
+                        f"histogram_quantile(0.95, sum by (kind, le) (rate(evc_job_duration_seconds_bucket[{RI}])))",
+                        "{{kind}} p95",
+                    ),
+                ],
+                unit="s",
+            ),
+            panel("Queue length", [target("max by (queue) (evc_queue_length)", "{{queue}}")]),
+            panel(
+                "Registration failures (per hour)",
+                [
+                    target(
+                        "sum by (reason) (increase(evc_registration_failures_total[1h]))",
+                        "{{reason}}",
+                    )
+                ],
+            ),
+            panel(
+                "Health sweep duration",
+                [
+                    target(
+                        f"histogram_quantile(0.95, sum by (le) (rate(evc_health_sweep_duration_seconds_bucket[{RI}])))",
+                        "p95",
+                    ),
+                    target(
+                        f"sum(rate(evc_health_sweep_duration_seconds_sum[{RI}]))"
+                        f" / sum(rate(evc_health_sweep_duration_seconds_count[{RI}]))",
+                        "mean",
+                    ),
+                ],
+                unit="s",
+            ),
+            panel("SSH pool connections", [target("sum(evc_ssh_pool_connections)", "connections")]),
+            panel(
+                "Celery workers (Flower)",
+                [
+                    target("sum(flower_worker_online)", "online"),
+                    target(
+                        "sum by (worker) (flower_worker_number_of_currently_executing_tasks)",
+                        "{{worker}} executing",
+                    ),
+                ],
+            ),
+            panel(
+                "Control plane scrape targets",
+                [target('up{job=~"evc-api|evc-workers|flower"}', "{{job}}")],
+                kind="state-timeline",
+                w=24,
+            ),
+        ],
+        [],
+    )
+
+
+def federated() -> Json:
+    J = 'fl_job=~"$fl_job"'
+    return dashboard(
+        "evc-fl",
+        "EVC / Federated training",
+        [
+            stat("Latest round", f"max(evc_fl_round{{{J}}})"),
+            stat("Participants", f"sum(evc_fl_round_participants{{{J}}})"),
+            stat("Accuracy", f"max(evc_fl_round_accuracy{{{J}}})", "percentunit"),
+            stat("Round duration", f"max(evc_fl_round_duration_seconds{{{J}}})", "s"),
+            panel("Round", [target(f"evc_fl_round{{{J}}}", "{{fl_job}}")]),
+            panel(
+                "Round duration",
+                [target(f"evc_fl_round_duration_seconds{{{J}}}", "{{fl_job}}")],
+                unit="s",
+            ),
+            panel(
+                "Participants per round",
+                [target(f"evc_fl_round_participants{{{J}}}", "{{fl_job}}")],
+            ),
+            panel(
+                "Accuracy",
+                [target(f"evc_fl_round_accuracy{{{J}}}", "{{fl_job}}")],
+                unit="percentunit",
+                minimum=0,
+                maximum=1,
+            ),
+        ],
+        [query_var("fl_job", "label_values(evc_fl_round, fl_job)", "Training job")],
+    )
+
+
+DASHBOARDS = {
+    "evc-fleet.json": fleet,
+    "evc-device.json": device_detail,
+    "evc-jobs.json": jobs,
+    "evc-federated.json": federated,
+}
+
+
+def render() -> dict[str, str]:
+    """File name -> JSON text of every dashboard."""
+    return {name: json.dumps(build(), indent=2) + "\n" for name, build in DASHBOARDS.items()}
+
+
+def main() -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    for name, text in render().items():
+        (OUT / name).write_text(text)
+        sys.stdout.write(f"wrote {OUT / name}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
