@@ -11,32 +11,31 @@ from evc.jobs import JobRun
 from evc.settings import Settings
 from evc.store import JSON, Store, now
 
-#: One POSIX sh script, run once over one channel: a ``key=value`` line per fact.
+#: One POSIX sh script, run once over one channel: a ``key=value`` line per fact. It spawns as
+#: few processes as it can (about six): file contents are read with shell built-ins.
 PROBE = r"""
-echo "uid=$(id -u)"
-echo "user=$(id -un)"
-echo "arch=$(uname -m)"
-echo "kernel=$(uname -r)"
-echo "hostname=$(uname -n)"
-if [ -r /etc/os-release ]; then (. /etc/os-release; echo "os=${PRETTY_NAME:-$NAME}"); fi
-echo "cpus=$(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc 2>/dev/null)"
-awk '/^MemTotal:/{print "mem_kb=" $2}' /proc/meminfo 2>/dev/null
-df -Pk "$HOME" 2>/dev/null | awk 'NR==2{print "disk_kb=" $2; print "disk_free_kb=" $4}'
-if command -v python3 >/dev/null 2>&1; then
-  echo "python3=$(python3 -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>/dev/null)"
+echo "id=$(id)"
+echo "uname=$(uname -n -r -m)"
+if [ -r /etc/os-release ]; then
+  while IFS= read -r l; do case "$l" in PRETTY_NAME=*) echo "os=${l#PRETTY_NAME=}";; esac; done < /etc/os-release
 fi
+echo "cpus=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null)"
+if [ -r /proc/meminfo ]; then read -r _ kb _ < /proc/meminfo; echo "mem_kb=$kb"; fi
+echo "df=$(df -Pk "$HOME" 2>/dev/null | { read -r _; read -r _ total _ free _; echo "$total $free"; })"
+if command -v python3 >/dev/null 2>&1; then echo "python3=$(python3 --version 2>&1)"; fi
 command -v docker >/dev/null 2>&1 && echo "docker=1"
 command -v containerd >/dev/null 2>&1 && echo "containerd=1"
-command -v systemctl >/dev/null 2>&1 && echo "systemd=1"
+[ -d /run/systemd/system ] && echo "systemd=1"
 if command -v nvidia-smi >/dev/null 2>&1; then
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits 2>/dev/null | sed 's/^/gpu=/'
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits 2>/dev/null | while IFS= read -r g; do echo "gpu=$g"; done
 fi
 command -v tegrastats >/dev/null 2>&1 && echo "tegrastats=1"
-[ -r /etc/nv_tegra_release ] && echo "jetson=$(head -n 1 /etc/nv_tegra_release)"
-if [ "$(id -u)" = 0 ]; then echo "privilege=root"
-elif command -v sudo >/dev/null 2>&1 && sudo -n true >/dev/null 2>&1; then echo "privilege=sudo"
-else echo "privilege=user"; fi
+if [ -r /etc/nv_tegra_release ]; then read -r j < /etc/nv_tegra_release; echo "jetson=$j"; fi
+if command -v sudo >/dev/null 2>&1 && sudo -n true >/dev/null 2>&1; then echo "sudo=1"; fi
 """
+
+_ID = re.compile(r"uid=(\d+)\(([^)]*)\)")
+_PYVER = re.compile(r"(\d+\.\d+(?:\.\d+)?)")
 
 #: What each privilege level lets EVC do on a device (the seed: exactly the account's rights).
 CAPABILITIES: dict[str, list[str]] = {
@@ -68,6 +67,10 @@ PRIVILEGE_RANK = {"user": 0, "sudo": 1, "root": 2}
 _NUM = re.compile(r"^\d+$")
 
 
+def _int(value: str | None) -> int | None:
+    return int(value) if value and _NUM.match(value) else None
+
+
 def parse_facts(text: str) -> JSON:
     """Turn the probe's ``key=value`` lines into the device's facts (pure; unit-tested)."""
     raw: dict[str, Any] = {}
@@ -80,29 +83,41 @@ def parse_facts(text: str) -> JSON:
         if key == "gpu":
             name, _, mem = value.rpartition(",")
             mem = mem.strip()
-            gpus.append({"name": name.strip() or value, "memory_mb": int(mem) if _NUM.match(mem) else None})
+            gpus.append({"name": name.strip() or value, "memory_mb": _int(mem)})
         else:
             raw[key] = value
+    idm = _ID.search(raw.get("id", ""))
+    uid = int(idm.group(1)) if idm else None
+    uname = raw.get("uname", "").split()
+    hostname, kernel, arch = (uname + ["", "", ""])[:3] if len(uname) >= 3 else ("", "", "")
+    df = raw.get("df", "").split()
+    total_kb, free_kb = (_int(df[0]), _int(df[1])) if len(df) == 2 else (None, None)
+    mem_kb = _int(raw.get("mem_kb"))
+    pyver = _PYVER.search(raw.get("python3", ""))
     facts: JSON = {
-        "arch": raw.get("arch", ""),
-        "os": raw.get("os", ""),
-        "kernel": raw.get("kernel", ""),
-        "hostname": raw.get("hostname", ""),
-        "user": raw.get("user", ""),
-        "uid": int(raw["uid"]) if _NUM.match(raw.get("uid", "")) else None,
-        "cpus": int(raw["cpus"]) if _NUM.match(raw.get("cpus", "")) else None,
-        "memory_bytes": int(raw["mem_kb"]) * 1024 if _NUM.match(raw.get("mem_kb", "")) else None,
-        "disk_bytes": int(raw["disk_kb"]) * 1024 if _NUM.match(raw.get("disk_kb", "")) else None,
-        "disk_free_bytes": int(raw["disk_free_kb"]) * 1024 if _NUM.match(raw.get("disk_free_kb", "")) else None,
-        "python3": raw.get("python3") or None,
+        "arch": arch,
+        "os": raw.get("os", "").strip('"'),
+        "kernel": kernel,
+        "hostname": hostname,
+        "user": idm.group(2) if idm else "",
+        "uid": uid,
+        "cpus": _int(raw.get("cpus")),
+        "memory_bytes": mem_kb * 1024 if mem_kb is not None else None,
+        "disk_bytes": total_kb * 1024 if total_kb is not None else None,
+        "disk_free_bytes": free_kb * 1024 if free_kb is not None else None,
+        "python3": pyver.group(1) if pyver else None,
         "docker": raw.get("docker") == "1",
         "containerd": raw.get("containerd") == "1",
         "systemd": raw.get("systemd") == "1",
         "gpus": gpus,
         "jetson": raw.get("jetson") or ("tegrastats" if raw.get("tegrastats") == "1" else None),
     }
-    priv = raw.get("privilege", "user")
-    facts["privilege"] = priv if priv in PRIVILEGE_RANK else "user"
+    if uid == 0:
+        facts["privilege"] = "root"
+    elif raw.get("sudo") == "1":
+        facts["privilege"] = "sudo"
+    else:
+        facts["privilege"] = "user"
     return facts
 
 

@@ -169,12 +169,19 @@ def test_idempotent_registration(api, worker, sim_devices) -> None:
 
 
 def test_parse_facts_pure() -> None:
-    text = "uid=1000\nuser=edge\narch=aarch64\nkernel=5.10\nos=Ubuntu 20.04\ncpus=6\nmem_kb=8000000\n" \
-           "disk_kb=100\ndisk_free_kb=50\npython3=3.8.10\ndocker=1\ngpu=Orin (nvgpu), 30536\n" \
-           "jetson=# R35 (release)\nprivilege=sudo\n"
+    text = (
+        "id=uid=1000(edge) gid=1000(edge) groups=1000(edge),27(sudo)\n"
+        "uname=jetson-01 5.10.120-tegra aarch64\nos=\"Ubuntu 20.04.6 LTS\"\ncpus=6\nmem_kb=8000000\n"
+        "df=100 50\npython3=Python 3.8.10\ndocker=1\ngpu=Orin (nvgpu), 30536\n"
+        "jetson=# R35 (release), REVISION: 4.1\nsudo=1\n"
+    )
     f = parse_facts(text)
-    assert f["arch"] == "aarch64" and f["cpus"] == 6 and f["memory_bytes"] == 8000000 * 1024
+    assert f["arch"] == "aarch64" and f["kernel"] == "5.10.120-tegra" and f["hostname"] == "jetson-01"
+    assert f["uid"] == 1000 and f["user"] == "edge" and f["os"] == "Ubuntu 20.04.6 LTS"
+    assert f["cpus"] == 6 and f["memory_bytes"] == 8000000 * 1024 and f["disk_bytes"] == 100 * 1024
+    assert f["python3"] == "3.8.10"
     assert f["docker"] is True and f["containerd"] is False
     assert f["gpus"] == [{"name": "Orin (nvgpu)", "memory_mb": 30536}]
     assert f["privilege"] == "sudo" and f["jetson"].startswith("# R35")
-    assert parse_facts("privilege=weird")["privilege"] == "user"
+    assert parse_facts("id=uid=0(root) gid=0(root)\nsudo=1")["privilege"] == "root"
+    assert parse_facts("garbage\nid=nonsense")["privilege"] == "user"
