@@ -25,6 +25,9 @@ BLUEPRINTS = [
     "evc.api.devices",
     "evc.api.jobs",
     "evc.api.events",
+    "evc.api.clusters",
+    "evc.api.fl",
+    "evc.api.monitoring",
 ]
 
 MAX_BODY = 1024 * 1024

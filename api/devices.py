@@ -8,7 +8,16 @@ from flask import request
 from flask_smorest import Blueprint
 
 from evc import auth, devices, jobs
-from evc.api.deps import actor, authenticate, authenticated, get_sender, get_settings, get_store, require, require_device
+from evc.api.deps import (
+    actor,
+    authenticate,
+    authenticated,
+    get_sender,
+    get_settings,
+    get_store,
+    require,
+    require_device,
+)
 from evc.api.schemas import (
     DeviceCreatedSchema,
     DeviceCreateSchema,

@@ -57,10 +57,18 @@ class Settings:
     health_load_threshold: float = 4.0
     health_disk_threshold: float = 0.95
     health_mem_threshold: float = 0.95
+    health_temp_threshold_c: float = 85.0
+    health_recover_after: int = 2  # consecutive good checks to leave offline (hysteresis)
+    health_timeout_s: float = 10.0  # one device's health command
+    ssh_backoff_s: float = 2.0  # first reconnect delay after a failed connect; doubles per failure
+    ssh_backoff_max_s: float = 300.0
     webhook_url: str = ""
+    webhook_timeout_s: float = 3.0
     # monitoring
     metrics_dir: str = ""  # prometheus_client multiprocess dir; empty: single process
     exporter_port: int = 9110
+    # federated learning
+    fl_channel_idle_s: float = 300.0  # close a device's FL client channel unused this long
 
     @property
     def api_url(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import redis
@@ -228,11 +228,14 @@ class Store:
 
     def delete_device(self, device_id: str) -> JSON:
         dev = self.get_device(device_id)
+        if dev.get("cluster_id"):
+            self.r.srem(self.k("cluster", dev["cluster_id"], "members"), device_id)
         self._delete(
             "device",
             device_id,
             self.k("device-name", dev["name"]),
             self.k("device-token", dev.get("token_hash", "")),
+            self.k("device-cluster", device_id),
         )
         return dev
 
@@ -256,8 +259,37 @@ class Store:
 
     def delete_cluster(self, cluster_id: str) -> JSON:
         cl = self.get_cluster(cluster_id)
-        self._delete("cluster", cluster_id, self.k("cluster-name", cl["name"]))
+        self._delete("cluster", cluster_id, self.k("cluster-name", cl["name"]), self.k("cluster", cluster_id, "members"))
         return cl
+
+    def rename_cluster(self, cluster_id: str, old: str, new: str) -> None:
+        if not self.r.set(self.k("cluster-name", new), cluster_id, nx=True):
+            raise Conflict(f"a cluster named {new!r} exists", field="name")
+        self.r.delete(self.k("cluster-name", old))
+
+    def claim_membership(self, cluster_id: str, device_id: str) -> str | None:
+        """Make *device_id* a member of *cluster_id*; returns the cluster that already holds it
+        (a device belongs to at most one cluster), or None when the claim succeeded."""
+        key = self.k("device-cluster", device_id)
+        if not self.r.set(key, cluster_id, nx=True):
+            holder = self.r.get(key)
+            held = holder.decode() if holder else None
+            return None if held == cluster_id else held
+        pipe = self.r.pipeline(transaction=True)
+        pipe.sadd(self.k("cluster", cluster_id, "members"), device_id)
+        pipe.hset(self.k("device", device_id), "cluster_id", json.dumps(cluster_id))
+        pipe.execute()
+        return None
+
+    def release_membership(self, cluster_id: str, device_id: str) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.srem(self.k("cluster", cluster_id, "members"), device_id)
+        pipe.delete(self.k("device-cluster", device_id))
+        pipe.hset(self.k("device", device_id), "cluster_id", json.dumps(None))
+        pipe.execute()
+
+    def cluster_members(self, cluster_id: str) -> list[str]:
+        return sorted(m.decode() for m in self.r.smembers(self.k("cluster", cluster_id, "members")))
 
     # ------------------------------------------------------------------ operator tokens
     def create_token(self, tok: JSON, token_hash: str) -> JSON:
@@ -518,6 +550,21 @@ return 1
         out = pipe.execute()
         return sum(1 for x in out[: len(changes)] if x == 1)
 
+    def device_fields(self, ids: Iterable[str] | None, fields: Sequence[str]) -> list[JSON]:
+        """Only *fields* of each device (every device when *ids* is None), in one round trip:
+        a sweep of 1,000 devices need not decode their facts. Missing devices are left out."""
+        ids = self.device_ids() if ids is None else list(ids)
+        names = ["id", *(f for f in fields if f != "id")]
+        pipe = self.r.pipeline(transaction=False)
+        for i in ids:
+            pipe.hmget(self.k("device", i), names)
+        out = []
+        for values in pipe.execute():
+            if values[0] is None:
+                continue
+            out.append({n: json.loads(v) for n, v in zip(names, values, strict=True) if v is not None})
+        return out
+
     def fleet_event_page(
         self,
         offset: int = 0,
@@ -546,6 +593,121 @@ return 1
             if len(chunk) < batch:
                 return items, total
             start += batch
+
+    # ------------------------------------------------------------------ federated learning (evc.fl)
+    # One hash per FL job says where its rounds stand (round, token, phase, deadline, selected).
+    # Each round attempt has a token; its outcomes and updates are hashes keyed by device, written
+    # together and first-write-wins, so a redelivered training task is a no-op. Round records and
+    # late results are kept per job; ``fl:active`` lists the jobs a worker start should check.
+
+    #: compare-and-set on the job's FL hash: ARGV[1] = {field: [allowed encoded values]} (a
+    #: missing field reads as 'null'); ARGV[2..] field/value pairs set when every field matches
+    _FL_CAS = """
+local expect = cjson.decode(ARGV[1])
+for field, allowed in pairs(expect) do
+  local cur = redis.call('HGET', KEYS[1], field) or 'null'
+  local ok = false
+  for _, v in ipairs(allowed) do if v == cur then ok = true end end
+  if not ok then return 0 end
+end
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+    #: record one device's outcome (and update) for round token ARGV[1], only while that round
+    #: is training; first write wins. Returns 'stored', 'duplicate' or 'late'.
+    _FL_OUTCOME = """
+local st = redis.call('HMGET', KEYS[1], 'token', 'phase')
+if st[1] ~= ARGV[1] or st[2] ~= '"training"' then return 'late' end
+if redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3]) == 0 then return 'duplicate' end
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[3], ARGV[2], ARGV[4]) end
+return 'stored'
+"""
+
+    def _fl_script(self, name: str, source: str) -> Any:
+        script = self.__dict__.get(name)
+        if script is None:
+            script = self.__dict__[name] = self.r.register_script(source)
+        return script
+
+    def fl_state(self, job_id: str) -> JSON | None:
+        """Where an FL job's rounds stand, or None before its first start."""
+        raw = self.r.hgetall(self.k("fl", job_id))
+        return _load(raw) if raw else None
+
+    def fl_init(self, job_id: str, state: JSON) -> None:
+        """Replace the job's FL state (a start or resume) and list the job as active."""
+        fields: dict[str | bytes, bytes | float | int | str] = {k: v for k, v in _dump(state).items()}
+        pipe = self.r.pipeline(transaction=True)
+        pipe.delete(self.k("fl", job_id))
+        pipe.hset(self.k("fl", job_id), mapping=fields)
+        pipe.sadd(self.k("fl", "active"), job_id)
+        pipe.execute()
+
+    def fl_cas(self, job_id: str, expect: dict[str, list[Any]], **changes: Any) -> bool:
+        """Apply *changes* to the job's FL state only if each field in *expect* has one of the
+        values listed (atomic). An empty *changes* only tests."""
+        enc = {f: [json.dumps(v, separators=(",", ":")) for v in vals] for f, vals in expect.items()}
+        args: list[Any] = [json.dumps(enc)]
+        for k, v in _dump(changes).items():
+            args += [k, v]
+        script = self._fl_script("_fl_cas_script", self._FL_CAS)
+        return bool(script(keys=[self.k("fl", job_id)], args=args))
+
+    def fl_record_outcome(
+        self, job_id: str, token: str, device_id: str, outcome: JSON, update: str | None
+    ) -> str:
+        """Store a device's outcome (and its base64 update) for round attempt *token*:
+        ``stored``, ``duplicate`` (one is there already) or ``late`` (the round is not training)."""
+        script = self._fl_script("_fl_outcome_script", self._FL_OUTCOME)
+        res = script(
+            keys=[self.k("fl", job_id), self.k("fl", job_id, token, "outcomes"),
+                  self.k("fl", job_id, token, "updates")],
+            args=[json.dumps(token), device_id, json.dumps(outcome), update or ""],
+        )  # fmt: skip
+        return res.decode() if isinstance(res, bytes) else str(res)
+
+    def fl_outcomes(self, job_id: str, token: str) -> dict[str, JSON]:
+        """Every outcome recorded for round attempt *token*, by device."""
+        return _load(self.r.hgetall(self.k("fl", job_id, token, "outcomes")))
+
+    def fl_has_outcome(self, job_id: str, token: str, device_id: str) -> bool:
+        return bool(self.r.hexists(self.k("fl", job_id, token, "outcomes"), device_id))
+
+    def fl_update(self, job_id: str, token: str, device_id: str) -> str | None:
+        """One device's update (base64 ``.npz``), read one at a time by the aggregation."""
+        raw = self.r.hget(self.k("fl", job_id, token, "updates"), device_id)
+        return raw.decode() if raw is not None else None
+
+    def fl_drop_round(self, job_id: str, token: str) -> None:
+        """Forget a round attempt's outcomes and updates (after its checkpoint, or a discard)."""
+        self.r.delete(self.k("fl", job_id, token, "outcomes"), self.k("fl", job_id, token, "updates"))
+
+    def fl_put_round(self, job_id: str, round: int, record: JSON) -> None:
+        """The record of a closed round (metrics, participants, failures)."""
+        self.r.hset(self.k("fl", job_id, "rounds"), str(round), json.dumps(record))
+
+    def fl_rounds(self, job_id: str) -> list[JSON]:
+        """Closed-round records, in round order."""
+        raw = self.r.hgetall(self.k("fl", job_id, "rounds"))
+        return [json.loads(raw[k]) for k in sorted(raw, key=int)]
+
+    def fl_add_late(self, job_id: str, record: JSON) -> None:
+        """A result that came after its round closed: discarded, and kept here (capped)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.rpush(self.k("fl", job_id, "late"), json.dumps({"ts": now(), **record}))
+        pipe.ltrim(self.k("fl", job_id, "late"), -1000, -1)
+        pipe.execute()
+
+    def fl_late(self, job_id: str) -> list[JSON]:
+        return [json.loads(x) for x in self.r.lrange(self.k("fl", job_id, "late"), 0, -1)]
+
+    def fl_active_jobs(self) -> list[str]:
+        """FL jobs that may have rounds in flight (started and not yet finished)."""
+        return sorted(m.decode() for m in self.r.smembers(self.k("fl", "active")))
+
+    def fl_deactivate(self, job_id: str) -> None:
+        self.r.srem(self.k("fl", "active"), job_id)
 
 
 def redis_client(settings: Settings) -> redis.Redis:

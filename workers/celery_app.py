@@ -9,12 +9,14 @@ from kombu import Queue
 
 from evc.jobs import JOB_KINDS, QUEUES
 from evc.settings import Settings
+from evc.workers import signals as _signals  # noqa: F401 - connects the worker signal handlers
 
 #: task modules every worker imports; features add theirs here
 TASK_MODULES = [
     "evc.tasks.core",
     "evc.tasks.health",
     "evc.tasks.provision",
+    "evc.tasks.fl",
 ]
 
 
@@ -31,12 +33,16 @@ def make_celery(settings: Settings, *, include_tasks: bool = True) -> Celery:
     if settings.redis_sentinels:
         broker_url = ";".join(f"sentinel://{hp.strip()}" for hp in settings.redis_sentinels.split(","))
         broker_opts["master_name"] = settings.redis_sentinel_master
+        extra["result_backend_transport_options"] = {"master_name": settings.redis_sentinel_master}
     else:
         broker_url = settings.redis_url
         extra["broker_transport"] = "evc.workers.transport:Transport"
     app.conf.update(
         broker_url=broker_url,
-        result_backend=None,
+        # chords (an FL round: training tasks, then the aggregation) need a result backend;
+        # only workers build them, and only tasks a chord reads keep results (ignore_result=False)
+        result_backend=broker_url if include_tasks else None,
+        result_expires=3600,
         broker_transport_options=broker_opts,
         broker_connection_retry_on_startup=True,
         task_serializer="json",

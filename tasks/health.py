@@ -1,0 +1,56 @@
+"""Health tasks: the beat-scheduled tick (sweep all, no job record) and the ``health`` job."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from celery import shared_task
+from celery.signals import worker_process_shutdown
+
+from evc import health, pool
+from evc.errors import Conflict
+from evc.jobs import JobRun
+from evc.store import JSON
+from evc.tasks.base import TASK_OPTIONS, run_job, settings_of, store_of
+
+
+@worker_process_shutdown.connect
+def _close_pool(**_: Any) -> None:
+    """A prefork child exits without running atexit handlers: close the SSH pool here."""
+    pool.shutdown()
+
+
+def _owner(task: Any) -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{task.request.id}"
+
+
+@shared_task(name="evc.health_tick", **{**TASK_OPTIONS, "max_retries": 0})
+def health_tick(self) -> JSON:
+    """Beat's sweep of the whole fleet; skipped when another sweep still runs."""
+    store, settings = store_of(self), settings_of(self)
+    with health.sweep_lock(store, settings, _owner(self)) as got:
+        if not got:
+            return {"skipped": "another sweep is running"}
+        return health.sweep(store, settings).summary()
+
+
+@shared_task(name="evc.health_sweep", **TASK_OPTIONS)
+def health_sweep(self, job_id: str) -> str:
+    """A ``health`` job: sweep its target devices (all when none), a result per device."""
+
+    def body(run: JobRun) -> JSON:
+        store, settings = run.store, settings_of(self)
+        wait = max(settings.health_timeout_s + settings.ssh_connect_timeout_s, 30.0)
+        with health.sweep_lock(store, settings, _owner(self), wait_s=wait) as got:
+            if not got:
+                raise Conflict("another health sweep is still running; try again later")
+            res = health.sweep(store, settings, run.job.get("targets") or None)
+        per_device = res.per_device()
+        for device_id, result in per_device.items():
+            run.result(device_id, result, count=False)
+        run.progress(done=len(per_device), total=len(per_device) or 1)
+        return res.summary()
+
+    return run_job(self, job_id, body)
