@@ -55,7 +55,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         },
     )
     app.extensions["evc"] = {"settings": settings, "store": None, "celery": None}
-    api = Api(app)
+    api = _Api(app)
     for mod in BLUEPRINTS:
         api.register_blueprint(importlib.import_module(mod).blp)
     _errors(app)
@@ -63,6 +63,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     if settings.cors_origins:
         _cors(app, settings.cors_origins)
     return app
+
+
+class _Api(Api):
+    """flask-smorest's Api with EVC's error schema in the OpenAPI document."""
+
+    from evc.api.schemas import ErrorSchema as ERROR_SCHEMA  # noqa: N811 - flask-smorest's hook name
 
 
 def _error_body(status: int, message: str, **extra: Any) -> dict[str, Any]:

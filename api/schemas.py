@@ -79,12 +79,16 @@ def page(items: list[Any], total: int, args: dict[str, Any]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- errors
 class ErrorSchema(Schema):
-    code = fields.Raw()
-    status = fields.String()
-    message = fields.String()
-    errors = fields.Dict()
+    """Every error answer: HTTP code and phrase, a message a person can act on, and for input
+    errors the per-field messages; EVC errors add their code, details and reason."""
+
+    code = fields.Integer(metadata={"description": "HTTP status code"})
+    status = fields.String(metadata={"description": "HTTP status phrase"})
+    message = fields.String(metadata={"description": "what went wrong, in words a person can act on"})
+    errors = fields.Dict(metadata={"description": "per-location, per-field messages (422)"})
+    error = fields.String(metadata={"description": "EVC's error code"})
     details = fields.Dict()
-    reason = fields.String()
+    reason = fields.String(metadata={"description": "device failures: unreachable, auth_refused, ..."})
 
 
 # ----------------------------------------------------------------------------- ssh key
