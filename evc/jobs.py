@@ -33,6 +33,8 @@ JOB_KINDS: dict[str, JobKind] = {
         JobKind("health", "evc.health_sweep", "ssh", mutating=False),
         JobKind("level", "evc.raise_level", "ansible"),
         JobKind("fl", "evc.fl_start", "fl"),
+        JobKind("fl-install", "evc.fl_install", "ssh"),
+        JobKind("fl-partition", "evc.fl_partition", "ssh"),
     )
 }
 

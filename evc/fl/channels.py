@@ -1,0 +1,617 @@
+"""FL on the device over SSH: long-lived client channels, and shipping files (client, shards).
+
+A :class:`ClientChannel` is one ``<python> ~/.evc/fl/client.py --data <shard>`` process on a
+device, started once over an SSH channel of the connection :mod:`evc.pool` keeps for that
+device, and spoken to with the line-delimited JSON protocol of :mod:`evc.fl.protocol` for the
+whole job. The :class:`ChannelRegistry` keeps them per (job, device) on the worker process's
+event-loop thread (:func:`evc.pool.process_loop`), so they outlive the Celery task that opened
+them.
+
+The trade-off: a Celery prefork worker runs each task in one of its N child processes, and a
+channel cannot move between processes. A round's task that lands in a process holding no channel
+for its (job, device) opens one there, so a job pays at most one client start per (job, device,
+worker process) -- N per device in the worst case, usually in the first rounds -- where Flower's
+deployment runtime starts processes for every round (~17 s per round for 10 clients on a 2-core
+machine). Channels unused for ``fl_channel_idle_s`` close, and so do, within a few seconds, the
+channels of a job that is no longer running (the registry asks ``job_alive``).
+
+Replies carry the request's ``id``; a reply to an earlier request (a fit that outlived its round)
+is discarded when it is read and handed back as *late*, so a slow device never desynchronises the
+stream. Every failure is an :mod:`evc.errors` DeviceError with the client's last stderr lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import hashlib
+import logging
+import os
+import posixpath
+import shlex
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import asyncssh
+
+from evc import pool as pooling
+from evc import ssh
+from evc.errors import (
+    CommandFailed,
+    ConnectionDropped,
+    DeviceError,
+    SSHTimeout,
+    ValidationError,
+)
+from evc.fl.protocol import CLIENT_PATH, PROTOCOL_VERSION, decode_message, encode_message
+from evc.settings import Settings
+from evc.store import JSON
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: where the FL client lives on a device, relative to the account's home
+REMOTE_DIR = ".evc/fl"
+REMOTE_CLIENT = f"{REMOTE_DIR}/client.py"
+#: how often the registry looks for idle channels and channels of finished jobs
+REAP_INTERVAL_S = 2.0
+#: how long a reply that missed its round is waited for before the channel is restarted
+LATE_WAIT_S = 600.0
+
+
+# ---------------------------------------------------------------------- commands and paths
+def shell_path(path: str) -> str:
+    """*path* for a POSIX shell command line: ``~/x`` keeps ``$HOME`` expansion, the rest quoted."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+def sftp_path(path: str) -> str:
+    """*path* for SFTP, where relative paths start in the home: ``~/x`` becomes ``x``."""
+    if path.startswith("~/"):
+        return path[2:]
+    if path.startswith("~"):
+        raise ValidationError(f"only ~/ paths are supported, got {path!r}")
+    return path
+
+
+def client_command(python: str, data_path: str, client_path: str = "~/" + REMOTE_CLIENT) -> str:
+    """The command that runs the FL client for one job on a device."""
+    return f"exec {shell_path(python)} {shell_path(client_path)} --data {shell_path(data_path)}"
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """How to start a job's client on one device: interpreter, client file and data shard."""
+
+    python: str
+    data_path: str
+    client_path: str = "~/" + REMOTE_CLIENT
+
+    @property
+    def command(self) -> str:
+        return client_command(self.python, self.data_path, self.client_path)
+
+
+# ---------------------------------------------------------------------- one channel
+class ClientChannel:
+    """One running client process on a device, spoken to one request at a time."""
+
+    def __init__(self, key: tuple[str, str], process: asyncssh.SSHClientProcess[bytes], spec: ClientSpec) -> None:
+        self.key = key
+        self.process = process
+        self.spec = spec
+        self.lock = asyncio.Lock()
+        self.started = time.time()
+        self.last_used = time.monotonic()
+        self.dead = False
+        self.pid: int | None = None
+        self.num_examples: int | None = None
+        self.stderr_tail: deque[str] = deque(maxlen=20)
+        self._stderr = asyncio.ensure_future(self._drain_stderr())
+
+    @property
+    def device_id(self) -> str:
+        return self.key[1]
+
+    async def _drain_stderr(self) -> None:
+        with contextlib.suppress(Exception):
+            while True:
+                line = await self.process.stderr.readline()
+                if not line:
+                    return
+                self.stderr_tail.append(line.decode("utf-8", "replace").rstrip())
+
+    async def request(self, message: Mapping[str, Any], deadline: float, late: list[JSON]) -> dict[str, Any]:
+        """Send *message* (with an ``id``) and return the reply carrying that id.
+
+        Replies to earlier requests are appended to *late*. *deadline* is in
+        ``loop.time()``; past it :class:`SSHTimeout` is raised and the channel stays usable.
+        """
+        loop = asyncio.get_running_loop()
+        self.last_used = time.monotonic()
+        try:
+            self.process.stdin.write(encode_message(message))
+            await asyncio.wait_for(self.process.stdin.drain(), max(0.001, deadline - loop.time()))
+        except TimeoutError:
+            raise SSHTimeout(
+                f"the FL client did not take {message.get('op')!r} in time", device_id=self.device_id
+            ) from None
+        except (BrokenPipeError, ConnectionError, asyncssh.Error) as exc:
+            self.dead = True
+            raise ConnectionDropped(
+                f"the SSH channel to the FL client dropped: {exc}", device_id=self.device_id
+            ) from exc
+        return await self.reply(message.get("id"), deadline, late, op=str(message.get("op")))
+
+    async def reply(self, rid: Any, deadline: float, late: list[JSON], op: str = "request") -> dict[str, Any]:
+        """Read replies until the one with id *rid*; earlier ones go to *late*."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise TimeoutError
+                line = await asyncio.wait_for(self.process.stdout.readline(), remaining)
+                if not line or not line.endswith(b"\n"):
+                    self.dead = True
+                    raise await self._ended()
+                reply = decode_message(line, device_id=self.device_id)
+                if reply.get("id") != rid:
+                    late.append({"id": reply.get("id"), "op": reply.get("op"),
+                                 "round": reply.get("round")})  # fmt: skip
+                    continue
+                self.last_used = time.monotonic()
+                return reply
+        except TimeoutError:
+            raise SSHTimeout(f"the FL client did not answer {op!r} in time", device_id=self.device_id) from None
+        except (BrokenPipeError, ConnectionError, asyncssh.Error) as exc:
+            self.dead = True
+            raise ConnectionDropped(
+                f"the SSH channel to the FL client dropped: {exc}", device_id=self.device_id
+            ) from exc
+
+    async def _ended(self) -> DeviceError:
+        """The error for a client whose output ended: exit status and last stderr lines."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.process.wait_closed(), 1.0)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._stderr, 0.5)
+        status = self.process.exit_status
+        tail = "\n".join(self.stderr_tail)
+        last = self.stderr_tail[-1] if self.stderr_tail else ""
+        if status is None and self.process.exit_signal is None:
+            return ConnectionDropped(
+                "the FL client's channel closed before it exited (device or connection lost)",
+                device_id=self.device_id,
+            )
+        what = f"exit status {status}" if status is not None else f"signal {self.process.exit_signal}"
+        return CommandFailed(
+            f"the FL client exited ({what})" + (f": {last}" if last else ""),
+            exit_status=status, stderr=tail, device_id=self.device_id,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        """End the client: EOF on its stdin makes it exit; the channel is closed after that."""
+        self.dead = True
+        with contextlib.suppress(Exception):
+            self.process.stdin.write_eof()
+        with contextlib.suppress(Exception):
+            self.process.close()
+        self._stderr.cancel()
+
+
+@dataclass
+class FitCall:
+    """What one request through the registry produced."""
+
+    reply: dict[str, Any]
+    started: bool  # a client process was started for it
+    late: list[JSON] = field(default_factory=list)
+    pid: int | None = None
+
+
+@dataclass(frozen=True)
+class RegistryStats:
+    channels: int
+    started: int
+    closed: int
+
+
+# ---------------------------------------------------------------------- the per-process registry
+class ChannelRegistry:
+    """Client channels of this worker process, keyed by (job, device); runs on one loop.
+
+    ``job_alive(job_id)`` (optional, sync, may block briefly) tells the reaper whether a job
+    still runs; its channels close when it does not. ``on_late(job_id, device_id, item)``
+    (optional, sync) hears of each reply that came after its request had given up: a request
+    that times out leaves a reader on the channel that waits for its reply (up to
+    :data:`LATE_WAIT_S`), so late replies are seen -- and discarded -- as they come.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        idle_s: float | None = None,
+        job_alive: Callable[[str], bool] | None = None,
+        on_late: Callable[[str, str, JSON], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.idle_s = settings.fl_channel_idle_s if idle_s is None else idle_s
+        self.job_alive = job_alive
+        self.on_late = on_late
+        self._drains: set[asyncio.Task[None]] = set()
+        self._channels: dict[tuple[str, str], ClientChannel] = {}
+        self._opening: dict[tuple[str, str], asyncio.Lock] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        self.started = 0
+        self.closed = 0
+
+    def stats(self) -> RegistryStats:
+        return RegistryStats(len(self._channels), self.started, self.closed)
+
+    def channels(self, job_id: str | None = None) -> list[ClientChannel]:
+        return [c for k, c in self._channels.items() if job_id is None or k[0] == job_id]
+
+    async def request(
+        self,
+        job_id: str,
+        device: JSON,
+        spec: ClientSpec,
+        message: Mapping[str, Any],
+        timeout: float,
+    ) -> FitCall:
+        """Send *message* to the job's client on *device* (starting it if needed), return the
+        reply. A reused channel found dead is replaced once; a fresh one that fails raises."""
+        self._ensure_reaper()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        key = (job_id, str(device["id"]))
+        late: list[JSON] = []
+        for attempt in (0, 1):
+            channel, started = await self._channel(key, device, spec, deadline, late)
+            try:
+                async with channel.lock:
+                    try:
+                        reply = await channel.request(message, deadline, late)
+                    except SSHTimeout:
+                        self._drain_later(channel, message.get("id"))
+                        raise
+                return FitCall(reply, started, late, channel.pid)
+            except ConnectionDropped:
+                self._discard(key, channel)
+                if started or attempt:
+                    raise
+            except CommandFailed:
+                self._discard(key, channel)
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _channel(
+        self,
+        key: tuple[str, str],
+        device: JSON,
+        spec: ClientSpec,
+        deadline: float,
+        late: list[JSON],
+    ) -> tuple[ClientChannel, bool]:
+        channel = self._channels.get(key)
+        if channel is not None and not channel.dead and channel.spec == spec:
+            return channel, False
+        lock = self._opening.setdefault(key, asyncio.Lock())
+        async with lock:
+            channel = self._channels.get(key)
+            if channel is not None:
+                if not channel.dead and channel.spec == spec:
+                    return channel, False
+                self._discard(key, channel)
+            channel = await self._open(key, device, spec, deadline, late)
+            self._channels[key] = channel
+            self.started += 1
+            return channel, True
+
+    async def _open(
+        self,
+        key: tuple[str, str],
+        device: JSON,
+        spec: ClientSpec,
+        deadline: float,
+        late: list[JSON],
+    ) -> ClientChannel:
+        loop = asyncio.get_running_loop()
+
+        async def start(conn: asyncssh.SSHClientConnection, target: ssh.Target) -> asyncssh.SSHClientProcess[bytes]:
+            try:
+                return await conn.create_process(spec.command, encoding=None)
+            except asyncssh.ChannelOpenError as exc:
+                raise ConnectionDropped(
+                    f"{target.address} refused a channel for the FL client: {exc}",
+                    device_id=target.device_id,
+                ) from exc
+
+        pool = pooling.pool_for(self.settings)
+        remaining = max(0.001, deadline - loop.time())
+        try:
+            process = await asyncio.wait_for(pool.use(device, start), remaining)
+        except TimeoutError:
+            raise SSHTimeout("could not start the FL client before the round deadline", device_id=key[1]) from None
+        channel = ClientChannel(key, process, spec)
+        try:
+            pong = await channel.request({"op": "ping", "id": f"start:{key[0]}"}, deadline, late)
+        except BaseException:
+            channel.close()
+            raise
+        if pong.get("version") != PROTOCOL_VERSION:
+            channel.close()
+            raise CommandFailed(
+                f"the FL client on the device speaks protocol {pong.get('version')!r}, the "
+                f"server {PROTOCOL_VERSION}: reinstall it (the fl-client playbook)",
+                device_id=key[1],
+            )
+        channel.pid = pong.get("pid")
+        channel.num_examples = pong.get("num_examples")
+        log.debug("started FL client %s on %s (pid %s)", key[0], key[1], channel.pid)
+        return channel
+
+    def _drain_later(self, channel: ClientChannel, rid: Any) -> None:
+        """Wait, in the background and holding the channel, for the reply to a request that
+        gave up; report it (and anything before it) as late."""
+        if rid is None or channel.dead:
+            return
+
+        async def drain() -> None:
+            loop = asyncio.get_running_loop()
+            late: list[JSON] = []
+            async with channel.lock:
+                try:
+                    reply = await channel.reply(rid, loop.time() + LATE_WAIT_S, late)
+                    late.append({"id": rid, "op": reply.get("op"), "round": reply.get("round")})
+                except SSHTimeout:
+                    self._discard(channel.key, channel)  # out of step for good: start afresh
+                except DeviceError:
+                    pass
+            if self.on_late is not None:
+                for item in late:
+                    try:
+                        await loop.run_in_executor(None, self.on_late, channel.key[0], channel.key[1], item)
+                    except Exception:  # noqa: BLE001 - recording is best effort
+                        log.debug("recording a late FL reply failed", exc_info=True)
+
+        task = asyncio.ensure_future(drain())
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
+
+    def _discard(self, key: tuple[str, str], channel: ClientChannel) -> None:
+        if self._channels.get(key) is channel:
+            del self._channels[key]
+        channel.close()
+        self.closed += 1
+
+    async def close_job(self, job_id: str) -> int:
+        """Close every channel of *job_id* in this process; returns how many."""
+        keys = [k for k in self._channels if k[0] == job_id]
+        for k in keys:
+            self._discard(k, self._channels[k])
+        return len(keys)
+
+    async def close_all(self) -> None:
+        for k in list(self._channels):
+            self._discard(k, self._channels[k])
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+
+    async def reap(self) -> int:
+        """Close idle and dead channels and those of jobs no longer running; returns how many."""
+        now = time.monotonic()
+        gone = [
+            k for k, c in self._channels.items() if c.dead or (now - c.last_used > self.idle_s and not c.lock.locked())
+        ]
+        for k in gone:
+            self._discard(k, self._channels[k])
+        if self.job_alive is not None:
+            jobs = {k[0] for k in self._channels}
+            loop = asyncio.get_running_loop()
+            for job_id in jobs:
+                try:
+                    alive = await loop.run_in_executor(None, self.job_alive, job_id)
+                except Exception:  # noqa: BLE001 - a store hiccup keeps the channels
+                    log.debug("job_alive(%s) failed", job_id, exc_info=True)
+                    continue
+                if not alive:
+                    gone += [k for k in self._channels if k[0] == job_id]
+                    await self.close_job(job_id)
+        return len(gone)
+
+    def _ensure_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.ensure_future(self._reap_forever())
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REAP_INTERVAL_S)
+            try:
+                await self.reap()
+            except Exception:  # noqa: BLE001 - the reaper never dies
+                log.debug("reaping FL channels failed", exc_info=True)
+
+
+_lock = threading.Lock()
+_registries: dict[tuple[int, Settings], ChannelRegistry] = {}
+
+
+def registry_for(
+    settings: Settings,
+    job_alive: Callable[[str], bool] | None = None,
+    on_late: Callable[[str, str, JSON], None] | None = None,
+) -> ChannelRegistry:
+    """This process's registry for *settings* (created on first use; a fork starts afresh)."""
+    pooling.process_loop()
+    key = (os.getpid(), settings)
+    with _lock:
+        reg = _registries.get(key)
+        if reg is None:
+            for k in [k for k in _registries if k[0] != key[0]]:
+                del _registries[k]  # inherited from the parent process
+            reg = _registries[key] = ChannelRegistry(settings, job_alive=job_alive, on_late=on_late)
+        reg.job_alive = reg.job_alive or job_alive
+        reg.on_late = reg.on_late or on_late
+        return reg
+
+
+def local_registries() -> list[ChannelRegistry]:
+    """The registries this process has created (none are created here)."""
+    with _lock:
+        return [r for k, r in _registries.items() if k[0] == os.getpid()]
+
+
+def close_registries(timeout: float = 5.0) -> None:
+    """Close every channel of this process (worker process shutdown); best effort."""
+    with _lock:
+        regs = [r for k, r in _registries.items() if k[0] == os.getpid()]
+        _registries.clear()
+    for reg in regs:
+        with contextlib.suppress(Exception):
+            pooling.call(reg.close_all(), timeout)
+
+
+def submit(coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+    """Start *coro* on this process's loop thread; the caller waits on the future."""
+    return asyncio.run_coroutine_threadsafe(coro, pooling.process_loop().loop)
+
+
+def wait(
+    future: concurrent.futures.Future[T],
+    deadline: float,
+    tick: Callable[[], bool] | None = None,
+    interval: float = 1.0,
+) -> T:
+    """Wait for *future* until *deadline* (``time.time()``), calling *tick* every *interval*
+    seconds (a lease refresh, a stop check): when it returns False the future is cancelled
+    and :class:`concurrent.futures.CancelledError` raised."""
+    try:
+        while True:
+            remaining = deadline - time.time()
+            try:
+                return future.result(max(0.0, min(interval, remaining)))
+            except concurrent.futures.TimeoutError:
+                if remaining <= interval:
+                    raise SSHTimeout("no reply by the round deadline") from None
+                if tick is not None and not tick():
+                    future.cancel()
+                    raise concurrent.futures.CancelledError() from None
+    except BaseException:
+        future.cancel()
+        raise
+
+
+# ---------------------------------------------------------------------- shipping files
+async def put_file(conn: asyncssh.SSHClientConnection, path: str, data: bytes) -> str:
+    """Write *data* to *path* on the device atomically (temp file + rename), creating the
+    directories; ``~/`` paths are in the home. Returns the SFTP path written."""
+    target = sftp_path(path)
+    async with conn.start_sftp_client() as sftp:
+        parent = posixpath.dirname(target)
+        if parent:
+            await sftp.makedirs(parent, exist_ok=True)
+        tmp = posixpath.join(parent, f".{posixpath.basename(target)}.{os.getpid()}.tmp")
+        async with sftp.open(tmp, "wb") as fh:
+            await fh.write(data)
+        try:
+            await sftp.posix_rename(tmp, target)
+        except (asyncssh.SFTPOpUnsupported, asyncssh.SFTPFailure):
+            with contextlib.suppress(asyncssh.SFTPError):
+                await sftp.remove(target)
+            await sftp.rename(tmp, target)
+    return target
+
+
+async def push(settings: Settings, device: JSON, path: str, data: bytes) -> str:
+    """:func:`put_file` over the device's pooled connection."""
+
+    async def op(conn: asyncssh.SSHClientConnection, target: ssh.Target) -> str:
+        try:
+            return await put_file(conn, path, data)
+        except asyncssh.SFTPError as exc:
+            raise CommandFailed(
+                f"cannot write {path} on {target.address}: {exc.reason}", device_id=target.device_id
+            ) from exc
+
+    return await pooling.pool_for(settings).use(device, op)
+
+
+#: run by the configured python on the device: numpy present, and the client's own version
+_CHECK = (
+    "import sys, numpy; sys.path.insert(0, sys.argv[1]); import client; "
+    "print(sys.version.split()[0], numpy.__version__, client.PROTOCOL_VERSION)"
+)
+
+
+async def install_client(settings: Settings, device: JSON, python: str = "python3") -> JSON:
+    """Ship the FL client to ``~/.evc/fl/client.py`` and check *python* runs it with numpy.
+
+    Returns what to record on the device as ``fl_client``. Raises :class:`CommandFailed`
+    naming what is missing (python, numpy) and how to fix it.
+    """
+    data = CLIENT_PATH.read_bytes()
+    await push(settings, device, "~/" + REMOTE_CLIENT, data)
+
+    async def check(conn: asyncssh.SSHClientConnection, target: ssh.Target) -> JSON:
+        cmd = f"{shell_path(python)} -c {shlex.quote(_CHECK)} {shell_path('~/' + REMOTE_DIR)}"
+        res = await ssh.run(conn, cmd, target, settings, check=False)
+        if res.exit_status != 0:
+            err = str(res.stderr or "").strip().splitlines()
+            last = err[-1] if err else f"exit status {res.exit_status}"
+            hint = (
+                "install numpy for it (pip install --user numpy, or the OS package python3-numpy)"
+                if "numpy" in last
+                else "give the FL job a python that exists on the device (the `python` field)"
+            )
+            raise CommandFailed(
+                f"{python} on {target.address} cannot run the FL client: {last}; {hint}",
+                exit_status=res.exit_status, stderr=str(res.stderr or ""),
+                device_id=target.device_id,
+            )  # fmt: skip
+        py, np_version, proto = str(res.stdout).split()[:3]
+        return {
+            "path": "~/" + REMOTE_CLIENT,
+            "python": python,
+            "python_version": py,
+            "numpy": np_version,
+            "protocol": int(proto),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "installed_at": time.time(),
+        }
+
+    return await pooling.pool_for(settings).use(device, check)
+
+
+__all__ = [
+    "REMOTE_CLIENT",
+    "REMOTE_DIR",
+    "ChannelRegistry",
+    "ClientChannel",
+    "ClientSpec",
+    "FitCall",
+    "client_command",
+    "close_registries",
+    "install_client",
+    "local_registries",
+    "push",
+    "put_file",
+    "registry_for",
+    "sftp_path",
+    "shell_path",
+    "submit",
+    "wait",
+]
