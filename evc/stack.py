@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evc import keys
+from evc import keys, metrics
 from evc.auth import ensure_admin_token
 from evc.embedded import RedisServer, free_port
 from evc.errors import ConfigError
@@ -56,18 +55,19 @@ class Stack:
             self.redis = RedisServer(s.data_dir / "redis").start()
             s = self.settings = s.replace(redis_url=self.redis.url)
         metrics_dir = Path(s.metrics_dir) if s.metrics_dir else s.data_dir / "metrics"
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        metrics_dir.mkdir(parents=True)
+        for role in ("api", "workers"):  # files an earlier run left would be merged into this one's
+            metrics.reset_multiprocess_dir(metrics.multiprocess_dir(metrics_dir, role))
         s = self.settings = s.replace(metrics_dir=str(metrics_dir))
         store = Store.from_settings(s)
         store.ping()
         token = ensure_admin_token(store, s)
         token_file = s.data_dir / "admin-token"
         self.admin_token = token or (token_file.read_text().strip() if token_file.exists() else "")
-        env = {**os.environ, **settings_env(s), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+        env = {**os.environ, **settings_env(s), **metrics.multiprocess_env(str(metrics_dir), "workers")}
+        api_env = {**env, **metrics.multiprocess_env(str(metrics_dir), "api")}
         py = sys.executable
-        self._spawn("api", [py, "-m", "gunicorn", "-w", str(self.api_workers), "-b", s.api_bind,
-                            "--access-logfile", "-", "evc.api.wsgi:app"], env)
+        self._spawn("api", [py, "-m", "gunicorn", "-c", "python:evc.api.gunicorn_conf", "-w", str(self.api_workers),
+                            "-b", s.api_bind, "--access-logfile", "-", "evc.api.wsgi:app"], api_env)
         self._spawn("worker", [py, "-m", "celery", "-A", "evc.workers.app", "worker", "-Q",
                                "default,ssh,ansible,fl", "-c", str(self.worker_concurrency), "-l", "INFO",
                                "-n", "evc-worker@%h"], env)

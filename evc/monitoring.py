@@ -1,0 +1,248 @@
+"""Monitoring plumbing: the edge exporter bundle the ``exporter`` playbook ships, the exporter record
+it leaves on a device, and the Prometheus HTTP service-discovery target list built from the registry.
+
+:func:`exporter_bundle` packs ``evc/exporter`` (stdlib and prometheus_client only) as one zip
+application, ``evc_edge_exporter`` inside, so that the playbook copies one file (one checksum,
+replaced atomically) and the device runs ``python evc-edge-exporter.pyz --port 9110``.
+
+A device is *monitored* once the ``exporter`` playbook succeeded on it: the provisioning service
+then calls :func:`record_exporter`, which stores ``exporter = {"port", "listen", "mode",
+"node_exporter"}`` on the device record (``state: absent`` clears it). ``GET
+/api/v1/prometheus/targets`` answers with :func:`discovery_targets`: one target group per
+monitored device, so a device appears when it is monitored and disappears when it is removed.
+
+Target labels (plain labels; Prometheus adds them to every series it scrapes from the target):
+
+- ``device``: the device's name, the label ``evc_device_up`` and the dashboards use;
+- ``device_id``: EVC's id of the device;
+- ``cluster``: the device's cluster id or "", the same value ``evc_device_up{cluster}`` carries,
+  so that fleet and exporter series join and the dashboards' ``$cluster`` filter matches both;
+- ``cluster_name``: the cluster's name or "";
+- ``profile``: the cluster's profile (direct, container, k3s, k8s) or "";
+- ``arch``: the device's CPU architecture from its facts, or "";
+- ``state``: the device's state when Prometheus last refreshed the list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import ipaddress
+import logging
+import os
+import tempfile
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from evc.errors import NotFound
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+Exporter = Literal["evc", "node"]
+
+#: the exporters a target list can name: EVC's edge exporter and prometheus-node-exporter
+EXPORTERS: tuple[Exporter, ...] = ("evc", "node")
+DEFAULT_PORT = 9110
+DEFAULT_NODE_EXPORTER_PORT = 9100
+#: listen addresses that mean "every interface": Prometheus reaches the device at its host
+_WILDCARDS = frozenset({"", "0.0.0.0", "::"})  # noqa: S104 - compared, not bound
+#: the device fields target groups are built from (device_fields reads only these)
+DEVICE_FIELDS = ("name", "host", "state", "cluster_id", "facts", "exporter")
+
+
+#: the exporter's package name inside the bundle (and in tests/fixtures/prometheus.py)
+BUNDLE_PACKAGE = "evc_edge_exporter"
+_BUNDLE_MAIN = f"""# EVC's edge exporter as a zip application: python evc-edge-exporter.pyz --help
+from {BUNDLE_PACKAGE}.cli import main
+
+raise SystemExit(main())
+"""
+
+
+class DiscoveryStore(Protocol):
+    """What :func:`discovery_targets` and :func:`record_exporter` need from the store."""
+
+    def device_fields(self, ids: Iterable[str] | None, fields: Sequence[str]) -> list[JSON]: ...
+
+    def get_cluster(self, cluster_id: str) -> JSON: ...
+
+    def update_device(self, device_id: str, **changes: Any) -> JSON: ...
+
+
+# --- what the exporter playbook ships -----------------------------------------------------------
+
+
+def exporter_source() -> Path:
+    """The ``evc/exporter`` package directory of this EVC installation."""
+    return Path(__file__).resolve().parent / "exporter"
+
+
+def bundle_bytes(source: Path | None = None) -> bytes:
+    """The zip application of the exporter package at *source* (pure; byte-identical for the same
+    sources: sorted entries, fixed timestamps and modes, stored uncompressed)."""
+    src = source or exporter_source()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        entries = [("__main__.py", _BUNDLE_MAIN.encode())]
+        entries += [(f"{BUNDLE_PACKAGE}/{p.name}", p.read_bytes()) for p in sorted(src.glob("*.py"))]
+        for name, data in entries:
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, data)
+    return buf.getvalue()
+
+
+def exporter_bundle(cache_dir: Path, source: Path | None = None) -> Path:
+    """The exporter's zip application in *cache_dir* (EVC's private data), named by its content,
+    written once (atomically: concurrent jobs may build it at the same time)."""
+    data = bundle_bytes(source)
+    path = Path(cache_dir) / f"evc-edge-exporter-{hashlib.sha256(data).hexdigest()[:16]}.pyz"
+    if path.is_file() and path.stat().st_size == len(data):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".bundle-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# --- the record the exporter playbook leaves ----------------------------------------------------
+
+
+def exporter_record(values: Mapping[str, Any]) -> JSON | None:
+    """The device's ``exporter`` field after a successful ``exporter`` run with *values* (the
+    playbook's validated variables); None when the run removed the exporter (``state: absent``)."""
+    if values.get("state", "present") == "absent":
+        return None
+    node = bool(values.get("node_exporter"))
+    return {
+        "port": int(values.get("exporter_port") or DEFAULT_PORT),
+        "listen": str(values.get("listen") or "0.0.0.0"),  # noqa: S104 - the exporter's default
+        "mode": str(values.get("mode") or "auto"),
+        "node_exporter": (
+            {"port": int(values.get("node_exporter_port") or DEFAULT_NODE_EXPORTER_PORT)} if node else None
+        ),
+    }
+
+
+def record_exporter(store: DiscoveryStore, device_id: str, values: Mapping[str, Any]) -> None:
+    """Mark *device_id* monitored (or no longer monitored) after the ``exporter`` playbook
+    succeeded on it; the provisioning service's per-playbook success hook. A device removed
+    while the job ran stays removed."""
+    try:
+        store.update_device(device_id, exporter=exporter_record(values))
+    except NotFound:
+        log.info("device %s was removed while its exporter was provisioned", device_id)
+
+
+# --- HTTP service discovery ---------------------------------------------------------------------
+
+
+def _address(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 address in brackets."""
+    try:
+        if ipaddress.ip_address(host).version == 6:
+            return f"[{host}]:{port}"
+    except ValueError:
+        pass
+    return f"{host}:{port}"
+
+
+def scrape_host(device: Mapping[str, Any], listen: str) -> str:
+    """Where Prometheus reaches an exporter listening on *listen*: the device's host, unless the
+    exporter is bound to one specific, non-loopback address (a VPN or management interface)."""
+    host = str(device.get("host") or "")
+    if listen in _WILDCARDS:
+        return host
+    try:
+        if ipaddress.ip_address(listen).is_loopback:
+            return host
+    except ValueError:
+        return host
+    return listen
+
+
+def target_port(record: Mapping[str, Any], exporter: Exporter) -> int | None:
+    """The port of *exporter* in a device's exporter record; None when it is not installed."""
+    if exporter == "evc":
+        return int(record.get("port") or DEFAULT_PORT)
+    node = record.get("node_exporter")
+    if not node:
+        return None
+    return int((node if isinstance(node, Mapping) else {}).get("port") or DEFAULT_NODE_EXPORTER_PORT)
+
+
+def target_groups(
+    devices: Iterable[Mapping[str, Any]],
+    clusters: Mapping[str, Mapping[str, Any]],
+    exporter: Exporter = "evc",
+) -> list[JSON]:
+    """Prometheus HTTP SD target groups for the monitored *devices* (pure).
+
+    *clusters* maps cluster ids to cluster records (name, profile); a device of an unknown
+    cluster keeps its cluster id with an empty name and profile. Devices without an exporter
+    record, or without *exporter*, are left out; the list is sorted by device name."""
+    groups: list[tuple[str, JSON]] = []
+    for dev in devices:
+        record = dev.get("exporter")
+        if not isinstance(record, Mapping) or not dev.get("host"):
+            continue
+        port = target_port(record, exporter)
+        if port is None:
+            continue
+        cluster_id = str(dev.get("cluster_id") or "")
+        cluster = clusters.get(cluster_id) or {}
+        facts = dev.get("facts") or {}
+        name = str(dev.get("name") or dev.get("id") or "")
+        labels = {
+            "device": name,
+            "device_id": str(dev.get("id") or ""),
+            "cluster": cluster_id,
+            "cluster_name": str(cluster.get("name") or ""),
+            "profile": str(cluster.get("profile") or ""),
+            "arch": str(facts.get("arch") or "") if isinstance(facts, Mapping) else "",
+            "state": str(dev.get("state") or ""),
+        }
+        host = scrape_host(dev, str(record.get("listen") or ""))
+        groups.append((name, {"targets": [_address(host, port)], "labels": labels}))
+    return [g for _, g in sorted(groups, key=lambda item: item[0])]
+
+
+def discovery_targets(store: DiscoveryStore, exporter: Exporter = "evc") -> list[JSON]:
+    """The target list ``GET /api/v1/prometheus/targets`` serves, read from the store."""
+    devices = [d for d in store.device_fields(None, DEVICE_FIELDS) if d.get("exporter")]
+    clusters: dict[str, JSON] = {}
+    for cluster_id in {str(d["cluster_id"]) for d in devices if d.get("cluster_id")}:
+        try:
+            clusters[cluster_id] = store.get_cluster(cluster_id)
+        except NotFound:
+            pass
+    return target_groups(devices, clusters, exporter)
+
+
+__all__ = [
+    "BUNDLE_PACKAGE",
+    "DEFAULT_NODE_EXPORTER_PORT",
+    "DEFAULT_PORT",
+    "EXPORTERS",
+    "DiscoveryStore",
+    "Exporter",
+    "discovery_targets",
+    "bundle_bytes",
+    "exporter_bundle",
+    "exporter_record",
+    "exporter_source",
+    "record_exporter",
+    "scrape_host",
+    "target_groups",
+    "target_port",
+]
