@@ -26,6 +26,7 @@ BLUEPRINTS = [
     "evc.api.jobs",
     "evc.api.events",
     "evc.api.clusters",
+    "evc.api.provision",
     "evc.api.fl",
     "evc.api.monitoring",
 ]

@@ -26,6 +26,13 @@ def _owner(task: Any) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{task.request.id}"
 
 
+def _reconverge(task: Any, store: Any, changes: list[JSON]) -> None:
+    """Devices that came back get their cluster's level checked and re-applied where drifted."""
+    from evc.clusters import reconverge_recovered
+
+    reconverge_recovered(store, task.app, changes)
+
+
 @shared_task(name="evc.health_tick", **{**TASK_OPTIONS, "max_retries": 0})
 def health_tick(self) -> JSON:
     """Beat's sweep of the whole fleet; skipped when another sweep still runs."""
@@ -33,7 +40,9 @@ def health_tick(self) -> JSON:
     with health.sweep_lock(store, settings, _owner(self)) as got:
         if not got:
             return {"skipped": "another sweep is running"}
-        return health.sweep(store, settings).summary()
+        res = health.sweep(store, settings)
+    _reconverge(self, store, res.changes)
+    return res.summary()
 
 
 @shared_task(name="evc.health_sweep", **TASK_OPTIONS)
@@ -47,6 +56,7 @@ def health_sweep(self, job_id: str) -> str:
             if not got:
                 raise Conflict("another health sweep is still running; try again later")
             res = health.sweep(store, settings, run.job.get("targets") or None)
+        _reconverge(self, store, res.changes)
         per_device = res.per_device()
         for device_id, result in per_device.items():
             run.result(device_id, result, count=False)

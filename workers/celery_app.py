@@ -17,6 +17,7 @@ TASK_MODULES = [
     "evc.tasks.health",
     "evc.tasks.provision",
     "evc.tasks.fl",
+    "evc.tasks.clusters",
 ]
 
 

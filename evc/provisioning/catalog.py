@@ -185,4 +185,12 @@ class Catalog:
         return seen
 
     def list(self) -> list[PlaybookSpec]:
-        return [self.get(n) for n in self.names()]
+        """Every runnable playbook; one with broken metadata is left out (and logged), so that
+        one bad file does not hide the rest of the catalog."""
+        specs = []
+        for name in self.names():
+            try:
+                specs.append(self.get(name))
+            except ConfigError as exc:
+                log.error("playbook %s left out of the catalog: %s", name, exc.message)
+        return specs

@@ -155,9 +155,7 @@ def validate(schema: Mapping[str, Any], values: Mapping[str, Any] | None, playbo
     values = dict(values or {})
     errs = errors(schema, values)
     if errs:
-        raise ValidationError(
-            f"invalid extra_vars for playbook {playbook!r}", playbook=playbook, errors=errs
-        )
+        raise ValidationError(f"invalid extra_vars for playbook {playbook!r}", playbook=playbook, errors=errs)
     return with_defaults(schema, values)
 
 

@@ -1,0 +1,157 @@
+"""Provisioning over HTTP: the playbook catalog, provision jobs, relaunch on failed hosts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import request
+from flask_smorest import Blueprint
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+
+from evc import jobs
+from evc.api.deps import actor, get_sender, get_settings, get_store, require
+from evc.api.schemas import JobSchema, Labels, StrictSchema
+from evc.provisioning.catalog import NAME, Catalog
+from evc.provisioning.service import (
+    MAX_RETRIES,
+    RETRYABLE,
+    ProvisionRequest,
+    retry_job,
+    submit_provision,
+)
+
+blp = Blueprint(
+    "provision",
+    __name__,
+    url_prefix="/api/v1",
+    description="Ansible playbooks run on devices as jobs",
+)
+
+
+class PlaybookSchema(Schema):
+    name = fields.String()
+    description = fields.String()
+    min_privilege = fields.String(metadata={"description": "user, sudo or root"})
+    params = fields.Dict(metadata={"description": "JSON-Schema of the playbook's extra_vars"})
+    source = fields.String(metadata={"description": "builtin or operator"})
+    tags = fields.List(fields.String())
+    check_mode = fields.Boolean()
+
+
+class PlaybookListSchema(Schema):
+    items = fields.List(fields.Nested(PlaybookSchema))
+
+
+class SelectorSchema(StrictSchema):
+    labels = Labels(load_default=dict)
+    cluster = fields.String(validate=validate.Length(min=1, max=64))
+
+
+class RetryPolicySchema(StrictSchema):
+    max = fields.Integer(load_default=1, validate=validate.Range(min=0, max=MAX_RETRIES))
+    on = fields.List(fields.String(validate=validate.OneOf(RETRYABLE)), load_default=lambda: list(RETRYABLE))
+    delay_s = fields.Float(load_default=5.0, validate=validate.Range(min=0, max=600))
+
+
+class RunOptionsSchema(StrictSchema):
+    playbook = fields.String(required=True, validate=validate.Regexp(NAME, error="a playbook name, not a path"))
+    extra_vars = fields.Dict(
+        keys=fields.String(),
+        load_default=dict,
+        metadata={"description": "validated against the playbook's params schema"},
+    )
+    check = fields.Boolean(load_default=False, metadata={"description": "dry run with diff: report drift"})
+    forks = fields.Integer(validate=validate.Range(min=1, max=500), load_default=None)
+    lock = fields.String(
+        load_default="wait",
+        validate=validate.OneOf(["wait", "fail"]),
+        metadata={"description": "a device locked by another job: wait behind it, or 409"},
+    )
+    lock_timeout_s = fields.Float(load_default=300.0, validate=validate.Range(min=1, max=86400))
+    retry = fields.Nested(
+        RetryPolicySchema,
+        load_default=None,
+        allow_none=True,
+        metadata={"description": "re-run failed/unreachable hosts automatically"},
+    )
+
+
+class ProvisionSchema(RunOptionsSchema):
+    targets = fields.List(
+        fields.String(validate=validate.Length(min=1, max=64)),
+        validate=validate.Length(min=1, max=10_000),
+    )
+    selector = fields.Nested(SelectorSchema)
+
+    @validates_schema
+    def one_kind_of_target(self, data: dict[str, Any], **kw: Any) -> None:
+        if bool(data.get("targets")) == bool(data.get("selector")):
+            raise ValidationError("give targets (device ids) or a selector, exactly one", "targets")
+
+
+class RetrySchema(StrictSchema):
+    on = fields.List(fields.String(validate=validate.OneOf(RETRYABLE)), load_default=lambda: list(RETRYABLE))
+
+
+def _submit(data: dict[str, Any]) -> Any:
+    store = get_store()
+    job, _ = submit_provision(
+        store, get_sender(), get_settings(), ProvisionRequest.from_dict(data),
+        created_by=actor(), idempotency_key=request.headers.get("Idempotency-Key"),
+    )  # fmt: skip
+    return jobs.public(job, store)
+
+
+@blp.route("/playbooks", methods=["GET"])
+@require("read")
+@blp.response(200, PlaybookListSchema)
+def playbooks() -> Any:
+    """The playbook catalog: EVC's playbooks and the operator's, with their parameter schemas."""
+    return {"items": [s.public() for s in Catalog.from_settings(get_settings()).list()]}
+
+
+@blp.route("/playbooks/<name>", methods=["GET"])
+@require("read")
+@blp.response(200, PlaybookSchema)
+def playbook(name: str) -> Any:
+    """One playbook of the catalog."""
+    return Catalog.from_settings(get_settings()).get(name).public()
+
+
+@blp.route("/provision", methods=["POST"])
+@require("admin")
+@blp.arguments(ProvisionSchema)
+@blp.response(202, JobSchema)
+def provision(data: dict[str, Any]) -> Any:
+    """Run a playbook on devices (ids or a label/cluster selector) as a job.
+
+    Refused up front: an unknown playbook (404) or invalid extra_vars (422); a device no
+    target can run the playbook on (409, with each device's reason); `lock: fail` and a device
+    locked by another job (409). Devices refused for their privilege level or state are
+    reported in the job's per-target results."""
+    return _submit(data)
+
+
+@blp.route("/devices/<device_id>/provision", methods=["POST"])
+@require("admin")
+@blp.arguments(RunOptionsSchema)
+@blp.response(202, JobSchema)
+def provision_device(data: dict[str, Any], device_id: str) -> Any:
+    """Run a playbook on one device as a job."""
+    return _submit({**data, "targets": [device_id]})
+
+
+@blp.route("/jobs/<job_id>/retry", methods=["POST"])
+@require("admin")
+@blp.arguments(RetrySchema, required=False)
+@blp.response(202, JobSchema)
+def retry(data: dict[str, Any] | None, job_id: str) -> Any:
+    """Relaunch a finished provision job on its failed and unreachable hosts only (409 when
+    there are none)."""
+    store = get_store()
+    on = (data or {}).get("on") or list(RETRYABLE)
+    job, _ = retry_job(
+        store, get_sender(), get_settings(), job_id, created_by=actor(), on=on,
+        idempotency_key=request.headers.get("Idempotency-Key"),
+    )  # fmt: skip
+    return jobs.public(job, store)

@@ -1,0 +1,123 @@
+"""The level job: raise cluster members through the function levels by running the profile's
+playbooks in order, and report per device the level reached and why not higher."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from evc import profiles
+from evc.jobs import JobRun
+from evc.settings import Settings
+from evc.store import JSON, Store
+
+#: run one playbook on some devices in this job: (run, playbook, device ids, vars, check) ->
+#: {device id: {"status": ok|failed|unreachable|refused|cancelled, "changed": bool, "message": str}}
+StepRunner = Callable[[JobRun, str, list[str], JSON, bool], dict[str, JSON]]
+
+RUNNABLE = ("online", "degraded")
+
+
+def cluster_vars(store: Store, cluster: JSON, playbook: str, step_vars: Mapping[str, Any]) -> JSON:
+    """A step's variables: the profile's, then the cluster's for that playbook, then what EVC
+    derives (the k3s server's URL and the cluster's join token)."""
+    out: JSON = {**step_vars, **((cluster.get("vars") or {}).get(playbook) or {})}
+    if playbook in ("k3s-server", "k3s-agent"):
+        token = cluster.get("join_token")
+        if not token:
+            token = secrets.token_hex(24)
+            store.update_cluster(cluster["id"], join_token=token)
+            cluster["join_token"] = token
+        out.setdefault("token", token)
+        if playbook == "k3s-agent" and cluster.get("server_id"):
+            server = store.get_device(cluster["server_id"])
+            out.setdefault("server_url", f"https://{server['host']}:6443")
+    return out
+
+
+def raise_level(store: Store, settings: Settings, run: JobRun, runner: StepRunner) -> JSON:
+    p = run.params
+    cluster = store.get_cluster(p["cluster_id"])
+    profile = profiles.get(cluster["profile"])
+    target = int(p["target"])
+    check = bool(p.get("check"))
+    converge = bool(p.get("converge"))
+    offline_policy = str(p.get("offline") or "skip")
+    if offline_policy in ("fail", "wait"):  # the caller chose: fail fast, or wait (with a TTL) for them
+        from evc.health import ensure_online
+
+        ensure_online(store, run.job["targets"], offline_policy,  # type: ignore[arg-type]
+                      ttl_s=float(p.get("offline_ttl_s") or 300), check_cancel=run.check_cancel)
+    devices = store.get_devices(run.job["targets"])
+    detail: dict[str, JSON] = {}
+    runnable: list[JSON] = []
+    for d in devices:
+        if d.get("state") not in RUNNABLE:
+            detail[d["id"]] = {"level": int(d.get("level") or 0), "stopped": f"device is {d.get('state')}: no new work"}
+        else:
+            runnable.append(d)
+    if converge:  # recheck every step up to the target: apply only where it drifted
+        runnable = [{**d, "level": 0} for d in runnable]
+    steps, blocked = profiles.plan(profile, runnable, target, cluster.get("server_id"))
+    for dev_id, why in blocked.items():
+        detail[dev_id] = {"level": 0, "stopped": why}
+    failed: dict[str, tuple[int, str]] = {}
+    changes: dict[str, list[str]] = {}
+    run.progress(0, max(1, len(steps)))
+    for i, step in enumerate(steps):
+        run.check_cancel()
+        ids = [d for d in step.devices if d not in failed]
+        if not ids:
+            continue
+        vars_ = cluster_vars(store, cluster, step.playbook, step.vars)
+        run.event(f"L{step.level} {profiles.LEVELS[step.level]}: {step.playbook} on {len(ids)} device(s)"
+                  + (" (check)" if check or converge else ""), type="level", level=step.level,
+                  playbook=step.playbook)
+        results = runner(run, step.playbook, ids, vars_, check or converge)
+        if converge and not check:
+            drifted = [d for d, r in results.items() if r.get("status") == "ok" and r.get("changed")]
+            for d in drifted:
+                changes.setdefault(d, []).append(step.playbook)
+            if drifted:
+                run.event(f"{step.playbook} drifted on {len(drifted)} device(s): applying", type="level")
+                results.update(runner(run, step.playbook, drifted, vars_, False))
+        elif check:
+            for d, r in results.items():
+                if r.get("changed"):
+                    changes.setdefault(d, []).append(step.playbook)
+        for d, r in results.items():
+            if r.get("status") != "ok":
+                failed[d] = (step.level, f"{step.playbook} {r.get('status')}: {r.get('message') or r.get('reason') or ''}".strip())
+        run.progress(i + 1, len(steps))
+    levels: dict[str, int] = {}
+    for d in runnable:
+        did = d["id"]
+        if did in blocked:
+            continue
+        before = int(store.get_device(did).get("level") or 0)
+        if did in failed:
+            lvl_failed, why = failed[did]
+            reached = lvl_failed - 1
+            info: JSON = {"level": reached, "stopped": f"L{lvl_failed} {profiles.LEVELS[lvl_failed]}: {why}"}
+        else:
+            reached = target
+            info = {"level": reached}
+        if check:
+            info = {"level": before, "would_change": changes.get(did, []), **({"stopped": info["stopped"]} if "stopped" in info else {})}
+        else:
+            new_level = reached if converge else max(before, reached)
+            store.update_device(did, level=new_level, level_detail=info)
+            info["level"] = new_level
+            if changes.get(did):
+                info["reapplied"] = changes[did]
+            levels[did] = new_level
+        detail[did] = info
+    for did, info in detail.items():
+        run.result(did, {**info, "level_name": profiles.LEVELS.get(int(info.get("level") or 0))}, count=False)
+    summary = {
+        "cluster": cluster["id"], "target": target, "check": check, "converge": converge,
+        "reached": sum(1 for i in detail.values() if int(i.get("level") or 0) >= target and "stopped" not in i),
+        "stopped": {d: i["stopped"] for d, i in detail.items() if "stopped" in i},
+    }  # fmt: skip
+    return summary

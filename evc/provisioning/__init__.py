@@ -1,0 +1,1 @@
+"""Provisioning: run catalogued Ansible playbooks on registered devices as EVC jobs."""

@@ -1,0 +1,452 @@
+"""Provisioning as EVC jobs: submit, run (gate, lock, run, retry, record), relaunch failed hosts."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from evc import jobs, monitoring
+from evc.errors import Conflict, EVCError, PreconditionFailed, ValidationError
+from evc.jobs import JobRun, Sender
+from evc.provisioning.catalog import Catalog, PlaybookSpec
+from evc.provisioning.inventory import job_inventory
+from evc.provisioning.locks import LOCK_TTL_S, DeviceLocks
+from evc.provisioning.params import secret_names
+from evc.provisioning.request import (
+    MAX_RETRIES,
+    RETRYABLE,
+    RUNNABLE_STATES,
+    ProvisionRequest,
+    RetryPolicy,
+    artifact_root,
+    gate,
+    refusal,
+    resolve_artifacts,
+    resolve_targets,
+)
+from evc.provisioning.runner import HostResult, PlaybookRun, RunOutcome, run_playbook
+from evc.settings import Settings
+from evc.store import JSON, TERMINAL_STATES, Store, new_id, now
+
+log = logging.getLogger(__name__)
+
+MASK = "********"
+SECRET_TTL_S = 7 * 86400
+
+#: what EVC records after a playbook succeeded on a device (not in check mode), by playbook:
+#: (store, device id, the run's validated variables); the exporter marks the device monitored
+ON_SUCCESS: dict[str, Callable[[Store, str, JSON], None]] = {"exporter": monitoring.record_exporter}
+
+
+class ProvisionFailed(EVCError):
+    """Some hosts failed, were unreachable or were refused; the job's results say which."""
+
+    code = "provision_failed"
+
+
+# ------------------------------------------------------------------------------- submitting
+def submit_provision(
+    store: Store,
+    sender: Sender,
+    settings: Settings,
+    req: ProvisionRequest,
+    created_by: str = "",
+    idempotency_key: str | None = None,
+    secret_ref: str | None = None,
+) -> tuple[JSON, bool]:
+    """Validate *req* and enqueue a provision job. Refuses up front (nothing enqueued) when the
+    playbook or its variables are invalid (422), a device is unknown (404), every device is
+    refused (409 precondition), or ``lock: fail`` and a device is locked by another job (409)."""
+    spec = Catalog.from_settings(settings).get(req.playbook)
+    values = spec.validate(req.extra_vars)
+    resolve_artifacts(spec, values, settings)
+    if req.check and not spec.check_mode:
+        raise ValidationError(f"playbook {spec.name!r} does not support check mode", field="check")
+    ids = resolve_targets(store, req.targets, req.selector)
+    devices = store.get_devices(ids)
+    refused = gate(spec, devices)
+    if len(refused) == len(ids):
+        raise PreconditionFailed(
+            f"no target can run playbook {spec.name!r}: " + "; ".join(f"{d}: {m}" for d, (_, m) in refused.items()),
+            refused={d: {"reason": r, "message": m} for d, (r, m) in refused.items()},
+        )
+    if req.lock == "fail":
+        locks = DeviceLocks(store, "")
+        held = {d: h for d in ids if d not in refused and (h := locks.holder(d))}
+        if held:
+            raise Conflict(
+                "devices are locked by other jobs: " + ", ".join(f"{d} by {h}" for d, h in held.items()),
+                locked=held,
+            )
+    secrets = {n: values[n] for n in secret_names(spec.schema) if values.get(n)}
+    if secrets:
+        secret_ref = secret_ref or new_id("sec")
+        store.put_json(f"provision-secret:{secret_ref}", secrets, ttl_s=SECRET_TTL_S)
+        values = {**values, **dict.fromkeys(secrets, MASK)}
+    params: JSON = {
+        "playbook": spec.name,
+        "extra_vars": values,
+        "check": req.check,
+        "forks": req.forks or settings.ansible_forks,
+        "lock": req.lock,
+        "lock_timeout_s": req.lock_timeout_s,
+        "retry": req.retry.to_dict(),
+        "selector": req.selector,
+        "secret_ref": secret_ref if secrets else None,
+        "retry_of": req.retry_of,
+    }
+    job, created = jobs.submit(
+        store, sender, "provision", params=params, targets=ids,
+        created_by=created_by, idempotency_key=idempotency_key,
+    )  # fmt: skip
+    if created and req.retry_of:
+        store.update_job(job["id"], retry_of=req.retry_of)
+        job["retry_of"] = req.retry_of
+    return job, created
+
+
+def retry_job(
+    store: Store,
+    sender: Sender,
+    settings: Settings,
+    job_id: str,
+    created_by: str = "",
+    on: Sequence[str] = RETRYABLE,
+    idempotency_key: str | None = None,
+) -> tuple[JSON, bool]:
+    """A new job that re-runs *job_id*'s playbook on its failed and unreachable hosts only."""
+    job = store.get_job(job_id)
+    if job.get("kind") != "provision":
+        raise Conflict(f"job {job_id} is a {job.get('kind')} job; only provision jobs are retried")
+    if job["state"] not in TERMINAL_STATES:
+        raise Conflict(f"job {job_id} is still {job['state']}", state=job["state"])
+    results = store.results(job_id)
+    hosts = [t for t in job.get("targets", []) if (results.get(t) or {}).get("status") in on]
+    if not hosts:
+        raise Conflict(f"job {job_id} has no {' or '.join(on)} hosts to retry")
+    p = job.get("params") or {}
+    extra = dict(p.get("extra_vars") or {})
+    ref = p.get("secret_ref")
+    if ref:
+        secrets = store.get_json(f"provision-secret:{ref}")
+        if secrets is None:
+            raise PreconditionFailed(f"job {job_id}'s secret parameters expired; submit it anew")
+        extra.update(secrets)
+    req = ProvisionRequest(
+        playbook=p["playbook"],
+        targets=tuple(hosts),
+        extra_vars=extra,
+        check=bool(p.get("check")),
+        forks=p.get("forks"),
+        lock=p.get("lock", "wait"),
+        lock_timeout_s=float(p.get("lock_timeout_s") or 300.0),
+        retry=RetryPolicy.from_dict(p.get("retry")),
+        retry_of=job_id,
+    )
+    return submit_provision(store, sender, settings, req, created_by, idempotency_key, ref)
+
+
+# ------------------------------------------------------------------------------- running
+def _secrets(store: Store, params: Mapping[str, Any]) -> JSON:
+    ref = params.get("secret_ref")
+    if not ref:
+        return {}
+    secrets = store.get_json(f"provision-secret:{ref}")
+    if secrets is None:
+        raise PreconditionFailed("the job's secret parameters expired before it ran")
+    return dict(secrets)
+
+
+def host_result(hr: HostResult | None, check: bool, outcome: RunOutcome) -> JSON:
+    """One target's result from its run summary."""
+    if hr is None:
+        status = "cancelled" if outcome.cancelled else "failed"
+        msg = (
+            "cancelled before the host ran"
+            if outcome.cancelled
+            else (
+                f"ansible ended ({outcome.status}, rc {outcome.rc}) without a result for this host"
+                + (f": {outcome.error}" if outcome.error else "")
+            )
+        )
+        return {"status": status, "message": msg}
+    res: JSON = {"status": hr.status, **hr.counts()}
+    if hr.message:
+        res["message"] = hr.message
+    if hr.status == "ok" and not outcome.completed:  # stopped before the host finished
+        if outcome.cancelled:
+            res["status"] = "cancelled"
+        else:
+            res["status"] = "failed"
+            res["message"] = f"ansible ended ({outcome.status}) before this host finished" + (
+                f": {outcome.error}" if outcome.error else ""
+            )
+    if check:
+        res["drift"] = hr.changed_tasks
+        res["in_sync"] = not hr.changed_tasks and hr.status == "ok"
+    else:
+        res["changed_tasks"] = [c["task"] for c in hr.changed_tasks]
+    return res
+
+
+def _record_facts(store: Store, device_id: str, facts: JSON) -> None:
+    from evc.registration import CAPABILITIES, parse_facts
+
+    if "probe" in facts:
+        facts = parse_facts(str(facts["probe"]))
+    privilege = facts.pop("privilege", None)
+    changes: JSON = {"facts": facts, "last_seen": now()}
+    if privilege in CAPABILITIES:
+        changes.update(privilege=privilege, capabilities=CAPABILITIES[privilege])
+    store.update_device(device_id, **changes)
+
+
+def _internal_vars(settings: Settings) -> JSON:
+    from evc.registration import PROBE
+
+    pub = settings.key_path.with_suffix(".pub")
+    return {
+        "evc_public_key": pub.read_text().strip() if pub.is_file() else "",
+        "evc_probe": PROBE,
+        # EVC's edge exporter as one zip application, for the exporter playbook
+        "evc_exporter_bundle": str(monitoring.exporter_bundle(settings.data_dir / "cache")),
+    }
+
+
+def provision(store: Store, settings: Settings, run: JobRun, *, internal_vars: Mapping[str, Any] | None = None) -> JSON:
+    """The provision job: refuse what cannot run, lock, run (with retries), record.
+
+    Decides the job's end itself: it fails the job (with the summary) when any target failed,
+    was unreachable or was refused; it returns the summary otherwise (and when cancelled).
+    *internal_vars* adds ``evc_*`` variables (tests stage system paths with ``evc_sysroot``)."""
+    p = run.params
+    spec = Catalog.from_settings(settings).get(str(p.get("playbook")))
+    targets: list[str] = list(run.job.get("targets") or [])
+    _, summary, cancelled = run_spec(
+        store, settings, run, spec, targets, {**(p.get("extra_vars") or {}), **_secrets(store, p)},
+        check=bool(p.get("check")), forks=int(p.get("forks") or settings.ansible_forks),
+        lock=str(p.get("lock", "wait")), lock_timeout_s=float(p.get("lock_timeout_s") or 300.0),
+        policy=RetryPolicy.from_dict(p.get("retry")), internal_vars=internal_vars,
+    )  # fmt: skip
+    if cancelled:
+        return summary
+    hosts = summary["hosts"]
+    bad = {k: hosts[k] for k in ("failed", "unreachable", "refused") if hosts[k]}
+    if bad:
+        what = ", ".join(f"{n} {k}" for k, n in bad.items())
+        run.fail(ProvisionFailed(f"{spec.name}: {what} of {len(targets)} device(s)"), summary)
+    return summary
+
+
+def run_spec(
+    store: Store,
+    settings: Settings,
+    run: JobRun,
+    spec: PlaybookSpec,
+    targets: list[str],
+    extra_vars: Mapping[str, Any],
+    *,
+    check: bool = False,
+    forks: int | None = None,
+    lock: str = "wait",
+    lock_timeout_s: float = 300.0,
+    policy: RetryPolicy | None = None,
+    internal_vars: Mapping[str, Any] | None = None,
+    report: bool = True,
+) -> tuple[dict[str, JSON], JSON, bool]:
+    """Run one playbook on *targets* inside *run*: refuse what cannot run, lock, run (with
+    retries), record facts and per-playbook effects. Returns (per-target results, summary,
+    cancelled). With *report* False the job's per-target results and progress are left to the
+    caller (the level job reports levels, not playbooks)."""
+    internal = {**_internal_vars(settings), **(internal_vars or {})}
+    policy = policy or RetryPolicy()
+    values = resolve_artifacts(spec, spec.validate(dict(extra_vars)), settings)
+    secret_values = [str(values[n]) for n in secret_names(spec.schema) if values.get(n)]
+    devices = {d["id"]: d for d in store.get_devices(targets)}
+    results: dict[str, JSON] = {}
+    started = time.monotonic()
+
+    def record(dev_id: str, res: JSON) -> None:
+        results[dev_id] = res
+        if report:
+            run.result(dev_id, res, count=False)
+
+    def progress(done: int) -> None:
+        if report:
+            run.progress(done, len(targets))
+
+    def refuse(dev_id: str, reason: str, message: str) -> None:
+        record(dev_id, {"status": "refused", "reason": reason, "message": message})
+        run.event(f"{dev_id} refused: {message}", type="provision", target=dev_id, reason=reason)
+
+    for t in targets:
+        if t not in devices:
+            refuse(t, "not_found", "the device is no longer registered")
+    for dev_id, (reason, message) in gate(spec, devices.values()).items():
+        refuse(dev_id, reason, message)
+    runnable = [t for t in targets if t not in results]
+    progress(len(results))
+
+    locks = DeviceLocks(store, run.id, LOCK_TTL_S)
+    outcome: RunOutcome | None = None
+    attempts = 0
+    try:
+        with locks.kept_alive():  # refreshed while waiting for the rest, too
+            if runnable:
+                timeout = min(lock_timeout_s, settings.task_soft_time_limit_s / 2)
+                locked_out = locks.acquire(
+                    runnable,
+                    wait=lock == "wait",
+                    timeout_s=timeout,
+                    cancelled=run.cancelled,
+                    on_wait=lambda d, h: run.event(f"waiting for job {h} to release {d}", type="provision", target=d),
+                )
+                for dev_id, why in locked_out.items():
+                    refuse(dev_id, "locked", why)
+                runnable = [t for t in runnable if t not in results]
+            pending = runnable
+            while pending and not run.cancelled():
+                attempts += 1
+                ident = run.id if attempts == 1 else f"{run.id}-{attempts}"
+                if not report:  # several playbooks share this job: keep ansible-runner's dirs apart
+                    ident = f"{ident}-{spec.name}-{int(time.time() * 1000) % 100000}"
+                run.event(
+                    f"running {spec.name} on {len(pending)} device(s)"
+                    + (" in check mode" if check else "")
+                    + (f" (attempt {attempts} of {policy.max + 1})" if policy.max else ""),
+                    type="provision", attempt=attempts,
+                )  # fmt: skip
+                outcome = _run_once(
+                    settings, run, spec, values, [devices[d] for d in pending], ident,
+                    check, int(forks or settings.ansible_forks), secret_values, internal,
+                )  # fmt: skip
+                for dev_id in pending:
+                    res = host_result(outcome.hosts.get(dev_id), check, outcome)
+                    res["attempts"] = attempts
+                    record(dev_id, res)
+                    hr = outcome.hosts.get(dev_id)
+                    if hr is not None and hr.facts and not check and hr.status == "ok":
+                        _record_facts(store, dev_id, dict(hr.facts))
+                    if res["status"] == "ok" and not check and spec.name in ON_SUCCESS:
+                        ON_SUCCESS[spec.name](store, dev_id, values)
+                progress(sum(1 for r in results.values() if r["status"] not in policy.on))
+                if outcome.cancelled:
+                    break
+                pending = [d for d in pending if results[d]["status"] in policy.on]
+                if not pending or attempts > policy.max:
+                    break
+                run.event(
+                    f"retrying {len(pending)} device(s) in {policy.delay_s:.0f}s",
+                    type="retry", attempt=attempts + 1, targets=pending,
+                )  # fmt: skip
+                _sleep(policy.delay_s, run)
+    finally:
+        locks.release()
+
+    cancelled = run.cancelled() or (outcome is not None and outcome.cancelled)
+    for t in targets:
+        if t not in results:
+            record(t, {"status": "cancelled", "message": "cancelled before the host ran"})
+    progress(len(targets))
+    summary = _summary(spec, check, results, outcome, attempts, time.monotonic() - started)
+    return results, summary, cancelled
+
+
+def step_runner(
+    store: Store, settings: Settings, internal_vars: Mapping[str, Any] | None = None
+) -> Callable[[JobRun, str, list[str], JSON, bool], dict[str, JSON]]:
+    """What the level job runs each profile step with: one playbook on some devices, inside the
+    level job, reporting levels rather than playbook results (see :mod:`evc.levels`)."""
+    catalog = Catalog.from_settings(settings)
+
+    def run_step(run: JobRun, playbook: str, device_ids: list[str], extra_vars: JSON, check: bool) -> dict[str, JSON]:
+        spec = catalog.get(playbook)
+        if check and not spec.check_mode:
+            return {d: {"status": "ok", "changed": False, "message": "no check mode: not verified"} for d in device_ids}
+        results, _, _ = run_spec(store, settings, run, spec, device_ids, extra_vars, check=check,
+                                 internal_vars=internal_vars, report=False)
+        return results
+
+    return run_step
+
+
+def _sleep(seconds: float, run: JobRun) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not run.cancelled():
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+
+def _run_once(
+    settings: Settings,
+    run: JobRun,
+    spec: PlaybookSpec,
+    values: JSON,
+    devices: list[JSON],
+    ident: str,
+    check: bool,
+    forks: int,
+    secret_values: list[str],
+    internal: JSON,
+) -> RunOutcome:
+    registry = devices
+    if any(d.get("jump_host") for d in devices):
+        registry = run.store.all_devices()
+    with job_inventory(devices, settings.key_path, ident, registry=registry, internal_vars=internal) as inv:
+        for dev_id, why in inv.refused.items():
+            run.event(f"{dev_id} left out: {why}", type="provision", target=dev_id, reason="record")
+        if not inv.hosts:
+            return RunOutcome("failed", None, {}, 0, 0.0, error="no device fit in the inventory")
+        spec_run = PlaybookRun(
+            playbook=spec.path,
+            inventory=inv,
+            ident=ident,
+            extra_vars=values,
+            forks=forks,
+            check=check,
+            timeout_s=max(60, settings.task_soft_time_limit_s - 30),
+            connect_timeout_s=settings.ssh_connect_timeout_s,
+            secrets=secret_values,
+        )
+        outcome = run_playbook(spec_run, run, cancelled=run.cancelled)
+    for dev_id, why in inv.refused.items():
+        outcome.hosts.pop(dev_id, None)
+        outcome.hosts[dev_id] = HostResult(failed=1, message=why)
+    return outcome
+
+
+def _summary(
+    spec: PlaybookSpec,
+    check: bool,
+    results: Mapping[str, JSON],
+    outcome: RunOutcome | None,
+    attempts: int,
+    duration_s: float,
+) -> JSON:
+    counts = dict.fromkeys(("ok", "failed", "unreachable", "refused", "cancelled"), 0)
+    for r in results.values():
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    counts["total"] = len(results)
+    counts["changed"] = sum(1 for r in results.values() if r.get("changed"))
+    summary: JSON = {
+        "playbook": spec.name,
+        "check": check,
+        "hosts": counts,
+        "attempts": attempts,
+        "ansible_status": outcome.status if outcome else None,
+        "ansible_rc": outcome.rc if outcome else None,
+        "events": outcome.events if outcome else 0,
+        "duration_s": round(duration_s, 3),
+        "retryable": sorted(t for t, r in results.items() if r["status"] in RETRYABLE),
+    }
+    if check:
+        summary["drift"] = {t: [c["task"] for c in r.get("drift", [])] for t, r in results.items() if r.get("drift")}
+    return summary
+
+
+__all__ = [
+    "MAX_RETRIES", "ON_SUCCESS", "run_spec", "step_runner", "RETRYABLE", "RUNNABLE_STATES", "ProvisionFailed", "ProvisionRequest",
+    "RetryPolicy", "artifact_root", "gate", "provision", "refusal", "resolve_artifacts", "resolve_targets",
+    "retry_job", "submit_provision",
+]  # fmt: skip
