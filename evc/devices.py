@@ -113,11 +113,5 @@ def update(store: Store, device_id: str, changes: JSON) -> JSON:
 
 def remove(store: Store, device_id: str) -> JSON:
     dev = store.delete_device(device_id)
-    if dev.get("cluster_id"):
-        try:
-            cl = store.get_cluster(dev["cluster_id"])
-            store.update_cluster(cl["id"], members=[m for m in cl.get("members", []) if m != device_id])
-        except Exception:  # noqa: BLE001 - the cluster may be gone already
-            pass
     store.log_event({"type": "device.removed", "device": device_id, "name": dev["name"]})
     return public(dev)
