@@ -408,6 +408,233 @@ def _watch(c: Ctx, client: Client, job_id: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- federated learning
+@job.command("retry")
+@click.argument("job_id")
+@click.option("--on", "on", multiple=True, type=click.Choice(["failed", "unreachable"]),
+              help="which host outcomes to re-run (default both)")
+@click.option("--wait/--no-wait", default=True, show_default=True)
+@pass_ctx
+def job_retry(c: Ctx, job_id: str, on: tuple[str, ...], wait: bool) -> None:
+    """Re-run a provisioning job on its failed and unreachable hosts only."""
+    client = c.client()
+    j = client.post(f"/api/v1/jobs/{job_id}/retry", {"on": list(on)} if on else {})
+    _finish(c, client, j, wait)
+
+
+# ----------------------------------------------------------------------------- provisioning
+@main.group()
+def playbook() -> None:
+    """The playbook catalog."""
+
+
+@playbook.command("list")
+@pass_ctx
+def playbook_list(c: Ctx) -> None:
+    """Playbooks EVC can run, with the privilege level each needs."""
+    data = c.client().get("/api/v1/playbooks")
+    emit(c, data, lambda d: _table(d["items"], ["name", "min_privilege", "check_mode", "source", "description"]))
+
+
+@playbook.command("show")
+@click.argument("name")
+@pass_ctx
+def playbook_show(c: Ctx, name: str) -> None:
+    """A playbook's description and parameters."""
+    emit(c, c.client().get(f"/api/v1/playbooks/{name}"), lambda d: click.echo(json.dumps(d, indent=2)))
+
+
+@main.command()
+@click.argument("playbook_name", metavar="PLAYBOOK")
+@click.option("--device", "devices", multiple=True, help="device id (repeatable)")
+@click.option("--label", "labels", multiple=True, help="select devices by key=value (repeatable)")
+@click.option("--cluster", default=None, help="every member of a cluster")
+@click.option("--var", "var_items", multiple=True, help="extra variable key=value (value parsed as JSON if it can be)")
+@click.option("--check", is_flag=True, help="dry run with diff: report drift, change nothing")
+@click.option("--forks", type=int, default=None)
+@click.option("--lock", type=click.Choice(["wait", "fail"]), default="wait", show_default=True,
+              help="a device busy with another job: wait behind it, or refuse")
+@click.option("--retry", "retries", type=int, default=0, help="re-run failed/unreachable hosts up to N times")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="follow the job with a progress display")
+@pass_ctx
+def provision(c: Ctx, playbook_name: str, devices: tuple[str, ...], labels: tuple[str, ...], cluster: str | None,
+              var_items: tuple[str, ...], check: bool, forks: int | None, lock: str, retries: int, wait: bool) -> None:
+    """Run a catalog playbook on devices (ids, a label selector or a cluster) as a job."""
+    body: dict[str, Any] = {"playbook": playbook_name, "extra_vars": _vars(var_items), "check": check, "lock": lock}
+    if devices:
+        body["targets"] = list(devices)
+    else:
+        sel: dict[str, Any] = {"labels": _labels(labels)}
+        if cluster:
+            sel["cluster"] = cluster
+        body["selector"] = sel
+    if forks:
+        body["forks"] = forks
+    if retries:
+        body["retry"] = {"max": retries}
+    client = c.client()
+    _finish(c, client, client.post("/api/v1/provision", body), wait)
+
+
+def _vars(items: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} must be key=value", param_hint="--var")
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v
+    return out
+
+
+def _finish(c: Ctx, client: Client, j: dict[str, Any], wait: bool) -> None:
+    """Follow a job (or print it) and show its per-target results; exit 1 unless it succeeded."""
+    if not wait:
+        emit(c, j, lambda d: console.print(f"{d['kind']} job {d['id']} {d['state']}"))
+        return
+    j = _watch(c, client, j["id"])
+    full = client.get(f"/api/v1/jobs/{j['id']}")
+    if c.as_json:
+        emit(c, full)
+    else:
+        rows = [{"target": t, **r} for t, r in (full.get("results") or {}).items()]
+        if rows:
+            cols = [k for k in ("target", "status", "ok", "state", "level", "level_name", "changed", "stopped", "message")
+                    if any(k in r for r in rows)]
+            _table(rows, cols)
+    sys.exit(0 if full["state"] == "succeeded" else 1)
+
+
+# ----------------------------------------------------------------------------- clusters
+@main.group()
+def cluster() -> None:
+    """Clusters, interworking profiles and function levels."""
+
+
+@cluster.command("profiles")
+@pass_ctx
+def cluster_profiles(c: Ctx) -> None:
+    """The four interworking profiles and the playbooks of each function level."""
+    data = c.client().get("/api/v1/profiles")
+
+    def show(d: dict[str, Any]) -> None:
+        for p in d["profiles"]:
+            console.print(f"[bold]{p['name']}[/bold]: {p['description']}")
+            console.print(f"  needs: {p['requires']}")
+            for lvl, spec in p["levels"].items():
+                steps = ", ".join(s["playbook"] + (f" ({s['role']})" if s["role"] != "all" else "") for s in spec["steps"])
+                console.print(f"  L{lvl} {spec['name']}: {steps or '-'}")
+
+    emit(c, data, show)
+
+
+@cluster.command("create")
+@click.argument("name")
+@click.option("--profile", required=True, type=click.Choice(["direct", "container", "k3s", "k8s"]))
+@click.option("--level", "target_level", type=int, default=0, show_default=True, help="target function level")
+@click.option("--label", "labels", multiple=True)
+@click.option("--vars-json", default=None, help='per-playbook variables, e.g. \'{"k3s-server": {"artifact": "k3s"}}\'')
+@pass_ctx
+def cluster_create(c: Ctx, name: str, profile: str, target_level: int, labels: tuple[str, ...],
+                   vars_json: str | None) -> None:
+    """Create a cluster."""
+    body: dict[str, Any] = {"name": name, "profile": profile, "target_level": target_level, "labels": _labels(labels)}
+    if vars_json:
+        body["vars"] = json.loads(vars_json)
+    emit(c, c.client().post("/api/v1/clusters", body), lambda d: console.print(f"cluster {d['id']} ({d['profile']})"))
+
+
+@cluster.command("list")
+@pass_ctx
+def cluster_list(c: Ctx) -> None:
+    """List clusters."""
+    data = c.client().get("/api/v1/clusters", limit=500)
+    emit(c, data, lambda d: _table(d["items"], ["id", "name", "profile", "target_level", "level", "size", "server_id"]))
+
+
+@cluster.command("show")
+@click.argument("cluster_id")
+@pass_ctx
+def cluster_show(c: Ctx, cluster_id: str) -> None:
+    """A cluster with its members."""
+    emit(c, c.client().get(f"/api/v1/clusters/{cluster_id}"), lambda d: click.echo(json.dumps(d, indent=2)))
+
+
+@cluster.command("rm")
+@click.argument("cluster_id")
+@pass_ctx
+def cluster_rm(c: Ctx, cluster_id: str) -> None:
+    """Delete an empty cluster."""
+    emit(c, c.client().delete(f"/api/v1/clusters/{cluster_id}"), lambda d: console.print(f"deleted {d['id']}"))
+
+
+@cluster.command("add")
+@click.argument("cluster_id")
+@click.argument("device_id")
+@click.option("--wait/--no-wait", default=True, show_default=True)
+@pass_ctx
+def cluster_add(c: Ctx, cluster_id: str, device_id: str, wait: bool) -> None:
+    """Add a device; it is brought to the cluster's level (a job)."""
+    client = c.client()
+    out = client.post(f"/api/v1/clusters/{cluster_id}/devices", {"device_id": device_id})
+    if out.get("job"):
+        _finish(c, client, out["job"], wait)
+    else:
+        emit(c, out, lambda d: console.print(f"{device_id} joined {cluster_id} (already at the cluster's level)"))
+
+
+@cluster.command("remove")
+@click.argument("cluster_id")
+@click.argument("device_id")
+@click.option("--cleanup", is_flag=True, help="also remove what EVC installed on the device (a job)")
+@pass_ctx
+def cluster_remove(c: Ctx, cluster_id: str, device_id: str, cleanup: bool) -> None:
+    """Remove a device from a cluster."""
+    client = c.client()
+    out = client.delete(f"/api/v1/clusters/{cluster_id}/devices/{device_id}?cleanup={'true' if cleanup else 'false'}")
+    if out.get("job"):
+        _finish(c, client, out["job"], True)
+    else:
+        emit(c, out, lambda d: console.print(f"{device_id} left {cluster_id}"))
+
+
+@cluster.command("level")
+@click.argument("cluster_id")
+@click.argument("target", type=int)
+@click.option("--check", is_flag=True, help="dry run: report what would change")
+@click.option("--offline", type=click.Choice(["skip", "fail", "wait"]), default="skip", show_default=True)
+@click.option("--wait/--no-wait", default=True, show_default=True)
+@pass_ctx
+def cluster_level(c: Ctx, cluster_id: str, target: int, check: bool, offline: str, wait: bool) -> None:
+    """Raise every member to a function level (0 connected .. 4 application)."""
+    client = c.client()
+    j = client.post(f"/api/v1/clusters/{cluster_id}/level", {"target": target, "check": check, "offline": offline})
+    _finish(c, client, j, wait)
+
+
+# ----------------------------------------------------------------------------- fleet events and health
+@main.command()
+@click.option("--type", "etype", default=None, help="event type or prefix, e.g. device.state")
+@click.option("--device", default=None)
+@click.option("--limit", default=50, show_default=True)
+@pass_ctx
+def events(c: Ctx, etype: str | None, device: str | None, limit: int) -> None:
+    """The fleet event log (device state changes, membership, ...), newest first."""
+    data = c.client().get("/api/v1/events", type=etype, device=device, limit=limit)
+    emit(c, data, lambda d: _table(d["items"], ["ts", "type", "device", "from", "to", "reason"]))
+
+
+@main.command()
+@click.option("--device", "devices", multiple=True, help="only these devices (default: all)")
+@click.option("--wait/--no-wait", default=True, show_default=True)
+@pass_ctx
+def health(c: Ctx, devices: tuple[str, ...], wait: bool) -> None:
+    """Run a health sweep now (a job) and show each device's state."""
+    client = c.client()
+    _finish(c, client, client.post("/api/v1/health/sweep", {"devices": list(devices)} if devices else {}), wait)
+
+
 @main.group()
 def fl() -> None:
     """Federated learning: jobs of rounds over devices, the FL client, data shards."""
