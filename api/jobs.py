@@ -28,7 +28,7 @@ blp = Blueprint("jobs", __name__, url_prefix="/api/v1", description="Asynchronou
 @blp.response(202, JobSchema)
 def submit(data: dict[str, Any]) -> Any:
     """Submit a generic job (kind `noop`: checks the pipeline end to end)."""
-    job, _ = jobs.submit(get_store(), get_sender(), data["kind"], created_by=actor(),
+    job, _ = jobs.submit(get_store(), get_sender(), data["kind"], created_by=actor(), params=data["params"] or None,
                          idempotency_key=request.headers.get("Idempotency-Key"), pipe=unit_of_work())
     return job
 

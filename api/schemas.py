@@ -132,8 +132,13 @@ class JobListArgs(PageArgs):
     target = fields.String(validate=validate.Length(max=64))
 
 
+class NoopParamsSchema(StrictSchema):
+    sleep_s = fields.Float(load_default=0.0, validate=validate.Range(min=0, max=60))
+
+
 class JobCreateSchema(StrictSchema):
     kind = fields.String(required=True, validate=validate.OneOf(["noop"]))
+    params = fields.Nested(NoopParamsSchema, load_default=dict)
 
 
 class EventArgs(StrictSchema):

@@ -117,6 +117,26 @@ def enqueue(store: Store, sender: Sender, job: JSON, countdown: float | None = N
     sender.send_task(name, args=args, **opts)
 
 
+def requeue_lost(store: Store, sender: Sender, job_id: str, max_attempts: int) -> str:
+    """A job whose worker died mid-run goes back to the queue (a new attempt, a new task id),
+    or fails when it has used its attempts. Job bodies are idempotent, keyed by job id."""
+    store.release_lease(job_id)
+    job = store.get_job(job_id)
+    attempt = int(job.get("attempt") or 0) + 1
+    if attempt >= max_attempts:
+        if store.transition_job(job_id, "failed", ["running"], finished_at=now(),
+                                error={"code": "worker_lost", "message": f"the worker running this job died "
+                                       f"{attempt} times; giving up"}):
+            store.add_event(job_id, {"type": "job", "state": "failed", "message": "worker lost; attempts used up"})
+        return "failed"
+    if not store.transition_job(job_id, "queued", ["running"], attempt=attempt):
+        return "skipped"
+    store.add_event(job_id, {"type": "job", "state": "queued",
+                             "message": f"the worker running this job was lost; re-queued (attempt {attempt + 1})"})
+    enqueue(store, sender, {**job, "attempt": attempt})
+    return "requeued"
+
+
 def public(job: JSON, store: Store | None = None, with_results: bool = True) -> JSON:
     """A job as the API shows it."""
     out = dict(job)

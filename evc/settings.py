@@ -36,6 +36,8 @@ class Settings:
     auth_fail_window_s: int = 60
     # jobs
     idempotency_ttl_s: int = 86400
+    job_lease_s: float = 30.0  # a running job's worker renews its lease; an expired lease means the worker died
+    job_max_attempts: int = 3  # how often a job whose worker died is re-queued before it fails
     job_history: int = 100_000
     audit_history: int = 100_000
     # SSH

@@ -417,6 +417,20 @@ class Store:
         recs = [j for j in self._get_many("job", ids) if match(j)]
         return recs[offset : offset + limit], len(recs)
 
+    # a lease per job whose task body is executing: the worker renews it; the reaper re-queues
+    # jobs whose lease expired (their worker was killed)
+    def lease_jobs(self, job_ids: Iterable[str], ttl_s: float) -> None:
+        ids = list(job_ids)
+        if ids:
+            until = now() + ttl_s
+            self.r.zadd(self.k("job-leases"), dict.fromkeys(ids, until))
+
+    def release_lease(self, job_id: str) -> None:
+        self.r.zrem(self.k("job-leases"), job_id)
+
+    def expired_leases(self) -> list[str]:
+        return [j.decode() for j in self.r.zrangebyscore(self.k("job-leases"), "-inf", now())]
+
     def add_event(self, job_id: str, event: JSON) -> int:
         event = {"ts": now(), **event}
         seq = int(self.r.rpush(self.k("job", job_id, "events"), json.dumps(event)))

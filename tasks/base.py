@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,13 +47,60 @@ def backoff(retries: int, base: float = 1.0, cap: float = 30.0) -> float:
     return float(min(cap, base * (2**retries)))
 
 
+class _Leases:
+    """The jobs this process is executing, with a thread that renews their leases."""
+
+    def __init__(self) -> None:
+        self.active: dict[str, Store] = {}
+        self.lock = threading.Lock()
+        self.pid = 0
+        self.ttl = 30.0
+
+    def hold(self, store: Store, job_id: str, ttl_s: float) -> None:
+        store.lease_jobs([job_id], ttl_s)
+        with self.lock:
+            self.active[job_id] = store
+            self.ttl = ttl_s
+            if self.pid != os.getpid():  # first use in this (possibly forked) process
+                self.pid = os.getpid()
+                threading.Thread(target=self._renew, name="evc-job-leases", daemon=True).start()
+
+    def drop(self, store: Store, job_id: str) -> None:
+        with self.lock:
+            self.active.pop(job_id, None)
+        store.release_lease(job_id)
+
+    def _renew(self) -> None:
+        while True:
+            time.sleep(max(0.2, self.ttl / 3))
+            with self.lock:
+                held = list(self.active.items())
+            for job_id, store in held:
+                try:
+                    store.lease_jobs([job_id], self.ttl)
+                except Exception:  # noqa: BLE001 - Redis away for a moment: the next round retries
+                    log.debug("could not renew the lease of %s", job_id)
+
+
+_leases = _Leases()
+
+
 def run_job(task: Task, job_id: str, body: Callable[[JobRun], JSON | None]) -> str:
-    """Run *body* for a job: idempotent on redelivery, retries transient errors, never raises
-    anything but Celery's Retry."""
+    """Run *body* for a job: idempotent on redelivery, retries transient errors, holds a lease
+    while it runs (so a killed worker's job is re-queued), never raises anything but Celery's
+    Retry."""
     store = store_of(task)
     run = JobRun.start(store, job_id)
     if run is None:
         return "skipped"
+    _leases.hold(store, job_id, settings_of(task).job_lease_s)
+    try:
+        return _run(task, run, job_id, body)
+    finally:
+        _leases.drop(store, job_id)
+
+
+def _run(task: Task, run: JobRun, job_id: str, body: Callable[[JobRun], JSON | None]) -> str:
     if run.cancelled():
         run.cancel()
         return "cancelled"

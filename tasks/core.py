@@ -3,18 +3,50 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from celery import shared_task
 
 from evc.jobs import JobRun
 from evc.store import JSON
-from evc.tasks.base import TASK_OPTIONS, run_job, settings_of
+from evc.errors import EVCError
+from evc.tasks.base import TASK_OPTIONS, run_job, settings_of, store_of
 
 
 @shared_task(name="evc.noop", **TASK_OPTIONS)
 def noop(self, job_id: str) -> str:  # type: ignore[no-untyped-def]
-    """A job that does nothing: measures the pipeline, proves a worker is alive."""
-    return run_job(self, job_id, lambda run: {"noop": True})
+    """A job that does nothing (optionally for ``sleep_s``): measures the pipeline, proves a
+    worker is alive; its one effect, counted once per job, lets tests see exactly-once."""
+
+    def body(run: JobRun) -> JSON:
+        sleep_s = float(run.params.get("sleep_s") or 0)
+        deadline = time.monotonic() + sleep_s
+        while time.monotonic() < deadline:
+            run.check_cancel()
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        if sleep_s:
+            run.store.r.setnx(run.store.k("noop-effect", run.id), 1) and run.store.r.incr(run.store.k("noop-effects"))
+        return {"noop": True}
+
+    return run_job(self, job_id, body)
+
+
+@shared_task(name="evc.reap_jobs", bind=True, max_retries=0)
+def reap_jobs(self) -> JSON:  # type: ignore[no-untyped-def]
+    """Re-queue jobs whose worker died mid-run (their lease expired). Beat runs this often;
+    every worker also runs it when it starts."""
+    from evc.jobs import requeue_lost
+
+    store, settings = store_of(self), settings_of(self)
+    out: dict[str, int] = {}
+    for job_id in store.expired_leases():
+        try:
+            what = requeue_lost(store, self.app, job_id, settings.job_max_attempts)
+        except EVCError:
+            store.release_lease(job_id)
+            what = "gone"
+        out[what] = out.get(what, 0) + 1
+    return out
 
 
 @shared_task(name="evc.register_device", **TASK_OPTIONS)

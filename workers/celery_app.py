@@ -65,6 +65,11 @@ def make_celery(settings: Settings, *, include_tasks: bool = True) -> Celery:
         worker_hijack_root_logger=False,
         worker_concurrency=settings.worker_concurrency,
         beat_schedule={
+            "reap-jobs": {
+                "task": "evc.reap_jobs",
+                "schedule": max(1.0, settings.job_lease_s / 2),
+                "options": {"queue": "default", "expires": max(1.0, settings.job_lease_s / 2)},
+            },
             "health-sweep": {
                 "task": "evc.health_tick",
                 "schedule": settings.health_interval_s,

@@ -10,7 +10,7 @@ import logging
 import os
 from typing import Any
 
-from celery.signals import worker_process_shutdown
+from celery.signals import worker_process_shutdown, worker_ready
 
 log = logging.getLogger(__name__)
 
@@ -27,3 +27,17 @@ def mark_child_dead(pid: int | None = None, exitcode: int | None = None, **_: An
 
 
 worker_process_shutdown.connect(mark_child_dead, weak=False)
+
+
+def reap_on_start(sender: Any = None, **_: Any) -> None:
+    """``worker_ready``: a worker that (re)starts looks for jobs whose worker died, at once and
+    again when their leases have had time to expire."""
+    app = getattr(sender, "app", None)
+    settings = getattr(app, "evc_settings", None)
+    if app is None or settings is None:
+        return
+    for delay in (0.0, settings.job_lease_s + 1.0):
+        app.send_task("evc.reap_jobs", queue="default", countdown=delay or None)
+
+
+worker_ready.connect(reap_on_start, weak=False)
