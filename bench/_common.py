@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
 import statistics
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +13,18 @@ from pathlib import Path
 from evc.embedded import RedisServer
 from evc.settings import Settings, load_settings
 
+FIGURE_PREFIX = "FIGURE "
+
 
 @dataclass
 class Figure:
+    """One figure a benchmark reports.
+
+    *target* is the issue's target as text (``"<= 2.5 s"``, ``">= 50x"``), ``"-"`` for a figure
+    printed for information (then *ok* is True). *ratio* compares *measured* with the figure's
+    reference point: the issue's baseline where the benchmark names one, else the target.
+    """
+
     name: str
     target: str
     measured: float
@@ -23,7 +35,27 @@ class Figure:
     def row(self) -> str:
         ratio = f"{self.ratio:.2f}" if self.ratio is not None else "-"
         mark = "OK " if self.ok else "MISS"
-        return f"{mark} {self.name:<48} target {self.target:<14} measured {self.measured:>10.2f} {self.unit:<8} ratio {ratio}"
+        return (
+            f"{mark} {self.name:<48} target {self.target:<14} measured {self.measured:>10.2f} {self.unit:<8} "
+            f"ratio {ratio}"
+        )
+
+    def to_json(self) -> str:
+        """One line of JSON; a measurement that is not a finite number (nothing measured) is null."""
+
+        def num(v: float | None) -> float | None:
+            return float(v) if v is not None and math.isfinite(v) else None
+
+        return json.dumps(
+            {
+                "name": self.name,
+                "target": self.target,
+                "measured": num(self.measured),
+                "unit": self.unit,
+                "ok": bool(self.ok),
+                "ratio": num(self.ratio),
+            }
+        )
 
 
 def private_stack(tmp: Path | None = None) -> tuple[RedisServer, Settings]:
@@ -48,3 +80,12 @@ def median(values: list[float]) -> float:
 def print_figures(figures: list[Figure]) -> None:
     for f in figures:
         print(f.row())
+
+
+def emit(figures: list[Figure]) -> None:
+    """The human rows (as :func:`print_figures`), then one ``FIGURE {json}`` line per figure, the
+    lines ``bench/run.py`` collects."""
+    print_figures(figures)
+    for f in figures:
+        print(FIGURE_PREFIX + f.to_json())
+    sys.stdout.flush()

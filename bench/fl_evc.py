@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import private_stack  # noqa: E402
+from _common import Figure, emit, private_stack  # noqa: E402
 
 from evc import keys  # noqa: E402
 from evc.api.app import create_app  # noqa: E402
@@ -93,7 +93,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def run(args: argparse.Namespace, tmp: Path) -> bool:
+def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
     redis, settings = private_stack(tmp)
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -133,6 +133,7 @@ def run(args: argparse.Namespace, tmp: Path) -> bool:
         )
 
         ok = True
+        figures: list[Figure] = []
         results = []
         for partition in ["iid", "dirichlet"] if args.partition == "both" else [args.partition]:
             name = f"digits-{partition}"
@@ -152,18 +153,23 @@ def run(args: argparse.Namespace, tmp: Path) -> bool:
             api.wait(job["id"])
             wall = time.monotonic() - started
             view = api.call("GET", f"/api/v1/fl/jobs/{job['id']}")
-            ok &= report(partition, view, wall)
+            matched, figs = report(partition, view, wall)
+            ok &= matched
+            figures += figs
             results.append({"partition": partition, "job": job["id"], "wall_s": wall, "rounds": view["fl"]["rounds"]})
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
-        return ok
+        return ok, figures
     finally:
         for p in reversed(procs):
             _stop(p)
         redis.stop()
 
 
-def report(partition: str, view: dict[str, Any], wall: float) -> bool:
+def report(partition: str, view: dict[str, Any], wall: float) -> tuple[bool, list[Figure]]:
+    """Print the job's rounds beside the reference. Returns whether every accuracy is within the
+    tolerance, and the figures: the accuracy (largest distance from the reference over the
+    reference's rounds this job ran) and the median round times."""
     rounds = view["fl"]["rounds"]
     ref = REFERENCE[partition]
     print(f"\n== {partition}: EVC FL job, 10 simulated devices over SSH, FedAvg, softmax regression ==")
@@ -200,7 +206,19 @@ def report(partition: str, view: dict[str, Any], wall: float) -> bool:
         print(f"  {name:<50} {secs * 1e3:9.1f} ms   target <= {TARGET_ROUND_S * 1e3:.0f} ms {verdict}")
     for name, secs in REFERENCE_ROUND_S.items():
         print(f"  {name:<50} {secs * 1e3:9.1f} ms")
-    return ok
+    accuracy = {r["round"]: r["eval_accuracy"] for r in rounds}
+    compared = [n for n in sorted(ref) if n <= max(accuracy, default=0)]
+    worst = max((abs(accuracy[n] - ref[n]) if n in accuracy else float("inf") for n in compared), default=float("nan"))
+    at = ", ".join(map(str, compared)) or "none"
+    ok &= worst <= TOLERANCE  # false too when a reference round is missing
+    return ok, [
+        Figure(f"FL (EVC) {partition}: accuracy vs reference, max |diff| at rounds {at}", f"<= {TOLERANCE}",
+               worst, "abs", ok, worst / TOLERANCE),
+        Figure(f"FL (EVC) {partition}: median round, start to aggregated model", f"<= {TARGET_ROUND_S} s",
+               median, "s", median <= TARGET_ROUND_S, median / TARGET_ROUND_S),
+        Figure(f"FL (EVC) {partition}: median round to round", f"<= {TARGET_ROUND_S} s",
+               median_gap, "s", median_gap <= TARGET_ROUND_S, median_gap / TARGET_ROUND_S),
+    ]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,8 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="evc-fl-bench-") as tmp:
         root = Path(tmp)
         root.chmod(0o755)
-        ok = run(args, root)
+        ok, figures = run(args, root)
     print("\nRESULT:", "accuracy matches the reference" if ok else "ACCURACY MISMATCH")
+    print()
+    emit(figures)
     return 0 if ok else 1
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import Figure, emit
 
 from evc.fl.data import (
     Dataset,
@@ -55,9 +56,7 @@ def _parts(ds: Dataset, partition: str) -> list[np.ndarray]:
     return partition_dirichlet(ds.y_train, 10, 0.5, 42)
 
 
-def run_partition(
-    ds: Dataset, partition: str, rounds: int, workdir: Path, python: str
-) -> dict[str, Any]:
+def run_partition(ds: Dataset, partition: str, rounds: int, workdir: Path, python: str) -> dict[str, Any]:
     shards = write_shards(workdir / partition, ds.X_train, ds.y_train, _parts(ds, partition))
     ids = [f"dev-{k}" for k in range(len(shards))]
     index = {c: k for k, c in enumerate(ids)}
@@ -65,9 +64,7 @@ def run_partition(
     strategy = make_strategy("fedavg", seed=42, lr=0.1, batch_size=32, local_epochs=1)
 
     started = time.perf_counter()
-    procs = {
-        c: ClientProcess(p, python=python, device_id=c) for c, p in zip(ids, shards, strict=True)
-    }
+    procs = {c: ClientProcess(p, python=python, device_id=c) for c, p in zip(ids, shards, strict=True)}
     try:
         for proc in procs.values():
             proc.send(ping_request())
@@ -109,12 +106,8 @@ def run_partition(
         "train_loss": [h["train_loss"] for h in history],
         "round_s": [h["duration_s"] for h in history],
         "median_round_s": statistics.median(h["duration_s"] for h in history[1:] or history),
-        "inprocess_median_round_s": statistics.median(
-            h["duration_s"] for h in inproc.history[1:] or inproc.history
-        ),
-        "identical_to_inprocess": all(
-            np.array_equal(a, b) for a, b in zip(params, inproc.params, strict=True)
-        ),
+        "inprocess_median_round_s": statistics.median(h["duration_s"] for h in inproc.history[1:] or inproc.history),
+        "identical_to_inprocess": all(np.array_equal(a, b) for a, b in zip(params, inproc.params, strict=True)),
     }
 
 
@@ -143,6 +136,23 @@ def report(result: dict[str, Any]) -> bool:
     return ok
 
 
+def figures(result: dict[str, Any]) -> list[Figure]:
+    """The run's figures: the accuracy (largest distance from the reference over the reference's
+    rounds this run reached, as the EVC job's figure) and, for information, the round times."""
+    partition, accuracy = result["partition"], result["accuracy"]
+    ref = REFERENCE[partition]
+    compared = [n for n in sorted(ref) if n <= len(accuracy)]
+    worst = max((abs(accuracy[n - 1] - ref[n]) for n in compared), default=float("nan"))
+    at = ", ".join(map(str, compared)) or "none"
+    pipes, inproc = result["median_round_s"], result["inprocess_median_round_s"]
+    return [
+        Figure(f"FL reference {partition}: accuracy vs reference, max |diff| at rounds {at}", f"<= {TOLERANCE}",
+               worst, "abs", worst <= TOLERANCE, worst / TOLERANCE),
+        Figure(f"FL reference {partition}: median round, 10 processes over pipes", "-", pipes, "s", True),
+        Figure(f"FL reference {partition}: median round, in-process", "-", inproc, "s", True),
+    ]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
@@ -162,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     print("\nRESULT:", "accuracy matches the reference" if ok else "ACCURACY MISMATCH")
+    print()
+    emit([f for result in results for f in figures(result)])
     return 0 if ok else 1
 
 
