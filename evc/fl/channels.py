@@ -251,6 +251,7 @@ class ChannelRegistry:
         self.job_alive = job_alive
         self.on_late = on_late
         self._drains: set[asyncio.Task[None]] = set()
+        self._drain_keys: dict[asyncio.Task[None], tuple[str, str]] = {}
         self._channels: dict[tuple[str, str], ClientChannel] = {}
         self._opening: dict[tuple[str, str], asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None
@@ -389,7 +390,9 @@ class ChannelRegistry:
 
         task = asyncio.ensure_future(drain())
         self._drains.add(task)
+        self._drain_keys[task] = channel.key
         task.add_done_callback(self._drains.discard)
+        task.add_done_callback(lambda t: self._drain_keys.pop(t, None))
 
     def _discard(self, key: tuple[str, str], channel: ClientChannel) -> None:
         if self._channels.get(key) is channel:
@@ -397,8 +400,13 @@ class ChannelRegistry:
         channel.close()
         self.closed += 1
 
-    async def close_job(self, job_id: str) -> int:
-        """Close every channel of *job_id* in this process; returns how many."""
+    async def close_job(self, job_id: str, grace_s: float = 4.0) -> int:
+        """Close every channel of *job_id* in this process; returns how many. Replies still
+        awaited from requests that gave up get *grace_s* to arrive, so they are recorded as late
+        rather than lost with the channel."""
+        pending = [t for t, k in self._drain_keys.items() if k[0] == job_id and not t.done()]
+        if pending and grace_s > 0:
+            await asyncio.wait(pending, timeout=grace_s)
         keys = [k for k in self._channels if k[0] == job_id]
         for k in keys:
             self._discard(k, self._channels[k])
