@@ -31,8 +31,9 @@ blp = Blueprint("access", __name__, url_prefix="/api/v1", description="Tokens an
 def create_token(data: dict[str, Any]) -> Any:
     """Create an operator token (shown once in this response)."""
     exp = now() + data["expires_in_s"] if data.get("expires_in_s") else None
-    rec, token = auth.create_operator_token(get_store(), get_settings(), data["name"], data["scopes"],
-                                            created_by=actor(), expires_at=exp)
+    rec, token = auth.create_operator_token(
+        get_store(), get_settings(), data["name"], data["scopes"], created_by=actor(), expires_at=exp
+    )
     return {**auth.public_token(rec), "token": token}
 
 
@@ -60,8 +61,14 @@ def revoke_token(token_id: str) -> Any:
 @blp.response(201, EnrollmentSchema)
 def create_enrollment(data: dict[str, Any]) -> Any:
     """A short-lived, use-limited token a device owner registers with instead of an operator token."""
-    rec, token = auth.create_enrollment(get_store(), get_settings(), ttl_s=data["ttl_s"],
-                                        max_uses=data["max_uses"], labels=data["labels"], created_by=actor())
+    rec, token = auth.create_enrollment(
+        get_store(),
+        get_settings(),
+        ttl_s=data["ttl_s"],
+        max_uses=data["max_uses"],
+        labels=data["labels"],
+        created_by=actor(),
+    )
     return {**auth.public_token(rec), "token": token}
 
 

@@ -133,7 +133,9 @@ def _flatten(messages: Any, prefix: str = "") -> str:
             else:
                 parts.append(_flatten(v, f"{prefix}{k}."))
     elif isinstance(messages, list):
-        parts.append(prefix.rstrip(".") + ": " + "; ".join(str(m) for m in messages) if prefix else "; ".join(map(str, messages)))
+        parts.append(
+            prefix.rstrip(".") + ": " + "; ".join(str(m) for m in messages) if prefix else "; ".join(map(str, messages))
+        )
     else:
         parts.append(f"{prefix.rstrip('.')}: {messages}")
     return ", ".join(p for p in parts if p)

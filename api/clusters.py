@@ -21,9 +21,12 @@ class ClusterCreateSchema(StrictSchema):
     target_level = fields.Integer(load_default=0, validate=validate.Range(min=0, max=profiles.MAX_LEVEL))
     labels = Labels(load_default=dict)
     vars = fields.Dict(
-        keys=fields.String(validate=validate.Length(max=64)), values=fields.Dict(), load_default=dict,
-        metadata={"description": "per-playbook variables for the profile's steps, e.g. "
-                                 "{\"k3s-server\": {\"artifact\": \"k3s\"}}"},
+        keys=fields.String(validate=validate.Length(max=64)),
+        values=fields.Dict(),
+        load_default=dict,
+        metadata={
+            "description": 'per-playbook variables for the profile\'s steps, e.g. {"k3s-server": {"artifact": "k3s"}}'
+        },
     )
 
 
@@ -70,9 +73,14 @@ class RemoveArgs(StrictSchema):
 class LevelSchema(StrictSchema):
     target = fields.Integer(required=True, validate=validate.Range(min=0, max=profiles.MAX_LEVEL))
     check = fields.Boolean(load_default=False, metadata={"description": "dry run: report what would change"})
-    offline = fields.String(load_default="skip", validate=validate.OneOf(["skip", "fail", "wait"]),
-                            metadata={"description": "offline members: skip them (reported), fail the job at "
-                                                     "once, or wait for them up to offline_ttl_s"})
+    offline = fields.String(
+        load_default="skip",
+        validate=validate.OneOf(["skip", "fail", "wait"]),
+        metadata={
+            "description": "offline members: skip them (reported), fail the job at "
+            "once, or wait for them up to offline_ttl_s"
+        },
+    )
     offline_ttl_s = fields.Float(load_default=300.0, validate=validate.Range(min=1, max=86400))
 
 
@@ -81,8 +89,11 @@ class LevelSchema(StrictSchema):
 @blp.response(200)
 def list_profiles() -> Any:
     """The four interworking profiles: what members need and which playbooks raise each level."""
-    return {"levels": profiles.LEVELS, "operations": profiles.OPERATION_LEVELS,
-            "profiles": [p.to_dict() for p in profiles.profiles().values()]}
+    return {
+        "levels": profiles.LEVELS,
+        "operations": profiles.OPERATION_LEVELS,
+        "profiles": [p.to_dict() for p in profiles.profiles().values()],
+    }
 
 
 @blp.route("/clusters", methods=["POST"])
@@ -153,8 +164,9 @@ def add_device(data: dict[str, Any], cluster_id: str) -> Any:
 def remove_device(args: dict[str, Any], cluster_id: str, device_id: str) -> Any:
     """Remove a device; `?cleanup=true` also runs the cleanup playbook on it (a job)."""
     store = get_store()
-    job = clusters.remove_device(store, get_sender(), get_settings(), cluster_id, device_id,
-                                 cleanup=args["cleanup"], created_by=actor())
+    job = clusters.remove_device(
+        store, get_sender(), get_settings(), cluster_id, device_id, cleanup=args["cleanup"], created_by=actor()
+    )
     return {"cluster": clusters.public(store, store.get_cluster(cluster_id)), "job": job}
 
 
@@ -165,6 +177,14 @@ def remove_device(args: dict[str, Any], cluster_id: str, device_id: str) -> Any:
 def level(data: dict[str, Any], cluster_id: str) -> Any:
     """Raise every member to a function level (a job reporting, per device, the level reached
     and why not higher)."""
-    return clusters.raise_level(get_store(), get_sender(), cluster_id, data["target"], actor(),
-                                check=data["check"], offline=data["offline"], offline_ttl_s=data["offline_ttl_s"],
-                                idempotency_key=request.headers.get("Idempotency-Key"))
+    return clusters.raise_level(
+        get_store(),
+        get_sender(),
+        cluster_id,
+        data["target"],
+        actor(),
+        check=data["check"],
+        offline=data["offline"],
+        offline_ttl_s=data["offline_ttl_s"],
+        idempotency_key=request.headers.get("Idempotency-Key"),
+    )

@@ -70,8 +70,9 @@ def register(data: dict[str, Any]) -> Any:
 @blp.response(200, DevicePageSchema)
 def list_devices(args: dict[str, Any]) -> Any:
     """Devices, oldest first; filter by state, labels (key=value, repeatable), cluster, name prefix."""
-    match = devices.matcher(args.get("state"), devices.parse_selector(args.get("label")),
-                            args.get("cluster"), args.get("name"))
+    match = devices.matcher(
+        args.get("state"), devices.parse_selector(args.get("label")), args.get("cluster"), args.get("name")
+    )
     items, total = get_store().list_devices(args["offset"], args["limit"], match)
     return page([devices.public(d) for d in items], total, args)
 
@@ -130,8 +131,14 @@ def repin(data: dict[str, Any], device_id: str) -> Any:
     store = get_store()
     store.get_device(device_id)
     store.update_device(device_id, host_key=data.get("host_key"), repinned_at=now())
-    job, _ = jobs.submit(store, get_sender(), "facts", targets=[device_id], created_by=actor(),
-                         idempotency_key=request.headers.get("Idempotency-Key"))
+    job, _ = jobs.submit(
+        store,
+        get_sender(),
+        "facts",
+        targets=[device_id],
+        created_by=actor(),
+        idempotency_key=request.headers.get("Idempotency-Key"),
+    )
     return job
 
 
@@ -144,6 +151,12 @@ def refresh(device_id: str) -> Any:
     dev = store.get_device(device_id)
     if not dev.get("host_key"):
         raise Forbidden("the device has no pinned host key yet; wait for its registration job")
-    job, _ = jobs.submit(store, get_sender(), "facts", targets=[device_id], created_by=actor(),
-                         idempotency_key=request.headers.get("Idempotency-Key"))
+    job, _ = jobs.submit(
+        store,
+        get_sender(),
+        "facts",
+        targets=[device_id],
+        created_by=actor(),
+        idempotency_key=request.headers.get("Idempotency-Key"),
+    )
     return job

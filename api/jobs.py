@@ -28,8 +28,15 @@ blp = Blueprint("jobs", __name__, url_prefix="/api/v1", description="Asynchronou
 @blp.response(202, JobSchema)
 def submit(data: dict[str, Any]) -> Any:
     """Submit a generic job (kind `noop`: checks the pipeline end to end)."""
-    job, _ = jobs.submit(get_store(), get_sender(), data["kind"], created_by=actor(), params=data["params"] or None,
-                         idempotency_key=request.headers.get("Idempotency-Key"), pipe=unit_of_work())
+    job, _ = jobs.submit(
+        get_store(),
+        get_sender(),
+        data["kind"],
+        created_by=actor(),
+        params=data["params"] or None,
+        idempotency_key=request.headers.get("Idempotency-Key"),
+        pipe=unit_of_work(),
+    )
     return job
 
 
@@ -42,8 +49,10 @@ def list_jobs(args: dict[str, Any]) -> Any:
     state, target = args.get("state"), args.get("target")
     match = None
     if state or target:
+
         def match(j: dict[str, Any]) -> bool:
             return (not state or j["state"] == state) and (not target or target in j.get("targets", []))
+
     items, total = get_store().list_jobs(args["offset"], args["limit"], kind=args.get("kind"), match=match)
     return page(items, total, args)
 

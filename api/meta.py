@@ -29,8 +29,10 @@ def ssh_key(args: dict[str, Any]) -> Any:
     if args["format"] == "text":
         return Response(pub + "\n", mimetype="text/plain")
     if args["format"] == "sh":
-        return Response("#!/bin/sh\nset -e\n" + cmd + "\necho 'EVC key installed for '\"$(id -un)\"\n",
-                        mimetype="text/x-shellscript")
+        return Response(
+            "#!/bin/sh\nset -e\n" + cmd + "\necho 'EVC key installed for '\"$(id -un)\"\n",
+            mimetype="text/x-shellscript",
+        )
     import asyncssh
 
     fp = asyncssh.import_public_key(pub).get_fingerprint()

@@ -220,7 +220,9 @@ class DevicePageSchema(PageSchema):
 
 class DeviceListArgs(PageArgs):
     state = fields.String(validate=validate.Length(max=32))
-    label = fields.List(fields.String(validate=validate.Length(max=320)), metadata={"description": "key=value, repeatable"})
+    label = fields.List(
+        fields.String(validate=validate.Length(max=320)), metadata={"description": "key=value, repeatable"}
+    )
     cluster = fields.String(validate=validate.Length(max=64))
     name = fields.String(validate=validate.Length(max=63), metadata={"description": "name prefix"})
 
@@ -246,8 +248,9 @@ class HeartbeatSchema(StrictSchema):
 # ----------------------------------------------------------------------------- tokens
 class TokenCreateSchema(StrictSchema):
     name = fields.String(required=True, validate=validate_name)
-    scopes = fields.List(fields.String(validate=validate.OneOf(["admin", "read"])), required=True,
-                         validate=validate.Length(min=1, max=2))
+    scopes = fields.List(
+        fields.String(validate=validate.OneOf(["admin", "read"])), required=True, validate=validate.Length(min=1, max=2)
+    )
     expires_in_s = fields.Integer(validate=validate.Range(min=60, max=10 * 365 * 86400), load_default=None)
 
 

@@ -45,8 +45,14 @@ class Principal:
         return "admin" in self.scopes or scope in self.scopes
 
 
-def create_operator_token(store: Store, settings: Settings, name: str, scopes: list[str],
-                          created_by: str = "", expires_at: float | None = None) -> tuple[JSON, str]:
+def create_operator_token(
+    store: Store,
+    settings: Settings,
+    name: str,
+    scopes: list[str],
+    created_by: str = "",
+    expires_at: float | None = None,
+) -> tuple[JSON, str]:
     bad = [s for s in scopes if s not in SCOPES]
     if bad or not scopes:
         from evc.errors import ValidationError
@@ -67,8 +73,15 @@ def revoke_operator_token(store: Store, token_id: str) -> JSON:
     return store.update_token(token_id, revoked=True, revoked_at=now())
 
 
-def create_enrollment(store: Store, settings: Settings, *, ttl_s: int | None, max_uses: int | None,
-                      labels: dict[str, str] | None, created_by: str) -> tuple[JSON, str]:
+def create_enrollment(
+    store: Store,
+    settings: Settings,
+    *,
+    ttl_s: int | None,
+    max_uses: int | None,
+    labels: dict[str, str] | None,
+    created_by: str,
+) -> tuple[JSON, str]:
     token = make_token(PREFIX_ENROLL, settings.token_bytes)
     ttl = ttl_s or settings.enrollment_ttl_s
     rec = {

@@ -62,7 +62,7 @@ def main(ctx: click.Context, url: str | None, token: str | None, as_json: bool) 
     ctx.obj = Ctx(url, token, as_json)
 
 
-def emit(c: Ctx, data: Any, table: Callable[[Any], None] | None = None) -> None:
+def emit(c: Ctx, data: Any, table: Callable[[Any], object] | None = None) -> None:
     if c.as_json or table is None:
         click.echo(json.dumps(data, indent=2, default=str))
     else:
@@ -71,7 +71,9 @@ def emit(c: Ctx, data: Any, table: Callable[[Any], None] | None = None) -> None:
 
 # ----------------------------------------------------------------------------- up / sim
 @main.command()
-@click.option("--sim", "sim_devices", default=0, show_default=True, help="also start N simulated devices and register them")
+@click.option(
+    "--sim", "sim_devices", default=0, show_default=True, help="also start N simulated devices and register them"
+)
 @click.option("--flower", "flower_port", type=int, default=None, help="also start Flower on this port")
 @click.option("--bind", default=None, help="API bind address (default EVC_API_BIND or 127.0.0.1:8080)")
 @click.option("--api-workers", default=2, show_default=True)
@@ -84,8 +86,13 @@ def up(c: Ctx, sim_devices: int, flower_port: int | None, bind: str | None, api_
     settings = c.settings
     if bind:
         settings = settings.replace(api_bind=pick_port(bind))
-    stack = Stack(settings, api_workers=api_workers, worker_concurrency=concurrency,
-                  flower_port=flower_port, sim_devices=sim_devices)
+    stack = Stack(
+        settings,
+        api_workers=api_workers,
+        worker_concurrency=concurrency,
+        flower_port=flower_port,
+        sim_devices=sim_devices,
+    )
     try:
         with console.status("starting EVC…"):
             stack.start()
@@ -112,12 +119,21 @@ def up(c: Ctx, sim_devices: int, flower_port: int | None, bind: str | None, api_
 @click.option("--devices", "n", default=3, show_default=True, help="how many devices")
 @click.option("--root", type=click.Path(path_type=Path), default=None, help="simulator state directory")
 @click.option("--state-file", type=click.Path(path_type=Path), default=None, help="write the device list here (JSON)")
-@click.option("--authorized-keys", type=click.Path(path_type=Path), default=None, help="public key file(s) to authorize")
+@click.option(
+    "--authorized-keys", type=click.Path(path_type=Path), default=None, help="public key file(s) to authorize"
+)
 @click.option("--privileges", default="user,sudo,root", show_default=True, help="privilege levels to cycle through")
 @click.option("--prefix", default="sim", show_default=True)
 @pass_ctx
-def sim(c: Ctx, n: int, root: Path | None, state_file: Path | None, authorized_keys: Path | None,
-        privileges: str, prefix: str) -> None:
+def sim(
+    c: Ctx,
+    n: int,
+    root: Path | None,
+    state_file: Path | None,
+    authorized_keys: Path | None,
+    privileges: str,
+    prefix: str,
+) -> None:
     """Run N simulated edge devices (real SSH servers on loopback) until Ctrl-C."""
     from evc import keys
     from evc.sim import serve_forever
@@ -149,14 +165,20 @@ def flower(c: Ctx, port: int, address: str) -> None:
     from evc.settings import settings_env
 
     os.environ.update(settings_env(c.settings))
-    os.execvp(sys.executable, [sys.executable, "-m", "celery", "-A", "evc.workers.app", "flower",
-                               f"--port={port}", f"--address={address}"])
+    os.execvp(  # noqa: S606 - an argument list, no shell: replaces this process with Flower
+        sys.executable,
+        [sys.executable, "-m", "celery", "-A", "evc.workers.app", "flower", f"--port={port}", f"--address={address}"],
+    )
 
 
 # ----------------------------------------------------------------------------- tokens
 @main.command()
-@click.option("--read-token-file", type=click.Path(path_type=Path), default=None,
-              help="also create a read-only token (for Prometheus discovery) and write it here")
+@click.option(
+    "--read-token-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="also create a read-only token (for Prometheus discovery) and write it here",
+)
 @pass_ctx
 def bootstrap(c: Ctx, read_token_file: Path | None) -> None:
     """Prepare a data directory and Redis for a deployment: EVC's SSH key pair and the first
@@ -170,8 +192,11 @@ def bootstrap(c: Ctx, read_token_file: Path | None) -> None:
     store = Store.from_settings(c.settings)
     store.ping()
     created = auth.ensure_admin_token(store, c.settings)
-    console.print(f"SSH key: {c.settings.key_path}  admin token: "
-                  + ("created" if created else "exists") + f" ({c.settings.data_dir / 'admin-token'})")
+    console.print(
+        f"SSH key: {c.settings.key_path}  admin token: "
+        + ("created" if created else "exists")
+        + f" ({c.settings.data_dir / 'admin-token'})"
+    )
     if read_token_file and not read_token_file.exists():
         _, tok = auth.create_operator_token(store, c.settings, "prometheus", ["read"], created_by="bootstrap")
         fd = os.open(read_token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -187,13 +212,22 @@ def token() -> None:
 
 @token.command("create")
 @click.argument("name")
-@click.option("--scope", "scopes", multiple=True, default=["read"], show_default=True, type=click.Choice(["admin", "read"]))
+@click.option(
+    "--scope", "scopes", multiple=True, default=["read"], show_default=True, type=click.Choice(["admin", "read"])
+)
 @click.option("--expires-in", type=int, default=None, help="seconds")
 @pass_ctx
 def token_create(c: Ctx, name: str, scopes: tuple[str, ...], expires_in: int | None) -> None:
     """Create an operator token (printed once)."""
     data = c.client().post("/api/v1/tokens", {"name": name, "scopes": list(scopes), "expires_in_s": expires_in})
-    emit(c, data, lambda d: (console.print(f"created {d['id']} ({', '.join(d['scopes'])}); the token, shown once:"), click.echo(d["token"])))
+    emit(
+        c,
+        data,
+        lambda d: (
+            console.print(f"created {d['id']} ({', '.join(d['scopes'])}); the token, shown once:"),
+            click.echo(d["token"]),
+        ),
+    )
 
 
 @token.command("list")
@@ -221,7 +255,14 @@ def token_enroll(c: Ctx, ttl: int | None, uses: int | None, labels: tuple[str, .
     """Create an enrollment token for device owners (printed once)."""
     body = {"ttl_s": ttl, "max_uses": uses, "labels": _labels(labels)}
     data = c.client().post("/api/v1/enrollments", body)
-    emit(c, data, lambda d: (console.print(f"enrollment {d['id']}: {d['uses_left']} uses; the token, shown once:"), click.echo(d["token"])))
+    emit(
+        c,
+        data,
+        lambda d: (
+            console.print(f"enrollment {d['id']}: {d['uses_left']} uses; the token, shown once:"),
+            click.echo(d["token"]),
+        ),
+    )
 
 
 # ----------------------------------------------------------------------------- devices
@@ -239,8 +280,9 @@ def device() -> None:
 @click.option("--jump", default=None, help="jump host as user@host[:port]")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="follow the registration job")
 @pass_ctx
-def device_add(c: Ctx, name: str, host: str, port: int, username: str, labels: tuple[str, ...],
-               jump: str | None, wait: bool) -> None:
+def device_add(
+    c: Ctx, name: str, host: str, port: int, username: str, labels: tuple[str, ...], jump: str | None, wait: bool
+) -> None:
     """Register a device (install EVC's key on it first: `evc ssh-key`)."""
     body: dict[str, Any] = {"name": name, "host": host, "port": port, "username": username, "labels": _labels(labels)}
     if jump:
@@ -271,14 +313,22 @@ def device_add(c: Ctx, name: str, host: str, port: int, username: str, labels: t
 @click.option("--limit", default=100, show_default=True)
 @click.option("--offset", default=0)
 @pass_ctx
-def device_list(c: Ctx, state: str | None, labels: tuple[str, ...], cluster: str | None, limit: int, offset: int) -> None:
+def device_list(
+    c: Ctx, state: str | None, labels: tuple[str, ...], cluster: str | None, limit: int, offset: int
+) -> None:
     """List devices."""
     params: dict[str, Any] = {"state": state, "cluster": cluster, "limit": limit, "offset": offset}
     if labels:
         params["label"] = list(labels)
     data = c.client().get("/api/v1/devices", **params)
-    emit(c, data, lambda d: (_table(d["items"], ["id", "name", "state", "host", "port", "username", "privilege", "level"]),
-                             console.print(f"{len(d['items'])} of {d['total']}")))
+    emit(
+        c,
+        data,
+        lambda d: (
+            _table(d["items"], ["id", "name", "state", "host", "port", "username", "privilege", "level"]),
+            console.print(f"{len(d['items'])} of {d['total']}"),
+        ),
+    )
 
 
 @device.command("show")
@@ -294,7 +344,11 @@ def device_show(c: Ctx, device_id: str) -> None:
 @pass_ctx
 def device_rm(c: Ctx, device_id: str) -> None:
     """Remove a device from EVC."""
-    emit(c, c.client().delete(f"/api/v1/devices/{device_id}"), lambda d: console.print(f"removed {d['id']} ({d['name']})"))
+    emit(
+        c,
+        c.client().delete(f"/api/v1/devices/{device_id}"),
+        lambda d: console.print(f"removed {d['id']} ({d['name']})"),
+    )
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -312,8 +366,17 @@ def job() -> None:
 def job_list(c: Ctx, kind: str | None, state: str | None, limit: int, offset: int) -> None:
     """List jobs, newest first."""
     data = c.client().get("/api/v1/jobs", kind=kind, state=state, limit=limit, offset=offset)
-    emit(c, data, lambda d: (_table([{**j, "progress": f"{j['progress'].get('percent', 0)}%"} for j in d["items"]],
-                                    ["id", "kind", "state", "progress", "created_by"]), console.print(f"{len(d['items'])} of {d['total']}")))
+    emit(
+        c,
+        data,
+        lambda d: (
+            _table(
+                [{**j, "progress": f"{j['progress'].get('percent', 0)}%"} for j in d["items"]],
+                ["id", "kind", "state", "progress", "created_by"],
+            ),
+            console.print(f"{len(d['items'])} of {d['total']}"),
+        ),
+    )
 
 
 @job.command("show")
@@ -340,7 +403,11 @@ def job_watch(c: Ctx, job_id: str) -> None:
 @pass_ctx
 def job_cancel(c: Ctx, job_id: str) -> None:
     """Cancel a job."""
-    emit(c, c.client().post(f"/api/v1/jobs/{job_id}/cancel"), lambda d: console.print(f"{d['id']}: {d['state']} (cancel requested)"))
+    emit(
+        c,
+        c.client().post(f"/api/v1/jobs/{job_id}/cancel"),
+        lambda d: console.print(f"{d['id']}: {d['state']} (cancel requested)"),
+    )
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -372,12 +439,18 @@ def _cell(v: Any) -> str:
 
 
 def _device_detail(d: dict[str, Any]) -> None:
-    console.print(f"[bold]{d['name']}[/bold] {d['id']}  {d['username']}@{d['host']}:{d['port']}  state={d['state']}  level={d.get('level')}")
+    console.print(
+        f"[bold]{d['name']}[/bold] {d['id']}  {d['username']}@{d['host']}:{d['port']}  "
+        f"state={d['state']}  level={d.get('level')}"
+    )
     if d.get("error"):
         console.print(f"  [red]error[/red]: {d['error'].get('message')}")
     f = d.get("facts") or {}
     if f:
-        console.print(f"  {f.get('arch')}  {f.get('os')}  kernel {f.get('kernel')}  cpus {f.get('cpus')}  python {f.get('python3')}")
+        console.print(
+            f"  {f.get('arch')}  {f.get('os')}  kernel {f.get('kernel')}  cpus {f.get('cpus')}  "
+            f"python {f.get('python3')}"
+        )
     if d.get("privilege"):
         console.print(f"  privilege: [bold]{d['privilege']}[/bold] — EVC can:")
         for cap in d.get("capabilities") or []:
@@ -389,29 +462,46 @@ def _watch(c: Ctx, client: Client, job_id: str) -> dict[str, Any]:
 
     job: dict[str, Any] = {}
     quiet = c.as_json
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err_console, disable=quiet, transient=False) as prog:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=quiet,
+        transient=False,
+    ) as prog:
         bar = prog.add_task(job_id, total=1)
         for job, events in client.follow(job_id):
             p = job.get("progress") or {}
-            prog.update(bar, total=p.get("total") or 1, completed=p.get("done", 0),
-                        description=f"{job['kind']} {job_id} [{job['state']}]")
+            prog.update(
+                bar,
+                total=p.get("total") or 1,
+                completed=p.get("done", 0),
+                description=f"{job['kind']} {job_id} [{job['state']}]",
+            )
             for e in events:
                 if not quiet and e.get("message"):
                     host = e.get("host") or e.get("target") or ""
                     prog.console.print(f"  {e['seq']:>4} {host + ': ' if host else ''}{e['message']}")
     if not quiet:
         colour = {"succeeded": "green", "failed": "red"}.get(job["state"], "yellow")
-        err_console.print(f"[{colour}]{job['state']}[/{colour}]" + (f": {job['error']['message']}" if job.get("error") else ""))
+        err_console.print(
+            f"[{colour}]{job['state']}[/{colour}]" + (f": {job['error']['message']}" if job.get("error") else "")
+        )
     return job
-
 
 
 # ----------------------------------------------------------------------------- federated learning
 @job.command("retry")
 @click.argument("job_id")
-@click.option("--on", "on", multiple=True, type=click.Choice(["failed", "unreachable"]),
-              help="which host outcomes to re-run (default both)")
+@click.option(
+    "--on",
+    "on",
+    multiple=True,
+    type=click.Choice(["failed", "unreachable"]),
+    help="which host outcomes to re-run (default both)",
+)
 @click.option("--wait/--no-wait", default=True, show_default=True)
 @pass_ctx
 def job_retry(c: Ctx, job_id: str, on: tuple[str, ...], wait: bool) -> None:
@@ -451,13 +541,29 @@ def playbook_show(c: Ctx, name: str) -> None:
 @click.option("--var", "var_items", multiple=True, help="extra variable key=value (value parsed as JSON if it can be)")
 @click.option("--check", is_flag=True, help="dry run with diff: report drift, change nothing")
 @click.option("--forks", type=int, default=None)
-@click.option("--lock", type=click.Choice(["wait", "fail"]), default="wait", show_default=True,
-              help="a device busy with another job: wait behind it, or refuse")
+@click.option(
+    "--lock",
+    type=click.Choice(["wait", "fail"]),
+    default="wait",
+    show_default=True,
+    help="a device busy with another job: wait behind it, or refuse",
+)
 @click.option("--retry", "retries", type=int, default=0, help="re-run failed/unreachable hosts up to N times")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="follow the job with a progress display")
 @pass_ctx
-def provision(c: Ctx, playbook_name: str, devices: tuple[str, ...], labels: tuple[str, ...], cluster: str | None,
-              var_items: tuple[str, ...], check: bool, forks: int | None, lock: str, retries: int, wait: bool) -> None:
+def provision(
+    c: Ctx,
+    playbook_name: str,
+    devices: tuple[str, ...],
+    labels: tuple[str, ...],
+    cluster: str | None,
+    var_items: tuple[str, ...],
+    check: bool,
+    forks: int | None,
+    lock: str,
+    retries: int,
+    wait: bool,
+) -> None:
     """Run a catalog playbook on devices (ids, a label selector or a cluster) as a job."""
     body: dict[str, Any] = {"playbook": playbook_name, "extra_vars": _vars(var_items), "check": check, "lock": lock}
     if devices:
@@ -500,8 +606,11 @@ def _finish(c: Ctx, client: Client, j: dict[str, Any], wait: bool) -> None:
     else:
         rows = [{"target": t, **r} for t, r in (full.get("results") or {}).items()]
         if rows:
-            cols = [k for k in ("target", "status", "ok", "state", "level", "level_name", "changed", "stopped", "message")
-                    if any(k in r for r in rows)]
+            cols = [
+                k
+                for k in ("target", "status", "ok", "state", "level", "level_name", "changed", "stopped", "message")
+                if any(k in r for r in rows)
+            ]
             _table(rows, cols)
     sys.exit(0 if full["state"] == "succeeded" else 1)
 
@@ -523,7 +632,9 @@ def cluster_profiles(c: Ctx) -> None:
             console.print(f"[bold]{p['name']}[/bold]: {p['description']}")
             console.print(f"  needs: {p['requires']}")
             for lvl, spec in p["levels"].items():
-                steps = ", ".join(s["playbook"] + (f" ({s['role']})" if s["role"] != "all" else "") for s in spec["steps"])
+                steps = ", ".join(
+                    s["playbook"] + (f" ({s['role']})" if s["role"] != "all" else "") for s in spec["steps"]
+                )
                 console.print(f"  L{lvl} {spec['name']}: {steps or '-'}")
 
     emit(c, data, show)
@@ -536,8 +647,9 @@ def cluster_profiles(c: Ctx) -> None:
 @click.option("--label", "labels", multiple=True)
 @click.option("--vars-json", default=None, help='per-playbook variables, e.g. \'{"k3s-server": {"artifact": "k3s"}}\'')
 @pass_ctx
-def cluster_create(c: Ctx, name: str, profile: str, target_level: int, labels: tuple[str, ...],
-                   vars_json: str | None) -> None:
+def cluster_create(
+    c: Ctx, name: str, profile: str, target_level: int, labels: tuple[str, ...], vars_json: str | None
+) -> None:
     """Create a cluster."""
     body: dict[str, Any] = {"name": name, "profile": profile, "target_level": target_level, "labels": _labels(labels)}
     if vars_json:
@@ -698,12 +810,14 @@ def _fl_watch(c: Ctx, client: Client, job_id: str, poll: float = 0.5) -> dict[st
 @fl.command("start")
 @click.option("--device", "devices", multiple=True, help="device id (repeatable; order = client index)")
 @click.option("--cluster", default=None, help="train on this cluster's members")
-@click.option("--data", "data_path", required=True,
-              help="shard path on each device, e.g. ~/.evc/fl/data/digits/shard.npz")
+@click.option(
+    "--data", "data_path", required=True, help="shard path on each device, e.g. ~/.evc/fl/data/digits/shard.npz"
+)
 @click.option("--rounds", default=10, show_default=True)
 @click.option("--model", default="softmax", show_default=True, help="softmax, mlp, mlp:<hidden> or module:<path>.py")
-@click.option("--strategy", default="fedavg", show_default=True,
-              type=click.Choice(["fedavg", "fedprox", "fedavgm", "fedadam"]))
+@click.option(
+    "--strategy", default="fedavg", show_default=True, type=click.Choice(["fedavg", "fedprox", "fedavgm", "fedadam"])
+)
 @click.option("--param", "params", multiple=True, help="strategy parameter key=value (repeatable), e.g. mu=0.01")
 @click.option("--fraction-fit", type=float, default=None)
 @click.option("--min-fit-clients", type=int, default=None)
@@ -815,8 +929,9 @@ def fl_install(c: Ctx, devices: tuple[str, ...], cluster: str | None, python: st
 @click.option("--partition", "how", default="iid", show_default=True, type=click.Choice(["iid", "dirichlet"]))
 @click.option("--alpha", default=0.5, show_default=True, help="Dirichlet concentration")
 @click.option("--seed", default=42, show_default=True)
-@click.option("--path", default=None,
-              help="shard path template on the devices (default ~/.evc/fl/data/{dataset}/shard.npz)")
+@click.option(
+    "--path", default=None, help="shard path template on the devices (default ~/.evc/fl/data/{dataset}/shard.npz)"
+)
 @pass_ctx
 def fl_partition(c: Ctx, devices: tuple[str, ...], cluster: str | None, name: str, how: str, alpha: float,
                  seed: int, path: str | None) -> None:  # fmt: skip
@@ -828,6 +943,7 @@ def fl_partition(c: Ctx, devices: tuple[str, ...], cluster: str | None, name: st
     job = _watch(c, client, client.post("/api/v1/fl/partition", json=body)["id"])
     emit(c, job, lambda j: console.print(f"data path for `evc fl start --data`: {j['summary'].get('data_path')}"
                                          f"  test set: {j['summary'].get('test_set')}"))  # fmt: skip
+
 
 if __name__ == "__main__":
     main()

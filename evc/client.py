@@ -33,7 +33,9 @@ class Client:
         try:
             resp = self.session.request(method, self.url + path, **kw)
         except requests.ConnectionError as exc:
-            raise APIError(0, f"cannot reach EVC at {self.url}: is `evc up` running? ({exc.__class__.__name__})") from exc
+            raise APIError(
+                0, f"cannot reach EVC at {self.url}: is `evc up` running? ({exc.__class__.__name__})"
+            ) from exc
         except requests.Timeout as exc:
             raise APIError(0, f"EVC at {self.url} did not answer in {self.timeout} s") from exc
         if resp.status_code >= 400:
@@ -59,7 +61,9 @@ class Client:
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path)
 
-    def follow(self, job_id: str, poll: float = 0.3, timeout: float | None = None) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    def follow(
+        self, job_id: str, poll: float = 0.3, timeout: float | None = None
+    ) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
         """Yield (job, new events) until the job ends."""
         after = 0
         deadline = time.monotonic() + timeout if timeout else None

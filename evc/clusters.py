@@ -10,7 +10,6 @@ from evc.errors import Conflict, EVCError, PreconditionFailed, ValidationError
 from evc.settings import Settings
 from evc.store import JSON, Store, new_id, now
 
-
 HIDDEN = ("join_token",)
 
 
@@ -18,8 +17,9 @@ def _check_vars(profile: profiles.Profile, values: JSON) -> None:
     known = {s.playbook for lvl in profiles.LEVELS for s in profile.steps(lvl)}
     unknown = set(values) - known
     if unknown:
-        raise ValidationError(f"vars name playbooks the {profile.name} profile does not run: {sorted(unknown)}",
-                              field="vars")
+        raise ValidationError(
+            f"vars name playbooks the {profile.name} profile does not run: {sorted(unknown)}", field="vars"
+        )
 
 
 def public(store: Store, cl: JSON) -> JSON:
@@ -80,7 +80,9 @@ def delete(store: Store, cluster_id: str) -> JSON:
     return cl
 
 
-def add_device(store: Store, sender: jobs.Sender, cluster_id: str, device_id: str, created_by: str) -> tuple[JSON, JSON | None]:
+def add_device(
+    store: Store, sender: jobs.Sender, cluster_id: str, device_id: str, created_by: str
+) -> tuple[JSON, JSON | None]:
     """Join *device_id* to the cluster and enqueue the job that brings it to the cluster's level.
     Returns (cluster, the convergence job or None when the device is already there)."""
     cl = store.get_cluster(cluster_id)
@@ -90,8 +92,7 @@ def add_device(store: Store, sender: jobs.Sender, cluster_id: str, device_id: st
     profile = profiles.get(cl["profile"])
     why = profile.requires.unmet(dev)
     if why:
-        raise PreconditionFailed(f"{dev['name']} cannot join a {profile.name} cluster: " + "; ".join(why),
-                                 reasons=why)
+        raise PreconditionFailed(f"{dev['name']} cannot join a {profile.name} cluster: " + "; ".join(why), reasons=why)
     holder = store.claim_membership(cluster_id, device_id)
     if holder:
         raise Conflict(f"device {dev['name']} already belongs to cluster {holder}", cluster=holder)
@@ -100,13 +101,27 @@ def add_device(store: Store, sender: jobs.Sender, cluster_id: str, device_id: st
     store.log_event({"type": "cluster.joined", "cluster": cluster_id, "device": device_id})
     job = None
     if int(cl.get("target_level") or 0) > int(dev.get("level") or 0):
-        job, _ = jobs.submit(store, sender, "level", targets=[device_id], created_by=created_by,
-                             params={"cluster_id": cluster_id, "target": cl["target_level"], "reason": "join"})
+        job, _ = jobs.submit(
+            store,
+            sender,
+            "level",
+            targets=[device_id],
+            created_by=created_by,
+            params={"cluster_id": cluster_id, "target": cl["target_level"], "reason": "join"},
+        )
     return cl, job
 
 
-def remove_device(store: Store, sender: jobs.Sender, settings: Settings, cluster_id: str, device_id: str,
-                  *, cleanup: bool, created_by: str) -> JSON | None:
+def remove_device(
+    store: Store,
+    sender: jobs.Sender,
+    settings: Settings,
+    cluster_id: str,
+    device_id: str,
+    *,
+    cleanup: bool,
+    created_by: str,
+) -> JSON | None:
     """Leave the cluster; with *cleanup*, a job removes what EVC installed on the device."""
     cl = store.get_cluster(cluster_id)
     members = store.cluster_members(cluster_id)
@@ -116,7 +131,7 @@ def remove_device(store: Store, sender: jobs.Sender, settings: Settings, cluster
         if len(members) > 1:
             raise PreconditionFailed(
                 "this device is the cluster's server node; make another member the server first "
-                f"(PATCH /api/v1/clusters/{cluster_id} {{\"server_id\": ...}})"
+                f'(PATCH /api/v1/clusters/{cluster_id} {{"server_id": ...}})'
             )
         store.update_cluster(cluster_id, server_id=None)
     store.release_membership(cluster_id, device_id)
@@ -126,14 +141,24 @@ def remove_device(store: Store, sender: jobs.Sender, settings: Settings, cluster
         return None
     from evc.provisioning.service import ProvisionRequest, submit_provision
 
-    job, _ = submit_provision(store, sender, settings, ProvisionRequest(playbook="cleanup", targets=(device_id,)),
-                              created_by=created_by)
+    job, _ = submit_provision(
+        store, sender, settings, ProvisionRequest(playbook="cleanup", targets=(device_id,)), created_by=created_by
+    )
     return job
 
 
-def raise_level(store: Store, sender: jobs.Sender, cluster_id: str, target: int, created_by: str, *,
-                check: bool = False, offline: str = "skip", offline_ttl_s: float = 300.0,
-                idempotency_key: str | None = None) -> JSON:
+def raise_level(
+    store: Store,
+    sender: jobs.Sender,
+    cluster_id: str,
+    target: int,
+    created_by: str,
+    *,
+    check: bool = False,
+    offline: str = "skip",
+    offline_ttl_s: float = 300.0,
+    idempotency_key: str | None = None,
+) -> JSON:
     """The job that raises every member to *target* (the cluster's target level is set too)."""
     cl = store.get_cluster(cluster_id)
     if not 0 <= target <= profiles.MAX_LEVEL:
@@ -143,10 +168,22 @@ def raise_level(store: Store, sender: jobs.Sender, cluster_id: str, target: int,
         raise PreconditionFailed(f"cluster {cl['name']} has no members")
     if not check:
         store.update_cluster(cluster_id, target_level=target)
-    job, _ = jobs.submit(store, sender, "level", targets=members, created_by=created_by,
-                         params={"cluster_id": cluster_id, "target": target, "check": check, "reason": "request",
-                                 "offline": offline, "offline_ttl_s": offline_ttl_s},
-                         idempotency_key=idempotency_key)
+    job, _ = jobs.submit(
+        store,
+        sender,
+        "level",
+        targets=members,
+        created_by=created_by,
+        params={
+            "cluster_id": cluster_id,
+            "target": target,
+            "check": check,
+            "reason": "request",
+            "offline": offline,
+            "offline_ttl_s": offline_ttl_s,
+        },
+        idempotency_key=idempotency_key,
+    )
     return job
 
 
@@ -159,8 +196,14 @@ def converge(store: Store, sender: jobs.Sender, device_id: str, reason: str) -> 
     cl = store.get_cluster(cid)
     if int(cl.get("target_level") or 0) <= 0:
         return None
-    job, _ = jobs.submit(store, sender, "level", targets=[device_id], created_by="evc:health",
-                         params={"cluster_id": cid, "target": cl["target_level"], "converge": True, "reason": reason})
+    job, _ = jobs.submit(
+        store,
+        sender,
+        "level",
+        targets=[device_id],
+        created_by="evc:health",
+        params={"cluster_id": cid, "target": cl["target_level"], "converge": True, "reason": reason},
+    )
     return job
 
 

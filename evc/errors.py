@@ -122,9 +122,7 @@ class ConnectionDropped(DeviceError):
 class CommandFailed(DeviceError):
     reason = "command_failed"
 
-    def __init__(
-        self, message: str, *, exit_status: int | None = None, stderr: str = "", **kw: Any
-    ) -> None:
+    def __init__(self, message: str, *, exit_status: int | None = None, stderr: str = "", **kw: Any) -> None:
         super().__init__(message, exit_status=exit_status, stderr=stderr[-2000:], **kw)
         self.exit_status = exit_status
         self.stderr = stderr
@@ -136,4 +134,4 @@ class DeviceOffline(DeviceError):
 
 
 #: errors a Celery task may retry with backoff; everything else fails the job at once
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (Unreachable, SSHTimeout, ConnectionDropped)
+TRANSIENT_ERRORS: tuple[type[DeviceError], ...] = (Unreachable, SSHTimeout, ConnectionDropped)

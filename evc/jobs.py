@@ -124,15 +124,25 @@ def requeue_lost(store: Store, sender: Sender, job_id: str, max_attempts: int) -
     job = store.get_job(job_id)
     attempt = int(job.get("attempt") or 0) + 1
     if attempt >= max_attempts:
-        if store.transition_job(job_id, "failed", ["running"], finished_at=now(),
-                                error={"code": "worker_lost", "message": f"the worker running this job died "
-                                       f"{attempt} times; giving up"}):
+        if store.transition_job(
+            job_id,
+            "failed",
+            ["running"],
+            finished_at=now(),
+            error={"code": "worker_lost", "message": f"the worker running this job died {attempt} times; giving up"},
+        ):
             store.add_event(job_id, {"type": "job", "state": "failed", "message": "worker lost; attempts used up"})
         return "failed"
     if not store.transition_job(job_id, "queued", ["running"], attempt=attempt):
         return "skipped"
-    store.add_event(job_id, {"type": "job", "state": "queued",
-                             "message": f"the worker running this job was lost; re-queued (attempt {attempt + 1})"})
+    store.add_event(
+        job_id,
+        {
+            "type": "job",
+            "state": "queued",
+            "message": f"the worker running this job was lost; re-queued (attempt {attempt + 1})",
+        },
+    )
     enqueue(store, sender, {**job, "attempt": attempt})
     return "requeued"
 

@@ -47,8 +47,13 @@ def raise_level(store: Store, settings: Settings, run: JobRun, runner: StepRunne
     if offline_policy in ("fail", "wait"):  # the caller chose: fail fast, or wait (with a TTL) for them
         from evc.health import ensure_online
 
-        ensure_online(store, run.job["targets"], offline_policy,  # type: ignore[arg-type]
-                      ttl_s=float(p.get("offline_ttl_s") or 300), check_cancel=run.check_cancel)
+        ensure_online(
+            store,
+            run.job["targets"],
+            offline_policy,  # type: ignore[arg-type]
+            ttl_s=float(p.get("offline_ttl_s") or 300),
+            check_cancel=run.check_cancel,
+        )
     devices = store.get_devices(run.job["targets"])
     detail: dict[str, JSON] = {}
     runnable: list[JSON] = []
@@ -71,24 +76,29 @@ def raise_level(store: Store, settings: Settings, run: JobRun, runner: StepRunne
         if not ids:
             continue
         vars_ = cluster_vars(store, cluster, step.playbook, step.vars)
-        run.event(f"L{step.level} {profiles.LEVELS[step.level]}: {step.playbook} on {len(ids)} device(s)"
-                  + (" (check)" if check or converge else ""), type="level", level=step.level,
-                  playbook=step.playbook)
+        run.event(
+            f"L{step.level} {profiles.LEVELS[step.level]}: {step.playbook} on {len(ids)} device(s)"
+            + (" (check)" if check or converge else ""),
+            type="level",
+            level=step.level,
+            playbook=step.playbook,
+        )
         results = runner(run, step.playbook, ids, vars_, check or converge)
         if converge and not check:
-            drifted = [d for d, r in results.items() if r.get("status") == "ok" and r.get("changed")]
-            for d in drifted:
-                changes.setdefault(d, []).append(step.playbook)
+            drifted = [dev_id for dev_id, r in results.items() if r.get("status") == "ok" and r.get("changed")]
+            for dev_id in drifted:
+                changes.setdefault(dev_id, []).append(step.playbook)
             if drifted:
                 run.event(f"{step.playbook} drifted on {len(drifted)} device(s): applying", type="level")
                 results.update(runner(run, step.playbook, drifted, vars_, False))
         elif check:
-            for d, r in results.items():
+            for dev_id, r in results.items():
                 if r.get("changed"):
-                    changes.setdefault(d, []).append(step.playbook)
-        for d, r in results.items():
+                    changes.setdefault(dev_id, []).append(step.playbook)
+        for dev_id, r in results.items():
             if r.get("status") != "ok":
-                failed[d] = (step.level, f"{step.playbook} {r.get('status')}: {r.get('message') or r.get('reason') or ''}".strip())
+                why = r.get("message") or r.get("reason") or ""
+                failed[dev_id] = (step.level, f"{step.playbook} {r.get('status')}: {why}".strip())
         run.progress(i + 1, len(steps))
     levels: dict[str, int] = {}
     for d in runnable:
@@ -104,7 +114,11 @@ def raise_level(store: Store, settings: Settings, run: JobRun, runner: StepRunne
             reached = target
             info = {"level": reached}
         if check:
-            info = {"level": before, "would_change": changes.get(did, []), **({"stopped": info["stopped"]} if "stopped" in info else {})}
+            info = {
+                "level": before,
+                "would_change": changes.get(did, []),
+                **({"stopped": info["stopped"]} if "stopped" in info else {}),
+            }
         else:
             new_level = reached if converge else max(before, reached)
             store.update_device(did, level=new_level, level_detail=info)

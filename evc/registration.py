@@ -27,7 +27,8 @@ command -v docker >/dev/null 2>&1 && echo "docker=1"
 command -v containerd >/dev/null 2>&1 && echo "containerd=1"
 [ -d /run/systemd/system ] && echo "systemd=1"
 if command -v nvidia-smi >/dev/null 2>&1; then
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits 2>/dev/null | while IFS= read -r g; do echo "gpu=$g"; done
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits 2>/dev/null |
+    while IFS= read -r g; do echo "gpu=$g"; done
 fi
 command -v tegrastats >/dev/null 2>&1 && echo "tegrastats=1"
 if [ -r /etc/nv_tegra_release ]; then read -r j < /etc/nv_tegra_release; echo "jetson=$j"; fi

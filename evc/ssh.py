@@ -153,7 +153,9 @@ async def run(
             raise
         raise _map_error(exc, target, settings, "command") from exc
     if res.exit_status is None and res.exit_signal is None:
-        raise ConnectionDropped(f"{target.address} closed the channel before the command ended", device_id=target.device_id)
+        raise ConnectionDropped(
+            f"{target.address} closed the channel before the command ended", device_id=target.device_id
+        )
     if check and res.exit_status != 0:
         raise CommandFailed(
             f"command failed on {target.address} with exit status {res.exit_status}",

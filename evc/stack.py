@@ -66,16 +66,75 @@ class Stack:
         env = {**os.environ, **settings_env(s), **metrics.multiprocess_env(str(metrics_dir), "workers")}
         api_env = {**env, **metrics.multiprocess_env(str(metrics_dir), "api")}
         py = sys.executable
-        self._spawn("api", [py, "-m", "gunicorn", "-c", "python:evc.api.gunicorn_conf", "-w", str(self.api_workers),
-                            "-b", s.api_bind, "--access-logfile", "-", "evc.api.wsgi:app"], api_env)
-        self._spawn("worker", [py, "-m", "celery", "-A", "evc.workers.app", "worker", "-Q",
-                               "default,ssh,ansible,fl", "-c", str(self.worker_concurrency), "-l", "INFO",
-                               "-n", "evc-worker@%h"], env)
-        self._spawn("beat", [py, "-m", "celery", "-A", "evc.workers.app", "beat", "-l", "INFO",
-                             "-s", str(s.data_dir / "beat-schedule")], env)
+        self._spawn(
+            "api",
+            [
+                py,
+                "-m",
+                "gunicorn",
+                "-c",
+                "python:evc.api.gunicorn_conf",
+                "-w",
+                str(self.api_workers),
+                "-b",
+                s.api_bind,
+                "--access-logfile",
+                "-",
+                "evc.api.wsgi:app",
+            ],
+            api_env,
+        )
+        self._spawn(
+            "worker",
+            [
+                py,
+                "-m",
+                "celery",
+                "-A",
+                "evc.workers.app",
+                "worker",
+                "-Q",
+                "default,ssh,ansible,fl",
+                "-c",
+                str(self.worker_concurrency),
+                "-l",
+                "INFO",
+                "-n",
+                "evc-worker@%h",
+            ],
+            env,
+        )
+        self._spawn(
+            "beat",
+            [
+                py,
+                "-m",
+                "celery",
+                "-A",
+                "evc.workers.app",
+                "beat",
+                "-l",
+                "INFO",
+                "-s",
+                str(s.data_dir / "beat-schedule"),
+            ],
+            env,
+        )
         if self.flower_port:
-            self._spawn("flower", [py, "-m", "celery", "-A", "evc.workers.app", "flower",
-                                   f"--port={self.flower_port}", "--address=127.0.0.1"], env)
+            self._spawn(
+                "flower",
+                [
+                    py,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "evc.workers.app",
+                    "flower",
+                    f"--port={self.flower_port}",
+                    "--address=127.0.0.1",
+                ],
+                env,
+            )
         self._wait_http(s.api_url + "/healthz")
         if self.sim_devices:
             self._start_sim(env)
@@ -110,9 +169,24 @@ class Stack:
         state = self.sim_state = s.data_dir / "sim" / "devices.json"
         state.unlink(missing_ok=True)
         pub = s.key_path.with_suffix(".pub")
-        self._spawn("sim", [sys.executable, "-m", "evc.cli", "sim", "--devices", str(self.sim_devices),
-                            "--root", str(s.data_dir / "sim"), "--state-file", str(state),
-                            "--authorized-keys", str(pub)], env)
+        self._spawn(
+            "sim",
+            [
+                sys.executable,
+                "-m",
+                "evc.cli",
+                "sim",
+                "--devices",
+                str(self.sim_devices),
+                "--root",
+                str(s.data_dir / "sim"),
+                "--state-file",
+                str(state),
+                "--authorized-keys",
+                str(pub),
+            ],
+            env,
+        )
         deadline = time.monotonic() + 60
         while not state.exists():
             if time.monotonic() > deadline:

@@ -68,14 +68,12 @@ def now() -> float:
     return time.time()
 
 
-def _dump(obj: JSON) -> dict[str, str]:
+def _dump(obj: JSON) -> dict[Any, Any]:
     return {k: json.dumps(v, separators=(",", ":")) for k, v in obj.items()}
 
 
 def _load(raw: dict[Any, Any]) -> JSON:
-    return {
-        (k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()
-    }
+    return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
 
 
 class Store:
@@ -176,8 +174,9 @@ class Store:
         pipe.execute()
 
     # ------------------------------------------------------------------ token lookup
-    def resolve_token(self, index: str, kind: str, token_hash: str, fail_counter: str,
-                      window_s: int) -> tuple[int, JSON | None]:
+    def resolve_token(
+        self, index: str, kind: str, token_hash: str, fail_counter: str, window_s: int
+    ) -> tuple[int, JSON | None]:
         """(failed authentications in this window for the caller, the record the hash names)."""
         fail_key = self.k("count", fail_counter, str(int(now() // window_s)))
         fails, raw = self._resolve(keys=[fail_key, self.k(index, token_hash)], args=[self.k(kind) + ":"])
@@ -259,7 +258,9 @@ class Store:
 
     def delete_cluster(self, cluster_id: str) -> JSON:
         cl = self.get_cluster(cluster_id)
-        self._delete("cluster", cluster_id, self.k("cluster-name", cl["name"]), self.k("cluster", cluster_id, "members"))
+        self._delete(
+            "cluster", cluster_id, self.k("cluster-name", cl["name"]), self.k("cluster", cluster_id, "members")
+        )
         return cl
 
     def rename_cluster(self, cluster_id: str, old: str, new: str) -> None:
@@ -440,11 +441,7 @@ class Store:
         if not events:
             return int(self.r.llen(self.k("job", job_id, "events")))
         t = now()
-        return int(
-            self.r.rpush(
-                self.k("job", job_id, "events"), *[json.dumps({"ts": t, **e}) for e in events]
-            )
-        )
+        return int(self.r.rpush(self.k("job", job_id, "events"), *[json.dumps({"ts": t, **e}) for e in events]))
 
     def events(self, job_id: str, after: int = 0, limit: int = 100) -> list[JSON]:
         raw = self.r.lrange(self.k("job", job_id, "events"), after, after + limit - 1)
@@ -460,8 +457,9 @@ class Store:
         return _load(self.r.hgetall(self.k("job", job_id, "results")))
 
     # ------------------------------------------------------------------ audit log
-    def audit(self, actor: str, action: str, target: str = "", ip: str = "", *, pipe: Any = None,
-              **details: Any) -> None:
+    def audit(
+        self, actor: str, action: str, target: str = "", ip: str = "", *, pipe: Any = None, **details: Any
+    ) -> None:
         rec = {"ts": now(), "actor": actor, "action": action, "target": target, "ip": ip}
         if details:
             rec["details"] = details
@@ -668,9 +666,7 @@ return 'stored'
         script = self._fl_script("_fl_cas_script", self._FL_CAS)
         return bool(script(keys=[self.k("fl", job_id)], args=args))
 
-    def fl_record_outcome(
-        self, job_id: str, token: str, device_id: str, outcome: JSON, update: str | None
-    ) -> str:
+    def fl_record_outcome(self, job_id: str, token: str, device_id: str, outcome: JSON, update: str | None) -> str:
         """Store a device's outcome (and its base64 update) for round attempt *token*:
         ``stored``, ``duplicate`` (one is there already) or ``late`` (the round is not training)."""
         script = self._fl_script("_fl_outcome_script", self._FL_OUTCOME)

@@ -10,7 +10,7 @@ from evc.tasks.base import TASK_OPTIONS, run_job, settings_of
 
 
 @shared_task(name="evc.raise_level", **TASK_OPTIONS)
-def raise_level(self, job_id: str) -> str:  # type: ignore[no-untyped-def]
+def raise_level(self, job_id: str) -> str:
     from evc.levels import raise_level as body
     from evc.provisioning.service import step_runner
 

@@ -7,14 +7,14 @@ import time
 
 from celery import shared_task
 
+from evc.errors import EVCError
 from evc.jobs import JobRun
 from evc.store import JSON
-from evc.errors import EVCError
 from evc.tasks.base import TASK_OPTIONS, run_job, settings_of, store_of
 
 
 @shared_task(name="evc.noop", **TASK_OPTIONS)
-def noop(self, job_id: str) -> str:  # type: ignore[no-untyped-def]
+def noop(self, job_id: str) -> str:
     """A job that does nothing (optionally for ``sleep_s``): measures the pipeline, proves a
     worker is alive; its one effect, counted once per job, lets tests see exactly-once."""
 
@@ -32,7 +32,7 @@ def noop(self, job_id: str) -> str:  # type: ignore[no-untyped-def]
 
 
 @shared_task(name="evc.reap_jobs", bind=True, max_retries=0)
-def reap_jobs(self) -> JSON:  # type: ignore[no-untyped-def]
+def reap_jobs(self) -> JSON:
     """Re-queue jobs whose worker died mid-run (their lease expired). Beat runs this often;
     every worker also runs it when it starts."""
     from evc.jobs import requeue_lost
@@ -50,7 +50,7 @@ def reap_jobs(self) -> JSON:  # type: ignore[no-untyped-def]
 
 
 @shared_task(name="evc.register_device", **TASK_OPTIONS)
-def register_device(self, job_id: str) -> str:  # type: ignore[no-untyped-def]
+def register_device(self, job_id: str) -> str:
     from evc.registration import register
 
     def body(run: JobRun) -> JSON:
@@ -60,7 +60,7 @@ def register_device(self, job_id: str) -> str:  # type: ignore[no-untyped-def]
 
 
 @shared_task(name="evc.refresh_facts", **TASK_OPTIONS)
-def refresh_facts(self, job_id: str) -> str:  # type: ignore[no-untyped-def]
+def refresh_facts(self, job_id: str) -> str:
     from evc.registration import refresh_facts as refresh
 
     def body(run: JobRun) -> JSON:

@@ -166,8 +166,18 @@ def test_state_survives_redis_restart(tmp_path, settings) -> None:
 
         job, _ = jobs.submit(st, Hold(), "noop", created_by="x")
         st.add_event(job["id"], {"message": "hello"})
-        dev = st.create_device({"id": "dev_1", "name": "persist", "host": "h", "port": 22, "username": "u",
-                                "created_at": 1.0, "state": "online"}, "hash1")
+        dev = st.create_device(
+            {
+                "id": "dev_1",
+                "name": "persist",
+                "host": "h",
+                "port": 22,
+                "username": "u",
+                "created_at": 1.0,
+                "state": "online",
+            },
+            "hash1",
+        )
         rec, tok = create_operator_token(st, settings, "persist", ["read"])
         time.sleep(1.2)  # appendfsync everysec
         srv.restart()

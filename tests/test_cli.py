@@ -31,8 +31,21 @@ def run(live, token, *args):
 
 def test_device_add_list_show_and_job_commands(live, api, worker, sim_devices) -> None:
     (dev,) = sim_devices(1, privilege="user")
-    code, out = run(live, api.admin, "device", "add", dev.name, "--host", dev.host, "--port", str(dev.port),
-                    "--user", dev.username, "--label", "site=cli")
+    code, out = run(
+        live,
+        api.admin,
+        "device",
+        "add",
+        dev.name,
+        "--host",
+        dev.host,
+        "--port",
+        str(dev.port),
+        "--user",
+        dev.username,
+        "--label",
+        "site=cli",
+    )
     assert code == 0, out
     assert "evcd_" in out and "privilege: user" in out and "succeeded" in out
     code, out = run(live, api.admin, "--json", "device", "list", "--label", "site=cli")

@@ -29,8 +29,9 @@ def _register(api, sims, **labels):
 
 
 def _cluster(api, name, profile, target=0, **extra):
-    status, cl = api.call("POST", "/api/v1/clusters", json={"name": name, "profile": profile,
-                                                            "target_level": target, **extra})
+    status, cl = api.call(
+        "POST", "/api/v1/clusters", json={"name": name, "profile": profile, "target_level": target, **extra}
+    )
     assert status == 201, cl
     return cl
 
@@ -42,8 +43,9 @@ def test_cluster_crud_and_validation(api) -> None:
     assert api.call("POST", "/api/v1/clusters", json={"name": name, "profile": "direct"})[0] == 409
     status, body = api.call("POST", "/api/v1/clusters", json={"name": name + "x", "profile": "swarm"})
     assert status == 422 and "profile" in body["errors"]["json"]
-    status, body = api.call("POST", "/api/v1/clusters", json={"name": name + "y", "profile": "direct",
-                                                              "vars": {"k3s-server": {}}})
+    status, body = api.call(
+        "POST", "/api/v1/clusters", json={"name": name + "y", "profile": "direct", "vars": {"k3s-server": {}}}
+    )
     assert status == 422 and "k3s-server" in body["message"]
     status, page = api.call("GET", "/api/v1/clusters?limit=500")
     assert any(c["id"] == cl["id"] for c in page["items"])
@@ -109,8 +111,9 @@ def test_offline_devices_get_no_work(api, worker, sim_devices) -> None:
     job = api.wait_job(job["id"])
     assert job["state"] == "failed" and job["error"]["reason"] == "offline"
     # wait: the device comes back within the TTL, and the job goes on
-    status, job = api.call("POST", f"/api/v1/clusters/{cl['id']}/level",
-                           json={"target": 1, "offline": "wait", "offline_ttl_s": 60})
+    status, job = api.call(
+        "POST", f"/api/v1/clusters/{cl['id']}/level", json={"target": 1, "offline": "wait", "offline_ttl_s": 60}
+    )
     time.sleep(1.0)
     assert api.call("GET", f"/api/v1/jobs/{job['id']}")[1]["state"] == "running"
     api.store.update_device(dev_id, state="online")
@@ -163,8 +166,11 @@ def test_recovered_device_reconverges(api, store, worker, sim_devices) -> None:
     import shutil
 
     shutil.rmtree(sim.home / "ws")
-    made = clusters.reconverge_recovered(store, api.app.extensions["evc"].get("celery") or _sender(api),
-                                         [{"device": dev_id, "from": "offline", "to": "online"}])
+    made = clusters.reconverge_recovered(
+        store,
+        api.app.extensions["evc"].get("celery") or _sender(api),
+        [{"device": dev_id, "from": "offline", "to": "online"}],
+    )
     assert len(made) == 1 and made[0]["params"]["converge"] is True
     job = api.wait_job(made[0]["id"], timeout=180)
     assert job["state"] == "succeeded", job

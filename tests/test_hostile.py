@@ -21,8 +21,18 @@ from evc.store import Store
 
 pytestmark = pytest.mark.integration
 
-METACHARS = ["$(touch /tmp/evc-pwned)", "`touch /tmp/evc-pwned`", "a;touch /tmp/evc-pwned", "a|id", "a&&id",
-             "a\nid", "../../etc/passwd", "a' OR '1'='1", "a\x00b", "${IFS}id"]
+METACHARS = [
+    "$(touch /tmp/evc-pwned)",
+    "`touch /tmp/evc-pwned`",
+    "a;touch /tmp/evc-pwned",
+    "a|id",
+    "a&&id",
+    "a\nid",
+    "../../etc/passwd",
+    "a' OR '1'='1",
+    "a\x00b",
+    "${IFS}id",
+]
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +70,17 @@ def test_metacharacters_in_labels_and_filters(isolated, value) -> None:
     app, store, h = isolated
     c = app.test_client()
     before = _counts(store)
-    r = c.post("/api/v1/devices", json={"name": "n1", "host": "127.0.0.1", "username": "edge", "labels": {value: "v"}},
-               headers=h)
+    r = c.post(
+        "/api/v1/devices",
+        json={"name": "n1", "host": "127.0.0.1", "username": "edge", "labels": {value: "v"}},
+        headers=h,
+    )
     assert r.status_code == 422
-    r = c.post("/api/v1/devices", json={"name": "n1", "host": "127.0.0.1", "username": "edge", "labels": {"k": value}},
-               headers=h)
+    r = c.post(
+        "/api/v1/devices",
+        json={"name": "n1", "host": "127.0.0.1", "username": "edge", "labels": {"k": value}},
+        headers=h,
+    )
     assert r.status_code == 422
     r = c.get("/api/v1/devices", query_string={"label": f"k={value}"}, headers=h)
     assert r.status_code == 200 and r.get_json()["total"] == 0
@@ -84,8 +100,12 @@ def test_huge_deep_invalid_and_mistyped_bodies(isolated) -> None:
     app, store, h = isolated
     c = app.test_client()
     before = _counts(store)
-    r = c.post("/api/v1/devices", data=b"{" + b'"a":"' + b"x" * (2 * 1024 * 1024) + b'"}',
-               content_type="application/json", headers=h)
+    r = c.post(
+        "/api/v1/devices",
+        data=b"{" + b'"a":"' + b"x" * (2 * 1024 * 1024) + b'"}',
+        content_type="application/json",
+        headers=h,
+    )
     assert r.status_code == 413 and "larger" in r.get_json()["message"]
     deep = "[" * 100_000 + "]" * 100_000
     r = c.post("/api/v1/devices", data=deep, content_type="application/json", headers=h)
@@ -126,8 +146,9 @@ def test_schemathesis_no_5xx_and_schema_conformance(isolated) -> None:
             continue
 
         @given(case=operation.as_strategy())
-        @hsettings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-                   database=None)
+        @hsettings(
+            max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None
+        )
         def check(case) -> None:  # noqa: ANN001
             case.call_and_validate(headers=h, checks=checks)
 

@@ -9,8 +9,13 @@ from evc.errors import PreconditionFailed, ValidationError
 
 
 def dev(i: str, priv: str = "root", level: int = 0, mem_mb: int = 4096, cpus: int = 4) -> dict:
-    return {"id": i, "name": i, "privilege": priv, "level": level,
-            "facts": {"memory_bytes": mem_mb * 1024 * 1024, "cpus": cpus, "arch": "aarch64"}}
+    return {
+        "id": i,
+        "name": i,
+        "privilege": priv,
+        "level": level,
+        "facts": {"memory_bytes": mem_mb * 1024 * 1024, "cpus": cpus, "arch": "aarch64"},
+    }
 
 
 def names(steps):

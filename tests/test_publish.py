@@ -42,6 +42,7 @@ def test_sent_event_reaches_event_receivers(settings, store) -> None:
 
     def listen() -> None:
         with app.connection_for_read() as conn:
+
             def on_event(event: dict) -> None:
                 if event.get("type") == "task-sent" and event.get("uuid") == "job_c-0":
                     got.append(event)

@@ -150,7 +150,9 @@ def test_device_list_filters_and_paging(api, worker, sim_devices) -> None:
     status, p2 = api.call("GET", f"/api/v1/devices?label=batch={tag}&limit=2&offset=2")
     assert len(p2["items"]) == 1
     assert api.call("GET", "/api/v1/devices?label=novalue")[0] == 422
-    status, patched = api.call("PATCH", f"/api/v1/devices/{p2['items'][0]['id']}", json={"labels": {"batch": tag, "x": "y"}})
+    status, patched = api.call(
+        "PATCH", f"/api/v1/devices/{p2['items'][0]['id']}", json={"labels": {"batch": tag, "x": "y"}}
+    )
     assert status == 200 and patched["labels"]["x"] == "y"
     status, gone = api.call("DELETE", f"/api/v1/devices/{patched['id']}")
     assert status == 200
@@ -171,7 +173,7 @@ def test_idempotent_registration(api, worker, sim_devices) -> None:
 def test_parse_facts_pure() -> None:
     text = (
         "id=uid=1000(edge) gid=1000(edge) groups=1000(edge),27(sudo)\n"
-        "uname=jetson-01 5.10.120-tegra aarch64\nos=\"Ubuntu 20.04.6 LTS\"\ncpus=6\nmem_kb=8000000\n"
+        'uname=jetson-01 5.10.120-tegra aarch64\nos="Ubuntu 20.04.6 LTS"\ncpus=6\nmem_kb=8000000\n'
         "df=100 50\npython3=Python 3.8.10\ndocker=1\ngpu=Orin (nvgpu), 30536\n"
         "jetson=# R35 (release), REVISION: 4.1\nsudo=1\n"
     )

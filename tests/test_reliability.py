@@ -137,22 +137,35 @@ def test_failed_authentications_are_rate_limited(rel) -> None:
     s, store, _ = rel
     app = create_app(s.replace(auth_fail_limit=5))
     c = app.test_client()
-    codes = [c.get("/api/v1/devices", headers={"Authorization": "Bearer evco_wrong"},
-                   environ_base={"REMOTE_ADDR": "10.9.9.9"}).status_code for _ in range(7)]
+    codes = [
+        c.get(
+            "/api/v1/devices", headers={"Authorization": "Bearer evco_wrong"}, environ_base={"REMOTE_ADDR": "10.9.9.9"}
+        ).status_code
+        for _ in range(7)
+    ]
     assert codes[:5] == [401] * 5 and codes[5:] == [429, 429]
-    r = c.get("/api/v1/devices", headers={"Authorization": "Bearer evco_wrong"}, environ_base={"REMOTE_ADDR": "10.9.9.9"})
+    r = c.get(
+        "/api/v1/devices", headers={"Authorization": "Bearer evco_wrong"}, environ_base={"REMOTE_ADDR": "10.9.9.9"}
+    )
     assert r.headers.get("Retry-After") and "too many" in r.get_json()["message"]
     # another client is not affected
-    assert c.get("/api/v1/devices", headers={"Authorization": "Bearer evco_wrong"},
-                 environ_base={"REMOTE_ADDR": "10.9.9.8"}).status_code == 401
+    assert (
+        c.get(
+            "/api/v1/devices", headers={"Authorization": "Bearer evco_wrong"}, environ_base={"REMOTE_ADDR": "10.9.9.8"}
+        ).status_code
+        == 401
+    )
 
 
 def test_cors_off_by_default_and_on_when_configured(rel) -> None:
     s, _, _ = rel
     r = create_app(s).test_client().get("/healthz", headers={"Origin": "https://evil.example"})
     assert "Access-Control-Allow-Origin" not in r.headers
-    r = create_app(s.replace(cors_origins="https://ops.example")).test_client().get(
-        "/healthz", headers={"Origin": "https://ops.example"})
+    r = (
+        create_app(s.replace(cors_origins="https://ops.example"))
+        .test_client()
+        .get("/healthz", headers={"Origin": "https://ops.example"})
+    )
     assert r.headers["Access-Control-Allow-Origin"] == "https://ops.example"
 
 

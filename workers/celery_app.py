@@ -79,9 +79,9 @@ def make_celery(settings: Settings, *, include_tasks: bool = True) -> Celery:
         timezone="UTC",
         **extra,
     )
-    app.evc_settings = settings  # type: ignore[attr-defined]
+    app.evc_settings = settings
     if not settings.redis_sentinels:
         from evc.workers.publish import TaskPublisher
 
-        app.evc_publisher = TaskPublisher(app)  # type: ignore[attr-defined]
+        app.evc_publisher = TaskPublisher(app)
     return app

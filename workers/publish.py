@@ -37,8 +37,9 @@ class TaskPublisher:
             db = int(tail)
         self.event_topic = f"/{db}.celeryev/task.sent"
 
-    def commands(self, name: str, task_id: str, args: list[Any], queue: str,
-                 countdown: float | None = None) -> list[Command]:
+    def commands(
+        self, name: str, task_id: str, args: list[Any], queue: str, countdown: float | None = None
+    ) -> list[Command]:
         amqp = self.app.amqp
         msg = amqp.as_task_v2(
             task_id, name, args=args, kwargs={}, countdown=countdown, origin=self.hostname,

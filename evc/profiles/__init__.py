@@ -140,7 +140,9 @@ def get(name: str) -> Profile:
     try:
         return profiles()[name]
     except KeyError:
-        raise ValidationError(f"unknown profile {name!r}; choose one of {sorted(profiles())}", field="profile") from None
+        raise ValidationError(
+            f"unknown profile {name!r}; choose one of {sorted(profiles())}", field="profile"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -151,8 +153,9 @@ class PlannedStep:
     vars: Mapping[str, Any]
 
 
-def plan(profile: Profile, devices: Iterable[Mapping[str, Any]], target: int,
-         server_id: str | None = None) -> tuple[list[PlannedStep], dict[str, str]]:
+def plan(
+    profile: Profile, devices: Iterable[Mapping[str, Any]], target: int, server_id: str | None = None
+) -> tuple[list[PlannedStep], dict[str, str]]:
     """The steps that raise *devices* to *target*, in order, and the devices that cannot be
     members at all (with the reason). Pure: unit-tested per profile and level."""
     if not 0 <= target <= MAX_LEVEL:

@@ -365,8 +365,9 @@ def step_runner(
         spec = catalog.get(playbook)
         if check and not spec.check_mode:
             return {d: {"status": "ok", "changed": False, "message": "no check mode: not verified"} for d in device_ids}
-        results, _, _ = run_spec(store, settings, run, spec, device_ids, extra_vars, check=check,
-                                 internal_vars=internal_vars, report=False)
+        results, _, _ = run_spec(
+            store, settings, run, spec, device_ids, extra_vars, check=check, internal_vars=internal_vars, report=False
+        )
         return results
 
     return run_step
@@ -446,7 +447,8 @@ def _summary(
 
 
 __all__ = [
-    "MAX_RETRIES", "ON_SUCCESS", "run_spec", "step_runner", "RETRYABLE", "RUNNABLE_STATES", "ProvisionFailed", "ProvisionRequest",
+    "MAX_RETRIES", "ON_SUCCESS", "RETRYABLE", "RUNNABLE_STATES", "ProvisionFailed", "ProvisionRequest",
+    "run_spec", "step_runner",
     "RetryPolicy", "artifact_root", "gate", "provision", "refusal", "resolve_artifacts", "resolve_targets",
     "retry_job", "submit_provision",
 ]  # fmt: skip
