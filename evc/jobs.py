@@ -117,6 +117,12 @@ def enqueue(store: Store, sender: Sender, job: JSON, countdown: float | None = N
     sender.send_task(name, args=args, **opts)
 
 
+def _record_finished(kind: str, state: str, duration_s: float | None) -> None:
+    from evc import metrics
+
+    metrics.record_job_finished(kind, state, duration_s)
+
+
 def requeue_lost(store: Store, sender: Sender, job_id: str, max_attempts: int) -> str:
     """A job whose worker died mid-run goes back to the queue (a new attempt, a new task id),
     or fails when it has used its attempts. Job bodies are idempotent, keyed by job id."""
@@ -162,6 +168,7 @@ def cancel(store: Store, job_id: str, revoke: Any | None = None) -> JSON:
         raise Conflict(f"job {job_id} already {job['state']}", state=job["state"])
     store.update_job(job_id, cancel_requested=True)
     if store.transition_job(job_id, "cancelled", ["queued"], finished_at=now()):
+        _record_finished(job["kind"], "cancelled", None)
         store.add_event(job_id, {"type": "job", "state": "cancelled", "message": "cancelled before it started"})
         if revoke is not None:
             revoke(f"{job_id}-{job.get('attempt', 0)}")
@@ -233,9 +240,12 @@ class JobRun:
         return self._finish("cancelled", summary=summary or {}, message="cancelled")
 
     def _finish(self, state: str, message: str, **changes: Any) -> bool:
-        ok = self.store.transition_job(self.id, state, ["queued", "running"], finished_at=now(), **changes)
+        finished = now()
+        ok = self.store.transition_job(self.id, state, ["queued", "running"], finished_at=finished, **changes)
         if ok:
             self.store.add_event(self.id, {"type": "job", "state": state, "message": message})
+            started = self.job.get("started_at") or self.job.get("created_at")
+            _record_finished(self.job["kind"], state, finished - started if started else None)
         return ok
 
 

@@ -188,3 +188,20 @@ def test_state_survives_redis_restart(tmp_path, settings) -> None:
         assert st2.token_by_hash(hash_token(tok))["id"] == rec["id"]
     finally:
         srv.stop()
+
+
+def test_finished_jobs_are_counted_in_metrics(store) -> None:
+    from prometheus_client import REGISTRY
+
+    from evc import jobs
+
+    def count() -> float:
+        return REGISTRY.get_sample_value("evc_jobs_total", {"kind": "noop", "state": "succeeded"}) or 0.0
+
+    before = count()
+    job = jobs.new_job("noop")
+    store.create_job(job)
+    run = jobs.JobRun.start(store, job["id"])
+    assert run is not None and run.succeed()
+    assert count() == before + 1
+    assert (REGISTRY.get_sample_value("evc_job_duration_seconds_count", {"kind": "noop"}) or 0) >= 1
