@@ -191,9 +191,8 @@ def test_state_survives_redis_restart(tmp_path, settings) -> None:
 
 
 def test_finished_jobs_are_counted_in_metrics(store) -> None:
-    from prometheus_client import REGISTRY
-
     from evc import jobs
+    from evc.metrics import REGISTRY
 
     def count() -> float:
         return REGISTRY.get_sample_value("evc_jobs_total", {"kind": "noop", "state": "succeeded"}) or 0.0
