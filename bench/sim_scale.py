@@ -4,12 +4,14 @@ Prints how long the simulator process takes to start N devices (until its state 
 them); then a COLD phase, one new SSH connection to every device running ``true``, a bounded
 number in flight (default 100); then a WARM phase, the way a health sweep over pooled
 connections works: with one connection already open to every device, ``true`` on all of them
-at once, repeated (default 5 runs; medians printed). For each phase it prints the wall time and
-the simulator's CPU time per command: the simulator process itself (its event loop and its
-spawning of commands) and, separately, the commands it ran (reaped children). Wall time depends
-on what else the machine runs; CPU time much less so.
+at once (``--health-check``: EVC's health check instead), repeated (default 5 runs; medians
+printed). For each phase it prints the wall time and the CPU time per command of the simulator
+(its process, and the spawner processes that start commands for other accounts), of the
+commands it ran, and of this client. Wall time depends on what else the machine runs; CPU time
+much less so.
 
     .venv/bin/python bench/sim_scale.py [--devices 1000] [--concurrency 100] [--warm-runs 5]
+        [--privileges user] [--health-check]
 """
 
 from __future__ import annotations
@@ -32,8 +34,6 @@ import asyncssh
 from _common import Figure, emit
 
 from evc.sim import SimDevice, raise_fd_limit, read_state
-
-WARM_COMMAND = "true"
 
 
 def _proc_status(pid: int) -> tuple[float, int]:
@@ -138,9 +138,9 @@ async def _open_all(
     return list(await asyncio.gather(*(one(d) for d in devices)))
 
 
-async def _warm_sweep(conns: list[asyncssh.SSHClientConnection]) -> int:
-    """``true`` on every open connection at once; the number that failed."""
-    results = await asyncio.gather(*(c.run(WARM_COMMAND) for c in conns), return_exceptions=True)
+async def _warm_sweep(conns: list[asyncssh.SSHClientConnection], command: str = "true") -> int:
+    """*command* on every open connection at once; the number that failed."""
+    results = await asyncio.gather(*(c.run(command) for c in conns), return_exceptions=True)
     return sum(1 for r in results if isinstance(r, BaseException) or r.exit_status != 0)
 
 
@@ -149,7 +149,7 @@ def _ms(seconds: float, n: int) -> float:
 
 
 async def _bench(
-    pid: int, devices: list[SimDevice], key: asyncssh.SSHKey, concurrency: int, warm_runs: int
+    pid: int, devices: list[SimDevice], key: asyncssh.SSHKey, concurrency: int, warm_runs: int, command: str = "true"
 ) -> tuple[int, list[Figure]]:
     """The cold and warm phases: (commands that failed, the figures)."""
     n = len(devices)
@@ -171,12 +171,12 @@ async def _bench(
     conns = await _open_all(devices, key, concurrency)
     phases: list[Phase] = []
     try:
-        await _warm_sweep(conns)  # once unmeasured: first-use costs (lazy imports, caches)
+        await _warm_sweep(conns, command)  # once unmeasured: first-use costs (lazy imports, caches)
         for i in range(warm_runs):
             bad: list[int] = []
 
             async def warm_step() -> None:
-                bad.append(await _warm_sweep(conns))  # noqa: B023 - awaited inside the iteration
+                bad.append(await _warm_sweep(conns, command))  # noqa: B023 - awaited inside the iteration
 
             ph = await Phase(pid).measure(warm_step)
             phases.append(ph)
@@ -190,7 +190,8 @@ async def _bench(
     wall = med(p.wall for p in phases)
     sim, helpers = med(p.sim + p.helpers for p in phases), med(p.helpers for p in phases)
     kids, client = med(p.children for p in phases), med(p.client for p in phases)
-    print(f"WARM: `true` on all {n} open connections at once, median of {warm_runs}: {wall:.2f} s wall "
+    what = "`true`" if command == "true" else "health check"
+    print(f"WARM: {what} on all {n} open connections at once, median of {warm_runs}: {wall:.2f} s wall "
           f"({n / wall:.0f} commands/s)")  # fmt: skip
     print(f"  simulator CPU per command        {_ms(sim, n):8.2f} ms  (spawner processes {_ms(helpers, n):.2f} ms "
           f"of it) + {_ms(kids, n):.2f} ms in the commands = {_ms(sim + kids, n):.2f} ms")  # fmt: skip
@@ -198,7 +199,7 @@ async def _bench(
           f"on {os.cpu_count()} cores)")  # fmt: skip
     return failures, [
         Figure(f"simulator: cold connect + `true`, {n} devices", "-", cold.wall, "s", True),
-        Figure(f"simulator: warm `true` on {n} devices at once (median)", "-", wall, "s", True),
+        Figure(f"simulator: warm {what} on {n} devices at once (median)", "-", wall, "s", True),
         Figure("simulator CPU per warm command (incl. the command)", "-", _ms(sim + kids, n), "ms", True),
     ]
 
@@ -209,7 +210,11 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=100)
     p.add_argument("--warm-runs", type=int, default=5)
     p.add_argument("--privileges", default="user", help="comma-separated levels to cycle")
+    p.add_argument("--health-check", action="store_true", help="WARM: run evc.health's check, not `true`")
     args = p.parse_args()
+    command = "true"
+    if args.health_check:
+        from evc.health import CHECK as command
     raise_fd_limit()
 
     root = Path(tempfile.mkdtemp(prefix="evc-bench-sim-"))
@@ -235,7 +240,7 @@ def main() -> int:
         n = len(devices)
         print(f"simulated devices in one process   {n}  (privileges {args.privileges})")
         print(f"start {n} devices                  {started:8.2f} s  (simulator CPU {start_cpu:.2f} s)")
-        failures, figures = asyncio.run(_bench(proc.pid, devices, key, args.concurrency, args.warm_runs))
+        failures, figures = asyncio.run(_bench(proc.pid, devices, key, args.concurrency, args.warm_runs, command))
         rss, fds = _proc_status(proc.pid)
         print(f"simulator memory / descriptors     {rss:8.0f} MiB / {fds}")
         print()

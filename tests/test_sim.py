@@ -10,8 +10,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,8 +21,9 @@ import pytest
 
 from evc.errors import ConfigError, NotFound
 from evc.sim import SimDevice, SimulatorThread, read_state, write_state
-from evc.sim.accounts import available_privileges, running_as_root
+from evc.sim.accounts import Account, Accounts, available_privileges, running_as_root
 from evc.sim.server import edit_authorized_keys
+from evc.sim.spawn import REQUEST_MAX, Spawner, helpers_supported, launch_options, setpriv_prefix
 from tests.fixtures.sim import MakeDevices, connect, run_ansible
 
 pytestmark = pytest.mark.integration
@@ -89,6 +91,18 @@ def test_pty_session(sim_devices: MakeDevices, evc_key_path: Path) -> None:
     assert lines[1:] == ["40 120", "xterm"]
 
 
+def test_pty_is_the_controlling_terminal_and_belongs_to_the_account(
+    sim_devices: MakeDevices, evc_key_path: Path
+) -> None:
+    for dev in sim_devices(3, privilege=list(available_privileges())):
+        # (/dev/tty opens only for a process that has a controlling terminal)
+        res = run(_exec(dev, evc_key_path, 'tty; stat -c %U "$(tty)"; : < /dev/tty && echo ctty', term_type="xterm"))
+        tty, owner, ctty = str(res.stdout).split()
+        assert res.exit_status == 0, dev.privilege
+        assert tty.startswith("/dev/pts/")
+        assert (owner, ctty) == (dev.username, "ctty"), dev.privilege
+
+
 def test_interactive_shell_over_pty(sim_devices: MakeDevices, evc_key_path: Path) -> None:
     dev = sim_devices(1)[0]
 
@@ -119,6 +133,59 @@ def test_device_serves_as_a_jump_host(sim_devices: MakeDevices, evc_key_path: Pa
                 return str((await conn.run("echo via-jump", check=True)).stdout)
 
     assert run(go()) == "via-jump\n"
+
+
+def test_output_pauses_while_the_client_window_is_full(sim_devices: MakeDevices, evc_key_path: Path) -> None:
+    dev = sim_devices(1)[0]
+
+    async def go() -> asyncssh.SSHCompletedProcess:
+        async with await connect(dev, evc_key_path) as conn:
+            # a window far smaller than the output: the session must stop reading and resume
+            cmd = "head -c 3000000 /dev/zero; echo end >&2; head -c 1000000 /dev/zero >&2"
+            return await conn.run(cmd, encoding=None, window=16384, max_pktsize=8192)
+
+    res = run(go())
+    assert res.exit_status == 0
+    assert res.stdout == bytes(3_000_000)
+    assert res.stderr == b"end\n" + bytes(1_000_000)
+
+
+def test_commands_start_like_sshd_starts_them(sim_devices: MakeDevices, evc_key_path: Path) -> None:
+    """Every level: nothing ignored or blocked, own session, no descriptor leaked, and no thread
+    waiting for each command (the simulator watches its commands through pidfds)."""
+    devices = sim_devices(3, privilege=list(available_privileges()))
+    probe = (
+        "grep -E '^(SigIgn|SigBlk)' /proc/self/status; ls /proc/self/fd | wc -l; "
+        "set -- $(cut -d')' -f2- /proc/$$/stat); [ $3 = $$ ] && [ $4 = $$ ] && echo leader; (yes | head -1)"
+    )
+
+    async def go(dev: SimDevice) -> tuple[list[str], list[str]]:
+        async with await connect(dev, evc_key_path) as conn:
+            sleepers = [await conn.create_process("sleep 1") for _ in range(3)]
+            await asyncio.sleep(0.3)
+            waiting = [
+                t.name for t in threading.enumerate() if t.name.startswith(("asyncio-waitpid-", "evc-sim-wait-"))
+            ]
+            res = await conn.run(probe, check=True)
+            for p in sleepers:
+                await p.wait()
+            return str(res.stdout).split(), waiting
+
+    for dev in devices:
+        out, waiting = run(go(dev))
+        assert out == ["SigBlk:", "0" * 16, "SigIgn:", "0" * 16, "4", "leader", "y"], dev.privilege
+        assert waiting == [], dev.privilege
+
+
+def test_a_command_that_cannot_start_fails_alone(sim_devices: MakeDevices, evc_key_path: Path) -> None:
+    dev = sim_devices(1)[0]
+
+    async def go() -> tuple[int | None, str]:
+        async with await connect(dev, evc_key_path) as conn:
+            bad = await conn.run("echo hi", env={"X": "a\x00b"})  # no NUL byte in an environment
+            return bad.exit_status, str((await conn.run("echo after", check=True)).stdout)
+
+    assert run(go()) == (255, "after\n")
 
 
 # -- files ---------------------------------------------------------------------------------------
@@ -182,6 +249,178 @@ def test_privilege_level_is_what_a_probe_detects(privilege: str, sim_devices: Ma
     elif running_as_root():  # real, separate Unix accounts
         assert uid != "0"
         assert dev.username == f"evcsim-{privilege}"
+
+
+# -- starting commands (evc.sim.spawn) -----------------------------------------------------------
+
+needs_accounts = pytest.mark.skipif(not running_as_root(), reason="another account's commands need root")
+
+
+@pytest.fixture()
+def account_dir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="evc-spawn-"))
+    d.chmod(0o755)  # the account works in it
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _spawned(
+    spawner: Spawner, argv: Sequence[str], account: Account, cwd: Path, env: dict[str, str] | None = None
+) -> tuple[int, str]:
+    """Run *argv* through *spawner* on a fresh loop; (return code, stdout + stderr)."""
+
+    async def go() -> tuple[int, str]:
+        r, w = os.pipe()
+        try:
+            with open(os.devnull, "rb") as null:
+                child = await spawner.spawn(
+                    argv, account, cwd=str(cwd), env=env or {"PATH": "/usr/bin:/bin"},
+                    stdin=null.fileno(), stdout=w, stderr=w,
+                )  # fmt: skip
+        finally:
+            os.close(w)
+        with os.fdopen(r, "rb") as out:
+            text = await asyncio.get_running_loop().run_in_executor(None, out.read)
+        return await child.wait(), text.decode()
+
+    async def with_close() -> tuple[int, str]:
+        try:
+            return await go()
+        finally:
+            await spawner.close()
+
+    return run(with_close())
+
+
+WHO = 'printf "%s|%s|%s|%s|%s" "$(id -u):$(id -g):$(id -G)" "$(pwd)" "$FOO" "$(grep SigIgn /proc/self/status)" "$$"'
+
+
+@needs_accounts
+@pytest.mark.parametrize("helpers", [True, False], ids=["spawner-process", "setpriv"])
+def test_another_accounts_command_runs_as_that_account(helpers: bool, sim_root: Path, account_dir: Path) -> None:
+    account = Accounts(sim_root).for_privilege("user")
+    spawner = Spawner(helpers=helpers)
+    if helpers and not spawner.use_helpers:
+        pytest.skip("spawner processes cannot run here")
+    rc, out = _spawned(spawner, ["/bin/sh", "-c", WHO + "; exit 3"], account, account_dir, {"FOO": "b a r"})
+    ids, cwd, foo, sig_ign, _ = out.split("|")
+    assert rc == 3
+    uid, gid, groups = ids.split(":")
+    assert (int(uid), int(gid)) == (account.uid, account.gid)
+    assert sorted(int(g) for g in groups.split()) == sorted(set(account.groups))
+    assert (cwd, foo) == (str(account_dir), "b a r")
+    assert sig_ign.split() == ["SigIgn:", "0" * 16]
+
+
+@needs_accounts
+def test_setpriv_and_no_fork_for_another_account(sim_root: Path) -> None:
+    account = Accounts(sim_root).for_privilege("sudo")
+    prefix, kw = launch_options(account)
+    if setpriv_prefix(account) is None:
+        assert kw == {"user": account.uid, "group": account.gid, "extra_groups": list(account.groups)}
+        pytest.skip("setpriv is not installed: the fork path it is")
+    assert kw == {}  # no user=/group=/extra_groups=: CPython may vfork
+    assert prefix[0].endswith("setpriv") and f"--reuid={account.uid}" in prefix
+    assert Spawner().use_helpers == helpers_supported()
+    assert Spawner(helpers=False).use_helpers is False
+
+
+@needs_accounts
+def test_spawner_reports_errors_and_falls_back_for_big_requests(sim_root: Path, account_dir: Path) -> None:
+    account = Accounts(sim_root).for_privilege("user")
+    missing = account_dir / "gone"
+    with pytest.raises(FileNotFoundError) as err:
+        _spawned(Spawner(), ["/bin/sh", "-c", "true"], account, missing)
+    assert err.value.filename == str(missing)
+    # too big for one message (no single string may exceed 128 KiB): started the setpriv way
+    env = {f"BIG{i}": "x" * 50_000 for i in range(REQUEST_MAX // 50_000 + 1)}
+    rc, out = _spawned(Spawner(), ["/bin/sh", "-c", 'echo "${#BIG0} $(id -u)"'], account, account_dir, env)
+    assert (rc, out) == (0, f"50000 {account.uid}\n")
+
+
+@needs_accounts
+def test_spawner_process_death_ends_its_commands_and_a_new_one_takes_over(sim_root: Path, account_dir: Path) -> None:
+    account = Accounts(sim_root).for_privilege("user")
+    spawner = Spawner(helpers=True)
+    if not spawner.use_helpers:
+        pytest.skip("spawner processes cannot run here")
+    null = os.open(os.devnull, os.O_RDWR)
+
+    async def go() -> tuple[int, bool, int, int]:
+        kw: dict[str, Any] = {"cwd": str(account_dir), "env": {}, "stdin": null, "stdout": null, "stderr": null}
+        first = await spawner.spawn(["/bin/sh", "-c", "sleep 30"], account, **kw)
+        helper_pid = next(iter(spawner._helpers.values())).process.pid
+        os.kill(helper_pid, signal.SIGKILL)
+        rc = await asyncio.wait_for(first.wait(), 10)  # ended: its spawner cannot report it any more
+        await asyncio.sleep(0.2)
+        try:  # (a zombie is gone: its parent, the spawner, died and init has not reaped it yet)
+            still_there = Path(f"/proc/{first.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            still_there = False
+        second = await spawner.spawn(["/bin/sh", "-c", "exit 4"], account, **kw)
+        new_pid = next(iter(spawner._helpers.values())).process.pid
+        try:
+            return rc, still_there, await asyncio.wait_for(second.wait(), 10), new_pid - helper_pid
+        finally:
+            await spawner.close()
+
+    try:
+        rc, still_there, rc2, new_helper = run(go())
+    finally:
+        os.close(null)
+    assert rc == -signal.SIGKILL
+    assert not still_there  # killed, not left running unwatched
+    assert rc2 == 4
+    assert new_helper != 0
+
+
+@needs_accounts
+def test_spawner_queues_what_its_socket_cannot_take_and_kills_what_nobody_waits_for(
+    sim_root: Path, account_dir: Path
+) -> None:
+    account = Accounts(sim_root).for_privilege("user")
+    spawner = Spawner(helpers=True)
+    if not spawner.use_helpers:
+        pytest.skip("spawner processes cannot run here")
+    null = os.open(os.devnull, os.O_RDWR)
+
+    async def go() -> tuple[list[int], list[int]]:
+        kw: dict[str, Any] = {"cwd": str(account_dir), "stdin": null, "stdout": null, "stderr": null}
+        env = {"PAD": "x" * 20_000}  # 300 of these are far more than a socket buffer holds
+        children = await asyncio.gather(
+            *(spawner.spawn(["/bin/sh", "-c", f"exit {i % 7}"], account, env=env, **kw) for i in range(300))
+        )
+        codes = [await c.wait() for c in children]
+        # a session that goes away while its command is being started: the command is killed
+        sleeper = ["/bin/sh", "-c", "exec sleep 31.4159"]
+        task = asyncio.ensure_future(spawner.spawn(sleeper, account, env={"PATH": "/usr/bin:/bin"}, **kw))
+        await asyncio.sleep(0)  # the request is sent
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.sleep(1.0)
+        left = _live_processes(b"sleep\x0031.4159\x00")
+        await spawner.close()
+        return codes, left
+
+    try:
+        codes, left = run(go())
+    finally:
+        os.close(null)
+    assert codes == [i % 7 for i in range(300)]
+    assert left == []
+
+
+def _live_processes(cmdline: bytes) -> list[int]:
+    """Pids of the processes (zombies aside) whose command line is *cmdline*."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and Path(f"/proc/{entry}/cmdline").read_bytes() == cmdline:
+                if Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
 
 
 # -- faults --------------------------------------------------------------------------------------

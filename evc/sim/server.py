@@ -5,8 +5,8 @@ presents the same key), home directory (``root_dir/homes/<name>``) and
 ``~/.ssh/authorized_keys``, read again on every authentication so edits take effect at once.
 (Run as root with *root_dir* inside a directory other accounts cannot enter, such as ``/root``,
 homes and sudo stand-ins go to ``/var/lib/evcsim/sims/<digest of root_dir>`` instead.)
-Commands run for real (:mod:`evc.sim.session`), SFTP is served on real paths
-(:mod:`evc.sim.sftp`), and each device presents one privilege level
+Commands run for real (:mod:`evc.sim.session`, started as :mod:`evc.sim.spawn` describes), SFTP
+is served on real paths (:mod:`evc.sim.sftp`), and each device presents one privilege level
 (:mod:`evc.sim.accounts`). Faults are injected per device with :meth:`Simulator.set_fault`.
 """
 
@@ -49,6 +49,7 @@ from evc.sim.device import (
 )
 from evc.sim.session import process_factory
 from evc.sim.sftp import sftp_factory
+from evc.sim.spawn import ChildProcess, Spawner
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class _Runtime:
     acceptor: asyncssh.SSHAcceptor | None = None
     opening: asyncio.Task[None] | None = None
     connections: set[asyncssh.SSHServerConnection] = field(default_factory=set)
-    children: set[asyncio.subprocess.Process] = field(default_factory=set)
+    children: set[ChildProcess] = field(default_factory=set)
 
 
 class Simulator:
@@ -136,6 +137,7 @@ class Simulator:
         self.base_port = base_port
         self.share_dir = self.root_dir  # homes and sudo stand-ins: see _prepare()
         self._accounts = Accounts(self.share_dir)
+        self._spawner = Spawner()
         self._devices: dict[str, _Runtime] = {}
         self._prepared = False
         self._next_port_offset = 0
@@ -316,7 +318,7 @@ class Simulator:
                 sock=sock,
                 server_factory=lambda: _DeviceSSHServer(rt),
                 server_host_keys=[rt.host_key],
-                process_factory=process_factory(dev, rt.account, rt.children),
+                process_factory=process_factory(dev, rt.account, rt.children, self._spawner),
                 sftp_factory=sftp_factory(dev, rt.account),
                 allow_scp=False,  # `scp -O` runs the device's real scp instead
                 encoding=None,
@@ -427,6 +429,7 @@ class Simulator:
             for proc in list(rt.children):
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(proc.wait(), 2.0)
+        await self._spawner.close()
 
     async def __aenter__(self) -> Simulator:
         return self

@@ -5,6 +5,11 @@ and stderr (or a pseudo-terminal, when the client asked for one) are forwarded b
 EOF included; window-size changes and signals from the client reach it; its exit status (or the
 signal that killed it) goes back to the client once its output has been drained. The ``slow``
 and ``drop`` faults of the device act here.
+
+At a thousand devices every bit of per-command work counts: the command is started by the
+simulator's :class:`~evc.sim.spawn.Spawner` (no fork of the simulator, no thread per command),
+and its output is forwarded by loop callbacks on the raw pipe descriptors rather than through
+asyncio's subprocess transports, stream readers and one task per stream.
 """
 
 from __future__ import annotations
@@ -25,11 +30,19 @@ import asyncssh
 
 from evc.sim.accounts import Account
 from evc.sim.device import SimDevice
+from evc.sim.spawn import ChildProcess, Spawner
 
 log = logging.getLogger(__name__)
 
 SHELL = "/bin/sh"
 CHUNK = 65536
+#: stop reading a command's output while the channel holds more than this unsent (asyncssh's
+#: default high-water mark: above it the channel pauses the session until the client's window
+#: opens again)
+HIGH_WATER = 65536
+#: on a terminal, how long to forward output after the shell exited (a background job may keep
+#: the terminal open)
+PTY_GRACE_S = 0.5
 #: variables the session sets itself; a client's env request cannot override them
 RESERVED_ENV = frozenset(
     {"HOME", "USER", "LOGNAME", "SHELL", "PATH", "MAIL", "SSH_CLIENT", "SSH_CONNECTION", "SSH_TTY"}
@@ -38,28 +51,123 @@ RESERVED_ENV = frozenset(
 ServerProcess = asyncssh.SSHServerProcess[bytes]
 
 
-class _Child:
-    """A spawned command and the ends of its stdio that the session reads and writes."""
+class _Wiring:
+    """The ends of a command's stdio that the session holds, forwarded by loop callbacks.
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.outputs: list[tuple[asyncio.StreamReader, asyncssh.SSHWriter[bytes]]] = []
-        self.master: int | None = None  # pty master, when the session has a terminal
-        self.pty_writer: asyncio.WriteTransport | None = None
-        self.pty_reader: asyncio.ReadTransport | None = None
+    Output (stdout and stderr pipes, or the pty master) is read when the loop reports it
+    readable and written to the channel at once; reading pauses while the channel's send buffer
+    is above :data:`HIGH_WATER` (the client's window is full) until it drains. ``finished``
+    resolves to the command's return code once it has exited and its output has been forwarded
+    to EOF (on a terminal: once the shell has exited, waiting at most :data:`PTY_GRACE_S` for
+    the rest of its output, since a background job may keep the terminal open).
+    """
+
+    def __init__(
+        self,
+        process: ServerProcess,
+        child: ChildProcess,
+        *,
+        stdin: int,
+        outputs: list[tuple[int, asyncssh.SSHWriter[bytes]]],
+        master: int | None = None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.child = child
+        self.master = master
+        self.finished: asyncio.Future[int] = self.loop.create_future()
+        self._chan = process.channel
+        self._stdin: int | None = stdin
+        self._fds = {stdin, *(fd for fd, _ in outputs)}  # ours to close
+        self._reading: dict[int, asyncssh.SSHWriter[bytes]] = dict(outputs)
+        self._draining: set[asyncio.Task[None]] = set()  # waiting for the channel to drain
+        self._writing = False  # waiting for room in the command's stdin
+        self._grace: asyncio.TimerHandle | None = None
+        for fd, writer in outputs:
+            self.loop.add_reader(fd, self._readable, fd, writer)
+        child.add_exit_callback(self._check_finished)
+
+    # -- output ---------------------------------------------------------------------------------
+
+    def _readable(self, fd: int, writer: asyncssh.SSHWriter[bytes]) -> None:
+        try:
+            data = os.read(fd, CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # EIO: the terminal's other side is closed, which is its EOF
+            data = b""
+        if not data:
+            self._stop_reading(fd)
+            return
+        try:
+            writer.write(data)
+        except OSError:  # the channel is gone; the session notices and hangs up the command
+            self._stop_reading(fd)
+            return
+        if self._chan.get_write_buffer_size() > HIGH_WATER:
+            self.loop.remove_reader(fd)
+            task = self.loop.create_task(self._read_after_drain(fd, writer))
+            self._draining.add(task)
+            task.add_done_callback(self._draining.discard)
+
+    async def _read_after_drain(self, fd: int, writer: asyncssh.SSHWriter[bytes]) -> None:
+        try:
+            await writer.drain()
+        except (OSError, asyncssh.Error):
+            self._stop_reading(fd)
+            return
+        if fd in self._reading:
+            self.loop.add_reader(fd, self._readable, fd, writer)
+
+    def _stop_reading(self, fd: int) -> None:
+        if self._reading.pop(fd, None) is not None:
+            self.loop.remove_reader(fd)
+            self._check_finished(self.child)
+
+    def _check_finished(self, child: ChildProcess) -> None:
+        rc = child.returncode
+        if rc is None or self.finished.done():
+            return
+        if not self._reading:
+            self.finished.set_result(rc)
+        elif self.master is not None and self._grace is None:
+            self._grace = self.loop.call_later(PTY_GRACE_S, self._give_up_output)
+
+    def _give_up_output(self) -> None:
+        if not self.finished.done() and self.child.returncode is not None:
+            self.finished.set_result(self.child.returncode)
+
+    # -- input ----------------------------------------------------------------------------------
 
     async def write(self, data: bytes) -> None:
-        if self.pty_writer is not None:
-            self.pty_writer.write(data)
-        elif self.proc.stdin is not None:
-            self.proc.stdin.write(data)
-            await self.proc.stdin.drain()
+        """Write all of *data* to the command's stdin (or terminal); OSError once it is gone."""
+        fd = self._stdin
+        if fd is None:
+            raise BrokenPipeError("stdin is closed")
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(fd, view)
+            except (BlockingIOError, InterruptedError):
+                await self._writable(fd)
+                continue
+            view = view[n:]
+
+    async def _writable(self, fd: int) -> None:
+        ready = self.loop.create_future()
+        self.loop.add_writer(fd, _resolve, ready)
+        self._writing = True
+        try:
+            await ready
+        finally:
+            self._writing = False
+            self.loop.remove_writer(fd)
 
     def write_eof(self) -> None:
         # Like sshd: EOF closes a pipe, but is ignored on a terminal (the shell reads on).
-        if self.pty_writer is None and self.proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
+        if self.master is None and self._stdin is not None:
+            fd, self._stdin = self._stdin, None
+            self._fds.discard(fd)
+            os.close(fd)
 
     def resize(self, size: tuple[int, int, int, int]) -> None:
         if self.master is not None:
@@ -67,47 +175,36 @@ class _Child:
 
     def signal(self, name: str) -> None:
         sig = getattr(signal, f"SIG{name}", None)
-        if isinstance(sig, signal.Signals) and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, sig)
+        if isinstance(sig, signal.Signals) and self.child.returncode is None:
+            self.child.signal_group(sig)
 
     def close(self) -> None:
-        for transport in (self.pty_writer, self.pty_reader):
-            if transport is not None:
-                transport.close()
-        if self.master is not None:
+        """Stop forwarding and close our ends (the command gets EOF / SIGPIPE / a hang-up)."""
+        if self._grace is not None:
+            self._grace.cancel()
+        for task in self._draining:
+            task.cancel()
+        for fd in self._reading:
+            self.loop.remove_reader(fd)
+        self._reading.clear()
+        if self._writing and self._stdin is not None:
+            self.loop.remove_writer(self._stdin)
+        self._stdin = None
+        for fd in self._fds:
             with contextlib.suppress(OSError):
-                os.close(self.master)
-            self.master = None
+                os.close(fd)
+        self._fds.clear()
 
 
-class _PtyOutput(asyncio.Protocol):
-    """Feeds a pty master into a StreamReader; the EIO that ends a terminal is a plain EOF.
-
-    (StreamReaderProtocol would turn it into an exception that hides output not yet read.)
-    """
-
-    def __init__(self, reader: asyncio.StreamReader) -> None:
-        self.reader = reader
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.reader.set_transport(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed_data(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.reader.feed_eof()
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _set_winsize(fd: int, size: tuple[int, int, int, int]) -> None:
     width, height, pixwidth, pixheight = size
     if width and height:
         fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, pixwidth, pixheight))
-
-
-def _take_controlling_tty() -> None:  # pragma: no cover - runs in the child between fork and exec
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
 def session_env(process: ServerProcess, device: SimDevice, account: Account) -> dict[str, str]:
@@ -128,7 +225,8 @@ def session_env(process: ServerProcess, device: SimDevice, account: Account) -> 
     return env
 
 
-async def _spawn(process: ServerProcess, device: SimDevice, account: Account) -> _Child:
+async def _start(process: ServerProcess, device: SimDevice, account: Account, spawner: Spawner) -> _Wiring:
+    """Start the session's command (see :mod:`evc.sim.spawn`) and wire it to the channel."""
     command = process.command
     term = process.term_type
     env = session_env(process, device, account)
@@ -136,17 +234,30 @@ async def _spawn(process: ServerProcess, device: SimDevice, account: Account) ->
         argv = [SHELL, "-c", command]
     else:
         argv = [SHELL, "-i"] if term else [SHELL]
-    kw: dict[str, Any] = {"cwd": str(device.home), "env": env, "start_new_session": True}
-    if not account.is_self:
-        kw.update(user=account.uid, group=account.gid, extra_groups=list(account.groups))
-    loop = asyncio.get_running_loop()
+    cwd = str(device.home)
     if not term:
-        p = asyncio.subprocess.PIPE
-        proc = await asyncio.create_subprocess_exec(*argv, stdin=p, stdout=p, stderr=p, **kw)
-        child = _Child(proc)
-        assert proc.stdout is not None and proc.stderr is not None
-        child.outputs = [(proc.stdout, process.stdout), (proc.stderr, process.stderr)]
-        return child
+        fds: list[int] = []
+        try:
+            for _ in range(3):
+                fds.extend(os.pipe())
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        in_r, in_w, out_r, out_w, err_r, err_w = fds
+        ours = (in_w, out_r, err_r)
+        try:
+            child = await spawner.spawn(argv, account, cwd=cwd, env=env, stdin=in_r, stdout=out_w, stderr=err_w)
+        except BaseException:
+            for fd in ours:
+                os.close(fd)
+            raise
+        finally:
+            for fd in (in_r, out_w, err_w):
+                os.close(fd)
+        for fd in ours:
+            os.set_blocking(fd, False)
+        return _Wiring(process, child, stdin=in_w, outputs=[(out_r, process.stdout), (err_r, process.stderr)])
     master, slave = os.openpty()
     try:
         _set_winsize(master, process.term_size)
@@ -159,89 +270,52 @@ async def _spawn(process: ServerProcess, device: SimDevice, account: Account) ->
                 tty_gid = -1
             os.chown(tty_name, account.uid, tty_gid)
             os.chmod(tty_name, 0o620)
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=slave, stdout=slave, stderr=slave,
-            preexec_fn=_take_controlling_tty, **kw,
+        child = await spawner.spawn(
+            argv, account, cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave, controlling_tty=True,
         )  # fmt: skip
     except BaseException:
         os.close(master)
         raise
     finally:
         os.close(slave)
-    child = _Child(proc)
-    child.master = master
-    reader = asyncio.StreamReader(limit=CHUNK)
-    child.pty_reader, _ = await loop.connect_read_pipe(lambda: _PtyOutput(reader), os.fdopen(os.dup(master), "rb", 0))
-    child.pty_writer, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(os.dup(master), "wb", 0))
-    child.outputs = [(reader, process.stdout)]
-    return child
+    os.set_blocking(master, False)
+    return _Wiring(process, child, stdin=master, outputs=[(master, process.stdout)], master=master)
 
 
-async def _forward_output(src: asyncio.StreamReader, dst: asyncssh.SSHWriter[bytes]) -> None:
-    while True:
-        data = await src.read(CHUNK)
-        if not data:
-            return
-        try:
-            dst.write(data)
-            await dst.drain()
-        except (BrokenPipeError, ConnectionError):
-            return  # the channel is gone; the session notices and hangs up the command
-
-
-async def _forward_input(process: ServerProcess, child: _Child) -> None:
+async def _forward_input(process: ServerProcess, wiring: _Wiring) -> None:
     while True:
         try:
             data = await process.stdin.read(CHUNK)
         except asyncssh.TerminalSizeChanged as exc:
-            child.resize(exc.term_size)
+            wiring.resize(exc.term_size)
             continue
         except asyncssh.SignalReceived as exc:
-            child.signal(exc.signal)
+            wiring.signal(exc.signal)
             continue
         except asyncssh.BreakReceived:
-            child.signal("INT")
+            wiring.signal("INT")
             continue
         if not data:
             break
         try:
-            await child.write(data)
-        except (BrokenPipeError, ConnectionResetError):
+            await wiring.write(data)
+        except OSError:
             return  # the command stopped reading; like sshd, drop the rest
-    child.write_eof()
+    wiring.write_eof()
 
 
-async def _wait_exit(child: _Child) -> int:
-    """Wait until the command exited and its output is drained; return its return code."""
-    pumps = [asyncio.ensure_future(_forward_output(src, dst)) for src, dst in child.outputs]
-    try:
-        if child.master is None:
-            await asyncio.gather(*pumps)
-            return await child.proc.wait()
-        # On a terminal a background job may keep the pty open: stop once the shell is gone.
-        rc = await child.proc.wait()
-        await asyncio.wait(pumps, timeout=0.5)
-        return rc
-    finally:
-        for t in pumps:
-            t.cancel()
-
-
-async def _reap(child: _Child, *, hang_up: bool) -> None:
-    """Close our ends; on an abnormal end hang up the command's process group, then kill it."""
-    child.close()
+async def _reap(child: ChildProcess, *, hang_up: bool) -> None:
+    """On an abnormal end hang up the command's process group, then kill it; wait for it."""
     if hang_up:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(child.proc.pid, signal.SIGHUP)
+        child.signal_group(signal.SIGHUP)
         try:
-            await asyncio.wait_for(child.proc.wait(), 1.0)
+            await asyncio.wait_for(child.wait(), 1.0)
         except TimeoutError:
             pass
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(child.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            child.proc.kill()
-    await child.proc.wait()
+        child.signal_group(signal.SIGKILL)
+        child.kill()
+    if child.returncode is None:
+        await child.wait()
 
 
 def _report_exit(process: ServerProcess, rc: int) -> None:
@@ -266,7 +340,8 @@ async def run_session(
     process: ServerProcess,
     device: SimDevice,
     account: Account,
-    children: set[asyncio.subprocess.Process],
+    children: set[ChildProcess],
+    spawner: Spawner,
 ) -> None:
     """asyncssh ``process_factory`` body: run the requested command or shell on the device."""
     if process.subsystem is not None:
@@ -278,15 +353,15 @@ async def run_session(
     try:
         if mode == "slow":
             await asyncio.sleep(device.slow_s)
-        child = await _spawn(process, device, account)
+        wiring = await _start(process, device, account, spawner)
     except OSError as exc:
         process.stderr.write(f"sh: cannot run the command: {exc}\n".encode())
         process.exit(127)
         return
-    children.add(child.proc)
+    child = wiring.child
+    children.add(child)
     tasks: dict[str, asyncio.Future[Any]] = {
-        "input": asyncio.ensure_future(_forward_input(process, child)),
-        "exit": asyncio.ensure_future(_wait_exit(child)),
+        "input": asyncio.ensure_future(_forward_input(process, wiring)),
         "closed": asyncio.ensure_future(process.channel.wait_closed()),
     }
     if mode == "drop":
@@ -295,7 +370,7 @@ async def run_session(
         tasks["drop"] = asyncio.ensure_future(asyncio.sleep(drop_after_s))
         watched = [tasks["drop"], tasks["closed"]]
     else:
-        watched = [tasks["exit"], tasks["closed"]]
+        watched = [wiring.finished, tasks["closed"]]
     normal_end = False
     try:
         await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
@@ -303,23 +378,24 @@ async def run_session(
             if tasks["drop"].done():
                 log.info("%s: cutting the connection mid-command (fault 'drop')", device.name)
                 conn.abort()
-        elif tasks["exit"].done():
+        elif wiring.finished.done():
             normal_end = True
-            _report_exit(process, tasks["exit"].result())
+            _report_exit(process, wiring.finished.result())
     finally:
-        children.discard(child.proc)
+        children.discard(child)
         await _quietly(list(tasks.values()))
+        wiring.close()
         await _reap(child, hang_up=not normal_end)
 
 
 def process_factory(
-    device: SimDevice, account: Account, children: set[asyncio.subprocess.Process]
+    device: SimDevice, account: Account, children: set[ChildProcess], spawner: Spawner
 ) -> Callable[[ServerProcess], Awaitable[None]]:
     """The ``process_factory`` for one device's listener."""
 
     async def handler(process: ServerProcess) -> None:
         try:
-            await run_session(process, device, account, children)
+            await run_session(process, device, account, children, spawner)
         except Exception:
             log.exception("%s: session failed", device.name)
             with contextlib.suppress(Exception):
