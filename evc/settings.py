@@ -44,6 +44,11 @@ class Settings:
     ssh_connect_timeout_s: float = 10.0
     ssh_command_timeout_s: float = 60.0
     ssh_retries: int = 2
+    # cipher preference (the client's order decides): AES-GCM is one AEAD call with AES-NI/ARMv8
+    # crypto; put chacha20-poly1305@openssh.com first for fleets of boards without AES hardware
+    ssh_ciphers: str = (
+        "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr,aes256-ctr"
+    )
     # celery
     task_soft_time_limit_s: int = 600
     task_time_limit_s: int = 660

@@ -56,6 +56,10 @@ def key_line(key: asyncssh.SSHKey) -> str:
     return " ".join(key.export_public_key("openssh").decode().split()[:2])
 
 
+def _ciphers(settings: Settings) -> list[str]:
+    return [c.strip() for c in settings.ssh_ciphers.split(",") if c.strip()]
+
+
 def _trust(host_key: str | None) -> Any:
     if host_key is None:
         return None
@@ -105,6 +109,7 @@ async def connect(target: Target, settings: Settings, **kw: Any) -> asyncssh.SSH
                 asyncssh.connect(
                     target.jump.host, target.jump.port, username=target.jump.username,
                     client_keys=[key], known_hosts=_trust(target.jump.host_key), agent_path=None,
+                    encryption_algs=_ciphers(settings),
                 ),
                 settings.ssh_connect_timeout_s,
             )  # fmt: skip
@@ -112,7 +117,7 @@ async def connect(target: Target, settings: Settings, **kw: Any) -> asyncssh.SSH
             asyncssh.connect(
                 target.host, target.port, username=target.username, client_keys=[key],
                 known_hosts=_trust(target.host_key), agent_path=None, tunnel=tunnel,
-                keepalive_interval=30, **kw,
+                keepalive_interval=30, encryption_algs=_ciphers(settings), **kw,
             ),
             settings.ssh_connect_timeout_s,
         )  # fmt: skip
