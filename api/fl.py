@@ -129,13 +129,7 @@ def submit(data: dict[str, Any]) -> Any:
 @blp.response(200, JobPageSchema)
 def list_jobs(args: dict[str, Any]) -> Any:
     """FL jobs, newest first."""
-    state, target = args.get("state"), args.get("target")
-    match = None
-    if state or target:
-
-        def match(j: dict[str, Any]) -> bool:
-            return (not state or j["state"] == state) and (not target or target in j.get("targets", []))
-
+    match = jobs.matcher(args.get("state"), args.get("target"))
     items, total = get_store().list_jobs(args["offset"], args["limit"], kind="fl", match=match)
     return page(items, total, args)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -151,6 +152,17 @@ def requeue_lost(store: Store, sender: Sender, job_id: str, max_attempts: int) -
     )
     enqueue(store, sender, {**job, "attempt": attempt})
     return "requeued"
+
+
+def matcher(state: str | None = None, target: str | None = None) -> Callable[[JSON], bool] | None:
+    """A job filter for listings: by state and/or target device (None when there is none)."""
+    if not (state or target):
+        return None
+
+    def match(j: JSON) -> bool:
+        return (not state or j["state"] == state) and (not target or target in j.get("targets", []))
+
+    return match
 
 
 def public(job: JSON, store: Store | None = None, with_results: bool = True) -> JSON:
