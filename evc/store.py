@@ -729,8 +729,11 @@ def redis_client(settings: Settings) -> redis.Redis:
         for hp in settings.redis_sentinels.split(","):
             h, _, p = hp.strip().rpartition(":")
             hosts.append((h, int(p)))
-        password = redis.connection.parse_url(settings.redis_url).get("password") if settings.redis_url else None
-        return Sentinel(hosts, password=password).master_for(settings.redis_sentinel_master)
+        # the master's password and database ride in EVC_REDIS_URL (redis://:PASSWORD@any/DB)
+        opts = redis.connection.parse_url(settings.redis_url) if settings.redis_url else {}
+        return Sentinel(hosts, password=opts.get("password")).master_for(
+            settings.redis_sentinel_master, db=int(opts.get("db") or 0)
+        )
     if not settings.redis_url:
         raise StoreUnavailable("no Redis URL configured (set EVC_REDIS_URL or run `evc up`)")
     return redis.Redis.from_url(settings.redis_url, health_check_interval=30)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit
 
 from celery import Celery
 from kombu import Queue
@@ -32,7 +33,11 @@ def make_celery(settings: Settings, *, include_tasks: bool = True) -> Celery:
     extra: dict[str, Any] = {}
     broker_opts: dict[str, Any] = {"visibility_timeout": max(3600, settings.task_time_limit_s * 2)}
     if settings.redis_sentinels:
-        broker_url = ";".join(f"sentinel://{hp.strip()}" for hp in settings.redis_sentinels.split(","))
+        # the master's password rides in EVC_REDIS_URL (redis://:PASSWORD@any/DB), as for the store
+        parsed = urlsplit(settings.redis_url) if settings.redis_url else None
+        auth = f":{quote(unquote(parsed.password), safe='')}@" if parsed and parsed.password else ""
+        db = (parsed.path.strip("/") if parsed else "") or "0"
+        broker_url = ";".join(f"sentinel://{auth}{hp.strip()}/{db}" for hp in settings.redis_sentinels.split(","))
         broker_opts["master_name"] = settings.redis_sentinel_master
         extra["result_backend_transport_options"] = {"master_name": settings.redis_sentinel_master}
     else:
