@@ -154,7 +154,50 @@ def sgd_fit(
     return w, {"loss": float(epoch_loss), "n": int(n)}
 
 
-class SoftmaxRegression:
+class _GradientModel:
+    """What the built-in models share: SGD on their ``loss_grad`` and evaluation of their
+    ``predict_proba``; a subclass gives ``shapes``, ``init_params``, ``predict_proba`` and
+    ``loss_grad``."""
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        raise NotImplementedError
+
+    def predict_proba(self, params: Sequence[np.ndarray], X: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def loss_grad(
+        self, params: list[np.ndarray], X: np.ndarray, y: np.ndarray
+    ) -> tuple[float, list[np.ndarray]]:
+        raise NotImplementedError
+
+    def fit(
+        self,
+        params: Sequence[np.ndarray],
+        X: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        lr: float,
+        batch_size: int,
+        batch_order_seed: list[int] | None,
+        prox_mu: float = 0.0,
+        global_params: Sequence[np.ndarray] | None = None,
+    ) -> tuple[list[np.ndarray], dict[str, Any]]:
+        _check_params(params, self.shapes)
+        return sgd_fit(
+            self.loss_grad, params, X, y, epochs=epochs, lr=lr, batch_size=batch_size,
+            batch_order_seed=batch_order_seed, prox_mu=prox_mu, global_params=global_params,
+        )  # fmt: skip
+
+    def evaluate(
+        self, params: Sequence[np.ndarray], X: np.ndarray, y: np.ndarray
+    ) -> dict[str, Any]:
+        _check_params(params, self.shapes)
+        return _evaluate(self.predict_proba(params, X), *_check_xy(X, y))
+
+
+class SoftmaxRegression(_GradientModel):
     """Multinomial logistic regression: ``softmax(X @ W + b)``, W (d, k), b (k,), zero init."""
 
     name = "softmax"
@@ -186,33 +229,8 @@ class SoftmaxRegression:
         p /= len(y)
         return loss, [X.T @ p, p.sum(axis=0)]
 
-    def fit(
-        self,
-        params: Sequence[np.ndarray],
-        X: np.ndarray,
-        y: np.ndarray,
-        *,
-        epochs: int,
-        lr: float,
-        batch_size: int,
-        batch_order_seed: list[int] | None,
-        prox_mu: float = 0.0,
-        global_params: Sequence[np.ndarray] | None = None,
-    ) -> tuple[list[np.ndarray], dict[str, Any]]:
-        _check_params(params, self.shapes)
-        return sgd_fit(
-            self.loss_grad, params, X, y, epochs=epochs, lr=lr, batch_size=batch_size,
-            batch_order_seed=batch_order_seed, prox_mu=prox_mu, global_params=global_params,
-        )  # fmt: skip
 
-    def evaluate(
-        self, params: Sequence[np.ndarray], X: np.ndarray, y: np.ndarray
-    ) -> dict[str, Any]:
-        _check_params(params, self.shapes)
-        return _evaluate(self.predict_proba(params, X), *_check_xy(X, y))
-
-
-class MLP:
+class MLP(_GradientModel):
     """One-hidden-layer ReLU network: ``softmax(relu(X @ W1 + b1) @ W2 + b2)``, seeded He init."""
 
     name = "mlp"
@@ -260,31 +278,6 @@ class MLP:
         p /= len(y)
         dh = (p @ W2.T) * (hidden > 0)
         return loss, [X.T @ dh, dh.sum(axis=0), hidden.T @ p, p.sum(axis=0)]
-
-    def fit(
-        self,
-        params: Sequence[np.ndarray],
-        X: np.ndarray,
-        y: np.ndarray,
-        *,
-        epochs: int,
-        lr: float,
-        batch_size: int,
-        batch_order_seed: list[int] | None,
-        prox_mu: float = 0.0,
-        global_params: Sequence[np.ndarray] | None = None,
-    ) -> tuple[list[np.ndarray], dict[str, Any]]:
-        _check_params(params, self.shapes)
-        return sgd_fit(
-            self.loss_grad, params, X, y, epochs=epochs, lr=lr, batch_size=batch_size,
-            batch_order_seed=batch_order_seed, prox_mu=prox_mu, global_params=global_params,
-        )  # fmt: skip
-
-    def evaluate(
-        self, params: Sequence[np.ndarray], X: np.ndarray, y: np.ndarray
-    ) -> dict[str, Any]:
-        _check_params(params, self.shapes)
-        return _evaluate(self.predict_proba(params, X), *_check_xy(X, y))
 
 
 def _evaluate(p: np.ndarray, X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
