@@ -3,8 +3,6 @@ cluster's level, leaving can clean it up. Every change is an ordinary job in the
 
 from __future__ import annotations
 
-from typing import Any
-
 from evc import jobs, profiles
 from evc.errors import Conflict, EVCError, PreconditionFailed, ValidationError
 from evc.settings import Settings
@@ -220,15 +218,3 @@ def reconverge_recovered(store: Store, sender: jobs.Sender, changes: list[JSON])
             if job:
                 out.append(job)
     return out
-
-
-def resolve_targets(store: Store, cluster_id: str) -> list[str]:
-    store.get_cluster(cluster_id)
-    members = store.cluster_members(cluster_id)
-    if not members:
-        raise PreconditionFailed("the cluster has no members")
-    return members
-
-
-def level_summary(devs: list[JSON]) -> dict[str, Any]:
-    return {d["id"]: {"level": int(d.get("level") or 0), "detail": d.get("level_detail") or {}} for d in devs}
