@@ -10,6 +10,7 @@ from flask import current_app, g, request
 
 from evc import auth
 from evc.auth import Principal
+from evc.errors import Forbidden
 from evc.settings import Settings
 from evc.store import Store
 
@@ -66,13 +67,13 @@ def principal() -> Principal:
     return authenticate()
 
 
-def require(scope: str) -> Callable[[F], F]:
-    """Operator token with *scope* (``admin`` implies every scope)."""
+def _guard(check: Callable[[Principal], None]) -> Callable[[F], F]:
+    """A view decorator: authenticate the caller, run *check* on it, document bearer auth."""
 
     def deco(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            auth.check_scope(authenticate(), scope)
+            check(authenticate())
             return fn(*args, **kwargs)
 
         _security(wrapper)
@@ -81,32 +82,20 @@ def require(scope: str) -> Callable[[F], F]:
     return deco
 
 
-def authenticated(fn: F) -> F:
-    """Any valid token; the view decides what the principal may do."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        authenticate()
-        return fn(*args, **kwargs)
-
-    _security(wrapper)
-    return cast(F, wrapper)
+def require(scope: str) -> Callable[[F], F]:
+    """Operator token with *scope* (``admin`` implies every scope)."""
+    return _guard(lambda p: auth.check_scope(p, scope))
 
 
-def require_device(fn: F) -> F:
-    """A device token: the view acts on the calling device only."""
+def _device_only(p: Principal) -> None:
+    if p.kind != "device":
+        raise Forbidden("this endpoint takes a device token")
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        p = authenticate()
-        if p.kind != "device":
-            from evc.errors import Forbidden
 
-            raise Forbidden("this endpoint takes a device token")
-        return fn(*args, **kwargs)
-
-    _security(wrapper)
-    return cast(F, wrapper)
+#: any valid token; the view decides what the principal may do
+authenticated = _guard(lambda p: None)
+#: a device token: the view acts on the calling device only
+require_device = _guard(_device_only)
 
 
 def _security(fn: Any) -> None:
