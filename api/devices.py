@@ -131,15 +131,7 @@ def repin(data: dict[str, Any], device_id: str) -> Any:
     store = get_store()
     store.get_device(device_id)
     store.update_device(device_id, host_key=data.get("host_key"), repinned_at=now())
-    job, _ = jobs.submit(
-        store,
-        get_sender(),
-        "facts",
-        targets=[device_id],
-        created_by=actor(),
-        idempotency_key=request.headers.get("Idempotency-Key"),
-    )
-    return job
+    return _facts_job(store, device_id)
 
 
 @blp.route("/devices/<device_id>/facts", methods=["POST"])
@@ -151,6 +143,11 @@ def refresh(device_id: str) -> Any:
     dev = store.get_device(device_id)
     if not dev.get("host_key"):
         raise Forbidden("the device has no pinned host key yet; wait for its registration job")
+    return _facts_job(store, device_id)
+
+
+def _facts_job(store: Any, device_id: str) -> Any:
+    """The job that (re-)probes a device's facts, privilege and, when unpinned, its host key."""
     job, _ = jobs.submit(
         store,
         get_sender(),
