@@ -12,7 +12,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -580,13 +580,15 @@ def test_ansible_playbook_copies_files_and_becomes_root_through_sudo(
 # -- as a process --------------------------------------------------------------------------------
 
 
-def _start_process(root: Path, state: Path, n: int, keys: Path, privileges: str) -> subprocess.Popen[bytes]:
+def _start_process(
+    root: Path, state: Path, n: int, keys: Path, privileges: str, preexec_fn: Callable[[], None] | None = None
+) -> subprocess.Popen[bytes]:
     log = root / "sim.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "evc.sim", "--devices", str(n), "--root", str(root / "sim"),
              "--state-file", str(state), "--authorized-keys", str(keys), "--privileges", privileges],
-            stdout=out, stderr=subprocess.STDOUT,
+            stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
         )  # fmt: skip
     deadline = time.monotonic() + 60
     while not state.exists():
@@ -621,6 +623,30 @@ def test_simulator_process_writes_state_and_stops_on_sigterm(process_root: Path,
         rc = proc.wait(20)
     assert rc == 0
     assert not state.exists()
+
+
+def _like_nohup_in_the_background() -> None:  # runs in the child between fork and exec
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
+
+
+def test_commands_start_with_default_signals_under_nohup(process_root: Path, evc_key_path: Path) -> None:
+    """A simulator started with SIGHUP/SIGINT/SIGQUIT ignored and signals blocked (``nohup cmd &``)
+    still starts its commands with nothing ignored and nothing blocked, as sshd does."""
+    state = process_root / "devices.json"
+    privileges = ",".join(available_privileges())
+    proc = _start_process(
+        process_root, state, len(available_privileges()), evc_key_path.with_suffix(".pub"), privileges,
+        preexec_fn=_like_nohup_in_the_background,
+    )  # fmt: skip
+    try:
+        for dev in read_state(state):
+            out = run(_exec(dev, evc_key_path, "grep -E '^(SigIgn|SigBlk)' /proc/self/status")).stdout
+            assert str(out).split() == ["SigBlk:", "0" * 16, "SigIgn:", "0" * 16], dev.privilege
+    finally:
+        proc.kill()  # (SIGTERM is blocked in it)
+        proc.wait(20)
 
 
 @pytest.mark.slow

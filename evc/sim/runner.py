@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from evc.errors import ConfigError
 from evc.sim.device import FaultMode, Privilege, SimDevice
 from evc.sim.server import Simulator
+from evc.sim.spawn import commands_start_with_default_signals
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class SimulatorThread:
                 ready = threading.Event()
 
                 def run() -> None:
+                    commands_start_with_default_signals()  # (this thread's mask: the commands')
                     asyncio.set_event_loop(loop)
                     loop.call_soon(ready.set)
                     loop.run_forever()

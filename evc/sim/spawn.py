@@ -154,6 +154,39 @@ def _pidfds_work() -> bool:
     return True
 
 
+# -- signal dispositions of the commands ---------------------------------------------------------
+
+#: signals that CPython's Popen already resets for its child (``restore_signals``), and SIGCHLD,
+#: which the spawner handles itself
+_RESTORED_BY_POPEN = frozenset({"SIGPIPE", "SIGXFZ", "SIGXFSZ", "SIGCHLD", "SIGKILL", "SIGSTOP"})
+
+
+def _ignore(signum: int, frame: object) -> None:  # pragma: no cover - a signal handler
+    """Ignore a signal the way a handler does: unlike ``SIG_IGN``, a handler is not inherited."""
+
+
+def commands_start_with_default_signals() -> None:
+    """Make the commands this thread starts begin as sshd starts them: every signal at its default
+    disposition and none blocked.
+
+    An ignored signal stays ignored across ``exec`` (``nohup`` ignores SIGHUP; a shell's
+    background job ignores SIGINT and SIGQUIT) and the signal mask is inherited; a *handled*
+    signal is reset to its default. So each signal this process ignores gets a handler that does
+    nothing (the same for this process, not inherited), and this thread's mask is cleared. The
+    ``vfork`` start keeps working: no ``preexec_fn``. Dispositions can only be changed from the
+    main thread; elsewhere only the mask is cleared.
+    """
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in signal.Signals:
+        if sig.name in _RESTORED_BY_POPEN:
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                signal.signal(sig, _ignore)
+
+
 # -- starting commands here (vfork; setpriv or fork for another account) -------------------------
 
 
@@ -426,6 +459,7 @@ class Spawner:
         if helpers is None:
             helpers = os.environ.get(HELPERS_ENV, "1") != "0"
         self.use_helpers = helpers and helpers_supported()
+        commands_start_with_default_signals()
         self._helpers: dict[Account, _Helper] = {}
         self._retired: list[_Helper] = []
         self._broken: set[Account] = set()
@@ -521,6 +555,7 @@ def _helper_main(args: Sequence[str]) -> int:  # pragma: no cover - runs in the 
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so that SIGCHLD wakes the poll
+    commands_start_with_default_signals()  # (it inherited what the simulator ignores: SIG_IGN)
     children: dict[int, subprocess.Popen[bytes]] = {}
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
