@@ -232,13 +232,16 @@ class JobRun:
         if done is not None:
             self.done = done
         total = total if total is not None else int(self.job["progress"].get("total") or 1)
-        prog = {"done": self.done, "total": total, "percent": round(100.0 * self.done / max(total, 1), 1), **extra}
+        percent = min(100.0, round(100.0 * self.done / max(total, 1), 1))
+        prog = {"done": min(self.done, total), "total": total, "percent": percent, **extra}
         self.job["progress"] = prog
         self.store.update_job(self.id, progress=prog)
 
     def result(self, target: str, result: JSON, count: bool = True) -> None:
-        self.store.set_result(self.id, target, result)
-        if count:
+        """Record *target*'s result; it counts towards progress once, however often a retry or a
+        redelivery records it again (the latest result wins)."""
+        first = self.store.set_result(self.id, target, result)
+        if count and first:
             self.progress(self.done + 1)
 
     def succeed(self, summary: JSON | None = None, message: str = "succeeded") -> bool:

@@ -450,8 +450,9 @@ class Store:
     def event_count(self, job_id: str) -> int:
         return int(self.r.llen(self.k("job", job_id, "events")))
 
-    def set_result(self, job_id: str, target: str, result: JSON) -> None:
-        self.r.hset(self.k("job", job_id, "results"), target, json.dumps(result))
+    def set_result(self, job_id: str, target: str, result: JSON) -> bool:
+        """Record a target's result; True when the target had none yet (a retry overwrites)."""
+        return bool(self.r.hset(self.k("job", job_id, "results"), target, json.dumps(result)))
 
     def results(self, job_id: str) -> JSON:
         return _load(self.r.hgetall(self.k("job", job_id, "results")))

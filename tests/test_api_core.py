@@ -204,3 +204,23 @@ def test_finished_jobs_are_counted_in_metrics(store) -> None:
     assert run is not None and run.succeed()
     assert count() == before + 1
     assert (REGISTRY.get_sample_value("evc_job_duration_seconds_count", {"kind": "noop"}) or 0) >= 1
+
+
+def test_a_retried_target_counts_once_and_progress_never_passes_100(store) -> None:
+    """A registration retried by its task (the same target's result recorded again) once showed
+    `3/1`, `300%`: each target counts once, the latest result wins."""
+    from evc import jobs
+
+    job = jobs.new_job("noop", targets=["dev_a"])
+    store.create_job(job)
+    for attempt in range(3):
+        run = jobs.JobRun.start(store, job["id"])
+        assert run is not None
+        run.result("dev_a", {"ok": attempt == 2, "attempt": attempt})
+    prog = store.get_job(job["id"])["progress"]
+    assert (prog["done"], prog["total"], prog["percent"]) == (1, 1, 100.0)
+    assert store.results(job["id"])["dev_a"] == {"ok": True, "attempt": 2}
+    run = jobs.JobRun.start(store, job["id"])
+    assert run is not None
+    run.progress(done=5)
+    assert store.get_job(job["id"])["progress"]["percent"] == 100.0
