@@ -13,6 +13,7 @@ from flask_smorest import Api
 from werkzeug.exceptions import HTTPException
 
 from evc import __version__
+from evc.api import docs_assets
 from evc.errors import EVCError
 from evc.settings import Settings, load_settings
 
@@ -45,7 +46,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         OPENAPI_URL_PREFIX="/api/v1",
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH="/docs",
-        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/",  # fetched by the browser
+        OPENAPI_SWAGGER_UI_URL=docs_assets.ASSETS_URL,  # served by EVC itself: no CDN, works offline
         MAX_CONTENT_LENGTH=MAX_BODY,
         JSON_SORT_KEYS=False,
         API_SPEC_OPTIONS={
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     api = _Api(app)
     for mod in BLUEPRINTS:
         api.register_blueprint(importlib.import_module(mod).blp)
+    app.register_blueprint(docs_assets.bp)
     _errors(app)
     _audit(app)
     if settings.cors_origins:
