@@ -21,6 +21,8 @@ from evc.api.deps import (
 from evc.api.schemas import (
     DeviceCreatedSchema,
     DeviceCreateSchema,
+    DeviceImportResultSchema,
+    DeviceImportSchema,
     DeviceListArgs,
     DevicePageSchema,
     DeviceSchema,
@@ -62,6 +64,61 @@ def register(data: dict[str, Any]) -> Any:
     if token:
         out["token"] = token
     return out
+
+
+@blp.route("/devices/import", methods=["POST"])
+@require("admin")
+@blp.arguments(DeviceImportSchema)
+@blp.response(200, DeviceImportResultSchema)
+def import_devices(data: dict[str, Any]) -> Any:
+    """Onboard a fleet: an Ansible inventory (INI or YAML: ansible_host, ansible_port,
+    ansible_user, groups as labels ``<group>=true``, a jump host from ``-o ProxyJump=…`` in
+    ansible_ssh_common_args) or a CSV (name,host,port,user,labels,jump).
+
+    New devices are created, known ones updated (by name; never duplicated), then one ``import``
+    job registers every device that is new, reached differently or not online, with per-device
+    results. Hosts that cannot become devices are listed with the reason. ``dry_run``: only say
+    what would change."""
+    from evc import device_import, inventory_import
+
+    inv = inventory_import.parse(
+        data["content"], data.get("format"), data.get("filename") or "", default_user=data.get("default_user")
+    )
+    entries: list[inventory_import.InventoryEntry] = []
+    problems = list(inv.problems)
+    for entry in inv.entries:
+        errors = DeviceCreateSchema().validate(entry.body())
+        if errors:
+            problems.append(inventory_import.InventoryProblem(entry.name, _first_error(errors)))
+        else:
+            entries.append(entry)
+    store = get_store()
+    planned = device_import.plan(store, entries, problems)
+    job: dict[str, Any] | None = None
+    tokens: dict[str, str] = {}
+    if not data["dry_run"]:
+        job, tokens = device_import.apply(store, get_settings(), get_sender(), planned, created_by=actor())
+    return {"dry_run": data["dry_run"], "devices": [p.public() for p in planned], "job": job, "tokens": tokens}
+
+
+def _first_error(errors: dict[str, Any]) -> str:
+    """marshmallow's error dict as one sentence: ``host: must be a host name …``."""
+    parts = []
+    for field_name, msgs in errors.items():
+        text = msgs if isinstance(msgs, str) else "; ".join(
+            m if isinstance(m, str) else str(m) for m in (msgs.values() if isinstance(msgs, dict) else msgs)
+        )  # fmt: skip
+        parts.append(f"{field_name}: {text}")
+    return ", ".join(parts)
+
+
+@blp.route("/devices/<device_id>/register", methods=["POST"])
+@require("admin")
+@blp.response(202, JobSchema)
+def retry_registration(device_id: str) -> Any:
+    """Register a device again after its registration failed (its key installed since, its
+    address fixed, its network back): it returns to ``pending`` and a new job probes it."""
+    return devices.retry_registration(get_store(), get_sender(), device_id, created_by=actor())
 
 
 @blp.route("/devices", methods=["GET"])

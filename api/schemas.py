@@ -179,6 +179,32 @@ class DeviceCreateSchema(StrictSchema):
     jump_host = fields.Nested(JumpHostSchema, load_default=None, allow_none=True)
 
 
+class DeviceImportSchema(StrictSchema):
+    content = fields.String(
+        required=True,
+        validate=validate.Length(min=1, max=512 * 1024),
+        metadata={"description": "the inventory file's text: Ansible INI or YAML inventory, or CSV"},
+    )
+    format = fields.String(
+        load_default=None, allow_none=True, validate=validate.OneOf(["ini", "yaml", "csv"]),
+        metadata={"description": "default: detected (csv by file name; yaml for a YAML mapping; else ini)"},
+    )  # fmt: skip
+    filename = fields.String(load_default="", validate=validate.Length(max=255))
+    default_user = fields.String(load_default=None, allow_none=True, validate=validate_user)
+    dry_run = fields.Boolean(load_default=False, metadata={"description": "say what would change; change nothing"})
+
+
+class DeviceImportResultSchema(Schema):
+    dry_run = fields.Boolean()
+    devices = fields.List(
+        fields.Dict(),
+        metadata={"description": "per device: name, action (create, update, register, unchanged, invalid), "
+                                 "device_id, changes ({field: [old, new]}), reason"},
+    )  # fmt: skip
+    job = fields.Nested(JobSchema, allow_none=True)
+    tokens = fields.Dict(metadata={"description": "the new devices' own tokens by name (shown once)"})
+
+
 class DeviceUpdateSchema(StrictSchema):
     name = fields.String(validate=validate_name)
     labels = Labels()

@@ -35,7 +35,21 @@ def create(
         if prior:
             return public(store.get_device(prior["device"])), store.get_job(prior["job"]), None
     token = auth.make_token(auth.PREFIX_DEVICE, settings.token_bytes)
-    dev = {
+    dev = new_record(data, created_by=created_by, extra_labels=extra_labels)
+    store.create_device(dev, auth.hash_token(token))
+    job, _ = jobs.submit(store, sender, "register", targets=[dev["id"]], created_by=created_by)
+    if idempotency_key:
+        store.put_json(
+            f"idem-device:{created_by}:{idempotency_key}",
+            {"device": dev["id"], "job": job["id"]},
+            ttl_s=settings.idempotency_ttl_s,
+        )
+    return public(dev), job, token
+
+
+def new_record(data: JSON, *, created_by: str, extra_labels: dict[str, str] | None = None) -> JSON:
+    """A new ``pending`` device record from its create body (not stored yet)."""
+    return {
         "id": new_id("dev"),
         "name": data["name"],
         "host": data["host"],
@@ -57,15 +71,6 @@ def create(
         "registered_at": None,
         "last_seen": None,
     }
-    store.create_device(dev, auth.hash_token(token))
-    job, _ = jobs.submit(store, sender, "register", targets=[dev["id"]], created_by=created_by)
-    if idempotency_key:
-        store.put_json(
-            f"idem-device:{created_by}:{idempotency_key}",
-            {"device": dev["id"], "job": job["id"]},
-            ttl_s=settings.idempotency_ttl_s,
-        )
-    return public(dev), job, token
 
 
 def parse_selector(labels: list[str] | None) -> dict[str, str]:
@@ -115,3 +120,19 @@ def remove(store: Store, device_id: str) -> JSON:
     dev = store.delete_device(device_id)
     store.log_event({"type": "device.removed", "device": device_id, "name": dev["name"]})
     return public(dev)
+
+
+def retry_registration(store: Store, sender: jobs.Sender, device_id: str, *, created_by: str) -> JSON:
+    """Register a device again after its registration failed (fixed key, address or network):
+    it goes back to ``pending`` and a new registration job runs. Refused for an online device."""
+    dev = store.get_device(device_id)
+    if dev.get("state") == "online":
+        raise Conflict(
+            f"{dev['name']} is online already; to re-probe its facts use POST /api/v1/devices/{device_id}/facts",
+            state="online",
+        )
+    store.update_device(device_id, state="pending", error=None)
+    job, _ = jobs.submit(store, sender, "register", targets=[device_id], created_by=created_by)
+    store.log_event({"type": "device.state", "device": device_id, "from": dev.get("state"), "to": "pending",
+                     "reason": "registration retried"})  # fmt: skip
+    return job

@@ -133,5 +133,11 @@ class DeviceOffline(DeviceError):
     status = 409
 
 
+class BatchFailed(EVCError):
+    """Some targets of a batch job failed; each one's reason is its per-target result."""
+
+    code = "batch_failed"
+
+
 #: errors a Celery task may retry with backoff; everything else fails the job at once
 TRANSIENT_ERRORS: tuple[type[DeviceError], ...] = (Unreachable, SSHTimeout, ConnectionDropped)

@@ -29,6 +29,7 @@ JOB_KINDS: dict[str, JobKind] = {
     for k in (
         JobKind("noop", "evc.noop", "default", mutating=False),
         JobKind("register", "evc.register_device", "ssh"),
+        JobKind("import", "evc.import_devices", "ssh"),
         JobKind("facts", "evc.refresh_facts", "ssh", mutating=False),
         JobKind("provision", "evc.provision", "ansible"),
         JobKind("health", "evc.health_sweep", "ssh", mutating=False),

@@ -6,7 +6,7 @@ import re
 from typing import Any
 
 from evc import ssh
-from evc.errors import DeviceError, HostKeyMismatch
+from evc.errors import BatchFailed, DeviceError, HostKeyMismatch
 from evc.jobs import JobRun
 from evc.settings import Settings
 from evc.store import JSON, Store, now
@@ -149,6 +149,38 @@ async def register(store: Store, settings: Settings, run: JobRun) -> JSON:
     return _record_online(store, run, dev, facts, host_key, first=True)
 
 
+async def register_all(store: Store, settings: Settings, run: JobRun, concurrency: int = 16) -> JSON:
+    """A batch registration (a fleet import): every target is probed, each one's outcome is its
+    result (``ok``, or the error with its reason); one unreachable device never stops the others.
+    Fails, after all of them, when any device did not register."""
+    import asyncio
+
+    gate = asyncio.Semaphore(concurrency)
+    failed: dict[str, str] = {}
+
+    async def one(device_id: str) -> None:
+        async with gate:
+            dev = store.get_device(device_id)
+            run.event(f"connecting to {dev['name']}", type="step", target=device_id)
+            try:
+                facts, host_key = await probe(ssh.target_of(dev), settings)
+                _record_online(store, run, dev, facts, host_key, first=True)
+            except DeviceError as exc:
+                exc.device_id = device_id
+                store.update_device(device_id, state="unreachable", error=exc.to_dict())
+                run.result(device_id, {"ok": False, "name": dev["name"], "error": exc.to_dict()})
+                run.event(f"{dev['name']}: {exc}", type="step", target=device_id, level="error")
+                _record_failure(exc.reason)
+                failed[dev["name"]] = str(exc)
+
+    await asyncio.gather(*(one(d) for d in run.job["targets"]))
+    total = len(run.job["targets"])
+    if failed:
+        reasons = "; ".join(f"{name}: {why}" for name, why in sorted(failed.items()))
+        raise BatchFailed(f"{len(failed)} of {total} devices did not register — {reasons}")
+    return {"ok": total, "failed": 0}
+
+
 async def refresh_facts(store: Store, settings: Settings, run: JobRun) -> JSON:
     """Re-probe every target device (host keys stay pinned)."""
     ok, failed = 0, 0
@@ -186,7 +218,13 @@ def _record_online(store: Store, run: JobRun, dev: JSON, facts: JSON, host_key: 
         changes["level"] = max(int(dev.get("level") or 0), 0)
         changes["registered_at"] = now()
     store.update_device(dev["id"], **changes)
-    summary = {"ok": True, "privilege": privilege, "arch": facts["arch"], "host_key": changes["host_key"]}
+    summary = {
+        "ok": True,
+        "name": dev["name"],
+        "privilege": privilege,
+        "arch": facts["arch"],
+        "host_key": changes["host_key"],
+    }
     run.result(dev["id"], summary)
     run.event(
         f"{dev['name']} is online ({facts['arch']}, {facts['os'] or 'unknown OS'}); account privilege: "

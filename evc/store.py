@@ -199,6 +199,10 @@ class Store:
     def get_device(self, device_id: str) -> JSON:
         return self._get("device", device_id)
 
+    def device_id_by_name(self, name: str) -> str | None:
+        dev_id = self.r.get(self.k("device-name", name))
+        return dev_id.decode() if dev_id else None
+
     def get_devices(self, ids: Iterable[str]) -> list[JSON]:
         return self._get_many("device", ids)
 

@@ -59,6 +59,17 @@ def register_device(self, job_id: str) -> str:
     return run_job(self, job_id, body)
 
 
+@shared_task(name="evc.import_devices", **TASK_OPTIONS)
+def import_devices(self, job_id: str) -> str:
+    """A fleet import's batch registration: every device probed, each one's outcome recorded."""
+    from evc.registration import register_all
+
+    def body(run: JobRun) -> JSON:
+        return asyncio.run(register_all(run.store, settings_of(self), run))
+
+    return run_job(self, job_id, body)
+
+
 @shared_task(name="evc.refresh_facts", **TASK_OPTIONS)
 def refresh_facts(self, job_id: str) -> str:
     from evc.registration import refresh_facts as refresh
