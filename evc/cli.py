@@ -12,6 +12,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from evc import __version__, cli_views
+from evc.cli_format import Ref, percent, table
+from evc.cli_format import show as show_table
 from evc.client import APIError, Client
 from evc.errors import EVCError
 from evc.settings import load_settings
@@ -37,6 +40,16 @@ class Ctx:
 pass_ctx = click.make_pass_decorator(Ctx)
 
 
+def _client_of(ctx: click.Context) -> Client | None:
+    c = ctx.find_object(Ctx)
+    return c.client() if c is not None else None
+
+
+#: a device or cluster given by its id or its name
+DEVICE = Ref("device", _client_of)
+CLUSTER = Ref("cluster", _client_of)
+
+
 def _fail(exc: Exception) -> None:
     err_console.print(f"[red]error:[/red] {exc}")
     sys.exit(2)
@@ -53,12 +66,21 @@ class EVCGroup(click.Group):
 
 
 @click.group(cls=EVCGroup)
+@click.version_option(__version__, "--version", prog_name="evc", message="%(prog)s %(version)s")
 @click.option("--url", envvar="EVC_URL", help="EVC API URL (default: from settings, http://127.0.0.1:8080)")
 @click.option("--token", envvar="EVC_TOKEN", help="bearer token (default: the local admin token)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable JSON output")
 @click.pass_context
 def main(ctx: click.Context, url: str | None, token: str | None, as_json: bool) -> None:
-    """EVC — Edge Vision Cluster: provision, monitor, deploy to and train on edge devices over SSH."""
+    """EVC — Edge Vision Cluster: provision, monitor, deploy to and train on edge devices over SSH.
+
+    Devices and clusters can be given by name or id. Times are shown relative ("3m ago") or in
+    the local zone; --json prints the API's raw values.
+
+    Shell completion (bash; zsh and fish alike with zsh_source / fish_source):
+
+        eval "$(_EVC_COMPLETE=bash_source evc)"
+    """
     ctx.obj = Ctx(url, token, as_json)
 
 
@@ -151,7 +173,8 @@ def sim(
 def ssh_key(c: Ctx) -> None:
     """Print EVC's public key and the command that installs it on a device."""
     data = c.client().get("/api/v1/ssh-key")
-    emit(c, data, lambda d: (click.echo(d["public_key"]), console.print(f"\n# on the device:\n{d['install_command']}")))
+    # plain echo, never rich: a wrapped install command breaks when copied and pasted
+    emit(c, data, lambda d: click.echo(f"{d['public_key']}\n\n# on the device:\n{d['install_command']}"))
 
 
 @main.command()
@@ -309,7 +332,7 @@ def device_add(
 @device.command("list")
 @click.option("--state", default=None)
 @click.option("--label", "labels", multiple=True, help="key=value filter (repeatable)")
-@click.option("--cluster", default=None)
+@click.option("--cluster", default=None, type=CLUSTER)
 @click.option("--limit", default=100, show_default=True)
 @click.option("--offset", default=0)
 @pass_ctx
@@ -332,7 +355,7 @@ def device_list(
 
 
 @device.command("show")
-@click.argument("device_id")
+@click.argument("device_id", metavar="DEVICE", type=DEVICE)
 @pass_ctx
 def device_show(c: Ctx, device_id: str) -> None:
     """Show a device, its facts and what its privilege level allows."""
@@ -340,7 +363,7 @@ def device_show(c: Ctx, device_id: str) -> None:
 
 
 @device.command("rm")
-@click.argument("device_id")
+@click.argument("device_id", metavar="DEVICE", type=DEVICE)
 @pass_ctx
 def device_rm(c: Ctx, device_id: str) -> None:
     """Remove a device from EVC."""
@@ -371,8 +394,8 @@ def job_list(c: Ctx, kind: str | None, state: str | None, limit: int, offset: in
         data,
         lambda d: (
             _table(
-                [{**j, "progress": f"{j['progress'].get('percent', 0)}%"} for j in d["items"]],
-                ["id", "kind", "state", "progress", "created_by"],
+                [{**j, "progress": percent(j.get("progress") or {})} for j in d["items"]],
+                ["id", "kind", "state", "progress", "created_at", "created_by"],
             ),
             console.print(f"{len(d['items'])} of {d['total']}"),
         ),
@@ -384,7 +407,8 @@ def job_list(c: Ctx, kind: str | None, state: str | None, limit: int, offset: in
 @pass_ctx
 def job_show(c: Ctx, job_id: str) -> None:
     """Show a job with its per-target results."""
-    emit(c, c.client().get(f"/api/v1/jobs/{job_id}"), lambda d: click.echo(json.dumps(d, indent=2, default=str)))
+    client = c.client()
+    emit(c, client.get(f"/api/v1/jobs/{job_id}"), lambda d: cli_views.job_detail(console, client, d))
 
 
 @job.command("watch")
@@ -422,20 +446,7 @@ def _labels(items: tuple[str, ...] | list[str]) -> dict[str, str]:
 
 
 def _table(rows: list[dict[str, Any]], cols: list[str]) -> None:
-    t = Table(*cols)
-    for r in rows:
-        t.add_row(*[_cell(r.get(col)) for col in cols])
-    console.print(t)
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, list):
-        return ",".join(map(str, v))
-    if isinstance(v, dict):
-        return ",".join(f"{k}={x}" for k, x in v.items())
-    return str(v)
+    show_table(console, table(rows, cols))
 
 
 def _device_detail(d: dict[str, Any]) -> None:
@@ -472,17 +483,34 @@ def _watch(c: Ctx, client: Client, job_id: str) -> dict[str, Any]:
         transient=False,
     ) as prog:
         bar = prog.add_task(job_id, total=1)
+        running: dict[str, str] = {}  # host -> the Ansible task it is running
+        names: dict[str, str] = {}  # device id (Ansible's host) -> name
         for job, events in client.follow(job_id):
+            if not names and not quiet and any(e.get("type") == "ansible" for e in events):
+                names = cli_views.device_names(client)
             p = job.get("progress") or {}
+            total = max(int(p.get("total") or 1), 1)
+            for e in events:
+                if e.get("type") == "ansible" and e.get("host") and e.get("task"):
+                    host = names.get(e["host"], e["host"])
+                    if e.get("status") == "started":
+                        running[host] = e["task"]
+                    elif running.get(host) == e["task"]:
+                        running.pop(host)
+            tasks = "  ".join(f"{h}: {t}" for h, t in sorted(running.items())[:4])
             prog.update(
                 bar,
-                total=p.get("total") or 1,
-                completed=p.get("done", 0),
-                description=f"{job['kind']} {job_id} [{job['state']}]",
+                total=total,
+                completed=min(int(p.get("done") or 0), total),  # (never past 100 %)
+                description=f"{job['kind']} {job_id} [{job['state']}]" + (f"  {tasks}" if tasks else ""),
             )
             for e in events:
+                if not quiet and e.get("type") == "ansible" and e.get("status") == "started" and e.get("host"):
+                    host = names.get(e["host"], e["host"])
+                    prog.console.print(f"  {e['seq']:>4} {host}: TASK {e.get('task', '?')}", style="dim", markup=False)
                 if not quiet and e.get("message"):
                     host = e.get("host") or e.get("target") or ""
+                    host = names.get(host, host)
                     prog.console.print(f"  {e['seq']:>4} {host + ': ' if host else ''}{e['message']}")
     if not quiet:
         colour = {"succeeded": "green", "failed": "red"}.get(job["state"], "yellow")
@@ -535,9 +563,9 @@ def playbook_show(c: Ctx, name: str) -> None:
 
 @main.command()
 @click.argument("playbook_name", metavar="PLAYBOOK")
-@click.option("--device", "devices", multiple=True, help="device id (repeatable)")
+@click.option("--device", "devices", multiple=True, type=DEVICE, help="device name or id (repeatable)")
 @click.option("--label", "labels", multiple=True, help="select devices by key=value (repeatable)")
-@click.option("--cluster", default=None, help="every member of a cluster")
+@click.option("--cluster", default=None, type=CLUSTER, help="every member of a cluster")
 @click.option("--var", "var_items", multiple=True, help="extra variable key=value (value parsed as JSON if it can be)")
 @click.option("--check", is_flag=True, help="dry run with diff: report drift, change nothing")
 @click.option("--forks", type=int, default=None)
@@ -604,13 +632,16 @@ def _finish(c: Ctx, client: Client, j: dict[str, Any], wait: bool) -> None:
     if c.as_json:
         emit(c, full)
     else:
-        rows = [{"target": t, **r} for t, r in (full.get("results") or {}).items()]
+        results = full.get("results") or {}
+        names = cli_views.device_names(client) if results else {}
+        rows = [{"target": t, "name": names.get(t), **r} for t, r in results.items()]
         if rows:
             cols = [
                 k
                 for k in ("target", "status", "ok", "state", "level", "level_name", "changed", "stopped", "message")
                 if any(k in r for r in rows)
             ]
+            cols.insert(1, "name")
             _table(rows, cols)
     sys.exit(0 if full["state"] == "succeeded" else 1)
 
@@ -666,15 +697,16 @@ def cluster_list(c: Ctx) -> None:
 
 
 @cluster.command("show")
-@click.argument("cluster_id")
+@click.argument("cluster_id", metavar="CLUSTER", type=CLUSTER)
 @pass_ctx
 def cluster_show(c: Ctx, cluster_id: str) -> None:
     """A cluster with its members."""
-    emit(c, c.client().get(f"/api/v1/clusters/{cluster_id}"), lambda d: click.echo(json.dumps(d, indent=2)))
+    client = c.client()
+    emit(c, client.get(f"/api/v1/clusters/{cluster_id}"), lambda d: cli_views.cluster_detail(console, client, d))
 
 
 @cluster.command("rm")
-@click.argument("cluster_id")
+@click.argument("cluster_id", metavar="CLUSTER", type=CLUSTER)
 @pass_ctx
 def cluster_rm(c: Ctx, cluster_id: str) -> None:
     """Delete an empty cluster."""
@@ -682,8 +714,8 @@ def cluster_rm(c: Ctx, cluster_id: str) -> None:
 
 
 @cluster.command("add")
-@click.argument("cluster_id")
-@click.argument("device_id")
+@click.argument("cluster_id", metavar="CLUSTER", type=CLUSTER)
+@click.argument("device_id", metavar="DEVICE", type=DEVICE)
 @click.option("--wait/--no-wait", default=True, show_default=True)
 @pass_ctx
 def cluster_add(c: Ctx, cluster_id: str, device_id: str, wait: bool) -> None:
@@ -697,8 +729,8 @@ def cluster_add(c: Ctx, cluster_id: str, device_id: str, wait: bool) -> None:
 
 
 @cluster.command("remove")
-@click.argument("cluster_id")
-@click.argument("device_id")
+@click.argument("cluster_id", metavar="CLUSTER", type=CLUSTER)
+@click.argument("device_id", metavar="DEVICE", type=DEVICE)
 @click.option("--cleanup", is_flag=True, help="also remove what EVC installed on the device (a job)")
 @pass_ctx
 def cluster_remove(c: Ctx, cluster_id: str, device_id: str, cleanup: bool) -> None:
@@ -712,7 +744,7 @@ def cluster_remove(c: Ctx, cluster_id: str, device_id: str, cleanup: bool) -> No
 
 
 @cluster.command("level")
-@click.argument("cluster_id")
+@click.argument("cluster_id", metavar="CLUSTER", type=CLUSTER)
 @click.argument("target", type=int)
 @click.option("--check", is_flag=True, help="dry run: report what would change")
 @click.option("--offline", type=click.Choice(["skip", "fail", "wait"]), default="skip", show_default=True)
@@ -728,23 +760,36 @@ def cluster_level(c: Ctx, cluster_id: str, target: int, check: bool, offline: st
 # ----------------------------------------------------------------------------- fleet events and health
 @main.command()
 @click.option("--type", "etype", default=None, help="event type or prefix, e.g. device.state")
-@click.option("--device", default=None)
+@click.option("--device", default=None, type=DEVICE)
 @click.option("--limit", default=50, show_default=True)
+@click.option("-f", "--follow", is_flag=True, help="then keep printing new events as they happen (Ctrl-C stops)")
+@click.option("--for", "follow_s", type=float, default=None, help="with --follow: stop after this many seconds")
 @pass_ctx
-def events(c: Ctx, etype: str | None, device: str | None, limit: int) -> None:
+def events(c: Ctx, etype: str | None, device: str | None, limit: int, follow: bool, follow_s: float | None) -> None:
     """The fleet event log (device state changes, membership, ...), newest first."""
-    data = c.client().get("/api/v1/events", type=etype, device=device, limit=limit)
-    emit(c, data, lambda d: _table(d["items"], ["ts", "type", "device", "from", "to", "reason"]))
+    client = c.client()
+    data = client.get("/api/v1/events", type=etype, device=device, limit=limit)
+    if follow:
+        cli_views.follow_events(console, client, data["items"], etype, device, follow_s, as_json=c.as_json)
+        return
+    emit(c, data, lambda d: _table([cli_views.event_row(e) for e in d["items"]], cli_views.EVENT_COLUMNS))
 
 
 @main.command()
-@click.option("--device", "devices", multiple=True, help="only these devices (default: all)")
+@click.option("--device", "devices", multiple=True, type=DEVICE, help="only these devices (default: all)")
 @click.option("--wait/--no-wait", default=True, show_default=True)
 @pass_ctx
 def health(c: Ctx, devices: tuple[str, ...], wait: bool) -> None:
     """Run a health sweep now (a job) and show each device's state."""
     client = c.client()
-    _finish(c, client, client.post("/api/v1/health/sweep", {"devices": list(devices)} if devices else {}), wait)
+    j = client.post("/api/v1/health/sweep", {"devices": list(devices)} if devices else {})
+    if not wait:
+        _finish(c, client, j, wait)
+        return
+    j = _watch(c, client, j["id"])
+    full = client.get(f"/api/v1/jobs/{j['id']}")
+    emit(c, full, lambda d: cli_views.health_detail(console, client, d))
+    sys.exit(0 if full["state"] == "succeeded" else 1)
 
 
 @main.group()
@@ -808,8 +853,10 @@ def _fl_watch(c: Ctx, client: Client, job_id: str, poll: float = 0.5) -> dict[st
 
 
 @fl.command("start")
-@click.option("--device", "devices", multiple=True, help="device id (repeatable; order = client index)")
-@click.option("--cluster", default=None, help="train on this cluster's members")
+@click.option(
+    "--device", "devices", multiple=True, type=DEVICE, help="device name or id (repeatable; order = client index)"
+)
+@click.option("--cluster", default=None, type=CLUSTER, help="train on this cluster's members")
 @click.option(
     "--data", "data_path", required=True, help="shard path on each device, e.g. ~/.evc/fl/data/digits/shard.npz"
 )
@@ -911,8 +958,8 @@ def fl_model(c: Ctx, job_id: str, rnd: int | None, output: Path | None) -> None:
 
 
 @fl.command("install")
-@click.option("--device", "devices", multiple=True)
-@click.option("--cluster", default=None)
+@click.option("--device", "devices", multiple=True, type=DEVICE)
+@click.option("--cluster", default=None, type=CLUSTER)
 @click.option("--python", default="python3", show_default=True, help="the Python on the devices (needs numpy)")
 @pass_ctx
 def fl_install(c: Ctx, devices: tuple[str, ...], cluster: str | None, python: str) -> None:
@@ -923,8 +970,8 @@ def fl_install(c: Ctx, devices: tuple[str, ...], cluster: str | None, python: st
 
 
 @fl.command("partition")
-@click.option("--device", "devices", multiple=True, help="device id (repeatable): device k gets shard k")
-@click.option("--cluster", default=None)
+@click.option("--device", "devices", multiple=True, type=DEVICE, help="device (repeatable): device k gets shard k")
+@click.option("--cluster", default=None, type=CLUSTER)
 @click.option("--name", default="digits", show_default=True, help="dataset name (shard directory, test set)")
 @click.option("--partition", "how", default="iid", show_default=True, type=click.Choice(["iid", "dirichlet"]))
 @click.option("--alpha", default=0.5, show_default=True, help="Dirichlet concentration")
@@ -944,6 +991,9 @@ def fl_partition(c: Ctx, devices: tuple[str, ...], cluster: str | None, name: st
     emit(c, job, lambda j: console.print(f"data path for `evc fl start --data`: {j['summary'].get('data_path')}"
                                          f"  test set: {j['summary'].get('test_set')}"))  # fmt: skip
 
+
+# commands in their own modules, registered on the groups above
+from evc import cli_fleet as _cli_fleet  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()
