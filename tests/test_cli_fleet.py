@@ -136,3 +136,17 @@ def test_health_names_devices_and_says_why(live, api, worker, simulator, sim_dev
     assert good.name in out and down.name in out, out
     line = next(x for x in out.splitlines() if down.name in x and "unreachable" in x.lower())
     assert "refused" in line.lower() or "unreachable" in line.lower(), out
+
+
+def test_job_show_has_check_mode_drift(live, api, worker, sim_devices) -> None:  # noqa: F811
+    (dev,) = sim_devices(1, privilege="user")
+    code, out = run(live, api.admin, "device", "add", dev.name, "--host", dev.host, "--port", str(dev.port),
+                    "--user", dev.username)  # fmt: skip
+    assert code == 0, out
+    code, out = run(live, api.admin, "--json", "provision", "devenv", "--device", dev.name, "--check",
+                    "--var", "workspace=cli-drift", "--var", "packages=[]")  # fmt: skip
+    job = json.loads(out)
+    assert code == 0 and job["results"], out
+    code, out = run(live, api.admin, "job", "show", job["id"])
+    assert code == 0 and f"drift on {dev.name}" in out and "Workspace directory" in out, out
+    assert not (dev.home / "cli-drift").exists()
