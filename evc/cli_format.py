@@ -104,8 +104,8 @@ def percent(progress: dict[str, Any]) -> str:
 
 def resolve(client: Client, kind: str, ref: str) -> str:
     """The id of the device or cluster *ref* names (an id is returned as it is)."""
-    prefix = {"device": "dev_", "cluster": "cl"}[kind]
-    if ref.startswith(prefix) and "_" in ref:
+    prefix = {"device": "dev_", "cluster": "cl_"}[kind]
+    if ref.startswith(prefix):
         return ref
     if kind == "device":
         items = client.get("/api/v1/devices", name=ref, limit=500)["items"]

@@ -74,3 +74,31 @@ def test_health_view_names_devices_and_says_why_each_is_not_online() -> None:
     assert any("cam-gone" in x and "offline" in x and "unreachable: refused" in x for x in lines)
     assert any("cam-ok" in x and "online" in x and x.rstrip().endswith("ok") for x in lines)
     assert "3 device(s) checked: 1 degraded, 1 offline, 1 online" in lines[-1]
+
+
+class _Listing:
+    def __init__(self, devices: list[dict], clusters: list[dict]) -> None:  # type: ignore[type-arg]
+        self.lists = {"/api/v1/devices": devices, "/api/v1/clusters": clusters}
+
+    def get(self, path: str, **params: object) -> dict:  # type: ignore[type-arg]
+        items = [i for i in self.lists[path] if "name" not in params or i["name"].startswith(str(params["name"]))]
+        return {"items": items, "total": len(items)}
+
+
+def test_names_resolve_to_ids_and_ids_pass_through() -> None:
+    import click
+    import pytest
+
+    from evc.cli_format import resolve
+
+    client = _Listing(
+        [{"id": "dev_1", "name": "cam"}, {"id": "dev_2", "name": "cam-2"}],
+        [{"id": "cl_9", "name": "cluster_a"}],
+    )
+    assert resolve(client, "device", "cam") == "dev_1"  # type: ignore[arg-type]
+    assert resolve(client, "device", "cam-2") == "dev_2"  # type: ignore[arg-type]
+    assert resolve(client, "device", "dev_777") == "dev_777"  # type: ignore[arg-type]
+    assert resolve(client, "cluster", "cluster_a") == "cl_9"  # type: ignore[arg-type]
+    assert resolve(client, "cluster", "cl_5") == "cl_5"  # type: ignore[arg-type]
+    with pytest.raises(click.BadParameter, match="no device is named 'ca'"):
+        resolve(client, "device", "ca")  # type: ignore[arg-type]
