@@ -42,6 +42,9 @@ pass_ctx = click.make_pass_decorator(Ctx)
 
 def _client_of(ctx: click.Context) -> Client | None:
     c = ctx.find_object(Ctx)
+    if c is None and ctx.resilient_parsing:  # shell completion: the group's callback did not run
+        root = ctx.find_root().params
+        c = Ctx(root.get("url"), root.get("token"), False)
     return c.client() if c is not None else None
 
 

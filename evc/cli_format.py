@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 import click
+from click.shell_completion import CompletionItem
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -134,6 +135,21 @@ class Ref(click.ParamType):
             return resolve(client, self.kind, value)
         except APIError:
             return value  # (the command itself reports what the API says)
+
+    def shell_complete(self, ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+        """Complete device and cluster names from the API (nothing when it cannot be reached)."""
+        client = self._client_of(ctx)
+        if client is None:
+            return []
+        client.timeout = 3.0
+        try:
+            if self.kind == "device":
+                items = client.get("/api/v1/devices", name=incomplete or None, limit=500)["items"]
+            else:
+                items = client.get("/api/v1/clusters", limit=500)["items"]
+        except APIError:
+            return []
+        return [CompletionItem(i["name"]) for i in items if str(i["name"]).startswith(incomplete)]
 
 
 __all__ = ["Ref", "cell", "human_time", "min_width", "percent", "resolve", "show", "table"]

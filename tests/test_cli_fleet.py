@@ -59,6 +59,10 @@ def test_import_by_name_human_views_and_retry(live, api, worker, simulator, sim_
     listed = json.loads(raw)["items"]
     code, out = run(live, api.admin, "device", "list", "--label", "cams=true")
     assert code == 0 and all(d["id"] in out and d["name"] in out for d in listed) and "…" not in out
+    words = f"evc --url {live} --token {api.reader} device show {devices[0].name[:-1]}"
+    env = {"_EVC_COMPLETE": "bash_complete", "COMP_WORDS": words, "COMP_CWORD": "7"}
+    complete = CliRunner().invoke(main, [], prog_name="evc", env=env)
+    assert f"plain,{devices[0].name}" in complete.output, complete.output
     code, out = run(live, api.reader, "device", "show", devices[0].name)
     assert code == 0 and devices[0].name in out and "state=online" in out
     code, out = run(live, api.admin, "device", "show", "no-such-device")
