@@ -32,7 +32,7 @@ from evc.fl.data import (
     save_shard,
     write_shards,
 )
-from evc.fl.models import MLP, Model, SoftmaxRegression, load_model, validate_model_spec
+from evc.fl.models import MLP, Model, SoftmaxRegression, is_device_model, load_model, validate_model_spec
 from evc.fl.protocol import params_from_npz, params_to_npz
 from evc.fl.simulation import simulate
 from evc.fl.strategy import (
@@ -546,7 +546,10 @@ def test_load_model_specs(tmp_path: Path) -> None:
         validate_model_spec(3)
 
 
-def test_user_module_model(tmp_path: Path) -> None:
+def test_user_module_model_on_the_device_side(tmp_path: Path) -> None:
+    """The device runtime (client.py) loads a module model; the server's load_model never does."""
+    from evc.fl import client as device
+
     src = tmp_path / "mean_model.py"
     src.write_text(
         "import numpy as np\n"
@@ -556,7 +559,7 @@ def test_user_module_model(tmp_path: Path) -> None:
         "    return [params[0] + lr], {'loss': 0.5, 'n': len(y)}\n"
         "def evaluate(params, X, y):\n    return {'loss': 1.0, 'accuracy': 0.5, 'n': len(y)}\n"
     )
-    model = load_model(f"module:{src}")
+    model = device.load_model(f"module:{src}", n_features=1, n_classes=2)
     assert isinstance(model, Model)
     new, metrics = model.fit(model.init_params(0), np.zeros((3, 1)), np.zeros(3, dtype=int),
                              epochs=1, lr=0.25, batch_size=2, batch_order_seed=None)  # fmt: skip
@@ -564,8 +567,20 @@ def test_user_module_model(tmp_path: Path) -> None:
     assert metrics == {"loss": 0.5, "n": 3}
     incomplete = tmp_path / "bad.py"
     incomplete.write_text("def fit():\n    pass\n")
-    with pytest.raises(ValidationError, match="init_params, evaluate"):
-        load_model(f"module:{incomplete}")
+    with pytest.raises(ValueError, match="init_params, evaluate"):
+        device.load_model(f"module:{incomplete}", n_features=1, n_classes=2)
+
+
+def test_controller_never_imports_a_module_model(tmp_path: Path) -> None:
+    """Issue 10.3: the server-side model loader refuses ``module:`` specs without importing."""
+    marker = tmp_path / "ran"
+    planted = tmp_path / "planted.py"
+    planted.write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    assert is_device_model(f"module:{planted}") and not is_device_model("mlp:4")
+    with pytest.raises(ValidationError, match="code for the devices"):
+        load_model(f"module:{planted}")
+    assert validate_model_spec(f"module:{planted}") == f"module:{planted}"
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("spec", ["softmax", "mlp"])
