@@ -12,7 +12,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from evc.client import APIError, Client
+from evc.client import TERMINAL, APIError, Client
 from evc.errors import EVCError
 from evc.settings import load_settings
 
@@ -792,17 +792,18 @@ def _fl_watch(c: Ctx, client: Client, job_id: str, poll: float = 0.5) -> dict[st
 
     view = client.get(f"/api/v1/fl/jobs/{job_id}")
     if c.as_json:
-        while view["state"] not in ("succeeded", "failed", "cancelled"):
+        while view["state"] not in TERMINAL:
             time.sleep(poll)
             view = client.get(f"/api/v1/fl/jobs/{job_id}")
         return dict(view)
     with Live(_fl_rounds(view), console=console, refresh_per_second=4) as live:
-        while view["state"] not in ("succeeded", "failed", "cancelled"):
+        while view["state"] not in TERMINAL:
             time.sleep(poll)
             view = client.get(f"/api/v1/fl/jobs/{job_id}")
             live.update(_fl_rounds(view))
     colour = {"succeeded": "green", "failed": "red"}.get(view["state"], "yellow")
     why = f": {view['error']['message']}" if view.get("error") else ""
+    why = why or (f": {view['summary']['stopped']}" if (view.get("summary") or {}).get("stopped") else "")
     err_console.print(f"[{colour}]{view['state']}[/{colour}]{why}")
     return dict(view)
 
@@ -845,6 +846,12 @@ def fl_start(c: Ctx, devices: tuple[str, ...], cluster: str | None, data_path: s
     view = _fl_watch(c, client, job["id"])
     if c.as_json:
         emit(c, view)
+    _exit_by_state(view)
+
+
+def _exit_by_state(job: dict[str, Any]) -> None:
+    """Exit 0 when the job succeeded, 1 otherwise (failed, partial, cancelled)."""
+    sys.exit(0 if job["state"] == "succeeded" else 1)
 
 
 @fl.command("show")
@@ -859,8 +866,11 @@ def fl_show(c: Ctx, job_id: str) -> None:
 @click.argument("job_id")
 @pass_ctx
 def fl_watch(c: Ctx, job_id: str) -> None:
-    """Follow an FL job's rounds live."""
-    _fl_watch(c, c.client(), job_id)
+    """Follow an FL job's rounds live (exit 1 unless it succeeds)."""
+    view = _fl_watch(c, c.client(), job_id)
+    if c.as_json:
+        emit(c, view)
+    _exit_by_state(view)
 
 
 @fl.command("list")
@@ -891,6 +901,8 @@ def fl_resume(c: Ctx, job_id: str, watch: bool) -> None:
     if watch:
         job = _fl_watch(c, client, job_id)
     emit(c, job, lambda j: None)
+    if watch:
+        _exit_by_state(job)
 
 
 @fl.command("model")
@@ -919,7 +931,9 @@ def fl_install(c: Ctx, devices: tuple[str, ...], cluster: str | None, python: st
     """Ship the FL client to devices (~/.evc/fl/client.py) and check their Python."""
     client = c.client()
     job = client.post("/api/v1/fl/install", json={**_targets(devices, cluster), "python": python})
-    emit(c, _watch(c, client, job["id"]), lambda j: None)
+    job = _watch(c, client, job["id"])
+    emit(c, client.get(f"/api/v1/jobs/{job['id']}"), _fl_results)
+    _exit_by_state(job)
 
 
 @fl.command("partition")
@@ -941,8 +955,19 @@ def fl_partition(c: Ctx, devices: tuple[str, ...], cluster: str | None, name: st
     if path:
         body["path"] = path
     job = _watch(c, client, client.post("/api/v1/fl/partition", json=body)["id"])
+    if job["state"] != "succeeded":
+        emit(c, client.get(f"/api/v1/jobs/{job['id']}"), _fl_results)
+        _exit_by_state(job)
     emit(c, job, lambda j: console.print(f"data path for `evc fl start --data`: {j['summary'].get('data_path')}"
                                          f"  test set: {j['summary'].get('test_set')}"))  # fmt: skip
+
+
+def _fl_results(job: dict[str, Any]) -> None:
+    """Per-device outcome of an install or partition job: ok, or the reason."""
+    rows = [{"device": t, "ok": r.get("ok"), "why": (r.get("error") or {}).get("message", "")}
+            for t, r in (job.get("results") or {}).items()]  # fmt: skip
+    if rows:
+        _table(rows, ["device", "ok", "why"])
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from evc import profiles
-from evc.jobs import JobRun
+from evc.errors import LevelNotReached
+from evc.jobs import JobRun, Partial
 from evc.settings import Settings
 from evc.store import JSON, Store
 
@@ -36,7 +37,10 @@ def cluster_vars(store: Store, cluster: JSON, playbook: str, step_vars: Mapping[
     return out
 
 
-def raise_level(store: Store, settings: Settings, run: JobRun, runner: StepRunner) -> JSON:
+def raise_level(store: Store, settings: Settings, run: JobRun, runner: StepRunner) -> JSON | Partial:
+    """Run the level job. Every device reached the target: the summary (the job succeeds);
+    some did not: :class:`Partial` (the job ends ``partial``); none did: LevelNotReached (the
+    job fails). Each device's level and reason are in the job's results either way."""
     p = run.params
     cluster = store.get_cluster(p["cluster_id"])
     profile = profiles.get(cluster["profile"])
@@ -134,4 +138,11 @@ def raise_level(store: Store, settings: Settings, run: JobRun, runner: StepRunne
         "reached": sum(1 for i in detail.values() if int(i.get("level") or 0) >= target and "stopped" not in i),
         "stopped": {d: i["stopped"] for d, i in detail.items() if "stopped" in i},
     }  # fmt: skip
-    return summary
+    short = summary["stopped"]
+    if check or not short:
+        return summary
+    why = "; ".join(f"{d}: {r}" for d, r in list(short.items())[:5]) + (" ..." if len(short) > 5 else "")
+    if not summary["reached"]:
+        raise LevelNotReached(f"no device reached L{target}: {why}", cluster=cluster["id"], target=target,
+                              stopped=short)  # fmt: skip
+    return Partial(summary, f"{len(short)} of {len(detail)} devices did not reach L{target}: {why}")
