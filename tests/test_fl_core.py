@@ -3,6 +3,8 @@ and the in-process reference run of shared/reference/FEDERATED.md."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -413,6 +415,34 @@ def test_make_strategy_builds_each_kind() -> None:
 def test_reference_split(digits: Dataset) -> None:
     assert digits.X_train.shape == (1437, 64) and digits.X_test.shape == (360, 64)
     assert digits.X_train.max() == 1.0 and digits.n_classes == 10
+
+
+def test_shipped_digits_are_scikit_learns_split_without_importing_it(digits: Dataset) -> None:
+    """Issue 11.2: the controller partitions digits with no scikit-learn installed; the shipped
+    file holds exactly the rows scikit-learn's load_digits + train_test_split give."""
+    code = (
+        "import sys, builtins\n"
+        "real = builtins.__import__\n"
+        "def guard(name, *a, **k):\n"
+        "    if name.split('.')[0] == 'sklearn': raise ImportError('no sklearn here')\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = guard\n"
+        "from evc.fl.data import load_reference_digits\n"
+        "ds = load_reference_digits(); print(ds.X_train.shape[0], ds.X_test.shape[0])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["1437", "360"]
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    from sklearn.model_selection import train_test_split
+
+    raw = sklearn_datasets.load_digits()
+    X_train, X_test, y_train, y_test = train_test_split(
+        raw.data / 16.0, raw.target, test_size=0.2, stratify=raw.target, random_state=42
+    )
+    np.testing.assert_array_equal(digits.X_train, X_train)
+    np.testing.assert_array_equal(digits.X_test, X_test)
+    np.testing.assert_array_equal(digits.y_train, y_train)
+    np.testing.assert_array_equal(digits.y_test, y_test)
 
 
 def test_iid_partition() -> None:
