@@ -828,7 +828,7 @@ def _fl_watch(c: Ctx, client: Client, job_id: str, poll: float = 0.5) -> dict[st
 @click.option("--lr", type=float, default=None)
 @click.option("--batch-size", type=int, default=None)
 @click.option("--seed", type=int, default=None)
-@click.option("--python", default="python3", show_default=True, help="the Python on the devices")
+@click.option("--python", default=None, help="the Python on the devices (default: the cluster's, else python3)")
 @click.option("--test-set", default=None, help="server-side test set to evaluate each round on")
 @click.option("--queue", default="fl", show_default=True)
 @click.option("--watch/--no-watch", default=True, show_default=True, help="follow the rounds live")
@@ -925,12 +925,13 @@ def fl_model(c: Ctx, job_id: str, rnd: int | None, output: Path | None) -> None:
 @fl.command("install")
 @click.option("--device", "devices", multiple=True)
 @click.option("--cluster", default=None)
-@click.option("--python", default="python3", show_default=True, help="the Python on the devices (needs numpy)")
+@click.option("--python", default=None, help="the Python on the devices, with numpy (default: the cluster's)")
 @pass_ctx
-def fl_install(c: Ctx, devices: tuple[str, ...], cluster: str | None, python: str) -> None:
+def fl_install(c: Ctx, devices: tuple[str, ...], cluster: str | None, python: str | None) -> None:
     """Ship the FL client to devices (~/.evc/fl/client.py) and check their Python."""
     client = c.client()
-    job = client.post("/api/v1/fl/install", json={**_targets(devices, cluster), "python": python})
+    body = {**_targets(devices, cluster), **({"python": python} if python else {})}
+    job = client.post("/api/v1/fl/install", json=body)
     job = _watch(c, client, job["id"])
     emit(c, client.get(f"/api/v1/jobs/{job['id']}"), _fl_results)
     _exit_by_state(job)

@@ -13,7 +13,7 @@ from evc.provisioning.service import step_runner
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-DIRECT_VARS = {"devenv": {"build_tools": False, "workspace": "ws", "venv": "envs/cl"}}
+DIRECT_VARS = {"devenv": {"build_tools": False, "workspace": "ws", "venv": "envs/cl", "packages": []}}
 
 
 def _register(api, sims, **labels):

@@ -244,7 +244,7 @@ class Rounds:
                 latest = 0
             self.store.fl_init(job_id, {
                 "phase": "closed", "round": latest, "next_round": latest + 1, "token": None,
-                "attempt": attempt, "rounds": spec.rounds, "queue": spec.queue,
+                "attempt": attempt, "rounds": spec.rounds, "queue": spec.queue, "first_round": latest + 1,
             })  # fmt: skip
             if latest >= spec.rounds:
                 self._finish(run, spec)
@@ -278,6 +278,13 @@ class Rounds:
             if reason:
                 skipped[dev_id] = reason
         available = [d for d in spec.devices if d not in skipped]
+        if not available and st.get("first_round") == round:
+            # nothing to wait for at the start: fail now, saying why for each device
+            self.fail_job(run, PreconditionFailed(
+                f"no device can train round {round}: " + "; ".join(f"{d}: {why}" for d, why in skipped.items()),
+                round=round, unavailable=skipped,
+            ))  # fmt: skip
+            return "failed"
         strategy = spec.make_strategy()
         try:
             plan = strategy.configure_fit(round, available, client_index=spec.client_index)
@@ -512,6 +519,9 @@ class Rounds:
         try:
             params, metrics = strategy.finish_round(failures)
         except PreconditionFailed as exc:
+            if failures:  # say why, per device
+                why = "; ".join(f"{d}: {reason}" for d, reason in failures)
+                exc = PreconditionFailed(f"{exc.message}; failed: {why}", **{**exc.details, "failures": dict(failures)})
             self.fail_job(run, exc, st)
             return "failed"
         closed = now()

@@ -64,6 +64,22 @@ def resolve_devices(store: Store, devices: Sequence[str] | None, cluster: str | 
     return ids
 
 
+def device_python(store: Store, python: str | None, cluster: str | None) -> str:
+    """The Python that runs the FL client: the one given; else the cluster's setting
+    (:func:`evc.levels.fl_python`: L1's environment with numpy); else ``python3``."""
+    from evc.levels import fl_python
+
+    if python:
+        chosen = python
+    elif cluster:
+        chosen = fl_python(store.get_cluster(cluster))
+    else:
+        chosen = "python3"
+    if not PYTHON_RE.match(chosen):
+        raise ValidationError("python must be an interpreter name or path", field="python")
+    return chosen
+
+
 def _check_path(path: object, where: str) -> str:
     if not isinstance(path, str) or not path or len(path) > 500 or "\n" in path or "\0" in path:
         raise ValidationError(f"{where} must be a path on the device", field="data")
@@ -174,7 +190,8 @@ def submit(
 ) -> JSON:
     """Validate an FL job and enqueue it (kind ``fl``); returns the job."""
     devices = resolve_devices(store, data.get("devices"), data.get("cluster"))
-    spec = build_spec(settings, data, devices)
+    python = device_python(store, data.get("python"), data.get("cluster"))
+    spec = build_spec(settings, {**data, "python": python}, devices)
     check_ready(store, devices)
     job, _ = jobs.submit(
         store, sender, "fl", params=spec.to_params(), targets=devices, created_by=created_by,
