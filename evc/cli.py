@@ -159,16 +159,21 @@ def ssh_key(c: Ctx) -> None:
 @click.option("--address", default="127.0.0.1", show_default=True)
 @pass_ctx
 def flower(c: Ctx, port: int, address: str) -> None:
-    """Run Flower (Celery queue monitoring) against this EVC's broker."""
+    """Run Flower (Celery queue monitoring) against the running stack's broker (found in the
+    data directory, or EVC_REDIS_URL), behind basic auth with a credential EVC keeps there."""
     import os
 
-    from evc.settings import settings_env
+    from evc import flower as flower_
 
-    os.environ.update(settings_env(c.settings))
-    os.execvp(  # noqa: S606 - an argument list, no shell: replaces this process with Flower
-        sys.executable,
-        [sys.executable, "-m", "celery", "-A", "evc.workers.app", "flower", f"--port={port}", f"--address={address}"],
-    )
+    try:
+        fl = flower_.launch(c.settings, port, address)
+    except EVCError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+    kept = c.settings.data_dir / flower_.AUTH_FILE
+    err_console.print(f"Flower on {fl.url} (API: {fl.url}/api/workers, /api/tasks) — basic auth: user "
+                      f"{fl.user}, password {fl.password} (kept in {kept})")  # fmt: skip
+    os.execve(fl.argv[0], fl.argv, fl.env)  # noqa: S606 - an argument list, no shell: becomes Flower
 
 
 # ----------------------------------------------------------------------------- tokens
