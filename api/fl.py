@@ -13,7 +13,6 @@ from marshmallow import fields, validate, validates_schema
 from evc import jobs
 from evc.api.deps import actor, get_sender, get_settings, get_store, require, unit_of_work
 from evc.api.schemas import JobListArgs, JobPageSchema, JobSchema, StrictSchema, page
-from evc.errors import ValidationError
 from evc.fl import service
 
 blp = Blueprint("fl", __name__, url_prefix="/api/v1/fl", description="Federated learning")
@@ -63,7 +62,10 @@ class FLJobCreateSchema(Targets):
     lr = fields.Float(validate=validate.Range(min=0, min_inclusive=False))
     batch_size = fields.Integer(validate=validate.Range(min=1))
     seed = fields.Integer(allow_none=True, validate=validate.Range(min=0))
-    python = fields.String(load_default="python3", metadata={"description": "the Python on the devices"})
+    python = fields.String(
+        load_default=None, allow_none=True,
+        metadata={"description": "the Python on the devices (default: the cluster's, L1's environment; else python3)"},
+    )  # fmt: skip
     test_set = fields.String(
         allow_none=True,
         load_default=None,
@@ -90,7 +92,10 @@ class ModelArgs(StrictSchema):
 
 
 class InstallSchema(Targets):
-    python = fields.String(load_default="python3")
+    python = fields.String(
+        load_default=None, allow_none=True,
+        metadata={"description": "the Python on the devices, with numpy (default: the cluster's; else python3)"},
+    )  # fmt: skip
 
 
 class PartitionSchema(Targets):
@@ -189,9 +194,7 @@ def install(data: dict[str, Any]) -> Any:
     """Ship the FL client to devices and check their Python has numpy (kind `fl-install`)."""
     store = get_store()
     devices = service.resolve_devices(store, data.get("devices"), data.get("cluster"))
-    python = data["python"]
-    if not service.PYTHON_RE.match(python):
-        raise ValidationError("python must be an interpreter name or path", field="python")
+    python = service.device_python(store, data.get("python"), data.get("cluster"))
     job, _ = jobs.submit(store, get_sender(), "fl-install", params={"python": python}, targets=devices,
                          created_by=actor(), idempotency_key=request.headers.get("Idempotency-Key"),
                          pipe=unit_of_work())  # fmt: skip

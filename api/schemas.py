@@ -106,7 +106,9 @@ class SSHKeyArgs(StrictSchema):
 class JobSchema(Schema):
     id = fields.String()
     kind = fields.String()
-    state = fields.String(metadata={"description": "queued, running, succeeded, failed or cancelled"})
+    state = fields.String(
+        metadata={"description": "queued, running, succeeded, partial (some targets fell short), failed or cancelled"}
+    )
     progress = fields.Dict()
     targets = fields.List(fields.String())
     params = fields.Dict()
@@ -128,7 +130,7 @@ class JobPageSchema(PageSchema):
 
 class JobListArgs(PageArgs):
     kind = fields.String(validate=validate.Length(max=32))
-    state = fields.String(validate=validate.OneOf(["queued", "running", "succeeded", "failed", "cancelled"]))
+    state = fields.String(validate=validate.OneOf(["queued", "running", "succeeded", "partial", "failed", "cancelled"]))
     target = fields.String(validate=validate.Length(max=64))
 
 

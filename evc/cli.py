@@ -15,7 +15,7 @@ from rich.table import Table
 from evc import __version__, cli_views
 from evc.cli_format import Ref, percent, table
 from evc.cli_format import show as show_table
-from evc.client import APIError, Client
+from evc.client import TERMINAL, APIError, Client
 from evc.errors import EVCError
 from evc.settings import load_settings
 
@@ -185,16 +185,21 @@ def ssh_key(c: Ctx) -> None:
 @click.option("--address", default="127.0.0.1", show_default=True)
 @pass_ctx
 def flower(c: Ctx, port: int, address: str) -> None:
-    """Run Flower (Celery queue monitoring) against this EVC's broker."""
+    """Run Flower (Celery queue monitoring) against the running stack's broker (found in the
+    data directory, or EVC_REDIS_URL), behind basic auth with a credential EVC keeps there."""
     import os
 
-    from evc.settings import settings_env
+    from evc import flower as flower_
 
-    os.environ.update(settings_env(c.settings))
-    os.execvp(  # noqa: S606 - an argument list, no shell: replaces this process with Flower
-        sys.executable,
-        [sys.executable, "-m", "celery", "-A", "evc.workers.app", "flower", f"--port={port}", f"--address={address}"],
-    )
+    try:
+        fl = flower_.launch(c.settings, port, address)
+    except EVCError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+    kept = c.settings.data_dir / flower_.AUTH_FILE
+    err_console.print(f"Flower on {fl.url} (API: {fl.url}/api/workers, /api/tasks) — basic auth: user "
+                      f"{fl.user}, password {fl.password} (kept in {kept})")  # fmt: skip
+    os.execve(fl.argv[0], fl.argv, fl.env)  # noqa: S606 - an argument list, no shell: becomes Flower
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -840,17 +845,18 @@ def _fl_watch(c: Ctx, client: Client, job_id: str, poll: float = 0.5) -> dict[st
 
     view = client.get(f"/api/v1/fl/jobs/{job_id}")
     if c.as_json:
-        while view["state"] not in ("succeeded", "failed", "cancelled"):
+        while view["state"] not in TERMINAL:
             time.sleep(poll)
             view = client.get(f"/api/v1/fl/jobs/{job_id}")
         return dict(view)
     with Live(_fl_rounds(view), console=console, refresh_per_second=4) as live:
-        while view["state"] not in ("succeeded", "failed", "cancelled"):
+        while view["state"] not in TERMINAL:
             time.sleep(poll)
             view = client.get(f"/api/v1/fl/jobs/{job_id}")
             live.update(_fl_rounds(view))
     colour = {"succeeded": "green", "failed": "red"}.get(view["state"], "yellow")
     why = f": {view['error']['message']}" if view.get("error") else ""
+    why = why or (f": {view['summary']['stopped']}" if (view.get("summary") or {}).get("stopped") else "")
     err_console.print(f"[{colour}]{view['state']}[/{colour}]{why}")
     return dict(view)
 
@@ -877,7 +883,7 @@ def _fl_watch(c: Ctx, client: Client, job_id: str, poll: float = 0.5) -> dict[st
 @click.option("--lr", type=float, default=None)
 @click.option("--batch-size", type=int, default=None)
 @click.option("--seed", type=int, default=None)
-@click.option("--python", default="python3", show_default=True, help="the Python on the devices")
+@click.option("--python", default=None, help="the Python on the devices (default: the cluster's, else python3)")
 @click.option("--test-set", default=None, help="server-side test set to evaluate each round on")
 @click.option("--queue", default="fl", show_default=True)
 @click.option("--watch/--no-watch", default=True, show_default=True, help="follow the rounds live")
@@ -895,6 +901,12 @@ def fl_start(c: Ctx, devices: tuple[str, ...], cluster: str | None, data_path: s
     view = _fl_watch(c, client, job["id"])
     if c.as_json:
         emit(c, view)
+    _exit_by_state(view)
+
+
+def _exit_by_state(job: dict[str, Any]) -> None:
+    """Exit 0 when the job succeeded, 1 otherwise (failed, partial, cancelled)."""
+    sys.exit(0 if job["state"] == "succeeded" else 1)
 
 
 @fl.command("show")
@@ -909,8 +921,11 @@ def fl_show(c: Ctx, job_id: str) -> None:
 @click.argument("job_id")
 @pass_ctx
 def fl_watch(c: Ctx, job_id: str) -> None:
-    """Follow an FL job's rounds live."""
-    _fl_watch(c, c.client(), job_id)
+    """Follow an FL job's rounds live (exit 1 unless it succeeds)."""
+    view = _fl_watch(c, c.client(), job_id)
+    if c.as_json:
+        emit(c, view)
+    _exit_by_state(view)
 
 
 @fl.command("list")
@@ -941,6 +956,8 @@ def fl_resume(c: Ctx, job_id: str, watch: bool) -> None:
     if watch:
         job = _fl_watch(c, client, job_id)
     emit(c, job, lambda j: None)
+    if watch:
+        _exit_by_state(job)
 
 
 @fl.command("model")
@@ -963,13 +980,16 @@ def fl_model(c: Ctx, job_id: str, rnd: int | None, output: Path | None) -> None:
 @fl.command("install")
 @click.option("--device", "devices", multiple=True, type=DEVICE)
 @click.option("--cluster", default=None, type=CLUSTER)
-@click.option("--python", default="python3", show_default=True, help="the Python on the devices (needs numpy)")
+@click.option("--python", default=None, help="the Python on the devices, with numpy (default: the cluster's)")
 @pass_ctx
-def fl_install(c: Ctx, devices: tuple[str, ...], cluster: str | None, python: str) -> None:
+def fl_install(c: Ctx, devices: tuple[str, ...], cluster: str | None, python: str | None) -> None:
     """Ship the FL client to devices (~/.evc/fl/client.py) and check their Python."""
     client = c.client()
-    job = client.post("/api/v1/fl/install", json={**_targets(devices, cluster), "python": python})
-    emit(c, _watch(c, client, job["id"]), lambda j: None)
+    body = {**_targets(devices, cluster), **({"python": python} if python else {})}
+    job = client.post("/api/v1/fl/install", json=body)
+    job = _watch(c, client, job["id"])
+    emit(c, client.get(f"/api/v1/jobs/{job['id']}"), _fl_results)
+    _exit_by_state(job)
 
 
 @fl.command("partition")
@@ -991,8 +1011,19 @@ def fl_partition(c: Ctx, devices: tuple[str, ...], cluster: str | None, name: st
     if path:
         body["path"] = path
     job = _watch(c, client, client.post("/api/v1/fl/partition", json=body)["id"])
+    if job["state"] != "succeeded":
+        emit(c, client.get(f"/api/v1/jobs/{job['id']}"), _fl_results)
+        _exit_by_state(job)
     emit(c, job, lambda j: console.print(f"data path for `evc fl start --data`: {j['summary'].get('data_path')}"
                                          f"  test set: {j['summary'].get('test_set')}"))  # fmt: skip
+
+
+def _fl_results(job: dict[str, Any]) -> None:
+    """Per-device outcome of an install or partition job: ok, or the reason."""
+    rows = [{"device": t, "ok": r.get("ok"), "why": (r.get("error") or {}).get("message", "")}
+            for t, r in (job.get("results") or {}).items()]  # fmt: skip
+    if rows:
+        _table(rows, ["device", "ok", "why"])
 
 
 # commands in their own modules, registered on the groups above

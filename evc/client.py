@@ -10,6 +10,9 @@ import requests
 
 from evc.errors import EVCError
 
+#: job states after which nothing changes (evc.store.TERMINAL_STATES; not imported: no redis here)
+TERMINAL = ("succeeded", "partial", "failed", "cancelled")
+
 
 class APIError(EVCError):
     """The API answered with an error; ``message`` is the API's own."""
@@ -72,7 +75,7 @@ class Client:
             job = self.get(f"/api/v1/jobs/{job_id}")
             yield job, page["items"]
             after = page["next_after"]
-            if job["state"] in ("succeeded", "failed", "cancelled"):
+            if job["state"] in TERMINAL:
                 rest = self.get(f"/api/v1/jobs/{job_id}/events", after=after, limit=1000)["items"]
                 if rest:
                     yield job, rest
@@ -85,7 +88,7 @@ class Client:
         deadline = time.monotonic() + timeout
         while True:
             job = self.get(f"/api/v1/jobs/{job_id}")
-            if job["state"] in ("succeeded", "failed", "cancelled"):
+            if job["state"] in TERMINAL:
                 return dict(job)
             if time.monotonic() > deadline:
                 raise APIError(0, f"job {job_id} still {job['state']} after {timeout} s")

@@ -75,6 +75,13 @@ class JobCancelled(EVCError):
     code = "cancelled"
 
 
+class LevelNotReached(EVCError):
+    """A level job in which no device reached its target; ``details["stopped"]`` says why,
+    per device."""
+
+    code = "level_not_reached"
+
+
 # --- device / SSH errors: each carries a reason a person can act on -------------------------
 
 

@@ -190,6 +190,15 @@ def cancel(store: Store, job_id: str, revoke: Any | None = None) -> JSON:
     return store.get_job(job_id)
 
 
+@dataclass(frozen=True)
+class Partial:
+    """What a job body returns when only some targets got what was asked: the job ends
+    ``partial`` with *summary*; *message* says which fell short (details in the results)."""
+
+    summary: JSON
+    message: str
+
+
 @dataclass
 class JobRun:
     """The handle a task body reports through: state, progress, events, per-target results."""
@@ -248,6 +257,10 @@ class JobRun:
     def succeed(self, summary: JSON | None = None, message: str = "succeeded") -> bool:
         return self._finish("succeeded", summary=summary or {}, message=message)
 
+    def partial(self, summary: JSON, message: str) -> bool:
+        """End with some targets short of what was asked (their reasons are in the results)."""
+        return self._finish("partial", summary=summary, message=message)
+
     def fail(self, error: EVCError | str, summary: JSON | None = None) -> bool:
         err = error.to_dict() if isinstance(error, EVCError) else {"code": "failed", "message": error}
         return self._finish("failed", summary=summary or {}, error=err, message=err["message"])
@@ -265,4 +278,4 @@ class JobRun:
         return ok
 
 
-__all__ = ["JOB_KINDS", "JOB_STATES", "JobKind", "JobRun", "QUEUES", "cancel", "enqueue", "submit"]
+__all__ = ["JOB_KINDS", "JOB_STATES", "JobKind", "JobRun", "Partial", "QUEUES", "cancel", "enqueue", "submit"]

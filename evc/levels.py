@@ -8,7 +8,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from evc import profiles
-from evc.jobs import JobRun
+from evc.errors import LevelNotReached
+from evc.jobs import JobRun, Partial
 from evc.settings import Settings
 from evc.store import JSON, Store
 
@@ -17,12 +18,35 @@ from evc.store import JSON, Store
 StepRunner = Callable[[JobRun, str, list[str], JSON, bool], dict[str, JSON]]
 
 RUNNABLE = ("online", "degraded")
+#: where devenv puts its virtual environment unless told otherwise (playbooks/devenv.yml)
+DEVENV_VENV = "evc/venv"
+
+
+def fl_python(cluster: Mapping[str, Any], provisioned: bool | None = None) -> str:
+    """The Python the cluster's FL client runs with: the cluster's own ``fl-client`` python var;
+    else, once the members are provisioned (L1: devenv's virtual environment, with numpy),
+    that environment's python; else ``python3``. *provisioned* defaults to target level >= 1."""
+    cluster_vars = cluster.get("vars") or {}
+    chosen = (cluster_vars.get("fl-client") or {}).get("python")
+    if chosen:
+        return str(chosen)
+    if provisioned is None:
+        provisioned = int(cluster.get("target_level") or 0) >= 1
+    if not provisioned:
+        return "python3"
+    venv = (cluster_vars.get("devenv") or {}).get("venv")
+    if not venv:
+        steps = profiles.get(cluster["profile"]).steps(1)
+        venv = next((s.vars.get("venv") for s in steps if s.playbook == "devenv" and s.vars.get("venv")), DEVENV_VENV)
+    return f"~/{venv}/bin/python"
 
 
 def cluster_vars(store: Store, cluster: JSON, playbook: str, step_vars: Mapping[str, Any]) -> JSON:
     """A step's variables: the profile's, then the cluster's for that playbook, then what EVC
     derives (the k3s server's URL and the cluster's join token)."""
     out: JSON = {**step_vars, **((cluster.get("vars") or {}).get(playbook) or {})}
+    if playbook == "fl-client":  # L4 runs the client with L1's python (numpy) unless told otherwise
+        out.setdefault("python", fl_python(cluster, provisioned=True))
     if playbook in ("k3s-server", "k3s-agent"):
         token = cluster.get("join_token")
         if not token:
@@ -36,7 +60,10 @@ def cluster_vars(store: Store, cluster: JSON, playbook: str, step_vars: Mapping[
     return out
 
 
-def raise_level(store: Store, settings: Settings, run: JobRun, runner: StepRunner) -> JSON:
+def raise_level(store: Store, settings: Settings, run: JobRun, runner: StepRunner) -> JSON | Partial:
+    """Run the level job. Every device reached the target: the summary (the job succeeds);
+    some did not: :class:`Partial` (the job ends ``partial``); none did: LevelNotReached (the
+    job fails). Each device's level and reason are in the job's results either way."""
     p = run.params
     cluster = store.get_cluster(p["cluster_id"])
     profile = profiles.get(cluster["profile"])
@@ -134,4 +161,11 @@ def raise_level(store: Store, settings: Settings, run: JobRun, runner: StepRunne
         "reached": sum(1 for i in detail.values() if int(i.get("level") or 0) >= target and "stopped" not in i),
         "stopped": {d: i["stopped"] for d, i in detail.items() if "stopped" in i},
     }  # fmt: skip
-    return summary
+    short = summary["stopped"]
+    if check or not short:
+        return summary
+    why = "; ".join(f"{d}: {r}" for d, r in list(short.items())[:5]) + (" ..." if len(short) > 5 else "")
+    if not summary["reached"]:
+        raise LevelNotReached(f"no device reached L{target}: {why}", cluster=cluster["id"], target=target,
+                              stopped=short)  # fmt: skip
+    return Partial(summary, f"{len(short)} of {len(detail)} devices did not reach L{target}: {why}")

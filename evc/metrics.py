@@ -124,7 +124,7 @@ _FL_GAUGES = (FL_ROUND, FL_ROUND_DURATION, FL_ROUND_PARTICIPANTS, FL_ROUND_ACCUR
 
 
 def record_job_finished(kind: str, state: str, duration_s: float | None) -> None:
-    """A job reached a final state (succeeded, failed, cancelled) after *duration_s* seconds."""
+    """A job reached a final state (succeeded, partial, failed, cancelled) after *duration_s* seconds."""
     JOBS.labels(kind=kind, state=state).inc()
     if duration_s is not None and duration_s >= 0:
         JOB_DURATION.labels(kind=kind).observe(duration_s)

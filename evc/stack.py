@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evc import keys, metrics
+from evc import flower, keys, metrics
 from evc.auth import ensure_admin_token
 from evc.embedded import RedisServer, free_port
 from evc.errors import ConfigError
@@ -60,6 +60,7 @@ class Stack:
         s = self.settings = s.replace(metrics_dir=str(metrics_dir))
         store = Store.from_settings(s)
         store.ping()
+        flower.record_broker(s)  # `evc flower` finds the running stack's broker here
         token = ensure_admin_token(store, s)
         token_file = s.data_dir / "admin-token"
         self.admin_token = token or (token_file.read_text().strip() if token_file.exists() else "")
@@ -120,21 +121,9 @@ class Stack:
             ],
             env,
         )
-        if self.flower_port:
-            self._spawn(
-                "flower",
-                [
-                    py,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "evc.workers.app",
-                    "flower",
-                    f"--port={self.flower_port}",
-                    "--address=127.0.0.1",
-                ],
-                env,
-            )
+        if self.flower_port:  # loopback, basic auth with the credential in <data dir>/flower-auth
+            fl = flower.launch(s, self.flower_port)
+            self._spawn("flower", fl.argv, {**env, "FLOWER_BASIC_AUTH": fl.env["FLOWER_BASIC_AUTH"]})
         self._wait_http(s.api_url + "/healthz")
         if self.sim_devices:
             self._start_sim(env)
@@ -233,6 +222,7 @@ class Stack:
                 os.killpg(c.proc.pid, signal.SIGKILL)
                 c.proc.wait()
         self.children.clear()
+        flower.forget_broker(self.settings)
         if self.redis:
             self.redis.stop()
             self.redis = None

@@ -15,8 +15,9 @@ from evc.settings import Settings
 
 JSON = dict[str, Any]
 
-TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+#: "partial": the job ended with some targets short of what was asked (per-target reasons in its results)
+TERMINAL_STATES = frozenset({"succeeded", "partial", "failed", "cancelled"})
+JOB_STATES = ("queued", "running", "succeeded", "partial", "failed", "cancelled")
 
 # Move a job to ARGV[1] only when its current state is one of ARGV[2] (a JSON list);
 # ARGV[3..] are extra field/value pairs set in the same step. Returns the state it had.

@@ -13,7 +13,7 @@ from celery import Task
 from celery.exceptions import Retry, SoftTimeLimitExceeded
 
 from evc.errors import TRANSIENT_ERRORS, EVCError, JobCancelled
-from evc.jobs import JobRun
+from evc.jobs import JobRun, Partial
 from evc.settings import Settings, load_settings
 from evc.store import JSON, Store
 
@@ -85,7 +85,7 @@ class _Leases:
 _leases = _Leases()
 
 
-def run_job(task: Task, job_id: str, body: Callable[[JobRun], JSON | None]) -> str:
+def run_job(task: Task, job_id: str, body: Callable[[JobRun], JSON | Partial | None]) -> str:
     """Run *body* for a job: idempotent on redelivery, retries transient errors, holds a lease
     while it runs (so a killed worker's job is re-queued), never raises anything but Celery's
     Retry."""
@@ -100,7 +100,7 @@ def run_job(task: Task, job_id: str, body: Callable[[JobRun], JSON | None]) -> s
         _leases.drop(store, job_id)
 
 
-def _run(task: Task, run: JobRun, job_id: str, body: Callable[[JobRun], JSON | None]) -> str:
+def _run(task: Task, run: JobRun, job_id: str, body: Callable[[JobRun], JSON | Partial | None]) -> str:
     if run.cancelled():
         run.cancel()
         return "cancelled"
@@ -129,6 +129,12 @@ def _run(task: Task, run: JobRun, job_id: str, body: Callable[[JobRun], JSON | N
         log.exception("job %s crashed", job_id)
         run.fail(EVCError(f"internal error: {type(exc).__name__}: {exc}"))
         return "failed"
+    if isinstance(summary, Partial):
+        if run.cancelled():
+            run.cancel(summary.summary)
+            return "cancelled"
+        run.partial(summary.summary, summary.message)
+        return "partial"
     if run.cancelled():
         run.cancel(summary or {})
         return "cancelled"

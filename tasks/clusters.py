@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from evc.jobs import JobRun
+from evc.jobs import JobRun, Partial
 from evc.store import JSON
 from evc.tasks.base import TASK_OPTIONS, run_job, settings_of
 
@@ -16,7 +16,7 @@ def raise_level(self, job_id: str) -> str:
 
     settings = settings_of(self)
 
-    def run(run: JobRun) -> JSON:
+    def run(run: JobRun) -> JSON | Partial:
         return body(run.store, settings, run, step_runner(run.store, settings))
 
     return run_job(self, job_id, run)

@@ -13,7 +13,7 @@ from evc.provisioning.service import step_runner
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-DIRECT_VARS = {"devenv": {"build_tools": False, "workspace": "ws", "venv": "envs/cl"}}
+DIRECT_VARS = {"devenv": {"build_tools": False, "workspace": "ws", "venv": "envs/cl", "packages": []}}
 
 
 def _register(api, sims, **labels):
@@ -105,8 +105,9 @@ def test_offline_devices_get_no_work(api, worker, sim_devices) -> None:
     api.store.update_device(dev_id, state="offline")
     status, job = api.call("POST", f"/api/v1/clusters/{cl['id']}/level", json={"target": 1})
     job = api.wait_job(job["id"])
-    assert job["state"] == "succeeded"
+    assert job["state"] == "failed" and job["error"]["code"] == "level_not_reached", job  # nobody reached L1
     assert "offline" in job["results"][dev_id]["stopped"] and job["results"][dev_id]["level"] == 0
+    assert "offline" in job["error"]["details"]["stopped"][dev_id]
     status, job = api.call("POST", f"/api/v1/clusters/{cl['id']}/level", json={"target": 1, "offline": "fail"})
     job = api.wait_job(job["id"])
     assert job["state"] == "failed" and job["error"]["reason"] == "offline"

@@ -30,8 +30,10 @@ from evc.fl.protocol import (
     encode_params,
     evaluate_request,
     fit_request,
+    get_parameters_request,
     parse_evaluate_reply,
     parse_fit_reply,
+    parse_get_parameters_reply,
     ping_request,
 )
 from evc.fl.simulation import simulate
@@ -265,3 +267,23 @@ def test_protocol_helpers_reject_bad_replies() -> None:
     text = encode_params(params)
     base64.b64decode(text, validate=True)
     assert all(np.array_equal(a, b) for a, b in zip(params, decode_params(text), strict=True))
+
+
+def test_get_parameters_gives_the_models_initial_weights(tmp_path: Path, shard_paths: list[Path]) -> None:
+    """The op the server uses to learn a device-side model's shapes and weights (issue 10.3)."""
+    module = tmp_path / "tiny_model.py"
+    module.write_text(
+        "import numpy as np\n"
+        "def init_params(seed):\n    return [np.full((2, 3), float(seed)), np.zeros(3)]\n"
+        "def fit(params, X, y, **kw):\n    return params, {'loss': 0.0, 'n': len(y)}\n"
+        "def evaluate(params, X, y):\n    return {'loss': 0.0, 'accuracy': 1.0, 'n': len(y)}\n"
+    )
+    with ClientProcess(shard_paths[0]) as proc:
+        reply = proc.request(get_parameters_request(f"module:{module}", seed=7, n_classes=10, request_id=1))
+        params = parse_get_parameters_reply(reply)
+        assert reply["shapes"] == [[2, 3], [3]] and reply["id"] == 1
+        np.testing.assert_array_equal(params[0], np.full((2, 3), 7.0))
+        soft = parse_get_parameters_reply(proc.request(get_parameters_request("softmax", seed=None, n_classes=10)))
+        assert [p.shape for p in soft] == [(64, 10), (10,)]
+        bad = proc.request(get_parameters_request("module:/nonexistent.py", seed=1, n_classes=10))
+        assert bad["ok"] is False and "does not exist" in bad["error"]

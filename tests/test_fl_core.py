@@ -3,6 +3,8 @@ and the in-process reference run of shared/reference/FEDERATED.md."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,7 @@ from evc.fl.data import (
     save_shard,
     write_shards,
 )
-from evc.fl.models import MLP, Model, SoftmaxRegression, load_model, validate_model_spec
+from evc.fl.models import MLP, Model, SoftmaxRegression, is_device_model, load_model, validate_model_spec
 from evc.fl.protocol import params_from_npz, params_to_npz
 from evc.fl.simulation import simulate
 from evc.fl.strategy import (
@@ -415,6 +417,34 @@ def test_reference_split(digits: Dataset) -> None:
     assert digits.X_train.max() == 1.0 and digits.n_classes == 10
 
 
+def test_shipped_digits_are_scikit_learns_split_without_importing_it(digits: Dataset) -> None:
+    """Issue 11.2: the controller partitions digits with no scikit-learn installed; the shipped
+    file holds exactly the rows scikit-learn's load_digits + train_test_split give."""
+    code = (
+        "import sys, builtins\n"
+        "real = builtins.__import__\n"
+        "def guard(name, *a, **k):\n"
+        "    if name.split('.')[0] == 'sklearn': raise ImportError('no sklearn here')\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = guard\n"
+        "from evc.fl.data import load_reference_digits\n"
+        "ds = load_reference_digits(); print(ds.X_train.shape[0], ds.X_test.shape[0])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["1437", "360"]
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    from sklearn.model_selection import train_test_split
+
+    raw = sklearn_datasets.load_digits()
+    X_train, X_test, y_train, y_test = train_test_split(
+        raw.data / 16.0, raw.target, test_size=0.2, stratify=raw.target, random_state=42
+    )
+    np.testing.assert_array_equal(digits.X_train, X_train)
+    np.testing.assert_array_equal(digits.X_test, X_test)
+    np.testing.assert_array_equal(digits.y_train, y_train)
+    np.testing.assert_array_equal(digits.y_test, y_test)
+
+
 def test_iid_partition() -> None:
     parts = partition_iid(1437, 10, 42)
     assert [len(p) for p in parts] == [144] * 7 + [143] * 3
@@ -546,7 +576,10 @@ def test_load_model_specs(tmp_path: Path) -> None:
         validate_model_spec(3)
 
 
-def test_user_module_model(tmp_path: Path) -> None:
+def test_user_module_model_on_the_device_side(tmp_path: Path) -> None:
+    """The device runtime (client.py) loads a module model; the server's load_model never does."""
+    from evc.fl import client as device
+
     src = tmp_path / "mean_model.py"
     src.write_text(
         "import numpy as np\n"
@@ -556,7 +589,7 @@ def test_user_module_model(tmp_path: Path) -> None:
         "    return [params[0] + lr], {'loss': 0.5, 'n': len(y)}\n"
         "def evaluate(params, X, y):\n    return {'loss': 1.0, 'accuracy': 0.5, 'n': len(y)}\n"
     )
-    model = load_model(f"module:{src}")
+    model = device.load_model(f"module:{src}", n_features=1, n_classes=2)
     assert isinstance(model, Model)
     new, metrics = model.fit(model.init_params(0), np.zeros((3, 1)), np.zeros(3, dtype=int),
                              epochs=1, lr=0.25, batch_size=2, batch_order_seed=None)  # fmt: skip
@@ -564,8 +597,20 @@ def test_user_module_model(tmp_path: Path) -> None:
     assert metrics == {"loss": 0.5, "n": 3}
     incomplete = tmp_path / "bad.py"
     incomplete.write_text("def fit():\n    pass\n")
-    with pytest.raises(ValidationError, match="init_params, evaluate"):
-        load_model(f"module:{incomplete}")
+    with pytest.raises(ValueError, match="init_params, evaluate"):
+        device.load_model(f"module:{incomplete}", n_features=1, n_classes=2)
+
+
+def test_controller_never_imports_a_module_model(tmp_path: Path) -> None:
+    """Issue 10.3: the server-side model loader refuses ``module:`` specs without importing."""
+    marker = tmp_path / "ran"
+    planted = tmp_path / "planted.py"
+    planted.write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    assert is_device_model(f"module:{planted}") and not is_device_model("mlp:4")
+    with pytest.raises(ValidationError, match="code for the devices"):
+        load_model(f"module:{planted}")
+    assert validate_model_spec(f"module:{planted}") == f"module:{planted}"
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("spec", ["softmax", "mlp"])

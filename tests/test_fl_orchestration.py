@@ -466,3 +466,40 @@ def test_fl_client_playbook_installs_and_checks(sim_devices: Any, evc_key_path: 
                       evc_key_path, tmp_path / "a2")  # fmt: skip
     assert bad.returncode != 0 and "changed=0" in bad.stdout and "failed=1" in bad.stdout, bad.stdout[-2000:]
     assert "cannot run the FL client" in bad.stdout
+
+
+#: a user model that records every process importing it (then trains like softmax)
+PLANTED_MODEL = """
+import os, sys
+with open(MARKER, "a") as fh:
+    fh.write(os.path.basename(sys.argv[0] if sys.argv else "?") + "\\n")
+from evc.fl.client import SoftmaxRegression
+_m = SoftmaxRegression(64, 10)
+init_params, fit, evaluate = _m.init_params, _m.fit, _m.evaluate
+"""
+
+
+def test_planted_module_never_runs_on_the_controller(api: Any, worker: Any, store: Store, register: Register,
+                                                     digits: Any, tmp_path: Path) -> None:  # fmt: skip
+    """Issue 10.3: a ``module:`` model is device code. Through the API and a real worker the
+    controller never imports it: round 0's parameters come from a device (get_parameters),
+    server-side evaluation is skipped, and only the device clients (client.py) ran it."""
+    tmp_path.chmod(0o755)
+    marker = tmp_path / "imported-by.txt"
+    module = tmp_path / "planted.py"
+    module.write_text(f"MARKER = {str(marker)!r}\n" + PLANTED_MODEL)
+    devices = register(3)
+    status, job = api.call("POST", "/api/v1/fl/jobs", json=_job_body(devices, 2, model=f"module:{module}"))
+    assert status == 202, job
+    job = api.wait_job(job["id"], 60)
+    assert job["state"] == "succeeded", job
+    importers = marker.read_text().split()
+    assert importers and set(importers) == {"client.py"}, importers  # devices only, never API/worker
+    _, events = api.call("GET", f"/api/v1/jobs/{job['id']}/events")
+    assert any("initial parameters" in e.get("message", "") for e in events["items"]), events
+    _, view = api.call("GET", f"/api/v1/fl/jobs/{job['id']}")
+    assert [r["num_clients"] for r in view["fl"]["rounds"]] == [3, 3]
+    assert view["fl"]["rounds"][-1]["eval_accuracy"] is None  # not evaluated by running it here
+    ref = _reference(digits, 3, 2)  # the same maths: the device-given init is softmax's zeros
+    for a, b in zip(_final_params(api.settings, job["id"]), ref.params, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)

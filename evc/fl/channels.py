@@ -66,6 +66,23 @@ LATE_WAIT_S = 600.0
 
 
 # ---------------------------------------------------------------------- commands and paths
+def python_hint(python: str, where: str, error: str) -> str:
+    """Why *python* on the device *where* cannot run the FL client (*error*: its last stderr
+    line), and what to do about it."""
+    if "numpy" in error:
+        return (
+            f"{python} on {where} has no numpy; raise the cluster to L1 (its devenv provides "
+            "numpy) or set python (`evc fl install/start --python`, the cluster's fl-client "
+            f"python var) to an interpreter that has it ({error})"
+        )
+    if "not found" in error or "No such file" in error:
+        return (
+            f"{python} on {where} does not exist; raise the cluster to L1 or set python to an "
+            f"interpreter the device has ({error})"
+        )
+    return f"{python} on {where} cannot run the FL client: {error}"
+
+
 def shell_path(path: str) -> str:
     """*path* for a POSIX shell command line: ``~/x`` keeps ``$HOME`` expansion, the rest quoted."""
     if path == "~":
@@ -115,6 +132,7 @@ class ClientChannel:
         self.last_used = time.monotonic()
         self.dead = False
         self.pid: int | None = None
+        self.device_name = key[1]  # the device's name where known, for messages
         self.num_examples: int | None = None
         self.stderr_tail: deque[str] = deque(maxlen=20)
         self._stderr = asyncio.ensure_future(self._drain_stderr())
@@ -195,6 +213,9 @@ class ClientChannel:
                 device_id=self.device_id,
             )
         what = f"exit status {status}" if status is not None else f"signal {self.process.exit_signal}"
+        if status in (126, 127) or "No module named 'numpy'" in last:  # it never started
+            return CommandFailed(python_hint(self.spec.python, self.device_name, last or what),
+                                 exit_status=status, stderr=tail, device_id=self.device_id)  # fmt: skip
         return CommandFailed(
             f"the FL client exited ({what})" + (f": {last}" if last else ""),
             exit_status=status, stderr=tail, device_id=self.device_id,
@@ -347,6 +368,7 @@ class ChannelRegistry:
         except TimeoutError:
             raise SSHTimeout("could not start the FL client before the round deadline", device_id=key[1]) from None
         channel = ClientChannel(key, process, spec)
+        channel.device_name = str(device.get("name") or key[1])
         try:
             pong = await channel.request({"op": "ping", "id": f"start:{key[0]}"}, deadline, late)
         except BaseException:
@@ -580,13 +602,9 @@ async def install_client(settings: Settings, device: JSON, python: str = "python
         if res.exit_status != 0:
             err = str(res.stderr or "").strip().splitlines()
             last = err[-1] if err else f"exit status {res.exit_status}"
-            hint = (
-                "install numpy for it (pip install --user numpy, or the OS package python3-numpy)"
-                if "numpy" in last
-                else "give the FL job a python that exists on the device (the `python` field)"
-            )
+            where = str(device.get("name") or target.address)
             raise CommandFailed(
-                f"{python} on {target.address} cannot run the FL client: {last}; {hint}",
+                f"cannot run the FL client: {python_hint(python, where, last)}",
                 exit_status=res.exit_status, stderr=str(res.stderr or ""),
                 device_id=target.device_id,
             )  # fmt: skip
@@ -614,6 +632,7 @@ __all__ = [
     "client_command",
     "close_registries",
     "install_client",
+    "python_hint",
     "local_registries",
     "push",
     "put_file",

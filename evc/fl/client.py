@@ -24,6 +24,10 @@ Parameters travel as ``base64(npz)`` with arrays ``arr_0 .. arr_{n-1}`` in param
 * ``{"op": "evaluate", "round": r, "params": b64, "config": {"model": ...}}``
   -> ``{"ok": true, "op": "evaluate", "round": r, "num_examples": n,
   "metrics": {"loss": ..., "accuracy": ..., "n": n}}``
+* ``{"op": "get_parameters", "config": {"model": ..., "seed": s, "n_classes": k}}``
+  -> ``{"ok": true, "op": "get_parameters", "params": b64, "shapes": [[...], ...]}``: the
+  model's initial parameters (Flower's ``get_parameters``). The server asks one device for them
+  at round 0 of a job whose model is a ``module:`` file, so it never runs user code itself.
 * ``{"op": "shutdown"}`` -> ``{"ok": true, "op": "shutdown"}`` and the process exits 0.
 
 A request's ``"id"`` (any JSON value) is echoed in its response.  A failing request is answered
@@ -69,7 +73,7 @@ __all__ = [
     "sgd_fit",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # --------------------------------------------------------------------------------------------
 # model maths (shared by device and server)
@@ -466,13 +470,21 @@ def handle_request(shard: _Shard, request: Any) -> dict[str, Any]:
         }  # fmt: skip
     if op == "shutdown":
         return {"ok": True, "op": "shutdown"}
-    if op not in ("fit", "evaluate"):
-        raise ValueError(f"unknown op {op!r} (expected ping, info, fit, evaluate or shutdown)")
+    if op not in ("fit", "evaluate", "get_parameters"):
+        raise ValueError(
+            f"unknown op {op!r} (expected ping, info, fit, evaluate, get_parameters or shutdown)"
+        )
     config = request.get("config")
     if config is None:
         config = {}
     if not isinstance(config, dict):
         raise ValueError("config must be a JSON object")
+    if op == "get_parameters":
+        seed = config.get("seed")
+        model = shard.model({"n_classes": 10, **config}, [])
+        init = model.init_params(0 if seed is None else _int(config, "seed", 0))
+        return {"ok": True, "op": "get_parameters", "params": encode_params(init),
+                "shapes": [list(np.shape(p)) for p in init]}  # fmt: skip
     if not isinstance(request.get("params"), str):
         raise ValueError(f"{op} needs 'params' (base64 npz)")
     params = decode_params(request["params"])

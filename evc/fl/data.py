@@ -45,28 +45,25 @@ class Dataset:
         return int(max(self.y_train.max(), self.y_test.max()) + 1)
 
 
+#: the digits data (UCI "Optical Recognition of Handwritten Digits", CC BY 4.0, as scikit-learn
+#: ships it) with the reference split's row indices: EVC needs no scikit-learn to partition it
+DIGITS_PATH = Path(__file__).with_name("digits.npz")
+
+
 def load_reference_digits() -> Dataset:
     """scikit-learn's digits, ``/16``, split 80/20 stratified with ``random_state=42``.
 
-    Needs scikit-learn (a test extra); raises :class:`ConfigError` when it is missing.
+    Read from :data:`DIGITS_PATH`, shipped with EVC (images, labels and that split's row
+    indices, the very rows ``train_test_split`` picks), so the controller needs no extra package.
     """
     try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ConfigError("the digits reference task needs scikit-learn installed") from exc
-    digits = load_digits()
-    X = digits.data / 16.0
-    y = digits.target
-    X_train, X_test, y_train, y_test = train_test_split(
-        X, y, test_size=0.2, stratify=y, random_state=42
-    )
-    return Dataset(
-        np.asarray(X_train, dtype=np.float64),
-        np.asarray(y_train, dtype=np.int64),
-        np.asarray(X_test, dtype=np.float64),
-        np.asarray(y_test, dtype=np.int64),
-    )
+        with np.load(DIGITS_PATH, allow_pickle=False) as z:
+            X = z["images"].astype(np.float64) / 16.0
+            y = z["labels"].astype(np.int64)
+            train, test = z["train"].astype(np.intp), z["test"].astype(np.intp)
+    except (OSError, KeyError) as exc:  # pragma: no cover - a broken installation
+        raise ConfigError(f"the digits data set {DIGITS_PATH} is missing or damaged: {exc}") from exc
+    return Dataset(X[train], y[train], X[test], y[test])
 
 
 def _check_clients(num_clients: int, n: int) -> None:

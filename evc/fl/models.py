@@ -15,8 +15,11 @@ A user model is a Python file on the device defining, at module level::
 ``fit`` must not modify ``params`` in place.  ``batch_order_seed`` is ``[seed, round,
 client_index]`` when the job is seeded (use ``numpy.random.default_rng(batch_order_seed)`` for
 a reproducible batch order) and ``None`` otherwise.  ``prox_mu > 0`` asks for the FedProx term
-``mu/2 * ||w - global_params||^2`` (``global_params`` defaults to ``params``).  Load it with
-``load_model("module:/path/to/file.py", ...)``.
+``mu/2 * ||w - global_params||^2`` (``global_params`` defaults to ``params``).
+
+A ``module:`` model is code for the devices: the controller never imports or runs it.
+:func:`load_model` here builds only the built-in models; the round engine asks a device for a
+module model's initial parameters (``get_parameters``) and skips server-side evaluation.
 """
 
 from __future__ import annotations
@@ -28,14 +31,14 @@ import numpy as np
 
 from evc.errors import ValidationError
 from evc.fl import client as _client
-from evc.fl.client import MLP, ModuleModel, SoftmaxRegression, sgd_fit
+from evc.fl.client import MLP, SoftmaxRegression, sgd_fit
 
 __all__ = [
     "MLP",
     "Model",
-    "ModuleModel",
     "Params",
     "SoftmaxRegression",
+    "is_device_model",
     "load_model",
     "sgd_fit",
     "validate_model_spec",
@@ -76,12 +79,23 @@ class Model(Protocol):
         ...
 
 
-def load_model(spec: str, *, n_features: int = 64, n_classes: int = 10) -> Model:
-    """Build a model from ``"softmax"``, ``"mlp"``, ``"mlp:<hidden>"`` or ``"module:<path>"``.
+def is_device_model(spec: str) -> bool:
+    """Whether *spec* names user code on the devices (``module:<path>``), which the
+    controller must never import."""
+    return spec.startswith("module:")
 
-    ``n_features``/``n_classes`` size the built-in models (defaults fit the digits task);
-    a module model ignores them.  Raises :class:`evc.errors.ValidationError` for a bad spec.
+
+def load_model(spec: str, *, n_features: int = 64, n_classes: int = 10) -> Model:
+    """Build a built-in model: ``"softmax"``, ``"mlp"`` or ``"mlp:<hidden>"``.
+
+    ``n_features``/``n_classes`` size it (defaults fit the digits task).  A ``module:`` spec is
+    refused: it is code for the devices, never run here.  Raises
+    :class:`evc.errors.ValidationError` for a bad spec.
     """
+    if is_device_model(spec):
+        raise ValidationError(
+            f"model {spec!r} is code for the devices; the controller never loads it", model=spec
+        )
     try:
         model: Model = _client.load_model(spec, n_features=n_features, n_classes=n_classes)
     except (ValueError, ImportError, OSError, SyntaxError) as exc:

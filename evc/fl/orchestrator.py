@@ -59,8 +59,14 @@ from evc.errors import (
 from evc.fl import channels
 from evc.fl.checkpoint import latest_round, load_checkpoint, save_checkpoint
 from evc.fl.data import load_shard
-from evc.fl.models import Model, load_model
-from evc.fl.protocol import decode_params, fit_request, parse_fit_reply
+from evc.fl.models import Model, is_device_model, load_model
+from evc.fl.protocol import (
+    decode_params,
+    fit_request,
+    get_parameters_request,
+    parse_fit_reply,
+    parse_get_parameters_reply,
+)
 from evc.fl.strategy import FitFailure, Strategy, make_strategy
 from evc.jobs import JobRun
 from evc.settings import Settings
@@ -233,13 +239,12 @@ class Rounds:
             directory = checkpoint_dir(self.settings)
             latest = latest_round(directory, job_id)
             if latest is None:
-                seed = spec.strategy_params.get("seed")
-                params = spec.load_model().init_params(int(seed or 0))
+                params = self._initial_params(run, spec)
                 save_checkpoint(directory, job_id, 0, params, metadata={"round": 0})
                 latest = 0
             self.store.fl_init(job_id, {
                 "phase": "closed", "round": latest, "next_round": latest + 1, "token": None,
-                "attempt": attempt, "rounds": spec.rounds, "queue": spec.queue,
+                "attempt": attempt, "rounds": spec.rounds, "queue": spec.queue, "first_round": latest + 1,
             })  # fmt: skip
             if latest >= spec.rounds:
                 self._finish(run, spec)
@@ -273,6 +278,13 @@ class Rounds:
             if reason:
                 skipped[dev_id] = reason
         available = [d for d in spec.devices if d not in skipped]
+        if not available and st.get("first_round") == round:
+            # nothing to wait for at the start: fail now, saying why for each device
+            self.fail_job(run, PreconditionFailed(
+                f"no device can train round {round}: " + "; ".join(f"{d}: {why}" for d, why in skipped.items()),
+                round=round, unavailable=skipped,
+            ))  # fmt: skip
+            return "failed"
         strategy = spec.make_strategy()
         try:
             plan = strategy.configure_fit(round, available, client_index=spec.client_index)
@@ -318,6 +330,49 @@ class Rounds:
         )  # fmt: skip
         self.dispatch.start_round(run.id, round, spec.queue, min(2.0, spec.round_timeout))
         return "waiting"
+
+    def _initial_params(self, run: JobRun, spec: FLSpec) -> list[np.ndarray]:
+        """Round 0's global model: a built-in model's own init, or -- for a ``module:`` model,
+        which is code for the devices and never runs here -- the first device in job order
+        that answers ``get_parameters``. Raises PreconditionFailed with every device's reason."""
+        seed = spec.strategy_params.get("seed")
+        if not is_device_model(spec.model):
+            return spec.load_model().init_params(int(seed or 0))
+        deadline = time.time() + spec.round_timeout
+        reasons: dict[str, str] = {}
+        devices = {d["id"]: d for d in self.store.get_devices(spec.devices)}
+        for dev_id in spec.devices:
+            device = devices.get(dev_id)
+            why = "the device was removed" if device is None else eligibility(device)
+            if why is None and time.time() >= deadline:
+                why = "not asked: round_timeout passed"
+            if why is not None or device is None:
+                reasons[dev_id] = str(why)
+                continue
+            message = get_parameters_request(
+                spec.model, seed=None if seed is None else int(seed), n_classes=spec.n_classes,
+                request_id=f"init:{dev_id}",
+            )  # fmt: skip
+            client = channels.ClientSpec(spec.python, spec.data_path(run.id, device))
+            registry = channels.registry_for(self.settings, job_alive=self._job_alive, on_late=self._late_reply)
+            try:
+                future = channels.submit(registry.request(run.id, device, client, message, deadline - time.time()))
+                reply = channels.wait(future, deadline + 1.0)
+                params = parse_get_parameters_reply(reply.reply, device_id=dev_id)
+            except DeviceError as exc:
+                reasons[dev_id] = f"{exc.reason}: {exc.message}"
+                continue
+            run.event(
+                f"initial parameters of {spec.model} from device {device.get('name', dev_id)} "
+                f"(shapes {[list(p.shape) for p in params]}); the controller does not run the model",
+                type="fl", device=dev_id,
+            )  # fmt: skip
+            return params
+        raise PreconditionFailed(
+            f"no device could give the initial parameters of {spec.model}: "
+            + "; ".join(f"{d}: {r}" for d, r in reasons.items()),
+            unavailable=reasons,
+        )
 
     # ------------------------------------------------------------------ one device's training
     def fit(self, job_id: str, token: str, device_id: str, task_id: str = "") -> JSON:
@@ -464,6 +519,9 @@ class Rounds:
         try:
             params, metrics = strategy.finish_round(failures)
         except PreconditionFailed as exc:
+            if failures:  # say why, per device
+                why = "; ".join(f"{d}: {reason}" for d, reason in failures)
+                exc = PreconditionFailed(f"{exc.message}; failed: {why}", **{**exc.details, "failures": dict(failures)})
             self.fail_job(run, exc, st)
             return "failed"
         closed = now()
@@ -651,8 +709,8 @@ class Rounds:
         return params
 
     def _evaluate(self, spec: FLSpec, params: Sequence[np.ndarray]) -> dict[str, Any] | None:
-        if not spec.test_set:
-            return None
+        if not spec.test_set or is_device_model(spec.model):
+            return None  # a module model is device code: never evaluated (run) here
         try:
             X, y = load_test_set(self.settings, spec.test_set)
             return load_model(spec.model, n_features=X.shape[1], n_classes=spec.n_classes

@@ -32,10 +32,12 @@ __all__ = [
     "encode_params",
     "evaluate_request",
     "fit_request",
+    "get_parameters_request",
     "params_from_npz",
     "params_to_npz",
     "parse_evaluate_reply",
     "parse_fit_reply",
+    "parse_get_parameters_reply",
     "ping_request",
     "shutdown_request",
 ]
@@ -128,6 +130,34 @@ def evaluate_request(
     if request_id is not None:
         request["id"] = request_id
     return request
+
+
+def get_parameters_request(
+    model: str, *, seed: int | None, n_classes: int, request_id: str | int | None = None
+) -> dict[str, Any]:
+    """Ask a client for *model*'s initial parameters (Flower's ``get_parameters``): how the
+    server learns a device-side (``module:``) model's shapes and weights without running it."""
+    request: dict[str, Any] = {
+        "op": "get_parameters",
+        "config": {"model": model, "seed": seed, "n_classes": n_classes},
+    }
+    if request_id is not None:
+        request["id"] = request_id
+    return request
+
+
+def parse_get_parameters_reply(
+    message: Mapping[str, Any], *, device_id: str | None = None
+) -> list[np.ndarray]:
+    """Check and decode a ``get_parameters`` reply (errors as in :func:`parse_fit_reply`)."""
+    _check_ok(message, "get_parameters", device_id)
+    try:
+        params = decode_params(str(message["params"]))
+    except (KeyError, TypeError, ValueError, OSError, binascii.Error) as exc:
+        raise DeviceError(f"malformed get_parameters reply: {exc}", device_id=device_id) from exc
+    if not params:
+        raise DeviceError("the model has no parameters", device_id=device_id)
+    return params
 
 
 def ping_request() -> dict[str, Any]:

@@ -24,7 +24,7 @@ from evc.fl.models import validate_model_spec
 from evc.fl.orchestrator import FLSpec, checkpoint_dir, evaluation_dir, fl_ready
 from evc.fl.protocol import params_to_npz
 from evc.fl.strategy import make_strategy
-from evc.jobs import JobRun
+from evc.jobs import JobRun, Partial
 from evc.settings import Settings
 from evc.store import JSON, Store, now
 
@@ -62,6 +62,22 @@ def resolve_devices(store: Store, devices: Sequence[str] | None, cluster: str | 
     if missing:
         raise NotFound(f"no such device(s): {', '.join(missing)}", devices=missing)
     return ids
+
+
+def device_python(store: Store, python: str | None, cluster: str | None) -> str:
+    """The Python that runs the FL client: the one given; else the cluster's setting
+    (:func:`evc.levels.fl_python`: L1's environment with numpy); else ``python3``."""
+    from evc.levels import fl_python
+
+    if python:
+        chosen = python
+    elif cluster:
+        chosen = fl_python(store.get_cluster(cluster))
+    else:
+        chosen = "python3"
+    if not PYTHON_RE.match(chosen):
+        raise ValidationError("python must be an interpreter name or path", field="python")
+    return chosen
 
 
 def _check_path(path: object, where: str) -> str:
@@ -174,7 +190,8 @@ def submit(
 ) -> JSON:
     """Validate an FL job and enqueue it (kind ``fl``); returns the job."""
     devices = resolve_devices(store, data.get("devices"), data.get("cluster"))
-    spec = build_spec(settings, data, devices)
+    python = device_python(store, data.get("python"), data.get("cluster"))
+    spec = build_spec(settings, {**data, "python": python}, devices)
     check_ready(store, devices)
     job, _ = jobs.submit(
         store, sender, "fl", params=spec.to_params(), targets=devices, created_by=created_by,
@@ -263,10 +280,11 @@ def _device_timeout(settings: Settings) -> float:
     return settings.ssh_connect_timeout_s + settings.ssh_command_timeout_s
 
 
-def install(store: Store, settings: Settings, run: JobRun) -> JSON:
+def install(store: Store, settings: Settings, run: JobRun) -> JSON | Partial:
     """The ``fl-install`` job: ship the client to each target and record ``fl_client`` on it.
 
-    One device failing does not stop the others; the job fails only when none succeeded."""
+    One device failing does not stop the others: the job ends ``partial`` when some failed and
+    fails when none succeeded, each device's reason in its result."""
     python = str(run.params.get("python") or "python3")
     devices = store.get_devices(run.job["targets"])
 
@@ -290,8 +308,24 @@ def install(store: Store, settings: Settings, run: JobRun) -> JSON:
             store.update_device(dev_id, fl_client={k: v for k, v in res.items() if k != "ok"})
         run.result(dev_id, res)
     if not ok:
-        raise DeviceError(f"the FL client could not be installed on any of {len(devices)} devices")
-    return {"installed": ok, "failed": len(devices) - ok, "python": python}
+        raise DeviceError(
+            f"the FL client could not be installed on any of {len(devices)} devices: " + _reasons(results),
+            reasons=_reason_map(results),
+        )  # fmt: skip
+    summary: JSON = {"installed": ok, "failed": len(devices) - ok, "python": python}
+    if ok < len(devices):
+        return Partial(summary, f"not installed on {len(devices) - ok} of {len(devices)} devices: {_reasons(results)}")
+    return summary
+
+
+def _reason_map(results: Sequence[tuple[str, JSON]]) -> dict[str, str]:
+    return {d: str((r.get("error") or {}).get("message", "")) for d, r in results if not r["ok"]}
+
+
+def _reasons(results: Sequence[tuple[str, JSON]], most: int = 5) -> str:
+    """The failed devices' reasons in one line (the first *most*)."""
+    bad = list(_reason_map(results).items())
+    return "; ".join(f"{d}: {why}" for d, why in bad[:most]) + (" ..." if len(bad) > most else "")
 
 
 # ---------------------------------------------------------------------- partitioning data
@@ -301,7 +335,7 @@ def shard_bytes(X: np.ndarray, y: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def partition(store: Store, settings: Settings, run: JobRun) -> JSON:
+def partition(store: Store, settings: Settings, run: JobRun) -> JSON | Partial:
     """The ``fl-partition`` job: split a dataset into one shard per target device (IID or
     label-Dirichlet, as FEDERATED.md fixes them), push each over SFTP, and keep the test split
     server-side as test set ``<name>``. Device k (in target order) gets shard k."""
@@ -339,17 +373,22 @@ def partition(store: Store, settings: Settings, run: JobRun) -> JSON:
         return list(await asyncio.gather(*(one(k, d) for k, d in enumerate(ids))))
 
     ok = 0
-    for dev_id, res in pooling.call(all_()):
+    results = pooling.call(all_())
+    for dev_id, res in results:
         ok += bool(res["ok"])
         run.result(dev_id, res)
     if not ok:
-        raise DeviceError(f"no shard could be pushed to any of {len(ids)} devices")
+        raise DeviceError(f"no shard could be pushed to any of {len(ids)} devices: " + _reasons(results),
+                          reasons=_reason_map(results))  # fmt: skip
     path_template = template.replace("{dataset}", name)
-    return {
+    summary: JSON = {
         "dataset": name, "partition": p.get("partition", "iid"), "devices": len(ids), "pushed": ok,
         "test_set": name, "data_path": path_template,
         "created_at": now(),
     }  # fmt: skip
+    if ok < len(ids):
+        return Partial(summary, f"no shard on {len(ids) - ok} of {len(ids)} devices: {_reasons(results)}")
+    return summary
 
 
 def check_partition_args(data: Mapping[str, Any]) -> JSON:
