@@ -80,9 +80,20 @@ def emit(c: Ctx, data: Any, table: Callable[[Any], object] | None = None) -> Non
 @click.option("--concurrency", default=4, show_default=True, help="worker processes")
 @pass_ctx
 def up(c: Ctx, sim_devices: int, flower_port: int | None, bind: str | None, api_workers: int, concurrency: int) -> None:
-    """Run EVC here: Redis (embedded unless EVC_REDIS_URL is set), API, worker, beat."""
-    from evc.stack import Stack, pick_port
+    """Run EVC here: Redis (embedded unless EVC_REDIS_URL is set), API, worker, beat.
 
+    Private to you: the data directory is 0700, its files 0600, the embedded Redis has a
+    password (in <data_dir>/redis/password) and listens on loopback. Refuses to start when the
+    API address is taken. Exits non-zero, stopping everything, when a component dies; Ctrl-C or
+    SIGTERM stops everything it started, simulated devices' programs included."""
+    import signal
+
+    from evc.stack import Stack, pick_port, redacted
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # a SIGTERM while starting still stops what was started
+
+    signal.signal(signal.SIGTERM, interrupt)
     settings = c.settings
     if bind:
         settings = settings.replace(api_bind=pick_port(bind))
@@ -92,6 +103,7 @@ def up(c: Ctx, sim_devices: int, flower_port: int | None, bind: str | None, api_
         worker_concurrency=concurrency,
         flower_port=flower_port,
         sim_devices=sim_devices,
+        adopt_orphans=True,
     )
     try:
         with console.status("starting EVC…"):
@@ -101,7 +113,10 @@ def up(c: Ctx, sim_devices: int, flower_port: int | None, bind: str | None, api_
         console.print(f"  API        {s.api_url}/api/v1")
         console.print(f"  docs       {s.api_url}/api/v1/docs")
         console.print(f"  SSH key    curl -s {s.api_url}/api/v1/ssh-key?format=text")
-        console.print(f"  Redis      {s.redis_url}")
+        if stack.redis:
+            console.print(f"  Redis      {redacted(s.redis_url)}  (password in {stack.redis.data_dir / 'password'})")
+        else:
+            console.print(f"  Redis      {redacted(s.redis_url) or s.redis_sentinels}")
         if flower_port:
             console.print(f"  Flower     http://127.0.0.1:{flower_port}")
         console.print(f"  admin token {stack.admin_token}  (also in {s.data_dir / 'admin-token'})")
@@ -124,6 +139,12 @@ def up(c: Ctx, sim_devices: int, flower_port: int | None, bind: str | None, api_
 )
 @click.option("--privileges", default="user,sudo,root", show_default=True, help="privilege levels to cycle through")
 @click.option("--prefix", default="sim", show_default=True)
+@click.option(
+    "--ports-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="JSON {device name: port}: serve each device on the port it had before",
+)
 @pass_ctx
 def sim(
     c: Ctx,
@@ -133,17 +154,27 @@ def sim(
     authorized_keys: Path | None,
     privileges: str,
     prefix: str,
+    ports_file: Path | None,
 ) -> None:
     """Run N simulated edge devices (real SSH servers on loopback) until Ctrl-C."""
     from evc import keys
     from evc.sim import serve_forever
+    from evc.stack import read_ports
 
     root = root or c.settings.data_dir / "sim"
     state_file = state_file or root / "devices.json"
     if authorized_keys is None:
         keys.ensure_keypair(c.settings)
         authorized_keys = c.settings.key_path.with_suffix(".pub")
-    serve_forever(n, root, state_file, authorized_keys, [p for p in privileges.split(",") if p], prefix=prefix)
+    serve_forever(
+        n,
+        root,
+        state_file,
+        authorized_keys,
+        [p for p in privileges.split(",") if p],
+        prefix=prefix,
+        ports=read_ports(ports_file) if ports_file else None,
+    )
 
 
 @main.command("ssh-key")

@@ -75,6 +75,12 @@ class JobCancelled(EVCError):
     code = "cancelled"
 
 
+class ComponentDied(EVCError):
+    """A process of the local stack (`evc up`) ended while the stack was running."""
+
+    code = "component_died"
+
+
 # --- device / SSH errors: each carries a reason a person can act on -------------------------
 
 

@@ -1,0 +1,84 @@
+"""Tokens never go to the wrong server, the last-admin recovery, and the process-tree helpers
+of `evc up`: fast tests against real servers (HTTP, Redis)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from evc import reaper
+from evc.errors import ConfigError
+from evc.settings import Settings
+from evc.stack import Stack
+
+
+class Recorder(BaseHTTPRequestHandler):
+    """Answers every GET like an EVC API would, recording the Authorization header it got."""
+
+    seen: list[str | None] = []
+    body: dict[str, Any] = {"status": "ok"}
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        type(self).seen.append(self.headers.get("Authorization"))
+        status = 401 if self.path.startswith("/api/") and not self.headers.get("Authorization") else 200
+        data = json.dumps({"message": "missing bearer token"} if status == 401 else self.body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def recorder() -> Iterator[tuple[ThreadingHTTPServer, type[Recorder]]]:
+    handler = type("R", (Recorder,), {"seen": [], "body": {"status": "ok", "items": [], "total": 0}})
+    srv = ThreadingHTTPServer(("0.0.0.0", 0), handler)  # noqa: S104 - reached by a non-loopback address too
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv, handler
+    srv.shutdown()
+    srv.server_close()
+
+
+# ----------------------------------------------------------------------------- point 7
+def test_healthz_returns_the_instance_id(settings: Settings) -> None:
+    from evc.api.app import create_app
+
+    body = create_app(settings.replace(instance_id="run-123")).test_client().get("/healthz").get_json()
+    assert body == {"status": "ok", "instance": "run-123"}
+
+
+def test_a_server_that_is_not_this_stacks_api_is_refused(settings: Settings, recorder: Any) -> None:
+    srv, handler = recorder
+    stack = Stack(settings.replace(api_bind=f"127.0.0.1:{srv.server_address[1]}"), instance_id="mine")
+    for body in ({"status": "ok"}, {"status": "ok", "instance": "theirs"}):
+        handler.body = body
+        with pytest.raises(ConfigError, match="not the API this `evc up` started"):
+            stack._wait_own_api(timeout=5)
+    handler.body = {"status": "ok", "instance": "mine"}
+    stack._wait_own_api(timeout=5)
+    assert all(h is None for h in handler.seen)  # and no token was sent while checking
+
+
+# ----------------------------------------------------------------------------- reaper
+def test_reaper_reads_proc_stat_and_walks_descendants() -> None:
+    info = reaper.read_stat("4242 (a (weird) name) S 17 4242 4242 0 -1 4194560 ...")
+    assert (info.pid, info.ppid, info.state) == (4242, 17, "S")
+    table = [
+        reaper.ProcInfo(2, 1, "S"),
+        reaper.ProcInfo(3, 2, "S"),
+        reaper.ProcInfo(4, 3, "Z"),
+        reaper.ProcInfo(5, 1, "S"),
+    ]
+    assert [p.pid for p in reaper.descendants(2, table)] == [3, 4]
+    me = [p for p in reaper.processes() if p.pid == os.getpid()]
+    assert me and me[0].ppid == os.getppid()
