@@ -12,7 +12,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from evc.client import APIError, Client
+from evc.client import APIError, Client, is_local_url
 from evc.errors import EVCError
 from evc.settings import load_settings
 
@@ -24,9 +24,16 @@ class Ctx:
     def __init__(self, url: str | None, token: str | None, as_json: bool) -> None:
         self.settings = load_settings()
         self.url = url or self.settings.api_url
+        self.withheld = ""  # why the local admin token was not sent, if it was not
         if token is None:
             f = self.settings.data_dir / "admin-token"
-            token = f.read_text().strip() if f.exists() else None
+            if f.exists() and is_local_url(self.url):
+                token = f.read_text().strip()
+            elif f.exists():
+                self.withheld = (
+                    f"the local admin token ({f}) is only sent to EVC on this machine, not to {self.url}; "
+                    "give that server's token with --token or EVC_TOKEN"
+                )
         self.token = token
         self.as_json = as_json
 
@@ -48,7 +55,12 @@ class EVCGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (APIError, EVCError) as exc:
+        except APIError as exc:
+            withheld = getattr(ctx.obj, "withheld", "")
+            _fail(
+                APIError(exc.status, f"{exc.message} ({withheld})", exc.body) if exc.status == 401 and withheld else exc
+            )
+        except EVCError as exc:
             _fail(exc)
 
 

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from evc import reaper
+from evc.cli import main
+from evc.client import is_local_url
 from evc.errors import ConfigError
 from evc.settings import Settings
 from evc.stack import Stack
@@ -49,7 +54,59 @@ def recorder() -> Iterator[tuple[ThreadingHTTPServer, type[Recorder]]]:
     srv.server_close()
 
 
+def own_address() -> str | None:
+    """This machine's address on its outgoing interface (not loopback), if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # TEST-NET: no packet is sent for a UDP connect
+        except OSError:
+            return None
+        addr = s.getsockname()[0]
+    return None if addr.startswith("127.") else str(addr)
+
+
 # ----------------------------------------------------------------------------- point 7
+def test_local_url() -> None:
+    assert is_local_url("http://127.0.0.1:8080") and is_local_url("http://127.3.2.1")
+    assert (
+        is_local_url("http://[::1]:8080/x") and is_local_url("http://localhost:1") and is_local_url("http://LOCALHOST.")
+    )
+    for url in (
+        "http://192.0.2.5:8080",
+        "https://evc.example.com",
+        "http://localhost.evil.example",
+        "http://[::]:1",
+        "",
+    ):
+        assert not is_local_url(url), url
+
+
+def test_the_local_admin_token_goes_only_to_this_machine(tmp_path: Path, recorder: Any) -> None:
+    srv, handler = recorder
+    (tmp_path / "admin-token").write_text("evco_localadmin\n")
+    env = {"EVC_DATA_DIR": str(tmp_path), "EVC_URL": None, "EVC_TOKEN": None}
+    port = srv.server_address[1]
+
+    res = CliRunner().invoke(main, ["--url", f"http://127.0.0.1:{port}", "device", "list"], env=env)
+    assert res.exit_code == 0, res.output
+    assert handler.seen[-1] == "Bearer evco_localadmin"
+
+    addr = own_address()
+    if addr is None:
+        pytest.skip("this machine has no non-loopback address to stand for a remote EVC")
+    handler.seen.clear()
+    res = CliRunner().invoke(main, ["--url", f"http://{addr}:{port}", "device", "list"], env=env)
+    assert res.exit_code != 0
+    assert handler.seen == [None]  # asked without the local admin token
+    assert "only sent to EVC on this machine" in res.output and "--token" in res.output
+    # given explicitly, a token goes where it is told
+    res = CliRunner().invoke(
+        main, ["--url", f"http://{addr}:{port}", "device", "list"], env={**env, "EVC_TOKEN": "evco_given"}
+    )
+    assert res.exit_code == 0, res.output
+    assert handler.seen[-1] == "Bearer evco_given"
+
+
 def test_healthz_returns_the_instance_id(settings: Settings) -> None:
     from evc.api.app import create_app
 
