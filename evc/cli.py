@@ -222,30 +222,52 @@ def flower(c: Ctx, port: int, address: str) -> None:
     default=None,
     help="also create a read-only token (for Prometheus discovery) and write it here",
 )
+@click.option(
+    "--reset-admin",
+    is_flag=True,
+    help="recovery: write a new admin token to <data_dir>/admin-token (when every admin token is lost or revoked)",
+)
 @pass_ctx
-def bootstrap(c: Ctx, read_token_file: Path | None) -> None:
+def bootstrap(c: Ctx, read_token_file: Path | None, reset_admin: bool) -> None:
     """Prepare a data directory and Redis for a deployment: EVC's SSH key pair and the first
-    admin token (written to <data_dir>/admin-token, mode 0600). Idempotent."""
+    admin token (written to <data_dir>/admin-token, mode 0600). Idempotent.
+
+    Lost or revoked every admin token? `evc bootstrap --reset-admin`, run by someone who can
+    read the data directory and reach Redis (EVC_REDIS_URL with its password, or the embedded
+    Redis of `evc up`, whose password is in <data_dir>/redis/password), writes a new admin token
+    to <data_dir>/admin-token. Other tokens stay as they are; revoke them with `evc token revoke`."""
     import os
 
     from evc import auth, keys
+    from evc.stack import local_redis
     from evc.store import Store
 
     keys.ensure_keypair(c.settings)
-    store = Store.from_settings(c.settings)
-    store.ping()
-    created = auth.ensure_admin_token(store, c.settings)
-    console.print(
-        f"SSH key: {c.settings.key_path}  admin token: "
-        + ("created" if created else "exists")
-        + f" ({c.settings.data_dir / 'admin-token'})"
-    )
-    if read_token_file and not read_token_file.exists():
-        _, tok = auth.create_operator_token(store, c.settings, "prometheus", ["read"], created_by="bootstrap")
-        fd = os.open(read_token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(tok + "\n")
-        console.print(f"read token written to {read_token_file}")
+    token_file = c.settings.data_dir / "admin-token"
+    with local_redis(c.settings) as settings:
+        store = Store.from_settings(settings)
+        store.ping()
+        created = auth.ensure_admin_token(store, settings)
+        if reset_admin and not created:
+            rec = auth.reset_admin_token(store, settings)
+            console.print(f"new admin token {rec['id']} written to {token_file}")
+            console.print("  other tokens are as they were: `evc token list` shows them, `evc token revoke` ends one")
+        else:
+            console.print(
+                f"SSH key: {settings.key_path}  admin token: "
+                + ("created" if created else "exists")
+                + f" ({token_file})"
+            )
+            console.print(
+                "  lost every admin token? `evc bootstrap --reset-admin` (with access to this data "
+                "directory and Redis) writes a new one there"
+            )
+        if read_token_file and not read_token_file.exists():
+            _, tok = auth.create_operator_token(store, settings, "prometheus", ["read"], created_by="bootstrap")
+            fd = os.open(read_token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(tok + "\n")
+            console.print(f"read token written to {read_token_file}")
 
 
 @main.group()

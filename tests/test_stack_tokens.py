@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from evc import reaper
+from evc import auth, reaper
 from evc.cli import main
 from evc.client import is_local_url
-from evc.errors import ConfigError
-from evc.settings import Settings
-from evc.stack import Stack
+from evc.errors import AuthError, ConfigError
+from evc.settings import Settings, load_settings
+from evc.stack import Stack, local_redis
+from evc.store import Store
 
 
 class Recorder(BaseHTTPRequestHandler):
@@ -124,6 +125,41 @@ def test_a_server_that_is_not_this_stacks_api_is_refused(settings: Settings, rec
     handler.body = {"status": "ok", "instance": "mine"}
     stack._wait_own_api(timeout=5)
     assert all(h is None for h in handler.seen)  # and no token was sent while checking
+
+
+# ----------------------------------------------------------------------------- point 13
+def test_bootstrap_reset_admin_recovers_from_losing_every_admin_token(tmp_path: Path) -> None:
+    data = tmp_path / "evc"
+    env = {"EVC_DATA_DIR": str(data), "EVC_REDIS_URL": None, "EVC_REDIS_SENTINELS": None, "COLUMNS": "300"}
+    help_text = CliRunner().invoke(main, ["bootstrap", "--help"], env=env).output
+    assert "--reset-admin" in help_text and "Lost or revoked every admin token" in help_text
+
+    res = CliRunner().invoke(main, ["bootstrap"], env=env)  # the embedded Redis, started for the command
+    assert res.exit_code == 0, res.output
+    assert "admin token: created" in res.output and "--reset-admin" in res.output
+    first = (data / "admin-token").read_text().strip()
+    settings = load_settings(env={}, data_dir=data)
+    with local_redis(settings) as s:  # every admin token revoked (in the store, whatever the API allows)
+        store = Store.from_settings(s)
+        assert auth.authenticate(store, s, f"Bearer {first}").allows("admin")
+        for rec in store.list_tokens(limit=1000)[0]:
+            store.update_token(rec["id"], revoked=True)
+        with pytest.raises(AuthError):
+            auth.authenticate(store, s, f"Bearer {first}")
+    (data / "admin-token").unlink()  # and the file lost
+
+    res = CliRunner().invoke(main, ["bootstrap", "--reset-admin"], env=env)
+    assert res.exit_code == 0, res.output
+    assert "new admin token" in res.output and str(data / "admin-token") in res.output.replace("\n", "")
+    token_file = data / "admin-token"
+    new = token_file.read_text().strip()
+    assert new != first and token_file.stat().st_mode & 0o777 == 0o600
+    with local_redis(settings) as s:
+        store = Store.from_settings(s)
+        assert auth.authenticate(store, s, f"Bearer {new}").allows("admin")
+        assert any(e["action"] == "token.reset-admin" for e in store.audit_log()[0])
+    assert data.stat().st_mode & 0o777 == 0o700
+    assert not any(p.is_socket() for p in data.rglob("*"))  # the Redis it started is gone again
 
 
 # ----------------------------------------------------------------------------- reaper
