@@ -79,6 +79,12 @@ class Stack:
         make_private(s.data_dir)
         self.log_dir = self.log_dir or s.data_dir / "logs"
         self.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        other = running_stack(s.data_dir)
+        if other:
+            raise ConfigError(
+                f"another `evc up` (pid {other}) runs on {s.data_dir}: stop it first, or give this one "
+                "its own data directory (EVC_DATA_DIR)"
+            )
         check_port_free(s.api_bind)
         if self.adopt_orphans:
             reaper.become_subreaper()
@@ -350,6 +356,18 @@ def read_state(data_dir: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def running_stack(data_dir: Path) -> int | None:
+    """The pid of another `evc up` that is running on *data_dir*, if one is."""
+    pid = read_state(data_dir).get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return None
+    try:
+        cmdline = (reaper.PROC / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return None
+    return pid if b"evc" in cmdline and b"up" in cmdline else None
 
 
 def read_ports(path: Path) -> dict[str, int]:
