@@ -188,15 +188,10 @@ def reset_admin_token(store: Store, settings: Settings) -> JSON:
 
 
 def _write_admin_token(settings: Settings, token: str) -> None:
-    import os
+    from evc.embedded import write_private
 
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = settings.data_dir / "admin-token"
-    tmp = path.with_name(".admin-token.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    os.replace(tmp, path)
+    write_private(settings.data_dir / "admin-token", token + "\n")
 
 
 def public_token(rec: JSON) -> dict[str, Any]:

@@ -50,21 +50,20 @@ def private_password(path: Path) -> str:
         text = ""
     if text:
         return text
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     password = secrets.token_hex(32)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(password + "\n")
-    os.replace(tmp, path)
+    write_private(path, password + "\n")
     return password
 
 
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def write_private(path: Path, text: str) -> None:
+    """Write *text* to *path* atomically, mode 0600 whatever the umask (a wider file it
+    replaces is gone, not chmodded)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
-    os.chmod(path, 0o600)  # in case it existed with a wider mode
+    os.replace(tmp, path)
 
 
 def _conf_value(value: str) -> str:
@@ -104,7 +103,7 @@ class RedisServer:
         if self.password:
             conf["requirepass"] = self.password
         conf_path = self.data_dir / "redis.conf"
-        _write_private(conf_path, "".join(f"{k} {_conf_value(v)}\n" for k, v in conf.items()))
+        write_private(conf_path, "".join(f"{k} {_conf_value(v)}\n" for k, v in conf.items()))
         self.proc = subprocess.Popen(
             [redis_server_binary(), str(conf_path)],
             stdout=subprocess.DEVNULL,

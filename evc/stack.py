@@ -31,7 +31,7 @@ import redis
 
 from evc import keys, metrics, reaper
 from evc.auth import ensure_admin_token
-from evc.embedded import RedisServer, free_port, private_password
+from evc.embedded import RedisServer, free_port, private_password, write_private
 from evc.errors import ComponentDied, ConfigError
 from evc.settings import Settings, settings_env
 from evc.store import Store
@@ -268,15 +268,6 @@ class Stack:
         if self.adopt_orphans:
             reaper.end_adopted(known=())
         (self.settings.data_dir / STATE_FILE).unlink(missing_ok=True)
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write *text* to *path* atomically, mode 0600."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def make_private(data_dir: Path) -> None:
