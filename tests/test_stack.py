@@ -239,12 +239,22 @@ def test_up_is_private_stops_everything_restarts_the_fleet_and_dies_loudly(data_
     finally:
         up.stop()
 
-    # the same data directory brings the same fleet back, working
+    # the same data directory brings the same fleet back, working; a device whose port was
+    # taken meanwhile is registered again where it is now
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the port's old connections linger
+    squatter.bind(("127.0.0.1", first[0]["port"]))
+    squatter.listen()
     up = Up(data_dir, "--sim", "2", "--bind", "127.0.0.1:0")
     try:
         up.wait_up()
+        squatter.close()
         again = up.devices(2)
-        assert [(d["id"], d["name"], d["port"]) for d in again] == [(d["id"], d["name"], d["port"]) for d in first]
+        same = [(d["id"], d["name"], d["port"]) for d in first[1:]]
+        assert [(d["id"], d["name"], d["port"]) for d in again[1:]] == same
+        moved = again[0]
+        assert moved["name"] == first[0]["name"] and moved["port"] != first[0]["port"], moved
+        assert moved["state"] != "failed", moved
         for d in again:
             job = up.api("POST", f"/api/v1/devices/{d['id']}/facts")
             assert up.wait_job(job["id"])["state"] == "succeeded", job
@@ -256,6 +266,7 @@ def test_up_is_private_stops_everything_restarts_the_fleet_and_dies_loudly(data_
         assert "worker was killed by SIGKILL" in out and str(data_dir / "logs" / "worker.log") in out, out
         assert wait_gone(data_dir) == []
     finally:
+        squatter.close()
         up.stop()
 
 
@@ -272,3 +283,29 @@ def test_up_refuses_a_taken_api_port(data_dir: Path) -> None:
     assert "admin token" not in out and "evco_" not in out
     assert not (data_dir / "redis").exists()  # nothing was started
     assert wait_gone(data_dir) == []
+
+
+def test_simulated_devices_keep_their_ports_across_restarts(tmp_path: Path) -> None:
+    """What a second `evc up` relies on: the simulator serves each device on the port saved for
+    it, and a device whose saved port is taken now gets another one instead of failing."""
+    import asyncio
+
+    from evc.embedded import free_port
+    from evc.sim import Simulator
+
+    async def go(saved: dict[str, int]) -> dict[str, int]:
+        sim = Simulator(tmp_path / "sim")
+        try:
+            return {d.name: d.port for d in await sim.start(2, "keep", ports=saved)}
+        finally:
+            await sim.stop()
+
+    first = asyncio.run(go({}))
+    assert asyncio.run(go(first)) == first
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        kept = free_port()
+        again = asyncio.run(go({"keep-0001": kept, "keep-0002": taken}))
+    assert again["keep-0001"] == kept and again["keep-0002"] not in (taken, 0)
