@@ -42,8 +42,9 @@ def ssh_key(args: dict[str, Any]) -> Any:
 @blp.route("/healthz")
 @blp.response(200)
 def healthz() -> Any:
-    """Liveness: the API process answers."""
-    return {"status": "ok"}
+    """Liveness: the API process answers (with the instance id `evc up` gave it, if any)."""
+    instance = get_settings().instance_id
+    return {"status": "ok", "instance": instance} if instance else {"status": "ok"}
 
 
 @blp.route("/readyz")

@@ -170,17 +170,28 @@ def use_enrollment(store: Store, principal: Principal) -> JSON:
 
 def ensure_admin_token(store: Store, settings: Settings) -> str | None:
     """Create the first admin token when none exists; returns it (shown once) or None."""
-    path = settings.data_dir / "admin-token"
     if store.r.setnx(store.k("bootstrap"), "1"):
         rec, token = create_operator_token(store, settings, "admin", ["admin"], created_by="bootstrap")
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        import os
-
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
+        _write_admin_token(settings, token)
         return token
     return None
+
+
+def reset_admin_token(store: Store, settings: Settings) -> JSON:
+    """Recovery for an operator who lost or revoked every admin token: a new admin token,
+    written to <data_dir>/admin-token (mode 0600), replacing the file. Whoever can run this
+    can read the data directory and reach Redis, which is the trust an admin token gives."""
+    rec, token = create_operator_token(store, settings, "admin", ["admin"], created_by="bootstrap --reset-admin")
+    _write_admin_token(settings, token)
+    store.audit("bootstrap", "token.reset-admin", rec["id"])
+    return rec
+
+
+def _write_admin_token(settings: Settings, token: str) -> None:
+    from evc.embedded import write_private
+
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_private(settings.data_dir / "admin-token", token + "\n")
 
 
 def public_token(rec: JSON) -> dict[str, Any]:

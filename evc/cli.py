@@ -15,7 +15,7 @@ from rich.table import Table
 from evc import __version__, cli_views
 from evc.cli_format import Ref, percent, table
 from evc.cli_format import show as show_table
-from evc.client import TERMINAL, APIError, Client
+from evc.client import TERMINAL, APIError, Client, is_local_url
 from evc.errors import EVCError
 from evc.settings import load_settings
 
@@ -27,9 +27,16 @@ class Ctx:
     def __init__(self, url: str | None, token: str | None, as_json: bool) -> None:
         self.settings = load_settings()
         self.url = url or self.settings.api_url
+        self.withheld = ""  # why the local admin token was not sent, if it was not
         if token is None:
             f = self.settings.data_dir / "admin-token"
-            token = f.read_text().strip() if f.exists() else None
+            if f.exists() and is_local_url(self.url):
+                token = f.read_text().strip()
+            elif f.exists():
+                self.withheld = (
+                    f"the local admin token ({f}) is only sent to EVC on this machine, not to {self.url}; "
+                    "give that server's token with --token or EVC_TOKEN"
+                )
         self.token = token
         self.as_json = as_json
 
@@ -64,7 +71,12 @@ class EVCGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (APIError, EVCError) as exc:
+        except APIError as exc:
+            withheld = getattr(ctx.obj, "withheld", "")
+            _fail(
+                APIError(exc.status, f"{exc.message} ({withheld})", exc.body) if exc.status == 401 and withheld else exc
+            )
+        except EVCError as exc:
             _fail(exc)
 
 
@@ -105,9 +117,20 @@ def emit(c: Ctx, data: Any, table: Callable[[Any], object] | None = None) -> Non
 @click.option("--concurrency", default=4, show_default=True, help="worker processes")
 @pass_ctx
 def up(c: Ctx, sim_devices: int, flower_port: int | None, bind: str | None, api_workers: int, concurrency: int) -> None:
-    """Run EVC here: Redis (embedded unless EVC_REDIS_URL is set), API, worker, beat."""
-    from evc.stack import Stack, pick_port
+    """Run EVC here: Redis (embedded unless EVC_REDIS_URL is set), API, worker, beat.
 
+    Private to you: the data directory is 0700, its files 0600, the embedded Redis has a
+    password (in <data_dir>/redis/password) and listens on loopback. Refuses to start when the
+    API address is taken. Exits non-zero, stopping everything, when a component dies; Ctrl-C or
+    SIGTERM stops everything it started, simulated devices' programs included."""
+    import signal
+
+    from evc.stack import Stack, pick_port, redacted
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # a SIGTERM while starting still stops what was started
+
+    signal.signal(signal.SIGTERM, interrupt)
     settings = c.settings
     if bind:
         settings = settings.replace(api_bind=pick_port(bind))
@@ -117,6 +140,7 @@ def up(c: Ctx, sim_devices: int, flower_port: int | None, bind: str | None, api_
         worker_concurrency=concurrency,
         flower_port=flower_port,
         sim_devices=sim_devices,
+        adopt_orphans=True,
     )
     try:
         with console.status("starting EVC…"):
@@ -126,7 +150,10 @@ def up(c: Ctx, sim_devices: int, flower_port: int | None, bind: str | None, api_
         console.print(f"  API        {s.api_url}/api/v1")
         console.print(f"  docs       {s.api_url}/api/v1/docs")
         console.print(f"  SSH key    curl -s {s.api_url}/api/v1/ssh-key?format=text")
-        console.print(f"  Redis      {s.redis_url}")
+        if stack.redis:
+            console.print(f"  Redis      {redacted(s.redis_url)}  (password in {stack.redis.data_dir / 'password'})")
+        else:
+            console.print(f"  Redis      {redacted(s.redis_url) or s.redis_sentinels}")
         if flower_port:
             console.print(f"  Flower     http://127.0.0.1:{flower_port}")
         console.print(f"  admin token {stack.admin_token}  (also in {s.data_dir / 'admin-token'})")
@@ -149,6 +176,12 @@ def up(c: Ctx, sim_devices: int, flower_port: int | None, bind: str | None, api_
 )
 @click.option("--privileges", default="user,sudo,root", show_default=True, help="privilege levels to cycle through")
 @click.option("--prefix", default="sim", show_default=True)
+@click.option(
+    "--ports-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="JSON {device name: port}: serve each device on the port it had before",
+)
 @pass_ctx
 def sim(
     c: Ctx,
@@ -158,17 +191,27 @@ def sim(
     authorized_keys: Path | None,
     privileges: str,
     prefix: str,
+    ports_file: Path | None,
 ) -> None:
     """Run N simulated edge devices (real SSH servers on loopback) until Ctrl-C."""
     from evc import keys
     from evc.sim import serve_forever
+    from evc.stack import read_ports
 
     root = root or c.settings.data_dir / "sim"
     state_file = state_file or root / "devices.json"
     if authorized_keys is None:
         keys.ensure_keypair(c.settings)
         authorized_keys = c.settings.key_path.with_suffix(".pub")
-    serve_forever(n, root, state_file, authorized_keys, [p for p in privileges.split(",") if p], prefix=prefix)
+    serve_forever(
+        n,
+        root,
+        state_file,
+        authorized_keys,
+        [p for p in privileges.split(",") if p],
+        prefix=prefix,
+        ports=read_ports(ports_file) if ports_file else None,
+    )
 
 
 @main.command("ssh-key")
@@ -210,30 +253,52 @@ def flower(c: Ctx, port: int, address: str) -> None:
     default=None,
     help="also create a read-only token (for Prometheus discovery) and write it here",
 )
+@click.option(
+    "--reset-admin",
+    is_flag=True,
+    help="recovery: write a new admin token to <data_dir>/admin-token (when every admin token is lost or revoked)",
+)
 @pass_ctx
-def bootstrap(c: Ctx, read_token_file: Path | None) -> None:
+def bootstrap(c: Ctx, read_token_file: Path | None, reset_admin: bool) -> None:
     """Prepare a data directory and Redis for a deployment: EVC's SSH key pair and the first
-    admin token (written to <data_dir>/admin-token, mode 0600). Idempotent."""
+    admin token (written to <data_dir>/admin-token, mode 0600). Idempotent.
+
+    Lost or revoked every admin token? `evc bootstrap --reset-admin`, run by someone who can
+    read the data directory and reach Redis (EVC_REDIS_URL with its password, or the embedded
+    Redis of `evc up`, whose password is in <data_dir>/redis/password), writes a new admin token
+    to <data_dir>/admin-token. Other tokens stay as they are; revoke them with `evc token revoke`."""
     import os
 
     from evc import auth, keys
+    from evc.stack import local_redis
     from evc.store import Store
 
     keys.ensure_keypair(c.settings)
-    store = Store.from_settings(c.settings)
-    store.ping()
-    created = auth.ensure_admin_token(store, c.settings)
-    console.print(
-        f"SSH key: {c.settings.key_path}  admin token: "
-        + ("created" if created else "exists")
-        + f" ({c.settings.data_dir / 'admin-token'})"
-    )
-    if read_token_file and not read_token_file.exists():
-        _, tok = auth.create_operator_token(store, c.settings, "prometheus", ["read"], created_by="bootstrap")
-        fd = os.open(read_token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(tok + "\n")
-        console.print(f"read token written to {read_token_file}")
+    token_file = c.settings.data_dir / "admin-token"
+    with local_redis(c.settings) as settings:
+        store = Store.from_settings(settings)
+        store.ping()
+        created = auth.ensure_admin_token(store, settings)
+        if reset_admin and not created:
+            rec = auth.reset_admin_token(store, settings)
+            console.print(f"new admin token {rec['id']} written to {token_file}")
+            console.print("  other tokens are as they were: `evc token list` shows them, `evc token revoke` ends one")
+        else:
+            console.print(
+                f"SSH key: {settings.key_path}  admin token: "
+                + ("created" if created else "exists")
+                + f" ({token_file})"
+            )
+            console.print(
+                "  lost every admin token? `evc bootstrap --reset-admin` (with access to this data "
+                "directory and Redis) writes a new one there"
+            )
+        if read_token_file and not read_token_file.exists():
+            _, tok = auth.create_operator_token(store, settings, "prometheus", ["read"], created_by="bootstrap")
+            fd = os.open(read_token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(tok + "\n")
+            console.print(f"read token written to {read_token_file}")
 
 
 @main.group()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
@@ -21,6 +23,21 @@ class APIError(EVCError):
         super().__init__(message, http_status=status)
         self.status = status
         self.body = body
+
+
+def is_local_url(url: str) -> bool:
+    """True when *url* names this machine by a loopback address or ``localhost``: where the
+    local admin token (from the data directory) may be sent without being asked for."""
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        return False
+    if host.rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Client:

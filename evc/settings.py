@@ -28,6 +28,7 @@ class Settings:
     api_bind: str = "127.0.0.1:8080"
     public_url: str = ""  # how devices/CLI reach the API; defaults to http://<api_bind>
     cors_origins: str = ""  # empty: CORS off
+    instance_id: str = ""  # a random value `evc up` gives its API (/healthz returns it) to know it is its own
     # tokens
     token_bytes: int = 32
     enrollment_ttl_s: int = 3600

@@ -89,7 +89,9 @@ def write_state(path: Path, devices: Iterable[SimDevice], **extra: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {**extra, "devices": [d.to_dict() for d in devices]}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(data, indent=1) + "\n")
     os.replace(tmp, path)
 
 

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -180,6 +180,7 @@ async def serve(
     host: str = "127.0.0.1",
     base_port: int = 0,
     stop: asyncio.Event | None = None,
+    ports: Mapping[str, int] | None = None,
 ) -> None:
     """Serve *n* devices until *stop* is set or SIGTERM/SIGINT arrives; keep *state_file* current.
 
@@ -194,7 +195,7 @@ async def serve(
             handled.append(sig)
     sim = Simulator(root_dir, host=host, authorized_keys=authorized_keys, base_port=base_port)
     try:
-        devices = await sim.start(n, prefix, privileges=privileges)
+        devices = await sim.start(n, prefix, privileges=privileges, ports=ports)
         sim.write_state(state_file)
         log.info("serving %d simulated devices; state in %s", len(devices), state_file)
         await stop.wait()
@@ -216,12 +217,13 @@ def run_simulator(
     prefix: str = "sim",
     host: str = "127.0.0.1",
     base_port: int = 0,
+    ports: Mapping[str, int] | None = None,
 ) -> None:
     """Blocking :func:`serve` on a fresh event loop: the target for a child process."""
     asyncio.run(
         serve(
             n, Path(root_dir), Path(state_file), authorized_keys=authorized_keys,
-            privileges=privileges, prefix=prefix, host=host, base_port=base_port,
+            privileges=privileges, prefix=prefix, host=host, base_port=base_port, ports=ports,
         )
     )  # fmt: skip
 
@@ -246,12 +248,13 @@ def serve_forever(
     prefix: str = "sim",
     host: str = "127.0.0.1",
     base_port: int = 0,
+    ports: Mapping[str, int] | None = None,
 ) -> None:
     """``evc sim``: serve *n* devices authorizing the keys in *authorized_keys_file*."""
     keys = read_keys_file(authorized_keys_file) if authorized_keys_file else []
     run_simulator(
         n, root_dir, state_file, keys,
-        privileges=privileges, prefix=prefix, host=host, base_port=base_port,
+        privileges=privileges, prefix=prefix, host=host, base_port=base_port, ports=ports,
     )  # fmt: skip
 
 

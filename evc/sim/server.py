@@ -21,7 +21,7 @@ import re
 import resource
 import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,11 +169,14 @@ class Simulator:
         prefix: str = "sim",
         *,
         privileges: Privilege | Sequence[str] = "user",
+        ports: Mapping[str, int] | None = None,
     ) -> list[SimDevice]:
         """Add *n* devices named ``<prefix>-0001``... and start serving them.
 
         *privileges* is one level or a sequence cycled through; in a sequence, levels this
         process cannot present (``root`` when not running as root) are skipped with a warning.
+        *ports* gives devices the port they had before (a device whose port is taken now gets
+        another one, with a warning).
         """
         levels = self._privilege_cycle(privileges)
         taken = set(self._devices)
@@ -184,7 +187,18 @@ class Simulator:
             name = f"{prefix}-{i:04d}"
             if name not in taken:
                 names.append(name)
-        return [await self.add(name, levels[k % len(levels)]) for k, name in enumerate(names)]
+        ports = ports or {}
+        out = []
+        for k, name in enumerate(names):
+            level = levels[k % len(levels)]
+            try:
+                out.append(await self.add(name, level, port=ports.get(name)))
+            except ConfigError as exc:
+                if name not in ports:
+                    raise
+                log.warning("%s; it gets another port", exc.message)
+                out.append(await self.add(name, level, port=0))
+        return out
 
     def _privilege_cycle(self, privileges: Privilege | Sequence[str]) -> list[Privilege]:
         if isinstance(privileges, str):
