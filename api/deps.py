@@ -52,7 +52,10 @@ def unit_of_work() -> Any:
 
 
 def client_address() -> str:
-    return request.remote_addr or ""
+    """The caller's address; ``X-Forwarded-For`` counts only from a configured trusted proxy."""
+    return auth.client_address(
+        request.remote_addr or "", request.headers.get("X-Forwarded-For"), get_settings().trusted_proxies
+    )
 
 
 def authenticate() -> Principal:

@@ -1,0 +1,161 @@
+"""The API against a hostile caller: the last admin, heartbeats of unregistered devices, rate
+limits that never lock out valid tokens, enrollment limits, scoped idempotency keys, secrets at
+rest. Real Redis, the real Flask app."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from evc import auth
+from evc.api.app import create_app
+from evc.settings import Settings
+from evc.store import Store, new_id
+
+pytestmark = pytest.mark.integration
+
+
+class Client:
+    """A private app on its own key prefix (nothing shared with the session's API fixture)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = Store.from_settings(settings)
+        self.app = create_app(settings)
+        self.client = self.app.test_client()
+        _, self.admin = auth.create_operator_token(self.store, settings, "admin", ["admin"])
+
+    def call(self, method: str, path: str, token: str | None = None, **kw: Any) -> tuple[int, Any]:
+        headers = dict(kw.pop("headers", {}) or {})
+        tok = self.admin if token is None else token
+        if tok:
+            headers["Authorization"] = f"Bearer {tok}"
+        resp = self.client.open(path, method=method, headers=headers, **kw)
+        return resp.status_code, resp.get_json(silent=True)
+
+    def wipe(self) -> None:
+        for key in self.store.r.scan_iter(f"{self.store.prefix}:*", count=1000):
+            self.store.r.delete(key)
+
+
+@pytest.fixture()
+def private(settings: Settings, redis_url: str) -> Iterator[Client]:
+    """An app whose Redis database no worker reads: what it enqueues never runs."""
+    base = redis_url.rsplit("/", 1)[0]
+    c = Client(settings.replace(redis_url=f"{base}/6", key_prefix=new_id("sec")))
+    yield c
+    c.wipe()
+
+
+# ---------------------------------------------------------------------- 13: the last admin
+def test_the_last_admin_token_cannot_be_revoked(private: Client) -> None:
+    first = auth.hash_token(private.admin)
+    first_id = private.store.token_by_hash(first)["id"]  # type: ignore[index]
+    status, body = private.call("DELETE", f"/api/v1/tokens/{first_id}")
+    assert status == 409 and "last admin" in body["message"], body
+    assert private.call("GET", "/api/v1/tokens")[0] == 200  # still works
+
+    status, second = private.call("POST", "/api/v1/tokens", json={"name": "second", "scopes": ["admin"]})
+    assert status == 201
+    reader = auth.create_operator_token(private.store, private.settings, "r", ["read"])[0]
+    assert private.call("DELETE", f"/api/v1/tokens/{reader['id']}")[0] == 200  # not an admin: fine
+    assert private.call("DELETE", f"/api/v1/tokens/{first_id}")[0] == 200  # another admin is left
+    status, body = private.call("DELETE", f"/api/v1/tokens/{second['id']}", token=second["token"])
+    assert status == 409 and "last admin" in body["message"]
+    assert private.call("GET", "/api/v1/tokens", token=second["token"])[0] == 200
+
+
+def test_an_expired_admin_does_not_count_as_another_admin(private: Client) -> None:
+    first_id = private.store.token_by_hash(auth.hash_token(private.admin))["id"]  # type: ignore[index]
+    rec, _ = auth.create_operator_token(private.store, private.settings, "old", ["admin"], expires_at=time.time() - 10)
+    status, body = private.call("DELETE", f"/api/v1/tokens/{first_id}")
+    assert status == 409, body
+    assert private.call("DELETE", "/api/v1/tokens/tok_0000000000000000")[0] == 404
+
+
+# ---------------------------------------------------------------------- 12: heartbeats
+def test_heartbeat_from_a_device_evc_never_reached_is_refused(private: Client) -> None:
+    token = auth.make_token(auth.PREFIX_DEVICE)
+    dev = {
+        "id": new_id("dev"), "name": "never-reached", "host": "192.0.2.10", "port": 22, "username": "edge",
+        "host_key": None, "state": "unreachable", "health": None, "last_seen": None, "cluster_id": None,
+        "labels": {}, "created_at": time.time(), "registered_at": None,
+    }  # fmt: skip
+    private.store.create_device(dev, auth.hash_token(token))
+    status, body = private.call("POST", "/api/v1/devices/self/heartbeat", token=token, json={"load1": 0.1})
+    assert status == 409 and "registration" in body["message"], body
+    after = private.store.get_device(dev["id"])
+    assert after["state"] == "unreachable" and after["last_seen"] is None
+
+    private.store.update_device(dev["id"], host_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEXAMPLEKEYEXAMPLEKEY")
+    status, body = private.call("POST", "/api/v1/devices/self/heartbeat", token=token, json={"load1": 0.1})
+    assert status == 200 and body["state"] == "online", body
+
+
+# ---------------------------------------------------------------------- 5: rate limits
+@pytest.fixture()
+def limited(settings: Settings, redis_url: str) -> Iterator[Client]:
+    base = redis_url.rsplit("/", 1)[0]
+    c = Client(settings.replace(redis_url=f"{base}/6", key_prefix=new_id("rl"), auth_fail_limit=3))
+    yield c
+    c.wipe()
+
+
+def _bad() -> str:
+    return auth.make_token(auth.PREFIX_OPERATOR)
+
+
+def test_failed_authentications_never_lock_out_a_valid_token(limited: Client) -> None:
+    for _ in range(3):
+        assert limited.call("GET", "/api/v1/jobs", token=_bad())[0] == 401
+    status, body = limited.call("GET", "/api/v1/jobs", token=_bad())
+    assert status == 429 and "valid tokens still work" in body["message"], body
+    # the same source, past its limit: a valid token is served
+    assert limited.call("GET", "/api/v1/jobs")[0] == 200
+    status, _ = limited.call("GET", "/api/v1/jobs", token=_bad())
+    assert status == 429
+
+
+def test_x_forwarded_for_counts_only_from_a_trusted_proxy(limited: Client) -> None:
+    spoofed = [{"X-Forwarded-For": f"10.9.0.{i}"} for i in range(6)]
+    # no trusted proxy (the default): the header is ignored; every failure counts against the peer
+    for h in spoofed[:3]:
+        assert limited.call("GET", "/api/v1/jobs", token=_bad(), headers=h)[0] == 401
+    assert limited.call("GET", "/api/v1/jobs", token=_bad(), headers=spoofed[3])[0] == 429
+    limited.wipe()
+
+    proxied = Client(limited.settings.replace(trusted_proxies="127.0.0.1/32"))
+    for _ in range(4):
+        proxied.call("GET", "/api/v1/jobs", token=_bad(), headers={"X-Forwarded-For": "10.9.0.1"})
+    assert proxied.call("GET", "/api/v1/jobs", token=_bad(), headers={"X-Forwarded-For": "10.9.0.1"})[0] == 429
+    # another client behind the same proxy is not punished for 10.9.0.1's failures
+    assert proxied.call("GET", "/api/v1/jobs", token=_bad(), headers={"X-Forwarded-For": "10.9.0.2"})[0] == 401
+    # ... and the limited client's valid token still works
+    assert proxied.call("GET", "/api/v1/jobs", headers={"X-Forwarded-For": "10.9.0.1"})[0] == 200
+    h = {"X-Forwarded-For": "10.9.0.3"}
+    assert proxied.call("POST", "/api/v1/tokens", json={"name": "x", "scopes": ["read"]}, headers=h)[0] == 201
+    assert proxied.call("GET", "/api/v1/audit")[1]["items"][0]["ip"] == "10.9.0.3"
+
+
+def test_failures_are_also_limited_per_token_prefix(limited: Client) -> None:
+    proxied = Client(limited.settings.replace(trusted_proxies="127.0.0.1"))
+    stem = _bad()[:10]
+    codes = [
+        proxied.call(
+            "GET", "/api/v1/jobs", token=stem + auth.make_token("")[:30], headers={"X-Forwarded-For": f"10.8.0.{i}"}
+        )[0]
+        for i in range(5)
+    ]
+    assert codes[:3] == [401, 401, 401] and codes[-1] == 429, codes  # many sources, one prefix
+
+
+def test_client_address_from_forwarded_for() -> None:
+    trusted = "10.0.0.0/24, 127.0.0.1"
+    assert auth.client_address("192.0.2.5", "1.2.3.4", trusted) == "192.0.2.5"  # untrusted peer
+    assert auth.client_address("127.0.0.1", "1.2.3.4", "") == "127.0.0.1"  # none trusted
+    assert auth.client_address("127.0.0.1", "6.6.6.6, 1.2.3.4", trusted) == "1.2.3.4"  # nearest hop
+    assert auth.client_address("127.0.0.1", "1.2.3.4, 10.0.0.7", trusted) == "1.2.3.4"  # skip our proxies
+    assert auth.client_address("127.0.0.1", "nonsense", trusted) == "127.0.0.1"
