@@ -7,7 +7,7 @@ from typing import Any
 from flask import request
 from flask_smorest import Blueprint
 
-from evc import auth, devices, jobs
+from evc import auth, devices, enrollment, jobs
 from evc.api.deps import (
     actor,
     authenticate,
@@ -49,9 +49,9 @@ def register(data: dict[str, Any]) -> Any:
     store, settings = get_store(), get_settings()
     who = authenticate()
     extra: dict[str, str] = {}
-    if who.kind == "enrollment":
-        enr = auth.use_enrollment(store, who)
-        extra = dict(enr.get("labels") or {})
+    if who.kind == "enrollment":  # checked before a use is spent
+        extra = enrollment.check_registration(store.get_enrollment(who.id), data)
+        auth.use_enrollment(store, who)
     else:
         auth.check_scope(who, "admin")
     dev, job, token = devices.create(

@@ -84,14 +84,21 @@ def create_enrollment(
     max_uses: int | None,
     labels: dict[str, str] | None,
     created_by: str,
+    allow_networks: list[str] | None = None,
 ) -> tuple[JSON, str]:
+    """An enrollment token; *allow_networks* (CIDRs) limits what it may register (see
+    :mod:`evc.enrollment`)."""
+    from evc.enrollment import parse_networks
+
+    networks = [str(n) for n in parse_networks(allow_networks or [])]
     token = make_token(PREFIX_ENROLL, settings.token_bytes)
     ttl = ttl_s or settings.enrollment_ttl_s
     rec = {
         "id": new_id("enr"), "created_at": now(), "expires_at": now() + ttl,
         "uses_left": max_uses or settings.enrollment_max_uses,
         "max_uses": max_uses or settings.enrollment_max_uses, "labels": labels or {},
-        "created_by": created_by, "revoked": False, "prefix": token[:10],
+        "allow_networks": networks,
+        "created_by": created_by, "revoked": False, "prefix": token[:TOKEN_PREFIX_LEN],
     }  # fmt: skip
     store.create_enrollment(rec, hash_token(token))
     return rec, token

@@ -159,3 +159,69 @@ def test_client_address_from_forwarded_for() -> None:
     assert auth.client_address("127.0.0.1", "6.6.6.6, 1.2.3.4", trusted) == "1.2.3.4"  # nearest hop
     assert auth.client_address("127.0.0.1", "1.2.3.4, 10.0.0.7", trusted) == "1.2.3.4"  # skip our proxies
     assert auth.client_address("127.0.0.1", "nonsense", trusted) == "127.0.0.1"
+
+
+# ---------------------------------------------------------------------- 6: enrollment tokens
+def _enroll(c: Client, **body: Any) -> str:
+    status, out = c.call("POST", "/api/v1/enrollments", json=body)
+    assert status == 201, out
+    return str(out["token"])
+
+
+def _register(c: Client, token: str, host: str, **extra: Any) -> tuple[int, Any]:
+    body = {"name": new_id("d").replace("_", "-"), "host": host, "username": "edge", **extra}
+    return c.call("POST", "/api/v1/devices", token=token, json=body)
+
+
+def _own_address() -> str | None:
+    """A non-loopback address of this machine (none on a host with only loopback)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: only picks the outgoing address
+        except OSError:
+            return None
+        addr = str(s.getsockname()[0])
+    return None if addr.startswith("127.") else addr
+
+
+def test_enrollment_labels_cannot_be_overridden(private: Client) -> None:
+    token = _enroll(private, labels={"site": "lab"}, max_uses=2)
+    status, body = _register(private, token, "192.0.2.10", labels={"site": "prod"})
+    assert status == 403 and "site" in body["message"], body
+    status, body = _register(private, token, "192.0.2.10", labels={"room": "1", "site": "lab"})
+    assert status == 202, body
+    assert body["device"]["labels"] == {"site": "lab", "room": "1"}
+
+
+def test_enrollment_may_not_target_loopback_link_local_or_the_controller(private: Client) -> None:
+    token = _enroll(private, max_uses=1)
+    bad = ["127.0.0.1", "::1", "169.254.169.254", "fe80::1", "0.0.0.0", "::ffff:127.0.0.1"]
+    own = _own_address()
+    if own:
+        bad.append(own)
+    for host in bad:
+        status, body = _register(private, token, host)
+        assert status == 403 and host.split(":")[-1] in body["message"], (host, body)
+    status, body = _register(private, token, "192.0.2.10", jump_host={"host": "127.0.0.1", "username": "j"})
+    assert status == 403 and "jump_host" in body["message"], body
+    # refusals spend no use: the one use is still there
+    assert _register(private, token, "192.0.2.10")[0] == 202
+    # an operator may still register the simulator on loopback
+    assert _register(private, private.admin, "127.0.0.1")[0] == 202
+
+
+def test_enrollment_networks_are_an_allow_list_with_explicit_opt_in(private: Client) -> None:
+    token = _enroll(private, allow_networks=["10.20.0.0/16"], max_uses=5)
+    status, body = _register(private, token, "192.0.2.10")
+    assert status == 403 and "outside" in body["message"], body
+    assert _register(private, token, "10.20.3.4")[0] == 202
+    wide = _enroll(private, allow_networks=["0.0.0.0/0"])
+    assert _register(private, wide, "127.0.0.1")[0] == 403  # "anything" does not opt in to loopback
+    lo = _enroll(private, allow_networks=["127.0.0.0/8"])
+    assert _register(private, lo, "127.0.0.1")[0] == 202
+    status, body = private.call("POST", "/api/v1/enrollments", json={"allow_networks": ["not-a-net"]})
+    assert status == 422 and "allow_networks" in body["errors"]["json"], body
+    shown = private.call("GET", "/api/v1/enrollments")[1]["items"]
+    assert ["127.0.0.0/8"] in [e["allow_networks"] for e in shown]
