@@ -103,7 +103,7 @@ def list_profiles() -> Any:
 def create(data: dict[str, Any]) -> Any:
     """Create a cluster with an interworking profile and a target function level."""
     store = get_store()
-    return clusters.public(store, clusters.create(store, data, actor()))
+    return clusters.public(store, clusters.create(store, data, actor(), settings=get_settings()))
 
 
 @blp.route("/clusters", methods=["GET"])
@@ -133,7 +133,7 @@ def show(cluster_id: str) -> Any:
 def update(data: dict[str, Any], cluster_id: str) -> Any:
     """Rename, relabel, or hand the server role (k3s) to another member."""
     store = get_store()
-    return clusters.public(store, clusters.update(store, cluster_id, data))
+    return clusters.public(store, clusters.update(store, cluster_id, data, settings=get_settings()))
 
 
 @blp.route("/clusters/<cluster_id>", methods=["DELETE"])

@@ -225,3 +225,118 @@ def test_enrollment_networks_are_an_allow_list_with_explicit_opt_in(private: Cli
     assert status == 422 and "allow_networks" in body["errors"]["json"], body
     shown = private.call("GET", "/api/v1/enrollments")[1]["items"]
     assert ["127.0.0.0/8"] in [e["allow_networks"] for e in shown]
+
+
+# ---------------------------------------------------------------------- 2: secrets at rest
+SECRET_PLAYBOOK = """\
+- hosts: all
+  gather_facts: false
+  tasks:
+    - ansible.builtin.debug: {msg: "never run here"}
+"""
+SECRET_META = """\
+description: a playbook with a secret parameter
+min_privilege: user
+params:
+  type: object
+  additionalProperties: false
+  required: [password]
+  properties:
+    password: {type: string, secret: true, pattern: "^[A-Za-z0-9]{8,64}$"}
+    note: {type: string, default: ""}
+"""
+
+
+def _dump(r: Any) -> bytes:
+    """Every value of every key, as a leaked dump would show it (Celery bodies base64-decoded)."""
+    import base64
+    import json
+
+    out: list[bytes] = []
+    for key in r.scan_iter(count=1000):
+        t = r.type(key).decode()
+        vals: list[bytes] = [key]
+        if t == "string":
+            vals.append(r.get(key))
+        elif t == "hash":
+            vals += [x for kv in r.hgetall(key).items() for x in kv]
+        elif t == "list":
+            vals += r.lrange(key, 0, -1)
+        elif t == "set":
+            vals += list(r.smembers(key))
+        elif t == "zset":
+            vals += [m for m, _ in r.zrange(key, 0, -1, withscores=True)]
+        elif t == "stream":
+            vals += [x for _, f in r.xrange(key) for kv in f.items() for x in kv]
+        for v in vals:
+            out.append(v)
+            try:
+                body = json.loads(v).get("body")
+                out.append(base64.b64decode(body))
+            except (ValueError, TypeError, AttributeError):
+                pass
+    return b"\n".join(out)
+
+
+def test_secrets_are_sealed_at_rest_write_only_and_no_token_is_stored_in_clear(
+    settings: Settings, redis_url: str, tmp_path: Any
+) -> None:
+    from evc import levels
+    from evc.provisioning import service
+    from evc.vault import MASK, key_path
+
+    (tmp_path / "secretive.yml").write_text(SECRET_PLAYBOOK)
+    (tmp_path / "secretive.meta.yml").write_text(SECRET_META)
+    base = redis_url.rsplit("/", 1)[0]
+    s = settings.replace(redis_url=f"{base}/5", key_prefix=new_id("vault"), playbook_dirs=str(tmp_path))
+    Store.from_settings(s).r.flushdb()
+    c = Client(s)
+    try:
+        k3s_secret, k3s_new, password = "K10abcSECRETjoin", "K10otherSECRETjoin", "Pa55w0rdSECRET"
+        _, reader = auth.create_operator_token(c.store, c.settings, "reader", ["read"])
+        enroll = _enroll(c, allow_networks=["192.0.2.0/24"])
+        status, cl = c.call("POST", "/api/v1/clusters", json={
+            "name": "k", "profile": "k3s",
+            "vars": {"k3s-agent": {"token": k3s_secret, "server_url": "https://10.0.0.5:6443"}},
+        })  # fmt: skip
+        assert status == 201, cl
+        assert cl["vars"]["k3s-agent"] == {"token": MASK, "server_url": "https://10.0.0.5:6443"}
+        for tok in (c.admin, reader):
+            shown = c.call("GET", f"/api/v1/clusters/{cl['id']}", token=tok)[1]
+            assert shown["vars"]["k3s-agent"]["token"] == MASK and "join_token" not in shown
+        # the masked value sent back keeps the secret; a new value replaces it
+        status, out = c.call("PATCH", f"/api/v1/clusters/{cl['id']}", json={"vars": cl["vars"]})
+        assert status == 200 and out["vars"]["k3s-agent"]["token"] == MASK
+        stored = c.store.get_cluster(cl["id"])
+        assert levels.cluster_vars(c.store, c.settings, stored, "k3s-agent", {})["token"] == k3s_secret
+        c.call("PATCH", f"/api/v1/clusters/{cl['id']}", json={"vars": {"k3s-agent": {"token": k3s_new}}})
+        stored = c.store.get_cluster(cl["id"])
+        assert levels.cluster_vars(c.store, c.settings, stored, "k3s-agent", {})["token"] == k3s_new
+        # the join token EVC generates for the k3s server is sealed too
+        join = levels.cluster_vars(c.store, c.settings, stored, "k3s-server", {})["token"]
+        assert join and join not in str(c.store.get_cluster(cl["id"]))
+
+        status, reg = _register(c, c.admin, "192.0.2.20")
+        assert status == 202, reg
+        dev_token, dev_id = reg["token"], reg["device"]["id"]
+        assert _register(c, enroll, "192.0.2.21")[0] == 202
+        c.store.update_device(dev_id, state="online", privilege="user", host_key="ssh-ed25519 AAAA")
+        body = {"playbook": "secretive", "targets": [dev_id], "extra_vars": {"password": password}}
+        status, job = c.call("POST", "/api/v1/provision", json=body)
+        assert status == 202, job
+        assert job["params"]["extra_vars"]["password"] == MASK
+        assert c.call("GET", f"/api/v1/jobs/{job['id']}", token=reader)[1]["params"]["extra_vars"]["password"] == MASK
+        # a retry re-uses the sealed secrets without opening them; a worker opens them
+        c.store.transition_job(job["id"], "failed", ["queued"])
+        c.store.set_result(job["id"], dev_id, {"status": "failed"})
+        status, again = c.call("POST", f"/api/v1/jobs/{job['id']}/retry")
+        assert status == 202, again
+        assert again["params"]["extra_vars"]["password"] == MASK
+        assert service._secrets(c.store, c.settings, again["params"]) == {"password": password}
+
+        dump = _dump(c.store.r)
+        for clear in (k3s_secret, k3s_new, join, password, c.admin, reader, enroll, dev_token):
+            assert clear.encode() not in dump, f"{clear[:6]}... found in clear in Redis"
+        assert key_path(c.settings).stat().st_mode & 0o777 == 0o600
+    finally:
+        c.store.r.flushdb()
