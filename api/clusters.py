@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import request
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
 from evc import clusters, profiles
-from evc.api.deps import actor, get_sender, get_settings, get_store, require
+from evc.api.deps import actor, get_sender, get_settings, get_store, idempotency_key, require
 from evc.api.schemas import JobSchema, Labels, PageArgs, PageSchema, StrictSchema, page, validate_name
 
 blp = Blueprint("clusters", __name__, url_prefix="/api/v1", description="Clusters and interworking profiles")
@@ -186,5 +185,5 @@ def level(data: dict[str, Any], cluster_id: str) -> Any:
         check=data["check"],
         offline=data["offline"],
         offline_ttl_s=data["offline_ttl_s"],
-        idempotency_key=request.headers.get("Idempotency-Key"),
+        idempotency_key=idempotency_key(),
     )

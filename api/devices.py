@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import request
 from flask_smorest import Blueprint
 
 from evc import auth, devices, enrollment, jobs
@@ -15,6 +14,7 @@ from evc.api.deps import (
     get_sender,
     get_settings,
     get_store,
+    idempotency_key,
     require,
     require_device,
 )
@@ -56,7 +56,7 @@ def register(data: dict[str, Any]) -> Any:
         auth.check_scope(who, "admin")
     dev, job, token = devices.create(
         store, settings, get_sender(), data, created_by=actor(), extra_labels=extra,
-        idempotency_key=request.headers.get("Idempotency-Key"),
+        idempotency_key=idempotency_key(),
     )  # fmt: skip
     out: dict[str, Any] = {"device": dev, "job": job}
     if token:
@@ -154,6 +154,6 @@ def _facts_job(store: Any, device_id: str) -> Any:
         "facts",
         targets=[device_id],
         created_by=actor(),
-        idempotency_key=request.headers.get("Idempotency-Key"),
+        idempotency_key=idempotency_key(),
     )
     return job

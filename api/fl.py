@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Response, request
+from flask import Response
 from flask_smorest import Blueprint
 from marshmallow import ValidationError as SchemaError
 from marshmallow import fields, validate, validates_schema
 
 from evc import jobs
-from evc.api.deps import actor, get_sender, get_settings, get_store, require, unit_of_work
+from evc.api.deps import actor, get_sender, get_settings, get_store, idempotency_key, require, unit_of_work
 from evc.api.schemas import JobListArgs, JobPageSchema, JobSchema, StrictSchema, page
 from evc.errors import ValidationError
 from evc.fl import service
@@ -118,7 +118,7 @@ def submit(data: dict[str, Any]) -> Any:
         get_sender(),
         data,
         created_by=actor(),
-        idempotency_key=request.headers.get("Idempotency-Key"),
+        idempotency_key=idempotency_key(),
         pipe=unit_of_work(),
     )
 
@@ -193,7 +193,7 @@ def install(data: dict[str, Any]) -> Any:
     if not service.PYTHON_RE.match(python):
         raise ValidationError("python must be an interpreter name or path", field="python")
     job, _ = jobs.submit(store, get_sender(), "fl-install", params={"python": python}, targets=devices,
-                         created_by=actor(), idempotency_key=request.headers.get("Idempotency-Key"),
+                         created_by=actor(), idempotency_key=idempotency_key(),
                          pipe=unit_of_work())  # fmt: skip
     return job
 
@@ -209,7 +209,7 @@ def partition(data: dict[str, Any]) -> Any:
     devices = service.resolve_devices(store, data.get("devices"), data.get("cluster"))
     params = service.check_partition_args(data)
     job, _ = jobs.submit(store, get_sender(), "fl-partition", params=params, targets=devices,
-                         created_by=actor(), idempotency_key=request.headers.get("Idempotency-Key"),
+                         created_by=actor(), idempotency_key=idempotency_key(),
                          pipe=unit_of_work())  # fmt: skip
     return job
 

@@ -385,14 +385,26 @@ class Store:
 
     # ------------------------------------------------------------------ jobs
     def claim_idempotency_key(self, key: str, job_id: str) -> JSON | None:
-        """Reserve *key* for *job_id*; if another job holds it, return that job."""
-        ikey = self.k("idem", key)
-        if self.r.set(ikey, job_id, nx=True, ex=self.settings.idempotency_ttl_s):
+        """Reserve *key* for *job_id*; if another job holds it, return that job.
+
+        *key* may end with ``"\n" + fingerprint`` (a hash of the request, see
+        :func:`evc.jobs.scoped_key`), kept next to the job id: the same key with another
+        fingerprint is refused (409), never answered with an unrelated job."""
+        name, _, fingerprint = key.partition("\n")
+        ikey = self.k("idem", name)
+        if self.r.set(ikey, f"{job_id} {fingerprint}", nx=True, ex=self.settings.idempotency_ttl_s):
             return None
         existing = self.r.get(ikey)
         for _ in range(50):  # the first creator may still be writing its job
-            if existing and self.r.exists(self.k("job", existing.decode())):
-                return self.get_job(existing.decode())
+            held, _, held_fp = (existing or b"").decode().partition(" ")
+            if existing and held_fp != fingerprint:
+                raise Conflict(
+                    "this Idempotency-Key was already used with a different request; "
+                    "repeat the same request to get its job, or use a new key",
+                    field="Idempotency-Key",
+                )
+            if held and self.r.exists(self.k("job", held)):
+                return self.get_job(held)
             time.sleep(0.01)
             existing = self.r.get(ikey)
         raise Conflict("a job with this Idempotency-Key is being created; retry")

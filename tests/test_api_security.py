@@ -340,3 +340,30 @@ def test_secrets_are_sealed_at_rest_write_only_and_no_token_is_stored_in_clear(
         assert key_path(c.settings).stat().st_mode & 0o777 == 0o600
     finally:
         c.store.r.flushdb()
+
+
+# ---------------------------------------------------------------------- 11: idempotency keys
+def test_idempotency_key_is_scoped_to_caller_endpoint_and_body(private: Client) -> None:
+    key = {"Idempotency-Key": "same-key"}
+    status, first = private.call("POST", "/api/v1/jobs", json={"kind": "noop"}, headers=key)
+    assert status == 202
+    # the same request (even spelled differently) answers the same job
+    again = private.call(
+        "POST", "/api/v1/jobs", data='{ "kind" : "noop" }', content_type="application/json", headers=key
+    )
+    assert again[0] == 202 and again[1]["id"] == first["id"]
+    # the same key with another body is refused, never answered with the first job
+    status, body = private.call("POST", "/api/v1/jobs", json={"kind": "noop", "params": {"sleep_s": 1}}, headers=key)
+    assert status == 409 and "different request" in body["message"], body
+    # another caller has its own keys
+    other = auth.create_operator_token(private.store, private.settings, "other", ["admin"])[1]
+    status, theirs = private.call("POST", "/api/v1/jobs", json={"kind": "noop"}, headers=key, token=other)
+    assert status == 202 and theirs["id"] != first["id"]
+    # another endpoint has its own keys: a registration is not answered with the noop job
+    dev = {"name": "idem-dev", "host": "192.0.2.30", "username": "edge"}
+    status, reg = private.call("POST", "/api/v1/devices", json=dev, headers=key)
+    assert status == 202 and reg["job"]["id"] != first["id"]
+    assert private.call("POST", "/api/v1/devices", json=dev, headers=key)[1]["device"]["id"] == reg["device"]["id"]
+    status, body = private.call("POST", "/api/v1/devices", json={**dev, "name": "idem-dev2"}, headers=key)
+    assert status == 409 and "Idempotency-Key" in body["message"], body
+    assert private.call("POST", "/api/v1/jobs", json={"kind": "noop"}, headers={"Idempotency-Key": "x" * 300})[0] == 422
