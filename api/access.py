@@ -68,6 +68,7 @@ def create_enrollment(data: dict[str, Any]) -> Any:
         max_uses=data["max_uses"],
         labels=data["labels"],
         created_by=actor(),
+        allow_networks=data["allow_networks"],
     )
     return {**auth.public_token(rec), "token": token}
 

@@ -145,7 +145,7 @@ def _flatten(messages: Any, prefix: str = "") -> str:
 
 def _audit(app: Flask) -> None:
     """Every successful mutating call is audited in the request's unit of work."""
-    from evc.api.deps import get_store, unit_of_work
+    from evc.api.deps import client_address, get_store, unit_of_work
 
     @app.after_request
     def commit(resp: Any) -> Any:
@@ -161,7 +161,7 @@ def _audit(app: Flask) -> None:
                 p.label if p else "anonymous",
                 f"{request.method} {request.path}",
                 target=request.view_args and next(iter(request.view_args.values()), "") or "",
-                ip=request.remote_addr or "",
+                ip=client_address(),
                 pipe=pipe,
                 status=resp.status_code,
             )

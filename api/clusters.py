@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import request
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
 from evc import clusters, profiles
-from evc.api.deps import actor, get_sender, get_settings, get_store, require
+from evc.api.deps import actor, get_sender, get_settings, get_store, idempotency_key, require
 from evc.api.schemas import JobSchema, Labels, PageArgs, PageSchema, StrictSchema, page, validate_name
 
 blp = Blueprint("clusters", __name__, url_prefix="/api/v1", description="Clusters and interworking profiles")
@@ -103,7 +102,7 @@ def list_profiles() -> Any:
 def create(data: dict[str, Any]) -> Any:
     """Create a cluster with an interworking profile and a target function level."""
     store = get_store()
-    return clusters.public(store, clusters.create(store, data, actor()))
+    return clusters.public(store, clusters.create(store, data, actor(), settings=get_settings()))
 
 
 @blp.route("/clusters", methods=["GET"])
@@ -133,7 +132,7 @@ def show(cluster_id: str) -> Any:
 def update(data: dict[str, Any], cluster_id: str) -> Any:
     """Rename, relabel, or hand the server role (k3s) to another member."""
     store = get_store()
-    return clusters.public(store, clusters.update(store, cluster_id, data))
+    return clusters.public(store, clusters.update(store, cluster_id, data, settings=get_settings()))
 
 
 @blp.route("/clusters/<cluster_id>", methods=["DELETE"])
@@ -186,5 +185,5 @@ def level(data: dict[str, Any], cluster_id: str) -> Any:
         check=data["check"],
         offline=data["offline"],
         offline_ttl_s=data["offline_ttl_s"],
-        idempotency_key=request.headers.get("Idempotency-Key"),
+        idempotency_key=idempotency_key(),
     )

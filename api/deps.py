@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from flask import current_app, g, request
 
-from evc import auth
+from evc import auth, jobs
 from evc.auth import Principal
 from evc.errors import Forbidden
 from evc.settings import Settings
@@ -51,8 +52,22 @@ def unit_of_work() -> Any:
     return pipe
 
 
+def idempotency_key() -> str | None:
+    """The request's ``Idempotency-Key`` scoped to its endpoint, with a fingerprint of its body
+    and query (:func:`evc.jobs.scoped_key`); None without the header."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    body = request.get_json(silent=True)
+    raw = json.dumps(body, sort_keys=True, separators=(",", ":")).encode() if body is not None else request.get_data()
+    return jobs.scoped_key(key, f"{request.method} {request.path}", request.query_string + b"\n" + raw)
+
+
 def client_address() -> str:
-    return request.remote_addr or ""
+    """The caller's address; ``X-Forwarded-For`` counts only from a configured trusted proxy."""
+    return auth.client_address(
+        request.remote_addr or "", request.headers.get("X-Forwarded-For"), get_settings().trusted_proxies
+    )
 
 
 def authenticate() -> Principal:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import request
 from flask_smorest import Blueprint
 
-from evc import auth, devices, jobs
+from evc import auth, devices, enrollment, jobs
 from evc.api.deps import (
     actor,
     authenticate,
@@ -15,6 +14,7 @@ from evc.api.deps import (
     get_sender,
     get_settings,
     get_store,
+    idempotency_key,
     require,
     require_device,
 )
@@ -51,14 +51,14 @@ def register(data: dict[str, Any]) -> Any:
     store, settings = get_store(), get_settings()
     who = authenticate()
     extra: dict[str, str] = {}
-    if who.kind == "enrollment":
-        enr = auth.use_enrollment(store, who)
-        extra = dict(enr.get("labels") or {})
+    if who.kind == "enrollment":  # checked before a use is spent
+        extra = enrollment.check_registration(store.get_enrollment(who.id), data)
+        auth.use_enrollment(store, who)
     else:
         auth.check_scope(who, "admin")
     dev, job, token = devices.create(
         store, settings, get_sender(), data, created_by=actor(), extra_labels=extra,
-        idempotency_key=request.headers.get("Idempotency-Key"),
+        idempotency_key=idempotency_key(),
     )  # fmt: skip
     out: dict[str, Any] = {"device": dev, "job": job}
     if token:
@@ -211,6 +211,6 @@ def _facts_job(store: Any, device_id: str) -> Any:
         "facts",
         targets=[device_id],
         created_by=actor(),
-        idempotency_key=request.headers.get("Idempotency-Key"),
+        idempotency_key=idempotency_key(),
     )
     return job

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import request
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
 from evc import jobs
-from evc.api.deps import actor, get_sender, get_store, require
+from evc.api.deps import actor, get_sender, get_store, idempotency_key, require
 from evc.api.schemas import JobSchema, PageArgs, PageSchema, StrictSchema, page
 
 blp = Blueprint("events", __name__, url_prefix="/api/v1", description="Fleet events and health")
@@ -79,6 +78,6 @@ def sweep(data: dict[str, Any]) -> Any:
     a result per device."""
     job, _ = jobs.submit(
         get_store(), get_sender(), "health", targets=list(dict.fromkeys(data["devices"])),
-        created_by=actor(), idempotency_key=request.headers.get("Idempotency-Key"),
+        created_by=actor(), idempotency_key=idempotency_key(),
     )  # fmt: skip
     return job

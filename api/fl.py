@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Response, request
+from flask import Response
 from flask_smorest import Blueprint
 from marshmallow import ValidationError as SchemaError
 from marshmallow import fields, validate, validates_schema
 
 from evc import jobs
-from evc.api.deps import actor, get_sender, get_settings, get_store, require, unit_of_work
+from evc.api.deps import actor, get_sender, get_settings, get_store, idempotency_key, require, unit_of_work
 from evc.api.schemas import JobListArgs, JobPageSchema, JobSchema, StrictSchema, page
 from evc.fl import service
 
@@ -123,7 +123,7 @@ def submit(data: dict[str, Any]) -> Any:
         get_sender(),
         data,
         created_by=actor(),
-        idempotency_key=request.headers.get("Idempotency-Key"),
+        idempotency_key=idempotency_key(),
         pipe=unit_of_work(),
     )
 
@@ -196,7 +196,7 @@ def install(data: dict[str, Any]) -> Any:
     devices = service.resolve_devices(store, data.get("devices"), data.get("cluster"))
     python = service.device_python(store, data.get("python"), data.get("cluster"))
     job, _ = jobs.submit(store, get_sender(), "fl-install", params={"python": python}, targets=devices,
-                         created_by=actor(), idempotency_key=request.headers.get("Idempotency-Key"),
+                         created_by=actor(), idempotency_key=idempotency_key(),
                          pipe=unit_of_work())  # fmt: skip
     return job
 
@@ -212,7 +212,7 @@ def partition(data: dict[str, Any]) -> Any:
     devices = service.resolve_devices(store, data.get("devices"), data.get("cluster"))
     params = service.check_partition_args(data)
     job, _ = jobs.submit(store, get_sender(), "fl-partition", params=params, targets=devices,
-                         created_by=actor(), idempotency_key=request.headers.get("Idempotency-Key"),
+                         created_by=actor(), idempotency_key=idempotency_key(),
                          pipe=unit_of_work())  # fmt: skip
     return job
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import request
 from flask_smorest import Blueprint
 
 from evc import jobs
-from evc.api.deps import actor, get_sender, get_store, require, unit_of_work
+from evc.api.deps import actor, get_sender, get_store, idempotency_key, require, unit_of_work
 from evc.api.schemas import (
     EventArgs,
     EventPageSchema,
@@ -34,7 +33,7 @@ def submit(data: dict[str, Any]) -> Any:
         data["kind"],
         created_by=actor(),
         params=data["params"] or None,
-        idempotency_key=request.headers.get("Idempotency-Key"),
+        idempotency_key=idempotency_key(),
         pipe=unit_of_work(),
     )
     return job

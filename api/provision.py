@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import request
 from flask_smorest import Blueprint
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from evc import jobs
-from evc.api.deps import actor, get_sender, get_settings, get_store, require
+from evc.api.deps import actor, get_sender, get_settings, get_store, idempotency_key, require
 from evc.api.schemas import JobSchema, Labels, StrictSchema
 from evc.provisioning.catalog import NAME, Catalog
 from evc.provisioning.service import (
@@ -97,7 +96,7 @@ def _submit(data: dict[str, Any]) -> Any:
     store = get_store()
     job, _ = submit_provision(
         store, get_sender(), get_settings(), ProvisionRequest.from_dict(data),
-        created_by=actor(), idempotency_key=request.headers.get("Idempotency-Key"),
+        created_by=actor(), idempotency_key=idempotency_key(),
     )  # fmt: skip
     return jobs.public(job, store)
 
@@ -152,6 +151,6 @@ def retry(data: dict[str, Any] | None, job_id: str) -> Any:
     on = (data or {}).get("on") or list(RETRYABLE)
     job, _ = retry_job(
         store, get_sender(), get_settings(), job_id, created_by=actor(), on=on,
-        idempotency_key=request.headers.get("Idempotency-Key"),
+        idempotency_key=idempotency_key(),
     )  # fmt: skip
     return jobs.public(job, store)

@@ -298,10 +298,27 @@ class TokenPageSchema(PageSchema):
     items = fields.List(fields.Nested(TokenSchema))
 
 
+def validate_cidr(value: str) -> None:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError as exc:
+        raise ValidationError("must be an IP network in CIDR notation, e.g. 10.20.0.0/16") from exc
+
+
 class EnrollmentCreateSchema(StrictSchema):
     ttl_s = fields.Integer(validate=validate.Range(min=60, max=30 * 86400), load_default=None)
     max_uses = fields.Integer(validate=validate.Range(min=1, max=100_000), load_default=None)
     labels = Labels(load_default=dict)
+    allow_networks = fields.List(
+        fields.String(validate=[validate.Length(min=2, max=49), validate_cidr]),
+        load_default=list,
+        validate=validate.Length(max=32),
+        metadata={
+            "description": "CIDRs devices registered with this token must be in (host and jump host). "
+            "Empty: any address except loopback, link-local and this controller; those need a network "
+            "inside their range listed here (e.g. 127.0.0.0/8)"
+        },
+    )
 
 
 class EnrollmentSchema(Schema):
@@ -311,6 +328,7 @@ class EnrollmentSchema(Schema):
     uses_left = fields.Integer()
     max_uses = fields.Integer()
     labels = fields.Dict()
+    allow_networks = fields.List(fields.String())
     revoked = fields.Boolean()
     prefix = fields.String()
     token = fields.String(metadata={"description": "only in the response that creates it"})

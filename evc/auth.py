@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
-from evc.errors import AuthError, Forbidden, NotFound, RateLimited
+from evc.errors import AuthError, ConfigError, Forbidden, NotFound, RateLimited
 from evc.settings import Settings
 from evc.store import JSON, Store, new_id, now
 
@@ -16,6 +17,8 @@ SCOPES = ("admin", "read")
 PREFIX_OPERATOR = "evco_"
 PREFIX_DEVICE = "evcd_"
 PREFIX_ENROLL = "evce_"
+#: how much of a token is kept in clear to tell tokens apart (and to count failures by)
+TOKEN_PREFIX_LEN = 10
 
 
 def hash_token(token: str) -> str:
@@ -62,15 +65,15 @@ def create_operator_token(
     rec = {
         "id": new_id("tok"), "name": name, "scopes": sorted(set(scopes)), "created_at": now(),
         "created_by": created_by, "revoked": False, "expires_at": expires_at, "last_used_at": None,
-        "prefix": token[:10],
+        "prefix": token[:TOKEN_PREFIX_LEN],
     }  # fmt: skip
     store.create_token(rec, hash_token(token))
     return rec, token
 
 
 def revoke_operator_token(store: Store, token_id: str) -> JSON:
-    store.get_token(token_id)
-    return store.update_token(token_id, revoked=True, revoked_at=now())
+    """Revoke an operator token; the last usable admin token cannot be revoked (409)."""
+    return store.revoke_token(token_id)
 
 
 def create_enrollment(
@@ -81,14 +84,21 @@ def create_enrollment(
     max_uses: int | None,
     labels: dict[str, str] | None,
     created_by: str,
+    allow_networks: list[str] | None = None,
 ) -> tuple[JSON, str]:
+    """An enrollment token; *allow_networks* (CIDRs) limits what it may register (see
+    :mod:`evc.enrollment`)."""
+    from evc.enrollment import parse_networks
+
+    networks = [str(n) for n in parse_networks(allow_networks or [])]
     token = make_token(PREFIX_ENROLL, settings.token_bytes)
     ttl = ttl_s or settings.enrollment_ttl_s
     rec = {
         "id": new_id("enr"), "created_at": now(), "expires_at": now() + ttl,
         "uses_left": max_uses or settings.enrollment_max_uses,
         "max_uses": max_uses or settings.enrollment_max_uses, "labels": labels or {},
-        "created_by": created_by, "revoked": False, "prefix": token[:10],
+        "allow_networks": networks,
+        "created_by": created_by, "revoked": False, "prefix": token[:TOKEN_PREFIX_LEN],
     }  # fmt: skip
     store.create_enrollment(rec, hash_token(token))
     return rec, token
@@ -113,39 +123,79 @@ def authenticate(store: Store, settings: Settings, header: str | None, client: s
     """Resolve an ``Authorization: Bearer ...`` header to a principal, or raise AuthError.
 
     Tokens are looked up by their SHA-256 (the store keeps no plaintext); the comparison of the
-    stored hash is constant-time. Failed attempts are rate-limited per client address."""
+    stored hash is constant-time. Failed attempts are counted per client address and per
+    presented-token prefix; past the limit a failure answers 429. A valid token is never
+    refused, however many others failed."""
     if not header or not header.startswith("Bearer "):
         raise AuthError("missing bearer token: send 'Authorization: Bearer <token>'")
     token = header[7:].strip()
     digest = hash_token(token)
     index, kind = _INDEX.get(token[:5], ("token-hash", "token"))
-    fails, rec = store.resolve_token(index, kind, digest, f"authfail:{client}", settings.auth_fail_window_s)
-    if client and fails >= settings.auth_fail_limit:
-        raise RateLimited("too many failed authentications; wait a minute", retry_after=settings.auth_fail_window_s)
+    rec = store.resolve_token(index, kind, digest)
     principal: Principal | None = None
     stored = (rec or {}).get("token_hash" if kind == "device" else "hash", "")
     if rec and hmac.compare_digest(stored, digest):
         if kind == "token":
             if rec.get("revoked"):
-                _fail(store, settings, client)
-                raise AuthError("this token has been revoked")
+                _fail(store, settings, client, token, "this token has been revoked")
             if rec.get("expires_at") and rec["expires_at"] < now():
-                _fail(store, settings, client)
-                raise AuthError("this token has expired")
+                _fail(store, settings, client, token, "this token has expired")
             principal = Principal("operator", rec["id"], rec.get("name", ""), frozenset(rec["scopes"]))
         elif kind == "device":
             principal = Principal("device", rec["id"], rec.get("name", ""))
         else:
             principal = Principal("enrollment", rec["id"])
     if principal is None:
-        _fail(store, settings, client)
-        raise AuthError("invalid token")
+        _fail(store, settings, client, token, "invalid token")
     return principal
 
 
-def _fail(store: Store, settings: Settings, client: str) -> None:
+def _fail(store: Store, settings: Settings, client: str, token: str, message: str) -> NoReturn:
+    """Count a failed authentication (per source, per token prefix) and refuse it: 401, or 429
+    once either counter is past the limit in this window."""
+    counters = [f"authfail:prefix:{hash_token(token[:TOKEN_PREFIX_LEN])[:16]}"]
     if client:
-        store.hit(f"authfail:{client}", settings.auth_fail_window_s)
+        counters.append(f"authfail:src:{client}")
+    counts = store.hit_many(counters, settings.auth_fail_window_s)
+    if max(counts) > settings.auth_fail_limit:
+        raise RateLimited(
+            "too many failed authentications from this address or with this token prefix; "
+            f"wait {settings.auth_fail_window_s}s (valid tokens still work)",
+            retry_after=settings.auth_fail_window_s,
+        )
+    raise AuthError(message)
+
+
+def client_address(remote_addr: str, forwarded_for: str | None, trusted_proxies: str) -> str:
+    """The caller's address: *remote_addr*, or — only when that is a trusted proxy — the
+    nearest address in ``X-Forwarded-For`` that is not itself a trusted proxy."""
+    nets = _networks(trusted_proxies)
+    if not nets or not forwarded_for or not _in(remote_addr, nets):
+        return remote_addr
+    hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
+    for hop in reversed(hops):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return remote_addr  # a malformed hop: trust nothing further
+        if not _in(hop, nets):
+            return hop
+    return hops[0] if hops else remote_addr
+
+
+def _networks(spec: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    try:
+        return [ipaddress.ip_network(p.strip(), strict=False) for p in spec.split(",") if p.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"setting trusted_proxies: {exc}") from exc
+
+
+def _in(addr: str, nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return any(ip in n for n in nets)
 
 
 def check_scope(principal: Principal, scope: str) -> None:

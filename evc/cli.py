@@ -346,10 +346,16 @@ def token_revoke(c: Ctx, token_id: str) -> None:
 @click.option("--ttl", type=int, default=None, help="seconds the token stays valid")
 @click.option("--uses", type=int, default=None, help="how many devices may register with it")
 @click.option("--label", "labels", multiple=True, help="key=value given to devices registered with it")
+@click.option(
+    "--allow-network",
+    "networks",
+    multiple=True,
+    help="CIDR devices registered with it must be in (repeatable); loopback needs e.g. 127.0.0.0/8",
+)
 @pass_ctx
-def token_enroll(c: Ctx, ttl: int | None, uses: int | None, labels: tuple[str, ...]) -> None:
+def token_enroll(c: Ctx, ttl: int | None, uses: int | None, labels: tuple[str, ...], networks: tuple[str, ...]) -> None:
     """Create an enrollment token for device owners (printed once)."""
-    body = {"ttl_s": ttl, "max_uses": uses, "labels": _labels(labels)}
+    body = {"ttl_s": ttl, "max_uses": uses, "labels": _labels(labels), "allow_networks": list(networks)}
     data = c.client().post("/api/v1/enrollments", body)
     emit(
         c,

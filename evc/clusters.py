@@ -3,7 +3,7 @@ cluster's level, leaving can clean it up. Every change is an ordinary job in the
 
 from __future__ import annotations
 
-from evc import jobs, profiles
+from evc import jobs, profiles, vault
 from evc.errors import Conflict, EVCError, PreconditionFailed, ValidationError
 from evc.settings import Settings
 from evc.store import JSON, Store, new_id, now
@@ -20,8 +20,37 @@ def _check_vars(profile: profiles.Profile, values: JSON) -> None:
         )
 
 
+def _sealed_vars(settings: Settings, values: JSON, stored: JSON | None = None) -> JSON:
+    """Cluster vars as stored: each parameter its playbook's schema marks secret is sealed; a
+    masked value sent back (as the API shows it) keeps the secret already stored."""
+    from evc.provisioning.catalog import Catalog
+    from evc.provisioning.params import secret_names
+
+    catalog = Catalog.from_settings(settings)
+    box: vault.Vault | None = None
+    out: JSON = {}
+    for playbook, given in values.items():
+        names = set(secret_names(catalog.get(playbook).schema)) if isinstance(given, dict) else set()
+        if not names:
+            out[playbook] = given
+            continue
+        before = (stored or {}).get(playbook) or {}
+        sealed = dict(given)
+        for name in names & set(given):
+            if given[name] == vault.MASK:
+                if not vault.is_sealed(before.get(name)):
+                    raise ValidationError(f"vars.{playbook}.{name} is a secret: give its value", field="vars")
+                sealed[name] = before[name]
+            elif given[name] not in (None, ""):
+                box = box or vault.Vault.from_settings(settings)
+                sealed[name] = box.seal(given[name])
+        out[playbook] = sealed
+    return out
+
+
 def public(store: Store, cl: JSON) -> JSON:
     cl = {k: v for k, v in cl.items() if k not in HIDDEN}
+    cl["vars"] = {p: vault.masked(v) if isinstance(v, dict) else v for p, v in (cl.get("vars") or {}).items()}
     members = store.cluster_members(cl["id"])
     devs = store.get_devices(members)
     levels = [int(d.get("level") or 0) for d in devs]
@@ -34,7 +63,7 @@ def public(store: Store, cl: JSON) -> JSON:
     }
 
 
-def create(store: Store, data: JSON, created_by: str) -> JSON:
+def create(store: Store, data: JSON, created_by: str, *, settings: Settings) -> JSON:
     profile = profiles.get(data["profile"])
     _check_vars(profile, data.get("vars") or {})
     cl = {
@@ -43,7 +72,7 @@ def create(store: Store, data: JSON, created_by: str) -> JSON:
         "profile": profile.name,
         "target_level": int(data.get("target_level") or 0),
         "labels": data.get("labels") or {},
-        "vars": data.get("vars") or {},
+        "vars": _sealed_vars(settings, data.get("vars") or {}),
         "server_id": None,
         "created_at": now(),
         "created_by": created_by,
@@ -53,10 +82,11 @@ def create(store: Store, data: JSON, created_by: str) -> JSON:
     return cl
 
 
-def update(store: Store, cluster_id: str, changes: JSON) -> JSON:
+def update(store: Store, cluster_id: str, changes: JSON, *, settings: Settings) -> JSON:
     cl = store.get_cluster(cluster_id)
     if "vars" in changes:
         _check_vars(profiles.get(cl["profile"]), changes["vars"])
+        changes = {**changes, "vars": _sealed_vars(settings, changes["vars"], cl.get("vars"))}
     if "name" in changes and changes["name"] != cl["name"]:
         store.rename_cluster(cluster_id, cl["name"], changes["name"])
     if "server_id" in changes:

@@ -30,9 +30,15 @@ def create(
 
     Returns (device, job, token). With a repeated idempotency key the first device and job come
     back and the token is None (it was shown once)."""
+    idem_name, _, fingerprint = (idempotency_key or "").partition("\n")  # see jobs.scoped_key
     if idempotency_key:
-        prior = store.get_json(f"idem-device:{created_by}:{idempotency_key}")
+        prior = store.get_json(f"idem-device:{created_by}:{idem_name}")
         if prior:
+            if prior.get("fingerprint", "") != fingerprint:
+                raise Conflict(
+                    "this Idempotency-Key was already used to register another device; use a new key",
+                    field="Idempotency-Key",
+                )
             return public(store.get_device(prior["device"])), store.get_job(prior["job"]), None
     token = auth.make_token(auth.PREFIX_DEVICE, settings.token_bytes)
     dev = new_record(data, created_by=created_by, extra_labels=extra_labels)
@@ -40,8 +46,8 @@ def create(
     job, _ = jobs.submit(store, sender, "register", targets=[dev["id"]], created_by=created_by)
     if idempotency_key:
         store.put_json(
-            f"idem-device:{created_by}:{idempotency_key}",
-            {"device": dev["id"], "job": job["id"]},
+            f"idem-device:{created_by}:{idem_name}",
+            {"device": dev["id"], "job": job["id"], "fingerprint": fingerprint},
             ttl_s=settings.idempotency_ttl_s,
         )
     return public(dev), job, token

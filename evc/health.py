@@ -33,7 +33,7 @@ import asyncssh
 
 from evc import pool as pooling
 from evc import ssh
-from evc.errors import DeviceError, DeviceOffline, ValidationError
+from evc.errors import DeviceError, DeviceOffline, PreconditionFailed, ValidationError
 from evc.settings import Settings
 from evc.store import JSON, Store, now
 
@@ -405,6 +405,12 @@ def record_heartbeat(store: Store, settings: Settings, device_id: str, data: JSO
     """A device said it is alive: misses reset, metrics recorded, and a device that was offline,
     degraded or unreachable comes back (a heartbeat is proof enough: no hysteresis)."""
     dev = store.get_device(device_id)
+    if not dev.get("host_key"):
+        raise PreconditionFailed(
+            f"device {dev.get('name') or device_id} has not completed registration (EVC has not reached it and "
+            "pinned its host key); heartbeats are accepted once its registration job succeeded",
+            reason="not_registered",
+        )
     at = now()
     state = dev.get("state")
     policy = dataclasses.replace(HealthPolicy.from_settings(settings), recover_after=1)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from evc.errors import Conflict, EVCError, JobCancelled, NotFound
+from evc.errors import Conflict, EVCError, JobCancelled, NotFound, ValidationError
 from evc.store import JOB_STATES, JSON, TERMINAL_STATES, Store, new_id, now
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,15 @@ def submit(
     if created and publisher is None:
         enqueue(store, sender, job, countdown=countdown)
     return job, created
+
+
+def scoped_key(key: str, scope: str, request: bytes) -> str:
+    """An idempotency key for :func:`submit`: *key* within *scope* (e.g. the endpoint), carrying
+    a fingerprint of *request* (e.g. the body) that is stored next to it, so that the same key
+    with another request is refused rather than answered with an unrelated job."""
+    if not 0 < len(key) <= 255 or not key.isprintable():
+        raise ValidationError("Idempotency-Key must be 1-255 printable characters", field="Idempotency-Key")
+    return f"{scope} {key}\n{hashlib.sha256(request).hexdigest()}"
 
 
 def _task_of(job: JSON) -> tuple[str, str, list[Any], str]:

@@ -12,6 +12,7 @@ from evc.errors import LevelNotReached
 from evc.jobs import JobRun, Partial
 from evc.settings import Settings
 from evc.store import JSON, Store
+from evc.vault import Vault
 
 #: run one playbook on some devices in this job: (run, playbook, device ids, vars, check) ->
 #: {device id: {"status": ok|failed|unreachable|refused|cancelled, "changed": bool, "message": str}}
@@ -41,19 +42,21 @@ def fl_python(cluster: Mapping[str, Any], provisioned: bool | None = None) -> st
     return f"~/{venv}/bin/python"
 
 
-def cluster_vars(store: Store, cluster: JSON, playbook: str, step_vars: Mapping[str, Any]) -> JSON:
+def cluster_vars(store: Store, settings: Settings, cluster: JSON, playbook: str, step_vars: Mapping[str, Any]) -> JSON:
     """A step's variables: the profile's, then the cluster's for that playbook, then what EVC
-    derives (the k3s server's URL and the cluster's join token)."""
-    out: JSON = {**step_vars, **((cluster.get("vars") or {}).get(playbook) or {})}
+    derives (the k3s server's URL and the cluster's join token). Secrets are stored sealed and
+    opened here, in the worker, only to build the playbook's variables."""
+    box = Vault.from_settings(settings)
+    out: JSON = {**step_vars, **box.open_fields((cluster.get("vars") or {}).get(playbook) or {})}
     if playbook == "fl-client":  # L4 runs the client with L1's python (numpy) unless told otherwise
         out.setdefault("python", fl_python(cluster, provisioned=True))
     if playbook in ("k3s-server", "k3s-agent"):
         token = cluster.get("join_token")
         if not token:
-            token = secrets.token_hex(24)
+            token = box.seal(secrets.token_hex(24))
             store.update_cluster(cluster["id"], join_token=token)
             cluster["join_token"] = token
-        out.setdefault("token", token)
+        out.setdefault("token", box.open(token))
         if playbook == "k3s-agent" and cluster.get("server_id"):
             server = store.get_device(cluster["server_id"])
             out.setdefault("server_url", f"https://{server['host']}:6443")
@@ -102,7 +105,7 @@ def raise_level(store: Store, settings: Settings, run: JobRun, runner: StepRunne
         ids = [d for d in step.devices if d not in failed]
         if not ids:
             continue
-        vars_ = cluster_vars(store, cluster, step.playbook, step.vars)
+        vars_ = cluster_vars(store, settings, cluster, step.playbook, step.vars)
         run.event(
             f"L{step.level} {profiles.LEVELS[step.level]}: {step.playbook} on {len(ids)} device(s)"
             + (" (check)" if check or converge else ""),

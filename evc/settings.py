@@ -35,6 +35,8 @@ class Settings:
     enrollment_max_uses: int = 10
     auth_fail_limit: int = 20  # failed authentications per client per window
     auth_fail_window_s: int = 60
+    # proxies (IPs or CIDRs, comma separated) whose X-Forwarded-For is believed; empty: none
+    trusted_proxies: str = ""
     # jobs
     idempotency_ttl_s: int = 86400
     job_lease_s: float = 30.0  # a running job's worker renews its lease; an expired lease means the worker died

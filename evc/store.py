@@ -46,13 +46,36 @@ redis.call('HSET', KEYS[1], 'uses_left', tostring(left - 1))
 return 'ok'
 """
 
-# Resolve a token in one round trip: KEYS[1] the failure counter, KEYS[2] the hash index;
-# ARGV[1] the record key prefix. Returns {failures, record fields or false}.
+# Resolve a token in one round trip: KEYS[1] the hash index; ARGV[1] the record key prefix.
+# Returns the record's fields (empty when unknown).
 _RESOLVE = """
-local fails = redis.call('GET', KEYS[1]) or '0'
-local id = redis.call('GET', KEYS[2])
-if not id then return {fails, false} end
-return {fails, redis.call('HGETALL', ARGV[1] .. id)}
+local id = redis.call('GET', KEYS[1])
+if not id then return {} end
+return redis.call('HGETALL', ARGV[1] .. id)
+"""
+
+# Revoke operator token KEYS[2] unless it is the last usable admin token: KEYS[1] the token
+# index; ARGV[1] the record key prefix, ARGV[2] the token id, ARGV[3] now, ARGV[4] revoked_at.
+# Returns 'missing', 'last_admin' or 'ok'.
+_REVOKE_TOKEN = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return 'missing' end
+local function usable_admin(key)
+  local f = redis.call('HMGET', key, 'scopes', 'revoked', 'expires_at')
+  if not f[1] or f[2] == 'true' then return false end
+  local exp = cjson.decode(f[3] or 'null')
+  if exp ~= cjson.null and tonumber(exp) < tonumber(ARGV[3]) then return false end
+  for _, s in ipairs(cjson.decode(f[1])) do if s == 'admin' then return true end end
+  return false
+end
+if usable_admin(KEYS[2]) then
+  local others = 0
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    if id ~= ARGV[2] and usable_admin(ARGV[1] .. id) then others = others + 1; break end
+  end
+  if others == 0 then return 'last_admin' end
+end
+redis.call('HSET', KEYS[2], 'revoked', 'true', 'revoked_at', ARGV[4])
+return 'ok'
 """
 
 _RELEASE = """
@@ -175,17 +198,13 @@ class Store:
         pipe.execute()
 
     # ------------------------------------------------------------------ token lookup
-    def resolve_token(
-        self, index: str, kind: str, token_hash: str, fail_counter: str, window_s: int
-    ) -> tuple[int, JSON | None]:
-        """(failed authentications in this window for the caller, the record the hash names)."""
-        fail_key = self.k("count", fail_counter, str(int(now() // window_s)))
-        fails, raw = self._resolve(keys=[fail_key, self.k(index, token_hash)], args=[self.k(kind) + ":"])
-        rec = None
-        if raw:
-            it = iter(raw)
-            rec = {k.decode(): json.loads(v) for k, v in zip(it, it, strict=True)}
-        return int(fails), rec
+    def resolve_token(self, index: str, kind: str, token_hash: str) -> JSON | None:
+        """The record the token hash names (one round trip), or None."""
+        raw = self._resolve(keys=[self.k(index, token_hash)], args=[self.k(kind) + ":"])
+        if not raw:
+            return None
+        it = iter(raw)
+        return {k.decode(): json.loads(v) for k, v in zip(it, it, strict=True)}
 
     # ------------------------------------------------------------------ devices
     def create_device(self, dev: JSON, token_hash: str) -> JSON:
@@ -318,6 +337,26 @@ class Store:
     def update_token(self, token_id: str, **changes: Any) -> JSON:
         return self._update("token", token_id, changes)
 
+    def revoke_token(self, token_id: str) -> JSON:
+        """Revoke an operator token, atomically refusing to revoke the last usable admin token."""
+        script = self.__dict__.get("_revoke_token")
+        if script is None:
+            script = self.__dict__["_revoke_token"] = self.r.register_script(_REVOKE_TOKEN)
+        res = script(
+            keys=[self.k("tokens"), self.k("token", token_id)],
+            args=[self.k("token") + ":", token_id, now(), json.dumps(now())],
+        )
+        res = res.decode() if isinstance(res, bytes) else str(res)
+        if res == "missing":
+            raise NotFound(f"token {token_id} not found", id=token_id)
+        if res == "last_admin":
+            raise Conflict(
+                "this is the last admin token: create another admin token before revoking it "
+                "(an operator with access to the data directory can recover with `evc bootstrap --reset-admin`)",
+                id=token_id,
+            )
+        return self._get("token", token_id)
+
     def list_tokens(self, offset: int = 0, limit: int = 50) -> tuple[list[JSON], int]:
         return self._page("token", offset, limit, newest_first=False)
 
@@ -351,14 +390,26 @@ class Store:
 
     # ------------------------------------------------------------------ jobs
     def claim_idempotency_key(self, key: str, job_id: str) -> JSON | None:
-        """Reserve *key* for *job_id*; if another job holds it, return that job."""
-        ikey = self.k("idem", key)
-        if self.r.set(ikey, job_id, nx=True, ex=self.settings.idempotency_ttl_s):
+        """Reserve *key* for *job_id*; if another job holds it, return that job.
+
+        *key* may end with ``"\n" + fingerprint`` (a hash of the request, see
+        :func:`evc.jobs.scoped_key`), kept next to the job id: the same key with another
+        fingerprint is refused (409), never answered with an unrelated job."""
+        name, _, fingerprint = key.partition("\n")
+        ikey = self.k("idem", name)
+        if self.r.set(ikey, f"{job_id} {fingerprint}", nx=True, ex=self.settings.idempotency_ttl_s):
             return None
         existing = self.r.get(ikey)
         for _ in range(50):  # the first creator may still be writing its job
-            if existing and self.r.exists(self.k("job", existing.decode())):
-                return self.get_job(existing.decode())
+            held, _, held_fp = (existing or b"").decode().partition(" ")
+            if existing and held_fp != fingerprint:
+                raise Conflict(
+                    "this Idempotency-Key was already used with a different request; "
+                    "repeat the same request to get its job, or use a new key",
+                    field="Idempotency-Key",
+                )
+            if held and self.r.exists(self.k("job", held)):
+                return self.get_job(held)
             time.sleep(0.01)
             existing = self.r.get(ikey)
         raise Conflict("a job with this Idempotency-Key is being created; retry")
@@ -518,6 +569,16 @@ class Store:
         pipe.incr(key)
         pipe.expire(key, window_s * 2)
         return int(pipe.execute()[0])
+
+    def hit_many(self, names: Sequence[str], window_s: int) -> list[int]:
+        """:meth:`hit` for several counters in one round trip."""
+        window = str(int(now() // window_s))
+        pipe = self.r.pipeline(transaction=False)
+        for name in names:
+            key = self.k("count", name, window)
+            pipe.incr(key)
+            pipe.expire(key, window_s * 2)
+        return [int(n) for n in pipe.execute()[::2]]
 
     def count(self, name: str, window_s: int) -> int:
         v = self.r.get(self.k("count", name, str(int(now() // window_s))))

@@ -64,7 +64,9 @@ def test_token_revocation(api) -> None:
 
 
 def test_enrollment_token_reuse_and_expiry(api, store, settings) -> None:
-    rec, token = create_enrollment(store, settings, ttl_s=60, max_uses=1, labels={"site": "lab"}, created_by="t")
+    rec, token = create_enrollment(
+        store, settings, ttl_s=60, max_uses=1, labels={"site": "lab"}, created_by="t", allow_networks=["127.0.0.0/8"]
+    )
     body = {"name": f"enr-{time.time_ns()}", "host": "127.0.0.1", "port": 1, "username": "nobody"}
     status, out = api.call("POST", "/api/v1/devices", token=token, json=body)
     assert status == 202, out
@@ -73,7 +75,9 @@ def test_enrollment_token_reuse_and_expiry(api, store, settings) -> None:
     assert status == 401 and "maximum number" in out["message"]
     # an enrollment token cannot read the registry
     assert api.call("GET", "/api/v1/devices", token=token)[0] == 403
-    rec2, token2 = create_enrollment(store, settings, ttl_s=60, max_uses=5, labels={}, created_by="t")
+    rec2, token2 = create_enrollment(
+        store, settings, ttl_s=60, max_uses=5, labels={}, created_by="t", allow_networks=["127.0.0.0/8"]
+    )
     store.update_enrollment(rec2["id"], expires_at=time.time() - 1)
     status, out = api.call("POST", "/api/v1/devices", token=token2, json={**body, "name": body["name"] + "c"})
     assert status == 401 and "expired" in out["message"]

@@ -29,10 +29,10 @@ from evc.provisioning.request import (
 from evc.provisioning.runner import HostResult, PlaybookRun, RunOutcome, run_playbook
 from evc.settings import Settings
 from evc.store import JSON, TERMINAL_STATES, Store, new_id, now
+from evc.vault import MASK, Vault
 
 log = logging.getLogger(__name__)
 
-MASK = "********"
 SECRET_TTL_S = 7 * 86400
 
 #: what EVC records after a playbook succeeded on a device (not in check mode), by playbook:
@@ -60,7 +60,9 @@ def submit_provision(
     playbook or its variables are invalid (422), a device is unknown (404), every device is
     refused (409 precondition), or ``lock: fail`` and a device is locked by another job (409)."""
     spec = Catalog.from_settings(settings).get(req.playbook)
-    values = spec.validate(req.extra_vars)
+    # a retry keeps the first job's sealed secrets (shown masked): never opened outside a worker
+    kept = [n for n in secret_names(spec.schema) if secret_ref and (req.extra_vars or {}).get(n) == MASK]
+    values = _validate(spec, req.extra_vars, kept)
     resolve_artifacts(spec, values, settings)
     if req.check and not spec.check_mode:
         raise ValidationError(f"playbook {spec.name!r} does not support check mode", field="check")
@@ -80,11 +82,17 @@ def submit_provision(
                 "devices are locked by other jobs: " + ", ".join(f"{d} by {h}" for d, h in held.items()),
                 locked=held,
             )
-    secrets = {n: values[n] for n in secret_names(spec.schema) if values.get(n)}
-    if secrets:
-        secret_ref = secret_ref or new_id("sec")
-        store.put_json(f"provision-secret:{secret_ref}", secrets, ttl_s=SECRET_TTL_S)
-        values = {**values, **dict.fromkeys(secrets, MASK)}
+    secrets = {n: values[n] for n in secret_names(spec.schema) if values.get(n) and n not in kept}
+    if kept:  # the retried job's sealed secrets, kept a while longer (never opened here)
+        sealed = store.get_json(f"provision-secret:{secret_ref}")
+        if sealed is None:
+            raise PreconditionFailed(f"job {req.retry_of}'s secret parameters expired; submit it anew")
+        store.put_json(f"provision-secret:{secret_ref}", sealed, ttl_s=SECRET_TTL_S)
+    elif secrets:
+        secret_ref = new_id("sec")
+        sealed = Vault.from_settings(settings).seal(secrets)
+        store.put_json(f"provision-secret:{secret_ref}", sealed, ttl_s=SECRET_TTL_S)
+    values = {**values, **dict.fromkeys([*secrets, *kept], MASK)}
     params: JSON = {
         "playbook": spec.name,
         "extra_vars": values,
@@ -94,7 +102,7 @@ def submit_provision(
         "lock_timeout_s": req.lock_timeout_s,
         "retry": req.retry.to_dict(),
         "selector": req.selector,
-        "secret_ref": secret_ref if secrets else None,
+        "secret_ref": secret_ref if secrets or kept else None,
         "retry_of": req.retry_of,
     }
     job, created = jobs.submit(
@@ -127,13 +135,8 @@ def retry_job(
     if not hosts:
         raise Conflict(f"job {job_id} has no {' or '.join(on)} hosts to retry")
     p = job.get("params") or {}
-    extra = dict(p.get("extra_vars") or {})
+    extra = dict(p.get("extra_vars") or {})  # secrets stay masked and sealed under the job's secret_ref
     ref = p.get("secret_ref")
-    if ref:
-        secrets = store.get_json(f"provision-secret:{ref}")
-        if secrets is None:
-            raise PreconditionFailed(f"job {job_id}'s secret parameters expired; submit it anew")
-        extra.update(secrets)
     req = ProvisionRequest(
         playbook=p["playbook"],
         targets=tuple(hosts),
@@ -148,15 +151,26 @@ def retry_job(
     return submit_provision(store, sender, settings, req, created_by, idempotency_key, ref)
 
 
+def _validate(spec: PlaybookSpec, extra_vars: Mapping[str, Any] | None, kept: Sequence[str]) -> JSON:
+    """*extra_vars* checked against the playbook's schema; the secrets in *kept* are already
+    sealed (a retry) and were checked when first submitted."""
+    if not kept:
+        return spec.validate(extra_vars)
+    schema = {**spec.schema, "required": [r for r in spec.schema.get("required") or [] if r not in kept]}
+    values = {k: v for k, v in (extra_vars or {}).items() if k not in kept}
+    return PlaybookSpec(spec.name, spec.path, spec.description, schema=schema).validate(values)
+
+
 # ------------------------------------------------------------------------------- running
-def _secrets(store: Store, params: Mapping[str, Any]) -> JSON:
+def _secrets(store: Store, settings: Settings, params: Mapping[str, Any]) -> JSON:
+    """The job's secret variables in clear: only a worker building the Ansible variables calls this."""
     ref = params.get("secret_ref")
     if not ref:
         return {}
-    secrets = store.get_json(f"provision-secret:{ref}")
-    if secrets is None:
+    sealed = store.get_json(f"provision-secret:{ref}")
+    if sealed is None:
         raise PreconditionFailed("the job's secret parameters expired before it ran")
-    return dict(secrets)
+    return dict(Vault.from_settings(settings).open(sealed))
 
 
 def host_result(hr: HostResult | None, check: bool, outcome: RunOutcome) -> JSON:
@@ -225,7 +239,7 @@ def provision(store: Store, settings: Settings, run: JobRun, *, internal_vars: M
     spec = Catalog.from_settings(settings).get(str(p.get("playbook")))
     targets: list[str] = list(run.job.get("targets") or [])
     _, summary, cancelled = run_spec(
-        store, settings, run, spec, targets, {**(p.get("extra_vars") or {}), **_secrets(store, p)},
+        store, settings, run, spec, targets, {**(p.get("extra_vars") or {}), **_secrets(store, settings, p)},
         check=bool(p.get("check")), forks=int(p.get("forks") or settings.ansible_forks),
         lock=str(p.get("lock", "wait")), lock_timeout_s=float(p.get("lock_timeout_s") or 300.0),
         policy=RetryPolicy.from_dict(p.get("retry")), internal_vars=internal_vars,
