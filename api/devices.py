@@ -30,7 +30,7 @@ from evc.api.schemas import (
     JobSchema,
     page,
 )
-from evc.errors import Forbidden
+from evc.errors import Conflict, Forbidden
 from evc.store import now
 
 blp = Blueprint("devices", __name__, url_prefix="/api/v1", description="Edge devices")
@@ -127,10 +127,15 @@ def remove(device_id: str) -> Any:
 @blp.response(202, JobSchema)
 def repin(data: dict[str, Any], device_id: str) -> Any:
     """Re-pin a device's host key: to the key given, or to the key it presents now (a fact
-    refresh job trusts it on first use)."""
+    refresh job trusts it on first use). With ``jump_host_key`` its jump host is re-pinned too."""
     store = get_store()
-    store.get_device(device_id)
-    store.update_device(device_id, host_key=data.get("host_key"), repinned_at=now())
+    dev = store.get_device(device_id)
+    changes: dict[str, Any] = {"host_key": data.get("host_key"), "repinned_at": now()}
+    if "jump_host_key" in data:
+        if not dev.get("jump_host"):
+            raise Conflict("the device has no jump host", field="jump_host_key")
+        changes["jump_host"] = {**dev["jump_host"], "host_key": data["jump_host_key"]}
+    store.update_device(device_id, **changes)
     return _facts_job(store, device_id)
 
 

@@ -235,6 +235,11 @@ class DeviceCreatedSchema(Schema):
 
 class HostKeySchema(StrictSchema):
     host_key = fields.String(validate=validate.Regexp(HOST_KEY_RE), load_default=None, allow_none=True)
+    jump_host_key = fields.String(
+        validate=validate.Regexp(HOST_KEY_RE),
+        allow_none=True,
+        metadata={"description": "re-pin the jump host too: to this key, or (null) to the key it presents now"},
+    )
 
 
 class HeartbeatSchema(StrictSchema):
