@@ -24,6 +24,7 @@ from evc.api.schemas import (
     DeviceListArgs,
     DevicePageSchema,
     DeviceSchema,
+    DeviceUpdatedSchema,
     DeviceUpdateSchema,
     HeartbeatSchema,
     HostKeySchema,
@@ -107,10 +108,23 @@ def show(device_id: str) -> Any:
 @blp.route("/devices/<device_id>", methods=["PATCH"])
 @require("admin")
 @blp.arguments(DeviceUpdateSchema)
-@blp.response(200, DeviceSchema)
+@blp.response(200, DeviceUpdatedSchema)
+@blp.alt_response(202, schema=DeviceUpdatedSchema, description="connection details change: the re-verification job")
 def update(data: dict[str, Any], device_id: str) -> Any:
-    """Rename a device or replace its labels."""
-    return devices.update(get_store(), device_id, data)
+    """Rename a device, replace its labels, or change how it is reached (``connection``: host,
+    port, user, jump host). New connection details are probed by a job and replace the old ones
+    only when the device answers there (keys re-pinned, facts refreshed; its id, token, labels,
+    clusters and history stay)."""
+    store = get_store()
+    connection = data.pop("connection", None)
+    dev = devices.update(store, device_id, data) if data else devices.public(store.get_device(device_id))
+    if connection is None:
+        return dev
+    job = devices.change_connection(
+        store, get_sender(), device_id, connection, created_by=actor(),
+        idempotency_key=request.headers.get("Idempotency-Key"),
+    )  # fmt: skip
+    return {**dev, "job": job}, 202
 
 
 @blp.route("/devices/<device_id>", methods=["DELETE"])

@@ -179,14 +179,37 @@ class DeviceCreateSchema(StrictSchema):
     jump_host = fields.Nested(JumpHostSchema, load_default=None, allow_none=True)
 
 
-class DeviceUpdateSchema(StrictSchema):
-    name = fields.String(validate=validate_name)
-    labels = Labels()
+class ConnectionSchema(StrictSchema):
+    """New connection details of a device; what is left out stays as it is."""
+
+    host = fields.String(validate=validate_host)
+    port = fields.Integer(validate=validate.Range(min=1, max=65535))
+    username = fields.String(validate=validate_user)
+    host_key = fields.String(
+        validate=validate.Regexp(HOST_KEY_RE),
+        allow_none=True,
+        metadata={"description": "pin this key (null or left out with a new address: the key presented)"},
+    )
+    jump_host = fields.Nested(JumpHostSchema, allow_none=True, metadata={"description": "null: connect directly"})
 
     @validates_schema
     def not_empty(self, data: dict[str, Any], **kw: Any) -> None:
         if not data:
-            raise ValidationError("nothing to change: give name and/or labels")
+            raise ValidationError("nothing to change: give host, port, username, host_key and/or jump_host")
+
+
+class DeviceUpdateSchema(StrictSchema):
+    name = fields.String(validate=validate_name)
+    labels = Labels()
+    connection = fields.Nested(
+        ConnectionSchema,
+        metadata={"description": "new connection details: applied by a re-verification job when the device answers"},
+    )
+
+    @validates_schema
+    def not_empty(self, data: dict[str, Any], **kw: Any) -> None:
+        if not data:
+            raise ValidationError("nothing to change: give name, labels and/or connection")
 
 
 class DeviceSchema(Schema):
@@ -212,6 +235,10 @@ class DeviceSchema(Schema):
     created_at = fields.Float()
     registered_at = fields.Float(allow_none=True)
     last_seen = fields.Float(allow_none=True)
+
+
+class DeviceUpdatedSchema(DeviceSchema):
+    job = fields.Nested(JobSchema, metadata={"description": "the re-verification job of new connection details"})
 
 
 class DevicePageSchema(PageSchema):

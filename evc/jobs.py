@@ -30,6 +30,7 @@ JOB_KINDS: dict[str, JobKind] = {
         JobKind("noop", "evc.noop", "default", mutating=False),
         JobKind("register", "evc.register_device", "ssh"),
         JobKind("facts", "evc.refresh_facts", "ssh", mutating=False),
+        JobKind("reconnect", "evc.reconnect_device", "ssh"),
         JobKind("provision", "evc.provision", "ansible"),
         JobKind("health", "evc.health_sweep", "ssh", mutating=False),
         JobKind("level", "evc.raise_level", "ansible"),

@@ -157,7 +157,7 @@ async def register(store: Store, settings: Settings, run: JobRun) -> JSON:
         run.result(device_id, {"ok": False, "error": exc.to_dict()})
         _record_failure(exc.reason)
         raise
-    return _record_online(store, run, dev, found, first=True)
+    return record_online(store, run, dev, found, first=True)
 
 
 async def refresh_facts(store: Store, settings: Settings, run: JobRun) -> JSON:
@@ -172,20 +172,23 @@ async def refresh_facts(store: Store, settings: Settings, run: JobRun) -> JSON:
             failed += 1
             run.result(device_id, {"ok": False, "error": exc.to_dict()})
             continue
-        _record_online(store, run, dev, found, first=False)
+        record_online(store, run, dev, found, first=False)
         ok += 1
     if failed and not ok:
         raise DeviceError(f"no device answered ({failed} failed)")
     return {"ok": ok, "failed": failed}
 
 
-def _record_online(store: Store, run: JobRun, dev: JSON, found: Probed, first: bool) -> JSON:
+def record_online(store: Store, run: JobRun, dev: JSON, found: Probed, first: bool, also: JSON | None = None) -> JSON:
+    """*dev* answered a probe: record it online with its keys pinned, facts and privilege
+    (and *also*: changed connection fields, written in the same update)."""
     pinned = dev.get("host_key")
     if pinned and found.host_key and pinned != found.host_key:  # asyncssh refuses this earlier
         raise HostKeyMismatch("the device presented a different host key", device_id=dev["id"])
     facts = dict(found.facts)
     privilege = facts.pop("privilege")
     changes: JSON = {
+        **(also or {}),
         "state": "online",
         "host_key": pinned or found.host_key,
         "facts": facts,

@@ -4,6 +4,7 @@ fails naming the jump host, and reconnections leave no hop open."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -34,6 +35,12 @@ def register_behind(api: Any, dev: Any, jump: dict[str, Any]) -> tuple[dict[str,
     status, out = api.call("POST", "/api/v1/devices", json=body)
     assert status == 202, out
     return out["device"], api.wait_job(out["job"]["id"])
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again: nothing listens there
 
 
 def wait_for(cond: Any, timeout: float = 10.0) -> Any:
@@ -143,3 +150,45 @@ def test_ansible_checks_the_jump_key_pinned_at_registration(api, worker, sshd, s
     api.store.update_device(dev["id"], jump_host={**d["jump_host"], "host_key": other_key()})
     job, results = provision_now(api.store, settings, "facts", [dev["id"]])
     assert results[dev["id"]]["status"] == "unreachable", results
+
+
+def test_connection_details_change_through_the_api(api, worker, sshd, sim_devices, hs, pool) -> None:
+    """PATCH {connection} re-verifies the new details in a job; the device keeps its id, token,
+    labels, cluster and history; details that do not answer leave the old ones in place."""
+    a, b = sim_devices(2)
+    body = {"name": f"{a.name}-mv", "host": a.host, "port": a.port, "username": a.username, "labels": {"site": "lab"}}
+    status, out = api.call("POST", "/api/v1/devices", json=body)
+    assert status == 202 and api.wait_job(out["job"]["id"])["state"] == "succeeded"
+    dev_id, token, first_job = out["device"]["id"], out["token"], out["job"]["id"]
+    api.store.update_device(dev_id, cluster_id="cl_kept")
+    assert health.sweep(api.store, hs, [dev_id], pool=pool).results.get(dev_id)
+
+    # bad input is refused up front
+    assert api.call("PATCH", f"/api/v1/devices/{dev_id}", json={"connection": {}})[0] == 422
+    assert api.call("PATCH", f"/api/v1/devices/{dev_id}", json={"connection": {"host": "a;rm -rf /"}})[0] == 422
+
+    # the device now sits behind a jump host: the job probes it there and pins the jump key
+    status, out = api.call("PATCH", f"/api/v1/devices/{dev_id}", json={"connection": {"jump_host": jump_of(sshd)}})
+    assert status == 202, out
+    assert api.wait_job(out["job"]["id"])["state"] == "succeeded"
+    _, d = api.call("GET", f"/api/v1/devices/{dev_id}")
+    assert d["jump_host"]["host_key"] == sshd.host_key_public and d["host_key"] == a.host_key_public
+
+    # details where nothing answers: the job fails and the old details stay
+    status, out = api.call("PATCH", f"/api/v1/devices/{dev_id}", json={"connection": {"port": closed_port()}})
+    job = api.wait_job(out["job"]["id"], timeout=60)
+    assert job["state"] == "failed", job
+    _, d = api.call("GET", f"/api/v1/devices/{dev_id}")
+    assert (d["port"], d["jump_host"]["host"], d["state"]) == (a.port, sshd.host, "online")
+
+    # moved to another machine (new address, new key), directly: re-pinned to the key it presents
+    status, out = api.call("PATCH", f"/api/v1/devices/{dev_id}",
+                           json={"connection": {"port": b.port, "jump_host": None}})  # fmt: skip
+    assert status == 202 and api.wait_job(out["job"]["id"])["state"] == "succeeded"
+    _, d = api.call("GET", f"/api/v1/devices/{dev_id}")
+    assert (d["id"], d["port"], d["host_key"], d["jump_host"]) == (dev_id, b.port, b.host_key_public, None)
+    assert d["labels"] == {"site": "lab"} and d["cluster_id"] == "cl_kept" and d["state"] == "online"
+    assert api.call("GET", "/api/v1/devices/self", token=token)[1]["id"] == dev_id  # same token
+    assert api.call("GET", f"/api/v1/jobs/{first_job}")[0] == 200  # history kept
+    # the pool notices the new details and reconnects there
+    assert health.sweep(api.store, hs, [dev_id], pool=pool).results.get(dev_id)
