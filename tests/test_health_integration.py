@@ -31,7 +31,7 @@ def hs(settings: Settings) -> Settings:
         health_offline_after=3,
         health_recover_after=2,
         health_timeout_s=1.0,
-        health_load_threshold=10_000.0,
+        health_load_per_cpu_threshold=10_000.0,
         ssh_backoff_s=0.05,
         ssh_backoff_max_s=0.1,
     )
@@ -121,6 +121,23 @@ def test_pool_reuses_connections_and_reconnects_after_restart(
     res = health.sweep(store, hs, ids, pool=pool)
     assert len(res.results) == 3 and not res.failures  # no missed check
     assert pool.stats().opened == 4 and pool.size() == 3
+
+
+def test_load_threshold_is_per_cpu_of_the_device(
+    store: Store, hs: Settings, pool: SSHPool, sim_devices: Any, register: Register
+) -> None:
+    """The simulated devices report this machine's real load average: judged per CPU of the
+    device's facts, a busy many-core device is online; the same load on one CPU is not."""
+    many, one = register(sim_devices(2))
+    store.update_device(many["id"], facts={"cpus": 100_000})
+    store.update_device(one["id"], facts={"cpus": 1})
+    per_cpu = hs.replace(health_load_per_cpu_threshold=0.01)
+    res = health.sweep(store, per_cpu, [many["id"], one["id"]], pool=pool)
+    assert res.states[many["id"]] == "online", res.results  # load < 1,000: < 0.01 per CPU
+    load = res.results[one["id"]]["load1"]
+    if load > 0.01:  # an idle machine's load can read 0.00
+        assert res.states[one["id"]] == "degraded"
+        assert store.get_device(one["id"])["health"]["breaches"] == [f"load {load:g} on 1 CPU > 0.01 per CPU"]
 
 
 def test_changed_record_reconnects(
