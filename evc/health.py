@@ -255,6 +255,30 @@ def assess(
     return Assessment(str(state or prev), new, rec, reason)
 
 
+def verified(state: str | None, health: JSON | None, at: float) -> Assessment:
+    """The device's state after a connection with its pinned keys succeeded outside a sweep
+    (a re-pin, a fact refresh, new connection details): proof enough that it is reachable, as
+    a heartbeat is. The misses end (a later miss starts counting from one, not from where the
+    old ones stopped), and it is ``online`` — or stays ``degraded`` when that was for a
+    threshold its last check breached (the probe measures no load). Pure."""
+    prev = state if state in HEALTH_STATES else "offline"
+    before = dict(health or {})
+    over = list(before.get("breaches") or [])
+    if prev == "degraded" and over and not int(before.get("misses") or 0):
+        new, reason = "degraded", "; ".join(over)
+    else:
+        new, reason = "online", ("ok" if prev == "online" else "reachable with its pinned keys")
+    rec = {
+        **before,
+        "misses": 0,
+        "ok_streak": max(1, int(before.get("ok_streak") or 0)),
+        "checked_at": at,
+        "error": None,
+        "source": "probe",
+    }
+    return Assessment(str(state or prev), new, rec, reason)
+
+
 # ---------------------------------------------------------------------- checking one device
 async def check_device(conn: asyncssh.SSHClientConnection, target: ssh.Target, settings: Settings) -> JSON:
     """Run the health command once over *conn* and return the metrics. Raises DeviceError."""
@@ -531,6 +555,7 @@ __all__ = [
     "breaches",
     "check_device",
     "cpus_of",
+    "verified",
     "ensure_online",
     "observe",
     "parse_health",

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from evc import ssh
+from evc import health, ssh
 from evc.errors import DeviceError, HostKeyMismatch, JumpHostKeyMismatch
 from evc.jobs import JobRun
 from evc.settings import Settings
@@ -180,16 +180,24 @@ async def refresh_facts(store: Store, settings: Settings, run: JobRun) -> JSON:
 
 
 def record_online(store: Store, run: JobRun, dev: JSON, found: Probed, first: bool, also: JSON | None = None) -> JSON:
-    """*dev* answered a probe: record it online with its keys pinned, facts and privilege
+    """*dev* answered a probe: record it reachable (online, or degraded as it was for a threshold;
+    see :func:`evc.health.verified`) with its keys pinned, facts and privilege
     (and *also*: changed connection fields, written in the same update)."""
     pinned = dev.get("host_key")
     if pinned and found.host_key and pinned != found.host_key:  # asyncssh refuses this earlier
         raise HostKeyMismatch("the device presented a different host key", device_id=dev["id"])
     facts = dict(found.facts)
     privilege = facts.pop("privilege")
+    state, health_rec = "online", dev.get("health")
+    if health_rec is not None:  # checked before: the misses end, a threshold breach stays
+        a = health.verified(dev.get("state"), health_rec, now())
+        state, health_rec = a.state, a.health
+        if a.changed:
+            store.log_event(health.state_event(dev, a))
     changes: JSON = {
         **(also or {}),
-        "state": "online",
+        "state": state,
+        "health": health_rec,
         "host_key": pinned or found.host_key,
         "facts": facts,
         "privilege": privilege,
@@ -209,7 +217,7 @@ def record_online(store: Store, run: JobRun, dev: JSON, found: Probed, first: bo
         summary["jump_host_key"] = changes["jump_host"]["host_key"]
     run.result(dev["id"], summary)
     run.event(
-        f"{dev['name']} is online ({facts['arch']}, {facts['os'] or 'unknown OS'}); account privilege: "
+        f"{dev['name']} is {state} ({facts['arch']}, {facts['os'] or 'unknown OS'}); account privilege: "
         f"{privilege}", type="step", target=dev["id"],
     )  # fmt: skip
     return summary

@@ -20,6 +20,7 @@ from evc.health import (
     breaches,
     cpus_of,
     parse_health,
+    verified,
     webhook_body,
 )
 from evc.settings import Settings
@@ -207,3 +208,21 @@ def test_shutdown_stops_the_loop_and_a_later_call_starts_another() -> None:
     pooling.shutdown()
     assert not first.thread.is_alive()
     assert pooling.call(asyncio.sleep(0, result=3)) == 3 and pooling.process_loop() is not first
+
+
+# ---------------------------------------------------------------------- a verified probe (re-pin)
+def test_verified_probe_ends_the_misses_without_hysteresis() -> None:
+    gone = {"misses": 5, "ok_streak": 0, "error": {"reason": "host_key_mismatch"}, "load1": 0.3}
+    a = verified("offline", gone, at=7.0)
+    assert a.state == "online" and a.changed and a.health["misses"] == 0 and a.health["error"] is None
+    assert a.health["load1"] == 0.3 and a.health["checked_at"] == 7.0 and a.health["source"] == "probe"
+    # one miss after it counts from one: degraded, not offline again
+    assert assess(a.state, a.health, MISS, POLICY, at=8.0).state == "degraded"
+    assert assess("offline", gone, MISS, POLICY, at=8.0).state == "offline"  # without it
+
+
+def test_verified_probe_keeps_a_threshold_breach() -> None:
+    full = {"misses": 0, "breaches": ["disk 99% used > 95%"]}
+    assert verified("degraded", full, at=1.0).state == "degraded"
+    assert verified("degraded", {**full, "misses": 1}, at=1.0).state == "online"  # degraded by a miss
+    assert not verified("online", {"misses": 0}, at=1.0).changed

@@ -55,7 +55,10 @@ def wait_for(cond: Any, timeout: float = 10.0) -> Any:
 
 @pytest.fixture()
 def hs(settings: Settings) -> Settings:
-    return settings.replace(health_timeout_s=3.0, ssh_backoff_s=0.01, ssh_backoff_max_s=0.01)
+    """Quick sweeps; a lax load limit (the simulated devices report this busy machine's load)."""
+    return settings.replace(
+        health_timeout_s=3.0, ssh_backoff_s=0.01, ssh_backoff_max_s=0.01, health_load_per_cpu_threshold=10_000.0
+    )
 
 
 @pytest.fixture()
