@@ -178,6 +178,24 @@ async def connect(
     return conn
 
 
+async def check_jump_host(target: Target, settings: Settings) -> DeviceError | None:
+    """Why the jump host of *target* cannot be used with its pinned key (a changed or missing
+    pin, or it cannot be reached), or None when it can (or there is none). For tools that hop
+    through it themselves (Ansible's ProxyJump) and say only that the device was unreachable."""
+    if target.jump is None:
+        return None
+    if target.jump.host_key is None:
+        return _unpinned_jump(target)
+    try:
+        conn = await _open(target.jump, settings)
+    except BaseException as exc:
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        return _map_jump_error(exc, target, settings)
+    conn.close()
+    return None
+
+
 def jump_host_key(conn: asyncssh.SSHClientConnection) -> str | None:
     """The host key line the jump host of *conn* presented (None: no jump host)."""
     value = conn.get_extra_info("evc_jump_host_key")

@@ -152,7 +152,9 @@ def test_ansible_checks_the_jump_key_pinned_at_registration(api, worker, sshd, s
     d = api.store.get_device(dev["id"])
     api.store.update_device(dev["id"], jump_host={**d["jump_host"], "host_key": other_key()})
     job, results = provision_now(api.store, settings, "facts", [dev["id"]])
-    assert results[dev["id"]]["status"] == "unreachable", results
+    res = results[dev["id"]]
+    assert res["status"] == "unreachable" and res["reason"] == "jump_host_key_mismatch", res
+    assert f"jump host {sshd.username}@{sshd.host}:{sshd.port} changed" in res["message"]
 
 
 def test_connection_details_change_through_the_api(api, worker, sshd, sim_devices, hs, pool) -> None:
@@ -195,3 +197,21 @@ def test_connection_details_change_through_the_api(api, worker, sshd, sim_device
     assert api.call("GET", f"/api/v1/jobs/{first_job}")[0] == 200  # history kept
     # the pool notices the new details and reconnects there
     assert health.sweep(api.store, hs, [dev_id], pool=pool).results.get(dev_id)
+
+
+def test_fl_channels_check_the_jump_key(sshd, sim_devices, hs) -> None:
+    """FL's file pushes and client channels go through the pool: a device behind a jump host
+    is reached with the pinned jump key, and refused when it changed."""
+    from evc.errors import JumpHostKeyMismatch
+    from evc.fl import channels
+
+    (sim,) = sim_devices(1)
+    dev = {"id": f"dev_{time.time_ns()}", "host": sim.host, "port": sim.port, "username": sim.username,
+           "host_key": sim.host_key_public, "jump_host": jump_of(sshd, host_key=sshd.host_key_public)}  # fmt: skip
+    try:
+        assert pooling.call(channels.push(hs, dev, "~/evc-jump-test.txt", b"through the jump host"), 30)
+        changed = {**dev, "id": dev["id"] + "b", "jump_host": {**dev["jump_host"], "host_key": other_key()}}
+        with pytest.raises(JumpHostKeyMismatch, match="jump host"):
+            pooling.call(channels.push(hs, changed, "~/evc-jump-test.txt", b"x"), 30)
+    finally:
+        pooling.call(pooling.pool_for(hs).close_all())
