@@ -143,6 +143,19 @@ async def _open(target: Target, settings: Settings, tunnel: Any = None, **kw: An
     )  # fmt: skip
 
 
+async def _open_jump(target: Target, settings: Settings, *, learn_keys: bool = False) -> asyncssh.SSHClientConnection:
+    """The connection to *target*'s jump host, its key checked (learned only with *learn_keys*)."""
+    assert target.jump is not None
+    if target.jump.host_key is None and not learn_keys:
+        raise _unpinned_jump(target)
+    try:
+        return await _open(target.jump, settings)
+    except BaseException as exc:
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise _map_jump_error(exc, target, settings) from exc
+
+
 async def connect(
     target: Target, settings: Settings, *, learn_keys: bool = False, **kw: Any
 ) -> asyncssh.SSHClientConnection:
@@ -153,16 +166,7 @@ async def connect(
     without one be trusted on first use. The jump connection belongs to the device's: closing
     one closes both, so a reconnection never leaves a hop open. The key the jump host
     presented is :func:`jump_host_key` of the returned connection."""
-    tunnel: asyncssh.SSHClientConnection | None = None
-    if target.jump is not None:
-        if target.jump.host_key is None and not learn_keys:
-            raise _unpinned_jump(target)
-        try:
-            tunnel = await _open(target.jump, settings)
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise _map_jump_error(exc, target, settings) from exc
+    tunnel = await _open_jump(target, settings, learn_keys=learn_keys) if target.jump else None
     try:
         conn = await _open(target, settings, tunnel, **kw)
     except BaseException as exc:
@@ -184,14 +188,10 @@ async def check_jump_host(target: Target, settings: Settings) -> DeviceError | N
     through it themselves (Ansible's ProxyJump) and say only that the device was unreachable."""
     if target.jump is None:
         return None
-    if target.jump.host_key is None:
-        return _unpinned_jump(target)
     try:
-        conn = await _open(target.jump, settings)
-    except BaseException as exc:
-        if isinstance(exc, asyncio.CancelledError):
-            raise
-        return _map_jump_error(exc, target, settings)
+        conn = await _open_jump(target, settings)
+    except DeviceError as exc:
+        return exc
     conn.close()
     return None
 
