@@ -26,13 +26,14 @@ from evc.api.schemas import (
     DeviceListArgs,
     DevicePageSchema,
     DeviceSchema,
+    DeviceUpdatedSchema,
     DeviceUpdateSchema,
     HeartbeatSchema,
     HostKeySchema,
     JobSchema,
     page,
 )
-from evc.errors import Forbidden
+from evc.errors import Conflict, Forbidden
 from evc.store import now
 
 blp = Blueprint("devices", __name__, url_prefix="/api/v1", description="Edge devices")
@@ -164,10 +165,23 @@ def show(device_id: str) -> Any:
 @blp.route("/devices/<device_id>", methods=["PATCH"])
 @require("admin")
 @blp.arguments(DeviceUpdateSchema)
-@blp.response(200, DeviceSchema)
+@blp.response(200, DeviceUpdatedSchema)
+@blp.alt_response(202, schema=DeviceUpdatedSchema, description="connection details change: the re-verification job")
 def update(data: dict[str, Any], device_id: str) -> Any:
-    """Rename a device or replace its labels."""
-    return devices.update(get_store(), device_id, data)
+    """Rename a device, replace its labels, or change how it is reached (``connection``: host,
+    port, user, jump host). New connection details are probed by a job and replace the old ones
+    only when the device answers there (keys re-pinned, facts refreshed; its id, token, labels,
+    clusters and history stay)."""
+    store = get_store()
+    connection = data.pop("connection", None)
+    dev = devices.update(store, device_id, data) if data else devices.public(store.get_device(device_id))
+    if connection is None:
+        return dev
+    job = devices.change_connection(
+        store, get_sender(), device_id, connection, created_by=actor(),
+        idempotency_key=idempotency_key(),
+    )  # fmt: skip
+    return {**dev, "job": job}, 202
 
 
 @blp.route("/devices/<device_id>", methods=["DELETE"])
@@ -184,10 +198,15 @@ def remove(device_id: str) -> Any:
 @blp.response(202, JobSchema)
 def repin(data: dict[str, Any], device_id: str) -> Any:
     """Re-pin a device's host key: to the key given, or to the key it presents now (a fact
-    refresh job trusts it on first use)."""
+    refresh job trusts it on first use). With ``jump_host_key`` its jump host is re-pinned too."""
     store = get_store()
-    store.get_device(device_id)
-    store.update_device(device_id, host_key=data.get("host_key"), repinned_at=now())
+    dev = store.get_device(device_id)
+    changes: dict[str, Any] = {"host_key": data.get("host_key"), "repinned_at": now()}
+    if "jump_host_key" in data:
+        if not dev.get("jump_host"):
+            raise Conflict("the device has no jump host", field="jump_host_key")
+        changes["jump_host"] = {**dev["jump_host"], "host_key": data["jump_host_key"]}
+    store.update_device(device_id, **changes)
     return _facts_job(store, device_id)
 
 

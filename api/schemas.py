@@ -207,14 +207,37 @@ class DeviceImportResultSchema(Schema):
     tokens = fields.Dict(metadata={"description": "the new devices' own tokens by name (shown once)"})
 
 
-class DeviceUpdateSchema(StrictSchema):
-    name = fields.String(validate=validate_name)
-    labels = Labels()
+class ConnectionSchema(StrictSchema):
+    """New connection details of a device; what is left out stays as it is."""
+
+    host = fields.String(validate=validate_host)
+    port = fields.Integer(validate=validate.Range(min=1, max=65535))
+    username = fields.String(validate=validate_user)
+    host_key = fields.String(
+        validate=validate.Regexp(HOST_KEY_RE),
+        allow_none=True,
+        metadata={"description": "pin this key (null or left out with a new address: the key presented)"},
+    )
+    jump_host = fields.Nested(JumpHostSchema, allow_none=True, metadata={"description": "null: connect directly"})
 
     @validates_schema
     def not_empty(self, data: dict[str, Any], **kw: Any) -> None:
         if not data:
-            raise ValidationError("nothing to change: give name and/or labels")
+            raise ValidationError("nothing to change: give host, port, username, host_key and/or jump_host")
+
+
+class DeviceUpdateSchema(StrictSchema):
+    name = fields.String(validate=validate_name)
+    labels = Labels()
+    connection = fields.Nested(
+        ConnectionSchema,
+        metadata={"description": "new connection details: applied by a re-verification job when the device answers"},
+    )
+
+    @validates_schema
+    def not_empty(self, data: dict[str, Any], **kw: Any) -> None:
+        if not data:
+            raise ValidationError("nothing to change: give name, labels and/or connection")
 
 
 class DeviceSchema(Schema):
@@ -242,6 +265,10 @@ class DeviceSchema(Schema):
     last_seen = fields.Float(allow_none=True)
 
 
+class DeviceUpdatedSchema(DeviceSchema):
+    job = fields.Nested(JobSchema, metadata={"description": "the re-verification job of new connection details"})
+
+
 class DevicePageSchema(PageSchema):
     items = fields.List(fields.Nested(DeviceSchema))
 
@@ -263,6 +290,11 @@ class DeviceCreatedSchema(Schema):
 
 class HostKeySchema(StrictSchema):
     host_key = fields.String(validate=validate.Regexp(HOST_KEY_RE), load_default=None, allow_none=True)
+    jump_host_key = fields.String(
+        validate=validate.Regexp(HOST_KEY_RE),
+        allow_none=True,
+        metadata={"description": "re-pin the jump host too: to this key, or (null) to the key it presents now"},
+    )
 
 
 class HeartbeatSchema(StrictSchema):

@@ -175,7 +175,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="evc-bench-health-"))
     tmp.chmod(0o755)  # the simulator's accounts must reach their homes when run as root
     srv, base = private_stack(tmp)
-    settings = base.replace(health_timeout_s=30.0, ssh_connect_timeout_s=30.0, health_load_threshold=10_000.0)
+    settings = base.replace(health_timeout_s=30.0, ssh_connect_timeout_s=30.0, health_load_per_cpu_threshold=10_000.0)
     sim = None
     try:
         key = keys.ensure_keypair(settings)

@@ -122,6 +122,27 @@ def update(store: Store, device_id: str, changes: JSON) -> JSON:
     return public(store.update_device(device_id, **changes))
 
 
+def change_connection(
+    store: Store,
+    sender: jobs.Sender,
+    device_id: str,
+    connection: JSON,
+    *,
+    created_by: str,
+    idempotency_key: str | None = None,
+) -> JSON:
+    """Enqueue the job that re-verifies a device at new connection details (host, port, user,
+    jump host, host key) and switches to them only when the device answers there."""
+    dev = store.get_device(device_id)
+    if dev.get("state") in ("pending", "registering"):
+        raise Conflict("the device's registration has not finished; wait for its job", field="connection")
+    job, _ = jobs.submit(
+        store, sender, "reconnect", params={"connection": connection}, targets=[device_id],
+        created_by=created_by, idempotency_key=idempotency_key,
+    )  # fmt: skip
+    return job
+
+
 def remove(store: Store, device_id: str) -> JSON:
     dev = store.delete_device(device_id)
     store.log_event({"type": "device.removed", "device": device_id, "name": dev["name"]})

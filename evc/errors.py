@@ -127,6 +127,13 @@ class HostKeyMismatch(DeviceError):
     reason = "host_key_mismatch"
 
 
+class JumpHostKeyMismatch(HostKeyMismatch):
+    """The jump host a device is reached through presented a key other than the pinned one
+    (or has none pinned where one is required)."""
+
+    reason = "jump_host_key_mismatch"
+
+
 class ConnectionDropped(DeviceError):
     reason = "connection_dropped"
     retryable = True

@@ -6,7 +6,9 @@ States and hysteresis (:func:`assess`, a pure function):
 * a failed check is a *miss*. ``health_degraded_after`` consecutive misses make an online
   device ``degraded``; ``health_offline_after`` consecutive misses make it ``offline``;
 * a good check resets the misses. A device whose load, memory, disk or temperature exceeds its
-  threshold is ``degraded``, otherwise ``online``;
+  threshold is ``degraded``, otherwise ``online``. The load threshold is per CPU: the 1-minute
+  load average is divided by the CPU count from the device's facts (a device whose count is
+  unknown counts as one CPU);
 * leaving ``offline`` takes ``health_recover_after`` consecutive good checks (default 2), so a
   flapping device does not bounce between offline and online on every sweep. A heartbeat the
   device pushes with its own token is proof enough on its own (it brings a device back at once).
@@ -54,8 +56,8 @@ METRIC_KEYS = (
     "uptime_s",
 )
 SWEEP_LOCK = "health-sweep"
-#: the device fields a sweep reads (not the facts: 1,000 records are decoded per sweep)
-SWEEP_FIELDS = ("name", "host", "port", "username", "host_key", "jump_host", "state", "health")
+#: the device fields a sweep reads (the facts for the CPU count the load threshold is per)
+SWEEP_FIELDS = ("name", "host", "port", "username", "host_key", "jump_host", "state", "health", "facts")
 
 # One POSIX sh script, sent as the command itself: shell builtins read /proc and /sys, so the
 # only process it starts is `df`. One ``key=value`` line per value; :func:`parse_health` reads it.
@@ -126,7 +128,7 @@ class HealthPolicy:
     degraded_after: int = 1
     offline_after: int = 3
     recover_after: int = 2
-    load_threshold: float = 4.0
+    load_per_cpu_threshold: float = 2.0
     mem_threshold: float = 0.95
     disk_threshold: float = 0.95
     temp_threshold_c: float = 85.0
@@ -137,7 +139,7 @@ class HealthPolicy:
             degraded_after=max(1, s.health_degraded_after),
             offline_after=max(1, s.health_offline_after),
             recover_after=max(1, s.health_recover_after),
-            load_threshold=s.health_load_threshold,
+            load_per_cpu_threshold=s.health_load_per_cpu_threshold,
             mem_threshold=s.health_mem_threshold,
             disk_threshold=s.health_disk_threshold,
             temp_threshold_c=s.health_temp_threshold_c,
@@ -174,15 +176,24 @@ class Assessment:
         return self.state != self.previous
 
 
-def breaches(metrics: JSON, policy: HealthPolicy) -> list[str]:
-    """Which thresholds *metrics* exceed, in words (values that are missing exceed nothing)."""
+def cpus_of(dev: JSON) -> int | None:
+    """The device's CPU count from its facts (None when unknown)."""
+    cpus = (dev.get("facts") or {}).get("cpus")
+    return cpus if isinstance(cpus, int) and not isinstance(cpus, bool) and cpus > 0 else None
+
+
+def breaches(metrics: JSON, policy: HealthPolicy, cpus: int | None = None) -> list[str]:
+    """Which thresholds *metrics* exceed, in words (values that are missing exceed nothing).
+    The load average is divided by *cpus* (unknown: one CPU) before it is compared."""
+    out = []
+    load, n = metrics.get("load1"), max(1, cpus or 1)
+    if isinstance(load, int | float) and load / n > policy.load_per_cpu_threshold:
+        out.append(f"load {load:g} on {n} CPU{'s' if n > 1 else ''} > {policy.load_per_cpu_threshold:g} per CPU")
     checks = (
-        ("load1", policy.load_threshold, "load {v:g} > {t:g}"),
         ("mem_used_ratio", policy.mem_threshold, "memory {v:.0%} used > {t:.0%}"),
         ("disk_used_ratio", policy.disk_threshold, "disk {v:.0%} used > {t:.0%}"),
         ("temperature_c", policy.temp_threshold_c, "temperature {v:g} °C > {t:g} °C"),
     )
-    out = []
     for key, limit, words in checks:
         v = metrics.get(key)
         if isinstance(v, int | float) and v > limit:
@@ -190,8 +201,11 @@ def breaches(metrics: JSON, policy: HealthPolicy) -> list[str]:
     return out
 
 
-def assess(state: str | None, health: JSON | None, obs: Observation, policy: HealthPolicy, at: float) -> Assessment:
-    """The device's next state and health record after *obs* (pure; see the module doc)."""
+def assess(
+    state: str | None, health: JSON | None, obs: Observation, policy: HealthPolicy, at: float, cpus: int | None = None
+) -> Assessment:
+    """The device's next state and health record after *obs* on a device with *cpus* CPUs
+    (pure; see the module doc)."""
     prev = state if state in HEALTH_STATES else "offline"
     before = dict(health or {})
     misses = int(before.get("misses") or 0)
@@ -199,7 +213,7 @@ def assess(state: str | None, health: JSON | None, obs: Observation, policy: Hea
     last_metrics = {k: before.get(k) for k in METRIC_KEYS}
     if obs.ok:
         streak += 1
-        over = breaches(obs.metrics, policy)
+        over = breaches(obs.metrics, policy, cpus)
         if prev == "offline" and streak < policy.recover_after:
             new, reason = "offline", f"recovering: {streak} of {policy.recover_after} checks good"
         elif over:
@@ -237,6 +251,30 @@ def assess(state: str | None, health: JSON | None, obs: Observation, policy: Hea
         "error": err,
         "source": obs.source,
         "breaches": list(before.get("breaches") or []),
+    }
+    return Assessment(str(state or prev), new, rec, reason)
+
+
+def verified(state: str | None, health: JSON | None, at: float) -> Assessment:
+    """The device's state after a connection with its pinned keys succeeded outside a sweep
+    (a re-pin, a fact refresh, new connection details): proof enough that it is reachable, as
+    a heartbeat is. The misses end (a later miss starts counting from one, not from where the
+    old ones stopped), and it is ``online`` — or stays ``degraded`` when that was for a
+    threshold its last check breached (the probe measures no load). Pure."""
+    prev = state if state in HEALTH_STATES else "offline"
+    before = dict(health or {})
+    over = list(before.get("breaches") or [])
+    if prev == "degraded" and over and not int(before.get("misses") or 0):
+        new, reason = "degraded", "; ".join(over)
+    else:
+        new, reason = "online", ("ok" if prev == "online" else "reachable with its pinned keys")
+    rec = {
+        **before,
+        "misses": 0,
+        "ok_streak": max(1, int(before.get("ok_streak") or 0)),
+        "checked_at": at,
+        "error": None,
+        "source": "probe",
     }
     return Assessment(str(state or prev), new, rec, reason)
 
@@ -348,7 +386,7 @@ def sweep(
     changes: dict[str, JSON] = {}
     for dev in eligible:
         obs = observations[dev["id"]]
-        a = assess(dev.get("state"), dev.get("health"), obs, policy, at)
+        a = assess(dev.get("state"), dev.get("health"), obs, policy, at, cpus_of(dev))
         fields: JSON = {"health": a.health}
         if obs.ok:
             fields["last_seen"] = at
@@ -414,7 +452,7 @@ def record_heartbeat(store: Store, settings: Settings, device_id: str, data: JSO
     at = now()
     state = dev.get("state")
     policy = dataclasses.replace(HealthPolicy.from_settings(settings), recover_after=1)
-    a = assess(state, dev.get("health"), Observation(True, dict(data), source="heartbeat"), policy, at)
+    a = assess(state, dev.get("health"), Observation(True, dict(data), source="heartbeat"), policy, at, cpus_of(dev))
     changes: JSON = {"last_seen": at, "health": a.health}
     events = []
     if state in HEALTH_STATES or state in OFFLINE_STATES:  # not while registration runs
@@ -522,6 +560,8 @@ __all__ = [
     "assess",
     "breaches",
     "check_device",
+    "cpus_of",
+    "verified",
     "ensure_online",
     "observe",
     "parse_health",

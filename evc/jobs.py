@@ -32,6 +32,7 @@ JOB_KINDS: dict[str, JobKind] = {
         JobKind("register", "evc.register_device", "ssh"),
         JobKind("import", "evc.import_devices", "ssh"),
         JobKind("facts", "evc.refresh_facts", "ssh", mutating=False),
+        JobKind("reconnect", "evc.reconnect_device", "ssh"),
         JobKind("provision", "evc.provision", "ansible"),
         JobKind("health", "evc.health_sweep", "ssh", mutating=False),
         JobKind("level", "evc.raise_level", "ansible"),

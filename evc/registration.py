@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
-from evc import ssh
-from evc.errors import BatchFailed, DeviceError, HostKeyMismatch
+from evc import health, ssh
+from evc.errors import BatchFailed, DeviceError, HostKeyMismatch, JumpHostKeyMismatch
 from evc.jobs import JobRun
 from evc.settings import Settings
 from evc.store import JSON, Store, now
@@ -122,13 +123,23 @@ def parse_facts(text: str) -> JSON:
     return facts
 
 
-async def probe(target: ssh.Target, settings: Settings) -> tuple[JSON, str]:
-    """Connect, run the probe, return (facts, the server's host key line)."""
-    async with ssh.session(target, settings) as conn:
+@dataclass(frozen=True)
+class Probed:
+    """What a probe found: the facts, and the host keys the device and its jump host presented."""
+
+    facts: JSON
+    host_key: str
+    jump_host_key: str | None = None
+
+
+async def probe(target: ssh.Target, settings: Settings) -> Probed:
+    """Connect (keys not pinned yet are learned), run the probe, return what it found."""
+    async with ssh.session(target, settings, learn_keys=True) as conn:
         host_key = conn.get_server_host_key()
+        jump_key = ssh.jump_host_key(conn)
         res = await ssh.run(conn, "sh -s", target, settings, input=PROBE)
     facts = parse_facts(str(res.stdout or ""))
-    return facts, ssh.key_line(host_key) if host_key else ""
+    return Probed(facts, ssh.key_line(host_key) if host_key else "", jump_key)
 
 
 async def register(store: Store, settings: Settings, run: JobRun) -> JSON:
@@ -139,14 +150,14 @@ async def register(store: Store, settings: Settings, run: JobRun) -> JSON:
     target = ssh.target_of(dev)
     run.event(f"connecting to {target.address}", type="step", target=device_id)
     try:
-        facts, host_key = await probe(target, settings)
+        found = await probe(target, settings)
     except DeviceError as exc:
         exc.device_id = device_id
         store.update_device(device_id, state="unreachable", error=exc.to_dict())
         run.result(device_id, {"ok": False, "error": exc.to_dict()})
         _record_failure(exc.reason)
         raise
-    return _record_online(store, run, dev, facts, host_key, first=True)
+    return record_online(store, run, dev, found, first=True)
 
 
 async def register_all(store: Store, settings: Settings, run: JobRun, concurrency: int = 16) -> JSON:
@@ -163,8 +174,7 @@ async def register_all(store: Store, settings: Settings, run: JobRun, concurrenc
             dev = store.get_device(device_id)
             run.event(f"connecting to {dev['name']}", type="step", target=device_id)
             try:
-                facts, host_key = await probe(ssh.target_of(dev), settings)
-                _record_online(store, run, dev, facts, host_key, first=True)
+                record_online(store, run, dev, await probe(ssh.target_of(dev), settings), first=True)
             except DeviceError as exc:
                 exc.device_id = device_id
                 store.update_device(device_id, state="unreachable", error=exc.to_dict())
@@ -188,49 +198,72 @@ async def refresh_facts(store: Store, settings: Settings, run: JobRun) -> JSON:
         run.check_cancel()
         dev = store.get_device(device_id)
         try:
-            facts, host_key = await probe(ssh.target_of(dev), settings)
+            found = await probe(ssh.target_of(dev), settings)
         except DeviceError as exc:
             failed += 1
             run.result(device_id, {"ok": False, "error": exc.to_dict()})
             continue
-        _record_online(store, run, dev, facts, host_key, first=False)
+        record_online(store, run, dev, found, first=False)
         ok += 1
     if failed and not ok:
         raise DeviceError(f"no device answered ({failed} failed)")
     return {"ok": ok, "failed": failed}
 
 
-def _record_online(store: Store, run: JobRun, dev: JSON, facts: JSON, host_key: str, first: bool) -> JSON:
+def record_online(store: Store, run: JobRun, dev: JSON, found: Probed, first: bool, also: JSON | None = None) -> JSON:
+    """*dev* answered a probe: record it reachable (online, or degraded as it was for a threshold;
+    see :func:`evc.health.verified`) with its keys pinned, facts and privilege
+    (and *also*: changed connection fields, written in the same update)."""
     pinned = dev.get("host_key")
-    if pinned and host_key and pinned != host_key:  # asyncssh refuses this earlier; belt and braces
+    if pinned and found.host_key and pinned != found.host_key:  # asyncssh refuses this earlier
         raise HostKeyMismatch("the device presented a different host key", device_id=dev["id"])
+    facts = dict(found.facts)
     privilege = facts.pop("privilege")
-    changes = {
-        "state": "online",
-        "host_key": pinned or host_key,
+    state, health_rec = "online", dev.get("health")
+    if health_rec is not None:  # checked before: the misses end, a threshold breach stays
+        a = health.verified(dev.get("state"), health_rec, now())
+        state, health_rec = a.state, a.health
+        if a.changed:
+            store.log_event(health.state_event(dev, a))
+    changes: JSON = {
+        **(also or {}),
+        "state": state,
+        "health": health_rec,
+        "host_key": pinned or found.host_key,
         "facts": facts,
         "privilege": privilege,
         "capabilities": CAPABILITIES[privilege],
         "last_seen": now(),
         "error": None,
     }
+    jump = dev.get("jump_host")
+    if jump:
+        changes["jump_host"] = pin_jump_host(jump, found.jump_host_key, dev["id"])
     if first:
         changes["level"] = max(int(dev.get("level") or 0), 0)
         changes["registered_at"] = now()
     store.update_device(dev["id"], **changes)
-    summary = {
-        "ok": True,
-        "name": dev["name"],
-        "privilege": privilege,
-        "arch": facts["arch"],
-        "host_key": changes["host_key"],
-    }
+    summary = {"ok": True, "name": dev["name"], "privilege": privilege, "arch": facts["arch"],
+               "host_key": changes["host_key"]}  # fmt: skip
+    if jump:
+        summary["jump_host_key"] = changes["jump_host"]["host_key"]
     run.result(dev["id"], summary)
     run.event(
-        f"{dev['name']} is online ({facts['arch']}, {facts['os'] or 'unknown OS'}); account privilege: "
+        f"{dev['name']} is {state} ({facts['arch']}, {facts['os'] or 'unknown OS'}); account privilege: "
         f"{privilege}", type="step", target=dev["id"],
     )  # fmt: skip
     return summary
+
+
+def pin_jump_host(jump: JSON, presented: str | None, device_id: str) -> JSON:
+    """The jump host record with its key pinned: the pin it had, else the key it presented."""
+    pinned = jump.get("host_key")
+    if pinned and presented and pinned != presented:  # asyncssh refuses this earlier
+        raise JumpHostKeyMismatch(
+            f"the host key of jump host {jump.get('username')}@{jump.get('host')}:{jump.get('port', 22)} changed",
+            device_id=device_id,
+        )
+    return {**jump, "host_key": pinned or presented}
 
 
 def _record_failure(reason: str) -> None:

@@ -64,7 +64,7 @@ class Settings:
     health_concurrency: int = 200
     health_degraded_after: int = 1
     health_offline_after: int = 3
-    health_load_threshold: float = 4.0
+    health_load_per_cpu_threshold: float = 2.0  # 1-minute load average divided by the device's CPUs
     health_disk_threshold: float = 0.95
     health_mem_threshold: float = 0.95
     health_temp_threshold_c: float = 85.0

@@ -4,6 +4,7 @@ commands, and turn every failure into an :mod:`evc.errors` DeviceError with an a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from evc.errors import (
     ConnectionDropped,
     DeviceError,
     HostKeyMismatch,
+    JumpHostKeyMismatch,
     SSHTimeout,
     Unreachable,
 )
@@ -99,43 +101,118 @@ def _map_error(exc: BaseException, target: Target, settings: Settings, stage: st
     return DeviceError(f"unexpected error with {where} during {stage}: {exc!r}", device_id=did)
 
 
-async def connect(target: Target, settings: Settings, **kw: Any) -> asyncssh.SSHClientConnection:
-    """Open a connection; host key pinned when the target has one. Raises DeviceError."""
-    key = str(settings.key_path)
-    tunnel = None
+def _map_jump_error(exc: BaseException, target: Target, settings: Settings) -> DeviceError:
+    """An error on the hop to the jump host, named as the jump host's (not the device's)."""
+    assert target.jump is not None
+    jump = target.jump
+    where = f"jump host {jump.address}"
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        return JumpHostKeyMismatch(
+            f"the host key of {where} changed: it does not match the key pinned when "
+            f"{target.address} was registered; if the jump host was reinstalled, an admin can "
+            're-pin it (POST /api/v1/devices/{id}/host-key with {"jump_host_key": null})',
+            device_id=target.device_id,
+            jump_host=jump.address,
+        )
+    err = _map_error(exc, jump, settings, "connect")
+    err.message = f"{where} (on the way to {target.address}): {err.message}"
+    err.args = (err.message,)
+    err.device_id = target.device_id
+    err.details["jump_host"] = jump.address
+    return err
+
+
+def _unpinned_jump(target: Target) -> JumpHostKeyMismatch:
+    assert target.jump is not None
+    return JumpHostKeyMismatch(
+        f"jump host {target.jump.address} has no pinned host key; re-pin the device "
+        "(POST /api/v1/devices/{id}/host-key) to record it",
+        device_id=target.device_id,
+        jump_host=target.jump.address,
+    )
+
+
+async def _open(target: Target, settings: Settings, tunnel: Any = None, **kw: Any) -> asyncssh.SSHClientConnection:
+    return await asyncio.wait_for(
+        asyncssh.connect(
+            target.host, target.port, username=target.username, client_keys=[str(settings.key_path)],
+            known_hosts=_trust(target.host_key), agent_path=None, tunnel=tunnel or (),
+            keepalive_interval=30, encryption_algs=_ciphers(settings), **kw,
+        ),
+        settings.ssh_connect_timeout_s,
+    )  # fmt: skip
+
+
+async def _open_jump(target: Target, settings: Settings, *, learn_keys: bool = False) -> asyncssh.SSHClientConnection:
+    """The connection to *target*'s jump host, its key checked (learned only with *learn_keys*)."""
+    assert target.jump is not None
+    if target.jump.host_key is None and not learn_keys:
+        raise _unpinned_jump(target)
     try:
-        if target.jump is not None:
-            tunnel = await asyncio.wait_for(
-                asyncssh.connect(
-                    target.jump.host, target.jump.port, username=target.jump.username,
-                    client_keys=[key], known_hosts=_trust(target.jump.host_key), agent_path=None,
-                    encryption_algs=_ciphers(settings),
-                ),
-                settings.ssh_connect_timeout_s,
-            )  # fmt: skip
-        return await asyncio.wait_for(
-            asyncssh.connect(
-                target.host, target.port, username=target.username, client_keys=[key],
-                known_hosts=_trust(target.host_key), agent_path=None, tunnel=tunnel,
-                keepalive_interval=30, encryption_algs=_ciphers(settings), **kw,
-            ),
-            settings.ssh_connect_timeout_s,
-        )  # fmt: skip
+        return await _open(target.jump, settings)
+    except BaseException as exc:
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise _map_jump_error(exc, target, settings) from exc
+
+
+async def connect(
+    target: Target, settings: Settings, *, learn_keys: bool = False, **kw: Any
+) -> asyncssh.SSHClientConnection:
+    """Open a connection with host keys pinned; raises DeviceError.
+
+    A device key of None is trusted on first use (registration). A jump host's key is always
+    checked against its pin; only with *learn_keys* (registration, re-pin) may a jump host
+    without one be trusted on first use. The jump connection belongs to the device's: closing
+    one closes both, so a reconnection never leaves a hop open. The key the jump host
+    presented is :func:`jump_host_key` of the returned connection."""
+    tunnel = await _open_jump(target, settings, learn_keys=learn_keys) if target.jump else None
+    try:
+        conn = await _open(target, settings, tunnel, **kw)
     except BaseException as exc:
         if tunnel is not None:
             tunnel.close()
         if isinstance(exc, asyncio.CancelledError):
             raise
         raise _map_error(exc, target, settings, "connect") from exc
+    if tunnel is not None:
+        jump_key = tunnel.get_server_host_key()
+        conn.set_extra_info(evc_jump_host_key=key_line(jump_key) if jump_key else None)
+        conn.set_tunnel(tunnel)  # asyncssh closes the tunnel with the connection
+    return conn
+
+
+async def check_jump_host(target: Target, settings: Settings) -> DeviceError | None:
+    """Why the jump host of *target* cannot be used with its pinned key (a changed or missing
+    pin, or it cannot be reached), or None when it can (or there is none). For tools that hop
+    through it themselves (Ansible's ProxyJump) and say only that the device was unreachable."""
+    if target.jump is None:
+        return None
+    try:
+        conn = await _open_jump(target, settings)
+    except DeviceError as exc:
+        return exc
+    conn.close()
+    return None
+
+
+def jump_host_key(conn: asyncssh.SSHClientConnection) -> str | None:
+    """The host key line the jump host of *conn* presented (None: no jump host)."""
+    value = conn.get_extra_info("evc_jump_host_key")
+    return str(value) if value else None
 
 
 @asynccontextmanager
-async def session(target: Target, settings: Settings) -> AsyncIterator[asyncssh.SSHClientConnection]:
-    conn = await connect(target, settings)
+async def session(
+    target: Target, settings: Settings, *, learn_keys: bool = False
+) -> AsyncIterator[asyncssh.SSHClientConnection]:
+    conn = await connect(target, settings, learn_keys=learn_keys)
     try:
         yield conn
     finally:
         conn.close()
+        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+            await asyncio.wait_for(conn.wait_closed(), 5.0)
 
 
 async def run(

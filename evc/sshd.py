@@ -44,6 +44,20 @@ def sshd_binary() -> str:
     raise SSHDUnavailable("OpenSSH sshd is not installed (Debian/Ubuntu: apt-get install openssh-server)")
 
 
+def established_connections(port: int) -> int:
+    """Established TCP connections whose local port is *port* (read from /proc/net/tcp{,6}:
+    the server's side of each connection to a listener on this machine)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f, None)  # header
+            for row in f:
+                cols = row.split()
+                if len(cols) > 3 and cols[3] == "01" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                    count += 1
+    return count
+
+
 class OpenSSHServer:
     """One ``sshd -D -e -f <config>`` child process serving the current user on loopback."""
 
@@ -149,6 +163,10 @@ class OpenSSHServer:
                 pass
             time.sleep(0.05)
         return False
+
+    def connection_count(self) -> int:
+        """How many TCP connections to this server are established now."""
+        return established_connections(self.port)
 
     def stop(self) -> None:
         """Stop sshd and the sessions it forked (they share its process group)."""

@@ -78,3 +78,14 @@ def refresh_facts(self, job_id: str) -> str:
         return asyncio.run(refresh(run.store, settings_of(self), run))
 
     return run_job(self, job_id, body)
+
+
+@shared_task(name="evc.reconnect_device", **TASK_OPTIONS)
+def reconnect_device(self, job_id: str) -> str:
+    """Probe a device at its new connection details; they replace the old ones only if it answers."""
+    from evc.connections import reconnect
+
+    def body(run: JobRun) -> JSON:
+        return asyncio.run(reconnect(run.store, settings_of(self), run))
+
+    return run_job(self, job_id, body)

@@ -18,7 +18,9 @@ from evc.health import (
     Observation,
     assess,
     breaches,
+    cpus_of,
     parse_health,
+    verified,
     webhook_body,
 )
 from evc.settings import Settings
@@ -37,7 +39,7 @@ Filesystem     1024-blocks     Used Available Capacity Mounted on
 /dev/mmcblk0p1    30000000 20000000   5000000      80% /
 """
 
-POLICY = HealthPolicy(degraded_after=1, offline_after=3, recover_after=2, load_threshold=4.0)
+POLICY = HealthPolicy(degraded_after=1, offline_after=3, recover_after=2, load_per_cpu_threshold=4.0)
 OK = Observation(True, {"load1": 0.5, "mem_used_ratio": 0.3, "disk_used_ratio": 0.5})
 MISS = Observation.failed(SSHTimeout("no answer", device_id="dev_1"))
 
@@ -81,6 +83,26 @@ def test_breaches_name_each_threshold() -> None:
     over = breaches({"load1": 9.0, "mem_used_ratio": 0.99, "disk_used_ratio": 0.1, "temperature_c": 90}, POLICY)
     assert len(over) == 3 and over[0].startswith("load 9")
     assert breaches({"load1": None}, POLICY) == []
+
+
+def test_load_threshold_is_per_cpu() -> None:
+    p = HealthPolicy(load_per_cpu_threshold=2.0)
+    busy = {"load1": 6.0}
+    assert breaches(busy, p, cpus=4) == []  # 1.5 per CPU
+    assert breaches(busy, p, cpus=2) == ["load 6 on 2 CPUs > 2 per CPU"]  # 3 per CPU
+    assert breaches(busy, p) == ["load 6 on 1 CPU > 2 per CPU"]  # unknown count: one CPU
+    assert assess("online", None, Observation(True, busy), p, at=1.0, cpus=8).state == "online"
+    assert assess("online", None, Observation(True, busy), p, at=1.0, cpus=2).state == "degraded"
+
+
+def test_cpu_count_comes_from_the_facts() -> None:
+    assert cpus_of({"facts": {"cpus": 6}}) == 6
+    assert cpus_of({"facts": {"cpus": None}}) is None and cpus_of({}) is None
+    assert cpus_of({"facts": {"cpus": 0}}) is None and cpus_of({"facts": {"cpus": "4"}}) is None
+
+
+def test_load_threshold_setting_is_per_cpu() -> None:
+    assert HealthPolicy.from_settings(Settings(health_load_per_cpu_threshold=1.5)).load_per_cpu_threshold == 1.5
 
 
 def test_policy_from_settings() -> None:
@@ -186,3 +208,21 @@ def test_shutdown_stops_the_loop_and_a_later_call_starts_another() -> None:
     pooling.shutdown()
     assert not first.thread.is_alive()
     assert pooling.call(asyncio.sleep(0, result=3)) == 3 and pooling.process_loop() is not first
+
+
+# ---------------------------------------------------------------------- a verified probe (re-pin)
+def test_verified_probe_ends_the_misses_without_hysteresis() -> None:
+    gone = {"misses": 5, "ok_streak": 0, "error": {"reason": "host_key_mismatch"}, "load1": 0.3}
+    a = verified("offline", gone, at=7.0)
+    assert a.state == "online" and a.changed and a.health["misses"] == 0 and a.health["error"] is None
+    assert a.health["load1"] == 0.3 and a.health["checked_at"] == 7.0 and a.health["source"] == "probe"
+    # one miss after it counts from one: degraded, not offline again
+    assert assess(a.state, a.health, MISS, POLICY, at=8.0).state == "degraded"
+    assert assess("offline", gone, MISS, POLICY, at=8.0).state == "offline"  # without it
+
+
+def test_verified_probe_keeps_a_threshold_breach() -> None:
+    full = {"misses": 0, "breaches": ["disk 99% used > 95%"]}
+    assert verified("degraded", full, at=1.0).state == "degraded"
+    assert verified("degraded", {**full, "misses": 1}, at=1.0).state == "online"  # degraded by a miss
+    assert not verified("online", {"misses": 0}, at=1.0).changed

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
+import asyncssh
 import pytest
 
 from evc import auth, health
@@ -31,7 +32,7 @@ def hs(settings: Settings) -> Settings:
         health_offline_after=3,
         health_recover_after=2,
         health_timeout_s=1.0,
-        health_load_threshold=10_000.0,
+        health_load_per_cpu_threshold=10_000.0,
         ssh_backoff_s=0.05,
         ssh_backoff_max_s=0.1,
     )
@@ -121,6 +122,23 @@ def test_pool_reuses_connections_and_reconnects_after_restart(
     res = health.sweep(store, hs, ids, pool=pool)
     assert len(res.results) == 3 and not res.failures  # no missed check
     assert pool.stats().opened == 4 and pool.size() == 3
+
+
+def test_load_threshold_is_per_cpu_of_the_device(
+    store: Store, hs: Settings, pool: SSHPool, sim_devices: Any, register: Register
+) -> None:
+    """The simulated devices report this machine's real load average: judged per CPU of the
+    device's facts, a busy many-core device is online; the same load on one CPU is not."""
+    many, one = register(sim_devices(2))
+    store.update_device(many["id"], facts={"cpus": 100_000})
+    store.update_device(one["id"], facts={"cpus": 1})
+    per_cpu = hs.replace(health_load_per_cpu_threshold=0.01)
+    res = health.sweep(store, per_cpu, [many["id"], one["id"]], pool=pool)
+    assert res.states[many["id"]] == "online", res.results  # load < 1,000: < 0.01 per CPU
+    load = res.results[one["id"]]["load1"]
+    if load > 0.01:  # an idle machine's load can read 0.00
+        assert res.states[one["id"]] == "degraded"
+        assert store.get_device(one["id"])["health"]["breaches"] == [f"load {load:g} on 1 CPU > 0.01 per CPU"]
 
 
 def test_changed_record_reconnects(
@@ -423,3 +441,37 @@ def test_events_api_filters_and_pages(store: Store, api: Any) -> None:
     assert api.call("GET", "/api/v1/events", token=None)[0] == 401
     assert api.call("GET", "/api/v1/events?limit=0", token="read")[0] == 422
     assert api.call("POST", "/api/v1/health/sweep", token="read", json={})[0] == 403
+
+
+def test_repin_does_not_flap_the_device_back_to_offline(api, worker, hs, pool, simulator, sim_devices) -> None:  # type: ignore[no-untyped-def]
+    """After a successful re-pin the device is online with its misses over: one later miss
+    makes it degraded, not offline again; a device degraded for a threshold stays degraded."""
+    (sim,) = sim_devices(1)
+    body = {"name": f"{sim.name}-rp", "host": sim.host, "port": sim.port, "username": sim.username}
+    status, out = api.call("POST", "/api/v1/devices", json=body)
+    assert status == 202 and api.wait_job(out["job"]["id"])["state"] == "succeeded"
+    dev_id, store = out["device"]["id"], api.store
+    wrong = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().split()[:2]
+    store.update_device(dev_id, host_key=" ".join(wrong))  # as if the device was reinstalled
+    assert sweep_states(store, hs, pool, dev_id, 3) == ["degraded", "degraded", "offline"]
+
+    status, job = api.call("POST", f"/api/v1/devices/{dev_id}/host-key", json={})
+    assert status == 202 and api.wait_job(job["id"])["state"] == "succeeded"
+    rec = store.get_device(dev_id)
+    assert rec["state"] == "online" and rec["health"]["misses"] == 0 and rec["health"]["error"] is None
+    assert any(e.get("device") == dev_id and e.get("to") == "online" for e in store.fleet_events(50))
+    simulator.set_fault(sim.name, "down")
+    try:
+        assert sweep_states(store, hs, pool, dev_id, 1) == ["degraded"]  # one miss, not offline again
+    finally:
+        simulator.set_fault(sim.name, "ok")
+    deadline = time.monotonic() + 10
+    while sweep_states(store, hs, pool, dev_id, 1) != ["online"] and time.monotonic() < deadline:
+        time.sleep(0.1)  # the device listens again, the pool's backoff ends
+    assert store.get_device(dev_id)["state"] == "online"
+
+    full = hs.replace(health_disk_threshold=0.0)  # any used disk is too much: degraded
+    assert sweep_states(store, full, pool, dev_id, 1) == ["degraded"]
+    status, job = api.call("POST", f"/api/v1/devices/{dev_id}/host-key", json={"host_key": sim.host_key_public})
+    assert status == 202 and api.wait_job(job["id"])["state"] == "succeeded"
+    assert store.get_device(dev_id)["state"] == "degraded"  # kept: the disk is still full

@@ -527,5 +527,6 @@ def test_jump_host_through_real_openssh(store, settings, sshd, sim_devices) -> N
     other = register(store, sim, jump_host={**jump, "host_key": sim.host_key_public})  # wrong pin
     job, results = provision_now(store, settings, "facts", [other["id"]])
     assert results[other["id"]]["status"] == "unreachable", messages(results)
-    # the jump's own ssh refuses it; the device's connection then closes before the banner
-    assert "connection closed" in results[other["id"]]["message"].lower(), messages(results)
+    # the jump's own ssh refuses it; the result names the jump host and why
+    assert results[other["id"]]["reason"] == "jump_host_key_mismatch", messages(results)
+    assert f"jump host {sshd.username}@{sshd.host}:{sshd.port} changed" in results[other["id"]]["message"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -338,6 +339,8 @@ def run_spec(
                 )  # fmt: skip
                 for dev_id in pending:
                     res = host_result(outcome.hosts.get(dev_id), check, outcome)
+                    if res["status"] == "unreachable" and devices[dev_id].get("jump_host"):
+                        res.update(_jump_diagnosis(settings, devices[dev_id]))
                     res["attempts"] = attempts
                     record(dev_id, res)
                     hr = outcome.hosts.get(dev_id)
@@ -385,6 +388,15 @@ def step_runner(
         return results
 
     return run_step
+
+
+def _jump_diagnosis(settings: Settings, dev: JSON) -> JSON:
+    """Ansible says only "unreachable" when the ProxyJump hop fails: name the jump host and
+    the reason (e.g. jump_host_key_mismatch) when the hop is what failed."""
+    from evc import ssh
+
+    err = asyncio.run(ssh.check_jump_host(ssh.target_of(dev), settings))
+    return {"reason": err.reason, "message": err.message} if err is not None else {}
 
 
 def _sleep(seconds: float, run: JobRun) -> None:
