@@ -26,7 +26,7 @@ err_console = Console(stderr=True)
 class Ctx:
     def __init__(self, url: str | None, token: str | None, as_json: bool) -> None:
         self.settings = load_settings()
-        self.url = url or self.settings.api_url
+        self.url = url or self.settings.public_url or _running_api_url(self.settings.data_dir) or self.settings.api_url
         self.withheld = ""  # why the local admin token was not sent, if it was not
         if token is None:
             f = self.settings.data_dir / "admin-token"
@@ -60,6 +60,20 @@ DEVICE = Ref("device", _client_of)
 CLUSTER = Ref("cluster", _client_of)
 
 
+def _running_api_url(data_dir: Path) -> str | None:
+    """The API URL of the `evc up` running on *data_dir* (from its stack.json), if one runs."""
+    try:
+        state = json.loads((data_dir / "stack.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or not isinstance(state.get("pid"), int):
+        return None
+    if not Path(f"/proc/{state['pid']}").exists():
+        return None
+    url = state.get("api_url")
+    return url if isinstance(url, str) and url else None
+
+
 def _fail(exc: Exception) -> None:
     err_console.print(f"[red]error:[/red] {exc}")
     sys.exit(2)
@@ -82,7 +96,11 @@ class EVCGroup(click.Group):
 
 @click.group(cls=EVCGroup)
 @click.version_option(__version__, "--version", prog_name="evc", message="%(prog)s %(version)s")
-@click.option("--url", envvar="EVC_URL", help="EVC API URL (default: from settings, http://127.0.0.1:8080)")
+@click.option(
+    "--url",
+    envvar="EVC_URL",
+    help="EVC API URL (default: EVC_PUBLIC_URL, else the `evc up` running on the data directory, else EVC_API_BIND)",
+)
 @click.option("--token", envvar="EVC_TOKEN", help="bearer token (default: the local admin token)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable JSON output")
 @click.pass_context

@@ -35,9 +35,10 @@ def is_local_url(url: str) -> bool:
     if host.rstrip(".") == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host)
     except ValueError:
         return False
+    return ip.is_loopback or ip.is_unspecified  # connecting to 0.0.0.0 / :: reaches this machine
 
 
 class Client:

@@ -268,7 +268,8 @@ class Stack:
             self.redis = None
         if self.adopt_orphans:
             reaper.end_adopted(known=())
-        (self.settings.data_dir / STATE_FILE).unlink(missing_ok=True)
+        if read_state(self.settings.data_dir).get("pid") == os.getpid():  # ours, not another stack's
+            (self.settings.data_dir / STATE_FILE).unlink(missing_ok=True)
 
 
 def make_private(data_dir: Path) -> None:

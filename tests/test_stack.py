@@ -223,9 +223,18 @@ def test_up_is_private_stops_everything_restarts_the_fleet_and_dies_loudly(data_
         first = up.devices(2)
         assert all(d["state"] != "failed" for d in first), first
         check_private(up)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EVC_")}
+        listed = subprocess.run(  # the CLI finds the running stack from the data directory alone
+            [*EVC, "--json", "device", "list"],
+            env={**env, "EVC_DATA_DIR": str(data_dir)},
+            capture_output=True,
+            text=True,
+        )
+        assert listed.returncode == 0 and json.loads(listed.stdout)["total"] == 2, listed.stderr
         second = Up(data_dir, "--bind", "127.0.0.1:0")  # one stack per data directory
         assert second.exit_code(60) != 0
         assert f"another `evc up` (pid {up.proc.pid}) runs on" in re.sub(r"\s+", " ", second.output), second.output
+        assert up.state["pid"] == up.proc.pid  # and left the running stack's state alone
         start_detached(first[0], data_dir / "ssh" / "id_ed25519")
         deadline = time.monotonic() + 10
         while sum(f"sleep {MARK}" in c for c in cmdlines().values()) < 2:

@@ -72,11 +72,11 @@ def test_local_url() -> None:
     assert (
         is_local_url("http://[::1]:8080/x") and is_local_url("http://localhost:1") and is_local_url("http://LOCALHOST.")
     )
+    assert is_local_url("http://0.0.0.0:8080") and is_local_url("http://[::]:8080")  # both reach this machine
     for url in (
         "http://192.0.2.5:8080",
         "https://evc.example.com",
         "http://localhost.evil.example",
-        "http://[::]:1",
         "",
     ):
         assert not is_local_url(url), url
