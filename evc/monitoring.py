@@ -80,14 +80,29 @@ def exporter_source() -> Path:
     return Path(__file__).resolve().parent / "exporter"
 
 
-def bundle_bytes(source: Path | None = None) -> bytes:
-    """The zip application of the exporter package at *source* (pure; byte-identical for the same
-    sources: sorted entries, fixed timestamps and modes, stored uncompressed)."""
+def client_library_source() -> Path:
+    """The ``prometheus_client`` package directory of this EVC installation (pure Python)."""
+    import prometheus_client
+
+    return Path(prometheus_client.__file__).resolve().parent
+
+
+def bundle_bytes(source: Path | None = None, client_source: Path | None = None) -> bytes:
+    """The zip application of the exporter package at *source*, carrying the controller's own
+    ``prometheus_client`` (pure Python), so a device needs nothing but python3 — no download, no
+    OS package, whatever the account may install. Pure; byte-identical for the same sources:
+    sorted entries, fixed timestamps and modes, stored uncompressed."""
     src = source or exporter_source()
+    lib = client_source or client_library_source()
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
         entries = [("__main__.py", _BUNDLE_MAIN.encode())]
         entries += [(f"{BUNDLE_PACKAGE}/{p.name}", p.read_bytes()) for p in sorted(src.glob("*.py"))]
+        entries += [
+            (f"prometheus_client/{p.relative_to(lib).as_posix()}", p.read_bytes())
+            for p in sorted(lib.rglob("*.py"))
+            if "__pycache__" not in p.parts
+        ]
         for name, data in entries:
             info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
             info.external_attr = 0o644 << 16

@@ -115,6 +115,13 @@ def test_exporter_bundle_is_reproducible_and_runs_alone(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, check=True, cwd=tmp_path, env=env,
     )  # fmt: skip
     assert "evc_edge_exporter_build_info" in out.stdout and "evc_edge_load1" in out.stdout
+    # and with no site-packages at all: the bundle carries the controller's prometheus_client
+    assert "prometheus_client/__init__.py" in names
+    bare = subprocess.run(
+        [sys.executable, "-I", "-S", str(first), "--once", "--disable", "tegrastats", "--disable", "nvidia"],
+        capture_output=True, text=True, timeout=60, check=True, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert "evc_edge_load1" in bare.stdout
 
 
 # ------------------------------------------------------------------------------ endpoints

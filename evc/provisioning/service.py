@@ -227,6 +227,7 @@ def _internal_vars(settings: Settings) -> JSON:
         "evc_probe": PROBE,
         # EVC's edge exporter as one zip application, for the exporter playbook
         "evc_exporter_bundle": str(monitoring.exporter_bundle(settings.data_dir / "cache")),
+        "evc_exporter_bundle_client": True,  # the bundle carries prometheus_client
     }
 
 
