@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from evc.embedded import write_private
 from evc.errors import ConfigError
 from evc.settings import Settings, settings_env
 
@@ -37,20 +38,10 @@ class FlowerLaunch:
     url: str
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write *text* to *path*, readable by the owner only, never briefly wider."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def record_broker(settings: Settings) -> Path:
     """Note the stack's broker URL in the data directory (called by `evc up`)."""
     path = settings.data_dir / BROKER_FILE
-    _write_private(path, settings.redis_url + "\n")
+    write_private(path, settings.redis_url + "\n")
     return path
 
 
@@ -86,7 +77,7 @@ def credential(settings: Settings) -> tuple[str, str]:
     except FileNotFoundError:
         pass
     password = secrets.token_urlsafe(18)
-    _write_private(path, f"{FLOWER_USER}:{password}\n")
+    write_private(path, f"{FLOWER_USER}:{password}\n")
     return FLOWER_USER, password
 
 

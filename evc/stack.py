@@ -102,6 +102,7 @@ class Stack:
         store = Store.from_settings(s)
         store.ping()
         flower.record_broker(s)  # `evc flower` finds the running stack's broker here
+        flower.credential(s)  # and its basic-auth credential, there from the start
         token = ensure_admin_token(store, s)
         token_file = s.data_dir / "admin-token"
         self.admin_token = token or (token_file.read_text().strip() if token_file.exists() else "")
