@@ -47,7 +47,7 @@ def list_tokens(args: dict[str, Any]) -> Any:
     return page([auth.public_token(t) for t in items], total, args)
 
 
-@blp.route("/tokens/<token_id>", methods=["DELETE"])
+@blp.route("/tokens/<id:token_id>", methods=["DELETE"])
 @require("admin")
 @blp.response(200, TokenSchema)
 def revoke_token(token_id: str) -> Any:
@@ -83,7 +83,7 @@ def list_enrollments(args: dict[str, Any]) -> Any:
     return page([auth.public_token(e) for e in items], total, args)
 
 
-@blp.route("/enrollments/<enrollment_id>", methods=["DELETE"])
+@blp.route("/enrollments/<id:enrollment_id>", methods=["DELETE"])
 @require("admin")
 @blp.response(200, EnrollmentSchema)
 def revoke_enrollment(enrollment_id: str) -> Any:

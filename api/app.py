@@ -11,6 +11,7 @@ import redis
 from flask import Flask, g, jsonify, request
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import BaseConverter
 
 from evc import __version__
 from evc.api import docs_assets
@@ -58,6 +59,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     app.extensions["evc"] = {"settings": settings, "store": None, "celery": None}
     api = _Api(app)
+    app.url_map.converters["id"] = IdConverter
+    api.register_converter(IdConverter, lambda _: {"type": "string", "pattern": ID_PATTERN, "maxLength": 64})
     for mod in BLUEPRINTS:
         api.register_blueprint(importlib.import_module(mod).blp)
     app.register_blueprint(docs_assets.bp)
@@ -66,6 +69,17 @@ def create_app(settings: Settings | None = None) -> Flask:
     if settings.cors_origins:
         _cors(app, settings.cors_origins)
     return app
+
+
+#: what every record id looks like (``dev_0123abcd...``, ``job_...``); anything else in an
+#: ``<id:...>`` path segment (``:``, ``.``, ``/``...) is a 404 before any view or Redis key sees it
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+
+class IdConverter(BaseConverter):
+    """The ``id`` URL converter: a record id, or no match (404)."""
+
+    regex = ID_PATTERN[1:-1]
 
 
 class _Api(Api):

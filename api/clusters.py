@@ -116,7 +116,7 @@ def list_clusters(args: dict[str, Any]) -> Any:
     return page([clusters.public(store, c) for c in items], total, args)
 
 
-@blp.route("/clusters/<cluster_id>", methods=["GET"])
+@blp.route("/clusters/<id:cluster_id>", methods=["GET"])
 @require("read")
 @blp.response(200, ClusterSchema)
 def show(cluster_id: str) -> Any:
@@ -125,7 +125,7 @@ def show(cluster_id: str) -> Any:
     return clusters.public(store, store.get_cluster(cluster_id))
 
 
-@blp.route("/clusters/<cluster_id>", methods=["PATCH"])
+@blp.route("/clusters/<id:cluster_id>", methods=["PATCH"])
 @require("admin")
 @blp.arguments(ClusterUpdateSchema)
 @blp.response(200, ClusterSchema)
@@ -135,7 +135,7 @@ def update(data: dict[str, Any], cluster_id: str) -> Any:
     return clusters.public(store, clusters.update(store, cluster_id, data, settings=get_settings()))
 
 
-@blp.route("/clusters/<cluster_id>", methods=["DELETE"])
+@blp.route("/clusters/<id:cluster_id>", methods=["DELETE"])
 @require("admin")
 @blp.response(200, ClusterSchema)
 def delete(cluster_id: str) -> Any:
@@ -145,7 +145,7 @@ def delete(cluster_id: str) -> Any:
     return {**cl, "members": [], "size": 0, "states": {}}
 
 
-@blp.route("/clusters/<cluster_id>/devices", methods=["POST"])
+@blp.route("/clusters/<id:cluster_id>/devices", methods=["POST"])
 @require("admin")
 @blp.arguments(MemberSchema)
 @blp.response(202, MemberResultSchema)
@@ -156,7 +156,7 @@ def add_device(data: dict[str, Any], cluster_id: str) -> Any:
     return {"cluster": clusters.public(store, cl), "job": job}
 
 
-@blp.route("/clusters/<cluster_id>/devices/<device_id>", methods=["DELETE"])
+@blp.route("/clusters/<id:cluster_id>/devices/<id:device_id>", methods=["DELETE"])
 @require("admin")
 @blp.arguments(RemoveArgs, location="query")
 @blp.response(202, MemberResultSchema)
@@ -169,7 +169,7 @@ def remove_device(args: dict[str, Any], cluster_id: str, device_id: str) -> Any:
     return {"cluster": clusters.public(store, store.get_cluster(cluster_id)), "job": job}
 
 
-@blp.route("/clusters/<cluster_id>/level", methods=["POST"])
+@blp.route("/clusters/<id:cluster_id>/level", methods=["POST"])
 @require("admin")
 @blp.arguments(LevelSchema)
 @blp.response(202, JobSchema)

@@ -154,7 +154,7 @@ def heartbeat(data: dict[str, Any]) -> Any:
     return devices.public(health.record_heartbeat(get_store(), get_settings(), authenticate().id, data))
 
 
-@blp.route("/devices/<device_id>", methods=["GET"])
+@blp.route("/devices/<id:device_id>", methods=["GET"])
 @require("read")
 @blp.response(200, DeviceSchema)
 def show(device_id: str) -> Any:
@@ -162,7 +162,7 @@ def show(device_id: str) -> Any:
     return devices.public(get_store().get_device(device_id))
 
 
-@blp.route("/devices/<device_id>", methods=["PATCH"])
+@blp.route("/devices/<id:device_id>", methods=["PATCH"])
 @require("admin")
 @blp.arguments(DeviceUpdateSchema)
 @blp.response(200, DeviceUpdatedSchema)
@@ -184,7 +184,7 @@ def update(data: dict[str, Any], device_id: str) -> Any:
     return {**dev, "job": job}, 202
 
 
-@blp.route("/devices/<device_id>", methods=["DELETE"])
+@blp.route("/devices/<id:device_id>", methods=["DELETE"])
 @require("admin")
 @blp.response(200, DeviceSchema)
 def remove(device_id: str) -> Any:
@@ -192,7 +192,7 @@ def remove(device_id: str) -> Any:
     return devices.remove(get_store(), device_id)
 
 
-@blp.route("/devices/<device_id>/host-key", methods=["POST"])
+@blp.route("/devices/<id:device_id>/host-key", methods=["POST"])
 @require("admin")
 @blp.arguments(HostKeySchema)
 @blp.response(202, JobSchema)
@@ -210,7 +210,7 @@ def repin(data: dict[str, Any], device_id: str) -> Any:
     return _facts_job(store, device_id)
 
 
-@blp.route("/devices/<device_id>/facts", methods=["POST"])
+@blp.route("/devices/<id:device_id>/facts", methods=["POST"])
 @require("admin")
 @blp.response(202, JobSchema)
 def refresh(device_id: str) -> Any:

@@ -139,7 +139,7 @@ def list_jobs(args: dict[str, Any]) -> Any:
     return page(items, total, args)
 
 
-@blp.route("/jobs/<job_id>", methods=["GET"])
+@blp.route("/jobs/<id:job_id>", methods=["GET"])
 @require("read")
 @blp.response(200, FLJobSchema)
 def show(job_id: str) -> Any:
@@ -147,7 +147,7 @@ def show(job_id: str) -> Any:
     return service.view(get_store(), job_id)
 
 
-@blp.route("/jobs/<job_id>/stop", methods=["POST"])
+@blp.route("/jobs/<id:job_id>/stop", methods=["POST"])
 @require("admin")
 @blp.response(202, JobSchema)
 def stop(job_id: str) -> Any:
@@ -156,7 +156,7 @@ def stop(job_id: str) -> Any:
     return service.stop(get_store(), job_id, revoke=lambda tid: sender.control.revoke(tid))
 
 
-@blp.route("/jobs/<job_id>/resume", methods=["POST"])
+@blp.route("/jobs/<id:job_id>/resume", methods=["POST"])
 @require("admin")
 @blp.response(202, JobSchema)
 def resume(job_id: str) -> Any:
@@ -165,7 +165,7 @@ def resume(job_id: str) -> Any:
     return service.resume(get_store(), get_sender(), job_id)
 
 
-@blp.route("/jobs/<job_id>/model", methods=["GET"])
+@blp.route("/jobs/<id:job_id>/model", methods=["GET"])
 @require("read")
 @blp.arguments(ModelArgs, location="query")
 @blp.doc(

@@ -50,7 +50,7 @@ def list_jobs(args: dict[str, Any]) -> Any:
     return page(items, total, args)
 
 
-@blp.route("/jobs/<job_id>", methods=["GET"])
+@blp.route("/jobs/<id:job_id>", methods=["GET"])
 @require("read")
 @blp.response(200, JobSchema)
 def show(job_id: str) -> Any:
@@ -59,7 +59,7 @@ def show(job_id: str) -> Any:
     return jobs.public(store.get_job(job_id), store)
 
 
-@blp.route("/jobs/<job_id>/events", methods=["GET"])
+@blp.route("/jobs/<id:job_id>/events", methods=["GET"])
 @require("read")
 @blp.arguments(EventArgs, location="query")
 @blp.response(200, EventPageSchema)
@@ -73,7 +73,7 @@ def events(args: dict[str, Any], job_id: str) -> Any:
     return {"items": items, "next_after": items[-1]["seq"] if items else args["after"], "state": state}
 
 
-@blp.route("/jobs/<job_id>/cancel", methods=["POST"])
+@blp.route("/jobs/<id:job_id>/cancel", methods=["POST"])
 @require("admin")
 @blp.response(202, JobSchema)
 def cancel(job_id: str) -> Any:

@@ -131,7 +131,7 @@ def provision(data: dict[str, Any]) -> Any:
     return _submit(data)
 
 
-@blp.route("/devices/<device_id>/provision", methods=["POST"])
+@blp.route("/devices/<id:device_id>/provision", methods=["POST"])
 @require("admin")
 @blp.arguments(RunOptionsSchema)
 @blp.response(202, JobSchema)
@@ -140,7 +140,7 @@ def provision_device(data: dict[str, Any], device_id: str) -> Any:
     return _submit({**data, "targets": [device_id]})
 
 
-@blp.route("/jobs/<job_id>/retry", methods=["POST"])
+@blp.route("/jobs/<id:job_id>/retry", methods=["POST"])
 @require("admin")
 @blp.arguments(RetrySchema, required=False)
 @blp.response(202, JobSchema)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
@@ -18,7 +19,7 @@ LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?$
 HOST_KEY_RE = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]{16,2048}$")
 
 
-def validate_host(value: str) -> None:
+def _check_host(value: str) -> None:
     try:
         ipaddress.ip_address(value)
         return
@@ -28,14 +29,15 @@ def validate_host(value: str) -> None:
         raise ValidationError("must be a host name (RFC 1123) or an IP address")
 
 
-def validate_name(value: str) -> None:
-    if not NAME_RE.match(value):
-        raise ValidationError("1-63 characters: letters, digits, '.', '_' or '-', starting with a letter or digit")
-
-
-def validate_user(value: str) -> None:
-    if not POSIX_USER_RE.match(value):
-        raise ValidationError("must be a POSIX user name: lower-case letters, digits, '_', '-', '.', at most 32")
+# validators that are also documented: the OpenAPI schema carries their pattern and length;
+#: a host name (RFC 1123) or an IP address, documented as a string of at most 253 characters
+validate_host: list[Callable[[Any], Any]] = [validate.Length(min=1, max=253), _check_host]
+validate_name = validate.Regexp(
+    NAME_RE, error="1-63 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"
+)
+validate_user = validate.Regexp(
+    POSIX_USER_RE, error="must be a POSIX user name: lower-case letters, digits, '_', '-', '.', at most 32"
+)
 
 
 def validate_labels(value: dict[str, str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -84,6 +85,11 @@ return 0
 """
 
 
+#: what a record id looks like (see :func:`new_id`); anything else (``job_x:events`` would name
+#: another key) is simply not found
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(8)}"
 
@@ -133,13 +139,13 @@ class Store:
         pipe.execute()
 
     def _get(self, kind: str, rec_id: str) -> JSON:
-        raw = self.r.hgetall(self.k(kind, rec_id))
+        raw = self.r.hgetall(self.k(kind, rec_id)) if ID_RE.match(rec_id) else None
         if not raw:
             raise NotFound(f"{kind} {rec_id} not found", id=rec_id)
         return _load(raw)
 
     def _get_many(self, kind: str, ids: Iterable[str]) -> list[JSON]:
-        ids = list(ids)
+        ids = [i for i in ids if ID_RE.match(i)]
         pipe = self.r.pipeline(transaction=False)
         for i in ids:
             pipe.hgetall(self.k(kind, i))
@@ -147,7 +153,7 @@ class Store:
 
     def _update(self, kind: str, rec_id: str, changes: JSON) -> JSON:
         key = self.k(kind, rec_id)
-        if not self.r.exists(key):
+        if not ID_RE.match(rec_id) or not self.r.exists(key):
             raise NotFound(f"{kind} {rec_id} not found", id=rec_id)
         if changes:
             self.r.hset(key, mapping=_dump(changes))

@@ -367,3 +367,33 @@ def test_idempotency_key_is_scoped_to_caller_endpoint_and_body(private: Client) 
     status, body = private.call("POST", "/api/v1/devices", json={**dev, "name": "idem-dev2"}, headers=key)
     assert status == 409 and "Idempotency-Key" in body["message"], body
     assert private.call("POST", "/api/v1/jobs", json={"kind": "noop"}, headers={"Idempotency-Key": "x" * 300})[0] == 422
+
+
+# ---------------------------------------------------------------------- 15: ids in paths
+def test_ids_outside_the_id_alphabet_are_4xx_on_every_id_route(private: Client) -> None:
+    """``job_x:events`` would name a list in Redis (a WRONGTYPE 500 before): every route with an
+    id answers 4xx for ids with ':' and other characters, and the OpenAPI schema says so."""
+    status, job = private.call("POST", "/api/v1/jobs", json={"kind": "noop"})
+    status, cl = private.call("POST", "/api/v1/clusters", json={"name": "ids", "profile": "direct"})
+    assert status == 201
+    hostile = [f"{job['id']}:events", f"{job['id']}:results", f"{cl['id']}:members", "a:b", "..", "a.b", "x" * 65]
+    rules = [r for r in private.app.url_map.iter_rules() if "id" in str(r.rule) and "<id:" in r.rule]
+    assert len(rules) >= 15
+    for rule in rules:
+        for bad in hostile:
+            path = rule.rule
+            for arg in rule.arguments:
+                path = path.replace(f"<id:{arg}>", bad)
+            for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+                status, body = private.call(method, path, json={})
+                assert 400 <= status < 500 and body["message"], (method, path, status, body)
+    # ids in bodies and stores' own lookups: not found, never a 500
+    status, body = private.call("POST", f"/api/v1/clusters/{cl['id']}/devices", json={"device_id": "d:x"})
+    assert 400 <= status < 500, body
+    status, body = private.call("POST", "/api/v1/provision", json={"playbook": "facts", "targets": [f"{job['id']}:x"]})
+    assert 400 <= status < 500, body
+    spec = private.call("GET", "/api/v1/openapi.json")[1]
+    for path, ops in spec["paths"].items():
+        for param in ops.get("parameters", []):
+            if param["in"] == "path" and param["name"].endswith("_id"):
+                assert param["schema"]["pattern"] and param["schema"]["maxLength"] == 64, (path, param)
