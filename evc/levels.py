@@ -33,9 +33,12 @@ def fl_python(cluster: Mapping[str, Any], provisioned: bool | None = None) -> st
         return str(chosen)
     if provisioned is None:
         provisioned = int(cluster.get("target_level") or 0) >= 1
-    if not provisioned:
-        return "python3"
-    venv = (cluster_vars.get("devenv") or {}).get("venv")
+    return provisioned_python(cluster) if provisioned else "python3"
+
+
+def provisioned_python(cluster: Mapping[str, Any]) -> str:
+    """The python of the virtual environment L1's devenv makes for the cluster's members."""
+    venv = ((cluster.get("vars") or {}).get("devenv") or {}).get("venv")
     if not venv:
         steps = profiles.get(cluster["profile"]).steps(1)
         venv = next((s.vars.get("venv") for s in steps if s.playbook == "devenv" and s.vars.get("venv")), DEVENV_VENV)
@@ -50,6 +53,8 @@ def cluster_vars(store: Store, settings: Settings, cluster: JSON, playbook: str,
     out: JSON = {**step_vars, **box.open_fields((cluster.get("vars") or {}).get(playbook) or {})}
     if playbook == "fl-client":  # L4 runs the client with L1's python (numpy) unless told otherwise
         out.setdefault("python", fl_python(cluster, provisioned=True))
+    if playbook == "exporter" and out.get("mode") != "container":  # L2 (host): L1's prometheus_client
+        out.setdefault("python", provisioned_python(cluster))
     if playbook in ("k3s-server", "k3s-agent"):
         token = cluster.get("join_token")
         if not token:

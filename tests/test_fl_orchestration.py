@@ -243,13 +243,20 @@ def test_selection_gates_waiting_and_recovery_without_a_broker(store: Store, set
     job, ids = _fl_job(store, settings, 3, min_available_clients=2, round_timeout=30)
     store.update_device(ids[0], state="degraded")
     store.update_device(ids[1], state="offline")
+    store.update_device(ids[2], state="offline")
     rec = _Recorder()
     rounds = Rounds(store, settings, rec)
-    assert rounds.start(job["id"]) == "waiting"  # one device can train, the job needs two
+    assert rounds.start(job["id"]) == "waiting"  # only the degraded device can train, the job needs two
     assert rec.calls == [("start_round", 1)] and store.fl_state(job["id"])["phase"] == "waiting"
 
-    store.update_device(ids[1], state="online")  # a device comes back; the degraded one sits out
+    store.update_device(ids[1], state="online")  # one comes back: the degraded one makes up the number
+    store.update_device(ids[2], state="offline")
     assert rounds.start_round(job["id"], 1) == "started"
+    assert store.fl_state(job["id"])["selected"] == ids[:2]
+    first = ids
+    job, ids = _fl_job(store, settings, 3, min_available_clients=2, round_timeout=30)
+    store.update_device(ids[0], state="degraded")
+    assert rounds.start(job["id"]) == "started"  # two healthy devices: the degraded one sits out
     assert rounds.start_round(job["id"], 1) == "not due"  # a duplicate start is a no-op
     st = store.fl_state(job["id"])
     assert st["selected"] == ids[1:] and st["skipped"] == {ids[0]: "the device is degraded"}
@@ -273,7 +280,7 @@ def test_selection_gates_waiting_and_recovery_without_a_broker(store: Store, set
     assert failed["state"] == "failed" and "needs at least 2 available" in failed["error"]["message"]
     assert failed["error"]["details"]["unavailable"] == {ids2[0]: "the device is offline"}
     assert job2["id"] not in store.fl_active_jobs()
-    for d in ids + ids2:
+    for d in first + ids + ids2:
         store.delete_device(d)
 
 

@@ -6,6 +6,7 @@ a job no device can train fails at once with each device's reason."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import shutil
 import subprocess
@@ -28,8 +29,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def numpy_wheels() -> Iterator[Path]:
-    """A directory with a numpy wheel for the devices' python3 (pip's configured indexes), so
-    L1's devenv installs numpy without reaching the internet. World-readable: the simulated
+    """A directory with the wheels L1's devenv installs (numpy, prometheus-client) for the
+    devices' python3, from pip's configured indexes, so L1 needs no internet. World-readable: the simulated
     devices' accounts are other users."""
     directory = Path(tempfile.mkdtemp(prefix="evc-wheels-"))
     directory.chmod(0o755)
@@ -47,11 +48,12 @@ def _download_numpy(directory: Path) -> Path:
         pytest.skip("no /usr/bin/python3 for the simulated devices")
     res = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-         "--python-version", version, "-d", str(directory), f"numpy=={np.__version__}"],
+         "--python-version", version, "-d", str(directory), f"numpy=={np.__version__}",
+         f"prometheus-client=={importlib.metadata.version('prometheus-client')}"],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     if res.returncode != 0:
-        pytest.skip(f"no numpy wheel to give the devices: {res.stderr[-300:]}")
+        pytest.skip(f"no wheels to give the devices: {res.stderr[-300:]}")
     for f in directory.iterdir():
         f.chmod(0o644)
     return directory

@@ -133,6 +133,10 @@ def eligibility(device: Mapping[str, Any]) -> str | None:
     return None
 
 
+#: :func:`eligibility`'s reason for a degraded device (it may still make up a round's numbers)
+DEGRADED = "the device is degraded"
+
+
 @dataclass(frozen=True)
 class FLSpec:
     """An FL job's parameters as stored on the job (validated when it was submitted)."""
@@ -277,6 +281,12 @@ class Rounds:
             reason = eligibility(dev)
             if reason:
                 skipped[dev_id] = reason
+        strategy = spec.make_strategy()
+        # health-aware: degraded devices sit out while enough healthy ones can train; when too
+        # few can, degraded ones (slow, not broken) make up the number, in job order
+        short = strategy.plan.min_available_clients - sum(1 for d in spec.devices if d not in skipped)
+        for dev_id in [d for d in spec.devices if skipped.get(d) == DEGRADED][: max(0, short)]:
+            del skipped[dev_id]
         available = [d for d in spec.devices if d not in skipped]
         if not available and st.get("first_round") == round:
             # nothing to wait for at the start: fail now, saying why for each device
@@ -285,7 +295,6 @@ class Rounds:
                 round=round, unavailable=skipped,
             ))  # fmt: skip
             return "failed"
-        strategy = spec.make_strategy()
         try:
             plan = strategy.configure_fit(round, available, client_index=spec.client_index)
         except PreconditionFailed as exc:
