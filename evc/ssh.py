@@ -136,7 +136,7 @@ async def _open(target: Target, settings: Settings, tunnel: Any = None, **kw: An
     return await asyncio.wait_for(
         asyncssh.connect(
             target.host, target.port, username=target.username, client_keys=[str(settings.key_path)],
-            known_hosts=_trust(target.host_key), agent_path=None, tunnel=tunnel or (),
+            known_hosts=_trust(target.host_key), agent_path=None, tunnel=tunnel,
             keepalive_interval=30, encryption_algs=_ciphers(settings), **kw,
         ),
         settings.ssh_connect_timeout_s,
