@@ -118,7 +118,8 @@ class JobSchema(Schema):
     started_at = fields.Float(allow_none=True)
     finished_at = fields.Float(allow_none=True)
     cancel_requested = fields.Boolean()
-    attempt = fields.Integer()
+    attempt = fields.Integer(metadata={"description": "executions started so far (each a new fencing number)"})
+    lost = fields.Integer(metadata={"description": "how often the worker running it was lost"})
     retry_of = fields.String(allow_none=True)
 
 
