@@ -143,7 +143,7 @@ class JobCreateSchema(StrictSchema):
 
 
 class EventArgs(StrictSchema):
-    after = fields.Integer(load_default=0, validate=validate.Range(min=0))
+    after = fields.Integer(load_default=0, validate=validate.Range(min=0, max=10_000_000))
     limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
 
 
