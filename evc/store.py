@@ -728,9 +728,44 @@ class Store:
                 return found
             start += 1000
 
+    def index_old_jobs(self, batch: int = 1000) -> int:
+        """Add jobs stored before the state/target/finished indexes existed to them (once: a
+        marker key records that it ran). Returns how many jobs were read."""
+        marker = self.k("index-version", "jobs")
+        if self.r.exists(marker):
+            return 0
+        seen, start = 0, 0
+        names = ["id", "kind", "state", "targets", "created_at", "finished_at"]
+        while True:
+            ids = [i.decode() for i in self.r.zrange(self.k("jobs"), start, start + batch - 1)]
+            if not ids:
+                break
+            pipe = self.r.pipeline(transaction=False)
+            for i in ids:
+                pipe.hmget(self.k("job", i), names)
+            rows = pipe.execute()
+            pipe = self.r.pipeline(transaction=False)
+            for values in rows:
+                if values[0] is None:
+                    continue
+                rec = {n: json.loads(v) for n, v in zip(names, values, strict=True) if v is not None}
+                jid, score = rec["id"], float(rec.get("created_at") or 0)
+                pipe.zadd(self.k("jobs-state", rec["state"]), {jid: score})
+                pipe.zadd(self.k("jobs-ks", rec["kind"], rec["state"]), {jid: score})
+                for t in rec.get("targets") or []:
+                    pipe.zadd(self.k("jobs-target", t), {jid: score})
+                if rec["state"] in TERMINAL_STATES:
+                    pipe.zadd(self.k("jobs-finished"), {jid: float(rec.get("finished_at") or score) * 1000})
+            pipe.execute()
+            seen += len(ids)
+            start += batch
+        self.r.set(marker, json.dumps(now()))
+        return seen
+
     def prune_jobs(self, older_than_s: float, batch: int = 500) -> int:
         """Delete jobs finished more than *older_than_s* ago (on Redis's clock) with their
         events, results, FL records and index entries. Returns how many went."""
+        self.index_old_jobs()
         sec, usec = self.r.time()
         cutoff = (int(sec) - older_than_s) * 1000 + int(usec) // 1000
         deleted = 0

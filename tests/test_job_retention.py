@@ -111,3 +111,15 @@ def test_retention_deletes_finished_jobs_with_what_they_own(kept) -> None:
     schedule = make_celery(s, include_tasks=False).conf.beat_schedule
     assert schedule["prune-jobs"]["task"] == "evc.prune_jobs"
     assert s.job_retention_s == 7 * 86400
+
+
+def test_jobs_stored_before_the_indexes_are_indexed_then_pruned(kept) -> None:
+    _, store = kept
+    old = _make(store, "provision", "succeeded", ["dev_z"])
+    for key in store.r.scan_iter(f"{store.prefix}:jobs-*"):  # as an older EVC left them
+        store.r.delete(key)
+    assert store.list_jobs(0, 10, state="succeeded") == ([], 0)
+    assert jobs.prune(store, 3600.0) == 0  # indexes them first; not old enough yet
+    items, total = store.list_jobs(0, 10, target="dev_z", state="succeeded")
+    assert [j["id"] for j in items] == [old] and total == 1
+    assert jobs.prune(store, 0.0) == 1
