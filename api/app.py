@@ -15,7 +15,7 @@ from werkzeug.routing import BaseConverter
 
 from evc import __version__
 from evc.api import docs_assets
-from evc.errors import EVCError
+from evc.errors import EVCError, StoreUnavailable
 from evc.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,11 @@ def _errors(app: Flask) -> None:
         if exc.status == 429 and exc.details.get("retry_after"):
             resp.headers["Retry-After"] = str(exc.details["retry_after"])
         return resp
+
+    @app.errorhandler(redis.RedisError)
+    def store_error(exc: redis.RedisError) -> Any:
+        log.error("Redis error on %s %s: %s", request.method, request.path, exc)
+        return evc_error(StoreUnavailable("EVC's store (Redis) is unavailable; nothing was done, retry later"))
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Any:

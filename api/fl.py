@@ -134,8 +134,9 @@ def submit(data: dict[str, Any]) -> Any:
 @blp.response(200, JobPageSchema)
 def list_jobs(args: dict[str, Any]) -> Any:
     """FL jobs, newest first."""
-    match = jobs.matcher(args.get("state"), args.get("target"))
-    items, total = get_store().list_jobs(args["offset"], args["limit"], kind="fl", match=match)
+    items, total = get_store().list_jobs(
+        args["offset"], args["limit"], kind="fl", state=args.get("state"), target=args.get("target")
+    )
     return page(items, total, args)
 
 

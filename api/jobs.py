@@ -45,8 +45,9 @@ def submit(data: dict[str, Any]) -> Any:
 @blp.response(200, JobPageSchema)
 def list_jobs(args: dict[str, Any]) -> Any:
     """Jobs, newest first; filter by kind, state and target device."""
-    match = jobs.matcher(args.get("state"), args.get("target"))
-    items, total = get_store().list_jobs(args["offset"], args["limit"], kind=args.get("kind"), match=match)
+    items, total = get_store().list_jobs(
+        args["offset"], args["limit"], kind=args.get("kind"), state=args.get("state"), target=args.get("target")
+    )
     return page(items, total, args)
 
 

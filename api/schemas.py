@@ -122,7 +122,8 @@ class JobSchema(Schema):
     started_at = fields.Float(allow_none=True)
     finished_at = fields.Float(allow_none=True)
     cancel_requested = fields.Boolean()
-    attempt = fields.Integer()
+    attempt = fields.Integer(metadata={"description": "executions started so far (each a new fencing number)"})
+    lost = fields.Integer(metadata={"description": "how often the worker running it was lost"})
     retry_of = fields.String(allow_none=True)
 
 
@@ -146,7 +147,7 @@ class JobCreateSchema(StrictSchema):
 
 
 class EventArgs(StrictSchema):
-    after = fields.Integer(load_default=0, validate=validate.Range(min=0))
+    after = fields.Integer(load_default=0, validate=validate.Range(min=0, max=10_000_000))
     limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
 
 

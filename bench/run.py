@@ -60,6 +60,7 @@ BENCHMARKS = [
     Bench("fl_evc", ("--rounds", "5"), 1800),
     Bench("fl_reference", ("--rounds", "5"), 900),
     Bench("sim_scale", ("--devices", "20", "--warm-runs", "2"), 2400),
+    Bench("job_listing", ("--jobs", "5000", "--requests", "50"), 900),
 ]
 
 

@@ -88,6 +88,14 @@ class ComponentDied(EVCError):
     code = "component_died"
 
 
+class StaleAttempt(EVCError):
+    """This execution of a job is no longer its current attempt (its lease expired and another
+    took over): its writes are refused and it stops quietly at its next check point."""
+
+    status = 409
+    code = "stale_attempt"
+
+
 # --- device / SSH errors: each carries a reason a person can act on -------------------------
 
 
@@ -160,4 +168,4 @@ class BatchFailed(EVCError):
 
 
 #: errors a Celery task may retry with backoff; everything else fails the job at once
-TRANSIENT_ERRORS: tuple[type[DeviceError], ...] = (Unreachable, SSHTimeout, ConnectionDropped)
+TRANSIENT_ERRORS: tuple[type[EVCError], ...] = (Unreachable, SSHTimeout, ConnectionDropped, StoreUnavailable)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from evc.errors import Conflict, EVCError, JobCancelled, NotFound, ValidationError
+from evc.errors import Conflict, EVCError, JobCancelled, NotFound, StaleAttempt, ValidationError
 from evc.store import JOB_STATES, JSON, TERMINAL_STATES, Store, new_id, now
 
 log = logging.getLogger(__name__)
@@ -76,6 +75,9 @@ def new_job(
         "finished_at": None,
         "cancel_requested": False,
         "attempt": 0,
+        "lost": 0,
+        "queued_at": None,
+        "not_before": None,
     }
 
 
@@ -97,6 +99,9 @@ def submit(
     message are written in one MULTI/EXEC — the worker can never see the message without the job
     — or queued on *pipe*, the caller's unit of work."""
     job = new_job(kind, params=params, targets=targets, created_by=created_by)
+    job["queued_at"] = job["created_at"]
+    if countdown:
+        job["not_before"] = job["created_at"] + countdown
     if idempotency_key:
         idempotency_key = f"{created_by}:{idempotency_key}"
     publisher = getattr(sender, "evc_publisher", None)
@@ -136,45 +141,57 @@ def _record_finished(kind: str, state: str, duration_s: float | None) -> None:
     metrics.record_job_finished(kind, state, duration_s)
 
 
-def requeue_lost(store: Store, sender: Sender, job_id: str, max_attempts: int) -> str:
-    """A job whose worker died mid-run goes back to the queue (a new attempt, a new task id),
-    or fails when it has used its attempts. Job bodies are idempotent, keyed by job id."""
-    store.release_lease(job_id)
-    job = store.get_job(job_id)
-    attempt = int(job.get("attempt") or 0) + 1
-    if attempt >= max_attempts:
-        if store.transition_job(
-            job_id,
-            "failed",
-            ["running"],
-            finished_at=now(),
-            error={"code": "worker_lost", "message": f"the worker running this job died {attempt} times; giving up"},
-        ):
-            store.add_event(job_id, {"type": "job", "state": "failed", "message": "worker lost; attempts used up"})
-        return "failed"
-    if not store.transition_job(job_id, "queued", ["running"], attempt=attempt):
-        return "skipped"
-    store.add_event(
-        job_id,
-        {
-            "type": "job",
-            "state": "queued",
-            "message": f"the worker running this job was lost; re-queued (attempt {attempt + 1})",
-        },
-    )
-    enqueue(store, sender, {**job, "attempt": attempt})
-    return "requeued"
+def requeue_lost(store: Store, sender: Sender, job_id: str, max_lost: int) -> str:
+    """A job whose lease expired (on Redis's clock: its worker died or stalled) goes back to
+    the queue, its lost count up by one, or fails with "worker lost N times" once that count
+    reaches *max_lost*. Its stale attempt's writes are refused from now on."""
+    what, attempt, lost = store.requeue_lost_job(job_id, max_lost)
+    if what == "requeued":
+        enqueue(store, sender, {**store.get_job(job_id), "attempt": attempt})
+    if what == "failed":
+        job = store.get_job(job_id)
+        _record_finished(job["kind"], "failed", None)
+        remove_temp_files(job_id)
+    return what
 
 
-def matcher(state: str | None = None, target: str | None = None) -> Callable[[JSON], bool] | None:
-    """A job filter for listings: by state and/or target device (None when there is none)."""
-    if not (state or target):
-        return None
+def republish_missing(store: Store, sender: Sender, after_s: float) -> int:
+    """Re-publish the task of each job queued for more than *after_s* whose message is not in
+    its broker queue (lost in a Redis crash after the caller was answered). The task id is the
+    job's, so a message that turns up after all only delivers a duplicate that the job's start
+    skips. Returns how many were re-published."""
+    waiting = store.waiting_jobs(after_s)
+    present: dict[str, set[str] | None] = {}
+    republished = 0
+    for job in waiting:
+        kind = JOB_KINDS.get(str(job.get("kind")))
+        if kind is None:
+            continue
+        queue = kind.queue
+        if queue not in present:
+            present[queue] = store.jobs_in_queue(queue)
+        held = present[queue]
+        if held is None or job["id"] in held:
+            continue
+        store.update_job(job["id"], queued_at=now())
+        why = "its task message was missing from the broker; re-published"
+        store.add_event(job["id"], {"type": "job", "state": "queued", "message": why})
+        enqueue(store, sender, job)
+        republished += 1
+    return republished
 
-    def match(j: JSON) -> bool:
-        return (not state or j["state"] == state) and (not target or target in j.get("targets", []))
 
-    return match
+def prune(store: Store, retention_s: float) -> int:
+    """Delete jobs finished longer than *retention_s* ago; returns how many."""
+    return store.prune_jobs(retention_s)
+
+
+def remove_temp_files(job_id: str) -> int:
+    """Remove what a killed execution of *job_id* left in this host's temp dir (its private
+    inventories and ansible-runner data, named after the job). Returns how many went."""
+    from evc.provisioning.inventory import remove_job_dirs
+
+    return remove_job_dirs(job_id)
 
 
 def public(job: JSON, store: Store | None = None, with_results: bool = True) -> JSON:
@@ -212,16 +229,27 @@ class Partial:
 
 @dataclass
 class JobRun:
-    """The handle a task body reports through: state, progress, events, per-target results."""
+    """The handle a task body reports through: state, progress, events, per-target results.
+
+    A run begun with :meth:`begin` is one attempt of the job: its writes are fenced (refused
+    with :class:`~evc.errors.StaleAttempt` once another attempt took the job over or its lease
+    expired); one built directly (``attempt`` None) writes unfenced."""
 
     store: Store
     job: JSON
     done: int = 0
+    attempt: int | None = None
     _buffer: list[JSON] = field(default_factory=list)
+    stale: bool = False
 
     @property
     def id(self) -> str:
         return str(self.job["id"])
+
+    @property
+    def owner(self) -> str:
+        """Who holds this run's locks: (job, attempt)."""
+        return self.id if self.attempt is None else f"{self.id}:{self.attempt}"
 
     @property
     def params(self) -> JSON:
@@ -229,25 +257,51 @@ class JobRun:
 
     @classmethod
     def start(cls, store: Store, job_id: str) -> JobRun | None:
-        """Mark the job running; None when it is already final (a redelivery or a cancel)."""
+        """Mark the job running, unfenced (FL jobs: their rounds run in many tasks); None when
+        it is already final (a redelivery or a cancel)."""
         if not store.transition_job(job_id, "running", ["queued", "running"], started_at=now()):
             return None
         job = store.get_job(job_id)
         run = cls(store, job, done=int(job.get("progress", {}).get("done", 0)))
         return run
 
+    @classmethod
+    def begin(cls, store: Store, job_id: str, lease_s: float, max_lost: int) -> tuple[str, JobRun | None]:
+        """Start a new attempt of the job, with a lease it owns: ``("started", run)``, or
+        ``(why not, None)`` — ``busy`` (a live attempt runs it), ``final``, ``lost`` (its
+        workers were lost *max_lost* times: it is failed now)."""
+        what, attempt, _lost = store.start_job(job_id, lease_s, max_lost)
+        if what != "started":
+            if what == "lost":
+                job = store.get_job(job_id)
+                _record_finished(job["kind"], "failed", None)
+            return what, None
+        job = store.get_job(job_id)
+        return what, cls(store, job, done=int(job.get("progress", {}).get("done", 0)), attempt=attempt)
+
     def cancelled(self) -> bool:
-        return self.store.get_job(self.id).get("cancel_requested", False) is True
+        """A cancel was asked for — or this attempt is stale, which must stop just the same."""
+        job = self.store.get_job(self.id)
+        if self.attempt is not None and (job.get("attempt") != self.attempt or job.get("state") != "running"):
+            self.stale = True
+        return self.stale or job.get("cancel_requested", False) is True
 
     def check_cancel(self) -> None:
         if self.cancelled():
+            self.check_stale()
             raise JobCancelled("cancelled by request")
 
+    def check_stale(self) -> None:
+        """Raise :class:`~evc.errors.StaleAttempt` when another attempt runs the job now."""
+        if self.stale:
+            raise StaleAttempt(f"attempt {self.attempt} of job {self.id} no longer runs it", job_id=self.id)
+
     def event(self, message: str = "", **fields: Any) -> int:
-        return self.store.add_event(self.id, {"type": fields.pop("type", "log"), "message": message, **fields})
+        event = {"type": fields.pop("type", "log"), "message": message, **fields}
+        return self.store.add_event(self.id, event, fence=self.attempt)
 
     def events(self, events: list[JSON]) -> int:
-        return self.store.add_events(self.id, events)
+        return self.store.add_events(self.id, events, fence=self.attempt)
 
     def progress(self, done: int | None = None, total: int | None = None, **extra: Any) -> None:
         if done is not None:
@@ -256,14 +310,27 @@ class JobRun:
         percent = min(100.0, round(100.0 * self.done / max(total, 1), 1))
         prog = {"done": min(self.done, total), "total": total, "percent": percent, **extra}
         self.job["progress"] = prog
-        self.store.update_job(self.id, progress=prog)
+        self.store.update_job(self.id, fence=self.attempt, progress=prog)
 
     def result(self, target: str, result: JSON, count: bool = True) -> None:
         """Record *target*'s result; it counts towards progress once, however often a retry or a
         redelivery records it again (the latest result wins)."""
-        first = self.store.set_result(self.id, target, result)
+        first = self.store.set_result(self.id, target, result, fence=self.attempt)
         if count and first:
             self.progress(self.done + 1)
+
+    def once(self, effect: str) -> bool:
+        """Claim the one-time *effect* of this job (for this attempt only while it is current):
+        True the first time any attempt claims it, False after."""
+        return self.store.claim_job_effect(self.id, effect, self.attempt)
+
+    def requeue(self, delay_s: float, message: str, **fields: Any) -> None:
+        """Hand the job back to the queue for a retry in *delay_s* (this attempt ends)."""
+        t = now()
+        self.store.transition_job(
+            self.id, "queued", ["running"], fence=self.attempt, queued_at=t, not_before=t + delay_s,
+            event={"type": "retry", "message": message, **fields},
+        )  # fmt: skip
 
     def succeed(self, summary: JSON | None = None, message: str = "succeeded") -> bool:
         return self._finish("succeeded", summary=summary or {}, message=message)
@@ -281,9 +348,11 @@ class JobRun:
 
     def _finish(self, state: str, message: str, **changes: Any) -> bool:
         finished = now()
-        ok = self.store.transition_job(self.id, state, ["queued", "running"], finished_at=finished, **changes)
+        ok = self.store.transition_job(
+            self.id, state, ["queued", "running"], fence=self.attempt, finished_at=finished,
+            event={"type": "job", "state": state, "message": message}, **changes,
+        )  # fmt: skip
         if ok:
-            self.store.add_event(self.id, {"type": "job", "state": state, "message": message})
             started = self.job.get("started_at") or self.job.get("created_at")
             _record_finished(self.job["kind"], state, finished - started if started else None)
         return ok

@@ -40,8 +40,11 @@ class Settings:
     # jobs
     idempotency_ttl_s: int = 86400
     job_lease_s: float = 30.0  # a running job's worker renews its lease; an expired lease means the worker died
-    job_max_attempts: int = 3  # how often a job whose worker died is re-queued before it fails
+    job_max_attempts: int = 3  # a job whose worker was lost this many times fails ("worker lost N times")
     job_history: int = 100_000
+    job_retention_s: float = 7 * 86400.0  # finished jobs (events, results, FL records) are deleted after this
+    job_prune_interval_s: float = 3600.0  # how often beat runs the retention cleanup
+    job_republish_after_s: float = 60.0  # a job queued this long with no message in the broker is re-published
     audit_history: int = 100_000
     # SSH
     ssh_connect_timeout_s: float = 10.0

@@ -11,7 +11,7 @@ from typing import Any
 
 import redis
 
-from evc.errors import Conflict, NotFound, StoreUnavailable
+from evc.errors import Conflict, NotFound, StaleAttempt, StoreUnavailable
 from evc.settings import Settings
 
 JSON = dict[str, Any]
@@ -20,18 +20,181 @@ JSON = dict[str, Any]
 TERMINAL_STATES = frozenset({"succeeded", "partial", "failed", "cancelled"})
 JOB_STATES = ("queued", "running", "succeeded", "partial", "failed", "cancelled")
 
-# Move a job to ARGV[1] only when its current state is one of ARGV[2] (a JSON list);
-# ARGV[3..] are extra field/value pairs set in the same step. Returns the state it had.
-_TRANSITION = """
+# A job's indexes, kept by the scripts that change its state: ``jobs-state:<state>`` and
+# ``jobs-ks:<kind>:<state>`` (scored by creation time) answer filtered listings without a scan;
+# ``jobs-finished`` (scored by finish time) is what retention prunes. Every script reads the
+# time from Redis (one clock for every host), in milliseconds.
+_JOB_LUA = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local TERMINAL = {succeeded = true, failed = true, cancelled = true, partial = true}
+local function reindex(p, id, key, old, new, now)
+  local meta = redis.call('HMGET', key, 'kind', 'created_at')
+  local kind = cjson.decode(meta[1])
+  local created = tonumber(meta[2]) or 0
+  redis.call('ZREM', p .. ':jobs-state:' .. old, id)
+  redis.call('ZREM', p .. ':jobs-ks:' .. kind .. ':' .. old, id)
+  redis.call('ZADD', p .. ':jobs-state:' .. new, created, id)
+  redis.call('ZADD', p .. ':jobs-ks:' .. kind .. ':' .. new, created, id)
+  if new ~= 'running' then redis.call('ZREM', p .. ':job-leases', id) end
+  if TERMINAL[new] then
+    redis.call('ZADD', p .. ':jobs-finished', now, id)
+  elseif TERMINAL[old] then
+    redis.call('ZREM', p .. ':jobs-finished', id)
+  end
+end
+-- is (job KEYS, attempt) the job's running attempt with a live lease?
+local function live(p, id, key, attempt, now)
+  local st = redis.call('HMGET', key, 'state', 'attempt')
+  if st[1] ~= '"running"' or tonumber(st[2]) ~= tonumber(attempt) then return false end
+  local exp = redis.call('ZSCORE', p .. ':job-leases', id)
+  return exp ~= false and tonumber(exp) > now
+end
+local function add_event(p, id, now, ev)
+  ev['ts'] = now / 1000
+  return redis.call('RPUSH', p .. ':job:' .. id .. ':events', cjson.encode(ev))
+end
+"""
+
+# Move a job to ARGV[1] only when its current state is one of ARGV[2] (a JSON list) and, when
+# ARGV[5] is an attempt number, only while that attempt is the job's running one (else
+# 'stale'); ARGV[3] the key prefix, ARGV[4] the job id, ARGV[6] an event to append ('' none),
+# ARGV[7..] field/value pairs set in the same step. Returns the state it had.
+_TRANSITION = (
+    _JOB_LUA
+    + """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return false end
+local now = now_ms()
+if ARGV[5] ~= '' and not live(ARGV[3], ARGV[4], KEYS[1], ARGV[5], now) then return 'stale' end
 local allowed = cjson.decode(ARGV[2])
 local ok = false
 for _, s in ipairs(allowed) do if cjson.encode(s) == cur then ok = true end end
 if not ok then return cur end
 redis.call('HSET', KEYS[1], 'state', ARGV[1])
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local old, new = cjson.decode(cur), cjson.decode(ARGV[1])
+if old ~= new then reindex(ARGV[3], ARGV[4], KEYS[1], old, new, now) end
+if ARGV[6] ~= '' then add_event(ARGV[3], ARGV[4], now, cjson.decode(ARGV[6])) end
 return cur
+"""
+)
+
+# Start an execution of a job (KEYS[1]): ARGV[1] prefix, ARGV[2] job id, ARGV[3] lease ms,
+# ARGV[4] how often its worker may be lost, ARGV[5] started_at (JSON). A queued job, or a running
+# one whose lease has expired on Redis's clock (its worker was lost: counted, with an event),
+# gets the next attempt number and a lease owned by it. Returns {what, attempt, lost}: what is
+# 'started', 'busy' (a live attempt runs it), 'final' (or missing) or 'lost' (attempts used up:
+# the job is failed here).
+_START = (
+    _JOB_LUA
+    + """
+local p, id = ARGV[1], ARGV[2]
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return {'final', 0, 0} end
+local state = cjson.decode(cur)
+local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt')) or 0
+local lost = tonumber(redis.call('HGET', KEYS[1], 'lost')) or 0
+local now = now_ms()
+if state == 'running' then
+  local exp = redis.call('ZSCORE', p .. ':job-leases', id)
+  if exp and tonumber(exp) > now then return {'busy', attempt, lost} end
+  lost = lost + 1
+  redis.call('HSET', KEYS[1], 'lost', tostring(lost))
+  if lost >= tonumber(ARGV[4]) then
+    local msg = 'worker lost ' .. lost .. ' times; giving up'
+    redis.call('HSET', KEYS[1], 'state', '"failed"', 'finished_at', tostring(now / 1000),
+      'error', cjson.encode({code = 'worker_lost', message = msg}))
+    reindex(p, id, KEYS[1], 'running', 'failed', now)
+    add_event(p, id, now, {type = 'job', state = 'failed', message = msg})
+    return {'lost', attempt, lost}
+  end
+  add_event(p, id, now, {type = 'job', state = 'running', attempt = attempt + 1,
+    message = 'the worker of attempt ' .. attempt .. ' was lost; attempt ' .. (attempt + 1) .. ' takes over'})
+elseif state ~= 'queued' then
+  return {'final', attempt, lost}
+end
+attempt = attempt + 1
+redis.call('HSET', KEYS[1], 'state', '"running"', 'attempt', tostring(attempt), 'started_at', ARGV[5])
+redis.call('ZADD', p .. ':job-leases', now + tonumber(ARGV[3]), id)
+if state ~= 'running' then reindex(p, id, KEYS[1], state, 'running', now) end
+return {'started', attempt, lost}
+"""
+)
+
+# Renew the lease of (job, attempt): KEYS[1] the job; ARGV[1] prefix, ARGV[2] id, ARGV[3]
+# attempt, ARGV[4] lease ms. 0 when that attempt is stale: another runs the job, or its lease
+# expired (an expired lease is never revived: the attempt is presumed lost).
+_RENEW = (
+    _JOB_LUA
+    + """
+local now = now_ms()
+if not live(ARGV[1], ARGV[2], KEYS[1], ARGV[3], now) then return 0 end
+redis.call('ZADD', ARGV[1] .. ':job-leases', now + tonumber(ARGV[4]), ARGV[2])
+return 1
+"""
+)
+
+# Run one write for (job, attempt) only while that attempt runs the job with a live lease:
+# KEYS[1] the job, KEYS[2] the key written; ARGV[1] prefix, ARGV[2] id, ARGV[3] attempt, ARGV[4]
+# the command, ARGV[5..] its arguments. Returns {ok, the command's reply}; ok 0: stale.
+_FENCED = (
+    _JOB_LUA
+    + """
+if not live(ARGV[1], ARGV[2], KEYS[1], ARGV[3], now_ms()) then return {0, false} end
+return {1, redis.call(ARGV[4], KEYS[2], unpack(ARGV, 5))}
+"""
+)
+
+# A job whose lease expired on Redis's clock (KEYS[1]; ARGV[1] prefix, ARGV[2] id, ARGV[3] how
+# often its worker may be lost, ARGV[4] the time in JSON): counted as lost once more, then
+# queued again (with an event) or failed when the count is used up. Returns {what, attempt,
+# lost}: 'requeued', 'failed' or 'skipped' (not running, or its lease is live after all).
+_LOST = (
+    _JOB_LUA
+    + """
+local p, id = ARGV[1], ARGV[2]
+local now = now_ms()
+local st = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'lost')
+local attempt, lost = tonumber(st[2]) or 0, (tonumber(st[3]) or 0) + 1
+local exp = redis.call('ZSCORE', p .. ':job-leases', id)
+if st[1] ~= '"running"' then
+  if exp and tonumber(exp) <= now then redis.call('ZREM', p .. ':job-leases', id) end
+  return {'skipped', attempt, lost - 1}
+end
+if exp and tonumber(exp) > now then return {'skipped', attempt, lost - 1} end
+redis.call('HSET', KEYS[1], 'lost', tostring(lost))
+if lost >= tonumber(ARGV[3]) then
+  local msg = 'worker lost ' .. lost .. ' times; giving up'
+  redis.call('HSET', KEYS[1], 'state', '"failed"', 'finished_at', ARGV[4],
+    'error', cjson.encode({code = 'worker_lost', message = msg}))
+  reindex(p, id, KEYS[1], 'running', 'failed', now)
+  add_event(p, id, now, {type = 'job', state = 'failed', message = msg})
+  return {'failed', attempt, lost}
+end
+redis.call('HSET', KEYS[1], 'state', '"queued"', 'queued_at', ARGV[4], 'not_before', 'null')
+reindex(p, id, KEYS[1], 'running', 'queued', now)
+add_event(p, id, now, {type = 'job', state = 'queued',
+  message = 'the worker of attempt ' .. attempt .. ' was lost (lease expired); re-queued (lost '
+    .. lost .. ' of ' .. ARGV[3] .. ')'})
+return {'requeued', attempt, lost}
+"""
+)
+
+# Take over a lock from an older holder: KEYS[1] the lock; ARGV[1] the holder expected, ARGV[2]
+# the new owner, ARGV[3] ttl ms. 1 when it now belongs to the new owner.
+_TAKE_OVER = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', tonumber(ARGV[3]))
+return 1
+"""
+
+# Expired leases on Redis's clock: KEYS[1] the lease set. Returns the job ids.
+_EXPIRED = """
+local t = redis.call('TIME')
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 """
 
 # Consume one use of an enrollment token: KEYS[1] the record; ARGV[1] now. Returns
@@ -89,6 +252,9 @@ return 0
 #: another key) is simply not found
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
+#: a job id inside a Celery task message (its task id and arguments name it)
+_JOB_ID = re.compile(rb"job_[0-9a-f]{16}")
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(8)}"
@@ -103,6 +269,12 @@ def _dump(obj: JSON) -> dict[Any, Any]:
 
 
 def _load(raw: dict[Any, Any]) -> JSON:
+    if raw and all(isinstance(k, bytes) and b'"' not in k and b"\\" not in k for k in raw):
+        # one JSON document per record: a page of 50 jobs decodes in 50 calls, not 900
+        try:
+            return dict(json.loads(b"{" + b",".join(b'"' + k + b'":' + v for k, v in raw.items()) + b"}"))
+        except (ValueError, TypeError):
+            pass
     return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
 
 
@@ -114,6 +286,12 @@ class Store:
         self.prefix = prefix
         self.settings = settings or Settings()
         self._transition = self.r.register_script(_TRANSITION)
+        self._start = self.r.register_script(_START)
+        self._renew = self.r.register_script(_RENEW)
+        self._fenced = self.r.register_script(_FENCED)
+        self._expired = self.r.register_script(_EXPIRED)
+        self._lost = self.r.register_script(_LOST)
+        self._take_over = self.r.register_script(_TAKE_OVER)
         self._consume = self.r.register_script(_CONSUME)
         self._release = self.r.register_script(_RELEASE)
         self._resolve = self.r.register_script(_RESOLVE)
@@ -439,6 +617,10 @@ class Store:
         p.hset(self.k("job", job["id"]), mapping=_dump(job))
         p.zadd(self.k("jobs"), {job["id"]: job["created_at"]})
         p.zadd(self.k("jobs-kind", job["kind"]), {job["id"]: job["created_at"]})
+        p.zadd(self.k("jobs-state", job["state"]), {job["id"]: job["created_at"]})
+        p.zadd(self.k("jobs-ks", job["kind"], job["state"]), {job["id"]: job["created_at"]})
+        for target in dict.fromkeys(job.get("targets") or ()):
+            p.zadd(self.k("jobs-target", target), {job["id"]: job["created_at"]})
         for name, args in publish:
             getattr(p, name)(*args)
         if pipe is None:
@@ -452,58 +634,248 @@ class Store:
         raw = self.r.hget(self.k("job", job_id), "state")
         return json.loads(raw) if raw else None
 
-    def update_job(self, job_id: str, **changes: Any) -> None:
-        self.r.hset(self.k("job", job_id), mapping=_dump(changes))
+    def update_job(self, job_id: str, *, fence: int | None = None, **changes: Any) -> None:
+        """Set fields of a job; with *fence* (an attempt number), only while that attempt runs
+        it (else :class:`~evc.errors.StaleAttempt`)."""
+        if fence is None:
+            self.r.hset(self.k("job", job_id), mapping=_dump(changes))
+            return
+        args = [x for kv in _dump(changes).items() for x in kv]
+        self._fenced_write(job_id, fence, self.k("job", job_id), "HSET", *args)
 
-    def transition_job(self, job_id: str, state: str, allowed_from: Iterable[str], **changes: Any) -> bool:
-        """Atomically move a job to *state* if it is in one of *allowed_from*."""
-        args: list[Any] = [json.dumps(state), json.dumps(list(allowed_from))]
+    def _fenced_write(self, job_id: str, attempt: int, key: str, command: str, *args: Any) -> Any:
+        ok, reply = self._fenced(keys=[self.k("job", job_id), key], args=[self.prefix, job_id, attempt, command, *args])
+        if not ok:
+            raise StaleAttempt(f"attempt {attempt} of job {job_id} no longer runs it", job_id=job_id)
+        return reply
+
+    def transition_job(
+        self,
+        job_id: str,
+        state: str,
+        allowed_from: Iterable[str],
+        *,
+        fence: int | None = None,
+        event: JSON | None = None,
+        **changes: Any,
+    ) -> bool:
+        """Atomically move a job to *state* if it is in one of *allowed_from* (and, with
+        *fence* (an attempt number), only while that attempt runs it, else
+        :class:`~evc.errors.StaleAttempt`), keeping its indexes and appending *event* in the
+        same step."""
+        args: list[Any] = [
+            json.dumps(state), json.dumps(list(allowed_from)), self.prefix, job_id,
+            "" if fence is None else fence, json.dumps(event) if event else "",
+        ]  # fmt: skip
         for k, v in _dump(changes).items():
             args += [k, v]
         prev = self._transition(keys=[self.k("job", job_id)], args=args)
         if prev is None:
             raise NotFound(f"job {job_id} not found", id=job_id)
+        if prev == b"stale":
+            raise StaleAttempt(f"attempt {fence} of job {job_id} no longer runs it", job_id=job_id)
         return json.loads(prev) in set(allowed_from)
+
+    def start_job(self, job_id: str, lease_s: float, max_lost: int) -> tuple[str, int, int]:
+        """Begin an execution: ``(what, attempt, lost)``, what is ``started`` (with a new
+        attempt number and a lease it owns), ``busy`` (a live attempt runs the job), ``final``
+        or ``lost`` (its workers were lost *max_lost* times: the job is now failed)."""
+        what, attempt, lost = self._start(
+            keys=[self.k("job", job_id)],
+            args=[self.prefix, job_id, int(lease_s * 1000), max_lost, json.dumps(now())],
+        )
+        return what.decode(), int(attempt), int(lost)
+
+    def requeue_lost_job(self, job_id: str, max_lost: int) -> tuple[str, int, int]:
+        """Re-queue (or fail, past *max_lost*) a running job whose lease expired on Redis's
+        clock: ``(what, attempt, lost)``, what is ``requeued``, ``failed`` or ``skipped``."""
+        what, attempt, lost = self._lost(
+            keys=[self.k("job", job_id)], args=[self.prefix, job_id, max_lost, json.dumps(now())]
+        )
+        return what.decode(), int(attempt), int(lost)
+
+    def claim_job_effect(self, job_id: str, effect: str, attempt: int | None) -> bool:
+        """True the first time *effect* of the job is claimed (by a live attempt when given)."""
+        key = self.k("job", job_id, "effects")
+        if attempt is None:
+            return bool(self.r.hsetnx(key, effect, json.dumps(None)))
+        return bool(self._fenced_write(job_id, attempt, key, "HSETNX", effect, json.dumps(attempt)))
+
+    def renew_lease(self, job_id: str, attempt: int, lease_s: float) -> bool:
+        """Extend the lease of (job, attempt); False when that attempt is stale."""
+        return bool(self._renew(keys=[self.k("job", job_id)], args=[self.prefix, job_id, attempt, int(lease_s * 1000)]))
+
+    #: how a filtered listing that has to read records walks an index
+    _WALK = 1000
 
     def list_jobs(
         self,
         offset: int = 0,
         limit: int = 50,
         kind: str | None = None,
-        match: Callable[[JSON], bool] | None = None,
+        state: str | None = None,
+        target: str | None = None,
     ) -> tuple[list[JSON], int]:
-        if kind is None:
-            return self._page("job", offset, limit, match)
-        ids = [i.decode() for i in self.r.zrevrange(self.k("jobs-kind", kind), 0, -1)]
-        if match is None:
-            return self._get_many("job", ids[offset : offset + limit]), len(ids)
-        recs = [j for j in self._get_many("job", ids) if match(j)]
-        return recs[offset : offset + limit], len(recs)
+        """Jobs newest first, filtered by kind, state and target through their indexes."""
+        if target is None:
+            if kind and state:
+                key = self.k("jobs-ks", kind, state)
+            elif kind or state:
+                key = self.k("jobs-kind", kind) if kind else self.k("jobs-state", state or "")
+            else:
+                key = self.k("jobs")
+            pipe = self.r.pipeline(transaction=False)
+            pipe.zcard(key)
+            pipe.zrevrange(key, offset, offset + limit - 1)
+            total, ids = pipe.execute()
+            return self._get_many("job", (i.decode() for i in ids)), int(total)
+        # one device's jobs: walk its index, reading only kind and state to filter
+        key = self.k("jobs-target", target)
+        if not (kind or state):
+            pipe = self.r.pipeline(transaction=False)
+            pipe.zcard(key)
+            pipe.zrevrange(key, offset, offset + limit - 1)
+            total, ids = pipe.execute()
+            return self._get_many("job", (i.decode() for i in ids)), int(total)
+        want = [json.dumps(kind) if kind else None, json.dumps(state) if state else None]
+        page: list[str] = []
+        total, start = 0, 0
+        while True:
+            ids = [i.decode() for i in self.r.zrevrange(key, start, start + self._WALK - 1)]
+            if not ids:
+                break
+            pipe = self.r.pipeline(transaction=False)
+            for i in ids:
+                pipe.hmget(self.k("job", i), ["kind", "state"])
+            for i, (k, st) in zip(ids, pipe.execute(), strict=True):
+                if (want[0] is None or k == want[0].encode()) and (want[1] is None or st == want[1].encode()):
+                    if offset <= total < offset + limit:
+                        page.append(i)
+                    total += 1
+            start += self._WALK
+        return self._get_many("job", page), total
 
-    # a lease per job whose task body is executing: the worker renews it; the reaper re-queues
-    # jobs whose lease expired (their worker was killed)
-    def lease_jobs(self, job_ids: Iterable[str], ttl_s: float) -> None:
-        ids = list(job_ids)
-        if ids:
-            until = now() + ttl_s
-            self.r.zadd(self.k("job-leases"), dict.fromkeys(ids, until))
+    def waiting_jobs(self, older_than_s: float, limit: int = 1000) -> list[JSON]:
+        """Queued jobs (oldest first, at most *limit*) that have waited *older_than_s* past
+        their queueing (or their countdown): ``id``, ``kind``, ``attempt`` of each."""
+        ids = [i.decode() for i in self.r.zrange(self.k("jobs-state", "queued"), 0, limit - 1)]
+        pipe = self.r.pipeline(transaction=False)
+        names = ["id", "kind", "attempt", "state", "queued_at", "not_before", "created_at"]
+        for i in ids:
+            pipe.hmget(self.k("job", i), names)
+        cutoff, out = now() - older_than_s, []
+        for values in pipe.execute():
+            if values[0] is None:
+                continue
+            rec = {n: json.loads(v) for n, v in zip(names, values, strict=True) if v is not None}
+            since = max(float(rec.get(f) or 0) for f in ("queued_at", "not_before", "created_at"))
+            if rec.get("state") == "queued" and since <= cutoff:
+                out.append(rec)
+        return out
 
+    def jobs_in_queue(self, queue: str, max_scan: int = 100_000) -> set[str] | None:
+        """Ids of the jobs whose task messages wait in Celery *queue* (None when the queue is
+        longer than *max_scan*: too long to read)."""
+        if int(self.r.llen(queue)) > max_scan:
+            return None
+        found: set[str] = set()
+        start = 0
+        while True:
+            chunk = self.r.lrange(queue, start, start + 999)
+            for raw in chunk:
+                found.update(m.decode() for m in _JOB_ID.findall(raw))
+            if len(chunk) < 1000:
+                return found
+            start += 1000
+
+    def index_old_jobs(self, batch: int = 1000) -> int:
+        """Add jobs stored before the state/target/finished indexes existed to them (once: a
+        marker key records that it ran). Returns how many jobs were read."""
+        marker = self.k("index-version", "jobs")
+        if self.r.exists(marker):
+            return 0
+        seen, start = 0, 0
+        names = ["id", "kind", "state", "targets", "created_at", "finished_at"]
+        while True:
+            ids = [i.decode() for i in self.r.zrange(self.k("jobs"), start, start + batch - 1)]
+            if not ids:
+                break
+            pipe = self.r.pipeline(transaction=False)
+            for i in ids:
+                pipe.hmget(self.k("job", i), names)
+            rows = pipe.execute()
+            pipe = self.r.pipeline(transaction=False)
+            for values in rows:
+                if values[0] is None:
+                    continue
+                rec = {n: json.loads(v) for n, v in zip(names, values, strict=True) if v is not None}
+                jid, score = rec["id"], float(rec.get("created_at") or 0)
+                pipe.zadd(self.k("jobs-state", rec["state"]), {jid: score})
+                pipe.zadd(self.k("jobs-ks", rec["kind"], rec["state"]), {jid: score})
+                for t in rec.get("targets") or []:
+                    pipe.zadd(self.k("jobs-target", t), {jid: score})
+                if rec["state"] in TERMINAL_STATES:
+                    pipe.zadd(self.k("jobs-finished"), {jid: float(rec.get("finished_at") or score) * 1000})
+            pipe.execute()
+            seen += len(ids)
+            start += batch
+        self.r.set(marker, json.dumps(now()))
+        return seen
+
+    def prune_jobs(self, older_than_s: float, batch: int = 500) -> int:
+        """Delete jobs finished more than *older_than_s* ago (on Redis's clock) with their
+        events, results, FL records and index entries. Returns how many went."""
+        self.index_old_jobs()
+        sec, usec = self.r.time()
+        cutoff = (int(sec) - older_than_s) * 1000 + int(usec) // 1000
+        deleted = 0
+        while True:
+            ids = [i.decode() for i in self.r.zrangebyscore(self.k("jobs-finished"), "-inf", cutoff, 0, batch)]
+            if not ids:
+                return deleted
+            pipe = self.r.pipeline(transaction=False)
+            for i in ids:
+                pipe.hmget(self.k("job", i), ["kind", "state", "targets"])
+            metas = pipe.execute()
+            pipe = self.r.pipeline(transaction=True)
+            for i, (kind, state, targets) in zip(ids, metas, strict=True):
+                kind = json.loads(kind) if kind else ""
+                state = json.loads(state) if state else ""
+                pipe.delete(
+                    self.k("job", i), self.k("job", i, "events"), self.k("job", i, "results"),
+                    self.k("job", i, "effects"), self.k("fl", i), self.k("fl", i, "rounds"), self.k("fl", i, "late"),
+                )  # fmt: skip
+                pipe.zrem(self.k("jobs"), i)
+                pipe.zrem(self.k("jobs-finished"), i)
+                pipe.zrem(self.k("jobs-kind", kind), i)
+                pipe.zrem(self.k("jobs-state", state), i)
+                pipe.zrem(self.k("jobs-ks", kind, state), i)
+                pipe.srem(self.k("fl", "active"), i)
+                for t in json.loads(targets) if targets else []:
+                    pipe.zrem(self.k("jobs-target", t), i)
+            pipe.execute()
+            deleted += len(ids)
+
+    # a lease per job whose task body is executing, owned by its attempt and judged on Redis's
+    # clock: the worker renews it; the reaper re-queues jobs whose lease expired
     def release_lease(self, job_id: str) -> None:
         self.r.zrem(self.k("job-leases"), job_id)
 
     def expired_leases(self) -> list[str]:
-        return [j.decode() for j in self.r.zrangebyscore(self.k("job-leases"), "-inf", now())]
+        return [j.decode() for j in self._expired(keys=[self.k("job-leases")])]
 
-    def add_event(self, job_id: str, event: JSON) -> int:
-        event = {"ts": now(), **event}
-        seq = int(self.r.rpush(self.k("job", job_id, "events"), json.dumps(event)))
-        return seq
+    def add_event(self, job_id: str, event: JSON, *, fence: int | None = None) -> int:
+        return self.add_events(job_id, [event], fence=fence)
 
-    def add_events(self, job_id: str, events: list[JSON]) -> int:
+    def add_events(self, job_id: str, events: list[JSON], *, fence: int | None = None) -> int:
+        key = self.k("job", job_id, "events")
         if not events:
-            return int(self.r.llen(self.k("job", job_id, "events")))
+            return int(self.r.llen(key))
         t = now()
-        return int(self.r.rpush(self.k("job", job_id, "events"), *[json.dumps({"ts": t, **e}) for e in events]))
+        raw = [json.dumps({"ts": t, **e}) for e in events]
+        if fence is not None:
+            return int(self._fenced_write(job_id, fence, key, "RPUSH", *raw))
+        return int(self.r.rpush(key, *raw))
 
     def events(self, job_id: str, after: int = 0, limit: int = 100) -> list[JSON]:
         raw = self.r.lrange(self.k("job", job_id, "events"), after, after + limit - 1)
@@ -512,9 +884,13 @@ class Store:
     def event_count(self, job_id: str) -> int:
         return int(self.r.llen(self.k("job", job_id, "events")))
 
-    def set_result(self, job_id: str, target: str, result: JSON) -> bool:
-        """Record a target's result; True when the target had none yet (a retry overwrites)."""
-        return bool(self.r.hset(self.k("job", job_id, "results"), target, json.dumps(result)))
+    def set_result(self, job_id: str, target: str, result: JSON, *, fence: int | None = None) -> bool:
+        """Record a target's result; True when the target had none yet (a retry overwrites).
+        With *fence*, only while that attempt runs the job (else StaleAttempt)."""
+        key = self.k("job", job_id, "results")
+        if fence is not None:
+            return bool(self._fenced_write(job_id, fence, key, "HSET", target, json.dumps(result)))
+        return bool(self.r.hset(key, target, json.dumps(result)))
 
     def results(self, job_id: str) -> JSON:
         return _load(self.r.hgetall(self.k("job", job_id, "results")))
@@ -560,6 +936,10 @@ class Store:
         if self.r.get(key) == owner.encode():
             return bool(self.r.pexpire(key, int(ttl_s * 1000)))
         return False
+
+    def take_over_lock(self, name: str, holder: str, owner: str, ttl_s: float) -> bool:
+        """Give *owner* the lock that *holder* has (a stale attempt of the same job)."""
+        return bool(self._take_over(keys=[self.k("lock", name)], args=[holder, owner, int(ttl_s * 1000)]))
 
     def release_lock(self, name: str, owner: str) -> bool:
         return bool(self._release(keys=[self.k("lock", name)], args=[owner]))

@@ -9,11 +9,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from celery import Task
 from celery.exceptions import Retry, SoftTimeLimitExceeded
 
-from evc.errors import TRANSIENT_ERRORS, EVCError, JobCancelled
-from evc.jobs import JobRun, Partial
+from evc.errors import TRANSIENT_ERRORS, EVCError, JobCancelled, StaleAttempt, StoreUnavailable
+from evc.jobs import JobRun, Partial, remove_temp_files
 from evc.settings import Settings, load_settings
 from evc.store import JSON, Store
 
@@ -48,65 +49,94 @@ def backoff(retries: int, base: float = 1.0, cap: float = 30.0) -> float:
 
 
 class _Leases:
-    """The jobs this process is executing, with a thread that renews their leases."""
+    """The attempts this process is executing, with a thread that renews their leases. A lease
+    that cannot be renewed (another attempt took the job, or it expired while this process
+    was stalled) marks its run stale: the run stops at its next check point."""
 
     def __init__(self) -> None:
-        self.active: dict[str, Store] = {}
+        self.active: dict[str, JobRun] = {}
         self.lock = threading.Lock()
         self.pid = 0
         self.ttl = 30.0
 
-    def hold(self, store: Store, job_id: str, ttl_s: float) -> None:
-        store.lease_jobs([job_id], ttl_s)
+    def hold(self, run: JobRun, ttl_s: float) -> None:
         with self.lock:
-            self.active[job_id] = store
+            self.active[run.id] = run
             self.ttl = ttl_s
             if self.pid != os.getpid():  # first use in this (possibly forked) process
                 self.pid = os.getpid()
                 threading.Thread(target=self._renew, name="evc-job-leases", daemon=True).start()
 
-    def drop(self, store: Store, job_id: str) -> None:
+    def drop(self, run: JobRun) -> None:
         with self.lock:
-            self.active.pop(job_id, None)
-        store.release_lease(job_id)
+            if self.active.get(run.id) is run:
+                del self.active[run.id]
 
     def _renew(self) -> None:
         while True:
-            time.sleep(max(0.2, self.ttl / 3))
+            time.sleep(max(0.1, self.ttl / 3))
             with self.lock:
-                held = list(self.active.items())
-            for job_id, store in held:
+                held = list(self.active.values())
+            for run in held:
                 try:
-                    store.lease_jobs([job_id], self.ttl)
+                    if run.attempt is not None and not run.store.renew_lease(run.id, run.attempt, self.ttl):
+                        log.warning("job %s: attempt %s lost its lease; it stops", run.id, run.attempt)
+                        run.stale = True
                 except Exception:  # noqa: BLE001 - Redis away for a moment: the next round retries
-                    log.debug("could not renew the lease of %s", job_id)
+                    log.debug("could not renew the lease of %s", run.id)
 
 
 _leases = _Leases()
 
 
+def _store_errors(exc: Exception) -> Exception:
+    """Redis errors raised inside a job body are the store being unavailable (transient)."""
+    if isinstance(exc, redis.RedisError) and not isinstance(exc, redis.ResponseError):
+        return StoreUnavailable(f"Redis is unavailable: {exc}")
+    return exc
+
+
 def run_job(task: Task, job_id: str, body: Callable[[JobRun], JSON | Partial | None]) -> str:
-    """Run *body* for a job: idempotent on redelivery, retries transient errors, holds a lease
-    while it runs (so a killed worker's job is re-queued), never raises anything but Celery's
-    Retry."""
-    store = store_of(task)
-    run = JobRun.start(store, job_id)
+    """Run *body* as a new attempt of a job: skipped when the job is final or a live attempt
+    runs it, holds a lease owned by the attempt (so a lost worker's job is re-queued), retries
+    transient errors, stops quietly when the attempt turns stale, never raises anything but
+    Celery's Retry."""
+    store, settings = store_of(task), settings_of(task)
+    try:
+        what, run = JobRun.begin(store, job_id, settings.job_lease_s, settings.job_max_attempts)
+    except redis.RedisError as exc:
+        raise task.retry(exc=_store_errors(exc), countdown=backoff(int(task.request.retries or 0))) from None
     if run is None:
-        return "skipped"
-    _leases.hold(store, job_id, settings_of(task).job_lease_s)
+        if what == "busy" and int(task.request.retries or 0) < int(task.max_retries or 0):
+            # a redelivery (e.g. its pool process was killed) while the attempt's lease still
+            # runs: look again when it has expired, then this delivery takes the job over
+            raise task.retry(countdown=settings.job_lease_s)
+        if what == "lost":
+            remove_temp_files(job_id)
+        return "failed" if what == "lost" else "skipped"
+    if int(run.job.get("lost") or 0):
+        remove_temp_files(job_id)  # what a killed attempt left on this host
+    _leases.hold(run, settings.job_lease_s)
     try:
         return _run(task, run, job_id, body)
+    except StaleAttempt:
+        log.warning("job %s: attempt %s is stale; it stops, its writes refused", job_id, run.attempt)
+        return "stale"
     finally:
-        _leases.drop(store, job_id)
+        _leases.drop(run)
 
 
 def _run(task: Task, run: JobRun, job_id: str, body: Callable[[JobRun], JSON | Partial | None]) -> str:
     if run.cancelled():
+        run.check_stale()
         run.cancel()
         return "cancelled"
     try:
-        summary = body(run)
-    except Retry:
+        try:
+            summary = body(run)
+        except redis.RedisError as exc:
+            raise _store_errors(exc) from exc
+    except (Retry, StaleAttempt):
         raise
     except JobCancelled:
         run.cancel()
@@ -115,7 +145,10 @@ def _run(task: Task, run: JobRun, job_id: str, body: Callable[[JobRun], JSON | P
         retries = int(task.request.retries or 0)
         if retries < min(task.max_retries or 0, settings_of(task).ssh_retries):
             delay = backoff(retries)
-            run.event(f"{exc} — retrying in {delay:.0f}s", type="retry", attempt=retries + 1)
+            try:
+                run.requeue(delay, f"{exc} — retrying in {delay:.0f}s", attempt=retries + 1)
+            except redis.RedisError:
+                log.warning("job %s: could not record the retry (Redis unavailable)", job_id)
             raise task.retry(exc=exc, countdown=delay) from None
         run.fail(exc)
         return "failed"
@@ -136,6 +169,7 @@ def _run(task: Task, run: JobRun, job_id: str, body: Callable[[JobRun], JSON | P
         run.partial(summary.summary, summary.message)
         return "partial"
     if run.cancelled():
+        run.check_stale()
         run.cancel(summary or {})
         return "cancelled"
     run.succeed(summary or {})

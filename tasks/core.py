@@ -24,8 +24,8 @@ def noop(self, job_id: str) -> str:
         while time.monotonic() < deadline:
             run.check_cancel()
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
-        if sleep_s:
-            run.store.r.setnx(run.store.k("noop-effect", run.id), 1) and run.store.r.incr(run.store.k("noop-effects"))
+        if sleep_s and run.once("noop"):  # refused to a stale attempt: one effect per job
+            run.store.r.incr(run.store.k("noop-effects"))
         return {"noop": True}
 
     return run_job(self, job_id, body)
@@ -33,9 +33,10 @@ def noop(self, job_id: str) -> str:
 
 @shared_task(name="evc.reap_jobs", bind=True, max_retries=0)
 def reap_jobs(self) -> JSON:
-    """Re-queue jobs whose worker died mid-run (their lease expired). Beat runs this often;
-    every worker also runs it when it starts."""
-    from evc.jobs import requeue_lost
+    """Re-queue jobs whose worker died or stalled mid-run (their lease expired on Redis's
+    clock), and re-publish queued jobs whose task message is missing from the broker. Beat
+    runs this often; every worker also runs it when it starts."""
+    from evc.jobs import republish_missing, requeue_lost
 
     store, settings = store_of(self), settings_of(self)
     out: dict[str, int] = {}
@@ -46,7 +47,20 @@ def reap_jobs(self) -> JSON:
             store.release_lease(job_id)
             what = "gone"
         out[what] = out.get(what, 0) + 1
+    republished = republish_missing(store, self.app, settings.job_republish_after_s)
+    if republished:
+        out["republished"] = republished
     return out
+
+
+@shared_task(name="evc.prune_jobs", bind=True, max_retries=0)
+def prune_jobs(self) -> JSON:
+    """Delete finished jobs older than the retention (with their events, results, FL records
+    and index entries). Beat runs this."""
+    from evc.jobs import prune
+
+    store, settings = store_of(self), settings_of(self)
+    return {"deleted": prune(store, settings.job_retention_s)}
 
 
 @shared_task(name="evc.register_device", **TASK_OPTIONS)

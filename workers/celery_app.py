@@ -75,6 +75,11 @@ def make_celery(settings: Settings, *, include_tasks: bool = True) -> Celery:
                 "schedule": max(1.0, settings.job_lease_s / 2),
                 "options": {"queue": "default", "expires": max(1.0, settings.job_lease_s / 2)},
             },
+            "prune-jobs": {
+                "task": "evc.prune_jobs",
+                "schedule": settings.job_prune_interval_s,
+                "options": {"queue": "default", "expires": settings.job_prune_interval_s},
+            },
             "health-sweep": {
                 "task": "evc.health_tick",
                 "schedule": settings.health_interval_s,

@@ -311,6 +311,25 @@ def close_masters(inv: Inventory, timeout_s: float = 5.0) -> None:
             p.wait()
 
 
+def _dir_prefix(ident: str) -> str:
+    return "evc-" + re.sub(r"[^A-Za-z0-9_-]", "", ident)[:24]
+
+
+def remove_job_dirs(job_id: str, base_dir: Path | None = None) -> int:
+    """Remove the inventories (and ansible-runner data) that killed executions of *job_id*
+    left behind, their SSH masters closed first. Returns how many directories went."""
+    base = Path(base_dir or tempfile.gettempdir())
+    prefix = _dir_prefix(job_id)
+    removed = 0
+    for root in base.glob(prefix + "*"):
+        if not root.is_dir() or root.is_symlink() or root.stat().st_uid != os.getuid():
+            continue
+        close_masters(Inventory(root))
+        shutil.rmtree(root, ignore_errors=True)
+        removed += 1
+    return removed
+
+
 @contextmanager
 def job_inventory(
     devices: Iterable[Mapping[str, Any]],
@@ -326,8 +345,7 @@ def job_inventory(
     under the ~104-byte limit of a Unix socket path."""
     if not key_path.is_file():
         raise ConfigError(f"EVC's SSH key {key_path} is missing (start EVC once to create it)")
-    safe = re.sub(r"[^A-Za-z0-9_-]", "", ident)[:24]
-    root = Path(tempfile.mkdtemp(prefix=f"evc-{safe}-", dir=base_dir))
+    root = Path(tempfile.mkdtemp(prefix=_dir_prefix(ident) + "-", dir=base_dir))
     os.chmod(root, 0o700)
     inv: Inventory | None = None
     try:

@@ -33,13 +33,21 @@ class DeviceLocks:
         self.held: list[str] = []
 
     def holder(self, device_id: str) -> str | None:
-        return self.store.lock_owner(device_lock(device_id))
+        """The job that holds the device's lock (owners are ``<job>:<attempt>``)."""
+        owner = self.store.lock_owner(device_lock(device_id))
+        return owner.split(":", 1)[0] if owner else None
 
     def try_acquire(self, device_id: str) -> bool:
         name = device_lock(device_id)
         ok = self.store.acquire_lock(name, self.owner, self.ttl_s) or self.store.refresh_lock(
             name, self.owner, self.ttl_s
         )  # refresh: a redelivered job already holds its own locks
+        if not ok:
+            # a new attempt of the same job takes the locks of its lost (stale) attempt over
+            held = self.store.lock_owner(name)
+            job = self.owner.split(":", 1)[0]
+            if held and held != self.owner and held.split(":", 1)[0] == job and ":" in self.owner:
+                ok = self.store.take_over_lock(name, held, self.owner, self.ttl_s)
         if ok and device_id not in self.held:
             self.held.append(device_id)
         return ok

@@ -305,7 +305,7 @@ def run_spec(
     runnable = [t for t in targets if t not in results]
     progress(len(results))
 
-    locks = DeviceLocks(store, run.id, LOCK_TTL_S)
+    locks = DeviceLocks(store, run.owner, LOCK_TTL_S)
     outcome: RunOutcome | None = None
     attempts = 0
     try:

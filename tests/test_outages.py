@@ -1,0 +1,110 @@
+"""Outages are reported, not hidden: Redis down answers 503 on every route, /readyz means "this
+API can serve", workers retry store errors, and a queued job whose task message was lost is
+re-published. Also: out-of-range cursors answer 4xx. Real redis-server and Celery workers."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from evc import jobs
+from evc.api.app import create_app
+from evc.auth import create_operator_token
+from evc.embedded import RedisServer
+from evc.errors import TRANSIENT_ERRORS, StoreUnavailable
+from evc.store import Store
+from evc.workers.celery_app import make_celery
+from tests.fixtures.services import Worker, own_database
+
+pytestmark = [pytest.mark.integration]
+
+
+def test_redis_down_answers_503_on_every_route(tmp_path, settings) -> None:
+    srv = RedisServer(tmp_path / "r").start()
+    s = settings.replace(redis_url=srv.url, key_prefix="outage")
+    store = Store.from_settings(s)
+    _, admin = create_operator_token(store, s, "admin", ["admin"])
+    app = create_app(s)
+    client = app.test_client()
+    ready = client.get("/readyz")
+    assert ready.status_code == 200  # Redis answers: this API can serve, with or without workers
+    assert ready.get_json()["redis"] is True and "workers" in ready.get_json()
+    srv.stop()
+    auth = {"Authorization": f"Bearer {admin}"}
+    checked = 0
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path = rule.rule
+        for arg in rule.arguments:
+            path = path.replace(f"<{arg}>", "x").replace(f"<path:{arg}>", "x")
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            resp = client.open(path, method=method, headers=auth, json={})
+            body = resp.get_json(silent=True) or {}
+            assert resp.status_code != 500, (method, path, resp.status_code, body)
+            if resp.status_code == 503 and path.startswith("/api/"):
+                assert body.get("message"), (method, path, body)
+            checked += 1
+    assert checked > 30
+    for method, path in (("GET", "/api/v1/jobs"), ("POST", "/api/v1/jobs"), ("GET", "/api/v1/devices")):
+        resp = client.open(path, method=method, headers=auth, json={"kind": "noop"})
+        assert resp.status_code == 503, (method, path)
+        assert resp.get_json()["error"] == "store_unavailable"
+        assert "unavailable" in resp.get_json()["message"]
+    resp = client.get("/readyz")
+    assert resp.status_code == 503 and resp.get_json()["redis"] is False and resp.get_json()["error"]
+
+
+def test_store_errors_are_transient_for_workers() -> None:
+    from evc.tasks.base import _store_errors
+
+    assert issubclass(StoreUnavailable, TRANSIENT_ERRORS)
+    assert isinstance(_store_errors(redis.ConnectionError("refused")), StoreUnavailable)
+    assert isinstance(_store_errors(redis.TimeoutError("slow")), StoreUnavailable)
+    assert not isinstance(_store_errors(redis.ResponseError("WRONGTYPE")), StoreUnavailable)
+
+
+def test_queued_job_whose_message_was_lost_is_republished(settings, tmp_path) -> None:
+    s, store = own_database(settings, 11, "repub", job_lease_s=2.0, job_republish_after_s=0.5)
+    sender = make_celery(s, include_tasks=False)
+    try:
+        lost, _ = jobs.submit(store, sender, "noop", created_by="test")  # acknowledged to its caller ...
+        store.r.delete("default")  # ... and its message gone with a Redis crash (no worker ran yet)
+        kept, _ = jobs.submit(store, sender, "noop", created_by="test")
+        assert jobs.republish_missing(store, sender, 0.5) == 0  # not waiting long enough yet
+        time.sleep(0.6)
+        assert store.jobs_in_queue("default") == {kept["id"]}
+        assert jobs.republish_missing(store, sender, 0.5) == 1  # only the one with no message
+        assert store.jobs_in_queue("default") == {kept["id"], lost["id"]}
+        # and the reaper does it by itself: lose the message again, start a worker (it reaps)
+        third, _ = jobs.submit(store, sender, "noop", created_by="test")
+        store.r.lrem("default", 1, store.r.lrange("default", 0, 0)[0])  # newest message: the third's
+        assert third["id"] not in (store.jobs_in_queue("default") or set())
+        w = Worker(s, tmp_path / "repub.log", concurrency=2).start("repub")
+        try:
+            for job in (lost, kept, third):
+                deadline = time.monotonic() + 30
+                while store.job_state(job["id"]) != "succeeded":
+                    assert time.monotonic() < deadline, store.get_job(job["id"])
+                    time.sleep(0.1)
+        finally:
+            w.stop()
+        messages = [e["message"] for e in store.events(third["id"])]
+        assert any("missing from the broker" in m for m in messages)
+        assert store.get_job(kept["id"])["attempt"] == 1  # a job whose message was there ran once
+    finally:
+        store.r.flushdb()
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["after=9223372036854775808", "after=99999999999999999999999", "after=-1", "limit=0", "limit=100000"],
+)
+def test_event_cursor_out_of_range_is_4xx(api, flush, query) -> None:
+    status, body = api.call("POST", "/api/v1/jobs", json={"kind": "noop"})
+    assert status == 202
+    status, err = api.call("GET", f"/api/v1/jobs/{body['id']}/events?{query}", token="read")
+    assert status == 422, (status, err)
+    assert err["message"].startswith("invalid input")
