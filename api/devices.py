@@ -113,7 +113,7 @@ def _first_error(errors: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-@blp.route("/devices/<device_id>/register", methods=["POST"])
+@blp.route("/devices/<id:device_id>/register", methods=["POST"])
 @require("admin")
 @blp.response(202, JobSchema)
 def retry_registration(device_id: str) -> Any:

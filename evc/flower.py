@@ -41,6 +41,7 @@ class FlowerLaunch:
 def record_broker(settings: Settings) -> Path:
     """Note the stack's broker URL in the data directory (called by `evc up`)."""
     path = settings.data_dir / BROKER_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_private(path, settings.redis_url + "\n")
     return path
 
@@ -77,6 +78,7 @@ def credential(settings: Settings) -> tuple[str, str]:
     except FileNotFoundError:
         pass
     password = secrets.token_urlsafe(18)
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_private(path, f"{FLOWER_USER}:{password}\n")
     return FLOWER_USER, password
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from evc import profiles
@@ -83,18 +85,21 @@ def test_bad_profile_and_target() -> None:
         profiles.plan(profiles.get("direct"), [], 5)
 
 
-def test_l1_python_feeds_the_exporter_and_the_fl_client() -> None:
+def test_l1_python_feeds_the_exporter_and_the_fl_client(tmp_path: Path) -> None:
     """Issue 11.2: L1's devenv makes a Python with numpy and prometheus_client; L2 (host) and
     L4 use it unless the cluster says otherwise; FL jobs use it from L1 on."""
     from evc.levels import cluster_vars, fl_python
+    from evc.settings import load_settings
+
+    settings = load_settings(env={}, data_dir=tmp_path)
 
     (step,) = [s for s in profiles.get("direct").steps(1) if s.playbook == "devenv"]
     assert {"numpy", "prometheus-client"} <= set(step.vars["packages"]) and step.vars["system_site_packages"]
     cl = {"id": "cl_x", "profile": "direct", "target_level": 0, "vars": {}}
-    assert cluster_vars(None, cl, "exporter", {})["python"] == "~/evc/venv/bin/python"  # type: ignore[arg-type]
-    assert cluster_vars(None, cl, "fl-client", {})["python"] == "~/evc/venv/bin/python"  # type: ignore[arg-type]
-    assert "python" not in cluster_vars(None, cl, "exporter", {"mode": "container"})  # type: ignore[arg-type]
+    assert cluster_vars(None, settings, cl, "exporter", {})["python"] == "~/evc/venv/bin/python"  # type: ignore[arg-type]
+    assert cluster_vars(None, settings, cl, "fl-client", {})["python"] == "~/evc/venv/bin/python"  # type: ignore[arg-type]
+    assert "python" not in cluster_vars(None, settings, cl, "exporter", {"mode": "container"})  # type: ignore[arg-type]
     assert fl_python(cl) == "python3" and fl_python({**cl, "target_level": 2}) == "~/evc/venv/bin/python"
     own = {**cl, "target_level": 4, "vars": {"devenv": {"venv": "envs/a"}, "fl-client": {"python": "/opt/py"}}}
-    assert cluster_vars(None, own, "exporter", {})["python"] == "~/envs/a/bin/python"  # type: ignore[arg-type]
+    assert cluster_vars(None, settings, own, "exporter", {})["python"] == "~/envs/a/bin/python"  # type: ignore[arg-type]
     assert fl_python(own) == "/opt/py"
