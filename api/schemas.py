@@ -127,8 +127,24 @@ class JobSchema(Schema):
     retry_of = fields.String(allow_none=True)
 
 
+class Projected(fields.List):
+    """A list of records the store keeps as plain JSON values, dumped by projecting each record
+    onto *schema*'s fields (what marshmallow's dump of those pass-through fields gives, without
+    its per-field cost: a page of 200 jobs in well under a millisecond); documented as
+    ``List(Nested(schema))``."""
+
+    def __init__(self, schema: type[Schema], **kwargs: Any) -> None:
+        super().__init__(fields.Nested(schema), **kwargs)
+        self.names = tuple(schema._declared_fields)
+
+    def _serialize(self, value: Any, attr: Any, obj: Any, **kwargs: Any) -> Any:
+        if value is None:
+            return None
+        return [{n: rec[n] for n in self.names if n in rec} for rec in value]
+
+
 class JobPageSchema(PageSchema):
-    items = fields.List(fields.Nested(JobSchema))
+    items = Projected(JobSchema)
 
 
 class JobListArgs(PageArgs):

@@ -140,6 +140,21 @@ return 1
 # Run one write for (job, attempt) only while that attempt runs the job with a live lease:
 # KEYS[1] the job, KEYS[2] the key written; ARGV[1] prefix, ARGV[2] id, ARGV[3] attempt, ARGV[4]
 # the command, ARGV[5..] its arguments. Returns {ok, the command's reply}; ok 0: stale.
+# Records KEYS as one JSON array: each hash's fields are already JSON values (see _dump), so
+# Redis joins them into documents and the client parses one reply, not one per record.
+_GET_MANY = """
+local out = {}
+for _, key in ipairs(KEYS) do
+  local h = redis.call('HGETALL', key)
+  if #h > 0 then
+    local parts = {}
+    for j = 1, #h, 2 do parts[#parts + 1] = cjson.encode(h[j]) .. ':' .. h[j + 1] end
+    out[#out + 1] = '{' .. table.concat(parts, ',') .. '}'
+  end
+end
+return '[' .. table.concat(out, ',') .. ']'
+"""
+
 _FENCED = (
     _JOB_LUA
     + """
@@ -289,6 +304,7 @@ class Store:
         self._start = self.r.register_script(_START)
         self._renew = self.r.register_script(_RENEW)
         self._fenced = self.r.register_script(_FENCED)
+        self._many = self.r.register_script(_GET_MANY)
         self._expired = self.r.register_script(_EXPIRED)
         self._lost = self.r.register_script(_LOST)
         self._take_over = self.r.register_script(_TAKE_OVER)
@@ -324,6 +340,12 @@ class Store:
 
     def _get_many(self, kind: str, ids: Iterable[str]) -> list[JSON]:
         ids = [i for i in ids if ID_RE.match(i)]
+        if not ids:
+            return []
+        try:
+            return list(json.loads(self._many(keys=[self.k(kind, i) for i in ids])))
+        except ValueError:  # a field that is not a JSON value (written by hand): field by field
+            pass
         pipe = self.r.pipeline(transaction=False)
         for i in ids:
             pipe.hgetall(self.k(kind, i))
