@@ -47,7 +47,8 @@ from evc.sim.device import (
     key_identity,
     write_state,
 )
-from evc.sim.session import process_factory
+from evc.sim.namespaces import Isolation, isolation_for
+from evc.sim.session import NamespacedSession, process_factory
 from evc.sim.sftp import sftp_factory
 from evc.sim.spawn import ChildProcess, Spawner
 
@@ -94,6 +95,13 @@ class _DeviceSSHServer(asyncssh.SSHServer):
     def public_key_auth_supported(self) -> bool:
         return True
 
+    def session_requested(self) -> bool | asyncssh.SSHServerSession[bytes]:
+        # (asked only on a root device's listener, which passes asyncssh no process factory)
+        rt = self._rt
+        assert rt.spawner is not None
+        handler = process_factory(rt.device, rt.account, rt.children, rt.spawner, rt.isolation)
+        return NamespacedSession(handler, None, 0, False)
+
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> bool:
         return True  # like sshd's AllowTcpForwarding yes: a device can serve as a jump host
 
@@ -114,6 +122,8 @@ class _Runtime:
     opening: asyncio.Task[None] | None = None
     connections: set[asyncssh.SSHServerConnection] = field(default_factory=set)
     children: set[ChildProcess] = field(default_factory=set)
+    isolation: Isolation | None = None
+    spawner: Spawner | None = None
 
 
 class Simulator:
@@ -244,7 +254,9 @@ class Simulator:
             home=home,
             privilege=privilege,
         )
-        rt = _Runtime(device, account, host_key)
+        rt = _Runtime(device, account, host_key, spawner=self._spawner)
+        if privilege == "root":  # root only in namespaces of its own: see evc.sim.namespaces
+            rt.isolation = isolation_for(name, self.root_dir / "devices" / name, home)
         self._bind(rt)
         device.port = rt.sock.getsockname()[1] if rt.sock else port
         self._devices[name] = rt
@@ -332,8 +344,11 @@ class Simulator:
                 sock=sock,
                 server_factory=lambda: _DeviceSSHServer(rt),
                 server_host_keys=[rt.host_key],
-                process_factory=process_factory(dev, rt.account, rt.children, self._spawner),
-                sftp_factory=sftp_factory(dev, rt.account),
+                # a root device's sessions, SFTP included, run in its namespaces: session_requested()
+                process_factory=process_factory(dev, rt.account, rt.children, self._spawner)
+                if rt.isolation is None
+                else None,
+                sftp_factory=sftp_factory(dev, rt.account) if rt.isolation is None else None,
                 allow_scp=False,  # `scp -O` runs the device's real scp instead
                 encoding=None,
                 line_editor=False,

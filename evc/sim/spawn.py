@@ -34,6 +34,7 @@ import array
 import asyncio
 import collections
 import contextlib
+import errno
 import fcntl
 import functools
 import logging
@@ -52,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # (not imported at run time: the helper runs this file without the package)
     from evc.sim.accounts import Account
+    from evc.sim.namespaces import Isolation
 
 log = logging.getLogger(__name__)
 
@@ -300,8 +302,11 @@ def helpers_supported() -> bool:
 class _Helper:
     """The simulator's end of one account's spawner process."""
 
-    def __init__(self, account: Account, on_gone: Callable[[_Helper], None]) -> None:
+    def __init__(
+        self, account: Account, on_gone: Callable[[_Helper], None], isolation: Isolation | None = None
+    ) -> None:
         self.account = account
+        self.isolation = isolation
         self.loop = asyncio.get_running_loop()
         self.started = 0  # commands started through it
         self.dead = False
@@ -318,6 +323,7 @@ class _Helper:
                 str(account.uid),
                 str(account.gid),
                 groups,
+                *([isolation.to_arg()] if isolation is not None else []),
             ]
             popen = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -460,7 +466,7 @@ class Spawner:
             helpers = os.environ.get(HELPERS_ENV, "1") != "0"
         self.use_helpers = helpers and helpers_supported()
         commands_start_with_default_signals()
-        self._helpers: dict[Account, _Helper] = {}
+        self._helpers: dict[tuple[Account, Isolation | None], _Helper] = {}
         self._retired: list[_Helper] = []
         self._broken: set[Account] = set()
 
@@ -475,13 +481,25 @@ class Spawner:
         stdout: int,
         stderr: int,
         controlling_tty: bool = False,
+        isolation: Isolation | None = None,
     ) -> ChildProcess:
         """Start *argv* as *account* leading a new session, with the given stdio descriptors (and
-        stdin as its controlling terminal, if *controlling_tty*).
+        stdin as its controlling terminal, if *controlling_tty*); inside the namespaces
+        *isolation* describes, if given (always through a spawner process of its own).
 
         The descriptors stay the caller's to close once this returns. Raises OSError when the
         command cannot start (a missing working directory, for one).
         """
+        if isolation is not None:  # never started anywhere else: that would be the host's uid 0
+            if not self.use_helpers:
+                raise OSError(errno.ENOSYS, "a simulated root device needs spawner processes (Linux)")
+            try:
+                return await self._helper(account, isolation).spawn(
+                    argv, cwd, env, (stdin, stdout, stderr), controlling_tty
+                )
+            except _HelperUnavailable:
+                why = "the device's namespaces are not available (see the simulator's log)"
+                raise OSError(errno.EAGAIN, why) from None
         if (controlling_tty or not account.is_self) and self.use_helpers and account not in self._broken:
             try:
                 return await self._helper(account).spawn(argv, cwd, env, (stdin, stdout, stderr), controlling_tty)
@@ -492,23 +510,26 @@ class Spawner:
             controlling_tty=controlling_tty,
         )  # fmt: skip
 
-    def _helper(self, account: Account) -> _Helper:
-        helper = self._helpers.get(account)
+    def _helper(self, account: Account, isolation: Isolation | None = None) -> _Helper:
+        key = (account, isolation)
+        helper = self._helpers.get(key)
         if helper is None or helper.dead:
             try:
-                helper = _Helper(account, self._helper_gone)
+                helper = _Helper(account, self._helper_gone, isolation)
             except OSError as exc:
                 log.warning("cannot start a spawner process for %s (%s): using setpriv", account.name, exc)
-                self._broken.add(account)
+                if isolation is None:
+                    self._broken.add(account)
                 raise _HelperUnavailable from exc
-            self._helpers[account] = helper
+            self._helpers[key] = helper
         return helper
 
     def _helper_gone(self, helper: _Helper) -> None:
-        if self._helpers.get(helper.account) is helper:
-            del self._helpers[helper.account]
+        key = (helper.account, helper.isolation)
+        if self._helpers.get(key) is helper:
+            del self._helpers[key]
         self._retired.append(helper)
-        if not helper.started:  # it never worked: don't try again
+        if not helper.started and helper.isolation is None:  # it never worked: don't try again
             log.warning("commands of %s start through setpriv from now on", helper.account.name)
             self._broken.add(helper.account)
 
@@ -540,6 +561,8 @@ def _helper_main(args: Sequence[str]) -> int:  # pragma: no cover - runs in the 
     """
     fd, uid, gid = int(args[0]), int(args[1]), int(args[2])
     groups = [int(g) for g in args[3].split(",") if g]
+    if len(args) > 4:  # a root device's spawner: its commands run in namespaces of their own
+        _enter_namespaces(args[4])
     sock = socket.socket(fileno=fd)
     sock.set_inheritable(False)
     sock.setblocking(False)
@@ -592,6 +615,45 @@ def _helper_main(args: Sequence[str]) -> int:  # pragma: no cover - runs in the 
 
 
 _BATCH = 64
+
+_CLONE_NEWNS, _CLONE_NEWUTS, _CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+_MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 1 << 18
+
+
+def _enter_namespaces(spec: str) -> None:  # pragma: no cover - runs in the spawner process
+    """Enter new mount, UTS and IPC namespaces as :class:`evc.sim.namespaces.Isolation` describes
+    (*spec* is its ``to_arg()``): overlays over the system directories, the kept directories
+    bound back, the device's hostname."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def check(rc: int, what: str) -> None:
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+    def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+        rc = libc.mount(
+            source.encode() if source else None, target.encode(), fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags), data.encode() if data else None,
+        )  # fmt: skip
+        check(rc, f"mount {target}")
+
+    hostname, *rest = spec.split("\n")
+    overlays = [r.split("|") for r in rest if not r.startswith("=")]
+    keep = [r[1:] for r in rest if r.startswith("=")]
+    check(libc.unshare(_CLONE_NEWNS | _CLONE_NEWUTS | _CLONE_NEWIPC), "unshare")
+    mount(None, "/", None, _MS_REC | _MS_PRIVATE, None)  # nothing done here reaches the host
+    kept = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY)) for path in keep]  # before overlays hide them
+    for directory, upper, work in overlays:
+        mount("overlay", directory, "overlay", 0, f"lowerdir={directory},upperdir={upper},workdir={work}")
+    for path, fd in kept:
+        os.makedirs(path, exist_ok=True)  # (in the overlay: a copy-up, the host is untouched)
+        mount(f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC, None)
+        os.close(fd)
+    encoded = hostname.encode()
+    check(libc.sethostname(encoded, ctypes.c_size_t(len(encoded))), "sethostname")
 
 
 def _send_replies(sock: socket.socket, replies: list[tuple[Any, ...]]) -> None:  # pragma: no cover - helper
