@@ -15,7 +15,7 @@ import pytest
 
 from evc.sim import SimDevice
 from evc.sim.accounts import running_as_root
-from evc.sim.namespaces import Isolation
+from evc.sim.namespaces import UID_BASE, Isolation
 from evc.sim.session import sftp_server
 from tests.fixtures.sim import MakeDevices, connect, run_ansible
 
@@ -38,7 +38,7 @@ async def _run(dev: SimDevice, key: Path, *commands: str) -> list[tuple[int, str
 def test_root_device_writes_etc_and_usr_in_its_own_view_only(sim_devices: MakeDevices, evc_key_path: Path) -> None:
     dev, other = sim_devices(2, privilege="root")
     marker = f"evc-sim-marker-{secrets.token_hex(6)}"
-    etc, usr = Path("/etc") / marker, Path("/usr/local") / marker
+    etc, usr, top = Path("/etc") / marker, Path("/usr/local") / marker, Path("/") / marker
     try:
         results = asyncio.run(
             _run(
@@ -47,7 +47,8 @@ def test_root_device_writes_etc_and_usr_in_its_own_view_only(sim_devices: MakeDe
                 f"echo x > {etc} && mkdir -p /usr/local && echo y > {usr}",
                 f"cat {etc} {usr}",
                 "hostname",
-                "cd && pwd",
+                "cd && pwd && echo h > home-file && ls -ln home-file",
+                f"touch {top}; cat /proc/self/uid_map",
             )
         )  # fmt: skip
         other_sees = asyncio.run(_run(other, evc_key_path, f"cat {etc}"))[0]
@@ -55,12 +56,19 @@ def test_root_device_writes_etc_and_usr_in_its_own_view_only(sim_devices: MakeDe
         assert results[1][0] == 0, results[1]
         assert results[2] == (0, "x\ny\n", ""), results[2]  # the next command sees what the last wrote
         assert results[3][1].strip() == dev.name
-        assert results[4][1].strip() == str(dev.home)  # the home is the one the simulator serves
+        pwd, listing = results[4][1].splitlines()
+        assert pwd == str(dev.home)  # the home is the one the simulator serves, root's inside
+        assert listing.split()[2:4] == ["0", "0"]
+        assert (dev.home / "home-file").stat().st_uid == 0  # and the host's root's outside
+        # root in a user namespace of its own: an unprivileged uid of the host
+        rc, out, err = results[5]
+        assert "Permission denied" in err
+        assert out.split() == ["0", str(UID_BASE), "65536"]
         assert other_sees[0] != 0  # another device has its own /etc
         assert not etc.exists() and not usr.exists()  # the host is untouched
         assert socket.gethostname() != dev.name
     finally:
-        for p in (etc, usr):
+        for p in (etc, usr, top):
             p.unlink(missing_ok=True)
 
 
@@ -108,11 +116,20 @@ def test_root_device_sftp_and_ansible_write_etc_in_its_own_view(
         subprocess.run(["rm", "-rf", f"/opt/{marker}"], check=False)
 
 
-def test_isolation_keeps_a_home_under_an_overlaid_directory(tmp_path: Path) -> None:
+def test_isolation_of_a_root_device(tmp_path: Path) -> None:
     from evc.sim.namespaces import isolation_for
 
     iso = isolation_for("d1", tmp_path / "devices" / "d1", Path("/var/lib/evcsim/sims/x/homes/d1"))
     assert isinstance(iso, Isolation)
     assert [o[0] for o in iso.overlays][:3] == ["/etc", "/usr", "/var"]
     assert iso.keep == ("/var/lib/evcsim/sims/x/homes/d1",)
+    assert iso.uid_base == UID_BASE
     assert all(Path(upper).is_dir() and Path(work).is_dir() for _, upper, work in iso.overlays)
+
+
+def test_state_directory_inside_a_system_directory_is_refused() -> None:
+    from evc.errors import ConfigError
+    from evc.sim.namespaces import isolation_for
+
+    with pytest.raises(ConfigError, match="inside /var"):
+        isolation_for("d1", Path("/var/evc-sim-never-made/devices/d1"), Path("/tmp/home"))

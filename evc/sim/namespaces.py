@@ -1,18 +1,28 @@
-"""The private system view of a simulated ``root`` device: its own mount (and UTS, IPC) namespace.
+"""A simulated ``root`` device is root only in namespaces of its own: it never changes the host.
 
-A simulated root device's commands run as uid 0, so without this a playbook that installs a
-package or writes ``/etc`` on it would change the host. Instead, every command and SFTP session
-of a root device is started by that device's own spawner process (see :mod:`evc.sim.spawn`),
-which first enters new mount, UTS and IPC namespaces and there mounts an overlay over each of
-:data:`SYSTEM_DIRS`: the host's directory is the read-only lower layer, and what the device
-writes lands in an upper directory in the device's state directory
-(``<simulator root>/devices/<name>/upper/...``). All of a device's commands share that one
-view, so a file one command writes to ``/etc`` is seen by the next, never by the host nor by
-another device; the device's hostname is its own too. The device's home stays the real
-directory the simulator serves (bound back in when it lies under an overlaid directory).
+Without this, a root device's commands would run as the host's uid 0, and a playbook that
+installs a package or writes ``/etc`` on it would change the host. Instead, every command and
+SFTP session of a root device is started by that device's own spawner process (see
+:mod:`evc.sim.spawn`), which first makes, and keeps for as long as the device is served:
 
-What this does not isolate: the host's network, processes and ``/proc``/``/sys``, ``/tmp`` and
-``/run`` (a root device is still the host's uid 0 there).
+* a **mount namespace** with an overlay over each of :data:`SYSTEM_DIRS` (and
+  :data:`OPTIONAL_DIRS`): the host's directory is the lower layer, and what the device writes
+  lands in an upper directory in the device's state directory
+  (``<simulator root>/devices/<name>/upper/...``). All of a device's commands share this one
+  view, so a file one command writes to ``/etc`` is seen by the next one, never by the host nor
+  by another device. The device's home is the real directory the simulator serves.
+* a **user namespace** whose uid 0 is the host's unprivileged uid :data:`UID_BASE` (65536 ids):
+  ``id -u`` prints 0 and root's powers hold over the device's own files, but the host sees an
+  unprivileged uid (no writing the host's files, signalling its processes or changing its
+  kernel settings). The overlays' lower layers and the home are idmapped mounts, so the host's
+  root-owned files are root's inside too; the device's writes land on disk owned by the
+  unprivileged uid (upper directories) or by the host's root (the home). Where the kernel or
+  file system has no idmapped mounts, the device stays the host's uid 0 in its private mount
+  namespace, with a warning.
+* **UTS and IPC namespaces**: the device's hostname is its name, and its own to change.
+
+Shared with the host: the network (devices reach the controller on loopback), process ids,
+``/tmp`` and ``/run`` (as an unprivileged uid).
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ SYSTEM_DIRS: tuple[str, ...] = ("/etc", "/usr", "/var", "/opt", "/srv")
 #: overlaid too, unless the simulator's own state lives under them (the default data directory
 #: is under /root)
 OPTIONAL_DIRS: tuple[str, ...] = ("/root", "/home")
+#: the host uid (and gid) that is uid 0 in a root device's user namespace; 65536 ids from it on
+UID_BASE = 0x70000000
 #: characters overlayfs's mount options cannot carry in a path
 _UNSAFE = frozenset(",:\\\n")
 
@@ -36,17 +48,24 @@ _UNSAFE = frozenset(",:\\\n")
 class Isolation:
     """The namespaces one root device's commands run in, as its spawner process sets them up.
 
-    ``overlays``: (directory, upper, work) triples; ``keep``: directories (the device's home)
-    that must stay the host's own even where they lie under an overlaid directory.
+    ``uid_base``: the host uid that is root in the device's user namespace (0: no user
+    namespace); ``overlays``: (directory, upper, work) triples; ``keep``: directories (the
+    device's home) that stay the host's own, not overlaid, wherever they lie.
     """
 
     hostname: str
+    uid_base: int
     overlays: tuple[tuple[str, str, str], ...]
     keep: tuple[str, ...]
 
     def to_arg(self) -> str:
         """One command-line argument for the spawner process (it parses it without the package)."""
-        parts = [self.hostname, *("|".join(o) for o in self.overlays), *("=" + k for k in self.keep)]
+        parts = [
+            self.hostname,
+            str(self.uid_base),
+            *("|".join(o) for o in self.overlays),
+            *("=" + k for k in self.keep),
+        ]
         return "\n".join(parts)
 
 
@@ -63,16 +82,15 @@ def isolation_for(name: str, state_dir: Path, home: Path) -> Isolation:
     state = state_dir.resolve()
     if any(c in _UNSAFE for c in str(state)):
         raise ConfigError(f"the simulator's state directory {state} contains one of , : \\ (overlayfs cannot use it)")
+    for directory in SYSTEM_DIRS:
+        if _under(state, directory):
+            raise ConfigError(
+                f"simulated root devices keep their private {directory} in {state}, which is inside "
+                f"{directory}; put the simulator's root directory elsewhere (for example under /root or /tmp)"
+            )
     overlays = []
     for directory in (*SYSTEM_DIRS, *OPTIONAL_DIRS):
-        if not os.path.isdir(directory) or os.path.islink(directory):
-            continue
-        if _under(state, directory):
-            if directory in SYSTEM_DIRS:
-                raise ConfigError(
-                    f"simulated root devices keep their private {directory} in {state}, which is inside "
-                    f"{directory}; put the simulator's root directory elsewhere (for example under /root or /tmp)"
-                )
+        if not os.path.isdir(directory) or os.path.islink(directory) or _under(state, directory):
             continue
         sub = directory.strip("/")
         upper, work = state / "upper" / sub, state / "work" / sub
@@ -81,5 +99,4 @@ def isolation_for(name: str, state_dir: Path, home: Path) -> Isolation:
         os.chmod(upper, os.stat(directory).st_mode & 0o7777)  # the overlay's top takes the upper's mode
         overlays.append((directory, str(upper), str(work)))
     os.chmod(state, 0o700)
-    keep = (str(home.resolve()),) if any(_under(home.resolve(), o[0]) for o in overlays) else ()
-    return Isolation(hostname=name, overlays=tuple(overlays), keep=keep)
+    return Isolation(hostname=name, uid_base=UID_BASE, overlays=tuple(overlays), keep=(str(home.resolve()),))

@@ -280,12 +280,15 @@ async def _start(
         _set_winsize(master, process.term_size)
         tty_name = os.ttyname(slave)
         env.update(TERM=term, SSH_TTY=tty_name)
-        if not account.is_self:  # like sshd: the session's terminal belongs to its user
+        # like sshd: the session's terminal belongs to its user (on a root device, the host uid
+        # that is root in its user namespace)
+        shift = isolation.uid_base if isolation is not None else 0
+        if not account.is_self or shift:
             try:
-                tty_gid = grp.getgrnam("tty").gr_gid
+                tty_gid = grp.getgrnam("tty").gr_gid + shift
             except KeyError:
                 tty_gid = -1
-            os.chown(tty_name, account.uid, tty_gid)
+            os.chown(tty_name, account.uid + shift, tty_gid)
             os.chmod(tty_name, 0o620)
         child = await spawner.spawn(
             argv, account, cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave, controlling_tty=True,
