@@ -7,7 +7,9 @@ presents the same key), home directory (``root_dir/homes/<name>``) and
 homes and sudo stand-ins go to ``/var/lib/evcsim/sims/<digest of root_dir>`` instead.)
 Commands run for real (:mod:`evc.sim.session`, started as :mod:`evc.sim.spawn` describes), SFTP
 is served on real paths (:mod:`evc.sim.sftp`), and each device presents one privilege level
-(:mod:`evc.sim.accounts`). Faults are injected per device with :meth:`Simulator.set_fault`.
+(:mod:`evc.sim.accounts`); a root device is root only in namespaces of its own, SFTP included
+(:mod:`evc.sim.namespaces`), and its private files are kept in ``root_dir/devices/<name>``.
+Faults are injected per device with :meth:`Simulator.set_fault`.
 """
 
 from __future__ import annotations

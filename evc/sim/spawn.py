@@ -7,6 +7,9 @@ many commands a second, so how it starts them matters:
   there is no ``preexec_fn`` and no ``user``/``group``/``extra_groups``; with them it
   ``fork``\\ s, copying the page tables of the whole simulator, and the loop blocks until the
   child has ``exec``\\ ed. Commands of the simulator's own user start with ``vfork`` directly.
+  Commands (and SFTP) of a ``root`` device always go to a spawner of that device's own, which
+  first enters the device's namespaces (:mod:`evc.sim.namespaces`) so that its commands
+  inherit them; they never start any other way.
   Commands of another account (the ``user`` and ``sudo`` devices of a simulator run as root)
   go to a **spawner**: a small helper process per account, started once (``python -I -S`` on
   this file), that has switched to the account (supplementary groups, then gid, then uid, like
