@@ -29,6 +29,7 @@ from evc.provisioning.locks import device_lock
 from evc.provisioning.service import ProvisionRequest, provision, retry_job, submit_provision
 from evc.settings import Settings
 from evc.sim import SimDevice
+from evc.sim.namespaces import UID_BASE
 from evc.store import JSON, Store, new_id, now
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("flush")]
@@ -149,11 +150,15 @@ def artifacts(settings: Settings) -> Path:
 
 def stage_root(base: Path, dev: JSON, sim: SimDevice) -> Path:
     """The per-device system root the playbooks write to (``evc_sysroot``/<device id>),
-    owned by the device's account so that a sudo stand-in can write there too."""
+    owned by the device's account so that a sudo stand-in can write there too (a root device's
+    root is, on the host, the unprivileged uid its user namespace maps to root)."""
     root = base / dev["id"]
     root.mkdir(parents=True)
-    pw = pwd.getpwnam(sim.username)
-    os.chown(root, pw.pw_uid, pw.pw_gid)
+    if sim.privilege == "root":
+        os.chown(root, UID_BASE, UID_BASE)
+    else:
+        pw = pwd.getpwnam(sim.username)
+        os.chown(root, pw.pw_uid, pw.pw_gid)
     return root
 
 

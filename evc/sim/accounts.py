@@ -2,7 +2,9 @@
 
 Run as root, the simulator presents the levels for real:
 
-* ``root``: commands run as uid 0;
+* ``root``: commands run as uid 0 inside namespaces of the device's own, where uid 0 is an
+  unprivileged uid of the host and /etc, /usr, /var, ... are private overlays
+  (:mod:`evc.sim.namespaces`): a root device never changes the host;
 * ``sudo``: commands run as ``evcsim-sudo``, which ``/etc/sudoers.d/evcsim`` lets run anything
   through passwordless sudo;
 * ``user``: commands run as ``evcsim-user``, which sudo does not know.
@@ -128,9 +130,7 @@ class Accounts:
     def _resolve(self, privilege: Privilege) -> Account:
         if not running_as_root():
             if privilege == "root":
-                raise ConfigError(
-                    "a simulated root device needs the simulator to run as root (commands then really run as uid 0)"
-                )
+                raise ConfigError("a simulated root device needs the simulator to run as root (to make its namespaces)")
             me = pwd.getpwuid(os.geteuid())
             stand_in = self._shim("sudo-allow" if privilege == "sudo" else "sudo-deny")
             return Account(me.pw_name, me.pw_uid, me.pw_gid, tuple(os.getgroups()), stand_in)

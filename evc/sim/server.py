@@ -7,7 +7,9 @@ presents the same key), home directory (``root_dir/homes/<name>``) and
 homes and sudo stand-ins go to ``/var/lib/evcsim/sims/<digest of root_dir>`` instead.)
 Commands run for real (:mod:`evc.sim.session`, started as :mod:`evc.sim.spawn` describes), SFTP
 is served on real paths (:mod:`evc.sim.sftp`), and each device presents one privilege level
-(:mod:`evc.sim.accounts`). Faults are injected per device with :meth:`Simulator.set_fault`.
+(:mod:`evc.sim.accounts`); a root device is root only in namespaces of its own, SFTP included
+(:mod:`evc.sim.namespaces`), and its private files are kept in ``root_dir/devices/<name>``.
+Faults are injected per device with :meth:`Simulator.set_fault`.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ from evc.sim.device import (
     key_identity,
     write_state,
 )
-from evc.sim.session import process_factory
+from evc.sim.namespaces import Isolation, isolation_for
+from evc.sim.session import NamespacedSession, process_factory
 from evc.sim.sftp import sftp_factory
 from evc.sim.spawn import ChildProcess, Spawner
 
@@ -94,6 +97,13 @@ class _DeviceSSHServer(asyncssh.SSHServer):
     def public_key_auth_supported(self) -> bool:
         return True
 
+    def session_requested(self) -> bool | asyncssh.SSHServerSession[bytes]:
+        # (asked only on a root device's listener, which passes asyncssh no process factory)
+        rt = self._rt
+        assert rt.spawner is not None
+        handler = process_factory(rt.device, rt.account, rt.children, rt.spawner, rt.isolation)
+        return NamespacedSession(handler, None, 0, False)
+
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> bool:
         return True  # like sshd's AllowTcpForwarding yes: a device can serve as a jump host
 
@@ -114,6 +124,8 @@ class _Runtime:
     opening: asyncio.Task[None] | None = None
     connections: set[asyncssh.SSHServerConnection] = field(default_factory=set)
     children: set[ChildProcess] = field(default_factory=set)
+    isolation: Isolation | None = None
+    spawner: Spawner | None = None
 
 
 class Simulator:
@@ -244,7 +256,9 @@ class Simulator:
             home=home,
             privilege=privilege,
         )
-        rt = _Runtime(device, account, host_key)
+        rt = _Runtime(device, account, host_key, spawner=self._spawner)
+        if privilege == "root":  # root only in namespaces of its own: see evc.sim.namespaces
+            rt.isolation = isolation_for(name, self.root_dir / "devices" / name, home)
         self._bind(rt)
         device.port = rt.sock.getsockname()[1] if rt.sock else port
         self._devices[name] = rt
@@ -332,8 +346,11 @@ class Simulator:
                 sock=sock,
                 server_factory=lambda: _DeviceSSHServer(rt),
                 server_host_keys=[rt.host_key],
-                process_factory=process_factory(dev, rt.account, rt.children, self._spawner),
-                sftp_factory=sftp_factory(dev, rt.account),
+                # a root device's sessions, SFTP included, run in its namespaces: session_requested()
+                process_factory=process_factory(dev, rt.account, rt.children, self._spawner)
+                if rt.isolation is None
+                else None,
+                sftp_factory=sftp_factory(dev, rt.account) if rt.isolation is None else None,
                 allow_scp=False,  # `scp -O` runs the device's real scp instead
                 encoding=None,
                 line_editor=False,

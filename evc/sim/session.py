@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import fcntl
 import grp
+import inspect
 import logging
 import os
 import signal
@@ -27,14 +28,18 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import asyncssh
+from asyncssh.constants import EXTENDED_DATA_STDERR
 
 from evc.sim.accounts import Account
 from evc.sim.device import SimDevice
+from evc.sim.namespaces import Isolation
 from evc.sim.spawn import ChildProcess, Spawner
 
 log = logging.getLogger(__name__)
 
 SHELL = "/bin/sh"
+#: OpenSSH's sftp-server, which serves SFTP inside a root device's namespaces
+SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/lib/sftp-server", "/usr/libexec/openssh/sftp-server")
 CHUNK = 65536
 #: stop reading a command's output while the channel holds more than this unsent (asyncssh's
 #: default high-water mark: above it the channel pauses the session until the client's window
@@ -225,12 +230,22 @@ def session_env(process: ServerProcess, device: SimDevice, account: Account) -> 
     return env
 
 
-async def _start(process: ServerProcess, device: SimDevice, account: Account, spawner: Spawner) -> _Wiring:
+def sftp_server() -> str | None:
+    """The path of OpenSSH's sftp-server, if it is installed."""
+    return next((p for p in SFTP_SERVERS if os.access(p, os.X_OK)), None)
+
+
+async def _start(
+    process: ServerProcess, device: SimDevice, account: Account, spawner: Spawner, isolation: Isolation | None
+) -> _Wiring:
     """Start the session's command (see :mod:`evc.sim.spawn`) and wire it to the channel."""
     command = process.command
     term = process.term_type
     env = session_env(process, device, account)
-    if command is not None:
+    if process.subsystem is not None:  # sftp, on a root device (run_session checked)
+        argv = [sftp_server() or "sftp-server"]
+        term = None
+    elif command is not None:
         argv = [SHELL, "-c", command]
     else:
         argv = [SHELL, "-i"] if term else [SHELL]
@@ -247,7 +262,9 @@ async def _start(process: ServerProcess, device: SimDevice, account: Account, sp
         in_r, in_w, out_r, out_w, err_r, err_w = fds
         ours = (in_w, out_r, err_r)
         try:
-            child = await spawner.spawn(argv, account, cwd=cwd, env=env, stdin=in_r, stdout=out_w, stderr=err_w)
+            child = await spawner.spawn(
+                argv, account, cwd=cwd, env=env, stdin=in_r, stdout=out_w, stderr=err_w, isolation=isolation
+            )
         except BaseException:
             for fd in ours:
                 os.close(fd)
@@ -263,15 +280,19 @@ async def _start(process: ServerProcess, device: SimDevice, account: Account, sp
         _set_winsize(master, process.term_size)
         tty_name = os.ttyname(slave)
         env.update(TERM=term, SSH_TTY=tty_name)
-        if not account.is_self:  # like sshd: the session's terminal belongs to its user
+        # like sshd: the session's terminal belongs to its user (on a root device, the host uid
+        # that is root in its user namespace)
+        shift = isolation.uid_base if isolation is not None else 0
+        if not account.is_self or shift:
             try:
-                tty_gid = grp.getgrnam("tty").gr_gid
+                tty_gid = grp.getgrnam("tty").gr_gid + shift
             except KeyError:
                 tty_gid = -1
-            os.chown(tty_name, account.uid, tty_gid)
+            os.chown(tty_name, account.uid + shift, tty_gid)
             os.chmod(tty_name, 0o620)
         child = await spawner.spawn(
             argv, account, cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave, controlling_tty=True,
+            isolation=isolation,
         )  # fmt: skip
     except BaseException:
         os.close(master)
@@ -342,9 +363,12 @@ async def run_session(
     account: Account,
     children: set[ChildProcess],
     spawner: Spawner,
+    isolation: Isolation | None = None,
 ) -> None:
-    """asyncssh ``process_factory`` body: run the requested command or shell on the device."""
-    if process.subsystem is not None:
+    """asyncssh ``process_factory`` body: run the requested command or shell on the device (and,
+    on a root device, whose files the simulator must not touch as the host's root, SFTP: OpenSSH's
+    sftp-server in the device's namespaces)."""
+    if process.subsystem is not None and not (isolation is not None and process.subsystem == "sftp" and sftp_server()):
         process.stderr.write(f"subsystem {process.subsystem!r} is not served here\n".encode())
         process.exit(1)
         return
@@ -353,7 +377,7 @@ async def run_session(
     try:
         if mode == "slow":
             await asyncio.sleep(device.slow_s)
-        wiring = await _start(process, device, account, spawner)
+        wiring = await _start(process, device, account, spawner, isolation)
     except OSError as exc:
         process.stderr.write(f"sh: cannot run the command: {exc}\n".encode())
         process.exit(127)
@@ -389,19 +413,45 @@ async def run_session(
 
 
 def process_factory(
-    device: SimDevice, account: Account, children: set[ChildProcess], spawner: Spawner
+    device: SimDevice,
+    account: Account,
+    children: set[ChildProcess],
+    spawner: Spawner,
+    isolation: Isolation | None = None,
 ) -> Callable[[ServerProcess], Awaitable[None]]:
     """The ``process_factory`` for one device's listener."""
 
     async def handler(process: ServerProcess) -> None:
         try:
-            await run_session(process, device, account, children, spawner)
+            await run_session(process, device, account, children, spawner, isolation)
         except Exception:
             log.exception("%s: session failed", device.name)
             with contextlib.suppress(Exception):
                 process.exit(255)
 
     return handler
+
+
+class NamespacedSession(asyncssh.SSHServerProcess[bytes]):
+    """A session of a root device: like asyncssh's, but SFTP goes to the process factory too
+    (which runs OpenSSH's sftp-server in the device's namespaces) instead of to an SFTP server in
+    this process, which would act on the host's files as the host's root."""
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        return True  # (run_session refuses what it does not serve)
+
+    def session_started(self) -> None:
+        chan = self._chan
+        if chan is None or chan.get_subsystem() is None:
+            super().session_started()
+            return
+        stdin = asyncssh.SSHReader[bytes](self, chan)
+        stdout = asyncssh.SSHWriter[bytes](self, chan)
+        stderr = asyncssh.SSHWriter[bytes](self, chan, EXTENDED_DATA_STDERR)
+        assert self._session_factory is not None and self._conn is not None
+        handler = self._session_factory(stdin, stdout, stderr)
+        if inspect.isawaitable(handler):
+            self._conn.create_task(handler, stdin.logger)
 
 
 def filtered_env(env: Mapping[str, str]) -> dict[str, str]:

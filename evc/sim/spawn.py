@@ -7,6 +7,9 @@ many commands a second, so how it starts them matters:
   there is no ``preexec_fn`` and no ``user``/``group``/``extra_groups``; with them it
   ``fork``\\ s, copying the page tables of the whole simulator, and the loop blocks until the
   child has ``exec``\\ ed. Commands of the simulator's own user start with ``vfork`` directly.
+  Commands (and SFTP) of a ``root`` device always go to a spawner of that device's own, which
+  first enters the device's namespaces (:mod:`evc.sim.namespaces`) so that its commands
+  inherit them; they never start any other way.
   Commands of another account (the ``user`` and ``sudo`` devices of a simulator run as root)
   go to a **spawner**: a small helper process per account, started once (``python -I -S`` on
   this file), that has switched to the account (supplementary groups, then gid, then uid, like
@@ -34,6 +37,7 @@ import array
 import asyncio
 import collections
 import contextlib
+import errno
 import fcntl
 import functools
 import logging
@@ -52,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # (not imported at run time: the helper runs this file without the package)
     from evc.sim.accounts import Account
+    from evc.sim.namespaces import Isolation
 
 log = logging.getLogger(__name__)
 
@@ -300,8 +305,11 @@ def helpers_supported() -> bool:
 class _Helper:
     """The simulator's end of one account's spawner process."""
 
-    def __init__(self, account: Account, on_gone: Callable[[_Helper], None]) -> None:
+    def __init__(
+        self, account: Account, on_gone: Callable[[_Helper], None], isolation: Isolation | None = None
+    ) -> None:
         self.account = account
+        self.isolation = isolation
         self.loop = asyncio.get_running_loop()
         self.started = 0  # commands started through it
         self.dead = False
@@ -318,6 +326,7 @@ class _Helper:
                 str(account.uid),
                 str(account.gid),
                 groups,
+                *([isolation.to_arg()] if isolation is not None else []),
             ]
             popen = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -460,7 +469,7 @@ class Spawner:
             helpers = os.environ.get(HELPERS_ENV, "1") != "0"
         self.use_helpers = helpers and helpers_supported()
         commands_start_with_default_signals()
-        self._helpers: dict[Account, _Helper] = {}
+        self._helpers: dict[tuple[Account, Isolation | None], _Helper] = {}
         self._retired: list[_Helper] = []
         self._broken: set[Account] = set()
 
@@ -475,13 +484,25 @@ class Spawner:
         stdout: int,
         stderr: int,
         controlling_tty: bool = False,
+        isolation: Isolation | None = None,
     ) -> ChildProcess:
         """Start *argv* as *account* leading a new session, with the given stdio descriptors (and
-        stdin as its controlling terminal, if *controlling_tty*).
+        stdin as its controlling terminal, if *controlling_tty*); inside the namespaces
+        *isolation* describes, if given (always through a spawner process of its own).
 
         The descriptors stay the caller's to close once this returns. Raises OSError when the
         command cannot start (a missing working directory, for one).
         """
+        if isolation is not None:  # never started anywhere else: that would be the host's uid 0
+            if not self.use_helpers:
+                raise OSError(errno.ENOSYS, "a simulated root device needs spawner processes (Linux)")
+            try:
+                return await self._helper(account, isolation).spawn(
+                    argv, cwd, env, (stdin, stdout, stderr), controlling_tty
+                )
+            except _HelperUnavailable:
+                why = "the device's namespaces are not available (see the simulator's log)"
+                raise OSError(errno.EAGAIN, why) from None
         if (controlling_tty or not account.is_self) and self.use_helpers and account not in self._broken:
             try:
                 return await self._helper(account).spawn(argv, cwd, env, (stdin, stdout, stderr), controlling_tty)
@@ -492,23 +513,26 @@ class Spawner:
             controlling_tty=controlling_tty,
         )  # fmt: skip
 
-    def _helper(self, account: Account) -> _Helper:
-        helper = self._helpers.get(account)
+    def _helper(self, account: Account, isolation: Isolation | None = None) -> _Helper:
+        key = (account, isolation)
+        helper = self._helpers.get(key)
         if helper is None or helper.dead:
             try:
-                helper = _Helper(account, self._helper_gone)
+                helper = _Helper(account, self._helper_gone, isolation)
             except OSError as exc:
                 log.warning("cannot start a spawner process for %s (%s): using setpriv", account.name, exc)
-                self._broken.add(account)
+                if isolation is None:
+                    self._broken.add(account)
                 raise _HelperUnavailable from exc
-            self._helpers[account] = helper
+            self._helpers[key] = helper
         return helper
 
     def _helper_gone(self, helper: _Helper) -> None:
-        if self._helpers.get(helper.account) is helper:
-            del self._helpers[helper.account]
+        key = (helper.account, helper.isolation)
+        if self._helpers.get(key) is helper:
+            del self._helpers[key]
         self._retired.append(helper)
-        if not helper.started:  # it never worked: don't try again
+        if not helper.started and helper.isolation is None:  # it never worked: don't try again
             log.warning("commands of %s start through setpriv from now on", helper.account.name)
             self._broken.add(helper.account)
 
@@ -540,6 +564,8 @@ def _helper_main(args: Sequence[str]) -> int:  # pragma: no cover - runs in the 
     """
     fd, uid, gid = int(args[0]), int(args[1]), int(args[2])
     groups = [int(g) for g in args[3].split(",") if g]
+    if len(args) > 4:  # a root device's spawner: its commands run in namespaces of their own
+        _enter_namespaces(args[4])
     sock = socket.socket(fileno=fd)
     sock.set_inheritable(False)
     sock.setblocking(False)
@@ -592,6 +618,136 @@ def _helper_main(args: Sequence[str]) -> int:  # pragma: no cover - runs in the 
 
 
 _BATCH = 64
+
+_CLONE_NEWNS, _CLONE_NEWUTS, _CLONE_NEWIPC, _CLONE_NEWUSER = 0x00020000, 0x04000000, 0x08000000, 0x10000000
+_MS_REC, _MS_PRIVATE = 0x4000, 1 << 18
+# the new mount API (the same numbers on every architecture)
+_SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_MOUNT_SETATTR = 428, 429, 442
+_OPEN_TREE_CLONE, _OPEN_TREE_CLOEXEC, _AT_EMPTY_PATH, _AT_FDCWD = 1, os.O_CLOEXEC, 0x1000, -100
+_MOUNT_ATTR_IDMAP, _MOVE_MOUNT_F_EMPTY_PATH = 0x00100000, 4
+_ID_COUNT = 65536
+
+
+def _enter_namespaces(spec: str) -> None:  # pragma: no cover - runs in the spawner process
+    """Enter the namespaces :class:`evc.sim.namespaces.Isolation` describes (*spec* is its
+    ``to_arg()``): a new mount namespace with overlays over the system directories and the kept
+    directories (the home) on top again, then (where the kernel allows) a new user namespace
+    whose uid 0 is an unprivileged uid of the host, then new UTS and IPC namespaces with the
+    device's hostname.
+
+    The directories are idmapped mounts for the user namespace: a file the host's root owns is
+    root's inside too, and what the device writes lands on disk as its unprivileged uid (in the
+    overlays' upper directories) or as the host's root (in the home). Where idmapped mounts are
+    not supported the commands stay the host's uid 0, in the private mount namespace.
+    """
+    import ctypes
+    import struct
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def check(rc: int, what: str) -> int:
+        if rc < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+        return rc
+
+    def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+        rc = libc.mount(
+            source.encode() if source else None, target.encode(), fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags), data.encode() if data else None,
+        )  # fmt: skip
+        check(rc, f"mount {target}")
+
+    def idmapped_clone(path: str, userns: int) -> int:
+        """A detached copy of the mount at *path* that shows the host's ids as *userns* sees them."""
+        flags = _OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC
+        tree = check(libc.syscall(_SYS_OPEN_TREE, _AT_FDCWD, path.encode(), flags), f"open_tree {path}")
+        attr = ctypes.create_string_buffer(struct.pack("QQQQ", _MOUNT_ATTR_IDMAP, 0, 0, userns), 32)
+        try:
+            check(libc.syscall(_SYS_MOUNT_SETATTR, tree, b"", _AT_EMPTY_PATH, attr, 32), f"idmap {path}")
+        except OSError:
+            os.close(tree)
+            raise
+        return tree
+
+    def attach(tree: int, target: str) -> None:
+        check(libc.syscall(_SYS_MOVE_MOUNT, tree, b"", _AT_FDCWD, target.encode(), _MOVE_MOUNT_F_EMPTY_PATH),
+              f"move_mount {target}")  # fmt: skip
+        os.close(tree)
+
+    hostname, uid_base_text, *rest = spec.split("\n")
+    uid_base = int(uid_base_text)
+    overlays = [r.split("|") for r in rest if not r.startswith("=")]
+    keep = [r[1:] for r in rest if r.startswith("=")]
+    check(libc.unshare(_CLONE_NEWNS), "unshare")
+    mount(None, "/", None, _MS_REC | _MS_PRIVATE, None)  # nothing done here reaches the host
+    userns = _new_user_namespace(libc, uid_base) if uid_base else -1
+    trees: dict[str, int] = {}
+    if userns >= 0:
+        try:
+            for path in [o[0] for o in overlays] + keep:
+                trees[path] = idmapped_clone(path, userns)
+        except OSError as exc:
+            print(f"evc sim {hostname}: no idmapped mounts here ({exc}): the device's root is the host's "
+                  "root, in a private mount namespace", file=sys.stderr)  # fmt: skip
+            for tree in trees.values():
+                os.close(tree)
+            trees.clear()
+            os.close(userns)
+            userns = -1
+    if userns < 0:  # the kept directories as they are, taken before the overlays hide them
+        trees = {path: check(libc.syscall(_SYS_OPEN_TREE, _AT_FDCWD, path.encode(), _OPEN_TREE_CLONE
+                                          | _OPEN_TREE_CLOEXEC), f"open_tree {path}") for path in keep}  # fmt: skip
+    for directory, upper, work in overlays:
+        st = os.stat(directory)  # the top of the overlay is the upper directory: the host's owner
+        shift = uid_base if userns >= 0 else 0
+        os.chown(upper, st.st_uid + shift, st.st_gid + shift)
+        if directory in trees:
+            attach(trees.pop(directory), directory)  # the lower layer: the host's, idmapped
+        mount("overlay", directory, "overlay", 0, f"lowerdir={directory},upperdir={upper},workdir={work}")
+    for path in keep:
+        os.makedirs(path, exist_ok=True)  # (in an overlay: a copy-up, the host is untouched)
+        attach(trees.pop(path), path)
+    if userns >= 0:
+        check(libc.setns(userns, _CLONE_NEWUSER), "setns")
+        os.close(userns)
+        os.setgroups([])
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+    check(libc.unshare(_CLONE_NEWUTS | _CLONE_NEWIPC), "unshare")  # (owned by the user namespace)
+    encoded = hostname.encode()
+    check(libc.sethostname(encoded, ctypes.c_size_t(len(encoded))), "sethostname")
+
+
+def _new_user_namespace(libc: Any, uid_base: int) -> int:  # pragma: no cover - in the spawner process
+    """A user namespace whose ids 0-65535 are the host's *uid_base*... (a descriptor); -1 where
+    none can be made."""
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a child that makes the namespace and waits until we hold it
+        os.close(ready_r)
+        os.close(done_w)
+        ok = libc.unshare(_CLONE_NEWUSER) == 0
+        os.write(ready_w, b"1" if ok else b"0")
+        os.read(done_r, 1)
+        os._exit(0)
+    os.close(ready_w)
+    os.close(done_r)
+    try:
+        if os.read(ready_r, 1) != b"1":
+            return -1
+        for kind in ("uid_map", "gid_map"):
+            with open(f"/proc/{pid}/{kind}", "w") as f:
+                f.write(f"0 {uid_base} {_ID_COUNT}\n")
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        print(f"evc sim: no user namespace ({exc})", file=sys.stderr)
+        return -1
+    finally:
+        os.close(ready_r)
+        os.close(done_w)
+        os.waitpid(pid, 0)
 
 
 def _send_replies(sock: socket.socket, replies: list[tuple[Any, ...]]) -> None:  # pragma: no cover - helper
