@@ -75,7 +75,7 @@ def _running_api_url(data_dir: Path) -> str | None:
 
 
 def _fail(exc: Exception) -> None:
-    err_console.print(f"[red]error:[/red] {exc}")
+    err_console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
     sys.exit(2)
 
 
@@ -255,7 +255,7 @@ def flower(c: Ctx, port: int, address: str) -> None:
     try:
         fl = flower_.launch(c.settings, port, address)
     except EVCError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
+        err_console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         sys.exit(2)
     kept = c.settings.data_dir / flower_.AUTH_FILE
     err_console.print(f"Flower on {fl.url} (API: {fl.url}/api/workers, /api/tasks) — basic auth: user "

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -122,19 +124,36 @@ def register(store: Store, fleet: list[SimDevice]) -> Iterator[Register]:
         store.delete_device(dev_id)
 
 
+@pytest.fixture
+def device_readable() -> Iterator[Path]:
+    """A directory the simulated devices can read: pytest's own temporary tree is private to
+    the host's root (0700), and a simulated root device is an unprivileged host uid."""
+    directory = Path(tempfile.mkdtemp(prefix="evc-fl-model-"))
+    directory.chmod(0o755)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
-def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
-    """``slow_model(default_s, {client_index: s})`` -> a ``module:`` model spec."""
-    directory = tmp_path_factory.mktemp("model")
+def slow_model() -> Iterator[Callable[..., str]]:
+    """``slow_model(default_s, {client_index: s})`` -> a ``module:`` model spec (in a directory
+    the simulated devices can read)."""
+    directory = Path(tempfile.mkdtemp(prefix="evc-fl-model-"))
     directory.chmod(0o755)
 
     def make(default_s: float, by_index: dict[int, float] | None = None) -> str:
         sleeps = {"default": default_s, **(by_index or {})}
         path = directory / f"slow_{abs(hash(repr(sorted(sleeps.items(), key=str))))}.py"
         path.write_text(f"SLEEP_S = {sleeps!r}\n" + SLOW_MODEL)
+        path.chmod(0o644)
         return f"module:{path}"
 
-    return make
+    try:
+        yield make
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _job_body(devices: list[JSON], rounds: int, **extra: Any) -> JSON:
@@ -487,14 +506,16 @@ init_params, fit, evaluate = _m.init_params, _m.fit, _m.evaluate
 
 
 def test_planted_module_never_runs_on_the_controller(api: Any, worker: Any, store: Store, register: Register,
-                                                     digits: Any, tmp_path: Path) -> None:  # fmt: skip
+                                                     digits: Any, device_readable: Path) -> None:  # fmt: skip
     """Issue 10.3: a ``module:`` model is device code. Through the API and a real worker the
     controller never imports it: round 0's parameters come from a device (get_parameters),
     server-side evaluation is skipped, and only the device clients (client.py) ran it."""
-    tmp_path.chmod(0o755)
-    marker = tmp_path / "imported-by.txt"
-    module = tmp_path / "planted.py"
+    marker = device_readable / "imported-by.txt"
+    marker.touch()
+    marker.chmod(0o666)  # every importer may note itself, the devices' accounts included
+    module = device_readable / "planted.py"
     module.write_text(f"MARKER = {str(marker)!r}\n" + PLANTED_MODEL)
+    module.chmod(0o644)
     devices = register(3)
     status, job = api.call("POST", "/api/v1/fl/jobs", json=_job_body(devices, 2, model=f"module:{module}"))
     assert status == 202, job
