@@ -12,8 +12,9 @@ test:
 
 lint:
 	scripts/bootstrap test
-	$(VENV)/bin/ruff check evc api tasks workers tests bench
-	$(VENV)/bin/mypy
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	scripts/typecheck
 
 bench:
 	scripts/bootstrap test

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask_smorest import Blueprint
-
-from evc import auth
 from evc.api.deps import actor, get_settings, get_store, require
 from evc.api.schemas import (
     AuditPageSchema,
@@ -19,6 +16,9 @@ from evc.api.schemas import (
     TokenSchema,
     page,
 )
+from flask_smorest import Blueprint
+
+from evc import auth
 from evc.store import now
 
 blp = Blueprint("access", __name__, url_prefix="/api/v1", description="Tokens and audit")

@@ -8,13 +8,13 @@ import logging
 from typing import Any
 
 import redis
+from evc.api import docs_assets
 from flask import Flask, g, jsonify, request
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
 from evc import __version__
-from evc.api import docs_assets
 from evc.errors import EVCError, StoreUnavailable
 from evc.settings import Settings, load_settings
 

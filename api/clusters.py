@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from evc.api.deps import actor, get_sender, get_settings, get_store, idempotency_key, require
+from evc.api.schemas import JobSchema, Labels, PageArgs, PageSchema, StrictSchema, page, validate_name
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
 from evc import clusters, profiles
-from evc.api.deps import actor, get_sender, get_settings, get_store, idempotency_key, require
-from evc.api.schemas import JobSchema, Labels, PageArgs, PageSchema, StrictSchema, page, validate_name
 
 blp = Blueprint("clusters", __name__, url_prefix="/api/v1", description="Clusters and interworking profiles")
 

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask_smorest import Blueprint
-
-from evc import auth, devices, enrollment, jobs
 from evc.api.deps import (
     actor,
     authenticate,
@@ -33,6 +30,9 @@ from evc.api.schemas import (
     JobSchema,
     page,
 )
+from flask_smorest import Blueprint
+
+from evc import auth, devices, enrollment, jobs
 from evc.errors import Conflict, Forbidden
 from evc.store import now
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from evc.api.deps import actor, get_sender, get_store, idempotency_key, require
+from evc.api.schemas import JobSchema, PageArgs, PageSchema, StrictSchema, page
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
 from evc import jobs
-from evc.api.deps import actor, get_sender, get_store, idempotency_key, require
-from evc.api.schemas import JobSchema, PageArgs, PageSchema, StrictSchema, page
 
 blp = Blueprint("events", __name__, url_prefix="/api/v1", description="Fleet events and health")
 

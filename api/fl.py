@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from evc.api.deps import actor, get_sender, get_settings, get_store, idempotency_key, require, unit_of_work
+from evc.api.schemas import JobListArgs, JobPageSchema, JobSchema, StrictSchema, page
 from flask import Response
 from flask_smorest import Blueprint
 from marshmallow import ValidationError as SchemaError
 from marshmallow import fields, validate, validates_schema
 
 from evc import jobs
-from evc.api.deps import actor, get_sender, get_settings, get_store, idempotency_key, require, unit_of_work
-from evc.api.schemas import JobListArgs, JobPageSchema, JobSchema, StrictSchema, page
 from evc.fl import service
 
 blp = Blueprint("fl", __name__, url_prefix="/api/v1/fl", description="Federated learning")

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask_smorest import Blueprint
-
-from evc import jobs
 from evc.api.deps import actor, get_sender, get_store, idempotency_key, require, unit_of_work
 from evc.api.schemas import (
     EventArgs,
@@ -17,6 +14,9 @@ from evc.api.schemas import (
     JobSchema,
     page,
 )
+from flask_smorest import Blueprint
+
+from evc import jobs
 
 blp = Blueprint("jobs", __name__, url_prefix="/api/v1", description="Asynchronous jobs")
 

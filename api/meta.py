@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from evc.api.deps import get_sender, get_settings, get_store
+from evc.api.schemas import SSHKeyArgs, SSHKeySchema
 from flask import Response, current_app
 from flask_smorest import Blueprint
 
 from evc import keys
-from evc.api.deps import get_sender, get_settings, get_store
-from evc.api.schemas import SSHKeyArgs, SSHKeySchema
 
 blp = Blueprint("meta", __name__, description="EVC's public key, health and metrics")
 _ready_cache: dict[str, Any] = {"at": 0.0, "workers": 0}

@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from evc.api.deps import get_settings, get_store, require
 from flask import Response, request
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
 from evc import metrics, monitoring
-from evc.api.deps import get_settings, get_store, require
 
 blp = Blueprint("monitoring", __name__, description="Prometheus service discovery and the workers' metrics")
 

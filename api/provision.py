@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from evc.api.deps import actor, get_sender, get_settings, get_store, idempotency_key, require
+from evc.api.schemas import JobSchema, Labels, StrictSchema
 from flask_smorest import Blueprint
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from evc import jobs
-from evc.api.deps import actor, get_sender, get_settings, get_store, idempotency_key, require
-from evc.api.schemas import JobSchema, Labels, StrictSchema
 from evc.provisioning.catalog import NAME, Catalog
 from evc.provisioning.service import (
     MAX_RETRIES,

@@ -115,8 +115,9 @@ def submission(duration: int, connections: int) -> list[Figure]:
 
 def roundtrip(n: int) -> list[Figure]:
     """No-op jobs one after another: job.finished_at - job.created_at, both server-side clocks."""
-    from evc import jobs
     from evc.workers.celery_app import make_celery
+
+    from evc import jobs
 
     srv, settings = private_stack()
     store = Store.from_settings(settings)

@@ -32,9 +32,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import Figure, emit, private_stack  # noqa: E402
+from evc.api.app import create_app  # noqa: E402
 
 from evc import keys  # noqa: E402
-from evc.api.app import create_app  # noqa: E402
 from evc.auth import create_operator_token  # noqa: E402
 from evc.settings import Settings, settings_env  # noqa: E402
 from evc.sim import read_state  # noqa: E402

@@ -19,9 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import Figure, emit, pct, private_stack
+from evc.api.app import create_app
 
 from evc import jobs
-from evc.api.app import create_app
 from evc.auth import create_operator_token
 from evc.store import Store
 

@@ -6,11 +6,11 @@ import asyncio
 import time
 
 from celery import shared_task
+from evc.tasks.base import TASK_OPTIONS, run_job, settings_of, store_of
 
 from evc.errors import EVCError
 from evc.jobs import JobRun
 from evc.store import JSON
-from evc.tasks.base import TASK_OPTIONS, run_job, settings_of, store_of
 
 
 @shared_task(name="evc.noop", **TASK_OPTIONS)

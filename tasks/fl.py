@@ -14,13 +14,13 @@ from typing import Any, TypeVar
 
 from celery import Celery, chord, shared_task
 from celery.signals import worker_ready
+from evc.tasks.base import TASK_OPTIONS, backoff, run_job, settings_of, store_of
 
 from evc.errors import EVCError, StoreUnavailable
 from evc.fl import service
 from evc.fl.orchestrator import Rounds
 from evc.jobs import JobRun
 from evc.store import JSON
-from evc.tasks.base import TASK_OPTIONS, backoff, run_job, settings_of, store_of
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,12 @@ from typing import Any
 
 from celery import shared_task
 from celery.signals import worker_process_shutdown
+from evc.tasks.base import TASK_OPTIONS, run_job, settings_of, store_of
 
 from evc import health, pool
 from evc.errors import Conflict
 from evc.jobs import JobRun
 from evc.store import JSON
-from evc.tasks.base import TASK_OPTIONS, run_job, settings_of, store_of
 
 
 @worker_process_shutdown.connect

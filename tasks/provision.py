@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from celery import Task, shared_task
+from evc.tasks.base import TASK_OPTIONS, run_job, settings_of
 
 from evc.jobs import JobRun
 from evc.store import JSON
-from evc.tasks.base import TASK_OPTIONS, run_job, settings_of
 
 
 @shared_task(name="evc.provision", **TASK_OPTIONS)

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from evc.api.app import create_app
 
 from evc import auth
-from evc.api.app import create_app
 from evc.settings import Settings
 from evc.store import Store, new_id
 

@@ -96,9 +96,7 @@ def test_ping_and_info(clients: list[ClientProcess], shard_paths: list[Path]) ->
     assert sum(info["label_counts"].values()) == 129
 
 
-def test_rounds_through_processes_equal_in_process(
-    clients: list[ClientProcess], digits: Dataset
-) -> None:
+def test_rounds_through_processes_equal_in_process(clients: list[ClientProcess], digits: Dataset) -> None:
     """Three FedAvg rounds with pipelined requests give exactly the in-process result."""
     test = (digits.X_test, digits.y_test)
     pids = [c.proc.pid for c in clients]
@@ -145,9 +143,7 @@ def test_pipelined_fit_and_evaluate(clients: list[ClientProcess], digits: Datase
         assert reply.metrics["fit_seconds"] >= 0
         for a, b in zip(reply.params, expected, strict=True):
             np.testing.assert_array_equal(a, b)
-        ev = parse_evaluate_reply(
-            clients[int(cid)].request(evaluate_request(expected, round=2, model="mlp:8"))
-        )
+        ev = parse_evaluate_reply(clients[int(cid)].request(evaluate_request(expected, round=2, model="mlp:8")))
         assert ev.metrics == model.evaluate(expected, X, y) and ev.round == 2
 
 
@@ -162,9 +158,7 @@ def test_pipelined_fit_and_evaluate(clients: list[ClientProcess], digits: Datase
         (b'{"op": "evaluate", "params": "", "config": []}\n', "config must be"),
     ],
 )
-def test_bad_requests_are_answered_not_fatal(
-    clients: list[ClientProcess], line: bytes, message: str
-) -> None:
+def test_bad_requests_are_answered_not_fatal(clients: list[ClientProcess], line: bytes, message: str) -> None:
     proc = clients[1]
     proc.send_raw(line)
     reply = proc.receive()
@@ -198,9 +192,7 @@ def test_failing_fits_are_answered_not_fatal(clients: list[ClientProcess]) -> No
     assert ok["ok"] is True
 
 
-def test_user_module_that_prints_keeps_stdout_clean(
-    tmp_path: Path, shard_paths: list[Path]
-) -> None:
+def test_user_module_that_prints_keeps_stdout_clean(tmp_path: Path, shard_paths: list[Path]) -> None:
     module = tmp_path / "noisy_model.py"
     module.write_text(
         "import numpy as np\n"

@@ -210,9 +210,7 @@ def test_server_optimisers_speed_up_a_slow_toy_problem() -> None:
 )
 def test_server_state_resume_is_exact(name: str, kw: dict[str, float]) -> None:
     rng = np.random.default_rng(3)
-    rounds: list[list[FitResult]] = [
-        [(f"c{k}", _rand_params(rng), 5 + k, {}) for k in range(3)] for _ in range(4)
-    ]
+    rounds: list[list[FitResult]] = [[(f"c{k}", _rand_params(rng), 5 + k, {}) for k in range(3)] for _ in range(4)]
     start = [np.zeros((4, 3)), np.zeros(3)]
     straight = make_strategy(name, **kw)
     p = start

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import schemathesis
 import schemathesis.checks
+from evc.api.app import create_app
 from hypothesis import HealthCheck
 from hypothesis import settings as hsettings
 
-from evc.api.app import create_app
 from evc.auth import create_operator_token
 from evc.store import Store
 

@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from evc.workers.celery_app import make_celery
 
 from evc import jobs
 from evc.errors import StaleAttempt
 from evc.jobs import JobRun
 from evc.provisioning.inventory import job_inventory
-from evc.workers.celery_app import make_celery
 from tests.fixtures.prometheus import wait_until
 from tests.fixtures.services import Worker, own_database
 

@@ -5,11 +5,11 @@ deletes finished jobs with everything they own. Real redis-server."""
 from __future__ import annotations
 
 import pytest
+from evc.workers.celery_app import make_celery
 
 from evc import jobs
 from evc.jobs import JobRun
 from evc.store import Store
-from evc.workers.celery_app import make_celery
 from tests.fixtures.services import own_database
 
 pytestmark = [pytest.mark.integration]

@@ -167,8 +167,9 @@ def _record_in_subprocess(env_dir: Path, code: str) -> None:
 
 
 def test_worker_metrics_endpoint_merges_the_workers_files(settings: Settings, tmp_path: Path) -> None:
-    from evc import metrics
     from evc.api.app import create_app
+
+    from evc import metrics
 
     client = create_app(settings.replace(metrics_dir="")).test_client()
     resp = client.get("/metrics/workers")

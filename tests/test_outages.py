@@ -8,14 +8,14 @@ import time
 
 import pytest
 import redis
+from evc.api.app import create_app
+from evc.workers.celery_app import make_celery
 
 from evc import jobs
-from evc.api.app import create_app
 from evc.auth import create_operator_token
 from evc.embedded import RedisServer
 from evc.errors import TRANSIENT_ERRORS, StoreUnavailable
 from evc.store import Store
-from evc.workers.celery_app import make_celery
 from tests.fixtures.services import Worker, own_database
 
 pytestmark = [pytest.mark.integration]

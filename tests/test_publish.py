@@ -7,7 +7,6 @@ import json
 import threading
 
 import pytest
-
 from evc.workers.celery_app import make_celery
 
 pytestmark = pytest.mark.integration

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import requests
+from evc.api.app import create_app
+from evc.workers.celery_app import make_celery
 from werkzeug.serving import make_server
 
 from evc import jobs
-from evc.api.app import create_app
 from evc.auth import create_operator_token
 from evc.store import Store
-from evc.workers.celery_app import make_celery
 from tests.fixtures.services import Worker, own_database
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -7,10 +7,10 @@ import subprocess
 import time
 
 import pytest
+from evc.workers.celery_app import make_celery
 
 from evc.embedded import RedisServer, free_port, redis_server_binary
 from evc.store import Store
-from evc.workers.celery_app import make_celery
 
 pytestmark = pytest.mark.integration
 

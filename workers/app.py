@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from evc.settings import load_settings
 from evc.workers.celery_app import make_celery
+
+from evc.settings import load_settings
 
 app = make_celery(load_settings())
 celery = app

@@ -6,11 +6,11 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from celery import Celery
+from evc.workers import signals as _signals  # noqa: F401 - connects the worker signal handlers
 from kombu import Queue
 
 from evc.jobs import JOB_KINDS, QUEUES
 from evc.settings import Settings
-from evc.workers import signals as _signals  # noqa: F401 - connects the worker signal handlers
 
 #: task modules every worker imports; features add theirs here
 TASK_MODULES = [

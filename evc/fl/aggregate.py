@@ -35,14 +35,10 @@ def _check_like(params: Sequence[np.ndarray], like: Sequence[np.ndarray]) -> Non
     shapes = [np.shape(p) for p in params]
     expected = [np.shape(p) for p in like]
     if shapes != expected:
-        raise ValidationError(
-            f"parameter shapes {shapes} do not match {expected}", shapes=[list(s) for s in shapes]
-        )
+        raise ValidationError(f"parameter shapes {shapes} do not match {expected}", shapes=[list(s) for s in shapes])
 
 
-def weighted_average(
-    params_list: Sequence[Sequence[np.ndarray]], weights: Sequence[float]
-) -> list[np.ndarray]:
+def weighted_average(params_list: Sequence[Sequence[np.ndarray]], weights: Sequence[float]) -> list[np.ndarray]:
     """FedAvg's ``w = sum_k (n_k / sum_j n_j) * w_k``, array by array, in the given order."""
     if not params_list or len(params_list) != len(weights):
         raise ValidationError("weighted_average needs one weight per parameter set, at least one")

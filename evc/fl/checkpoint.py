@@ -113,9 +113,7 @@ def latest_round(directory: str | os.PathLike[str], job_id: str) -> int | None:
     return rounds[-1] if rounds else None
 
 
-def load_checkpoint(
-    directory: str | os.PathLike[str], job_id: str, round: int | None = None
-) -> Checkpoint:
+def load_checkpoint(directory: str | os.PathLike[str], job_id: str, round: int | None = None) -> Checkpoint:
     """Load round ``round`` (default: the latest); raises :class:`NotFound` when absent."""
     if round is None:
         round = latest_round(directory, job_id)

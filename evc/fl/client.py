@@ -95,9 +95,7 @@ def _check_xy(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     X = np.asarray(X, dtype=np.float64)
     y = np.asarray(y)
     if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"expected X of shape (n, d) and y of shape (n,), got {X.shape} and {y.shape}"
-        )
+        raise ValueError(f"expected X of shape (n, d) and y of shape (n,), got {X.shape} and {y.shape}")
     if y.size and not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"labels y must be integers, got dtype {y.dtype}")
     return X, y.astype(np.int64, copy=False)
@@ -170,9 +168,7 @@ class _GradientModel:
     def predict_proba(self, params: Sequence[np.ndarray], X: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def loss_grad(
-        self, params: list[np.ndarray], X: np.ndarray, y: np.ndarray
-    ) -> tuple[float, list[np.ndarray]]:
+    def loss_grad(self, params: list[np.ndarray], X: np.ndarray, y: np.ndarray) -> tuple[float, list[np.ndarray]]:
         raise NotImplementedError
 
     def fit(
@@ -194,9 +190,7 @@ class _GradientModel:
             batch_order_seed=batch_order_seed, prox_mu=prox_mu, global_params=global_params,
         )  # fmt: skip
 
-    def evaluate(
-        self, params: Sequence[np.ndarray], X: np.ndarray, y: np.ndarray
-    ) -> dict[str, Any]:
+    def evaluate(self, params: Sequence[np.ndarray], X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         _check_params(params, self.shapes)
         return _evaluate(self.predict_proba(params, X), *_check_xy(X, y))
 
@@ -224,9 +218,7 @@ class SoftmaxRegression(_GradientModel):
         W, b = params
         return _softmax(np.asarray(X, dtype=np.float64) @ W + b)
 
-    def loss_grad(
-        self, params: list[np.ndarray], X: np.ndarray, y: np.ndarray
-    ) -> tuple[float, list[np.ndarray]]:
+    def loss_grad(self, params: list[np.ndarray], X: np.ndarray, y: np.ndarray) -> tuple[float, list[np.ndarray]]:
         p = self.predict_proba(params, X)
         loss = _cross_entropy(p, y)
         p[np.arange(len(y)), y] -= 1.0
@@ -262,9 +254,7 @@ class MLP(_GradientModel):
             np.zeros(k),
         ]
 
-    def _forward(
-        self, params: Sequence[np.ndarray], X: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _forward(self, params: Sequence[np.ndarray], X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         W1, b1, W2, b2 = params
         hidden = np.maximum(np.asarray(X, dtype=np.float64) @ W1 + b1, 0.0)
         return hidden, _softmax(hidden @ W2 + b2)
@@ -272,9 +262,7 @@ class MLP(_GradientModel):
     def predict_proba(self, params: Sequence[np.ndarray], X: np.ndarray) -> np.ndarray:
         return self._forward(params, X)[1]
 
-    def loss_grad(
-        self, params: list[np.ndarray], X: np.ndarray, y: np.ndarray
-    ) -> tuple[float, list[np.ndarray]]:
+    def loss_grad(self, params: list[np.ndarray], X: np.ndarray, y: np.ndarray) -> tuple[float, list[np.ndarray]]:
         W1, b1, W2, b2 = params
         hidden, p = self._forward(params, X)
         loss = _cross_entropy(p, y)
@@ -307,9 +295,7 @@ class ModuleModel:
             raise ValueError(f"cannot import model module {path!r}")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        missing = [
-            f for f in ("init_params", "fit", "evaluate") if not callable(getattr(module, f, None))
-        ]
+        missing = [f for f in ("init_params", "fit", "evaluate") if not callable(getattr(module, f, None))]
         if missing:
             raise ValueError("model module {!r} lacks {}".format(path, ", ".join(missing)))
         self.name = "module:" + path
@@ -337,15 +323,11 @@ class ModuleModel:
         )  # fmt: skip
         return [np.asarray(p) for p in new], dict(metrics)
 
-    def evaluate(
-        self, params: Sequence[np.ndarray], X: np.ndarray, y: np.ndarray
-    ) -> dict[str, Any]:
+    def evaluate(self, params: Sequence[np.ndarray], X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         return dict(self.module.evaluate(list(params), X, y))
 
 
-def load_model(
-    spec: str, *, n_features: int, n_classes: int
-) -> SoftmaxRegression | MLP | ModuleModel:
+def load_model(spec: str, *, n_features: int, n_classes: int) -> SoftmaxRegression | MLP | ModuleModel:
     """Build a model from its spec: ``"softmax"``, ``"mlp"``, ``"mlp:<hidden>"`` or
     ``"module:/path/to/file.py"`` (dimensions are ignored for module models).
 
@@ -360,9 +342,7 @@ def load_model(
         return MLP(n_features, n_classes, int(hidden) if hidden else 32)
     if spec.startswith("module:") and len(spec) > len("module:"):
         return ModuleModel(spec[len("module:") :])
-    raise ValueError(
-        f"unknown model {spec!r}: use 'softmax', 'mlp', 'mlp:<hidden>' or 'module:<path>'"
-    )
+    raise ValueError(f"unknown model {spec!r}: use 'softmax', 'mlp', 'mlp:<hidden>' or 'module:<path>'")
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,9 +451,7 @@ def handle_request(shard: _Shard, request: Any) -> dict[str, Any]:
     if op == "shutdown":
         return {"ok": True, "op": "shutdown"}
     if op not in ("fit", "evaluate", "get_parameters"):
-        raise ValueError(
-            f"unknown op {op!r} (expected ping, info, fit, evaluate, get_parameters or shutdown)"
-        )
+        raise ValueError(f"unknown op {op!r} (expected ping, info, fit, evaluate, get_parameters or shutdown)")
     config = request.get("config")
     if config is None:
         config = {}
@@ -495,9 +473,7 @@ def handle_request(shard: _Shard, request: Any) -> dict[str, Any]:
         return {"ok": True, "op": "evaluate", "round": rnd,
                 "num_examples": int(shard.y.shape[0]), "metrics": metrics}  # fmt: skip
     started = time.perf_counter()
-    new, metrics = fit_with_config(
-        model, params, shard.X, shard.y, config, rnd, request.get("client_index")
-    )
+    new, metrics = fit_with_config(model, params, shard.X, shard.y, config, rnd, request.get("client_index"))
     metrics = dict(metrics)
     metrics["fit_seconds"] = time.perf_counter() - started
     return {

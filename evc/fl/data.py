@@ -118,8 +118,7 @@ def partition_dirichlet(
         if min(len(o) for o in out) >= min_size:
             return out
     raise ValidationError(
-        f"no Dirichlet(alpha={alpha}) split gave every client {min_size} samples "
-        f"in {max_draws} draws"
+        f"no Dirichlet(alpha={alpha}) split gave every client {min_size} samples in {max_draws} draws"
     )
 
 
@@ -161,7 +160,4 @@ def write_shards(
     prefix: str = "shard",
 ) -> list[Path]:
     """Write ``<prefix>-<k>.npz`` for each index array in ``parts``; returns the paths."""
-    return [
-        save_shard(Path(directory) / f"{prefix}-{k}.npz", X[idx], y[idx])
-        for k, idx in enumerate(parts)
-    ]
+    return [save_shard(Path(directory) / f"{prefix}-{k}.npz", X[idx], y[idx]) for k, idx in enumerate(parts)]

@@ -72,9 +72,7 @@ class Model(Protocol):
         """Local SGD from ``params``; returns new parameters and ``{"loss", "n"}``."""
         ...
 
-    def evaluate(
-        self, params: Sequence[np.ndarray], X: np.ndarray, y: np.ndarray
-    ) -> dict[str, Any]:
+    def evaluate(self, params: Sequence[np.ndarray], X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         """``{"loss": mean cross-entropy, "accuracy": fraction correct, "n": len(y)}``."""
         ...
 
@@ -93,9 +91,7 @@ def load_model(spec: str, *, n_features: int = 64, n_classes: int = 10) -> Model
     :class:`evc.errors.ValidationError` for a bad spec.
     """
     if is_device_model(spec):
-        raise ValidationError(
-            f"model {spec!r} is code for the devices; the controller never loads it", model=spec
-        )
+        raise ValidationError(f"model {spec!r} is code for the devices; the controller never loads it", model=spec)
     try:
         model: Model = _client.load_model(spec, n_features=n_features, n_classes=n_classes)
     except (ValueError, ImportError, OSError, SyntaxError) as exc:

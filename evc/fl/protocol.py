@@ -70,9 +70,7 @@ def decode_message(line: bytes | str, *, device_id: str | None = None) -> dict[s
         message = json.loads(line)
     except (ValueError, UnicodeDecodeError) as exc:
         text = line[:200] if isinstance(line, str) else line[:200].decode("utf-8", "replace")
-        raise DeviceError(
-            f"FL client sent a malformed line: {text!r}", device_id=device_id
-        ) from exc
+        raise DeviceError(f"FL client sent a malformed line: {text!r}", device_id=device_id) from exc
     if not isinstance(message, dict):
         raise DeviceError(f"FL client sent {type(message).__name__}, not an object",
                           device_id=device_id)  # fmt: skip
@@ -146,9 +144,7 @@ def get_parameters_request(
     return request
 
 
-def parse_get_parameters_reply(
-    message: Mapping[str, Any], *, device_id: str | None = None
-) -> list[np.ndarray]:
+def parse_get_parameters_reply(message: Mapping[str, Any], *, device_id: str | None = None) -> list[np.ndarray]:
     """Check and decode a ``get_parameters`` reply (errors as in :func:`parse_fit_reply`)."""
     _check_ok(message, "get_parameters", device_id)
     try:
@@ -192,9 +188,7 @@ def _check_ok(message: Mapping[str, Any], op: str, device_id: str | None) -> Non
         error = str(message.get("error", "no error message"))
         raise CommandFailed(f"FL client {op} failed: {error}", device_id=device_id, stderr=error)
     if message.get("op") != op:
-        raise DeviceError(
-            f"FL client answered op {message.get('op')!r} to a {op} request", device_id=device_id
-        )
+        raise DeviceError(f"FL client answered op {message.get('op')!r} to a {op} request", device_id=device_id)
 
 
 def parse_fit_reply(message: Mapping[str, Any], *, device_id: str | None = None) -> FitReply:
@@ -213,14 +207,10 @@ def parse_fit_reply(message: Mapping[str, Any], *, device_id: str | None = None)
     return FitReply(message.get("round"), params, num_examples, metrics)
 
 
-def parse_evaluate_reply(
-    message: Mapping[str, Any], *, device_id: str | None = None
-) -> EvaluateReply:
+def parse_evaluate_reply(message: Mapping[str, Any], *, device_id: str | None = None) -> EvaluateReply:
     """Check and decode an ``evaluate`` reply (errors as in :func:`parse_fit_reply`)."""
     _check_ok(message, "evaluate", device_id)
     try:
-        return EvaluateReply(
-            message.get("round"), int(message["num_examples"]), dict(message["metrics"])
-        )
+        return EvaluateReply(message.get("round"), int(message["num_examples"]), dict(message["metrics"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise DeviceError(f"malformed evaluate reply: {exc}", device_id=device_id) from exc

@@ -20,9 +20,7 @@ from evc.fl.strategy import FitConfig, Strategy
 __all__ = ["ClientFit", "SimulationResult", "local_fit", "simulate"]
 
 #: ``(client_id, global_params, fit_config) -> (params, num_examples, metrics)``
-ClientFit = Callable[
-    [str, Sequence[np.ndarray], FitConfig], tuple[Sequence[np.ndarray], int, Mapping[str, Any]]
-]
+ClientFit = Callable[[str, Sequence[np.ndarray], FitConfig], tuple[Sequence[np.ndarray], int, Mapping[str, Any]]]
 
 
 def local_fit(
@@ -30,9 +28,7 @@ def local_fit(
 ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
     """What a device computes for ``config``, computed here: ``(params, n, metrics)``."""
     wire = dict(config)
-    new, metrics = fit_with_config(
-        model, params, X, y, wire, config["round"], config["client_index"]
-    )
+    new, metrics = fit_with_config(model, params, X, y, wire, config["round"], config["client_index"])
     return new, int(len(y)), dict(metrics)
 
 

@@ -181,9 +181,7 @@ class Strategy:
                 available=len(ids),
                 min_available_clients=self.plan.min_available_clients,
             )
-        index = (
-            dict(client_index) if client_index is not None else {c: i for i, c in enumerate(ids)}
-        )
+        index = dict(client_index) if client_index is not None else {c: i for i, c in enumerate(ids)}
         missing = [c for c in ids if c not in index]
         if missing:
             raise ValidationError(f"client_index has no entry for {missing}")
@@ -246,9 +244,7 @@ class Strategy:
         """Ids folded into the open round so far."""
         return self._acc.keys if self._acc is not None else frozenset()
 
-    def finish_round(
-        self, failures: Iterable[FitFailure] = ()
-    ) -> tuple[list[np.ndarray], dict[str, Any]]:
+    def finish_round(self, failures: Iterable[FitFailure] = ()) -> tuple[list[np.ndarray], dict[str, Any]]:
         """Close the open round: the new global parameters and the round's metrics.
 
         Raises :class:`PreconditionFailed` with fewer than ``min_fit_clients`` updates, or
@@ -263,8 +259,7 @@ class Strategy:
         rnd = self._round
         if self._acc.count < self.plan.min_fit_clients:
             raise PreconditionFailed(
-                f"round {rnd} has {self._acc.count} results, needs min_fit_clients="
-                f"{self.plan.min_fit_clients}",
+                f"round {rnd} has {self._acc.count} results, needs min_fit_clients={self.plan.min_fit_clients}",
                 round=rnd,
                 results=self._acc.count,
                 failures=failed,
@@ -306,9 +301,7 @@ class Strategy:
             self.accumulate(client_id, params, num_examples, metrics)
         return self.finish_round(failures)
 
-    def aggregate_evaluate(
-        self, round: int, results: Sequence[tuple[str, int, Mapping[str, Any]]]
-    ) -> dict[str, Any]:
+    def aggregate_evaluate(self, round: int, results: Sequence[tuple[str, int, Mapping[str, Any]]]) -> dict[str, Any]:
         """Example-weighted means of clients' evaluation metrics (``eval_<name>``)."""
         means = weighted_metrics((n, m) for _, n, m in results)
         means.pop("n", None)
@@ -507,8 +500,7 @@ def _check(strategy: str, key: str, value: object, rule: _Rule) -> object:
     if too_low or (high is not None and value > high):
         bound = "[" if low_inclusive else "("
         raise ValidationError(
-            f"{where} must be in {bound}{low}, {high if high is not None else 'inf'}], "
-            f"got {value!r}",
+            f"{where} must be in {bound}{low}, {high if high is not None else 'inf'}], got {value!r}",
             field=key,
         )
     return int(value) if kind == "int" else float(value)
@@ -524,9 +516,7 @@ def make_strategy(name: str, /, **params: object) -> Strategy:
     """
     key = str(name).lower()
     if key not in STRATEGIES:
-        raise ValidationError(
-            f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}", field="strategy"
-        )
+        raise ValidationError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}", field="strategy")
     own_rules = _OWN_RULES[key]
     plan_fields = {f.name for f in fields(TrainingPlan)}
     unknown = sorted(set(params) - plan_fields - set(own_rules))
@@ -552,8 +542,7 @@ def make_strategy(name: str, /, **params: object) -> Strategy:
     plan = TrainingPlan(**plan_kw)
     if plan.min_available_clients < plan.min_fit_clients:
         raise ValidationError(
-            f"min_available_clients ({plan.min_available_clients}) must be >= min_fit_clients "
-            f"({plan.min_fit_clients})",
+            f"min_available_clients ({plan.min_available_clients}) must be >= min_fit_clients ({plan.min_fit_clients})",
             field="min_available_clients",
         )
     return STRATEGIES[key](plan, **own_kw)

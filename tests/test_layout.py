@@ -1,0 +1,95 @@
+"""The repository's layout: no symlinks, and the wheel and sdist carry every package.
+
+evc.api, evc.tasks and evc.workers live in the design card's top-level folders, mapped by
+setuptools' package-dir (pyproject.toml); the playbooks install as evc/playbooks.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tarfile
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MAPPED = {"evc.api": "api", "evc.tasks": "tasks", "evc.workers": "workers", "evc.playbooks": "playbooks"}
+
+
+def _pyproject() -> dict:  # type: ignore[type-arg]
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _tracked() -> list[tuple[str, str]]:
+    out = subprocess.run(["git", "ls-files", "-s"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return [(line.split()[0], line.split("\t", 1)[1]) for line in out.splitlines()]
+
+
+def _packages_on_disk() -> set[str]:
+    found = {"evc.playbooks"}
+    for init in (ROOT / "evc").rglob("__init__.py"):
+        found.add(".".join(init.parent.relative_to(ROOT).parts))
+    for name, folder in MAPPED.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            found.add(".".join((name, *init.parent.relative_to(ROOT / folder).parts)))
+    return found
+
+
+def test_no_symlinks_are_tracked() -> None:
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    links = [path for mode, path in _tracked() if mode == "120000"]
+    assert links == [], f"symlinks in the repository: {links}"
+
+
+def test_every_package_is_listed_and_mapped() -> None:
+    tool = _pyproject()["tool"]["setuptools"]
+    assert tool["package-dir"] == MAPPED
+    listed = set(tool["packages"])
+    assert listed == _packages_on_disk(), "pyproject's [tool.setuptools] packages and the tree differ"
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tracked files alone, as a clean checkout has them (the builds write into it)."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    dest = tmp_path_factory.mktemp("checkout")
+    for _mode, path in _tracked():
+        src, dst = ROOT / path, dest / path
+        if src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(src.read_bytes())
+    return dest
+
+
+def _build(kind: str, src: Path, out: Path) -> Path:
+    code = f"import sys; from setuptools import build_meta as b; print(b.build_{kind}(sys.argv[1]))"
+    done = subprocess.run([sys.executable, "-c", code, str(out)], cwd=src, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out / done.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_wheel_and_sdist_carry_the_mapped_folders(checkout: Path, tmp_path: Path) -> None:
+    wheel = _build("wheel", checkout, tmp_path)
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for folder, installed in (("api", "evc/api"), ("tasks", "evc/tasks"), ("workers", "evc/workers")):
+        for src in (ROOT / folder).glob("*.py"):
+            assert f"{installed}/{src.name}" in names, f"{installed}/{src.name} is not in the wheel"
+    for src in (ROOT / "playbooks").rglob("*"):
+        if src.is_file() and "__pycache__" not in src.parts:
+            rel = src.relative_to(ROOT / "playbooks").as_posix()
+            assert f"evc/playbooks/{rel}" in names, f"playbook file {rel} is not in the wheel"
+    assert "evc/fl/digits.npz" in names and "evc/profiles/profiles.yml" in names
+
+    sdist = _build("sdist", checkout, tmp_path)
+    members = {m.split("/", 1)[1] for m in tarfile.open(sdist).getnames() if "/" in m}
+    for folder in ("api", "tasks", "workers", "playbooks"):
+        tracked = [p for p in (ROOT / folder).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+        for src in tracked:
+            rel = src.relative_to(ROOT).as_posix()
+            assert rel in members, f"{rel} is not in the sdist"
