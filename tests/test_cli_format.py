@@ -6,7 +6,7 @@ import time
 
 from rich.console import Console
 
-from evc.cli_format import human_time, percent, show, table
+from evc.cli.format import human_time, percent, show, table
 
 
 def test_human_times_relative_then_local_iso() -> None:
@@ -52,7 +52,7 @@ class _Devices:
 
 
 def test_health_view_names_devices_and_says_why_each_is_not_online() -> None:
-    from evc.cli_views import health_detail
+    from evc.cli.views import health_detail
 
     devices = [
         {"id": "dev_a", "name": "cam-hot", "state": "degraded", "health": {"breaches": ["temp 91°C > 85°C"]}},
@@ -89,7 +89,7 @@ def test_names_resolve_to_ids_and_ids_pass_through() -> None:
     import click
     import pytest
 
-    from evc.cli_format import resolve
+    from evc.cli.format import resolve
 
     client = _Listing(
         [{"id": "dev_1", "name": "cam"}, {"id": "dev_2", "name": "cam-2"}],

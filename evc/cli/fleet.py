@@ -10,10 +10,11 @@ from typing import Any
 
 import click
 
-from evc.cli import CLUSTER, DEVICE, Ctx, _finish, _table, _watch, console, device, emit, err_console, main, pass_ctx
-from evc.cli import cluster as cluster_group
-from evc.cli import token as token_group
-from evc.cli_views import job_detail
+from evc.cli.clusters import cluster as cluster_group
+from evc.cli.common import CLUSTER, DEVICE, Ctx, _finish, _table, _watch, console, emit, err_console, main, pass_ctx
+from evc.cli.devices import device
+from evc.cli.tokens import token as token_group
+from evc.cli.views import job_detail
 
 ACTION_COLOURS = {"create": "green", "update": "yellow", "register": "cyan", "invalid": "red", "unchanged": "dim"}
 

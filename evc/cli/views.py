@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from evc.cli_format import human_time, percent, show, table
+from evc.cli.format import human_time, percent, show, table
 from evc.client import Client
 
 STATE_COLOURS = {"succeeded": "green", "online": "green", "failed": "red", "offline": "red", "unreachable": "red"}

@@ -1,0 +1,14 @@
+"""The `evc` command: run the stack (`evc up`), the simulator, and drive the HTTP API.
+
+One module per command group, each registering its commands on the root group :func:`main`
+(in :mod:`evc.cli.common`, with the context every command shares); :mod:`evc.cli.format`
+and :mod:`evc.cli.views` show the API's JSON to a person.
+"""
+
+from __future__ import annotations
+
+# the command groups register their commands on `main` as they are imported
+from evc.cli import clusters, devices, fl, fleet, jobs, monitoring, provision, sim, stack, tokens  # noqa: F401
+from evc.cli.common import main
+
+__all__ = ["main"]
