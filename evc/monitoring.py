@@ -1,7 +1,7 @@
 """Monitoring plumbing: the edge exporter bundle the ``exporter`` playbook ships, the exporter record
 it leaves on a device, and the Prometheus HTTP service-discovery target list built from the registry.
 
-:func:`exporter_bundle` packs ``evc/exporter`` (stdlib and prometheus_client only) as one zip
+:func:`exporter_bundle` packs ``evc/device/exporter`` (stdlib and prometheus_client only) as one zip
 application, ``evc_edge_exporter`` inside, so that the playbook copies one file (one checksum,
 replaced atomically) and the device runs ``python evc-edge-exporter.pyz --port 9110``.
 
@@ -76,8 +76,8 @@ class DiscoveryStore(Protocol):
 
 
 def exporter_source() -> Path:
-    """The ``evc/exporter`` package directory of this EVC installation."""
-    return Path(__file__).resolve().parent / "exporter"
+    """The ``evc/device/exporter`` package directory of this EVC installation."""
+    return Path(__file__).resolve().parent / "device" / "exporter"
 
 
 def client_library_source() -> Path:

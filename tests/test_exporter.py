@@ -18,8 +18,8 @@ from prometheus_client import generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from evc.exporter.cli import ExporterConfig, ExporterServer, build_exporter, make_registry
-from evc.exporter.collectors import (
+from evc.device.exporter.cli import ExporterConfig, ExporterServer, build_exporter, make_registry
+from evc.device.exporter.collectors import (
     CpuCollector,
     EdgeExporter,
     FilesystemCollector,
@@ -31,8 +31,8 @@ from evc.exporter.collectors import (
     ThermalCollector,
     UptimeCollector,
 )
-from evc.exporter.gpu import NvidiaCollector, TegrastatsCollector, TegrastatsReader
-from evc.exporter.parsers import (
+from evc.device.exporter.gpu import NvidiaCollector, TegrastatsCollector, TegrastatsReader
+from evc.device.exporter.parsers import (
     ParseError,
     parse_loadavg,
     parse_meminfo,
@@ -467,7 +467,7 @@ def test_http_endpoint_in_process(tmp_path: Path) -> None:
 def test_cli_process_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "evc.exporter", "--listen", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "evc.device.exporter", "--listen", "127.0.0.1", "--port", str(port),
          "--process", "pytest", "--mount", "/", "--mount", str(tmp_path), "--no-nvml",
          "--nvidia-smi", str(tmp_path / "none")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

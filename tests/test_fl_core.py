@@ -576,7 +576,7 @@ def test_load_model_specs(tmp_path: Path) -> None:
 
 def test_user_module_model_on_the_device_side(tmp_path: Path) -> None:
     """The device runtime (client.py) loads a module model; the server's load_model never does."""
-    from evc.fl import client as device
+    from evc.device import fl_client as device
 
     src = tmp_path / "mean_model.py"
     src.write_text(

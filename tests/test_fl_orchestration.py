@@ -50,7 +50,7 @@ REFERENCE_IID_ROUND_5 = 0.8556
 #: (SLEEP_S: seconds by client index, and a default)
 SLOW_MODEL = """
 import time
-from evc.fl.client import SoftmaxRegression
+from evc.device.fl_client import SoftmaxRegression
 _m = SoftmaxRegression(64, 10)
 def init_params(seed):
     return _m.init_params(seed)
@@ -499,7 +499,7 @@ PLANTED_MODEL = """
 import os, sys
 with open(MARKER, "a") as fh:
     fh.write(os.path.basename(sys.argv[0] if sys.argv else "?") + "\\n")
-from evc.fl.client import SoftmaxRegression
+from evc.device.fl_client import SoftmaxRegression
 _m = SoftmaxRegression(64, 10)
 init_params, fit, evaluate = _m.init_params, _m.fit, _m.evaluate
 """

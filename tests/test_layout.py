@@ -52,6 +52,15 @@ def test_every_package_is_listed_and_mapped() -> None:
     assert listed == _packages_on_disk(), "pyproject's [tool.setuptools] packages and the tree differ"
 
 
+def test_the_fl_client_playbook_finds_the_client() -> None:
+    """playbooks/fl-client.yml looks for the client beside its own folder: <repo>/evc/device in a
+    checkout, evc/device beside evc/playbooks once installed (the wheel test checks that one)."""
+    text = (ROOT / "playbooks" / "fl-client.yml").read_text()
+    assert "playbook_dir ~ '/../evc/device/fl_client.py'" in text
+    assert "playbook_dir ~ '/../device/fl_client.py'" in text
+    assert (ROOT / "playbooks" / ".." / "evc" / "device" / "fl_client.py").is_file()
+
+
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tracked files alone, as a clean checkout has them (the builds write into it)."""
@@ -85,6 +94,8 @@ def test_wheel_and_sdist_carry_the_mapped_folders(checkout: Path, tmp_path: Path
             rel = src.relative_to(ROOT / "playbooks").as_posix()
             assert f"evc/playbooks/{rel}" in names, f"playbook file {rel} is not in the wheel"
     assert "evc/fl/digits.npz" in names and "evc/profiles/profiles.yml" in names
+    # device-side code, where the exporter bundle and the fl-client playbook look for it
+    assert "evc/device/fl_client.py" in names and "evc/device/exporter/__main__.py" in names
 
     sdist = _build("sdist", checkout, tmp_path)
     members = {m.split("/", 1)[1] for m in tarfile.open(sdist).getnames() if "/" in m}

@@ -24,8 +24,8 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from evc import metrics
-from evc.exporter.cli import ExporterConfig, build_exporter, make_registry
-from evc.exporter.gpu import TegrastatsCollector
+from evc.device.exporter.cli import ExporterConfig, build_exporter, make_registry
+from evc.device.exporter.gpu import TegrastatsCollector
 from tests.fixtures.prometheus import (
     EdgeExporterProcess,
     PrometheusAPIError,
@@ -645,8 +645,8 @@ def test_exposition_content_negotiation() -> None:
 _WRITER = """
 import sys
 from evc import metrics
-from evc.exporter.cli import ExporterConfig, build_exporter, make_registry
-from evc.exporter.gpu import TegrastatsCollector
+from evc.device.exporter.cli import ExporterConfig, build_exporter, make_registry
+from evc.device.exporter.gpu import TegrastatsCollector
 assert metrics.multiprocess_enabled()
 metrics.record_job_finished("deploy", "succeeded", float(sys.argv[1]))
 metrics.set_ssh_pool_size(int(sys.argv[2]))

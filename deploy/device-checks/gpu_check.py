@@ -26,7 +26,7 @@ from types import ModuleType
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-EXPORTER_DIR = REPO / "evc" / "exporter"
+EXPORTER_DIR = REPO / "evc" / "device" / "exporter"
 FIELDS = "index,name,uuid,utilization.gpu,memory.used,memory.total,temperature.gpu,power.draw"
 MIB = 1024 * 1024
 
@@ -56,7 +56,7 @@ def tolerance(field: str, reference: dict[str, float | None]) -> float:
 
 
 def load_exporter() -> ModuleType:
-    """Import evc/exporter as a standalone package (as a device has it), not through evc."""
+    """Import evc/device/exporter as a standalone package (as a device has it), not through evc."""
     name = "evc_edge_exporter"
     spec = importlib.util.spec_from_file_location(
         name, EXPORTER_DIR / "__init__.py", submodule_search_locations=[str(EXPORTER_DIR)]

@@ -1,6 +1,6 @@
 """Server-side view of the FL models: the ``Model`` protocol and the shared numpy maths.
 
-The maths lives in :mod:`evc.fl.client` (which must stay a self-contained file for devices), and
+The maths lives in :mod:`evc.device.fl_client` (which must stay a self-contained file for devices), and
 is re-exported here so the server evaluates with exactly the code the devices train with.
 
 A user model is a Python file on the device defining, at module level::
@@ -29,9 +29,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from evc.device import fl_client as _client
+from evc.device.fl_client import MLP, SoftmaxRegression, sgd_fit
 from evc.errors import ValidationError
-from evc.fl import client as _client
-from evc.fl.client import MLP, SoftmaxRegression, sgd_fit
 
 __all__ = [
     "MLP",

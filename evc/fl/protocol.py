@@ -2,7 +2,7 @@
 
 The device runs ``python3 client.py --data <shard.npz>`` (:data:`CLIENT_PATH` is the file to
 ship) and keeps it running for the whole job; the server writes one request line and reads one
-reply line at a time.  The message shapes are documented in :mod:`evc.fl.client`.
+reply line at a time.  The message shapes are documented in :mod:`evc.device.fl_client`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from evc.device.fl_client import PROTOCOL_VERSION, decode_params, encode_params
 from evc.errors import CommandFailed, DeviceError, ValidationError
-from evc.fl.client import PROTOCOL_VERSION, decode_params, encode_params
 from evc.fl.strategy import FitConfig
 
 __all__ = [
@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 #: the self-contained device runtime, to copy to devices (numpy is its only dependency)
-CLIENT_PATH: Path = Path(__file__).with_name("client.py")
+CLIENT_PATH: Path = Path(__file__).resolve().parent.parent / "device" / "fl_client.py"
 
 
 def params_to_npz(params: Sequence[np.ndarray]) -> bytes:

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from evc.device.fl_client import fit_with_config
 from evc.errors import ValidationError
-from evc.fl.client import fit_with_config
 from evc.fl.models import Model
 from evc.fl.strategy import FitConfig, Strategy
 

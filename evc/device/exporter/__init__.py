@@ -1,10 +1,10 @@
 """EVC's edge exporter: GPU, Jetson, thermal, host and process metrics for Prometheus.
 
 Standalone on purpose: it needs only the Python standard library (3.8+) and prometheus_client,
-imports nothing else from EVC, and uses relative imports only, so the ``evc/exporter``
+imports nothing else from EVC, and uses relative imports only, so the ``evc/device/exporter``
 directory can be copied to a device under any package name and run with ``python -m``::
 
-    python -m evc.exporter --port 9110 --listen 0.0.0.0 --process infer.py --mount / --mount /data
+    python -m evc.device.exporter --port 9110 --listen 0.0.0.0 --process infer.py --mount / --mount /data
 
 Metrics (all ``evc_edge_*``; a missing source gives ``evc_edge_collector_up{collector} 0``):
 

@@ -1,4 +1,4 @@
-"""Command line and HTTP server of the edge exporter: ``python -m evc.exporter --port 9110``."""
+"""Command line and HTTP server of the edge exporter: ``python -m evc.device.exporter --port 9110``."""
 
 from __future__ import annotations
 

@@ -1,5 +1,0 @@
-"""``python -m evc.exporter``: run the edge exporter."""
-
-from .cli import main
-
-raise SystemExit(main())
