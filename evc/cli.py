@@ -143,7 +143,11 @@ def up(c: Ctx, sim_devices: int, flower_port: int | None, bind: str | None, api_
     SIGTERM stops everything it started, simulated devices' programs included."""
     import signal
 
+    from evc import simulator
     from evc.stack import Stack, pick_port, redacted
+
+    if sim_devices:
+        simulator.require()  # before anything starts
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # a SIGTERM while starting still stops what was started
@@ -212,9 +216,11 @@ def sim(
     ports_file: Path | None,
 ) -> None:
     """Run N simulated edge devices (real SSH servers on loopback) until Ctrl-C."""
-    from evc import keys
-    from evc.sim import serve_forever
+    from evc import keys, simulator
     from evc.stack import read_ports
+
+    simulator.require()  # a distribution of its own (sim/): imported only now
+    from evc_sim import serve_forever
 
     root = root or c.settings.data_dir / "sim"
     state_file = state_file or root / "devices.json"

@@ -1,7 +1,9 @@
 """The repository's layout: no symlinks, and the wheel and sdist carry every package.
 
 evc.api, evc.tasks and evc.workers live in the design card's top-level folders, mapped by
-setuptools' package-dir (pyproject.toml); the playbooks install as evc/playbooks.
+setuptools' package-dir (pyproject.toml); the playbooks install as evc/playbooks. The simulator
+and the test sshd launcher are a distribution of their own (sim/: evc-sim, package evc_sim),
+never in the evc wheel.
 """
 
 from __future__ import annotations
@@ -52,6 +54,15 @@ def test_every_package_is_listed_and_mapped() -> None:
     assert listed == _packages_on_disk(), "pyproject's [tool.setuptools] packages and the tree differ"
 
 
+def test_the_simulator_is_a_distribution_of_its_own() -> None:
+    sim = tomllib.loads((ROOT / "sim" / "pyproject.toml").read_text())
+    assert sim["project"]["name"] == "evc-sim"
+    assert "evc" in sim["project"]["dependencies"]
+    on_disk = {".".join(i.parent.relative_to(ROOT / "sim").parts) for i in (ROOT / "sim").rglob("__init__.py")}
+    assert set(sim["tool"]["setuptools"]["packages"]) == on_disk == {"evc_sim"}
+    assert not (ROOT / "evc" / "sim").exists() and not (ROOT / "evc" / "sshd.py").exists()
+
+
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tracked files alone, as a clean checkout has them (the builds write into it)."""
@@ -85,6 +96,8 @@ def test_wheel_and_sdist_carry_the_mapped_folders(checkout: Path, tmp_path: Path
             rel = src.relative_to(ROOT / "playbooks").as_posix()
             assert f"evc/playbooks/{rel}" in names, f"playbook file {rel} is not in the wheel"
     assert "evc/fl/digits.npz" in names and "evc/profiles/profiles.yml" in names
+    simulator = sorted(n for n in names if n.startswith(("evc/sim/", "evc_sim/")) or n == "evc/sshd.py")
+    assert simulator == [], f"simulator code in the evc wheel: {simulator}"
 
     sdist = _build("sdist", checkout, tmp_path)
     members = {m.split("/", 1)[1] for m in tarfile.open(sdist).getnames() if "/" in m}
@@ -93,3 +106,13 @@ def test_wheel_and_sdist_carry_the_mapped_folders(checkout: Path, tmp_path: Path
         for src in tracked:
             rel = src.relative_to(ROOT).as_posix()
             assert rel in members, f"{rel} is not in the sdist"
+
+
+@pytest.mark.slow
+def test_the_simulator_wheel_carries_evc_sim(checkout: Path, tmp_path: Path) -> None:
+    wheel = _build("wheel", checkout / "sim", tmp_path)
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for src in (ROOT / "sim" / "evc_sim").glob("*.py"):
+        assert f"evc_sim/{src.name}" in names, f"evc_sim/{src.name} is not in the evc-sim wheel"
+    assert "evc_sim/sshd.py" in names
+    assert not [n for n in names if n.startswith("evc/")], "the evc-sim wheel carries evc's files"

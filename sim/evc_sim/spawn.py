@@ -8,7 +8,7 @@ many commands a second, so how it starts them matters:
   ``fork``\\ s, copying the page tables of the whole simulator, and the loop blocks until the
   child has ``exec``\\ ed. Commands of the simulator's own user start with ``vfork`` directly.
   Commands (and SFTP) of a ``root`` device always go to a spawner of that device's own, which
-  first enters the device's namespaces (:mod:`evc.sim.namespaces`) so that its commands
+  first enters the device's namespaces (:mod:`evc_sim.namespaces`) so that its commands
   inherit them; they never start any other way.
   Commands of another account (the ``user`` and ``sudo`` devices of a simulator run as root)
   go to a **spawner**: a small helper process per account, started once (``python -I -S`` on
@@ -55,8 +55,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # (not imported at run time: the helper runs this file without the package)
-    from evc.sim.accounts import Account
-    from evc.sim.namespaces import Isolation
+    from evc_sim.accounts import Account
+    from evc_sim.namespaces import Isolation
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def _identity_kw(account: Account) -> dict[str, Any]:
 
 @functools.cache
 def _setpriv() -> str | None:
-    from evc.sim.accounts import DEFAULT_PATH
+    from evc_sim.accounts import DEFAULT_PATH
 
     return shutil.which("setpriv", path=DEFAULT_PATH)
 
@@ -629,7 +629,7 @@ _ID_COUNT = 65536
 
 
 def _enter_namespaces(spec: str) -> None:  # pragma: no cover - runs in the spawner process
-    """Enter the namespaces :class:`evc.sim.namespaces.Isolation` describes (*spec* is its
+    """Enter the namespaces :class:`evc_sim.namespaces.Isolation` describes (*spec* is its
     ``to_arg()``): a new mount namespace with overlays over the system directories and the kept
     directories (the home) on top again, then (where the kernel allows) a new user namespace
     whose uid 0 is an unprivileged uid of the host, then new UTS and IPC namespaces with the
