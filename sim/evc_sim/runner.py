@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from evc.errors import ConfigError
 from evc_sim.device import FaultMode, Privilege, SimDevice
 from evc_sim.server import Simulator
-from evc_sim.spawn import commands_start_with_default_signals
+from evc_sim.spawn_helper import commands_start_with_default_signals
 
 log = logging.getLogger(__name__)
 
