@@ -37,8 +37,8 @@ from evc.api.app import create_app  # noqa: E402
 from evc import keys  # noqa: E402
 from evc.auth import create_operator_token  # noqa: E402
 from evc.settings import Settings, settings_env  # noqa: E402
-from evc.sim import read_state  # noqa: E402
 from evc.store import Store  # noqa: E402
+from evc_sim import read_state  # noqa: E402
 
 REFERENCE = {
     "iid": {1: 0.7917, 5: 0.8556, 10: 0.8611, 20: 0.8806},
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
         env = {**os.environ, **settings_env(settings)}
         state = tmp / "sim" / "devices.json"
         procs.append(_spawn(
-            [sys.executable, "-m", "evc.sim", "--devices", str(DEVICES), "--root", str(tmp / "sim"),
+            [sys.executable, "-m", "evc_sim", "--devices", str(DEVICES), "--root", str(tmp / "sim"),
              "--state-file", str(state), "--authorized-keys", str(settings.key_path.with_suffix(".pub")),
              "--privileges", "root", "--prefix", "fl"], env, tmp / "sim.log",
         ))  # fmt: skip

@@ -32,19 +32,19 @@ from _common import Figure, emit, private_stack
 from evc import health, keys
 from evc import pool as pooling
 from evc.settings import Settings
-from evc.sim import SimDevice, raise_fd_limit, read_state
 from evc.store import Store
+from evc_sim import SimDevice, raise_fd_limit, read_state
 
 BARE_SWEEP_S = 2.26  # the issue's bare asyncssh sweep of 1,000 devices on the 2-core machine
 
 
 def start_simulator(root: Path, n: int, pub: Path) -> tuple[subprocess.Popen[bytes], list[SimDevice]]:
-    """`python -m evc.sim` in its own process; wait for its state file."""
+    """`python -m evc_sim` in its own process; wait for its state file."""
     state = root / "devices.json"
     root.mkdir(parents=True, exist_ok=True)
     log = open(root / "sim.log", "wb")  # noqa: SIM115 - kept open for the child's lifetime
     proc = subprocess.Popen(
-        [sys.executable, "-m", "evc.sim", "--devices", str(n), "--root", str(root),
+        [sys.executable, "-m", "evc_sim", "--devices", str(n), "--root", str(root),
          "--state-file", str(state), "--authorized-keys", str(pub), "--prefix", "bench"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip

@@ -36,8 +36,8 @@ from evc.provisioning.inventory import job_inventory
 from evc.provisioning.runner import PlaybookRun, runner_env
 from evc.provisioning.service import ProvisionRequest, provision, submit_provision
 from evc.settings import Settings
-from evc.sim import SimDevice, read_state
 from evc.store import Store, new_id, now
+from evc_sim import SimDevice, read_state
 
 PLAYBOOK = """\
 - name: Three tasks
@@ -70,7 +70,7 @@ def start_simulator(n: int, work: Path, pub: str) -> tuple[subprocess.Popen[byte
     keys_file.write_text(pub + "\n")
     state = work / "sim.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "evc.sim", "--devices", str(n), "--root", str(root),
+        [sys.executable, "-m", "evc_sim", "--devices", str(n), "--root", str(root),
          "--state-file", str(state), "--authorized-keys", str(keys_file), "--prefix", "bench"],
         start_new_session=True,
     )  # fmt: skip

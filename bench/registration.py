@@ -39,7 +39,7 @@ def main() -> None:
     root.chmod(0o711)
     state = root / "devices.json"
     sim = subprocess.Popen(
-        [sys.executable, "-m", "evc.sim", "--devices", str(a.devices), "--root", str(root),
+        [sys.executable, "-m", "evc_sim", "--devices", str(a.devices), "--root", str(root),
          "--state-file", str(state), "--authorized-keys", str(settings.key_path.with_suffix(".pub")),
          "--privileges", "user"], env=env,
     )  # fmt: skip

@@ -33,7 +33,7 @@ from pathlib import Path
 import asyncssh
 from _common import Figure, emit
 
-from evc.sim import SimDevice, raise_fd_limit, read_state
+from evc_sim import SimDevice, raise_fd_limit, read_state
 
 
 def _proc_status(pid: int) -> tuple[float, int]:
@@ -225,7 +225,7 @@ def main() -> int:
     state = root / "devices.json"
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "evc.sim", "--devices", str(args.devices), "--root", str(root / "sim"),
+        [sys.executable, "-m", "evc_sim", "--devices", str(args.devices), "--root", str(root / "sim"),
          "--state-file", str(state), "--authorized-keys", str(pub), "--privileges", args.privileges],
     )  # fmt: skip
     try:

@@ -187,8 +187,10 @@ class Stack:
         raise ConfigError(f"the API did not answer at {url}; see {self.log_of('api')}")
 
     def _start_sim(self, env: dict[str, str]) -> None:
+        from evc import simulator
         from evc.client import Client
 
+        simulator.require()
         s = self.settings
         root = s.data_dir / "sim"
         root.mkdir(mode=0o700, exist_ok=True)

@@ -267,6 +267,9 @@ def test_dockerfile_copies_what_the_package_needs_and_dockerignore_keeps_it() ->
     for package, folder in mapped.items():
         assert folder in copied, f"{package} lives in {folder}/, which is not copied"
     assert {"evc", "pyproject.toml", "playbooks"} <= copied
+    # the simulator and the test sshd launcher (sim/, the evc-sim distribution) stay out of the image
+    assert not {s for s in copied if s == "sim" or s.startswith("sim/")}, "the Dockerfile copies the simulator"
+    assert dockerignored("sim/evc_sim/server.py") and dockerignored("sim/pyproject.toml")
     for secret in (".venv/x", ".git/config", "deploy/compose/.env", "data/ssh/id_ed25519"):
         assert dockerignored(secret), f"{secret} would be sent to the Docker build"
 

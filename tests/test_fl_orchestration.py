@@ -35,8 +35,8 @@ from evc.fl.strategy import make_strategy
 from evc.jobs import new_job
 from evc.provisioning.catalog import builtin_dir, load_spec
 from evc.settings import Settings, settings_env
-from evc.sim import SimDevice, SimulatorThread
 from evc.store import JSON, Store, new_id
+from evc_sim import SimDevice, SimulatorThread
 from tests.fixtures.sim import run_ansible
 
 pytestmark = pytest.mark.integration

@@ -17,8 +17,8 @@ from evc import pool as pooling
 from evc.errors import DeviceOffline
 from evc.pool import SSHPool
 from evc.settings import Settings
-from evc.sim import SimDevice, SimulatorThread
 from evc.store import JSON, Store, new_id
+from evc_sim import SimDevice, SimulatorThread
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ from evc import health
 from evc import pool as pooling
 from evc.pool import SSHPool
 from evc.settings import Settings
-from evc.sshd import OpenSSHServer
+from evc_sim.sshd import OpenSSHServer
 
 pytestmark = pytest.mark.integration
 

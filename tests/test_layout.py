@@ -1,7 +1,9 @@
 """The repository's layout: no symlinks, and the wheel and sdist carry every package.
 
 evc.api, evc.tasks and evc.workers live in the design card's top-level folders, mapped by
-setuptools' package-dir (pyproject.toml); the playbooks install as evc/playbooks.
+setuptools' package-dir (pyproject.toml); the playbooks install as evc/playbooks. The simulator
+and the test sshd launcher are a distribution of their own (sim/: evc-sim, package evc_sim),
+never in the evc wheel.
 """
 
 from __future__ import annotations
@@ -61,6 +63,15 @@ def test_the_fl_client_playbook_finds_the_client() -> None:
     assert (ROOT / "playbooks" / ".." / "evc" / "device" / "fl_client.py").is_file()
 
 
+def test_the_simulator_is_a_distribution_of_its_own() -> None:
+    sim = tomllib.loads((ROOT / "sim" / "pyproject.toml").read_text())
+    assert sim["project"]["name"] == "evc-sim"
+    assert "evc" in sim["project"]["dependencies"]
+    on_disk = {".".join(i.parent.relative_to(ROOT / "sim").parts) for i in (ROOT / "sim").rglob("__init__.py")}
+    assert set(sim["tool"]["setuptools"]["packages"]) == on_disk == {"evc_sim"}
+    assert not (ROOT / "evc" / "sim").exists() and not (ROOT / "evc" / "sshd.py").exists()
+
+
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tracked files alone, as a clean checkout has them (the builds write into it)."""
@@ -96,6 +107,8 @@ def test_wheel_and_sdist_carry_the_mapped_folders(checkout: Path, tmp_path: Path
     assert "evc/fl/digits.npz" in names and "evc/profiles/profiles.yml" in names
     # device-side code, where the exporter bundle and the fl-client playbook look for it
     assert "evc/device/fl_client.py" in names and "evc/device/exporter/__main__.py" in names
+    simulator = sorted(n for n in names if n.startswith(("evc/sim/", "evc_sim/")) or n == "evc/sshd.py")
+    assert simulator == [], f"simulator code in the evc wheel: {simulator}"
 
     sdist = _build("sdist", checkout, tmp_path)
     members = {m.split("/", 1)[1] for m in tarfile.open(sdist).getnames() if "/" in m}
@@ -104,3 +117,13 @@ def test_wheel_and_sdist_carry_the_mapped_folders(checkout: Path, tmp_path: Path
         for src in tracked:
             rel = src.relative_to(ROOT).as_posix()
             assert rel in members, f"{rel} is not in the sdist"
+
+
+@pytest.mark.slow
+def test_the_simulator_wheel_carries_evc_sim(checkout: Path, tmp_path: Path) -> None:
+    wheel = _build("wheel", checkout / "sim", tmp_path)
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for src in (ROOT / "sim" / "evc_sim").glob("*.py"):
+        assert f"evc_sim/{src.name}" in names, f"evc_sim/{src.name} is not in the evc-sim wheel"
+    assert {"evc_sim/sshd.py", "evc_sim/spawn_helper.py"} <= names
+    assert not [n for n in names if n.startswith("evc/")], "the evc-sim wheel carries evc's files"

@@ -36,8 +36,8 @@ from evc import monitoring
 from evc.auth import create_operator_token
 from evc.provisioning.service import ProvisionRequest, submit_provision
 from evc.settings import Settings
-from evc.sim import SimDevice
 from evc.store import JSON, Store, new_id, now
+from evc_sim import SimDevice
 from tests.fixtures.prometheus import PrometheusServer, free_port, rewrite_rule_durations, wait_until
 
 log = logging.getLogger(__name__)

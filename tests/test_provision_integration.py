@@ -28,9 +28,9 @@ from evc.jobs import JobRun
 from evc.provisioning.locks import device_lock
 from evc.provisioning.service import ProvisionRequest, provision, retry_job, submit_provision
 from evc.settings import Settings
-from evc.sim import SimDevice
-from evc.sim.namespaces import UID_BASE
 from evc.store import JSON, Store, new_id, now
+from evc_sim import SimDevice
+from evc_sim.namespaces import UID_BASE
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("flush")]
 

@@ -20,10 +20,10 @@ import asyncssh
 import pytest
 
 from evc.errors import ConfigError, NotFound
-from evc.sim import SimDevice, SimulatorThread, read_state, write_state
-from evc.sim.accounts import Account, Accounts, available_privileges, running_as_root
-from evc.sim.server import edit_authorized_keys
-from evc.sim.spawn import REQUEST_MAX, Spawner, helpers_supported, launch_options, setpriv_prefix
+from evc_sim import SimDevice, SimulatorThread, read_state, write_state
+from evc_sim.accounts import Account, Accounts, available_privileges, running_as_root
+from evc_sim.server import edit_authorized_keys
+from evc_sim.spawn import REQUEST_MAX, Spawner, helpers_supported, launch_options, setpriv_prefix
 from tests.fixtures.sim import MakeDevices, connect, run_ansible
 
 pytestmark = pytest.mark.integration
@@ -251,7 +251,7 @@ def test_privilege_level_is_what_a_probe_detects(privilege: str, sim_devices: Ma
         assert dev.username == f"evcsim-{privilege}"
 
 
-# -- starting commands (evc.sim.spawn) -----------------------------------------------------------
+# -- starting commands (evc_sim.spawn) -----------------------------------------------------------
 
 needs_accounts = pytest.mark.skipif(not running_as_root(), reason="another account's commands need root")
 
@@ -554,7 +554,7 @@ def test_ansible_playbook_copies_files_and_becomes_root_through_sudo(
 ) -> None:
     dev = sim_devices(1, privilege="sudo")[0]
     playbook = tmp_path / "play.yml"
-    # (~ in a task would be the shared account's home: see evc.sim.accounts)
+    # (~ in a task would be the shared account's home: see evc_sim.accounts)
     playbook.write_text(
         "- hosts: devices\n"
         "  gather_facts: false\n"
@@ -586,7 +586,7 @@ def _start_process(
     log = root / "sim.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "evc.sim", "--devices", str(n), "--root", str(root / "sim"),
+            [sys.executable, "-m", "evc_sim", "--devices", str(n), "--root", str(root / "sim"),
              "--state-file", str(state), "--authorized-keys", str(keys), "--privileges", privileges],
             stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
         )  # fmt: skip

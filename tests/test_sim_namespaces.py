@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from evc.sim import SimDevice
-from evc.sim.accounts import running_as_root
-from evc.sim.namespaces import UID_BASE, Isolation
-from evc.sim.session import sftp_server
+from evc_sim import SimDevice
+from evc_sim.accounts import running_as_root
+from evc_sim.namespaces import UID_BASE, Isolation
+from evc_sim.session import sftp_server
 from tests.fixtures.sim import MakeDevices, connect, run_ansible
 
 pytestmark = [
@@ -117,7 +117,7 @@ def test_root_device_sftp_and_ansible_write_etc_in_its_own_view(
 
 
 def test_isolation_of_a_root_device(tmp_path: Path) -> None:
-    from evc.sim.namespaces import isolation_for
+    from evc_sim.namespaces import isolation_for
 
     iso = isolation_for("d1", tmp_path / "devices" / "d1", Path("/var/lib/evcsim/sims/x/homes/d1"))
     assert isinstance(iso, Isolation)
@@ -129,7 +129,7 @@ def test_isolation_of_a_root_device(tmp_path: Path) -> None:
 
 def test_state_directory_inside_a_system_directory_is_refused() -> None:
     from evc.errors import ConfigError
-    from evc.sim.namespaces import isolation_for
+    from evc_sim.namespaces import isolation_for
 
     with pytest.raises(ConfigError, match="inside /var"):
         isolation_for("d1", Path("/var/evc-sim-never-made/devices/d1"), Path("/tmp/home"))

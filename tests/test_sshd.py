@@ -10,7 +10,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from evc.sshd import OpenSSHServer, SSHDUnavailable, sshd_binary
+from evc_sim.sshd import OpenSSHServer, SSHDUnavailable, sshd_binary
 from tests.fixtures.sim import connect, run_ansible
 
 pytestmark = pytest.mark.integration

@@ -300,7 +300,7 @@ def test_simulated_devices_keep_their_ports_across_restarts(tmp_path: Path) -> N
     import asyncio
 
     from evc.embedded import free_port
-    from evc.sim import Simulator
+    from evc_sim import Simulator
 
     async def go(saved: dict[str, int]) -> dict[str, int]:
         sim = Simulator(tmp_path / "sim")

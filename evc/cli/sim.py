@@ -36,9 +36,11 @@ def sim(
     ports_file: Path | None,
 ) -> None:
     """Run N simulated edge devices (real SSH servers on loopback) until Ctrl-C."""
-    from evc import keys
-    from evc.sim import serve_forever
+    from evc import keys, simulator
     from evc.stack import read_ports
+
+    simulator.require()  # a distribution of its own (sim/): imported only now
+    from evc_sim import serve_forever
 
     root = root or c.settings.data_dir / "sim"
     state_file = state_file or root / "devices.json"

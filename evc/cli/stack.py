@@ -30,7 +30,11 @@ def up(c: Ctx, sim_devices: int, flower_port: int | None, bind: str | None, api_
     SIGTERM stops everything it started, simulated devices' programs included."""
     import signal
 
+    from evc import simulator
     from evc.stack import Stack, pick_port, redacted
+
+    if sim_devices:
+        simulator.require()  # before anything starts
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # a SIGTERM while starting still stops what was started

@@ -7,7 +7,7 @@ signal that killed it) goes back to the client once its output has been drained.
 and ``drop`` faults of the device act here.
 
 At a thousand devices every bit of per-command work counts: the command is started by the
-simulator's :class:`~evc.sim.spawn.Spawner` (no fork of the simulator, no thread per command),
+simulator's :class:`~evc_sim.spawn.Spawner` (no fork of the simulator, no thread per command),
 and its output is forwarded by loop callbacks on the raw pipe descriptors rather than through
 asyncio's subprocess transports, stream readers and one task per stream.
 """
@@ -30,10 +30,10 @@ from typing import Any
 import asyncssh
 from asyncssh.constants import EXTENDED_DATA_STDERR
 
-from evc.sim.accounts import Account
-from evc.sim.device import SimDevice
-from evc.sim.namespaces import Isolation
-from evc.sim.spawn import ChildProcess, Spawner
+from evc_sim.accounts import Account
+from evc_sim.device import SimDevice
+from evc_sim.namespaces import Isolation
+from evc_sim.spawn import ChildProcess, Spawner
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def sftp_server() -> str | None:
 async def _start(
     process: ServerProcess, device: SimDevice, account: Account, spawner: Spawner, isolation: Isolation | None
 ) -> _Wiring:
-    """Start the session's command (see :mod:`evc.sim.spawn`) and wire it to the channel."""
+    """Start the session's command (see :mod:`evc_sim.spawn`) and wire it to the channel."""
     command = process.command
     term = process.term_type
     env = session_env(process, device, account)

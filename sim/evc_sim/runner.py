@@ -1,10 +1,10 @@
 """Ways to run the simulator: in a thread for tests and in-process callers, or as a process.
 
-* :class:`SimulatorThread` runs a :class:`~evc.sim.server.Simulator` on its own event loop
+* :class:`SimulatorThread` runs a :class:`~evc_sim.server.Simulator` on its own event loop
   thread and offers the same operations as plain synchronous calls.
 * :func:`serve` / :func:`run_simulator` / :func:`serve_forever` run one in the foreground until
   SIGTERM or SIGINT, after writing a JSON state file that lists the devices for other processes.
-* :func:`main` is the command line (``python -m evc.sim``).
+* :func:`main` is the command line (``python -m evc_sim``).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from evc.errors import ConfigError
-from evc.sim.device import FaultMode, Privilege, SimDevice
-from evc.sim.server import Simulator
-from evc.sim.spawn import commands_start_with_default_signals
+from evc_sim.device import FaultMode, Privilege, SimDevice
+from evc_sim.server import Simulator
+from evc_sim.spawn_helper import commands_start_with_default_signals
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +259,8 @@ def serve_forever(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m evc.sim --devices N --root DIR --state-file FILE [--authorized-keys FILE]``."""
-    p = argparse.ArgumentParser(prog="python -m evc.sim", description=__doc__.splitlines()[0])
+    """``python -m evc_sim --devices N --root DIR --state-file FILE [--authorized-keys FILE]``."""
+    p = argparse.ArgumentParser(prog="python -m evc_sim", description=__doc__.splitlines()[0])
     p.add_argument("--devices", "-n", type=int, default=3, help="how many devices")
     p.add_argument("--root", type=Path, required=True, help="simulator state directory")
     p.add_argument("--state-file", type=Path, default=None, help="device list (JSON)")

@@ -5,10 +5,10 @@ presents the same key), home directory (``root_dir/homes/<name>``) and
 ``~/.ssh/authorized_keys``, read again on every authentication so edits take effect at once.
 (Run as root with *root_dir* inside a directory other accounts cannot enter, such as ``/root``,
 homes and sudo stand-ins go to ``/var/lib/evcsim/sims/<digest of root_dir>`` instead.)
-Commands run for real (:mod:`evc.sim.session`, started as :mod:`evc.sim.spawn` describes), SFTP
-is served on real paths (:mod:`evc.sim.sftp`), and each device presents one privilege level
-(:mod:`evc.sim.accounts`); a root device is root only in namespaces of its own, SFTP included
-(:mod:`evc.sim.namespaces`), and its private files are kept in ``root_dir/devices/<name>``.
+Commands run for real (:mod:`evc_sim.session`, started as :mod:`evc_sim.spawn` describes), SFTP
+is served on real paths (:mod:`evc_sim.sftp`), and each device presents one privilege level
+(:mod:`evc_sim.accounts`); a root device is root only in namespaces of its own, SFTP included
+(:mod:`evc_sim.namespaces`), and its private files are kept in ``root_dir/devices/<name>``.
 Faults are injected per device with :meth:`Simulator.set_fault`.
 """
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import asyncssh
 
 from evc.errors import ConfigError, NotFound
-from evc.sim.accounts import (
+from evc_sim.accounts import (
     ACCOUNT_HOMES,
     Account,
     Accounts,
@@ -40,7 +40,7 @@ from evc.sim.accounts import (
     running_as_root,
     world_traversable,
 )
-from evc.sim.device import (
+from evc_sim.device import (
     FaultMode,
     Privilege,
     SimDevice,
@@ -49,10 +49,10 @@ from evc.sim.device import (
     key_identity,
     write_state,
 )
-from evc.sim.namespaces import Isolation, isolation_for
-from evc.sim.session import NamespacedSession, process_factory
-from evc.sim.sftp import sftp_factory
-from evc.sim.spawn import ChildProcess, Spawner
+from evc_sim.namespaces import Isolation, isolation_for
+from evc_sim.session import NamespacedSession, process_factory
+from evc_sim.sftp import sftp_factory
+from evc_sim.spawn import ChildProcess, Spawner
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class Simulator:
     """A fleet of simulated devices served by this process's event loop.
 
     All methods must be called from the loop that serves the devices (see
-    :class:`evc.sim.SimulatorThread` to drive one from synchronous code).
+    :class:`evc_sim.SimulatorThread` to drive one from synchronous code).
     """
 
     def __init__(
@@ -257,7 +257,7 @@ class Simulator:
             privilege=privilege,
         )
         rt = _Runtime(device, account, host_key, spawner=self._spawner)
-        if privilege == "root":  # root only in namespaces of its own: see evc.sim.namespaces
+        if privilege == "root":  # root only in namespaces of its own: see evc_sim.namespaces
             rt.isolation = isolation_for(name, self.root_dir / "devices" / name, home)
         self._bind(rt)
         device.port = rt.sock.getsockname()[1] if rt.sock else port

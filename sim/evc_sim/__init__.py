@@ -2,11 +2,11 @@
 
 ``Simulator`` (asyncio) and ``SimulatorThread`` (synchronous) serve a fleet in one process;
 ``serve_forever`` / ``run_simulator`` / ``main`` run one as a process that lists its devices in a
-JSON state file. See :mod:`evc.sim.server` for the layout and :mod:`evc.sim.accounts` for how
+JSON state file. See :mod:`evc_sim.server` for the layout and :mod:`evc_sim.accounts` for how
 the three privilege levels are presented.
 """
 
-from evc.sim.device import (
+from evc_sim.device import (
     FAULT_MODES,
     PRIVILEGES,
     FaultMode,
@@ -15,7 +15,7 @@ from evc.sim.device import (
     read_state,
     write_state,
 )
-from evc.sim.runner import (
+from evc_sim.runner import (
     SimulatorThread,
     main,
     read_keys_file,
@@ -23,7 +23,7 @@ from evc.sim.runner import (
     serve,
     serve_forever,
 )
-from evc.sim.server import Simulator, raise_fd_limit
+from evc_sim.server import Simulator, raise_fd_limit
 
 __all__ = [
     "FAULT_MODES",

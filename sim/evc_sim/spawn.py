@@ -8,15 +8,15 @@ many commands a second, so how it starts them matters:
   ``fork``\\ s, copying the page tables of the whole simulator, and the loop blocks until the
   child has ``exec``\\ ed. Commands of the simulator's own user start with ``vfork`` directly.
   Commands (and SFTP) of a ``root`` device always go to a spawner of that device's own, which
-  first enters the device's namespaces (:mod:`evc.sim.namespaces`) so that its commands
+  first enters the device's namespaces (:mod:`evc_sim.namespaces`) so that its commands
   inherit them; they never start any other way.
   Commands of another account (the ``user`` and ``sudo`` devices of a simulator run as root)
   go to a **spawner**: a small helper process per account, started once (``python -I -S`` on
-  this file), that has switched to the account (supplementary groups, then gid, then uid, like
-  CPython's ``extra_groups``/``group``/``user``) and starts each command the ``vfork`` way (no
-  identity switch left to do) in a new session, with the working directory, environment and
-  stdio descriptors (passed over a Unix socket) the simulator sends it, and reports its pid
-  and, later, its wait status. Where no helper can run, ``setpriv``
+  :mod:`evc_sim.spawn_helper`), that has switched to the account (supplementary groups, then
+  gid, then uid, like CPython's ``extra_groups``/``group``/``user``) and starts each command the
+  ``vfork`` way (no identity switch left to do) in a new session, with the working directory,
+  environment and stdio descriptors (passed over a Unix socket) the simulator sends it, and
+  reports its pid and, later, its wait status. Where no helper can run, ``setpriv``
   (util-linux; same switch, one ``exec`` more per command) is used; failing that, ``fork``.
   A terminal session's shell must take its terminal as controlling terminal between ``fork``
   and ``exec`` (a ``preexec_fn``): a spawner does that too, forking itself (a small process), for
@@ -38,33 +38,42 @@ import asyncio
 import collections
 import contextlib
 import errno
-import fcntl
 import functools
 import logging
 import marshal
 import os
-import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import termios
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # (not imported at run time: the helper runs this file without the package)
-    from evc.sim.accounts import Account
-    from evc.sim.namespaces import Isolation
+from evc_sim import spawn_helper
+from evc_sim.spawn_helper import REQUEST_MAX, commands_start_with_default_signals, take_controlling_tty
+
+if TYPE_CHECKING:
+    from evc_sim.accounts import Account
+    from evc_sim.namespaces import Isolation
+
+__all__ = [
+    "HELPERS_ENV",
+    "REQUEST_MAX",
+    "ChildProcess",
+    "Spawner",
+    "commands_start_with_default_signals",
+    "helpers_supported",
+    "launch_options",
+    "setpriv_prefix",
+    "spawn_here",
+]
 
 log = logging.getLogger(__name__)
 
-#: a spawn request (argv, environment, working directory) larger than this goes the setpriv way
-REQUEST_MAX = 128 * 1024
 #: room for a batch of replies from a spawner: at most 64 of them, each holding at most a path
 _REPLY_MAX = 512 * 1024
-_FD_BYTES = array.array("i").itemsize
 #: environment variable: ``0`` turns the per-account spawner processes off (setpriv instead)
 HELPERS_ENV = "EVC_SIM_SPAWN_HELPERS"
 
@@ -159,39 +168,6 @@ def _pidfds_work() -> bool:
     return True
 
 
-# -- signal dispositions of the commands ---------------------------------------------------------
-
-#: signals that CPython's Popen already resets for its child (``restore_signals``), and SIGCHLD,
-#: which the spawner handles itself
-_RESTORED_BY_POPEN = frozenset({"SIGPIPE", "SIGXFZ", "SIGXFSZ", "SIGCHLD", "SIGKILL", "SIGSTOP"})
-
-
-def _ignore(signum: int, frame: object) -> None:  # pragma: no cover - a signal handler
-    """Ignore a signal the way a handler does: unlike ``SIG_IGN``, a handler is not inherited."""
-
-
-def commands_start_with_default_signals() -> None:
-    """Make the commands this thread starts begin as sshd starts them: every signal at its default
-    disposition and none blocked.
-
-    An ignored signal stays ignored across ``exec`` (``nohup`` ignores SIGHUP; a shell's
-    background job ignores SIGINT and SIGQUIT) and the signal mask is inherited; a *handled*
-    signal is reset to its default. So each signal this process ignores gets a handler that does
-    nothing (the same for this process, not inherited), and this thread's mask is cleared. The
-    ``vfork`` start keeps working: no ``preexec_fn``. Dispositions can only be changed from the
-    main thread; elsewhere only the mask is cleared.
-    """
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for sig in signal.Signals:
-        if sig.name in _RESTORED_BY_POPEN:
-            continue
-        with contextlib.suppress(OSError, ValueError):
-            if signal.getsignal(sig) == signal.SIG_IGN:
-                signal.signal(sig, _ignore)
-
-
 # -- starting commands here (vfork; setpriv or fork for another account) -------------------------
 
 
@@ -201,7 +177,7 @@ def _identity_kw(account: Account) -> dict[str, Any]:
 
 @functools.cache
 def _setpriv() -> str | None:
-    from evc.sim.accounts import DEFAULT_PATH
+    from evc_sim.accounts import DEFAULT_PATH
 
     return shutil.which("setpriv", path=DEFAULT_PATH)
 
@@ -274,13 +250,9 @@ def spawn_here(
         prefix, kw = launch_options(account)
     popen = subprocess.Popen(
         [*prefix, *argv], stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=env,
-        start_new_session=True, preexec_fn=_take_controlling_tty if controlling_tty else None, **kw,
+        start_new_session=True, preexec_fn=take_controlling_tty if controlling_tty else None, **kw,
     )  # fmt: skip
     return _LocalChild(popen)
-
-
-def _take_controlling_tty() -> None:  # pragma: no cover - runs in the child between fork and exec
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
 # -- the per-account spawner processes ------------------------------------------------------------
@@ -292,13 +264,13 @@ class _HelperUnavailable(Exception):
 
 @functools.cache
 def helpers_supported() -> bool:
-    """Whether spawner processes can run here (Linux, this file on disk)."""
+    """Whether spawner processes can run here (Linux, :mod:`evc_sim.spawn_helper` on disk)."""
     return (
         sys.platform.startswith("linux")
         and hasattr(socket, "SOCK_SEQPACKET")
         and bool(sys.executable)
-        and __file__.endswith(".py")
-        and os.path.isfile(__file__)
+        and spawn_helper.__file__.endswith(".py")
+        and os.path.isfile(spawn_helper.__file__)
     )
 
 
@@ -321,7 +293,7 @@ class _Helper:
                 sys.executable,
                 "-I",
                 "-S",
-                __file__,
+                spawn_helper.__file__,
                 str(theirs.fileno()),
                 str(account.uid),
                 str(account.gid),
@@ -549,257 +521,3 @@ class Spawner:
             except TimeoutError:
                 helper.process.kill()
                 await helper.process.wait()
-
-
-# -- the spawner process itself (stdlib only: it runs as ``python -I -S spawn.py``) ---------------
-
-
-def _helper_main(args: Sequence[str]) -> int:  # pragma: no cover - runs in the spawner process
-    """Serve spawn requests on socket *fd* as uid/gid/groups until the simulator hangs up.
-
-    Replies go in batches (one message per wake-up: a list of ``("s", request, pid)``,
-    ``("e", request, errno, strerror, filename)``, ``("v", request, message)`` (not an OSError)
-    and ``("x", pid, wait status)``), in the order things happened, so a command's start is
-    always reported before its end.
-    """
-    fd, uid, gid = int(args[0]), int(args[1]), int(args[2])
-    groups = [int(g) for g in args[3].split(",") if g]
-    if len(args) > 4:  # a root device's spawner: its commands run in namespaces of their own
-        _enter_namespaces(args[4])
-    sock = socket.socket(fileno=fd)
-    sock.set_inheritable(False)
-    sock.setblocking(False)
-    # One command before switching: whatever starting one loads is loaded while the standard
-    # library is still readable (it may live where the account cannot read, like /root).
-    subprocess.run(["/bin/sh", "-c", ":"], stdin=subprocess.DEVNULL, cwd="/", env={}, check=False)
-    if uid != os.geteuid():  # (a spawner for the simulator's own user switches nothing)
-        os.setgroups(groups)
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_r, False)
-    os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-    signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so that SIGCHLD wakes the poll
-    commands_start_with_default_signals()  # (it inherited what the simulator ignores: SIG_IGN)
-    children: dict[int, subprocess.Popen[bytes]] = {}
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
-    poller.register(wake_r, select.POLLIN)
-    ancillary = socket.CMSG_SPACE(3 * _FD_BYTES)
-    while True:
-        replies: list[tuple[Any, ...]] = []
-        for ready, _ in poller.poll():
-            if ready == wake_r:
-                with contextlib.suppress(BlockingIOError):
-                    while os.read(wake_r, 4096):
-                        pass
-                _reap_all(replies, children)
-                continue
-            while True:
-                try:
-                    msg, anc, _, _ = sock.recvmsg(REQUEST_MAX + 1024, ancillary, socket.MSG_CMSG_CLOEXEC)
-                except BlockingIOError:
-                    break
-                if not msg:
-                    return 0  # the simulator hung up
-                fds: list[int] = []
-                for level, kind, data in anc:
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        fds.extend(array.array("i", data[: len(data) - len(data) % _FD_BYTES]))
-                try:
-                    replies.append(_start_requested(marshal.loads(msg), fds, children))
-                finally:
-                    for f in fds:
-                        os.close(f)
-                if len(replies) >= _BATCH:
-                    _send_replies(sock, replies)
-        _send_replies(sock, replies)
-
-
-_BATCH = 64
-
-_CLONE_NEWNS, _CLONE_NEWUTS, _CLONE_NEWIPC, _CLONE_NEWUSER = 0x00020000, 0x04000000, 0x08000000, 0x10000000
-_MS_REC, _MS_PRIVATE = 0x4000, 1 << 18
-# the new mount API (the same numbers on every architecture)
-_SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_MOUNT_SETATTR = 428, 429, 442
-_OPEN_TREE_CLONE, _OPEN_TREE_CLOEXEC, _AT_EMPTY_PATH, _AT_FDCWD = 1, os.O_CLOEXEC, 0x1000, -100
-_MOUNT_ATTR_IDMAP, _MOVE_MOUNT_F_EMPTY_PATH = 0x00100000, 4
-_ID_COUNT = 65536
-
-
-def _enter_namespaces(spec: str) -> None:  # pragma: no cover - runs in the spawner process
-    """Enter the namespaces :class:`evc.sim.namespaces.Isolation` describes (*spec* is its
-    ``to_arg()``): a new mount namespace with overlays over the system directories and the kept
-    directories (the home) on top again, then (where the kernel allows) a new user namespace
-    whose uid 0 is an unprivileged uid of the host, then new UTS and IPC namespaces with the
-    device's hostname.
-
-    The directories are idmapped mounts for the user namespace: a file the host's root owns is
-    root's inside too, and what the device writes lands on disk as its unprivileged uid (in the
-    overlays' upper directories) or as the host's root (in the home). Where idmapped mounts are
-    not supported the commands stay the host's uid 0, in the private mount namespace.
-    """
-    import ctypes
-    import struct
-
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def check(rc: int, what: str) -> int:
-        if rc < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"{what}: {os.strerror(err)}")
-        return rc
-
-    def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None) -> None:
-        rc = libc.mount(
-            source.encode() if source else None, target.encode(), fstype.encode() if fstype else None,
-            ctypes.c_ulong(flags), data.encode() if data else None,
-        )  # fmt: skip
-        check(rc, f"mount {target}")
-
-    def idmapped_clone(path: str, userns: int) -> int:
-        """A detached copy of the mount at *path* that shows the host's ids as *userns* sees them."""
-        flags = _OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC
-        tree = check(libc.syscall(_SYS_OPEN_TREE, _AT_FDCWD, path.encode(), flags), f"open_tree {path}")
-        attr = ctypes.create_string_buffer(struct.pack("QQQQ", _MOUNT_ATTR_IDMAP, 0, 0, userns), 32)
-        try:
-            check(libc.syscall(_SYS_MOUNT_SETATTR, tree, b"", _AT_EMPTY_PATH, attr, 32), f"idmap {path}")
-        except OSError:
-            os.close(tree)
-            raise
-        return tree
-
-    def attach(tree: int, target: str) -> None:
-        check(libc.syscall(_SYS_MOVE_MOUNT, tree, b"", _AT_FDCWD, target.encode(), _MOVE_MOUNT_F_EMPTY_PATH),
-              f"move_mount {target}")  # fmt: skip
-        os.close(tree)
-
-    hostname, uid_base_text, *rest = spec.split("\n")
-    uid_base = int(uid_base_text)
-    overlays = [r.split("|") for r in rest if not r.startswith("=")]
-    keep = [r[1:] for r in rest if r.startswith("=")]
-    check(libc.unshare(_CLONE_NEWNS), "unshare")
-    mount(None, "/", None, _MS_REC | _MS_PRIVATE, None)  # nothing done here reaches the host
-    userns = _new_user_namespace(libc, uid_base) if uid_base else -1
-    trees: dict[str, int] = {}
-    if userns >= 0:
-        try:
-            for path in [o[0] for o in overlays] + keep:
-                trees[path] = idmapped_clone(path, userns)
-        except OSError as exc:
-            print(f"evc sim {hostname}: no idmapped mounts here ({exc}): the device's root is the host's "
-                  "root, in a private mount namespace", file=sys.stderr)  # fmt: skip
-            for tree in trees.values():
-                os.close(tree)
-            trees.clear()
-            os.close(userns)
-            userns = -1
-    if userns < 0:  # the kept directories as they are, taken before the overlays hide them
-        trees = {path: check(libc.syscall(_SYS_OPEN_TREE, _AT_FDCWD, path.encode(), _OPEN_TREE_CLONE
-                                          | _OPEN_TREE_CLOEXEC), f"open_tree {path}") for path in keep}  # fmt: skip
-    for directory, upper, work in overlays:
-        st = os.stat(directory)  # the top of the overlay is the upper directory: the host's owner
-        shift = uid_base if userns >= 0 else 0
-        os.chown(upper, st.st_uid + shift, st.st_gid + shift)
-        if directory in trees:
-            attach(trees.pop(directory), directory)  # the lower layer: the host's, idmapped
-        mount("overlay", directory, "overlay", 0, f"lowerdir={directory},upperdir={upper},workdir={work}")
-    for path in keep:
-        os.makedirs(path, exist_ok=True)  # (in an overlay: a copy-up, the host is untouched)
-        attach(trees.pop(path), path)
-    if userns >= 0:
-        check(libc.setns(userns, _CLONE_NEWUSER), "setns")
-        os.close(userns)
-        os.setgroups([])
-        os.setresgid(0, 0, 0)
-        os.setresuid(0, 0, 0)
-    check(libc.unshare(_CLONE_NEWUTS | _CLONE_NEWIPC), "unshare")  # (owned by the user namespace)
-    encoded = hostname.encode()
-    check(libc.sethostname(encoded, ctypes.c_size_t(len(encoded))), "sethostname")
-
-
-def _new_user_namespace(libc: Any, uid_base: int) -> int:  # pragma: no cover - in the spawner process
-    """A user namespace whose ids 0-65535 are the host's *uid_base*... (a descriptor); -1 where
-    none can be made."""
-    ready_r, ready_w = os.pipe()
-    done_r, done_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # a child that makes the namespace and waits until we hold it
-        os.close(ready_r)
-        os.close(done_w)
-        ok = libc.unshare(_CLONE_NEWUSER) == 0
-        os.write(ready_w, b"1" if ok else b"0")
-        os.read(done_r, 1)
-        os._exit(0)
-    os.close(ready_w)
-    os.close(done_r)
-    try:
-        if os.read(ready_r, 1) != b"1":
-            return -1
-        for kind in ("uid_map", "gid_map"):
-            with open(f"/proc/{pid}/{kind}", "w") as f:
-                f.write(f"0 {uid_base} {_ID_COUNT}\n")
-        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        print(f"evc sim: no user namespace ({exc})", file=sys.stderr)
-        return -1
-    finally:
-        os.close(ready_r)
-        os.close(done_w)
-        os.waitpid(pid, 0)
-
-
-def _send_replies(sock: socket.socket, replies: list[tuple[Any, ...]]) -> None:  # pragma: no cover - helper
-    if not replies:
-        return
-    msg = marshal.dumps(replies)
-    replies.clear()
-    while True:
-        try:
-            sock.send(msg)
-            return
-        except BlockingIOError:  # the simulator is busy: wait for room
-            select.select([], [sock], [])
-
-
-def _start_requested(
-    request: tuple[int, list[str], dict[str, str], str, bool],
-    fds: list[int],
-    children: dict[int, subprocess.Popen[bytes]],
-) -> tuple[Any, ...]:  # pragma: no cover - runs in the spawner process
-    req_id, argv, env, cwd, ctty = request
-    try:
-        # (CPython's vfork path, not os.posix_spawn: glibc's posix_spawn leaves its internal
-        # signals 32 and 33 ignored in the command, and sshd's commands have nothing ignored;
-        # a terminal session forks, this small process)
-        popen = subprocess.Popen(
-            argv, stdin=fds[0], stdout=fds[1], stderr=fds[2], cwd=cwd, env=env, start_new_session=True,
-            preexec_fn=_take_controlling_tty if ctty else None,
-        )  # fmt: skip
-    except OSError as exc:
-        return ("e", req_id, exc.errno or 0, exc.strerror or str(exc), exc.filename)
-    except Exception as exc:  # (what Popen refuses, such as a NUL byte in an argument)
-        return ("v", req_id, f"{type(exc).__name__}: {exc}")
-    children[popen.pid] = popen  # (a Popen dropped while running would be reaped by the next one)
-    return ("s", req_id, popen.pid)
-
-
-def _reap_all(
-    replies: list[tuple[Any, ...]], children: dict[int, subprocess.Popen[bytes]]
-) -> None:  # pragma: no cover - runs in the spawner process
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        popen = children.pop(pid, None)
-        if popen is not None:
-            popen.returncode = os.waitstatus_to_exitcode(status)
-        replies.append(("x", pid, status))
-
-
-if __name__ == "__main__":  # pragma: no cover - the spawner process
-    sys.exit(_helper_main(sys.argv[1:]))

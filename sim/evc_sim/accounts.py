@@ -4,7 +4,7 @@ Run as root, the simulator presents the levels for real:
 
 * ``root``: commands run as uid 0 inside namespaces of the device's own, where uid 0 is an
   unprivileged uid of the host and /etc, /usr, /var, ... are private overlays
-  (:mod:`evc.sim.namespaces`): a root device never changes the host;
+  (:mod:`evc_sim.namespaces`): a root device never changes the host;
 * ``sudo``: commands run as ``evcsim-sudo``, which ``/etc/sudoers.d/evcsim`` lets run anything
   through passwordless sudo;
 * ``user``: commands run as ``evcsim-user``, which sudo does not know.
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evc.errors import ConfigError
-from evc.sim.device import Privilege
+from evc_sim.device import Privilege
 
 ACCOUNT_NAMES: dict[Privilege, str] = {"user": "evcsim-user", "sudo": "evcsim-sudo"}
 ACCOUNT_HOMES = Path("/var/lib/evcsim")

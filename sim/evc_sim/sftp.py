@@ -4,7 +4,7 @@ Nothing is chrooted: absolute paths are the host's paths, relative ones start in
 home (so ``sftp``, ``scp`` and Ansible's file transfer land where ``~`` is). When the device's
 account is not the simulator's own user, every operation that checks permissions or creates a
 file runs under that account's filesystem identity (see
-:func:`evc.sim.accounts.filesystem_identity`), so files come out owned by the account and the
+:func:`evc_sim.accounts.filesystem_identity`), so files come out owned by the account and the
 account's permission limits hold, exactly as with a real ``sftp-server`` started by sshd.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 
 import asyncssh
 
-from evc.sim.accounts import Account, filesystem_identity
-from evc.sim.device import SimDevice
+from evc_sim.accounts import Account, filesystem_identity
+from evc_sim.device import SimDevice
 
 #: SFTPServer methods that check permissions or create files by path (file handles, once open,
 #: need no identity: the kernel checked it at open time)

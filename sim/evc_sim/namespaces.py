@@ -3,7 +3,7 @@
 Without this, a root device's commands would run as the host's uid 0, and a playbook that
 installs a package or writes ``/etc`` on it would change the host. Instead, every command and
 SFTP session of a root device is started by that device's own spawner process (see
-:mod:`evc.sim.spawn`), which first makes, and keeps for as long as the device is served:
+:mod:`evc_sim.spawn`), which first makes, and keeps for as long as the device is served:
 
 * a **mount namespace** with an overlay over each of :data:`SYSTEM_DIRS` (and
   :data:`OPTIONAL_DIRS`): the host's directory is the lower layer, and what the device writes

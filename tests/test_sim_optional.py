@@ -1,0 +1,46 @@
+"""The simulator is a distribution of its own (sim/, evc-sim): without it, `evc sim` and
+`evc up --sim N` say how to install it and fail, before anything starts. Fast, no services."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from evc import simulator
+from evc.cli import main
+from evc.errors import ConfigError
+from evc.settings import load_settings
+from evc.stack import Stack
+
+
+@pytest.fixture
+def no_simulator(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """evc_sim not importable (as where evc-sim is not installed), a fresh data directory."""
+    monkeypatch.setitem(sys.modules, "evc_sim", None)  # type: ignore[arg-type]
+    monkeypatch.setenv("EVC_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
+def test_the_simulator_is_installed_for_the_tests() -> None:
+    assert simulator.installed()
+    import evc_sim
+
+    assert Path(evc_sim.__file__).parent.parent.name == "sim"
+
+
+@pytest.mark.parametrize("args", [["sim", "--devices", "1"], ["up", "--sim", "2"]])
+def test_cli_says_how_to_install_the_simulator(no_simulator: Path, args: list[str]) -> None:
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2, res.output
+    assert "the simulator is not installed: pip install ./sim (scripts/up does it)" in res.output
+    assert not (no_simulator / "stack.json").exists()  # nothing was started
+
+
+def test_stack_refuses_to_start_the_simulator(no_simulator: Path) -> None:
+    stack = Stack(load_settings(), sim_devices=1)
+    with pytest.raises(ConfigError, match="the simulator is not installed"):
+        stack._start_sim({})
+    assert not stack.children
