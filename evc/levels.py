@@ -78,8 +78,38 @@ def raise_level(store: Store, settings: Settings, run: JobRun, runner: StepRunne
     target = int(p["target"])
     check = bool(p.get("check"))
     converge = bool(p.get("converge"))
+    _ensure_online(store, run)
+    detail, runnable = _split_runnable(store.get_devices(run.job["targets"]))
+    if converge:  # recheck every step up to the target: apply only where it drifted
+        runnable = [{**d, "level": 0} for d in runnable]
+    steps, blocked = profiles.plan(profile, runnable, target, cluster.get("server_id"))
+    for dev_id, why in blocked.items():
+        detail[dev_id] = {"level": 0, "stopped": why}
+
+    def step_vars(playbook: str, step_vars: Mapping[str, Any]) -> JSON:
+        return cluster_vars(store, settings, cluster, playbook, step_vars)
+
+    failed, changes = _run_steps(run, steps, runner, step_vars, check, converge)
+    for d in runnable:
+        did = d["id"]
+        if did in blocked:
+            continue
+        before = int(store.get_device(did).get("level") or 0)
+        info, recorded = level_info(target, before, failed.get(did), changes.get(did, []), check, converge)
+        if recorded is not None:
+            store.update_device(did, level=info["level"], level_detail=recorded)
+        detail[did] = info
+    for did, info in detail.items():
+        run.result(did, {**info, "level_name": profiles.LEVELS.get(int(info.get("level") or 0))}, count=False)
+    return level_verdict(cluster["id"], target, check, converge, detail)
+
+
+def _ensure_online(store: Store, run: JobRun) -> None:
+    """With ``offline: fail`` or ``wait`` the caller chose: fail fast, or wait (with a TTL)
+    for the offline targets; ``skip`` (the default) leaves them out later."""
+    p = run.params
     offline_policy = str(p.get("offline") or "skip")
-    if offline_policy in ("fail", "wait"):  # the caller chose: fail fast, or wait (with a TTL) for them
+    if offline_policy in ("fail", "wait"):
         from evc.health import ensure_online
 
         ensure_online(
@@ -89,7 +119,10 @@ def raise_level(store: Store, settings: Settings, run: JobRun, runner: StepRunne
             ttl_s=float(p.get("offline_ttl_s") or 300),
             check_cancel=run.check_cancel,
         )
-    devices = store.get_devices(run.job["targets"])
+
+
+def _split_runnable(devices: list[JSON]) -> tuple[dict[str, JSON], list[JSON]]:
+    """(the detail of the devices that take no new work, the devices that may)."""
     detail: dict[str, JSON] = {}
     runnable: list[JSON] = []
     for d in devices:
@@ -97,11 +130,20 @@ def raise_level(store: Store, settings: Settings, run: JobRun, runner: StepRunne
             detail[d["id"]] = {"level": int(d.get("level") or 0), "stopped": f"device is {d.get('state')}: no new work"}
         else:
             runnable.append(d)
-    if converge:  # recheck every step up to the target: apply only where it drifted
-        runnable = [{**d, "level": 0} for d in runnable]
-    steps, blocked = profiles.plan(profile, runnable, target, cluster.get("server_id"))
-    for dev_id, why in blocked.items():
-        detail[dev_id] = {"level": 0, "stopped": why}
+    return detail, runnable
+
+
+def _run_steps(
+    run: JobRun,
+    steps: list[profiles.PlannedStep],
+    runner: StepRunner,
+    step_vars: Callable[[str, Mapping[str, Any]], JSON],
+    check: bool,
+    converge: bool,
+) -> tuple[dict[str, tuple[int, str]], dict[str, list[str]]]:
+    """Run the planned *steps* in order, each on the devices that have not failed yet.
+    Returns (device -> (the level it failed at, why), device -> the playbooks that changed
+    it: would change, with *check*; drifted and were re-applied, with *converge*)."""
     failed: dict[str, tuple[int, str]] = {}
     changes: dict[str, list[str]] = {}
     run.progress(0, max(1, len(steps)))
@@ -110,7 +152,7 @@ def raise_level(store: Store, settings: Settings, run: JobRun, runner: StepRunne
         ids = [d for d in step.devices if d not in failed]
         if not ids:
             continue
-        vars_ = cluster_vars(store, settings, cluster, step.playbook, step.vars)
+        vars_ = step_vars(step.playbook, step.vars)
         run.event(
             f"L{step.level} {profiles.LEVELS[step.level]}: {step.playbook} on {len(ids)} device(s)"
             + (" (check)" if check or converge else ""),
@@ -120,12 +162,7 @@ def raise_level(store: Store, settings: Settings, run: JobRun, runner: StepRunne
         )
         results = runner(run, step.playbook, ids, vars_, check or converge)
         if converge and not check:
-            drifted = [dev_id for dev_id, r in results.items() if r.get("status") == "ok" and r.get("changed")]
-            for dev_id in drifted:
-                changes.setdefault(dev_id, []).append(step.playbook)
-            if drifted:
-                run.event(f"{step.playbook} drifted on {len(drifted)} device(s): applying", type="level")
-                results.update(runner(run, step.playbook, drifted, vars_, False))
+            results.update(_reapply_drifted(run, runner, step.playbook, vars_, results, changes))
         elif check:
             for dev_id, r in results.items():
                 if r.get("changed"):
@@ -135,45 +172,60 @@ def raise_level(store: Store, settings: Settings, run: JobRun, runner: StepRunne
                 why = r.get("message") or r.get("reason") or ""
                 failed[dev_id] = (step.level, f"{step.playbook} {r.get('status')}: {why}".strip())
         run.progress(i + 1, len(steps))
-    levels: dict[str, int] = {}
-    for d in runnable:
-        did = d["id"]
-        if did in blocked:
-            continue
-        before = int(store.get_device(did).get("level") or 0)
-        if did in failed:
-            lvl_failed, why = failed[did]
-            reached = lvl_failed - 1
-            info: JSON = {"level": reached, "stopped": f"L{lvl_failed} {profiles.LEVELS[lvl_failed]}: {why}"}
-        else:
-            reached = target
-            info = {"level": reached}
-        if check:
-            info = {
-                "level": before,
-                "would_change": changes.get(did, []),
-                **({"stopped": info["stopped"]} if "stopped" in info else {}),
-            }
-        else:
-            new_level = reached if converge else max(before, reached)
-            store.update_device(did, level=new_level, level_detail=info)
-            info["level"] = new_level
-            if changes.get(did):
-                info["reapplied"] = changes[did]
-            levels[did] = new_level
-        detail[did] = info
-    for did, info in detail.items():
-        run.result(did, {**info, "level_name": profiles.LEVELS.get(int(info.get("level") or 0))}, count=False)
-    summary = {
-        "cluster": cluster["id"], "target": target, "check": check, "converge": converge,
+    return failed, changes
+
+
+def _reapply_drifted(
+    run: JobRun, runner: StepRunner, playbook: str, vars_: JSON, checked: dict[str, JSON], changes: dict[str, list[str]]
+) -> dict[str, JSON]:
+    """Converging: apply *playbook* where its check found drift; the results of that run."""
+    drifted = [dev_id for dev_id, r in checked.items() if r.get("status") == "ok" and r.get("changed")]
+    for dev_id in drifted:
+        changes.setdefault(dev_id, []).append(playbook)
+    if not drifted:
+        return {}
+    run.event(f"{playbook} drifted on {len(drifted)} device(s): applying", type="level")
+    return runner(run, playbook, drifted, vars_, False)
+
+
+def level_info(
+    target: int, before: int, failed: tuple[int, str] | None, changed: list[str], check: bool, converge: bool
+) -> tuple[JSON, JSON | None]:
+    """One device's outcome: (its result, what its record keeps as ``level_detail``; None in
+    check mode, where nothing is recorded). The result holds the level it is at now (*before*
+    the job, else the level below the one it *failed* at or *target*: never lower than
+    *before* unless converging), why it stopped, and what would change (*check*) or was
+    re-applied (*changed*). The recorded detail holds the level reached and why it stopped."""
+    if failed is not None:
+        lvl_failed, why = failed
+        reached = lvl_failed - 1
+        info: JSON = {"level": reached, "stopped": f"L{lvl_failed} {profiles.LEVELS[lvl_failed]}: {why}"}
+    else:
+        reached = target
+        info = {"level": reached}
+    if check:
+        stopped = {"stopped": info["stopped"]} if "stopped" in info else {}
+        return {"level": before, "would_change": changed, **stopped}, None
+    recorded = dict(info)
+    info["level"] = reached if converge else max(before, reached)
+    if changed:
+        info["reapplied"] = changed
+    return info, recorded
+
+
+def level_verdict(cluster_id: str, target: int, check: bool, converge: bool, detail: dict[str, JSON]) -> JSON | Partial:
+    """The job's end from every device's *detail*: the summary when all reached the target
+    (or in check mode), :class:`Partial` when some did, LevelNotReached when none did."""
+    short: dict[str, str] = {d: i["stopped"] for d, i in detail.items() if "stopped" in i}
+    summary: JSON = {
+        "cluster": cluster_id, "target": target, "check": check, "converge": converge,
         "reached": sum(1 for i in detail.values() if int(i.get("level") or 0) >= target and "stopped" not in i),
-        "stopped": {d: i["stopped"] for d, i in detail.items() if "stopped" in i},
+        "stopped": short,
     }  # fmt: skip
-    short = summary["stopped"]
     if check or not short:
         return summary
     why = "; ".join(f"{d}: {r}" for d, r in list(short.items())[:5]) + (" ..." if len(short) > 5 else "")
     if not summary["reached"]:
-        raise LevelNotReached(f"no device reached L{target}: {why}", cluster=cluster["id"], target=target,
+        raise LevelNotReached(f"no device reached L{target}: {why}", cluster=cluster_id, target=target,
                               stopped=short)  # fmt: skip
     return Partial(summary, f"{len(short)} of {len(detail)} devices did not reach L{target}: {why}")

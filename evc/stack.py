@@ -75,6 +75,19 @@ class Stack:
 
     def start(self) -> Stack:
         os.umask(0o077)
+        self._claim_data_dir()
+        metrics_dir = self._configure()
+        self._prepare_store()
+        env = self._spawn_services(metrics_dir)
+        self._wait_own_api()
+        if self.sim_devices:
+            sim_env = {k: v for k, v in env.items() if k != metrics.MULTIPROC_ENV}  # not a worker
+            self._start_sim(sim_env)
+        return self
+
+    def _claim_data_dir(self) -> None:
+        """Make the data directory private; refuse when another stack runs on it or the API's
+        port is taken."""
         s = self.settings
         make_private(s.data_dir)
         self.log_dir = self.log_dir or s.data_dir / "logs"
@@ -88,8 +101,12 @@ class Stack:
         check_port_free(s.api_bind)
         if self.adopt_orphans:
             reaper.become_subreaper()
+
+    def _configure(self) -> Path:
+        """This run's settings: a new instance id, the SSH key pair, the embedded Redis unless
+        one is configured, a clean metrics directory (returned)."""
         self.instance_id = secrets.token_urlsafe(24)
-        s = self.settings = s.replace(instance_id=self.instance_id)
+        s = self.settings = self.settings.replace(instance_id=self.instance_id)
         keys.ensure_keypair(s)
         if not s.redis_url and not s.redis_sentinels:
             rdir = s.data_dir / "redis"
@@ -98,7 +115,12 @@ class Stack:
         metrics_dir = Path(s.metrics_dir) if s.metrics_dir else s.data_dir / "metrics"
         for role in ("api", "workers"):  # files an earlier run left would be merged into this one's
             metrics.reset_multiprocess_dir(metrics.multiprocess_dir(metrics_dir, role))
-        s = self.settings = s.replace(metrics_dir=str(metrics_dir))
+        self.settings = s.replace(metrics_dir=str(metrics_dir))
+        return metrics_dir
+
+    def _prepare_store(self) -> None:
+        """Check Redis answers; record what `evc flower` needs; make sure of the admin token."""
+        s = self.settings
         store = Store.from_settings(s)
         store.ping()
         flower.record_broker(s)  # `evc flower` finds the running stack's broker here
@@ -106,6 +128,10 @@ class Stack:
         token = ensure_admin_token(store, s)
         token_file = s.data_dir / "admin-token"
         self.admin_token = token or (token_file.read_text().strip() if token_file.exists() else "")
+
+    def _spawn_services(self, metrics_dir: Path) -> dict[str, str]:
+        """Start the API, a worker, beat and (asked for) Flower; the workers' environment."""
+        s = self.settings
         env = {**os.environ, **settings_env(s), **metrics.multiprocess_env(str(metrics_dir), "workers")}
         api_env = {**env, **metrics.multiprocess_env(str(metrics_dir), "api")}
         py = sys.executable
@@ -122,11 +148,7 @@ class Stack:
         if self.flower_port:  # loopback, basic auth with the credential in <data dir>/flower-auth
             fl = flower.launch(s, self.flower_port)
             self._spawn("flower", fl.argv, {**env, "FLOWER_BASIC_AUTH": fl.env["FLOWER_BASIC_AUTH"]})
-        self._wait_own_api()
-        if self.sim_devices:
-            sim_env = {k: v for k, v in env.items() if k != metrics.MULTIPROC_ENV}  # not a worker
-            self._start_sim(sim_env)
-        return self
+        return env
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str], umask: int = 0o077) -> None:
         assert self.log_dir is not None

@@ -27,9 +27,9 @@ def _routes() -> dict[str, dict[str, str]]:
     return routes
 
 
-def make_celery(settings: Settings, *, include_tasks: bool = True) -> Celery:
-    """A Celery app for *settings*. The API builds one without tasks and sends by name."""
-    app = Celery("evc", include=TASK_MODULES if include_tasks else [])
+def _broker(settings: Settings) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(broker URL, broker transport options, more app settings): Redis through EVC's
+    transport, or through Sentinel."""
     extra: dict[str, Any] = {}
     broker_opts: dict[str, Any] = {"visibility_timeout": max(3600, settings.task_time_limit_s * 2)}
     if settings.redis_sentinels:
@@ -43,6 +43,34 @@ def make_celery(settings: Settings, *, include_tasks: bool = True) -> Celery:
     else:
         broker_url = settings.redis_url
         extra["broker_transport"] = "evc.workers.transport:Transport"
+    return broker_url, broker_opts, extra
+
+
+def _beat_schedule(settings: Settings) -> dict[str, Any]:
+    """The periodic tasks: reap lost jobs, prune old ones, sweep device health."""
+    return {
+        "reap-jobs": {
+            "task": "evc.reap_jobs",
+            "schedule": max(1.0, settings.job_lease_s / 2),
+            "options": {"queue": "default", "expires": max(1.0, settings.job_lease_s / 2)},
+        },
+        "prune-jobs": {
+            "task": "evc.prune_jobs",
+            "schedule": settings.job_prune_interval_s,
+            "options": {"queue": "default", "expires": settings.job_prune_interval_s},
+        },
+        "health-sweep": {
+            "task": "evc.health_tick",
+            "schedule": settings.health_interval_s,
+            "options": {"queue": "ssh", "expires": settings.health_interval_s},
+        },
+    }
+
+
+def make_celery(settings: Settings, *, include_tasks: bool = True) -> Celery:
+    """A Celery app for *settings*. The API builds one without tasks and sends by name."""
+    app = Celery("evc", include=TASK_MODULES if include_tasks else [])
+    broker_url, broker_opts, extra = _broker(settings)
     app.conf.update(
         broker_url=broker_url,
         # chords (an FL round: training tasks, then the aggregation) need a result backend;
@@ -69,23 +97,7 @@ def make_celery(settings: Settings, *, include_tasks: bool = True) -> Celery:
         task_track_started=True,
         worker_hijack_root_logger=False,
         worker_concurrency=settings.worker_concurrency,
-        beat_schedule={
-            "reap-jobs": {
-                "task": "evc.reap_jobs",
-                "schedule": max(1.0, settings.job_lease_s / 2),
-                "options": {"queue": "default", "expires": max(1.0, settings.job_lease_s / 2)},
-            },
-            "prune-jobs": {
-                "task": "evc.prune_jobs",
-                "schedule": settings.job_prune_interval_s,
-                "options": {"queue": "default", "expires": settings.job_prune_interval_s},
-            },
-            "health-sweep": {
-                "task": "evc.health_tick",
-                "schedule": settings.health_interval_s,
-                "options": {"queue": "ssh", "expires": settings.health_interval_s},
-            },
-        },
+        beat_schedule=_beat_schedule(settings),
         timezone="UTC",
         **extra,
     )

@@ -157,206 +157,113 @@ TEMPERATURES = "evc_edge_thermal_zone_temperature_celsius|evc_edge_jetson_temper
 
 
 def fleet() -> Json:
+    return dashboard(
+        "evc-fleet",
+        "EVC / Fleet overview",
+        [*_fleet_stats(), *_fleet_states(), *_fleet_hardware(), *_fleet_table()],
+        [query_var("cluster", "label_values(evc_device_up, cluster)", "Cluster")],
+    )
+
+
+def _fleet_stats() -> list[Json]:
+    """The fleet at a glance: devices, exporters, the store."""
+    return [
+        stat("Registered devices", "sum(evc_devices)"),
+        stat("Devices up", f"sum(evc_device_up{{{C}}})"),
+        stat("Edge exporters answering", f'sum(up{{job="evc-edge", {C}}})'),
+        stat("Store reachable", "min(evc_store_up)"),
+    ]
+
+
+def _fleet_states() -> list[Json]:
+    """Devices by state, cluster and function level."""
+    return [
+        panel(
+            "Devices by state",
+            [target("sum by (state) (evc_devices)", "{{state}}")],
+            stack=True,
+        ),
+        panel(
+            "Devices by cluster",
+            [
+                target(f"sum by (cluster) (evc_device_up{{{C}}})", "{{cluster}} up"),
+                target(f"count by (cluster) (evc_device_up{{{C}}})", "{{cluster}} registered"),
+            ],
+        ),
+        panel(
+            "Device state changes (per hour)",
+            [
+                target(
+                    "sum by (from_state, to_state) (increase(evc_device_state_changes_total[1h]))",
+                    "{{from_state}} → {{to_state}}",
+                )
+            ],
+        ),
+        panel(
+            "Devices by function level",
+            [target(f'count_values("level", evc_device_level{{{C}}})', "L{{level}}")],
+            kind="bargauge",
+        ),
+    ]
+
+
+def _fleet_hardware() -> list[Json]:
+    """The hottest devices and the busiest GPUs."""
+    return [
+        panel(
+            "Hottest devices",
+            [
+                target(
+                    f'topk(10, max by (device) ({{__name__=~"{TEMPERATURES}", {C}}}))',
+                    "{{device}}",
+                )
+            ],
+            unit="celsius",
+        ),
+        panel(
+            "Busiest GPUs",
+            [
+                target(
+                    f"topk(10, max by (device) (evc_edge_gpu_utilization_ratio{{{C}}}))",
+                    "{{device}}",
+                ),
+                target(
+                    f"topk(10, evc_edge_jetson_gpu_utilization_ratio{{{C}}})",
+                    "{{device}} (Jetson)",
+                ),
+            ],
+            unit="percentunit",
+            minimum=0,
+            maximum=1,
+        ),
+    ]
+
+
+def _fleet_table() -> list[Json]:
+    """Every device, each row linking to its detail dashboard."""
     device_link = [
         {
             "title": "Device detail",
             "url": "/d/evc-device?var-device=${__data.fields.device}&${datasource:queryparam}",
         }
     ]
-    return dashboard(
-        "evc-fleet",
-        "EVC / Fleet overview",
-        [
-            stat("Registered devices", "sum(evc_devices)"),
-            stat("Devices up", f"sum(evc_device_up{{{C}}})"),
-            stat("Edge exporters answering", f'sum(up{{job="evc-edge", {C}}})'),
-            stat("Store reachable", "min(evc_store_up)"),
-            panel(
-                "Devices by state",
-                [target("sum by (state) (evc_devices)", "{{state}}")],
-                stack=True,
-            ),
-            panel(
-                "Devices by cluster",
-                [
-                    target(f"sum by (cluster) (evc_device_up{{{C}}})", "{{cluster}} up"),
-                    target(f"count by (cluster) (evc_device_up{{{C}}})", "{{cluster}} registered"),
-                ],
-            ),
-            panel(
-                "Device state changes (per hour)",
-                [
-                    target(
-                        "sum by (from_state, to_state) (increase(evc_device_state_changes_total[1h]))",
-                        "{{from_state}} → {{to_state}}",
-                    )
-                ],
-            ),
-            panel(
-                "Devices by function level",
-                [target(f'count_values("level", evc_device_level{{{C}}})', "L{{level}}")],
-                kind="bargauge",
-            ),
-            panel(
-                "Hottest devices",
-                [
-                    target(
-                        f'topk(10, max by (device) ({{__name__=~"{TEMPERATURES}", {C}}}))',
-                        "{{device}}",
-                    )
-                ],
-                unit="celsius",
-            ),
-            panel(
-                "Busiest GPUs",
-                [
-                    target(
-                        f"topk(10, max by (device) (evc_edge_gpu_utilization_ratio{{{C}}}))",
-                        "{{device}}",
-                    ),
-                    target(
-                        f"topk(10, evc_edge_jetson_gpu_utilization_ratio{{{C}}})",
-                        "{{device}} (Jetson)",
-                    ),
-                ],
-                unit="percentunit",
-                minimum=0,
-                maximum=1,
-            ),
-            panel(
-                "Devices",
-                [target(f"evc_device_info{{{C}}}", table=True)],
-                kind="table",
-                w=24,
-                h=10,
-                links=device_link,
-            ),
-        ],
-        [query_var("cluster", "label_values(evc_device_up, cluster)", "Cluster")],
-    )
+    return [
+        panel(
+            "Devices",
+            [target(f"evc_device_info{{{C}}}", table=True)],
+            kind="table",
+            w=24,
+            h=10,
+            links=device_link,
+        ),
+    ]
 
 
 def device_detail() -> Json:
-    cpu_busy = (
-        f'1 - sum(rate(evc_edge_cpu_seconds_total{{{D}, mode=~"idle|iowait"}}[{RI}]))'
-        f" / sum(rate(evc_edge_cpu_seconds_total{{{D}}}[{RI}]))"
-    )
     return dashboard(
         "evc-device",
         "EVC / Device detail",
-        [
-            stat("Exporter up", f'up{{job="evc-edge", {D}}}'),
-            stat("Uptime", f"evc_edge_uptime_seconds{{{D}}}", "s"),
-            stat("CPUs", f"evc_edge_cpus{{{D}}}"),
-            stat("Memory", f"evc_edge_memory_total_bytes{{{D}}}", "bytes"),
-            panel(
-                "CPU busy",
-                [
-                    target(cpu_busy, "all CPUs"),
-                    target(f"evc_edge_jetson_cpu_utilization_ratio{{{D}}}", "core {{core}}"),
-                ],
-                unit="percentunit",
-                minimum=0,
-                maximum=1,
-            ),
-            panel(
-                "Load",
-                [
-                    target(f"evc_edge_load1{{{D}}}", "1m"),
-                    target(f"evc_edge_load5{{{D}}}", "5m"),
-                    target(f"evc_edge_load15{{{D}}}", "15m"),
-                    target(f"evc_edge_cpus{{{D}}}", "CPUs"),
-                ],
-            ),
-            panel(
-                "Memory",
-                [
-                    target(
-                        f"evc_edge_memory_total_bytes{{{D}}} - evc_edge_memory_available_bytes{{{D}}}",
-                        "used",
-                    ),
-                    target(f"evc_edge_memory_total_bytes{{{D}}}", "total"),
-                    target(
-                        f"evc_edge_swap_total_bytes{{{D}}} - evc_edge_swap_free_bytes{{{D}}}",
-                        "swap used",
-                    ),
-                ],
-                unit="bytes",
-            ),
-            panel(
-                "Disk used",
-                [
-                    target(
-                        f"1 - evc_edge_filesystem_avail_bytes{{{D}}} / evc_edge_filesystem_size_bytes{{{D}}}",
-                        "{{mountpoint}}",
-                    )
-                ],
-                unit="percentunit",
-                minimum=0,
-                maximum=1,
-            ),
-            panel(
-                "Temperatures",
-                [
-                    target(f"evc_edge_thermal_zone_temperature_celsius{{{D}}}", "{{type}}"),
-                    target(f"evc_edge_jetson_temperature_celsius{{{D}}}", "{{sensor}}"),
-                    target(f"evc_edge_gpu_temperature_celsius{{{D}}}", "GPU {{gpu}}"),
-                ],
-                unit="celsius",
-            ),
-            panel(
-                "GPU busy",
-                [
-                    target(f"evc_edge_gpu_utilization_ratio{{{D}}}", "GPU {{gpu}}"),
-                    target(f"evc_edge_jetson_gpu_utilization_ratio{{{D}}}", "GR3D"),
-                ],
-                unit="percentunit",
-                minimum=0,
-                maximum=1,
-            ),
-            panel(
-                "GPU memory",
-                [
-                    target(f"evc_edge_gpu_memory_used_bytes{{{D}}}", "GPU {{gpu}} used"),
-                    target(f"evc_edge_gpu_memory_total_bytes{{{D}}}", "GPU {{gpu}} total"),
-                ],
-                unit="bytes",
-            ),
-            panel(
-                "Power",
-                [
-                    target(f"evc_edge_gpu_power_watts{{{D}}}", "GPU {{gpu}}"),
-                    target(f"evc_edge_jetson_power_watts{{{D}}}", "{{rail}}"),
-                ],
-                unit="watt",
-            ),
-            panel(
-                "Network",
-                [
-                    target(
-                        f"rate(evc_edge_network_receive_bytes_total{{{D}}}[{RI}])",
-                        "{{interface}} in",
-                    ),
-                    target(
-                        f"-rate(evc_edge_network_transmit_bytes_total{{{D}}}[{RI}])",
-                        "{{interface}} out",
-                    ),
-                ],
-                unit="Bps",
-            ),
-            panel(
-                "Processes",
-                [target(f"evc_edge_process_up{{{D}}}", "{{name}}")],
-                kind="state-timeline",
-                w=12,
-            ),
-            panel(
-                "Exporter collectors",
-                [target(f"evc_edge_collector_up{{{D}}}", "{{collector}}")],
-                kind="state-timeline",
-                w=24,
-            ),
-        ],
+        [*_device_stats(), *_device_host(), *_device_memory(), *_device_hardware(), *_device_activity()],
         [
             query_var("cluster", "label_values(evc_device_up, cluster)", "Cluster"),
             query_var(
@@ -369,88 +276,244 @@ def device_detail() -> Json:
     )
 
 
+def _device_stats() -> list[Json]:
+    """The device at a glance."""
+    return [
+        stat("Exporter up", f'up{{job="evc-edge", {D}}}'),
+        stat("Uptime", f"evc_edge_uptime_seconds{{{D}}}", "s"),
+        stat("CPUs", f"evc_edge_cpus{{{D}}}"),
+        stat("Memory", f"evc_edge_memory_total_bytes{{{D}}}", "bytes"),
+    ]
+
+
+def _device_host() -> list[Json]:
+    """CPU and load."""
+    cpu_busy = (
+        f'1 - sum(rate(evc_edge_cpu_seconds_total{{{D}, mode=~"idle|iowait"}}[{RI}]))'
+        f" / sum(rate(evc_edge_cpu_seconds_total{{{D}}}[{RI}]))"
+    )
+    return [
+        panel(
+            "CPU busy",
+            [
+                target(cpu_busy, "all CPUs"),
+                target(f"evc_edge_jetson_cpu_utilization_ratio{{{D}}}", "core {{core}}"),
+            ],
+            unit="percentunit",
+            minimum=0,
+            maximum=1,
+        ),
+        panel(
+            "Load",
+            [
+                target(f"evc_edge_load1{{{D}}}", "1m"),
+                target(f"evc_edge_load5{{{D}}}", "5m"),
+                target(f"evc_edge_load15{{{D}}}", "15m"),
+                target(f"evc_edge_cpus{{{D}}}", "CPUs"),
+            ],
+        ),
+    ]
+
+
+def _device_memory() -> list[Json]:
+    """Memory, swap and disk."""
+    return [
+        panel(
+            "Memory",
+            [
+                target(
+                    f"evc_edge_memory_total_bytes{{{D}}} - evc_edge_memory_available_bytes{{{D}}}",
+                    "used",
+                ),
+                target(f"evc_edge_memory_total_bytes{{{D}}}", "total"),
+                target(
+                    f"evc_edge_swap_total_bytes{{{D}}} - evc_edge_swap_free_bytes{{{D}}}",
+                    "swap used",
+                ),
+            ],
+            unit="bytes",
+        ),
+        panel(
+            "Disk used",
+            [
+                target(
+                    f"1 - evc_edge_filesystem_avail_bytes{{{D}}} / evc_edge_filesystem_size_bytes{{{D}}}",
+                    "{{mountpoint}}",
+                )
+            ],
+            unit="percentunit",
+            minimum=0,
+            maximum=1,
+        ),
+    ]
+
+
+def _device_hardware() -> list[Json]:
+    """Temperatures, GPUs and power."""
+    return [
+        panel(
+            "Temperatures",
+            [
+                target(f"evc_edge_thermal_zone_temperature_celsius{{{D}}}", "{{type}}"),
+                target(f"evc_edge_jetson_temperature_celsius{{{D}}}", "{{sensor}}"),
+                target(f"evc_edge_gpu_temperature_celsius{{{D}}}", "GPU {{gpu}}"),
+            ],
+            unit="celsius",
+        ),
+        panel(
+            "GPU busy",
+            [
+                target(f"evc_edge_gpu_utilization_ratio{{{D}}}", "GPU {{gpu}}"),
+                target(f"evc_edge_jetson_gpu_utilization_ratio{{{D}}}", "GR3D"),
+            ],
+            unit="percentunit",
+            minimum=0,
+            maximum=1,
+        ),
+        panel(
+            "GPU memory",
+            [
+                target(f"evc_edge_gpu_memory_used_bytes{{{D}}}", "GPU {{gpu}} used"),
+                target(f"evc_edge_gpu_memory_total_bytes{{{D}}}", "GPU {{gpu}} total"),
+            ],
+            unit="bytes",
+        ),
+        panel(
+            "Power",
+            [
+                target(f"evc_edge_gpu_power_watts{{{D}}}", "GPU {{gpu}}"),
+                target(f"evc_edge_jetson_power_watts{{{D}}}", "{{rail}}"),
+            ],
+            unit="watt",
+        ),
+    ]
+
+
+def _device_activity() -> list[Json]:
+    """Network, watched processes and the exporter's own collectors."""
+    return [
+        panel(
+            "Network",
+            [
+                target(
+                    f"rate(evc_edge_network_receive_bytes_total{{{D}}}[{RI}])",
+                    "{{interface}} in",
+                ),
+                target(
+                    f"-rate(evc_edge_network_transmit_bytes_total{{{D}}}[{RI}])",
+                    "{{interface}} out",
+                ),
+            ],
+            unit="Bps",
+        ),
+        panel(
+            "Processes",
+            [target(f"evc_edge_process_up{{{D}}}", "{{name}}")],
+            kind="state-timeline",
+            w=12,
+        ),
+        panel(
+            "Exporter collectors",
+            [target(f"evc_edge_collector_up{{{D}}}", "{{collector}}")],
+            kind="state-timeline",
+            w=24,
+        ),
+    ]
+
+
 def jobs() -> Json:
     return dashboard(
         "evc-jobs",
         "EVC / Jobs and queues",
-        [
-            panel(
-                "Jobs finished (per 5 minutes)",
-                [target("sum by (kind, state) (increase(evc_jobs_total[5m]))", "{{kind}} {{state}}")],
-                stack=True,
-            ),
-            panel(
-                "Job failure ratio (15 minutes)",
-                [
-                    target(
-                        'sum by (kind) (rate(evc_jobs_total{state="failed"}[15m]))'
-                        " / sum by (kind) (rate(evc_jobs_total[15m]))",
-                        "{{kind}}",
-                    )
-                ],
-                unit="percentunit",
-                minimum=0,
-                maximum=1,
-            ),
-            panel(
-                "Job duration",
-                [
-                    target(
-                        f"histogram_quantile(0.5, sum by (kind, le) (rate(evc_job_duration_seconds_bucket[{RI}])))",
-                        "{{kind}} p50",
-                    ),
-                    target(
-                        f"histogram_quantile(0.95, sum by (kind, le) (rate(evc_job_duration_seconds_bucket[{RI}])))",
-                        "{{kind}} p95",
-                    ),
-                ],
-                unit="s",
-            ),
-            panel("Queue length", [target("max by (queue) (evc_queue_length)", "{{queue}}")]),
-            panel(
-                "Registration failures (per hour)",
-                [
-                    target(
-                        "sum by (reason) (increase(evc_registration_failures_total[1h]))",
-                        "{{reason}}",
-                    )
-                ],
-            ),
-            panel(
-                "Health sweep duration",
-                [
-                    target(
-                        f"histogram_quantile(0.95, sum by (le) (rate(evc_health_sweep_duration_seconds_bucket[{RI}])))",
-                        "p95",
-                    ),
-                    target(
-                        f"sum(rate(evc_health_sweep_duration_seconds_sum[{RI}]))"
-                        f" / sum(rate(evc_health_sweep_duration_seconds_count[{RI}]))",
-                        "mean",
-                    ),
-                ],
-                unit="s",
-            ),
-            panel("SSH pool connections", [target("sum(evc_ssh_pool_connections)", "connections")]),
-            panel(
-                "Celery workers (Flower)",
-                [
-                    target("sum(flower_worker_online)", "online"),
-                    target(
-                        "sum by (worker) (flower_worker_number_of_currently_executing_tasks)",
-                        "{{worker}} executing",
-                    ),
-                ],
-            ),
-            panel(
-                "Control plane scrape targets",
-                [target('up{job=~"evc-api|evc-workers|flower"}', "{{job}}")],
-                kind="state-timeline",
-                w=24,
-            ),
-        ],
+        [*_job_panels(), *_control_plane_panels()],
         [],
     )
+
+
+def _job_panels() -> list[Json]:
+    """Jobs finished, failing and how long they take; the queues."""
+    return [
+        panel(
+            "Jobs finished (per 5 minutes)",
+            [target("sum by (kind, state) (increase(evc_jobs_total[5m]))", "{{kind}} {{state}}")],
+            stack=True,
+        ),
+        panel(
+            "Job failure ratio (15 minutes)",
+            [
+                target(
+                    'sum by (kind) (rate(evc_jobs_total{state="failed"}[15m]))'
+                    " / sum by (kind) (rate(evc_jobs_total[15m]))",
+                    "{{kind}}",
+                )
+            ],
+            unit="percentunit",
+            minimum=0,
+            maximum=1,
+        ),
+        panel(
+            "Job duration",
+            [
+                target(
+                    f"histogram_quantile(0.5, sum by (kind, le) (rate(evc_job_duration_seconds_bucket[{RI}])))",
+                    "{{kind}} p50",
+                ),
+                target(
+                    f"histogram_quantile(0.95, sum by (kind, le) (rate(evc_job_duration_seconds_bucket[{RI}])))",
+                    "{{kind}} p95",
+                ),
+            ],
+            unit="s",
+        ),
+        panel("Queue length", [target("max by (queue) (evc_queue_length)", "{{queue}}")]),
+    ]
+
+
+def _control_plane_panels() -> list[Json]:
+    """Registration, health sweeps, SSH pools, Celery workers, scrape targets."""
+    return [
+        panel(
+            "Registration failures (per hour)",
+            [
+                target(
+                    "sum by (reason) (increase(evc_registration_failures_total[1h]))",
+                    "{{reason}}",
+                )
+            ],
+        ),
+        panel(
+            "Health sweep duration",
+            [
+                target(
+                    f"histogram_quantile(0.95, sum by (le) (rate(evc_health_sweep_duration_seconds_bucket[{RI}])))",
+                    "p95",
+                ),
+                target(
+                    f"sum(rate(evc_health_sweep_duration_seconds_sum[{RI}]))"
+                    f" / sum(rate(evc_health_sweep_duration_seconds_count[{RI}]))",
+                    "mean",
+                ),
+            ],
+            unit="s",
+        ),
+        panel("SSH pool connections", [target("sum(evc_ssh_pool_connections)", "connections")]),
+        panel(
+            "Celery workers (Flower)",
+            [
+                target("sum(flower_worker_online)", "online"),
+                target(
+                    "sum by (worker) (flower_worker_number_of_currently_executing_tasks)",
+                    "{{worker}} executing",
+                ),
+            ],
+        ),
+        panel(
+            "Control plane scrape targets",
+            [target('up{job=~"evc-api|evc-workers|flower"}', "{{job}}")],
+            kind="state-timeline",
+            w=24,
+        ),
+    ]
 
 
 def federated() -> Json:

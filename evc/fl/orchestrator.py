@@ -33,196 +33,49 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import os
 import secrets
-import socket
-import statistics
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from dataclasses import dataclass
 
 import numpy as np
 
-from evc import pool as pooling
-from evc.errors import (
-    ConfigError,
-    DeviceError,
-    EVCError,
-    PreconditionFailed,
-    SSHTimeout,
-    ValidationError,
-)
+from evc.errors import DeviceError, EVCError, PreconditionFailed, SSHTimeout
 from evc.fl import channels
-from evc.fl.checkpoint import latest_round, load_checkpoint, save_checkpoint
-from evc.fl.data import load_shard
-from evc.fl.models import Model, is_device_model, load_model
-from evc.fl.protocol import (
-    decode_params,
-    fit_request,
-    get_parameters_request,
-    parse_fit_reply,
-    parse_get_parameters_reply,
+from evc.fl.aggregation import Closing
+from evc.fl.checkpoint import latest_round, save_checkpoint
+from evc.fl.jobspec import (
+    ACTIVE_PHASES,
+    BUILTIN_TEST_SETS,
+    CLOSE_LEASE_S,
+    DEGRADED,
+    LEASE_S,
+    TICK_S,
+    Dispatcher,
+    FLSpec,
+    checkpoint_dir,
+    default_owner,
+    eligibility,
+    evaluation_dir,
+    fl_ready,
 )
-from evc.fl.strategy import FitFailure, Strategy, make_strategy
+from evc.fl.models import is_device_model
+from evc.fl.protocol import fit_request, get_parameters_request, parse_fit_reply, parse_get_parameters_reply
+from evc.fl.recovery import Recovery
+from evc.fl.rounds_core import _round_of, load_test_set
 from evc.jobs import JobRun
-from evc.settings import Settings
-from evc.store import JSON, Store, now
+from evc.store import JSON, now
 
 log = logging.getLogger(__name__)
-
-#: seconds a training task's lease on (round, device) lives without a refresh
-LEASE_S = 3.0
-#: how often a training task refreshes its lease and checks for a stop while it waits
-TICK_S = 0.25
-#: seconds the aggregation of one round may hold its lock
-CLOSE_LEASE_S = 60.0
-#: phases in which a job has a round in flight or about to start
-ACTIVE_PHASES = ("training", "closing", "closed", "waiting")
-#: the reference test split of FEDERATED.md, evaluated server-side when a job names it
-BUILTIN_TEST_SETS = ("digits",)
-
-
-class Dispatcher(Protocol):
-    """What the round engine needs of the task queue (Celery in :mod:`evc.tasks.fl`)."""
-
-    def fit_round(self, job_id: str, token: str, device_ids: Sequence[str], queue: str) -> None:
-        """Train on each device (:meth:`Rounds.fit`), then close the round (:meth:`Rounds.close`)."""
-        ...
-
-    def close_round(self, job_id: str, token: str, queue: str) -> None:
-        """Run :meth:`Rounds.close` alone (its trigger was lost)."""
-        ...
-
-    def start_round(self, job_id: str, round: int, queue: str, countdown: float) -> None:
-        """Run :meth:`Rounds.start_round` after *countdown* seconds."""
-        ...
-
-    def recover(self, job_id: str | None, countdown: float, queue: str = "fl") -> None:
-        """Run :meth:`Rounds.recover` after *countdown* seconds."""
-        ...
-
-
-# ---------------------------------------------------------------------- the job's parameters
-def checkpoint_dir(settings: Settings) -> Path:
-    return settings.data_dir / "fl" / "checkpoints"
-
-
-def evaluation_dir(settings: Settings) -> Path:
-    return settings.data_dir / "fl" / "test-sets"
-
-
-def fl_ready(device: Mapping[str, Any]) -> bool:
-    """Whether a device can take part: function level 4, or the FL client installed."""
-    return int(device.get("level") or 0) >= 4 or bool(device.get("fl_client"))
-
-
-def eligibility(device: Mapping[str, Any]) -> str | None:
-    """Why a device sits this round out (None: it can train)."""
-    if not fl_ready(device):
-        return (
-            "the FL client is not installed (run the fl-client playbook or `evc fl install`) "
-            "and the device is below function level 4"
-        )
-    state = device.get("state")
-    if state != "online":
-        return f"the device is {state}"
-    return None
-
-
-#: :func:`eligibility`'s reason for a degraded device (it may still make up a round's numbers)
-DEGRADED = "the device is degraded"
-
-
-@dataclass(frozen=True)
-class FLSpec:
-    """An FL job's parameters as stored on the job (validated when it was submitted)."""
-
-    devices: tuple[str, ...]
-    rounds: int
-    strategy: str
-    strategy_params: Mapping[str, Any]
-    data: Mapping[str, Any]
-    round_timeout: float = 60.0
-    python: str = "python3"
-    test_set: str | None = None
-    queue: str = "fl"
-    n_features: int = 64
-    n_classes: int = 10
-
-    @classmethod
-    def from_params(cls, p: Mapping[str, Any]) -> FLSpec:
-        try:
-            return cls(
-                devices=tuple(p["devices"]),
-                rounds=int(p["rounds"]),
-                strategy=str(p["strategy"]),
-                strategy_params=dict(p["strategy_params"]),
-                data=dict(p["data"]),
-                round_timeout=float(p.get("round_timeout", 60.0)),
-                python=str(p.get("python", "python3")),
-                test_set=p.get("test_set"),
-                queue=str(p.get("queue", "fl")),
-                n_features=int(p.get("n_features") or 64),
-                n_classes=int(p.get("n_classes") or 10),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValidationError(f"not an FL job's parameters: {exc!r}") from exc
-
-    def to_params(self) -> JSON:
-        return {
-            "devices": list(self.devices), "rounds": self.rounds, "strategy": self.strategy,
-            "strategy_params": dict(self.strategy_params), "data": dict(self.data),
-            "round_timeout": self.round_timeout, "python": self.python,
-            "test_set": self.test_set, "queue": self.queue,
-            "n_features": self.n_features, "n_classes": self.n_classes,
-        }  # fmt: skip
-
-    @property
-    def model(self) -> str:
-        return str(self.strategy_params.get("model", "softmax"))
-
-    @property
-    def client_index(self) -> dict[str, int]:
-        """Each device's stable 0-based index in the job (it seeds the batch order)."""
-        return {d: i for i, d in enumerate(self.devices)}
-
-    def make_strategy(self) -> Strategy:
-        return make_strategy(self.strategy, **self.strategy_params)
-
-    def load_model(self) -> Model:
-        return load_model(self.model, n_features=self.n_features, n_classes=self.n_classes)
-
-    def data_path(self, job_id: str, device: Mapping[str, Any]) -> str:
-        """The shard path on *device*: ``data.paths[id]`` or the ``data.path`` template with
-        ``{job}``, ``{device}``, ``{name}`` and ``{index}``."""
-        paths = self.data.get("paths") or {}
-        if device["id"] in paths:
-            return str(paths[device["id"]])
-        template = str(self.data.get("path") or "")
-        return template.format(
-            job=job_id, device=device["id"], name=device.get("name", device["id"]),
-            index=self.client_index.get(str(device["id"]), 0),
-        )  # fmt: skip
-
-
-def default_owner() -> str:
-    """Who holds a lease: host, process and a random part (threads of one process differ)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 # ---------------------------------------------------------------------- the engine
 @dataclass
-class Rounds:
-    """Runs the rounds of FL jobs over a store, settings and a dispatcher (see module doc)."""
-
-    store: Store
-    settings: Settings
-    dispatch: Dispatcher
-    owner: str = field(default_factory=default_owner)
+class Rounds(Closing, Recovery):
+    """Runs the rounds of FL jobs over a store, settings and a dispatcher (see module doc):
+    starting rounds and training here, closing them in :class:`~evc.fl.aggregation.Closing`,
+    recovery in :class:`~evc.fl.recovery.Recovery`, endings in
+    :class:`~evc.fl.rounds_core.RoundsCore`."""
 
     # ------------------------------------------------------------------ start and resume
     def start(self, job_id: str) -> str:
@@ -275,18 +128,9 @@ class Rounds:
         st = self.store.fl_state(job_id) or {}
         if st.get("phase") not in ("closed", "waiting") or st.get("next_round") != round:
             return "not due"  # a stale or duplicate start
-        devices = {d["id"]: d for d in self.store.get_devices(spec.devices)}
-        skipped = {d: "the device was removed" for d in spec.devices if d not in devices}
-        for dev_id, dev in devices.items():
-            reason = eligibility(dev)
-            if reason:
-                skipped[dev_id] = reason
         strategy = spec.make_strategy()
-        # health-aware: degraded devices sit out while enough healthy ones can train; when too
-        # few can, degraded ones (slow, not broken) make up the number, in job order
-        short = strategy.plan.min_available_clients - sum(1 for d in spec.devices if d not in skipped)
-        for dev_id in [d for d in spec.devices if skipped.get(d) == DEGRADED][: max(0, short)]:
-            del skipped[dev_id]
+        devices = {d["id"]: d for d in self.store.get_devices(spec.devices)}
+        skipped = sit_outs(spec.devices, devices, strategy.plan.min_available_clients)
         available = [d for d in spec.devices if d not in skipped]
         if not available and st.get("first_round") == round:
             # nothing to wait for at the start: fail now, saying why for each device
@@ -466,331 +310,34 @@ class Rounds:
         }  # fmt: skip
         return outcome, str(call.reply["params"]), call.late
 
-    # ------------------------------------------------------------------ closing a round
-    def close(self, job_id: str, token: str) -> str:
-        """Aggregate round attempt *token* once every device reported or the deadline passed,
-        checkpoint it, record it, start the next round (idempotent; see the module doc)."""
-        st = self.store.fl_state(job_id)
-        if st is None or st.get("token") != token:
-            return "stale"
-        if st.get("phase") not in ("training", "closing"):
-            return str(st.get("phase"))
-        selected: list[str] = list(st["selected"])
-        job = self.store.get_job(job_id)
-        run = JobRun(self.store, job)
-        stop = bool(job.get("cancel_requested")) or job["state"] != "running"
-        outcomes = self.store.fl_outcomes(job_id, token)
-        if not stop and len(outcomes) < len(selected) and time.time() < float(st["deadline"]):
-            return "waiting"  # the tasks still running close it when they end
-        lock = f"fl-close:{job_id}:{token}"
-        if not self.store.acquire_lock(lock, self.owner, CLOSE_LEASE_S):
-            return "busy"
-        try:
-            if not self.store.fl_cas(job_id, {"token": [token], "phase": ["training", "closing"]},
-                                     phase="closing"):  # fmt: skip
-                return "stale"
-            outcomes = self.store.fl_outcomes(job_id, token)  # final: the round takes no more
-            if stop:
-                cut = [d for d in selected if not (outcomes.get(d) or {}).get("ok")]
-                if cut or job["state"] != "running":
-                    return self._discard_round(run, st, "stopped during the round")
-            return self._aggregate(run, st, selected, outcomes, stop)
-        finally:
-            self.store.release_lock(lock, self.owner)
 
-    def _aggregate(self, run: JobRun, st: JSON, selected: list[str], outcomes: Mapping[str, JSON], stop: bool) -> str:
-        job_id, token, rnd = run.id, str(st["token"]), int(st["round"])
-        spec = FLSpec.from_params(run.job["params"])
-        directory = checkpoint_dir(self.settings)
-        previous = load_checkpoint(directory, job_id, rnd - 1)
-        strategy = spec.make_strategy()
-        strategy.load_state(previous.state)
-        strategy.begin_round(rnd, previous.params)
-        failures: list[FitFailure] = []
-        starts = 0
-        for dev in selected:  # client order: the same sums as the in-process reference
-            o = outcomes.get(dev)
-            if o is None:
-                failures.append((dev, "no result by the round deadline"))
-                continue
-            if not o.get("ok"):
-                failures.append((dev, f"{o.get('reason')}: {o.get('error')}"))
-                continue
-            starts += 1 if o.get("client_started") else 0
-            blob = self.store.fl_update(job_id, token, dev)
-            try:
-                if blob is None:
-                    raise ValidationError("the update is missing")
-                strategy.accumulate(dev, decode_params(blob), int(o["num_examples"]),
-                                    o.get("metrics") or {})  # fmt: skip
-            except (ValidationError, ValueError, OSError) as exc:
-                failures.append((dev, f"invalid update: {exc}"))
-        try:
-            params, metrics = strategy.finish_round(failures)
-        except PreconditionFailed as exc:
-            if failures:  # say why, per device
-                why = "; ".join(f"{d}: {reason}" for d, reason in failures)
-                exc = PreconditionFailed(f"{exc.message}; failed: {why}", **{**exc.details, "failures": dict(failures)})
-            self.fail_job(run, exc, st)
-            return "failed"
-        closed = now()
-        ok = [o for o in outcomes.values() if o.get("ok") and "t0" in o]
-        started = float(st["started_at"])
-        timing = {  # where the round's time went: queueing, training, closing
-            "first_fit_s": min(o["t0"] for o in ok) - started, "last_fit_s": max(o["t1"] for o in ok) - started,
-            "slowest_fit_s": max(o["seconds"] for o in ok),
-        } if ok else {}  # fmt: skip
-        record: JSON = {
-            "round": rnd, "participants": metrics["clients"], "num_clients": metrics["num_clients"],
-            "num_examples": metrics["num_examples"], "failures": metrics["failures"],
-            "selected": selected, "skipped": st.get("skipped") or {},
-            "train_loss": metrics.get("train_loss"), "eval_accuracy": None, "eval_loss": None,
-            "started_at": st["started_at"], "closed_at": closed,
-            "duration_s": closed - float(st["started_at"]), "client_starts": starts,
-            "dispatches": st.get("dispatches", 1), "timing": timing,
-        }  # fmt: skip
-        scores = self._evaluate(spec, params)
-        if scores is not None:
-            record["eval_accuracy"], record["eval_loss"] = scores["accuracy"], scores["loss"]
-        save_checkpoint(directory, job_id, rnd, params, state=strategy.state(), metadata=record)
-        self.store.fl_put_round(job_id, rnd, record)
-        self.store.fl_cas(job_id, {"token": [token]}, phase="closed", next_round=rnd + 1)
-        self.store.fl_drop_round(job_id, token)
-        self._record_metrics(job_id, record)
-        run.progress(done=rnd, total=spec.rounds, round=rnd, accuracy=record["eval_accuracy"])
-        acc = record["eval_accuracy"]
-        run.event(
-            f"round {rnd}: {record['num_clients']} of {len(selected)} devices"
-            + (f", accuracy {acc:.4f}" if acc is not None else "")
-            + (f", {len(record['failures'])} failed" if record["failures"] else "")
-            + f" ({record['duration_s'] * 1000:.0f} ms)",
-            type="fl.round", round=rnd, failures=record["failures"],
-        )  # fmt: skip
-        if rnd >= spec.rounds:
-            self._finish(run, spec)
-            return "finished"
-        if stop:
-            self._stop(run, f"stopped after round {rnd}")
-            return "stopped"
-        self.start_round(job_id, rnd + 1)
-        return "closed"
-
-    def _discard_round(self, run: JobRun, st: JSON, why: str) -> str:
-        rnd = int(st["round"])
-        self.store.fl_cas(run.id, {"token": [st["token"]]}, phase="stopped", next_round=rnd)
-        self.store.fl_drop_round(run.id, str(st["token"]))
-        self._stop(run, f"{why}: round {rnd} discarded; resume restarts it from round {rnd - 1}")
-        return "stopped"
-
-    # ------------------------------------------------------------------ recovery
-    def recover(self, job_id: str | None = None) -> JSON:
-        """Put lost work of running FL jobs back on the queue (all active jobs by default).
-
-        Training rounds whose devices have neither an outcome nor a live lease are dispatched
-        again with a fresh deadline (those devices never had their chance); a round whose close
-        was lost is closed; a job between rounds gets its next round. Jobs with work still held
-        by live tasks are checked again after the lease time."""
-        ids = [job_id] if job_id else self.store.fl_active_jobs()
-        out: JSON = {}
-        recheck = False
-        for jid in ids:
-            try:
-                out[jid] = action = self._recover_one(jid)
-            except EVCError as exc:
-                out[jid] = f"error: {exc.message}"
-                continue
-            recheck |= action in ("busy", "live")
-        if recheck:
-            queue = self._spec(job_id).queue if job_id else "fl"
-            self.dispatch.recover(job_id, LEASE_S, queue)
-        return out
-
-    def _recover_one(self, job_id: str) -> str:
-        job = self.store.get_job(job_id)
-        st = self.store.fl_state(job_id)
-        if job["state"] != "running" or st is None:
-            self.store.fl_deactivate(job_id)
-            return "inactive"
-        spec = FLSpec.from_params(job["params"])
-        phase, token = st.get("phase"), st.get("token")
-        if phase == "training" and token:
-            outcomes = self.store.fl_outcomes(job_id, token)
-            missing = [d for d in st["selected"] if d not in outcomes]
-            if not missing:
-                self.dispatch.close_round(job_id, token, spec.queue)
-                return "close"
-            orphaned = [d for d in missing
-                        if self.store.lock_owner(f"fl:{job_id}:{token}:{d}") is None]  # fmt: skip
-            if len(orphaned) < len(missing):
-                return "live"
-            deadline = max(float(st["deadline"]), now() + spec.round_timeout)
-            if not self.store.fl_cas(
-                job_id,
-                {"token": [token], "phase": ["training"]},
-                deadline=deadline,
-                dispatches=int(st.get("dispatches", 1)) + 1,
-            ):
-                return "moved on"  # fmt: skip
-            JobRun(self.store, job).event(
-                f"round {st['round']}: dispatched again for {len(orphaned)} devices whose "
-                "training tasks were lost (a worker stopped)",
-                type="fl", round=st["round"], devices=orphaned,
-            )  # fmt: skip
-            self.dispatch.fit_round(job_id, token, list(st["selected"]), spec.queue)
-            return "redispatched"
-        if phase == "closing" and token:
-            if self.store.lock_owner(f"fl-close:{job_id}:{token}") is not None:
-                return "busy"
-            self.dispatch.close_round(job_id, token, spec.queue)
-            return "close"
-        if phase in ("closed", "waiting"):
-            return self.start_round(job_id, int(st["next_round"]))
-        return str(phase)
-
-    # ------------------------------------------------------------------ endings
-    def _finish(self, run: JobRun, spec: FLSpec) -> None:
-        records = self.store.fl_rounds(run.id)
-        last = records[-1] if records else {}
-        durations = [r["duration_s"] for r in records]
-        summary = {
-            "rounds": len(records),
-            "accuracy": last.get("eval_accuracy"),
-            "loss": last.get("eval_loss"),
-            "train_loss": last.get("train_loss"),
-            "median_round_s": statistics.median(durations) if durations else None,
-            "client_starts": sum(int(r.get("client_starts") or 0) for r in records),
-        }
-        self.store.fl_cas(run.id, {}, phase="done")
-        self.store.fl_deactivate(run.id)
-        run.succeed(summary, message=f"finished {spec.rounds} rounds")
-        self._close_channels(run.id)
-
-    def _stop(self, run: JobRun, why: str) -> None:
-        self.store.fl_cas(run.id, {"phase": ["closed", "waiting", "closing", "training"]},
-                          phase="stopped")  # fmt: skip
-        self.store.fl_deactivate(run.id)
-        run.cancel({"stopped": why, "rounds": len(self.store.fl_rounds(run.id))})
-        run.event(why, type="fl")
-        self._close_channels(run.id)
-
-    def fail_job(self, run: JobRun, exc: EVCError, st: JSON | None = None) -> None:
-        """Fail the job with *exc*; a round in flight is discarded (resume restarts it)."""
-        changes: JSON = {"phase": "failed"}
-        if st is not None and st.get("token"):
-            changes["next_round"] = int(st["round"])
-            self.store.fl_drop_round(run.id, str(st["token"]))
-        self.store.fl_cas(run.id, {}, **changes)
-        self.store.fl_deactivate(run.id)
-        run.fail(exc, {"rounds": len(self.store.fl_rounds(run.id))})
-        self._close_channels(run.id)
-
-    def _close_channels(self, job_id: str) -> None:
-        """Close the job's channels in this process (other processes' reapers close theirs)."""
-        for reg in channels.local_registries():
-            try:
-                pooling.call(reg.close_job(job_id), 5.0)
-            except Exception:  # noqa: BLE001 - the reaper closes what this misses
-                log.debug("closing FL channels of %s failed", job_id, exc_info=True)
-
-    # ------------------------------------------------------------------ helpers
-    def _late_reply(self, job_id: str, device_id: str, item: JSON) -> None:
-        self.store.fl_add_late(job_id, {
-            "round": _round_of(item.get("id")), "device": device_id,
-            "reason": "the device answered after its round's deadline; the update was discarded",
-        })  # fmt: skip
-
-    def _job_alive(self, job_id: str) -> bool:
-        return self.store.job_state(job_id) == "running"
-
-    def _spec(self, job_id: str) -> FLSpec:
-        spec = _specs.get(job_id)
-        if spec is None:
-            spec = FLSpec.from_params(self.store.get_job(job_id)["params"])
-            _remember(_specs, job_id, spec)
-        return spec
-
-    def _global_params(self, job_id: str, round: int) -> list[np.ndarray]:
-        key = (str(checkpoint_dir(self.settings)), job_id, round)
-        params = _globals.get(key)
-        if params is None:
-            params = load_checkpoint(checkpoint_dir(self.settings), job_id, round).params
-            _remember(_globals, key, params)
-        return params
-
-    def _evaluate(self, spec: FLSpec, params: Sequence[np.ndarray]) -> dict[str, Any] | None:
-        if not spec.test_set or is_device_model(spec.model):
-            return None  # a module model is device code: never evaluated (run) here
-        try:
-            X, y = load_test_set(self.settings, spec.test_set)
-            return load_model(spec.model, n_features=X.shape[1], n_classes=spec.n_classes
-                              ).evaluate(params, X, y)  # fmt: skip
-        except (EVCError, ValueError) as exc:
-            log.warning("evaluating on test set %r failed: %s", spec.test_set, exc)
-            return None
-
-    @staticmethod
-    def _record_metrics(job_id: str, record: JSON) -> None:
-        hook = pooling.optional_metric("record_fl_round")
-        if hook is None:
-            return
-        try:
-            hook(job_id, record["round"], record["num_clients"], record["duration_s"],
-                 record["eval_accuracy"])  # fmt: skip
-        except Exception:  # noqa: BLE001 - metrics never break a round
-            log.debug("record_fl_round failed", exc_info=True)
-
-
-# ---------------------------------------------------------------------- per-process caches
-_cache_lock = threading.Lock()  # a threads-pool worker runs many round tasks per process
-_specs: OrderedDict[str, FLSpec] = OrderedDict()
-_globals: OrderedDict[tuple[str, str, int], list[np.ndarray]] = OrderedDict()
-_test_sets: OrderedDict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = OrderedDict()
-
-
-def _remember(cache: OrderedDict[Any, Any], key: Any, value: Any, size: int = 16) -> None:
-    with _cache_lock:
-        cache[key] = value
-        cache.move_to_end(key)
-        while len(cache) > size:
-            cache.popitem(last=False)
-
-
-def _round_of(request_id: object) -> int | None:
-    """The round of a fit request id ``<round>-<hex>:<device>``."""
-    try:
-        return int(str(request_id).split("-", 1)[0])
-    except ValueError:
-        return None
-
-
-def load_test_set(settings: Settings, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """A server-side test set: ``<data_dir>/fl/test-sets/<name>.npz`` (written by the
-    partition helper), or the built-in reference split ``digits``."""
-    key = (str(settings.data_dir), name)
-    cached = _test_sets.get(key)
-    if cached is not None:
-        return cached
-    path = evaluation_dir(settings) / f"{name}.npz"
-    if path.is_file():
-        X, y = load_shard(path)
-    elif name in BUILTIN_TEST_SETS:
-        from evc.fl.data import load_reference_digits
-
-        ds = load_reference_digits()
-        X, y = ds.X_test, ds.y_test
-    else:
-        raise ConfigError(f"no test set {name!r} in {evaluation_dir(settings)}")
-    _remember(_test_sets, key, (X, y), size=4)
-    return X, y
+def sit_outs(job_devices: Sequence[str], devices: Mapping[str, JSON], min_available: int) -> dict[str, str]:
+    """The devices that sit a round out, with the reason: removed, not eligible; degraded
+    devices sit out while enough healthy ones can train, but when too few can, degraded ones
+    (slow, not broken) make up the number of *min_available*, in job order. Pure."""
+    skipped = {d: "the device was removed" for d in job_devices if d not in devices}
+    for dev_id, dev in devices.items():
+        reason = eligibility(dev)
+        if reason:
+            skipped[dev_id] = reason
+    short = min_available - sum(1 for d in job_devices if d not in skipped)
+    for dev_id in [d for d in job_devices if skipped.get(d) == DEGRADED][: max(0, short)]:
+        del skipped[dev_id]
+    return skipped
 
 
 __all__ = [
     "ACTIVE_PHASES",
+    "BUILTIN_TEST_SETS",
+    "CLOSE_LEASE_S",
+    "DEGRADED",
     "LEASE_S",
+    "TICK_S",
     "Dispatcher",
     "FLSpec",
     "Rounds",
     "checkpoint_dir",
+    "default_owner",
     "eligibility",
     "fl_ready",
     "load_test_set",

@@ -213,53 +213,75 @@ def render(
     A device whose record cannot be used safely (no pinned key, a bad field) is left out and
     named in ``Inventory.refused`` with the reason."""
     inv = Inventory(root)
-    registry = list(registry)
-    known: list[str] = []
-    jumps: dict[tuple[str, int, str], str] = {}
-    jump_blocks: list[str] = []
+    jumps = _Jumps(list(registry))
+    known = jumps.known  # each jump host's line comes before the first device behind it
     groups: dict[str, list[str]] = {}
     for dev in devices:
         dev_id = str(dev.get("id"))
         try:
             key = host_key_line(str(dev.get("host_key") or ""))
-            jump_alias = None
-            jump = dev.get("jump_host")
-            if jump:
-                jkey = (
-                    _check(jump.get("host"), _HOST, "jump host"),
-                    _port(jump.get("port")),
-                    _check(jump.get("username") or dev.get("username"), _USER, "jump user"),
-                )
-                jump_alias = jumps.get(jkey)
-                if jump_alias is None:
-                    jkey_line = _jump_key(jump, registry)
-                    jump_alias = jumps[jkey] = f"evc-jump-{len(jumps)}"
-                    jump_blocks.append(
-                        _ssh_block(
-                            jump_alias,
-                            {
-                                "HostName": jkey[0],
-                                "Port": str(jkey[1]),
-                                "User": jkey[2],
-                                "HostKeyAlias": jump_alias,
-                            },
-                        )  # fmt: skip
-                    )
-                    known.append(f"{jump_alias} {jkey_line}")
-            hv = host_vars(dev, jump_alias)
+            hv = host_vars(dev, jumps.alias(dev))
         except BadRecord as exc:
             inv.refused[dev_id] = exc.message
             continue
         known.append(f"{dev_id} {key}")
         inv.hosts[dev_id] = hv
-        groups.setdefault(group_name("privilege", hv["evc_privilege"]), []).append(dev_id)
-        for k, v in sorted((dev.get("labels") or {}).items()):
-            groups.setdefault(group_name("label", str(k), str(v)), []).append(dev_id)
-        if dev.get("cluster_id"):
-            groups.setdefault(group_name("cluster", str(dev["cluster_id"])), []).append(dev_id)
+        _add_to_groups(groups, dev, hv)
+    _write_files(inv, key_path, known, jumps.blocks, groups, internal_vars)
+    return inv
 
+
+class _Jumps:
+    """The jump hosts of one inventory: one ssh_config alias per (host, port, user), with its
+    pinned key in known_hosts."""
+
+    def __init__(self, registry: list[Mapping[str, Any]]) -> None:
+        self.registry = registry
+        self.aliases: dict[tuple[str, int, str], str] = {}
+        self.blocks: list[str] = []  # ssh_config blocks
+        self.known: list[str] = []  # known_hosts lines (render adds the devices' own)
+
+    def alias(self, dev: Mapping[str, Any]) -> str | None:
+        """The alias of *dev*'s jump host (declared on first use); None without one."""
+        jump = dev.get("jump_host")
+        if not jump:
+            return None
+        jkey = (
+            _check(jump.get("host"), _HOST, "jump host"),
+            _port(jump.get("port")),
+            _check(jump.get("username") or dev.get("username"), _USER, "jump user"),
+        )
+        jump_alias = self.aliases.get(jkey)
+        if jump_alias is None:
+            jkey_line = _jump_key(jump, self.registry)
+            jump_alias = self.aliases[jkey] = f"evc-jump-{len(self.aliases)}"
+            options = {"HostName": jkey[0], "Port": str(jkey[1]), "User": jkey[2], "HostKeyAlias": jump_alias}
+            self.blocks.append(_ssh_block(jump_alias, options))
+            self.known.append(f"{jump_alias} {jkey_line}")
+        return jump_alias
+
+
+def _add_to_groups(groups: dict[str, list[str]], dev: Mapping[str, Any], hv: JSON) -> None:
+    """Put the device in its privilege's, its labels' and its cluster's groups."""
+    dev_id = str(dev.get("id"))
+    groups.setdefault(group_name("privilege", hv["evc_privilege"]), []).append(dev_id)
+    for k, v in sorted((dev.get("labels") or {}).items()):
+        groups.setdefault(group_name("label", str(k), str(v)), []).append(dev_id)
+    if dev.get("cluster_id"):
+        groups.setdefault(group_name("cluster", str(dev["cluster_id"])), []).append(dev_id)
+
+
+def _write_files(
+    inv: Inventory,
+    key_path: Path,
+    known: list[str],
+    jump_blocks: list[str],
+    groups: dict[str, list[str]],
+    internal_vars: Mapping[str, Any] | None,
+) -> None:
+    """The inventory's directories (0700) and files: ssh_config, known_hosts, hosts.json, EVC's vars."""
     for sub in ("inventory", "ssh", "cp", "tmp", "runner"):
-        (root / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        (inv.root / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
     defaults = {
         **SSH_DEFAULTS,
         "IdentityFile": _quote(key_path),
@@ -275,7 +297,6 @@ def render(
     }
     inv.inventory_path.write_text(json.dumps(doc, indent=1))
     inv.internal_vars_path.write_text(unsafe_vars(internal_vars or {}))
-    return inv
 
 
 def unsafe_vars(values: Mapping[str, Any]) -> str:

@@ -163,6 +163,31 @@ def _diff_text(diff: Any) -> str:
     return _short("".join(parts), DIFF_MAX) if parts else ""
 
 
+def _event_header(ev: JSON, name: str, data: JSON) -> JSON:
+    """The fields every translated event has: its name, counter, when Ansible emitted it (not
+    when the batch reached Redis), and the play, task, action and host it is about."""
+    out: JSON = {"type": "ansible", "event": name, "counter": ev.get("counter")}
+    created = ev.get("created")
+    if isinstance(created, str):
+        try:
+            when = datetime.fromisoformat(created)
+            if when.tzinfo is None:  # the callback plugin writes UTC without an offset
+                when = when.replace(tzinfo=UTC)
+            out["ts"] = when.timestamp()
+        except ValueError:
+            pass
+    if data.get("play"):
+        out["play"] = data["play"]
+    if data.get("task"):
+        out["task"] = data["task"]
+    if data.get("task_action"):
+        out["action"] = data["task_action"]
+    host = data.get("host")
+    if host:
+        out["host"] = host
+    return out
+
+
 class EventStream:
     """The runner's event handler: translates every event, tallies hosts, pushes in batches."""
 
@@ -202,48 +227,12 @@ class EventStream:
         text-only events whose stdout *is* their content)."""
         name = str(ev.get("event") or "")
         data: JSON = ev.get("event_data") or {}
-        out: JSON = {"type": "ansible", "event": name, "counter": ev.get("counter")}
-        created = ev.get("created")
-        if isinstance(created, str):
-            try:  # when Ansible emitted it, not when the batch reached Redis
-                when = datetime.fromisoformat(created)
-                if when.tzinfo is None:  # the callback plugin writes UTC without an offset
-                    when = when.replace(tzinfo=UTC)
-                out["ts"] = when.timestamp()
-            except ValueError:
-                pass
-        if data.get("play"):
-            out["play"] = data["play"]
-        if data.get("task"):
-            out["task"] = data["task"]
-        if data.get("task_action"):
-            out["action"] = data["task_action"]
+        out = _event_header(ev, name, data)
         host = data.get("host")
-        if host:
-            out["host"] = host
         raw = data.get("res")
         res: JSON = raw if isinstance(raw, dict) else {}
         if name in HOST_EVENTS or name in ITEM_EVENTS:
-            status = HOST_EVENTS.get(name) or ITEM_EVENTS[name]
-            changed = bool(res.get("changed")) if status == "ok" else False
-            if "censored" in res:  # no_log: Ansible drops "changed"; a file diff still tells
-                out["censored"] = True
-                changed = status == "ok" and (host, data.get("task_uuid")) in self._diffs
-            if status == "failed" and data.get("ignore_errors"):
-                status = "ignored"
-            out["status"] = "changed" if changed else status
-            out["changed"] = changed
-            msg = _message(res, status if status != "ignored" else "failed")
-            if msg:
-                out["message"] = self._redact(msg)
-            if name in ITEM_EVENTS:
-                item = res.get("_ansible_item_label", res.get("item"))
-                if item is not None:
-                    out["item"] = self._redact(_short(item, 200))
-                if status == "failed" and host and msg:
-                    self._item_errors[host] = f"item {out.get('item', '?')}: {out['message']}"
-            elif host:
-                self._tally(host, status, changed, res, out)
+            self._host_event(name, data, res, out)
         elif name == "runner_on_file_diff":
             self._diffs.add((host, data.get("task_uuid")))  # its content is never copied
         elif name == "runner_on_start":
@@ -261,6 +250,31 @@ class EventStream:
                 if name == "error" or text.startswith(("ERROR!", "[ERROR]")):
                     self.error = out["message"]
         return out
+
+    def _host_event(self, name: str, data: JSON, res: JSON, out: JSON) -> None:
+        """A host's (or a loop item's) result of a task: its status, message and item into
+        *out*; a host's result is tallied, a failed item's message kept for the host's."""
+        host = data.get("host")
+        status = HOST_EVENTS.get(name) or ITEM_EVENTS[name]
+        changed = bool(res.get("changed")) if status == "ok" else False
+        if "censored" in res:  # no_log: Ansible drops "changed"; a file diff still tells
+            out["censored"] = True
+            changed = status == "ok" and (host, data.get("task_uuid")) in self._diffs
+        if status == "failed" and data.get("ignore_errors"):
+            status = "ignored"
+        out["status"] = "changed" if changed else status
+        out["changed"] = changed
+        msg = _message(res, status if status != "ignored" else "failed")
+        if msg:
+            out["message"] = self._redact(msg)
+        if name in ITEM_EVENTS:
+            item = res.get("_ansible_item_label", res.get("item"))
+            if item is not None:
+                out["item"] = self._redact(_short(item, 200))
+            if status == "failed" and host and msg:
+                self._item_errors[host] = f"item {out.get('item', '?')}: {out['message']}"
+        elif host:
+            self._tally(host, status, changed, res, out)
 
     def _tally(self, host: str, status: str, changed: bool, res: JSON, out: JSON) -> None:
         hr = self.host(host)
@@ -344,28 +358,7 @@ def run_playbook(
     """Run *spec* through ansible-runner with ``ident`` = the job's id; every event goes to
     *sink* in batches, *cancelled* is polled to stop the run, *on_status* sees runner states."""
     stream = EventStream(sink, secrets=spec.secrets)
-    last_poll = [0.0]
-    stop = [False]  # latched: the runner asks again on every loop and must keep hearing yes
-
-    def cancel_callback() -> bool:
-        stream.flush_if_stale()
-        if stop[0] or cancelled is None or time.monotonic() - last_poll[0] < cancel_poll_s:
-            return stop[0]
-        last_poll[0] = time.monotonic()
-        try:
-            stop[0] = bool(cancelled())
-        except Exception:  # a store hiccup must not kill the run
-            log.exception("cancel check failed for %s", spec.ident)
-        return stop[0]
-
-    def status_handler(data: JSON, runner_config: Any = None) -> None:
-        status = str(data.get("status"))
-        stream.add({"type": "ansible", "event": "status", "status": status})
-        if status != "starting":
-            stream.flush()
-        if on_status is not None:
-            on_status(status)
-
+    control = _RunControl(stream, spec.ident, cancelled, on_status, cancel_poll_s)
     cmdline = ["-e", f"@{spec.inventory.internal_vars_path}"]
     if spec.check:
         cmdline += ["--check", "--diff"]
@@ -382,23 +375,70 @@ def run_playbook(
         limit=",".join(spec.limit) or None,
         cmdline=" ".join(shlex.quote(a) for a in cmdline),
         event_handler=stream,
-        status_handler=status_handler,
-        cancel_callback=cancel_callback,
+        status_handler=control.status_handler,
+        cancel_callback=control.cancel_callback,
         settings={"pexpect_timeout": 0.2, "suppress_ansible_output": True},
         fact_cache_type="memory",
         timeout=spec.timeout_s,
         quiet=True,
     )
     stream.flush()
+    return _outcome(stream, str(r.status), r.rc, time.monotonic() - started)
+
+
+class _RunControl:
+    """ansible-runner's cancel and status callbacks for one run: polls *cancelled* at most
+    every *poll_s* (latched once true), flushes the stream's stale events meanwhile."""
+
+    def __init__(
+        self,
+        stream: EventStream,
+        ident: str,
+        cancelled: Callable[[], bool] | None,
+        on_status: Callable[[str], None] | None,
+        poll_s: float,
+    ) -> None:
+        self.stream, self.ident, self.cancelled, self.on_status, self.poll_s = (
+            stream,
+            ident,
+            cancelled,
+            on_status,
+            poll_s,
+        )
+        self.last_poll = 0.0
+        self.stop = False  # latched: the runner asks again on every loop and must keep hearing yes
+
+    def cancel_callback(self) -> bool:
+        self.stream.flush_if_stale()
+        if self.stop or self.cancelled is None or time.monotonic() - self.last_poll < self.poll_s:
+            return self.stop
+        self.last_poll = time.monotonic()
+        try:
+            self.stop = bool(self.cancelled())
+        except Exception:  # a store hiccup must not kill the run
+            log.exception("cancel check failed for %s", self.ident)
+        return self.stop
+
+    def status_handler(self, data: JSON, runner_config: Any = None) -> None:
+        status = str(data.get("status"))
+        self.stream.add({"type": "ansible", "event": "status", "status": status})
+        if status != "starting":
+            self.stream.flush()
+        if self.on_status is not None:
+            self.on_status(status)
+
+
+def _outcome(stream: EventStream, status: str, rc: int | None, duration_s: float) -> RunOutcome:
+    """How the run ended, per host: Ansible's stats where it reached them, else the tallies."""
     hosts = stream.apply_stats() if stream.stats else {}
     for name, hr in stream.hosts.items():
         hosts.setdefault(name, hr)
     return RunOutcome(
-        status=str(r.status),
-        rc=r.rc,
+        status=status,
+        rc=rc,
         hosts=hosts,
         events=stream.count,
-        duration_s=time.monotonic() - started,
+        duration_s=duration_s,
         error=stream.error,
         completed=stream.stats is not None,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -68,31 +69,9 @@ def submit_provision(
     if req.check and not spec.check_mode:
         raise ValidationError(f"playbook {spec.name!r} does not support check mode", field="check")
     ids = resolve_targets(store, req.targets, req.selector)
-    devices = store.get_devices(ids)
-    refused = gate(spec, devices)
-    if len(refused) == len(ids):
-        raise PreconditionFailed(
-            f"no target can run playbook {spec.name!r}: " + "; ".join(f"{d}: {m}" for d, (_, m) in refused.items()),
-            refused={d: {"reason": r, "message": m} for d, (r, m) in refused.items()},
-        )
-    if req.lock == "fail":
-        locks = DeviceLocks(store, "")
-        held = {d: h for d in ids if d not in refused and (h := locks.holder(d))}
-        if held:
-            raise Conflict(
-                "devices are locked by other jobs: " + ", ".join(f"{d} by {h}" for d, h in held.items()),
-                locked=held,
-            )
+    _refuse_up_front(store, spec, req, ids)
     secrets = {n: values[n] for n in secret_names(spec.schema) if values.get(n) and n not in kept}
-    if kept:  # the retried job's sealed secrets, kept a while longer (never opened here)
-        sealed = store.get_json(f"provision-secret:{secret_ref}")
-        if sealed is None:
-            raise PreconditionFailed(f"job {req.retry_of}'s secret parameters expired; submit it anew")
-        store.put_json(f"provision-secret:{secret_ref}", sealed, ttl_s=SECRET_TTL_S)
-    elif secrets:
-        secret_ref = new_id("sec")
-        sealed = Vault.from_settings(settings).seal(secrets)
-        store.put_json(f"provision-secret:{secret_ref}", sealed, ttl_s=SECRET_TTL_S)
+    secret_ref = _seal_secrets(store, settings, req, secrets, kept, secret_ref)
     values = {**values, **dict.fromkeys([*secrets, *kept], MASK)}
     params: JSON = {
         "playbook": spec.name,
@@ -114,6 +93,43 @@ def submit_provision(
         store.update_job(job["id"], retry_of=req.retry_of)
         job["retry_of"] = req.retry_of
     return job, created
+
+
+def _refuse_up_front(store: Store, spec: PlaybookSpec, req: ProvisionRequest, ids: list[str]) -> None:
+    """Refuse the job (nothing enqueued) when every device is refused, or with ``lock: fail``
+    when a runnable device is locked by another job."""
+    devices = store.get_devices(ids)
+    refused = gate(spec, devices)
+    if len(refused) == len(ids):
+        raise PreconditionFailed(
+            f"no target can run playbook {spec.name!r}: " + "; ".join(f"{d}: {m}" for d, (_, m) in refused.items()),
+            refused={d: {"reason": r, "message": m} for d, (r, m) in refused.items()},
+        )
+    if req.lock == "fail":
+        locks = DeviceLocks(store, "")
+        held = {d: h for d in ids if d not in refused and (h := locks.holder(d))}
+        if held:
+            raise Conflict(
+                "devices are locked by other jobs: " + ", ".join(f"{d} by {h}" for d, h in held.items()),
+                locked=held,
+            )
+
+
+def _seal_secrets(
+    store: Store, settings: Settings, req: ProvisionRequest, secrets: JSON, kept: Sequence[str], secret_ref: str | None
+) -> str | None:
+    """Where the job's secret values lie sealed: a retry's *kept* ones under its *secret_ref*
+    (kept a while longer, never opened here), else new *secrets* sealed under a new ref."""
+    if kept:
+        sealed = store.get_json(f"provision-secret:{secret_ref}")
+        if sealed is None:
+            raise PreconditionFailed(f"job {req.retry_of}'s secret parameters expired; submit it anew")
+        store.put_json(f"provision-secret:{secret_ref}", sealed, ttl_s=SECRET_TTL_S)
+    elif secrets:
+        secret_ref = new_id("sec")
+        sealed = Vault.from_settings(settings).seal(secrets)
+        store.put_json(f"provision-secret:{secret_ref}", sealed, ttl_s=SECRET_TTL_S)
+    return secret_ref
 
 
 def retry_job(
@@ -271,105 +287,155 @@ def run_spec(
     policy: RetryPolicy | None = None,
     internal_vars: Mapping[str, Any] | None = None,
     report: bool = True,
+    step: int | None = None,
 ) -> tuple[dict[str, JSON], JSON, bool]:
     """Run one playbook on *targets* inside *run*: refuse what cannot run, lock, run (with
     retries), record facts and per-playbook effects. Returns (per-target results, summary,
     cancelled). With *report* False the job's per-target results and progress are left to the
-    caller (the level job reports levels, not playbooks)."""
+    caller (the level job reports levels, not playbooks); *step* numbers the playbook runs of
+    such a job, so each gets its own ansible-runner ident."""
     internal = {**_internal_vars(settings), **(internal_vars or {})}
-    policy = policy or RetryPolicy()
     values = resolve_artifacts(spec, spec.validate(dict(extra_vars)), settings)
-    secret_values = [str(values[n]) for n in secret_names(spec.schema) if values.get(n)]
-    devices = {d["id"]: d for d in store.get_devices(targets)}
-    results: dict[str, JSON] = {}
+    sr = _SpecRun(store, settings, run, spec, targets, values, check=check, report=report, step=step)
     started = time.monotonic()
-
-    def record(dev_id: str, res: JSON) -> None:
-        results[dev_id] = res
-        if report:
-            run.result(dev_id, res, count=False)
-
-    def progress(done: int) -> None:
-        if report:
-            run.progress(done, len(targets))
-
-    def refuse(dev_id: str, reason: str, message: str) -> None:
-        record(dev_id, {"status": "refused", "reason": reason, "message": message})
-        run.event(f"{dev_id} refused: {message}", type="provision", target=dev_id, reason=reason)
-
-    for t in targets:
-        if t not in devices:
-            refuse(t, "not_found", "the device is no longer registered")
-    for dev_id, (reason, message) in gate(spec, devices.values()).items():
-        refuse(dev_id, reason, message)
-    runnable = [t for t in targets if t not in results]
-    progress(len(results))
-
+    sr.refuse_unfit()
     locks = DeviceLocks(store, run.owner, LOCK_TTL_S)
-    outcome: RunOutcome | None = None
-    attempts = 0
     try:
         with locks.kept_alive():  # refreshed while waiting for the rest, too
-            if runnable:
-                timeout = min(lock_timeout_s, settings.task_soft_time_limit_s / 2)
-                locked_out = locks.acquire(
-                    runnable,
-                    wait=lock == "wait",
-                    timeout_s=timeout,
-                    cancelled=run.cancelled,
-                    on_wait=lambda d, h: run.event(f"waiting for job {h} to release {d}", type="provision", target=d),
-                )
-                for dev_id, why in locked_out.items():
-                    refuse(dev_id, "locked", why)
-                runnable = [t for t in runnable if t not in results]
-            pending = runnable
-            while pending and not run.cancelled():
-                attempts += 1
-                ident = run.id if attempts == 1 else f"{run.id}-{attempts}"
-                if not report:  # several playbooks share this job: keep ansible-runner's dirs apart
-                    ident = f"{ident}-{spec.name}-{int(time.time() * 1000) % 100000}"
-                run.event(
-                    f"running {spec.name} on {len(pending)} device(s)"
-                    + (" in check mode" if check else "")
-                    + (f" (attempt {attempts} of {policy.max + 1})" if policy.max else ""),
-                    type="provision", attempt=attempts,
-                )  # fmt: skip
-                outcome = _run_once(
-                    settings, run, spec, values, [devices[d] for d in pending], ident,
-                    check, int(forks or settings.ansible_forks), secret_values, internal,
-                )  # fmt: skip
-                for dev_id in pending:
-                    res = host_result(outcome.hosts.get(dev_id), check, outcome)
-                    if res["status"] == "unreachable" and devices[dev_id].get("jump_host"):
-                        res.update(_jump_diagnosis(settings, devices[dev_id]))
-                    res["attempts"] = attempts
-                    record(dev_id, res)
-                    hr = outcome.hosts.get(dev_id)
-                    if hr is not None and hr.facts and not check and hr.status == "ok":
-                        _record_facts(store, dev_id, dict(hr.facts))
-                    if res["status"] == "ok" and not check and spec.name in ON_SUCCESS:
-                        ON_SUCCESS[spec.name](store, dev_id, values)
-                progress(sum(1 for r in results.values() if r["status"] not in policy.on))
-                if outcome.cancelled:
-                    break
-                pending = [d for d in pending if results[d]["status"] in policy.on]
-                if not pending or attempts > policy.max:
-                    break
-                run.event(
-                    f"retrying {len(pending)} device(s) in {policy.delay_s:.0f}s",
-                    type="retry", attempt=attempts + 1, targets=pending,
-                )  # fmt: skip
-                _sleep(policy.delay_s, run)
+            runnable = sr.lock(locks, sr.runnable(), lock == "wait", lock_timeout_s)
+            sr.attempts_loop(runnable, policy or RetryPolicy(), int(forks or settings.ansible_forks), internal)
     finally:
         locks.release()
+    return sr.finish(time.monotonic() - started)
 
-    cancelled = run.cancelled() or (outcome is not None and outcome.cancelled)
-    for t in targets:
-        if t not in results:
-            record(t, {"status": "cancelled", "message": "cancelled before the host ran"})
-    progress(len(targets))
-    summary = _summary(spec, check, results, outcome, attempts, time.monotonic() - started)
-    return results, summary, cancelled
+
+def ansible_ident(job_id: str, attempt: int, step: int | None = None, playbook: str = "") -> str:
+    """The ansible-runner ident of one playbook run: the job's id, then the attempt (from the
+    second on), then, for a job running several playbooks, the step and the playbook.
+    Deterministic (no clock): the same job, attempt and step give the same ident."""
+    ident = job_id if attempt == 1 else f"{job_id}-{attempt}"
+    if step is not None:  # several playbooks share this job: keep ansible-runner's dirs apart
+        ident = f"{ident}-s{step}-{playbook}"
+    return ident
+
+
+class _SpecRun:
+    """One :func:`run_spec`: its per-target results and how it reports them, step by step."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        run: JobRun,
+        spec: PlaybookSpec,
+        targets: list[str],
+        values: JSON,
+        *,
+        check: bool,
+        report: bool,
+        step: int | None,
+    ) -> None:
+        self.store, self.settings, self.run, self.spec = store, settings, run, spec
+        self.targets, self.values, self.check, self.report = targets, values, check, report
+        self.step = step
+        self.secret_values = [str(values[n]) for n in secret_names(spec.schema) if values.get(n)]
+        self.devices = {d["id"]: d for d in store.get_devices(targets)}
+        self.results: dict[str, JSON] = {}
+        self.outcome: RunOutcome | None = None
+        self.attempts = 0
+
+    def record(self, dev_id: str, res: JSON) -> None:
+        self.results[dev_id] = res
+        if self.report:
+            self.run.result(dev_id, res, count=False)
+
+    def progress(self, done: int) -> None:
+        if self.report:
+            self.run.progress(done, len(self.targets))
+
+    def refuse(self, dev_id: str, reason: str, message: str) -> None:
+        self.record(dev_id, {"status": "refused", "reason": reason, "message": message})
+        self.run.event(f"{dev_id} refused: {message}", type="provision", target=dev_id, reason=reason)
+
+    def runnable(self) -> list[str]:
+        return [t for t in self.targets if t not in self.results]
+
+    def refuse_unfit(self) -> None:
+        """Refuse the targets no longer registered and those the playbook's gate turns away."""
+        for t in self.targets:
+            if t not in self.devices:
+                self.refuse(t, "not_found", "the device is no longer registered")
+        for dev_id, (reason, message) in gate(self.spec, self.devices.values()).items():
+            self.refuse(dev_id, reason, message)
+        self.progress(len(self.results))
+
+    def lock(self, locks: DeviceLocks, runnable: list[str], wait: bool, lock_timeout_s: float) -> list[str]:
+        """Lock *runnable* (waiting for other jobs' locks when *wait*); refuse what stays locked."""
+        if not runnable:
+            return runnable
+        run = self.run
+        locked_out = locks.acquire(
+            runnable,
+            wait=wait,
+            timeout_s=min(lock_timeout_s, self.settings.task_soft_time_limit_s / 2),
+            cancelled=run.cancelled,
+            on_wait=lambda d, h: run.event(f"waiting for job {h} to release {d}", type="provision", target=d),
+        )
+        for dev_id, why in locked_out.items():
+            self.refuse(dev_id, "locked", why)
+        return self.runnable()
+
+    def attempts_loop(self, pending: list[str], policy: RetryPolicy, forks: int, internal: JSON) -> None:
+        """Run the playbook on *pending*, again on the hosts that failed as *policy* says."""
+        run, spec = self.run, self.spec
+        while pending and not run.cancelled():
+            self.attempts += 1
+            run.event(
+                f"running {spec.name} on {len(pending)} device(s)"
+                + (" in check mode" if self.check else "")
+                + (f" (attempt {self.attempts} of {policy.max + 1})" if policy.max else ""),
+                type="provision", attempt=self.attempts,
+            )  # fmt: skip
+            ident = ansible_ident(run.id, self.attempts, self.step, spec.name)
+            outcome = self.outcome = _run_once(
+                self.settings, run, spec, self.values, [self.devices[d] for d in pending], ident,
+                self.check, forks, self.secret_values, internal,
+            )  # fmt: skip
+            for dev_id in pending:
+                self.record_host(dev_id, outcome)
+            self.progress(sum(1 for r in self.results.values() if r["status"] not in policy.on))
+            if outcome.cancelled:
+                break
+            pending = [d for d in pending if self.results[d]["status"] in policy.on]
+            if not pending or self.attempts > policy.max:
+                break
+            run.event(
+                f"retrying {len(pending)} device(s) in {policy.delay_s:.0f}s",
+                type="retry", attempt=self.attempts + 1, targets=pending,
+            )  # fmt: skip
+            _sleep(policy.delay_s, run)
+
+    def record_host(self, dev_id: str, outcome: RunOutcome) -> None:
+        """One host's result of an attempt, its facts, and the playbook's effect on success."""
+        hr = outcome.hosts.get(dev_id)
+        res = host_result(hr, self.check, outcome)
+        if res["status"] == "unreachable" and self.devices[dev_id].get("jump_host"):
+            res.update(_jump_diagnosis(self.settings, self.devices[dev_id]))
+        res["attempts"] = self.attempts
+        self.record(dev_id, res)
+        if hr is not None and hr.facts and not self.check and hr.status == "ok":
+            _record_facts(self.store, dev_id, dict(hr.facts))
+        if res["status"] == "ok" and not self.check and self.spec.name in ON_SUCCESS:
+            ON_SUCCESS[self.spec.name](self.store, dev_id, self.values)
+
+    def finish(self, duration_s: float) -> tuple[dict[str, JSON], JSON, bool]:
+        """Mark what never ran cancelled; (results, summary, cancelled)."""
+        cancelled = self.run.cancelled() or (self.outcome is not None and self.outcome.cancelled)
+        for t in self.runnable():
+            self.record(t, {"status": "cancelled", "message": "cancelled before the host ran"})
+        self.progress(len(self.targets))
+        summary = _summary(self.spec, self.check, self.results, self.outcome, self.attempts, duration_s)
+        return self.results, summary, cancelled
 
 
 def step_runner(
@@ -378,14 +444,16 @@ def step_runner(
     """What the level job runs each profile step with: one playbook on some devices, inside the
     level job, reporting levels rather than playbook results (see :mod:`evc.levels`)."""
     catalog = Catalog.from_settings(settings)
+    steps = itertools.count(1)  # numbers the playbook runs of the level job: their idents differ
 
     def run_step(run: JobRun, playbook: str, device_ids: list[str], extra_vars: JSON, check: bool) -> dict[str, JSON]:
         spec = catalog.get(playbook)
         if check and not spec.check_mode:
             return {d: {"status": "ok", "changed": False, "message": "no check mode: not verified"} for d in device_ids}
         results, _, _ = run_spec(
-            store, settings, run, spec, device_ids, extra_vars, check=check, internal_vars=internal_vars, report=False
-        )
+            store, settings, run, spec, device_ids, extra_vars, check=check, internal_vars=internal_vars,
+            report=False, step=next(steps),
+        )  # fmt: skip
         return results
 
     return run_step
@@ -475,7 +543,7 @@ def _summary(
 
 __all__ = [
     "MAX_RETRIES", "ON_SUCCESS", "RETRYABLE", "RUNNABLE_STATES", "ProvisionFailed", "ProvisionRequest",
-    "run_spec", "step_runner",
+    "ansible_ident", "run_spec", "step_runner",
     "RetryPolicy", "artifact_root", "gate", "provision", "refusal", "resolve_artifacts", "resolve_targets",
     "retry_job", "submit_provision",
 ]  # fmt: skip

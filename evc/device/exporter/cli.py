@@ -129,6 +129,11 @@ class ExporterServer:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[ExporterConfig, argparse.Namespace]:
+    ns = _parser().parse_args(argv)
+    return _config(ns), ns
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="evc-edge-exporter",
         description="EVC edge exporter: GPU, Jetson, thermal, host and process metrics.",
@@ -149,6 +154,23 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ExporterConfig, argpa
         metavar="PATH",
         help="report disk usage of PATH; repeat for several (default /)",
     )
+    _add_source_args(p)
+    p.add_argument(
+        "--disable",
+        action="append",
+        default=[],
+        choices=COLLECTORS,
+        metavar="NAME",
+        help=f"turn a collector off; one of {', '.join(COLLECTORS)}",
+    )
+    p.add_argument("--once", action="store_true", help="print the metrics once and exit")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    """Where the collectors read: GPU tools, procfs and sysfs, which interfaces."""
     p.add_argument("--nvidia-smi", default="nvidia-smi", help="nvidia-smi command or path")
     p.add_argument("--no-nvml", action="store_true", help="do not use NVML even if pynvml is installed")
     p.add_argument("--tegrastats", default="tegrastats", help="tegrastats command or path")
@@ -167,19 +189,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ExporterConfig, argpa
         metavar="REGEX",
         help="interfaces to leave out (default: loopback, container bridges)",
     )
-    p.add_argument(
-        "--disable",
-        action="append",
-        default=[],
-        choices=COLLECTORS,
-        metavar="NAME",
-        help=f"turn a collector off; one of {', '.join(COLLECTORS)}",
-    )
-    p.add_argument("--once", action="store_true", help="print the metrics once and exit")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    ns = p.parse_args(argv)
-    config = ExporterConfig(
+
+
+def _config(ns: argparse.Namespace) -> ExporterConfig:
+    return ExporterConfig(
         listen=ns.listen,
         port=ns.port,
         processes=tuple(ns.process),
@@ -193,7 +206,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ExporterConfig, argpa
         net_exclude=ns.net_exclude,
         disabled=tuple(ns.disable),
     )
-    return config, ns
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,44 @@
+"""The FL round engine's pure parts: who sits a round out, and a closed round's record."""
+
+from __future__ import annotations
+
+from evc.fl.aggregation import round_message, round_record
+from evc.fl.orchestrator import DEGRADED, sit_outs
+
+
+def dev(i: str, state: str = "online", level: int = 4) -> dict:
+    return {"id": i, "state": state, "level": level}
+
+
+def test_removed_and_ineligible_devices_sit_out() -> None:
+    devices = {"a": dev("a"), "b": dev("b", level=1), "c": dev("c", state="offline")}
+    out = sit_outs(["a", "b", "c", "gone"], devices, min_available=1)
+    assert set(out) == {"b", "c", "gone"}
+    assert out["gone"] == "the device was removed" and out["c"] == "the device is offline"
+    assert "FL client is not installed" in out["b"]
+
+
+def test_degraded_devices_make_up_the_number_in_job_order() -> None:
+    devices = {"a": dev("a"), "b": dev("b", "degraded"), "c": dev("c", "degraded"), "d": dev("d", "degraded")}
+    order = ["a", "b", "c", "d"]
+    assert sit_outs(order, devices, min_available=1) == dict.fromkeys(["b", "c", "d"], DEGRADED)
+    assert sit_outs(order, devices, min_available=3) == {"d": DEGRADED}
+    assert sit_outs(order, devices, min_available=9) == {}
+
+
+def test_round_record_and_message() -> None:
+    st = {"round": 3, "started_at": 100.0, "skipped": {"z": "offline"}, "dispatches": 2}
+    outcomes = {
+        "a": {"ok": True, "t0": 101.0, "t1": 104.0, "seconds": 3.0},
+        "b": {"ok": True, "t0": 102.0, "t1": 103.0, "seconds": 1.0},
+        "c": {"ok": False, "reason": "timeout"},
+    }
+    metrics = {"clients": ["a", "b"], "num_clients": 2, "num_examples": 40, "failures": {"c": "timeout"}}
+    rec = round_record(st, ["a", "b", "c"], outcomes, metrics, 1, 106.0)
+    assert rec["round"] == 3 and rec["duration_s"] == 6.0 and rec["client_starts"] == 1
+    assert rec["timing"] == {"first_fit_s": 1.0, "last_fit_s": 4.0, "slowest_fit_s": 3.0}
+    assert rec["skipped"] == {"z": "offline"} and rec["dispatches"] == 2 and rec["eval_accuracy"] is None
+    assert round_message(rec, 3) == "round 3: 2 of 3 devices, 1 failed (6000 ms)"
+    rec["eval_accuracy"] = 0.91234
+    assert round_message(rec, 3) == "round 3: 2 of 3 devices, accuracy 0.9123, 1 failed (6000 ms)"
+    assert round_record({**st, "skipped": None}, [], {}, metrics, 0, 100.5)["timing"] == {}
