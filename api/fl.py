@@ -14,6 +14,7 @@ from marshmallow import fields, validate, validates_schema
 
 from evc import jobs
 from evc.fl import service
+from evc.queue import JobQueue
 
 blp = Blueprint("fl", __name__, url_prefix="/api/v1/fl", description="Federated learning")
 
@@ -153,8 +154,7 @@ def show(job_id: str) -> Any:
 @blp.response(202, JobSchema)
 def stop(job_id: str) -> Any:
     """Stop at the next round boundary (a round cut short is discarded; resume restarts it)."""
-    sender = get_sender()
-    return service.stop(get_store(), job_id, revoke=lambda tid: sender.control.revoke(tid))
+    return service.stop(get_store(), job_id, revoke=JobQueue.of(get_sender()).revoke)
 
 
 @blp.route("/jobs/<id:job_id>/resume", methods=["POST"])

@@ -17,6 +17,7 @@ from evc.api.schemas import (
 from flask_smorest import Blueprint
 
 from evc import jobs
+from evc.queue import JobQueue
 
 blp = Blueprint("jobs", __name__, url_prefix="/api/v1", description="Asynchronous jobs")
 
@@ -79,5 +80,4 @@ def events(args: dict[str, Any], job_id: str) -> Any:
 @blp.response(202, JobSchema)
 def cancel(job_id: str) -> Any:
     """Cancel a job: a queued job stops at once, a running one at its next check point."""
-    sender = get_sender()
-    return jobs.cancel(get_store(), job_id, revoke=lambda tid: sender.control.revoke(tid))
+    return jobs.cancel(get_store(), job_id, revoke=JobQueue.of(get_sender()).revoke)

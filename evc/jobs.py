@@ -45,7 +45,8 @@ QUEUES = ("default", "ssh", "ansible", "fl")
 
 
 class Sender(Protocol):
-    """What the job service needs of Celery: ``Celery.send_task``."""
+    """What the job service needs of Celery: ``Celery.send_task`` (a Celery app, its
+    :class:`~evc.queue.JobQueue`, or a test's fake)."""
 
     def send_task(self, name: str, args: Any = ..., **options: Any) -> Any: ...
 
@@ -95,20 +96,22 @@ def submit(
 ) -> tuple[JSON, bool]:
     """Create a job and enqueue its task. Returns (job, created); repeated keys return the first.
 
-    With a sender that has a task publisher (EVC's Celery apps do), the job record and its task
-    message are written in one MULTI/EXEC — the worker can never see the message without the job
-    — or queued on *pipe*, the caller's unit of work."""
+    With EVC's Celery apps (their :class:`~evc.queue.JobQueue` has the publisher fast path),
+    the job record and its task message are written in one MULTI/EXEC — the worker can never see
+    the message without the job — or queued on *pipe*, the caller's unit of work."""
+    from evc.queue import JobQueue
+
+    queue = JobQueue.of(sender)
     job = new_job(kind, params=params, targets=targets, created_by=created_by)
     job["queued_at"] = job["created_at"]
     if countdown:
         job["not_before"] = job["created_at"] + countdown
     if idempotency_key:
         idempotency_key = f"{created_by}:{idempotency_key}"
-    publisher = getattr(sender, "evc_publisher", None)
-    publish = publisher.commands(*_task_of(job), countdown=countdown) if publisher else ()
+    publish = queue.job_commands(job, countdown=countdown)
     job, created = store.create_job(job, idempotency_key, publish=publish, pipe=pipe)
-    if created and publisher is None:
-        enqueue(store, sender, job, countdown=countdown)
+    if created and not publish:
+        queue.enqueue(job, countdown=countdown)
     return job, created
 
 
@@ -121,18 +124,11 @@ def scoped_key(key: str, scope: str, request: bytes) -> str:
     return f"{scope} {key}\n{hashlib.sha256(request).hexdigest()}"
 
 
-def _task_of(job: JSON) -> tuple[str, str, list[Any], str]:
-    jk = JOB_KINDS[job["kind"]]
-    return jk.task, f"{job['id']}-{job.get('attempt', 0)}", [job["id"]], jk.queue
-
-
 def enqueue(store: Store, sender: Sender, job: JSON, countdown: float | None = None) -> None:
-    """(Re-)enqueue an existing job's task."""
-    name, task_id, args, queue = _task_of(job)
-    opts: dict[str, Any] = {"queue": queue, "task_id": task_id}
-    if countdown:
-        opts["countdown"] = countdown
-    sender.send_task(name, args=args, **opts)
+    """(Re-)enqueue an existing job's task (:meth:`evc.queue.JobQueue.enqueue`)."""
+    from evc.queue import JobQueue
+
+    JobQueue.of(sender).enqueue(job, countdown=countdown)
 
 
 def _record_finished(kind: str, state: str, duration_s: float | None) -> None:

@@ -5,9 +5,10 @@ task closes its loop (and every connection opened on it) when the task returns. 
 run every minute over the whole fleet, so their connections must outlive one task: each worker
 process lazily starts ONE event loop in a daemon thread (after the fork, never at import), the
 pool lives on that loop, and sync callers hand it coroutines with
-``asyncio.run_coroutine_threadsafe`` (:func:`call`). The loop and the pool are closed by
-:func:`shutdown`, registered with ``atexit`` when the loop starts and called by the worker's
-``worker_process_shutdown`` signal (see :mod:`evc.tasks.health`).
+``asyncio.run_coroutine_threadsafe`` (:func:`call`). The loop and the pools belong to the
+process's :class:`~evc.runtime.WorkerRuntime` (which is also where fork safety lives): closed
+with it when the worker process exits (:mod:`evc.workers.signals`) or at ``atexit``, or by
+:func:`shutdown`.
 
 The pool is keyed by device id; an entry remembers the :class:`~evc.ssh.Target` it was opened
 for (address, user, pinned host key, jump host), so a device whose record changed reconnects.
@@ -19,7 +20,6 @@ hammered; a connection that drops or times out is closed and forgotten.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import logging
 import os
 import threading
@@ -32,6 +32,7 @@ import asyncssh
 
 from evc import ssh
 from evc.errors import CommandFailed, ConnectionDropped, DeviceError, SSHTimeout
+from evc.runtime import WorkerRuntime, metric_hook
 from evc.settings import Settings
 from evc.store import JSON
 
@@ -205,22 +206,10 @@ class SSHPool:
                 log.debug("set_ssh_pool_size failed", exc_info=True)
 
 
-_MISSING = object()
-_metric_hooks: dict[str, Any] = {}
-
-
 def optional_metric(name: str) -> Callable[..., Any] | None:
     """``evc.metrics.<name>`` when that module provides it (looked up once per process)."""
-    fn: Any = _metric_hooks.get(name, _MISSING)
-    if fn is _MISSING:
-        try:
-            import importlib
-
-            fn = getattr(importlib.import_module("evc.metrics"), name, None)
-        except ImportError:
-            fn = None
-        _metric_hooks[name] = fn
-    return fn
+    rt = WorkerRuntime.peek()  # (a pool closing with its runtime must not start another)
+    return rt.metric(name) if rt is not None else metric_hook(name)
 
 
 # ---------------------------------------------------------------------- one loop per process
@@ -261,21 +250,10 @@ class LoopThread:
             self.loop.close()
 
 
-_lock = threading.Lock()
-_loop: LoopThread | None = None
-_pools: dict[Settings, SSHPool] = {}
-
-
 def process_loop() -> LoopThread:
-    """This process's loop thread, started on first use (a forked child starts its own)."""
-    global _loop
-    with _lock:
-        if _loop is None or _loop.pid != os.getpid() or not _loop.thread.is_alive():
-            if _loop is not None and _loop.pid != os.getpid():
-                _pools.clear()  # inherited from the parent: their sockets belong to it
-            _loop = LoopThread()
-            atexit.register(shutdown)
-        return _loop
+    """This process's loop thread, started on first use (a forked child starts its own): the
+    one of :class:`~evc.runtime.WorkerRuntime`."""
+    return WorkerRuntime.current().loop()
 
 
 def call(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
@@ -285,34 +263,15 @@ def call(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
 
 def pool_for(settings: Settings) -> SSHPool:
     """This process's pool for *settings* (created on first use, on the process loop)."""
-    process_loop()
-    with _lock:
-        pool = _pools.get(settings)
-        if pool is None:
-            pool = _pools[settings] = SSHPool(settings)
-        return pool
+    return WorkerRuntime.current().pool(settings)
 
 
 def shutdown(timeout: float = 5.0) -> None:
-    """Close every pooled connection and stop this process's loop (idempotent)."""
-    global _loop
-    with _lock:
-        loop, pools = _loop, list(_pools.values())
-        if loop is None or loop.pid != os.getpid():
-            return
-        _loop = None
-        _pools.clear()
-    if loop.thread.is_alive():
-        try:
-            loop.submit(_close_pools(pools), timeout)
-        except Exception:  # noqa: BLE001 - best effort at exit
-            log.debug("closing the SSH pool failed", exc_info=True)
-    loop.stop(timeout)
-
-
-async def _close_pools(pools: list[SSHPool]) -> None:
-    for p in pools:
-        await p.close_all()
+    """Close every pooled connection (and FL channel) and stop this process's loop; a later
+    call starts another (idempotent)."""
+    rt = WorkerRuntime.peek()
+    if rt is not None:
+        rt.close_loop(timeout)
 
 
 __all__ = [

@@ -1,11 +1,8 @@
-"""What every job task shares: one store per process, and the run/retry/fail wrapper."""
+"""What every job task shares: the process's store and settings, and the run/retry/fail wrapper."""
 
 from __future__ import annotations
 
 import logging
-import os
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,12 +12,12 @@ from celery.exceptions import Retry, SoftTimeLimitExceeded
 
 from evc.errors import TRANSIENT_ERRORS, EVCError, JobCancelled, StaleAttempt, StoreUnavailable
 from evc.jobs import JobRun, Partial, remove_temp_files
-from evc.settings import Settings, load_settings
+from evc.queue import JobQueue
+from evc.runtime import WorkerRuntime
+from evc.settings import Settings
 from evc.store import JSON, Store
 
 log = logging.getLogger(__name__)
-
-_stores: dict[tuple[int, int], Store] = {}
 
 #: what every job task is declared with (bounded retries, limits, late acks)
 TASK_OPTIONS: dict[str, Any] = {
@@ -32,61 +29,18 @@ TASK_OPTIONS: dict[str, Any] = {
 
 
 def settings_of(task: Task) -> Settings:
-    return getattr(task.app, "evc_settings", None) or load_settings()
+    """The settings of the task's app (its :class:`~evc.queue.JobQueue`'s), else the runtime's."""
+    settings = JobQueue.of(task.app).settings
+    return settings if settings is not None else WorkerRuntime.current().settings
 
 
 def store_of(task: Task) -> Store:
-    """One Store per (process, app): redis-py reconnects by itself after a fork."""
-    key = (os.getpid(), id(task.app))
-    st = _stores.get(key)
-    if st is None:
-        st = _stores[key] = Store.from_settings(settings_of(task))
-    return st
+    """The process's Store for the task's settings (kept by :class:`~evc.runtime.WorkerRuntime`)."""
+    return WorkerRuntime.current().store(settings_of(task))
 
 
 def backoff(retries: int, base: float = 1.0, cap: float = 30.0) -> float:
     return float(min(cap, base * (2**retries)))
-
-
-class _Leases:
-    """The attempts this process is executing, with a thread that renews their leases. A lease
-    that cannot be renewed (another attempt took the job, or it expired while this process
-    was stalled) marks its run stale: the run stops at its next check point."""
-
-    def __init__(self) -> None:
-        self.active: dict[str, JobRun] = {}
-        self.lock = threading.Lock()
-        self.pid = 0
-        self.ttl = 30.0
-
-    def hold(self, run: JobRun, ttl_s: float) -> None:
-        with self.lock:
-            self.active[run.id] = run
-            self.ttl = ttl_s
-            if self.pid != os.getpid():  # first use in this (possibly forked) process
-                self.pid = os.getpid()
-                threading.Thread(target=self._renew, name="evc-job-leases", daemon=True).start()
-
-    def drop(self, run: JobRun) -> None:
-        with self.lock:
-            if self.active.get(run.id) is run:
-                del self.active[run.id]
-
-    def _renew(self) -> None:
-        while True:
-            time.sleep(max(0.1, self.ttl / 3))
-            with self.lock:
-                held = list(self.active.values())
-            for run in held:
-                try:
-                    if run.attempt is not None and not run.store.renew_lease(run.id, run.attempt, self.ttl):
-                        log.warning("job %s: attempt %s lost its lease; it stops", run.id, run.attempt)
-                        run.stale = True
-                except Exception:  # noqa: BLE001 - Redis away for a moment: the next round retries
-                    log.debug("could not renew the lease of %s", run.id)
-
-
-_leases = _Leases()
 
 
 def _store_errors(exc: Exception) -> Exception:
@@ -116,14 +70,15 @@ def run_job(task: Task, job_id: str, body: Callable[[JobRun], JSON | Partial | N
         return "failed" if what == "lost" else "skipped"
     if int(run.job.get("lost") or 0):
         remove_temp_files(job_id)  # what a killed attempt left on this host
-    _leases.hold(run, settings.job_lease_s)
+    leases = WorkerRuntime.current().leases
+    leases.hold(run, settings.job_lease_s)
     try:
         return _run(task, run, job_id, body)
     except StaleAttempt:
         log.warning("job %s: attempt %s is stale; it stops, its writes refused", job_id, run.attempt)
         return "stale"
     finally:
-        _leases.drop(run)
+        leases.drop(run)
 
 
 def _run(task: Task, run: JobRun, job_id: str, body: Callable[[JobRun], JSON | Partial | None]) -> str:

@@ -3,7 +3,8 @@
 A round is a chord: a group of ``evc.fl_fit`` (one per device) and ``evc.fl_aggregate`` after
 them, which checkpoints the round and starts the next. Every body is idempotent (keyed by job,
 round attempt and device) and declared ``acks_late`` + ``reject_on_worker_lost``; a worker that
-starts asks ``evc.fl_recover`` to re-dispatch rounds whose tasks died with another worker.
+starts asks ``evc.fl_recover`` to re-dispatch rounds whose tasks died with another worker
+(:func:`evc.workers.signals.recover_fl_on_start`).
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from celery import Celery, chord, shared_task
-from celery.signals import worker_ready
 from evc.tasks.base import TASK_OPTIONS, backoff, run_job, settings_of, store_of
 
 from evc.errors import EVCError, StoreUnavailable
 from evc.fl import service
 from evc.fl.orchestrator import Rounds
 from evc.jobs import JobRun
+from evc.queue import JobQueue
 from evc.store import JSON
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class CeleryDispatch:
 
     def __init__(self, app: Celery) -> None:
         self.app = app
+        self.queue = JobQueue.of(app)
 
     def fit_round(self, job_id: str, token: str, device_ids: Sequence[str], queue: str) -> None:
         header = [
@@ -45,15 +47,13 @@ class CeleryDispatch:
         chord(header, body, app=self.app).apply_async()
 
     def close_round(self, job_id: str, token: str, queue: str) -> None:
-        self.app.send_task("evc.fl_aggregate", args=[[], job_id, token], queue=queue, ignore_result=True)
+        self.queue.publish("evc.fl_aggregate", [[], job_id, token], queue=queue, ignore_result=True)
 
     def start_round(self, job_id: str, round: int, queue: str, countdown: float) -> None:
-        self.app.send_task("evc.fl_round", args=[job_id, round], queue=queue, countdown=countdown,
-                           ignore_result=True)  # fmt: skip
+        self.queue.publish("evc.fl_round", [job_id, round], queue=queue, countdown=countdown, ignore_result=True)
 
     def recover(self, job_id: str | None, countdown: float, queue: str = "fl") -> None:
-        self.app.send_task("evc.fl_recover", args=[job_id], queue=queue, countdown=countdown,
-                           ignore_result=True)  # fmt: skip
+        self.queue.publish("evc.fl_recover", [job_id], queue=queue, countdown=countdown, ignore_result=True)
 
 
 def _rounds(task: Any) -> Rounds:
@@ -125,16 +125,3 @@ def fl_install(self, job_id: str) -> str:
 def fl_partition(self, job_id: str) -> str:
     """Split a dataset into shards and push one to each device (kind ``fl-partition``)."""
     return run_job(self, job_id, lambda run: service.partition(run.store, settings_of(self), run))
-
-
-@worker_ready.connect
-def _recover_on_start(sender: Any = None, **_: Any) -> None:
-    """A worker that (re)starts checks for FL rounds whose tasks died with a worker."""
-    try:
-        app = sender.app
-        queues = list(app.amqp.queues.consume_from or {})
-        fl = [q for q in queues if q == "fl" or q.startswith("fl-")]
-        queue = "fl" if "fl" in queues or not queues else (fl or queues)[0]
-        app.send_task("evc.fl_recover", args=[None], queue=queue, ignore_result=True)
-    except Exception:  # noqa: BLE001 - never stop a worker from starting
-        log.warning("could not ask for FL recovery at worker start", exc_info=True)

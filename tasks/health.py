@@ -7,19 +7,12 @@ import socket
 from typing import Any
 
 from celery import shared_task
-from celery.signals import worker_process_shutdown
 from evc.tasks.base import TASK_OPTIONS, run_job, settings_of, store_of
 
-from evc import health, pool
+from evc import health
 from evc.errors import Conflict
 from evc.jobs import JobRun
 from evc.store import JSON
-
-
-@worker_process_shutdown.connect
-def _close_pool(**_: Any) -> None:
-    """A prefork child exits without running atexit handlers: close the SSH pool here."""
-    pool.shutdown()
 
 
 def _owner(task: Any) -> str:

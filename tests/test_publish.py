@@ -9,6 +9,8 @@ import threading
 import pytest
 from evc.workers.celery_app import make_celery
 
+from evc.queue import JobQueue
+
 pytestmark = pytest.mark.integration
 
 
@@ -17,7 +19,7 @@ def test_task_message_matches_kombu(settings, store) -> None:
     q = f"cmp-{store.prefix}"
     app.send_task("evc.noop", args=["job_a"], queue=q, task_id="job_a-0")
     pipe = store.r.pipeline()
-    for name, args in app.evc_publisher.commands("evc.noop", "job_b-0", ["job_b"], q):
+    for name, args in JobQueue.of(app).publisher.commands("evc.noop", "job_b-0", ["job_b"], q):
         if name == "lpush":
             getattr(pipe, name)(*args)
     pipe.execute()
@@ -61,7 +63,7 @@ def test_sent_event_reaches_event_receivers(settings, store) -> None:
 
     time.sleep(0.5)
     pipe = store.r.pipeline()
-    for name, args in app.evc_publisher.commands("evc.noop", "job_c-0", ["job_c"], f"ev-{store.prefix}"):
+    for name, args in JobQueue.of(app).publisher.commands("evc.noop", "job_c-0", ["job_c"], f"ev-{store.prefix}"):
         getattr(pipe, name)(*args)
     pipe.execute()
     t.join(12)

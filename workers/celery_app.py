@@ -10,6 +10,7 @@ from evc.workers import signals as _signals  # noqa: F401 - connects the worker 
 from kombu import Queue
 
 from evc.jobs import JOB_KINDS, QUEUES
+from evc.queue import JobQueue
 from evc.settings import Settings
 
 #: task modules every worker imports; features add theirs here
@@ -101,9 +102,6 @@ def make_celery(settings: Settings, *, include_tasks: bool = True) -> Celery:
         timezone="UTC",
         **extra,
     )
-    app.evc_settings = settings
-    if not settings.redis_sentinels:
-        from evc.workers.publish import TaskPublisher
-
-        app.evc_publisher = TaskPublisher(app)
+    # the app's one EVC attribute: its settings, the publisher fast path, enqueue/publish/revoke
+    app.evc_queue = JobQueue(app, settings)
     return app

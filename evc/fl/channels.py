@@ -3,9 +3,9 @@
 A :class:`ClientChannel` is one ``<python> ~/.evc/fl/client.py --data <shard>`` process on a
 device, started once over an SSH channel of the connection :mod:`evc.pool` keeps for that
 device, and spoken to with the line-delimited JSON protocol of :mod:`evc.fl.protocol` for the
-whole job. The :class:`ChannelRegistry` keeps them per (job, device) on the worker process's
-event-loop thread (:func:`evc.pool.process_loop`), so they outlive the Celery task that opened
-them.
+whole job. The :class:`~evc.fl.registry.ChannelRegistry` keeps them per (job, device) on the
+worker process's event-loop thread; the process's :class:`~evc.runtime.WorkerRuntime` owns it
+(:func:`registry_for`), so they outlive the Celery task that opened them.
 
 The trade-off: a Celery prefork worker runs each task in one of its N child processes, and a
 channel cannot move between processes. A round's task that lands in a process holding no channel
@@ -30,12 +30,11 @@ import logging
 import os
 import posixpath
 import shlex
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncssh
 
@@ -48,9 +47,13 @@ from evc.errors import (
     SSHTimeout,
     ValidationError,
 )
-from evc.fl.protocol import CLIENT_PATH, PROTOCOL_VERSION, decode_message, encode_message
+from evc.fl.protocol import CLIENT_PATH, decode_message, encode_message
+from evc.runtime import WorkerRuntime
 from evc.settings import Settings
 from evc.store import JSON
+
+if TYPE_CHECKING:
+    from evc.fl.registry import ChannelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +62,6 @@ T = TypeVar("T")
 #: where the FL client lives on a device, relative to the account's home
 REMOTE_DIR = ".evc/fl"
 REMOTE_CLIENT = f"{REMOTE_DIR}/client.py"
-#: how often the registry looks for idle channels and channels of finished jobs
-REAP_INTERVAL_S = 2.0
-#: how long a reply that missed its round is waited for before the channel is restarted
-LATE_WAIT_S = 600.0
 
 
 # ---------------------------------------------------------------------- commands and paths
@@ -231,288 +230,28 @@ class ClientChannel:
         self._stderr.cancel()
 
 
-@dataclass
-class FitCall:
-    """What one request through the registry produced."""
-
-    reply: dict[str, Any]
-    started: bool  # a client process was started for it
-    late: list[JSON] = field(default_factory=list)
-    pid: int | None = None
-
-
-@dataclass(frozen=True)
-class RegistryStats:
-    channels: int
-    started: int
-    closed: int
-
-
-# ---------------------------------------------------------------------- the per-process registry
-class ChannelRegistry:
-    """Client channels of this worker process, keyed by (job, device); runs on one loop.
-
-    ``job_alive(job_id)`` (optional, sync, may block briefly) tells the reaper whether a job
-    still runs; its channels close when it does not. ``on_late(job_id, device_id, item)``
-    (optional, sync) hears of each reply that came after its request had given up: a request
-    that times out leaves a reader on the channel that waits for its reply (up to
-    :data:`LATE_WAIT_S`), so late replies are seen -- and discarded -- as they come.
-    """
-
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        idle_s: float | None = None,
-        job_alive: Callable[[str], bool] | None = None,
-        on_late: Callable[[str, str, JSON], None] | None = None,
-    ) -> None:
-        self.settings = settings
-        self.idle_s = settings.fl_channel_idle_s if idle_s is None else idle_s
-        self.job_alive = job_alive
-        self.on_late = on_late
-        self._drains: set[asyncio.Task[None]] = set()
-        self._drain_keys: dict[asyncio.Task[None], tuple[str, str]] = {}
-        self._channels: dict[tuple[str, str], ClientChannel] = {}
-        self._opening: dict[tuple[str, str], asyncio.Lock] = {}
-        self._reaper: asyncio.Task[None] | None = None
-        self.started = 0
-        self.closed = 0
-
-    def stats(self) -> RegistryStats:
-        return RegistryStats(len(self._channels), self.started, self.closed)
-
-    def channels(self, job_id: str | None = None) -> list[ClientChannel]:
-        return [c for k, c in self._channels.items() if job_id is None or k[0] == job_id]
-
-    async def request(
-        self,
-        job_id: str,
-        device: JSON,
-        spec: ClientSpec,
-        message: Mapping[str, Any],
-        timeout: float,
-    ) -> FitCall:
-        """Send *message* to the job's client on *device* (starting it if needed), return the
-        reply. A reused channel found dead is replaced once; a fresh one that fails raises."""
-        self._ensure_reaper()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        key = (job_id, str(device["id"]))
-        late: list[JSON] = []
-        for attempt in (0, 1):
-            channel, started = await self._channel(key, device, spec, deadline, late)
-            try:
-                async with channel.lock:
-                    try:
-                        reply = await channel.request(message, deadline, late)
-                    except SSHTimeout:
-                        self._drain_later(channel, message.get("id"))
-                        raise
-                return FitCall(reply, started, late, channel.pid)
-            except ConnectionDropped:
-                self._discard(key, channel)
-                if started or attempt:
-                    raise
-            except CommandFailed:
-                self._discard(key, channel)
-                raise
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def _channel(
-        self,
-        key: tuple[str, str],
-        device: JSON,
-        spec: ClientSpec,
-        deadline: float,
-        late: list[JSON],
-    ) -> tuple[ClientChannel, bool]:
-        channel = self._channels.get(key)
-        if channel is not None and not channel.dead and channel.spec == spec:
-            return channel, False
-        lock = self._opening.setdefault(key, asyncio.Lock())
-        async with lock:
-            channel = self._channels.get(key)
-            if channel is not None:
-                if not channel.dead and channel.spec == spec:
-                    return channel, False
-                self._discard(key, channel)
-            channel = await self._open(key, device, spec, deadline, late)
-            self._channels[key] = channel
-            self.started += 1
-            return channel, True
-
-    async def _open(
-        self,
-        key: tuple[str, str],
-        device: JSON,
-        spec: ClientSpec,
-        deadline: float,
-        late: list[JSON],
-    ) -> ClientChannel:
-        loop = asyncio.get_running_loop()
-
-        async def start(conn: asyncssh.SSHClientConnection, target: ssh.Target) -> asyncssh.SSHClientProcess[bytes]:
-            try:
-                return await conn.create_process(spec.command, encoding=None)
-            except asyncssh.ChannelOpenError as exc:
-                raise ConnectionDropped(
-                    f"{target.address} refused a channel for the FL client: {exc}",
-                    device_id=target.device_id,
-                ) from exc
-
-        pool = pooling.pool_for(self.settings)
-        remaining = max(0.001, deadline - loop.time())
-        try:
-            process = await asyncio.wait_for(pool.use(device, start), remaining)
-        except TimeoutError:
-            raise SSHTimeout("could not start the FL client before the round deadline", device_id=key[1]) from None
-        channel = ClientChannel(key, process, spec)
-        channel.device_name = str(device.get("name") or key[1])
-        try:
-            pong = await channel.request({"op": "ping", "id": f"start:{key[0]}"}, deadline, late)
-        except BaseException:
-            channel.close()
-            raise
-        if pong.get("version") != PROTOCOL_VERSION:
-            channel.close()
-            raise CommandFailed(
-                f"the FL client on the device speaks protocol {pong.get('version')!r}, the "
-                f"server {PROTOCOL_VERSION}: reinstall it (the fl-client playbook)",
-                device_id=key[1],
-            )
-        channel.pid = pong.get("pid")
-        channel.num_examples = pong.get("num_examples")
-        log.debug("started FL client %s on %s (pid %s)", key[0], key[1], channel.pid)
-        return channel
-
-    def _drain_later(self, channel: ClientChannel, rid: Any) -> None:
-        """Wait, in the background and holding the channel, for the reply to a request that
-        gave up; report it (and anything before it) as late."""
-        if rid is None or channel.dead:
-            return
-
-        async def drain() -> None:
-            loop = asyncio.get_running_loop()
-            late: list[JSON] = []
-            async with channel.lock:
-                try:
-                    reply = await channel.reply(rid, loop.time() + LATE_WAIT_S, late)
-                    late.append({"id": rid, "op": reply.get("op"), "round": reply.get("round")})
-                except SSHTimeout:
-                    self._discard(channel.key, channel)  # out of step for good: start afresh
-                except DeviceError:
-                    pass
-            if self.on_late is not None:
-                for item in late:
-                    try:
-                        await loop.run_in_executor(None, self.on_late, channel.key[0], channel.key[1], item)
-                    except Exception:  # noqa: BLE001 - recording is best effort
-                        log.debug("recording a late FL reply failed", exc_info=True)
-
-        task = asyncio.ensure_future(drain())
-        self._drains.add(task)
-        self._drain_keys[task] = channel.key
-        task.add_done_callback(self._drains.discard)
-        task.add_done_callback(lambda t: self._drain_keys.pop(t, None))
-
-    def _discard(self, key: tuple[str, str], channel: ClientChannel) -> None:
-        if self._channels.get(key) is channel:
-            del self._channels[key]
-        channel.close()
-        self.closed += 1
-
-    async def close_job(self, job_id: str, grace_s: float = 4.0) -> int:
-        """Close every channel of *job_id* in this process; returns how many. Replies still
-        awaited from requests that gave up get *grace_s* to arrive, so they are recorded as late
-        rather than lost with the channel."""
-        pending = [t for t, k in self._drain_keys.items() if k[0] == job_id and not t.done()]
-        if pending and grace_s > 0:
-            await asyncio.wait(pending, timeout=grace_s)
-        keys = [k for k in self._channels if k[0] == job_id]
-        for k in keys:
-            self._discard(k, self._channels[k])
-        return len(keys)
-
-    async def close_all(self) -> None:
-        for k in list(self._channels):
-            self._discard(k, self._channels[k])
-        if self._reaper is not None:
-            self._reaper.cancel()
-            self._reaper = None
-
-    async def reap(self) -> int:
-        """Close idle and dead channels and those of jobs no longer running; returns how many."""
-        now = time.monotonic()
-        gone = [
-            k for k, c in self._channels.items() if c.dead or (now - c.last_used > self.idle_s and not c.lock.locked())
-        ]
-        for k in gone:
-            self._discard(k, self._channels[k])
-        if self.job_alive is not None:
-            jobs = {k[0] for k in self._channels}
-            loop = asyncio.get_running_loop()
-            for job_id in jobs:
-                try:
-                    alive = await loop.run_in_executor(None, self.job_alive, job_id)
-                except Exception:  # noqa: BLE001 - a store hiccup keeps the channels
-                    log.debug("job_alive(%s) failed", job_id, exc_info=True)
-                    continue
-                if not alive:
-                    gone += [k for k in self._channels if k[0] == job_id]
-                    await self.close_job(job_id)
-        return len(gone)
-
-    def _ensure_reaper(self) -> None:
-        if self._reaper is None or self._reaper.done():
-            self._reaper = asyncio.ensure_future(self._reap_forever())
-
-    async def _reap_forever(self) -> None:
-        while True:
-            await asyncio.sleep(REAP_INTERVAL_S)
-            try:
-                await self.reap()
-            except Exception:  # noqa: BLE001 - the reaper never dies
-                log.debug("reaping FL channels failed", exc_info=True)
-
-
-_lock = threading.Lock()
-_registries: dict[tuple[int, Settings], ChannelRegistry] = {}
-
-
+# ---------------------------------------------------------------------- this process's channels
 def registry_for(
     settings: Settings,
     job_alive: Callable[[str], bool] | None = None,
     on_late: Callable[[str, str, JSON], None] | None = None,
 ) -> ChannelRegistry:
-    """This process's registry for *settings* (created on first use; a fork starts afresh)."""
-    pooling.process_loop()
-    key = (os.getpid(), settings)
-    with _lock:
-        reg = _registries.get(key)
-        if reg is None:
-            for k in [k for k in _registries if k[0] != key[0]]:
-                del _registries[k]  # inherited from the parent process
-            reg = _registries[key] = ChannelRegistry(settings, job_alive=job_alive, on_late=on_late)
-        reg.job_alive = reg.job_alive or job_alive
-        reg.on_late = reg.on_late or on_late
-        return reg
+    """This process's registry for *settings* (created on first use; a fork starts afresh):
+    the one of :class:`~evc.runtime.WorkerRuntime`."""
+    return WorkerRuntime.current().channels(settings, job_alive, on_late)
 
 
 def local_registries() -> list[ChannelRegistry]:
     """The registries this process has created (none are created here)."""
-    with _lock:
-        return [r for k, r in _registries.items() if k[0] == os.getpid()]
+    rt = WorkerRuntime.peek()
+    return rt.registries() if rt is not None else []
 
 
 def close_registries(timeout: float = 5.0) -> None:
     """Close every channel of this process (worker process shutdown); best effort."""
-    with _lock:
-        regs = [r for k, r in _registries.items() if k[0] == os.getpid()]
-        _registries.clear()
-    for reg in regs:
-        with contextlib.suppress(Exception):
-            pooling.call(reg.close_all(), timeout)
+    rt = WorkerRuntime.peek()
+    if rt is not None:
+        rt.close_channels(timeout)
 
 
 def submit(coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
@@ -625,10 +364,8 @@ async def install_client(settings: Settings, device: JSON, python: str = "python
 __all__ = [
     "REMOTE_CLIENT",
     "REMOTE_DIR",
-    "ChannelRegistry",
     "ClientChannel",
     "ClientSpec",
-    "FitCall",
     "client_command",
     "close_registries",
     "install_client",

@@ -25,6 +25,7 @@ from evc.fl.orchestrator import FLSpec, checkpoint_dir, evaluation_dir, fl_ready
 from evc.fl.protocol import params_to_npz
 from evc.fl.strategy import make_strategy
 from evc.jobs import JobRun, Partial
+from evc.queue import JobQueue
 from evc.settings import Settings
 from evc.store import JSON, Store, now
 
@@ -243,7 +244,7 @@ def resume(store: Store, sender: jobs.Sender, job_id: str) -> JSON:
     lost with a stopped worker back on the queue."""
     job = get_fl_job(store, job_id)
     if job["state"] == "running":
-        sender.send_task("evc.fl_recover", args=[job_id], queue="fl", ignore_result=True)
+        JobQueue.of(sender).publish("evc.fl_recover", [job_id], queue="fl", ignore_result=True)
         return job
     if job["state"] not in ("cancelled", "failed"):
         raise Conflict(f"job {job_id} is {job['state']}: only a stopped or failed job resumes",
