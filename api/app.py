@@ -20,6 +20,9 @@ from evc.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
+#: what a client is told when the store is down (the Redis error itself is logged, not shown)
+_STORE_DOWN = "EVC's store (Redis) is unavailable; nothing was done, retry later"
+
 #: blueprint modules (each exposes ``blp``); features add theirs here
 BLUEPRINTS = [
     "evc.api.meta",
@@ -109,10 +112,20 @@ def _errors(app: Flask) -> None:
             resp.headers["Retry-After"] = str(exc.details["retry_after"])
         return resp
 
+    @app.errorhandler(StoreUnavailable)
+    def store_unavailable(exc: StoreUnavailable) -> Any:
+        cause = exc.__cause__
+        if not isinstance(cause, redis.RedisError):  # e.g. no Redis configured: its own message
+            return evc_error(exc)
+        log.error("Redis error on %s %s: %s", request.method, request.path, cause)
+        return evc_error(StoreUnavailable(_STORE_DOWN))
+
     @app.errorhandler(redis.RedisError)
     def store_error(exc: redis.RedisError) -> Any:
+        # a safety net: the store raises StoreUnavailable for outages; what reaches here is a
+        # command Redis refused
         log.error("Redis error on %s %s: %s", request.method, request.path, exc)
-        return evc_error(StoreUnavailable("EVC's store (Redis) is unavailable; nothing was done, retry later"))
+        return evc_error(StoreUnavailable(_STORE_DOWN))
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Any:
@@ -187,7 +200,7 @@ def _audit(app: Flask) -> None:
         if pipe is not None:
             try:
                 pipe.execute()
-            except redis.RedisError as exc:
+            except (StoreUnavailable, redis.RedisError) as exc:
                 log.error("could not commit %s %s: %s", request.method, request.path, exc)
                 body = _error_body(503, "EVC's store is unavailable; nothing was done, retry later")
                 return app.response_class(json.dumps(body), status=503, mimetype="application/json")

@@ -48,7 +48,7 @@ def unit_of_work() -> Any:
     when the view succeeded. Writes queued here cost no extra round trip."""
     pipe = getattr(g, "evc_pipe", None)
     if pipe is None:
-        pipe = g.evc_pipe = get_store().pipeline()
+        pipe = g.evc_pipe = get_store().unit_of_work()
     return pipe
 
 

@@ -220,7 +220,7 @@ def use_enrollment(store: Store, principal: Principal) -> JSON:
 
 def ensure_admin_token(store: Store, settings: Settings) -> str | None:
     """Create the first admin token when none exists; returns it (shown once) or None."""
-    if store.r.setnx(store.k("bootstrap"), "1"):
+    if store.claim_bootstrap():
         rec, token = create_operator_token(store, settings, "admin", ["admin"], created_by="bootstrap")
         _write_admin_token(settings, token)
         return token

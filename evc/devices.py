@@ -116,9 +116,7 @@ def matcher(
 def update(store: Store, device_id: str, changes: JSON) -> JSON:
     dev = store.get_device(device_id)
     if "name" in changes and changes["name"] != dev["name"]:
-        if not store.r.set(store.k("device-name", changes["name"]), device_id, nx=True):
-            raise Conflict(f"a device named {changes['name']!r} is already registered", field="name")
-        store.r.delete(store.k("device-name", dev["name"]))
+        store.rename_device(device_id, dev["name"], changes["name"])
     return public(store.update_device(device_id, **changes))
 
 

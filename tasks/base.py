@@ -6,7 +6,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import redis
 from celery import Task
 from celery.exceptions import Retry, SoftTimeLimitExceeded
 
@@ -43,13 +42,6 @@ def backoff(retries: int, base: float = 1.0, cap: float = 30.0) -> float:
     return float(min(cap, base * (2**retries)))
 
 
-def _store_errors(exc: Exception) -> Exception:
-    """Redis errors raised inside a job body are the store being unavailable (transient)."""
-    if isinstance(exc, redis.RedisError) and not isinstance(exc, redis.ResponseError):
-        return StoreUnavailable(f"Redis is unavailable: {exc}")
-    return exc
-
-
 def run_job(task: Task, job_id: str, body: Callable[[JobRun], JSON | Partial | None]) -> str:
     """Run *body* as a new attempt of a job: skipped when the job is final or a live attempt
     runs it, holds a lease owned by the attempt (so a lost worker's job is re-queued), retries
@@ -58,8 +50,8 @@ def run_job(task: Task, job_id: str, body: Callable[[JobRun], JSON | Partial | N
     store, settings = store_of(task), settings_of(task)
     try:
         what, run = JobRun.begin(store, job_id, settings.job_lease_s, settings.job_max_attempts)
-    except redis.RedisError as exc:
-        raise task.retry(exc=_store_errors(exc), countdown=backoff(int(task.request.retries or 0))) from None
+    except StoreUnavailable as exc:
+        raise task.retry(exc=exc, countdown=backoff(int(task.request.retries or 0))) from None
     if run is None:
         if what == "busy" and int(task.request.retries or 0) < int(task.max_retries or 0):
             # a redelivery (e.g. its pool process was killed) while the attempt's lease still
@@ -87,10 +79,7 @@ def _run(task: Task, run: JobRun, job_id: str, body: Callable[[JobRun], JSON | P
         run.cancel()
         return "cancelled"
     try:
-        try:
-            summary = body(run)
-        except redis.RedisError as exc:
-            raise _store_errors(exc) from exc
+        summary = body(run)  # the store raises StoreUnavailable (transient) for a Redis outage
     except (Retry, StaleAttempt):
         raise
     except JobCancelled:
@@ -102,7 +91,7 @@ def _run(task: Task, run: JobRun, job_id: str, body: Callable[[JobRun], JSON | P
             delay = backoff(retries)
             try:
                 run.requeue(delay, f"{exc} — retrying in {delay:.0f}s", attempt=retries + 1)
-            except redis.RedisError:
+            except StoreUnavailable:
                 log.warning("job %s: could not record the retry (Redis unavailable)", job_id)
             raise task.retry(exc=exc, countdown=delay) from None
         run.fail(exc)

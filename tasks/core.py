@@ -25,7 +25,7 @@ def noop(self, job_id: str) -> str:
             run.check_cancel()
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
         if sleep_s and run.once("noop"):  # refused to a stale attempt: one effect per job
-            run.store.r.incr(run.store.k("noop-effects"))
+            run.store.incr("noop-effects")
         return {"noop": True}
 
     return run_job(self, job_id, body)

@@ -50,7 +50,7 @@ def test_read_scope_cannot_mutate(api) -> None:
     assert status == 403 and "admin" in body["message"]
 
 
-def test_token_revocation(api) -> None:
+def test_token_revocation(api, redis_raw) -> None:
     status, tok = api.call("POST", "/api/v1/tokens", json={"name": "temp", "scopes": ["read"]})
     assert status == 201 and tok["token"].startswith("evco_")
     assert api.call("GET", "/api/v1/jobs", token=tok["token"])[0] == 200
@@ -58,9 +58,9 @@ def test_token_revocation(api) -> None:
     status, body = api.call("GET", "/api/v1/jobs", token=tok["token"])
     assert status == 401 and "revoked" in body["message"]
     # stored hashed: the plaintext appears nowhere in Redis
-    for key in api.store.r.scan_iter(f"{api.store.prefix}:token*"):
-        if api.store.r.type(key) == b"hash":
-            assert tok["token"].encode() not in b"".join(api.store.r.hgetall(key).values())
+    for key in redis_raw.scan_iter(f"{api.store.prefix}:token*"):
+        if redis_raw.type(key) == b"hash":
+            assert tok["token"].encode() not in b"".join(redis_raw.hgetall(key).values())
 
 
 def test_enrollment_token_reuse_and_expiry(api, store, settings) -> None:

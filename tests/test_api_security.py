@@ -14,6 +14,7 @@ from evc.api.app import create_app
 from evc import auth
 from evc.settings import Settings
 from evc.store import Store, new_id
+from tests.fixtures.services import raw_redis
 
 pytestmark = pytest.mark.integration
 
@@ -24,6 +25,7 @@ class Client:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = Store.from_settings(settings)
+        self.raw = raw_redis(settings)  # the test's own view of Redis
         self.app = create_app(settings)
         self.client = self.app.test_client()
         _, self.admin = auth.create_operator_token(self.store, settings, "admin", ["admin"])
@@ -37,8 +39,8 @@ class Client:
         return resp.status_code, resp.get_json(silent=True)
 
     def wipe(self) -> None:
-        for key in self.store.r.scan_iter(f"{self.store.prefix}:*", count=1000):
-            self.store.r.delete(key)
+        for key in self.raw.scan_iter(f"{self.store.prefix}:*", count=1000):
+            self.raw.delete(key)
 
 
 @pytest.fixture()
@@ -289,7 +291,8 @@ def test_secrets_are_sealed_at_rest_write_only_and_no_token_is_stored_in_clear(
     (tmp_path / "secretive.meta.yml").write_text(SECRET_META)
     base = redis_url.rsplit("/", 1)[0]
     s = settings.replace(redis_url=f"{base}/5", key_prefix=new_id("vault"), playbook_dirs=str(tmp_path))
-    Store.from_settings(s).r.flushdb()
+    with raw_redis(s) as r:
+        r.flushdb()
     c = Client(s)
     try:
         k3s_secret, k3s_new, password = "K10abcSECRETjoin", "K10otherSECRETjoin", "Pa55w0rdSECRET"
@@ -334,12 +337,12 @@ def test_secrets_are_sealed_at_rest_write_only_and_no_token_is_stored_in_clear(
         assert again["params"]["extra_vars"]["password"] == MASK
         assert service._secrets(c.store, c.settings, again["params"]) == {"password": password}
 
-        dump = _dump(c.store.r)
+        dump = _dump(c.raw)
         for clear in (k3s_secret, k3s_new, join, password, c.admin, reader, enroll, dev_token):
             assert clear.encode() not in dump, f"{clear[:6]}... found in clear in Redis"
         assert key_path(c.settings).stat().st_mode & 0o777 == 0o600
     finally:
-        c.store.r.flushdb()
+        c.raw.flushdb()
 
 
 # ---------------------------------------------------------------------- 11: idempotency keys

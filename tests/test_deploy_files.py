@@ -543,6 +543,8 @@ def test_init_script_is_the_same_in_compose_and_kubernetes() -> None:
 def test_init_script_runs_and_is_idempotent(redis_url: str, tmp_path: Path) -> None:
     """Real run, twice, against the test Redis: key pair (0600), first admin token (0600) and a
     read-only Prometheus token that authenticate; the second run creates nothing new."""
+    import redis
+
     from evc.auth import authenticate
     from evc.settings import load_settings
     from evc.store import Store
@@ -581,9 +583,9 @@ def test_init_script_runs_and_is_idempotent(redis_url: str, tmp_path: Path) -> N
         assert authenticate(store, settings, f"Bearer {admin}").scopes == frozenset({"admin"})
         assert authenticate(store, settings, f"Bearer {read}").scopes == frozenset({"read"})
     finally:
-        for key in store.r.scan_iter(f"{prefix}:*"):
-            store.r.delete(key)
-        store.r.close()
+        with redis.Redis.from_url(redis_url) as r:
+            for key in r.scan_iter(f"{prefix}:*"):
+                r.delete(key)
 
 
 # --- Kubernetes: a small kustomize renderer ---------------------------------------------------

@@ -241,20 +241,20 @@ def test_thresholds_degrade(store: Store, hs: Settings, pool: SSHPool, sim_devic
     assert store.get_device(dev["id"])["state"] == "online"
 
 
-def test_record_health_never_recreates_a_removed_device(store: Store) -> None:
+def test_record_health_never_recreates_a_removed_device(store: Store, redis_raw: Any) -> None:
     assert store.record_health({"dev_gone": {"health": {"misses": 1}}}) == 0
-    assert not store.r.exists(store.k("device", "dev_gone"))
+    assert not redis_raw.exists(store.k("device", "dev_gone"))
 
 
 # ---------------------------------------------------------------------- heartbeats
 def test_heartbeat_brings_an_offline_device_back(
     store: Store, hs: Settings, pool: SSHPool, sim_devices: Any, simulator: SimulatorThread,
-    register: Register, api: Any,
+    register: Register, api: Any, redis_raw: Any,
 ) -> None:  # fmt: skip
     sim = sim_devices(1)[0]
     dev = register([sim])[0]
     token = auth.make_token(auth.PREFIX_DEVICE)
-    store.r.set(store.k("device-token", auth.hash_token(token)), dev["id"])
+    redis_raw.set(store.k("device-token", auth.hash_token(token)), dev["id"])
     store.update_device(dev["id"], token_hash=auth.hash_token(token))
     simulator.set_fault(sim.name, "down")
     assert sweep_states(store, hs, pool, dev["id"], 3)[-1] == "offline"

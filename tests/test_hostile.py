@@ -18,6 +18,7 @@ from hypothesis import settings as hsettings
 
 from evc.auth import create_operator_token
 from evc.store import Store
+from tests.fixtures.services import raw_redis
 
 pytestmark = pytest.mark.integration
 
@@ -41,15 +42,17 @@ def isolated(settings, redis_url):
     base = redis_url.rsplit("/", 1)[0]
     s = settings.replace(redis_url=f"{base}/7", key_prefix="hostile")
     store = Store.from_settings(s)
-    store.r.flushdb()
+    with raw_redis(s) as r:
+        r.flushdb()
     app = create_app(s)
     _, token = create_operator_token(store, s, "hostile", ["admin"])
     yield app, store, {"Authorization": f"Bearer {token}"}
-    store.r.flushdb()
+    with raw_redis(s) as r:
+        r.flushdb()
 
 
 def _counts(store: Store) -> tuple[int, int]:
-    return int(store.r.zcard(store.k("devices"))), int(store.r.zcard(store.k("jobs")))
+    return store.list_devices(0, 1)[1], store.list_jobs(0, 1)[1]
 
 
 @pytest.mark.parametrize("field", ["name", "host", "username"])

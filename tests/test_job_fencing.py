@@ -19,7 +19,7 @@ from evc.errors import StaleAttempt
 from evc.jobs import JobRun
 from evc.provisioning.inventory import job_inventory
 from tests.fixtures.prometheus import wait_until
-from tests.fixtures.services import Worker, own_database
+from tests.fixtures.services import Worker, own_database, raw_redis
 
 pytestmark = [pytest.mark.integration]
 
@@ -28,7 +28,8 @@ pytestmark = [pytest.mark.integration]
 def fence(settings, tmp_path_factory):
     s, store = own_database(settings, 10, "fence", job_lease_s=1.5)
     yield s, store, tmp_path_factory.mktemp("fence")
-    store.r.flushdb()
+    with raw_redis(s) as r:
+        r.flushdb()
 
 
 def _until(what, timeout: float):  # type: ignore[no-untyped-def]
@@ -83,7 +84,7 @@ def test_a_host_clock_ahead_does_not_expire_leases(fence, monkeypatch) -> None:
     store.create_job(job)
     what, run = JobRun.begin(store, job["id"], lease_s=5, max_lost=3)
     assert what == "started" and run is not None
-    monkeypatch.setattr("evc.store.now", lambda: time.time() + 3600)  # this host is an hour ahead
+    monkeypatch.setattr("evc.store.jobs.now", lambda: time.time() + 3600)  # this host is an hour ahead
     assert job["id"] not in store.expired_leases()
     assert store.requeue_lost_job(job["id"], 3)[0] == "skipped"
     assert JobRun.begin(store, job["id"], lease_s=5, max_lost=3) == ("busy", None)
@@ -141,7 +142,7 @@ def test_stalled_worker_is_fenced_and_only_one_execution_counts(fence) -> None:
         os.killpg(w1.proc.pid, signal.SIGCONT)  # the stale attempt wakes up ...
         log = tmp / "stall1.log"
         _until(lambda: "'stale'" in log.read_text(), 20)  # ... and stops at its next check point
-        assert int(store.r.get(store.k("noop-effects")) or 0) == 1  # one set of effects
+        assert int(raw_redis(s).get(store.k("noop-effects")) or 0) == 1  # one set of effects
         assert store.get_job(job["id"])["summary"] == {"noop": True}
         with pytest.raises(StaleAttempt):
             store.add_event(job["id"], {"message": "late"}, fence=1)

@@ -10,7 +10,7 @@ from evc.workers.celery_app import make_celery
 from evc import jobs
 from evc.jobs import JobRun
 from evc.store import Store
-from tests.fixtures.services import own_database
+from tests.fixtures.services import own_database, raw_redis
 
 pytestmark = [pytest.mark.integration]
 
@@ -18,8 +18,10 @@ pytestmark = [pytest.mark.integration]
 @pytest.fixture()
 def kept(settings):
     s, store = own_database(settings, 12, "keep")
-    yield s, store
-    store.r.flushdb()
+    raw = raw_redis(s)
+    yield s, store, raw
+    raw.flushdb()
+    raw.close()
 
 
 def _make(store: Store, kind: str, state: str, targets: list[str]) -> str:
@@ -36,7 +38,7 @@ def _make(store: Store, kind: str, state: str, targets: list[str]) -> str:
 
 
 def test_filtered_listings_read_indexes_not_records(kept) -> None:
-    _, store = kept
+    _, store, raw = kept
     made: dict[str, tuple[str, str, list[str]]] = {}
     for i in range(60):
         kind = ("noop", "provision", "health")[i % 3]
@@ -72,9 +74,9 @@ def test_filtered_listings_read_indexes_not_records(kept) -> None:
     # a filtered page reads only the records it returns: no scan of every job
     for _ in range(500):
         _make(store, "noop", "succeeded", [])
-    store.r.config_resetstat()
+    raw.config_resetstat()
     items, total = store.list_jobs(0, 10, kind="health", state="failed")
-    stats = store.r.info("commandstats")
+    stats = raw.info("commandstats")
     assert len(items) == min(10, total) and total == len(expect(kind="health", state="failed"))
     assert stats.get("cmdstat_hgetall", {}).get("calls", 0) <= 10
     assert "cmdstat_hmget" not in stats and "cmdstat_scan" not in stats
@@ -101,21 +103,21 @@ def test_api_filters_by_kind_state_and_target(api, flush) -> None:
 
 
 def test_retention_deletes_finished_jobs_with_what_they_own(kept) -> None:
-    s, store = kept
+    s, store, raw = kept
     old = [_make(store, "provision", st, ["dev_a", "dev_b"]) for st in ("succeeded", "failed", "cancelled")]
     live = [_make(store, "provision", st, ["dev_a"]) for st in ("queued", "running")]
-    store.r.hset(store.k("fl", old[0]), "phase", '"closed"')
-    store.r.hset(store.k("fl", old[0], "rounds"), "1", "{}")
+    raw.hset(store.k("fl", old[0]), "phase", '"closed"')
+    raw.hset(store.k("fl", old[0], "rounds"), "1", "{}")
     assert jobs.prune(store, 3600.0) == 0  # nothing is old enough yet
     assert jobs.prune(store, 0.0) == 3
     for job_id in old:
         with pytest.raises(Exception, match="not found"):
             store.get_job(job_id)
-    leftover = [k.decode() for k in store.r.scan_iter(f"{store.prefix}:*") if any(j in k.decode() for j in old)]
+    leftover = [k.decode() for k in raw.scan_iter(f"{store.prefix}:*") if any(j in k.decode() for j in old)]
     assert leftover == []
-    indexes = [k for k in store.r.scan_iter(f"{store.prefix}:jobs*")]
+    indexes = [k for k in raw.scan_iter(f"{store.prefix}:jobs*")]
     for key in indexes:
-        members = {m.decode() for m in store.r.zrange(key, 0, -1)}
+        members = {m.decode() for m in raw.zrange(key, 0, -1)}
         assert not members & set(old), key
     items, total = store.list_jobs(0, 50, target="dev_a")
     assert sorted(j["id"] for j in items) == sorted(live) and total == 2
@@ -126,10 +128,10 @@ def test_retention_deletes_finished_jobs_with_what_they_own(kept) -> None:
 
 
 def test_jobs_stored_before_the_indexes_are_indexed_then_pruned(kept) -> None:
-    _, store = kept
+    _, store, raw = kept
     old = _make(store, "provision", "succeeded", ["dev_z"])
-    for key in store.r.scan_iter(f"{store.prefix}:jobs-*"):  # as an older EVC left them
-        store.r.delete(key)
+    for key in raw.scan_iter(f"{store.prefix}:jobs-*"):  # as an older EVC left them
+        raw.delete(key)
     assert store.list_jobs(0, 10, state="succeeded") == ([], 0)
     assert jobs.prune(store, 3600.0) == 0  # indexes them first; not old enough yet
     items, total = store.list_jobs(0, 10, target="dev_z", state="succeeded")

@@ -16,7 +16,7 @@ from evc.auth import create_operator_token
 from evc.embedded import RedisServer
 from evc.errors import TRANSIENT_ERRORS, StoreUnavailable
 from evc.store import Store
-from tests.fixtures.services import Worker, own_database
+from tests.fixtures.services import Worker, own_database, raw_redis
 
 pytestmark = [pytest.mark.integration]
 
@@ -57,21 +57,24 @@ def test_redis_down_answers_503_on_every_route(tmp_path, settings) -> None:
     assert resp.status_code == 503 and resp.get_json()["redis"] is False and resp.get_json()["error"]
 
 
-def test_store_errors_are_transient_for_workers() -> None:
-    from evc.tasks.base import _store_errors
-
+def test_store_errors_are_transient_for_workers(store, redis_raw) -> None:
     assert issubclass(StoreUnavailable, TRANSIENT_ERRORS)
-    assert isinstance(_store_errors(redis.ConnectionError("refused")), StoreUnavailable)
-    assert isinstance(_store_errors(redis.TimeoutError("slow")), StoreUnavailable)
-    assert not isinstance(_store_errors(redis.ResponseError("WRONGTYPE")), StoreUnavailable)
+    # a command Redis refuses is a bug, not an outage: never retried as one
+    redis_raw.set(store.k("job", "job_0000000000000bad"), "not a hash")
+    try:
+        with pytest.raises(redis.ResponseError):
+            store.get_job("job_0000000000000bad")
+    finally:
+        redis_raw.delete(store.k("job", "job_0000000000000bad"))
 
 
 def test_queued_job_whose_message_was_lost_is_republished(settings, tmp_path) -> None:
     s, store = own_database(settings, 11, "repub", job_lease_s=2.0, job_republish_after_s=0.5)
     sender = make_celery(s, include_tasks=False)
+    raw = raw_redis(s)
     try:
         lost, _ = jobs.submit(store, sender, "noop", created_by="test")  # acknowledged to its caller ...
-        store.r.delete("default")  # ... and its message gone with a Redis crash (no worker ran yet)
+        raw.delete("default")  # ... and its message gone with a Redis crash (no worker ran yet)
         kept, _ = jobs.submit(store, sender, "noop", created_by="test")
         assert jobs.republish_missing(store, sender, 0.5) == 0  # not waiting long enough yet
         time.sleep(0.6)
@@ -80,7 +83,7 @@ def test_queued_job_whose_message_was_lost_is_republished(settings, tmp_path) ->
         assert store.jobs_in_queue("default") == {kept["id"], lost["id"]}
         # and the reaper does it by itself: lose the message again, start a worker (it reaps)
         third, _ = jobs.submit(store, sender, "noop", created_by="test")
-        store.r.lrem("default", 1, store.r.lrange("default", 0, 0)[0])  # newest message: the third's
+        raw.lrem("default", 1, raw.lrange("default", 0, 0)[0])  # newest message: the third's
         assert third["id"] not in (store.jobs_in_queue("default") or set())
         w = Worker(s, tmp_path / "repub.log", concurrency=2).start("repub")
         try:
@@ -95,7 +98,7 @@ def test_queued_job_whose_message_was_lost_is_republished(settings, tmp_path) ->
         assert any("missing from the broker" in m for m in messages)
         assert store.get_job(kept["id"])["attempt"] == 1  # a job whose message was there ran once
     finally:
-        store.r.flushdb()
+        raw.flushdb()
 
 
 @pytest.mark.parametrize(

@@ -14,16 +14,16 @@ from evc.queue import JobQueue
 pytestmark = pytest.mark.integration
 
 
-def test_task_message_matches_kombu(settings, store) -> None:
+def test_task_message_matches_kombu(settings, store, redis_raw) -> None:
     app = make_celery(settings, include_tasks=False)
     q = f"cmp-{store.prefix}"
     app.send_task("evc.noop", args=["job_a"], queue=q, task_id="job_a-0")
-    pipe = store.r.pipeline()
+    pipe = redis_raw.pipeline()
     for name, args in JobQueue.of(app).publisher.commands("evc.noop", "job_b-0", ["job_b"], q):
         if name == "lpush":
             getattr(pipe, name)(*args)
     pipe.execute()
-    theirs, ours = (json.loads(store.r.rpop(q)) for _ in range(2))
+    theirs, ours = (json.loads(redis_raw.rpop(q)) for _ in range(2))
     assert set(ours) == set(theirs)
     assert set(ours["properties"]) == set(theirs["properties"])
     assert ours["properties"]["delivery_info"] == theirs["properties"]["delivery_info"]
@@ -35,7 +35,7 @@ def test_task_message_matches_kombu(settings, store) -> None:
     assert json.loads(base64.b64decode(theirs["body"]))[1:] == body[1:]
 
 
-def test_sent_event_reaches_event_receivers(settings, store) -> None:
+def test_sent_event_reaches_event_receivers(settings, store, redis_raw) -> None:
     """Flower listens to task-sent events: ours must arrive through Celery's own receiver."""
     app = make_celery(settings, include_tasks=False)
     got: list[dict] = []
@@ -62,10 +62,10 @@ def test_sent_event_reaches_event_receivers(settings, store) -> None:
     import time
 
     time.sleep(0.5)
-    pipe = store.r.pipeline()
+    pipe = redis_raw.pipeline()
     for name, args in JobQueue.of(app).publisher.commands("evc.noop", "job_c-0", ["job_c"], f"ev-{store.prefix}"):
         getattr(pipe, name)(*args)
     pipe.execute()
     t.join(12)
     assert got and got[0]["uuid"] == "job_c-0" and got[0]["name"] == "evc.noop"
-    store.r.delete(f"ev-{store.prefix}")
+    redis_raw.delete(f"ev-{store.prefix}")

@@ -20,7 +20,7 @@ from werkzeug.serving import make_server
 from evc import jobs
 from evc.auth import create_operator_token
 from evc.store import Store
-from tests.fixtures.services import Worker, own_database
+from tests.fixtures.services import Worker, own_database, raw_redis
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -29,7 +29,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def rel(settings, tmp_path_factory):
     s, store = own_database(settings, 9, "rel", job_lease_s=2.0)
     yield s, store, tmp_path_factory.mktemp("rel")
-    store.r.flushdb()
+    with raw_redis(s) as r:
+        r.flushdb()
 
 
 def _wait(store: Store, job_id: str, timeout: float) -> dict:
@@ -58,7 +59,7 @@ def test_worker_killed_mid_job_completes_elsewhere_once(rel) -> None:
         done = _wait(store, job["id"], 60)
         assert done["state"] == "succeeded", done
         assert (done["attempt"], done["lost"]) == (2, 1)  # attempt 1 was lost, attempt 2 finished
-        assert int(store.r.get(store.k("noop-effects")) or 0) == 1  # the effect happened once
+        assert int(raw_redis(s).get(store.k("noop-effects")) or 0) == 1  # the effect happened once
         messages = [e["message"] for e in store.events(job["id"], 0, 100)]
         assert any("re-queued" in m for m in messages)
     finally:
@@ -170,19 +171,20 @@ def test_task_messages_carry_ids_not_secrets(rel) -> None:
     s, store, _ = rel
     app = create_app(s)
     _, token = create_operator_token(store, s, "sec", ["admin"])
-    store.r.delete("default")
+    raw = raw_redis(s)
+    raw.delete("default")
     r = app.test_client().post("/api/v1/jobs", json={"kind": "noop"}, headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 202
-    raw = store.r.lrange("default", 0, -1)
-    assert raw
+    messages = raw.lrange("default", 0, -1)
+    assert messages
     import base64
 
-    for m in raw:
+    for m in messages:
         msg = json.loads(m)
         body = json.loads(base64.b64decode(msg["body"]))
         assert body[0] == [r.get_json()["id"]] and body[1] == {}
         assert token not in m.decode()
-    store.r.delete("default")
+    raw.delete("default")
     # the private key never leaves the data directory: no endpoint serves it
     key = Path(s.key_path).read_text() if Path(s.key_path).exists() else None
     spec = app.test_client().get("/api/v1/ssh-key").get_data(as_text=True)

@@ -1,0 +1,161 @@
+"""What every part of the store shares: the private client, key names, record helpers."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import redis
+from redis.commands.core import Script
+
+from evc.errors import NotFound, StoreUnavailable
+from evc.settings import Settings
+from evc.store import scripts
+from evc.store.client import StorePipeline, store_client
+
+JSON = dict[str, Any]
+
+#: what a record id looks like (see :func:`new_id`); anything else (``job_x:events`` would name
+#: another key) is simply not found
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+def now() -> float:
+    return time.time()
+
+
+def _dump(obj: JSON) -> dict[Any, Any]:
+    return {k: json.dumps(v, separators=(",", ":")) for k, v in obj.items()}
+
+
+def _load(raw: dict[Any, Any]) -> JSON:
+    if raw and all(isinstance(k, bytes) and b'"' not in k and b"\\" not in k for k in raw):
+        # one JSON document per record: a page of 50 jobs decodes in 50 calls, not 900
+        try:
+            return dict(json.loads(b"{" + b",".join(b'"' + k + b'":' + v for k, v in raw.items()) + b"}"))
+        except (ValueError, TypeError):
+            pass
+    return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
+
+
+def _text(raw: Any) -> str:
+    """A script's string reply."""
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+class StoreBase:
+    """The Redis client (private: only the store's parts use it), key names and the generic
+    record operations (a record is a hash ``<kind>:<id>`` listed in the sorted set ``<kind>s``)."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "evc", settings: Settings | None = None):
+        self._redis = store_client(client)
+        self.prefix = prefix
+        self.settings = settings or Settings()
+        self._scripts: dict[str, Script] = {}
+
+    def k(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._redis.ping())
+        except StoreUnavailable as exc:  # said as `evc` and /readyz always said it
+            raise StoreUnavailable(f"Redis is unreachable: {exc.__cause__ or exc}") from exc.__cause__
+
+    def _script(self, source: str) -> Script:
+        """The script *source* registered on the client (once; it is loaded on first use)."""
+        script = self._scripts.get(source)
+        if script is None:
+            script = self._scripts[source] = self._redis.register_script(source)
+        return script
+
+    def unit_of_work(self) -> StorePipeline:
+        """A MULTI/EXEC pipeline for a unit of work (the API uses one per request): pass it as
+        ``pipe=`` to the methods that take one, then ``execute()`` it (or ``reset()`` it)."""
+        return self._redis.pipeline(transaction=True)
+
+    # ------------------------------------------------------------------ generic records
+    def _put(self, kind: str, rec: JSON, score: float | None = None) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hset(self.k(kind, rec["id"]), mapping=_dump(rec))
+        pipe.zadd(self.k(kind + "s"), {rec["id"]: rec.get("created_at", now()) if score is None else score})
+        pipe.execute()
+
+    def _get(self, kind: str, rec_id: str) -> JSON:
+        raw = self._redis.hgetall(self.k(kind, rec_id)) if ID_RE.match(rec_id) else None
+        if not raw:
+            raise NotFound(f"{kind} {rec_id} not found", id=rec_id)
+        return _load(raw)
+
+    def _get_many(self, kind: str, ids: Iterable[str]) -> list[JSON]:
+        ids = [i for i in ids if ID_RE.match(i)]
+        if not ids:
+            return []
+        try:
+            return list(json.loads(self._script(scripts.GET_MANY)(keys=[self.k(kind, i) for i in ids])))
+        except ValueError:  # a field that is not a JSON value (written by hand): field by field
+            pass
+        pipe = self._redis.pipeline(transaction=False)
+        for i in ids:
+            pipe.hgetall(self.k(kind, i))
+        return [_load(raw) for raw in pipe.execute() if raw]
+
+    def _update(self, kind: str, rec_id: str, changes: JSON) -> JSON:
+        key = self.k(kind, rec_id)
+        if not ID_RE.match(rec_id) or not self._redis.exists(key):
+            raise NotFound(f"{kind} {rec_id} not found", id=rec_id)
+        if changes:
+            self._redis.hset(key, mapping=_dump(changes))
+        return self._get(kind, rec_id)
+
+    def _ids(self, kind: str, newest_first: bool = True) -> Iterator[str]:
+        key, start, batch = self.k(kind + "s"), 0, 500
+        while True:
+            if newest_first:
+                chunk = self._redis.zrevrange(key, start, start + batch - 1)
+            else:
+                chunk = self._redis.zrange(key, start, start + batch - 1)
+            if not chunk:
+                return
+            yield from (c.decode() for c in chunk)
+            start += batch
+
+    def _page(
+        self,
+        kind: str,
+        offset: int,
+        limit: int,
+        match: Callable[[JSON], bool] | None = None,
+        newest_first: bool = True,
+    ) -> tuple[list[JSON], int]:
+        """One page of records and the total that match (filters are applied in order)."""
+        if match is None:
+            key = self.k(kind + "s")
+            total = int(self._redis.zcard(key))
+            rng = self._redis.zrevrange if newest_first else self._redis.zrange
+            ids = [i.decode() for i in rng(key, offset, offset + limit - 1)]
+            return self._get_many(kind, ids), total
+        items: list[JSON] = []
+        total = 0
+        ids = list(self._ids(kind, newest_first))
+        for start in range(0, len(ids), 500):
+            for rec in self._get_many(kind, ids[start : start + 500]):
+                if match(rec):
+                    if offset <= total < offset + limit:
+                        items.append(rec)
+                    total += 1
+        return items, total
+
+    def _delete(self, kind: str, rec_id: str, *extra_keys: str) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.delete(self.k(kind, rec_id), *extra_keys)
+        pipe.zrem(self.k(kind + "s"), rec_id)
+        pipe.execute()

@@ -1,0 +1,94 @@
+"""Credentials: operator tokens (and the first admin token's bootstrap), enrollment tokens."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from evc.errors import Conflict, NotFound
+from evc.store import scripts
+from evc.store._base import JSON, StoreBase, _text, now
+
+
+class TokenStore(StoreBase):
+    # ------------------------------------------------------------------ token lookup
+    def resolve_token(self, index: str, kind: str, token_hash: str) -> JSON | None:
+        """The record the token hash names (one round trip), or None."""
+        raw = self._script(scripts.RESOLVE)(keys=[self.k(index, token_hash)], args=[self.k(kind) + ":"])
+        if not raw:
+            return None
+        it = iter(raw)
+        return {k.decode(): json.loads(v) for k, v in zip(it, it, strict=True)}
+
+    # ------------------------------------------------------------------ operator tokens
+    def claim_bootstrap(self) -> bool:
+        """True once per store: the first caller creates the first admin token."""
+        return bool(self._redis.setnx(self.k("bootstrap"), "1"))
+
+    def create_token(self, tok: JSON, token_hash: str) -> JSON:
+        self._put("token", {**tok, "hash": token_hash})
+        self._redis.set(self.k("token-hash", token_hash), tok["id"])
+        return tok
+
+    def token_by_hash(self, token_hash: str) -> JSON | None:
+        tok_id = self._redis.get(self.k("token-hash", token_hash))
+        if not tok_id:
+            return None
+        try:
+            return self._get("token", tok_id.decode())
+        except NotFound:
+            return None
+
+    def get_token(self, token_id: str) -> JSON:
+        return self._get("token", token_id)
+
+    def update_token(self, token_id: str, **changes: Any) -> JSON:
+        return self._update("token", token_id, changes)
+
+    def revoke_token(self, token_id: str) -> JSON:
+        """Revoke an operator token, atomically refusing to revoke the last usable admin token."""
+        res = _text(
+            self._script(scripts.REVOKE_TOKEN)(
+                keys=[self.k("tokens"), self.k("token", token_id)],
+                args=[self.k("token") + ":", token_id, now(), json.dumps(now())],
+            )
+        )
+        if res == "missing":
+            raise NotFound(f"token {token_id} not found", id=token_id)
+        if res == "last_admin":
+            raise Conflict(
+                "this is the last admin token: create another admin token before revoking it "
+                "(an operator with access to the data directory can recover with `evc bootstrap --reset-admin`)",
+                id=token_id,
+            )
+        return self._get("token", token_id)
+
+    def list_tokens(self, offset: int = 0, limit: int = 50) -> tuple[list[JSON], int]:
+        return self._page("token", offset, limit, newest_first=False)
+
+    # ------------------------------------------------------------------ enrollment tokens
+    def create_enrollment(self, enr: JSON, token_hash: str) -> JSON:
+        self._put("enrollment", {**enr, "hash": token_hash})
+        self._redis.set(self.k("enrollment-hash", token_hash), enr["id"])
+        return enr
+
+    def enrollment_by_hash(self, token_hash: str) -> JSON | None:
+        enr_id = self._redis.get(self.k("enrollment-hash", token_hash))
+        if not enr_id:
+            return None
+        try:
+            return self._get("enrollment", enr_id.decode())
+        except NotFound:
+            return None
+
+    def get_enrollment(self, enrollment_id: str) -> JSON:
+        return self._get("enrollment", enrollment_id)
+
+    def consume_enrollment(self, enrollment_id: str) -> str:
+        return _text(self._script(scripts.CONSUME)(keys=[self.k("enrollment", enrollment_id)], args=[now()]))
+
+    def update_enrollment(self, enrollment_id: str, **changes: Any) -> JSON:
+        return self._update("enrollment", enrollment_id, changes)
+
+    def list_enrollments(self, offset: int = 0, limit: int = 50) -> tuple[list[JSON], int]:
+        return self._page("enrollment", offset, limit)
