@@ -4,7 +4,7 @@ cluster's level, leaving can clean it up. Every change is an ordinary job in the
 from __future__ import annotations
 
 from evc import jobs, profiles, vault
-from evc.errors import Conflict, EVCError, PreconditionFailed, ValidationError
+from evc.errors import Conflict, EVCError, PreconditionFailed, StoreUnavailable, ValidationError
 from evc.settings import Settings
 from evc.store import JSON, Store, new_id, now
 
@@ -243,6 +243,8 @@ def reconverge_recovered(store: Store, sender: jobs.Sender, changes: list[JSON])
         if ch.get("to") == "online" and ch.get("from") in ("offline", "unreachable") and ch.get("device"):
             try:
                 job = converge(store, sender, ch["device"], reason=f"recovered from {ch['from']}")
+            except StoreUnavailable:
+                raise  # the sweep's task retries; a device is not skipped for a Redis outage
             except EVCError:
                 continue
             if job:

@@ -42,3 +42,28 @@ def test_round_record_and_message() -> None:
     rec["eval_accuracy"] = 0.91234
     assert round_message(rec, 3) == "round 3: 2 of 3 devices, accuracy 0.9123, 1 failed (6000 ms)"
     assert round_record({**st, "skipped": None}, [], {}, metrics, 0, 100.5)["timing"] == {}
+
+
+def test_a_store_outage_is_retried_not_recorded_as_the_jobs_error() -> None:
+    """recover() records an EVC error per job and goes on, but a Redis outage is transient:
+    it reaches the task (which retries) instead of becoming the job's error."""
+    import pytest
+
+    from evc.errors import NotFound, StoreUnavailable
+    from evc.fl.orchestrator import Rounds
+    from evc.settings import Settings
+
+    class Down:
+        def __init__(self, exc: Exception) -> None:
+            self.exc = exc
+
+        def fl_active_jobs(self) -> list[str]:
+            return ["job_a"]
+
+        def get_job(self, job_id: str) -> dict:
+            raise self.exc
+
+    with pytest.raises(StoreUnavailable):
+        Rounds(Down(StoreUnavailable("Redis is unreachable")), Settings(), None).recover(None)  # type: ignore[arg-type]
+    out = Rounds(Down(NotFound("job job_a not found")), Settings(), None).recover(None)  # type: ignore[arg-type]
+    assert out["job_a"].startswith("error:")

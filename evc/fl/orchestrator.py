@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evc.errors import DeviceError, EVCError, PreconditionFailed, SSHTimeout
+from evc.errors import DeviceError, EVCError, PreconditionFailed, SSHTimeout, StoreUnavailable
 from evc.fl import channels
 from evc.fl.aggregation import Closing
 from evc.fl.checkpoint import latest_round, save_checkpoint
@@ -110,6 +110,8 @@ class Rounds(Closing, Recovery):
             what = "starting" if latest == 0 else f"resuming from the checkpoint of round {latest}"
             run.event(f"{what}: {spec.rounds} rounds on {len(spec.devices)} devices", type="fl")
             return self.start_round(job_id, latest + 1)
+        except StoreUnavailable:
+            raise  # transient: the task retries; the job is not failed for a Redis outage
         except EVCError as exc:
             self.fail_job(run, exc)
             return "failed"

@@ -3,7 +3,7 @@ again, lost closes and round starts redone (part of :class:`evc.fl.orchestrator.
 
 from __future__ import annotations
 
-from evc.errors import EVCError
+from evc.errors import EVCError, StoreUnavailable
 from evc.fl.jobspec import LEASE_S, FLSpec
 from evc.fl.rounds_core import RoundsCore
 from evc.jobs import JobRun
@@ -27,6 +27,8 @@ class Recovery(RoundsCore):
         for jid in ids:
             try:
                 out[jid] = action = self._recover_one(jid)
+            except StoreUnavailable:
+                raise  # transient: the recover task retries
             except EVCError as exc:
                 out[jid] = f"error: {exc.message}"
                 continue
