@@ -20,7 +20,20 @@ def test_the_device_side_files_are_found() -> None:
 
 @pytest.mark.parametrize("path", DEVICE_FILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_device_side_code_parses_as_python_3_8(path: Path) -> None:
-    ast.parse(path.read_text(), filename=str(path), feature_version=(3, 8))
+    text = path.read_text()
+    tree = ast.parse(text, filename=str(path), feature_version=(3, 8))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            assert node.module.split(".")[0] != "evc", f"{path.name} imports {node.module}: not on a device"
+        if isinstance(node, ast.Import):
+            assert not [a.name for a in node.names if a.name.split(".")[0] == "evc"], f"{path.name} imports evc"
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "zip":
+            assert not node.keywords, f"{path.name}: zip(strict=) needs Python 3.10"
+        if isinstance(node, ast.Attribute):
+            assert node.attr not in ("removeprefix", "removesuffix"), f"{path.name}: str.{node.attr} needs 3.9"
+    if path.name not in ("__init__.py", "__main__.py"):
+        # annotations such as ``list[int]`` or ``X | None`` are evaluated lazily only with this
+        assert "from __future__ import annotations" in text, path.name
 
 
 def test_the_38_parse_rejects_newer_syntax() -> None:
