@@ -13,6 +13,7 @@ pytest_plugins = [
     "tests.fixtures.services",
     "tests.fixtures.sim",
     "tests.fixtures.prometheus",
+    "tests.fixtures.cli",
 ]
 
 #: fixtures that start real services or heavy subprocesses; a test using any is ``integration``

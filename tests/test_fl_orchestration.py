@@ -37,6 +37,7 @@ from evc.provisioning.catalog import builtin_dir, load_spec
 from evc.settings import Settings, settings_env
 from evc.sim import SimDevice, SimulatorThread
 from evc.store import JSON, Store, new_id
+from tests.fixtures.helpers import wait_until
 from tests.fixtures.sim import run_ansible
 
 pytestmark = pytest.mark.integration
@@ -174,13 +175,7 @@ def _reference(digits: Any, n: int, rounds: int) -> Any:
 
 
 def _wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_until(predicate, timeout, what, interval=0.02)
 
 
 def _fit_in_flight(store: Store, job_id: str, round: int) -> bool:
