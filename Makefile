@@ -12,9 +12,7 @@ test:
 
 lint:
 	scripts/bootstrap test
-	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/ruff check .
-	scripts/typecheck
+	VENV=$(VENV) scripts/lint
 
 bench:
 	scripts/bootstrap test

@@ -14,6 +14,7 @@ from evc.api.app import create_app
 from evc import auth
 from evc.settings import Settings
 from evc.store import Store, new_id
+from tests.fixtures.helpers import own_address
 from tests.fixtures.services import raw_redis
 
 pytestmark = pytest.mark.integration
@@ -175,19 +176,6 @@ def _register(c: Client, token: str, host: str, **extra: Any) -> tuple[int, Any]
     return c.call("POST", "/api/v1/devices", token=token, json=body)
 
 
-def _own_address() -> str | None:
-    """A non-loopback address of this machine (none on a host with only loopback)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("192.0.2.1", 9))  # no packet is sent: only picks the outgoing address
-        except OSError:
-            return None
-        addr = str(s.getsockname()[0])
-    return None if addr.startswith("127.") else addr
-
-
 def test_enrollment_labels_cannot_be_overridden(private: Client) -> None:
     token = _enroll(private, labels={"site": "lab"}, max_uses=2)
     status, body = _register(private, token, "192.0.2.10", labels={"site": "prod"})
@@ -200,7 +188,7 @@ def test_enrollment_labels_cannot_be_overridden(private: Client) -> None:
 def test_enrollment_may_not_target_loopback_link_local_or_the_controller(private: Client) -> None:
     token = _enroll(private, max_uses=1)
     bad = ["127.0.0.1", "::1", "169.254.169.254", "fe80::1", "0.0.0.0", "::ffff:127.0.0.1"]
-    own = _own_address()
+    own = own_address()
     if own:
         bad.append(own)
     for host in bad:

@@ -3,30 +3,13 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
-from click.testing import CliRunner
-from werkzeug.serving import make_server
 
-from evc.cli import main
+from tests.fixtures.cli import run
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def live(api):
-    srv = make_server("127.0.0.1", 0, api.app, threaded=True)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{srv.server_port}"
-    srv.shutdown()
-
-
-def run(live, token, *args):
-    res = CliRunner().invoke(main, ["--url", live, "--token", token, *args], catch_exceptions=False)
-    return res.exit_code, res.output
 
 
 def test_device_add_list_show_and_job_commands(live, api, worker, sim_devices) -> None:

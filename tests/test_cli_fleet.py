@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from evc.cli import main
-from tests.test_cli import live, run  # noqa: F401 - the live API fixture
+from tests.fixtures.cli import run
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +32,7 @@ def test_version_and_shell_completion() -> None:
     assert "_EVC_COMPLETE=bash_source evc" in CliRunner().invoke(main, ["--help"]).output
 
 
-def test_ssh_key_install_command_is_one_unwrapped_line(live, api) -> None:  # noqa: F811
+def test_ssh_key_install_command_is_one_unwrapped_line(live, api) -> None:
     code, out = run(live, api.admin, "ssh-key")
     _, raw = run(live, api.admin, "--json", "ssh-key")
     command = json.loads(raw)["install_command"]
@@ -40,7 +40,7 @@ def test_ssh_key_install_command_is_one_unwrapped_line(live, api) -> None:  # no
     assert command in out.splitlines()
 
 
-def test_import_by_name_human_views_and_retry(live, api, worker, simulator, sim_devices, tmp_path) -> None:  # noqa: F811
+def test_import_by_name_human_views_and_retry(live, api, worker, simulator, sim_devices, tmp_path) -> None:
     devices = sim_devices(3, privilege="user")
     inventory = _inventory(tmp_path, devices)
 
@@ -91,7 +91,7 @@ def test_import_by_name_human_views_and_retry(live, api, worker, simulator, sim_
     assert code == 0 and f"{devices[0].name}: TASK" in out, out
 
 
-def test_cluster_show_vars_by_name(live, api, worker, sim_devices) -> None:  # noqa: F811
+def test_cluster_show_vars_by_name(live, api, worker, sim_devices) -> None:
     (dev,) = sim_devices(1, privilege="user")
     _, out = run(live, api.admin, "--json", "device", "add", dev.name, "--host", dev.host, "--port", str(dev.port),
                  "--user", dev.username)  # fmt: skip
@@ -109,7 +109,7 @@ def test_cluster_show_vars_by_name(live, api, worker, sim_devices) -> None:  # n
     assert code == 0 and name in out and dev.name in out and "profile direct" in out and "packages" in out, out
 
 
-def test_enrollments_audit_and_events_follow(live, api) -> None:  # noqa: F811
+def test_enrollments_audit_and_events_follow(live, api) -> None:
     _, raw = run(live, api.admin, "--json", "token", "enroll", "--uses", "2")
     enr = json.loads(raw)
     code, out = run(live, api.admin, "token", "enrollments")
@@ -129,7 +129,7 @@ def test_enrollments_audit_and_events_follow(live, api) -> None:  # noqa: F811
     assert 1.4 < time.monotonic() - t0 < 10
 
 
-def test_health_names_devices_and_says_why(live, api, worker, simulator, sim_devices) -> None:  # noqa: F811
+def test_health_names_devices_and_says_why(live, api, worker, simulator, sim_devices) -> None:
     good, down = sim_devices(2, privilege="user")
     for d in (good, down):
         code, out = run(live, api.admin, "device", "add", d.name, "--host", d.host, "--port", str(d.port),
@@ -142,7 +142,7 @@ def test_health_names_devices_and_says_why(live, api, worker, simulator, sim_dev
     assert "refused" in line.lower() or "unreachable" in line.lower(), out
 
 
-def test_job_show_has_check_mode_drift(live, api, worker, sim_devices) -> None:  # noqa: F811
+def test_job_show_has_check_mode_drift(live, api, worker, sim_devices) -> None:
     (dev,) = sim_devices(1, privilege="user")
     code, out = run(live, api.admin, "device", "add", dev.name, "--host", dev.host, "--port", str(dev.port),
                     "--user", dev.username)  # fmt: skip

@@ -9,29 +9,21 @@ import time
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 
-from evc.cli import main
-from tests.test_cli import live  # noqa: F401 - the fixture: the API over real HTTP
-from tests.test_clusters import DIRECT_VARS, _cluster, _register
+from tests.fixtures.cli import evc
+from tests.fixtures.fleet import DIRECT_VARS, create_cluster, register_devices
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def evc(live: str, token: str, *args: str) -> tuple[int, str, str]:  # noqa: F811
-    """Run the CLI: (exit code, stdout, stdout and stderr)."""
-    res = CliRunner().invoke(main, ["--url", live, "--token", token, *args], catch_exceptions=False)
-    return res.exit_code, res.stdout, " ".join(res.output.split())  # rich wraps lines
-
-
 def test_level_jobs_end_partial_or_failed_and_the_cli_exits_non_zero(
-    live: str,  # noqa: F811
+    live: str,
     api: Any,
     worker: Any,
     sim_devices: Any,
 ) -> None:
-    a, b = _register(api, sim_devices(2, privilege="user"))
-    cl = _cluster(api, f"exit{time.time_ns()}", "direct", vars=DIRECT_VARS)
+    a, b = register_devices(api, sim_devices(2, privilege="user"))
+    cl = create_cluster(api, f"exit{time.time_ns()}", "direct", vars=DIRECT_VARS)
     for dev in (a, b):
         status, out = api.call("POST", f"/api/v1/clusters/{cl['id']}/devices", json={"device_id": dev})
         assert status == 202 and out["job"] is None, out
@@ -55,17 +47,17 @@ def test_level_jobs_end_partial_or_failed_and_the_cli_exits_non_zero(
     status, _ = api.call("DELETE", f"/api/v1/clusters/{cl['id']}/devices/{b}")
     assert status == 202
     api.store.update_device(b, state="offline")
-    cl2 = _cluster(api, f"exit2{time.time_ns()}", "direct", target=1, vars=DIRECT_VARS)
+    cl2 = create_cluster(api, f"exit2{time.time_ns()}", "direct", target=1, vars=DIRECT_VARS)
     code, _, both = evc(live, api.admin, "cluster", "add", cl2["id"], b)
     assert code == 1 and "offline" in both, both
 
 
 def test_fl_install_exits_non_zero_with_each_devices_reason(
-    live: str,  # noqa: F811
+    live: str,
     api: Any,
     worker: Any,
     sim_devices: Any,
 ) -> None:
-    (a,) = _register(api, sim_devices(1, privilege="user"))
+    (a,) = register_devices(api, sim_devices(1, privilege="user"))
     code, _, both = evc(live, api.admin, "fl", "install", "--device", a, "--python", "/nonexistent/python3")
     assert code == 1 and "cannot run the FL client" in both and "failed" in both, both

@@ -10,35 +10,14 @@ import pytest
 from evc import clusters, jobs
 from evc.levels import raise_level
 from evc.provisioning.service import step_runner
+from tests.fixtures.fleet import DIRECT_VARS, create_cluster, register_devices
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-DIRECT_VARS = {"devenv": {"build_tools": False, "workspace": "ws", "venv": "envs/cl", "packages": []}}
-
-
-def _register(api, sims, **labels):
-    ids = []
-    for s in sims:
-        status, out = api.call("POST", "/api/v1/devices", json={
-            "name": s.name, "host": s.host, "port": s.port, "username": s.username, "labels": labels})  # fmt: skip
-        assert status == 202, out
-        ids.append((out["device"]["id"], out["job"]["id"]))
-    for _, job in ids:
-        assert api.wait_job(job)["state"] == "succeeded"
-    return [i for i, _ in ids]
-
-
-def _cluster(api, name, profile, target=0, **extra):
-    status, cl = api.call(
-        "POST", "/api/v1/clusters", json={"name": name, "profile": profile, "target_level": target, **extra}
-    )
-    assert status == 201, cl
-    return cl
 
 
 def test_cluster_crud_and_validation(api) -> None:
     name = f"c{time.time_ns()}"
-    cl = _cluster(api, name, "direct", vars=DIRECT_VARS)
+    cl = create_cluster(api, name, "direct", vars=DIRECT_VARS)
     assert cl["profile"] == "direct" and cl["size"] == 0 and cl["members"] == []
     assert api.call("POST", "/api/v1/clusters", json={"name": name, "profile": "direct"})[0] == 409
     status, body = api.call("POST", "/api/v1/clusters", json={"name": name + "x", "profile": "swarm"})
@@ -59,8 +38,8 @@ def test_cluster_crud_and_validation(api) -> None:
 
 def test_join_converges_leave_resets_and_gating(api, worker, sim_devices) -> None:
     sims = sim_devices(2, privilege="user")
-    a, b = _register(api, sims)
-    cl = _cluster(api, f"direct{time.time_ns()}", "direct", target=1, vars=DIRECT_VARS)
+    a, b = register_devices(api, sims)
+    cl = create_cluster(api, f"direct{time.time_ns()}", "direct", target=1, vars=DIRECT_VARS)
     # joining brings the device to the cluster's level with a job
     status, out = api.call("POST", f"/api/v1/clusters/{cl['id']}/devices", json={"device_id": a})
     assert status == 202 and out["job"]["kind"] == "level"
@@ -71,11 +50,11 @@ def test_join_converges_leave_resets_and_gating(api, worker, sim_devices) -> Non
     assert dev["level"] == 1 and dev["cluster_id"] == cl["id"]
     assert (sims[0].home / "ws").is_dir()
     # a device belongs to at most one cluster
-    other = _cluster(api, f"other{time.time_ns()}", "direct")
+    other = create_cluster(api, f"other{time.time_ns()}", "direct")
     status, body = api.call("POST", f"/api/v1/clusters/{other['id']}/devices", json={"device_id": a})
     assert status == 409 and cl["id"] in body["message"]
     # a k8s cluster refuses an unprivileged account, saying why
-    k8s = _cluster(api, f"k8s{time.time_ns()}", "k8s")
+    k8s = create_cluster(api, f"k8s{time.time_ns()}", "k8s")
     status, body = api.call("POST", f"/api/v1/clusters/{k8s['id']}/devices", json={"device_id": b})
     assert status == 409 and "privilege is 'user'" in body["message"]
     # operations state the level they need
@@ -99,8 +78,8 @@ def test_join_converges_leave_resets_and_gating(api, worker, sim_devices) -> Non
 
 def test_offline_devices_get_no_work(api, worker, sim_devices) -> None:
     (sim,) = sim_devices(1, privilege="user")
-    (dev_id,) = _register(api, [sim])
-    cl = _cluster(api, f"off{time.time_ns()}", "direct", vars=DIRECT_VARS)
+    (dev_id,) = register_devices(api, [sim])
+    cl = create_cluster(api, f"off{time.time_ns()}", "direct", vars=DIRECT_VARS)
     api.call("POST", f"/api/v1/clusters/{cl['id']}/devices", json={"device_id": dev_id})
     api.store.update_device(dev_id, state="offline")
     status, job = api.call("POST", f"/api/v1/clusters/{cl['id']}/level", json={"target": 1})
@@ -124,11 +103,11 @@ def test_offline_devices_get_no_work(api, worker, sim_devices) -> None:
 
 def test_k3s_server_role_and_plan_in_check_mode(api, store, settings, sim_devices, tmp_path) -> None:
     sims = sim_devices(2, privilege="root")
-    ids = _register(api, sims)
+    ids = register_devices(api, sims)
     art = settings.data_dir / "artifacts"
     art.mkdir(parents=True, exist_ok=True)
     (art / "k3s-stub").write_bytes(b"#!/bin/sh\necho k3s stub\n")
-    cl = _cluster(api, f"k3s{time.time_ns()}", "k3s", vars={
+    cl = create_cluster(api, f"k3s{time.time_ns()}", "k3s", vars={
         "k3s-server": {"artifact": "k3s-stub"}, "k3s-agent": {"artifact": "k3s-stub"},
         "devenv": {"build_tools": False}})  # fmt: skip
     for i in ids:  # target level 0: joining runs nothing
@@ -159,8 +138,8 @@ def test_k3s_server_role_and_plan_in_check_mode(api, store, settings, sim_device
 
 def test_recovered_device_reconverges(api, store, worker, sim_devices) -> None:
     (sim,) = sim_devices(1, privilege="user")
-    (dev_id,) = _register(api, [sim])
-    cl = _cluster(api, f"rc{time.time_ns()}", "direct", target=1, vars=DIRECT_VARS)
+    (dev_id,) = register_devices(api, [sim])
+    cl = create_cluster(api, f"rc{time.time_ns()}", "direct", target=1, vars=DIRECT_VARS)
     _, out = api.call("POST", f"/api/v1/clusters/{cl['id']}/devices", json={"device_id": dev_id})
     assert api.wait_job(out["job"]["id"], timeout=180)["state"] == "succeeded"
     # drift while away: the workspace disappears; the sweep sees the device come back

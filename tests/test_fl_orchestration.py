@@ -12,7 +12,6 @@ import io
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,9 +33,11 @@ from evc.fl.simulation import simulate
 from evc.fl.strategy import make_strategy
 from evc.jobs import new_job
 from evc.provisioning.catalog import builtin_dir, load_spec
-from evc.settings import Settings, settings_env
+from evc.settings import Settings
 from evc.store import JSON, Store, new_id
 from evc_sim import SimDevice, SimulatorThread
+from tests.fixtures.helpers import wait_until
+from tests.fixtures.services import Worker
 from tests.fixtures.sim import run_ansible
 
 pytestmark = pytest.mark.integration
@@ -174,13 +175,7 @@ def _reference(digits: Any, n: int, rounds: int) -> Any:
 
 
 def _wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_until(predicate, timeout, what, interval=0.02)
 
 
 def _fit_in_flight(store: Store, job_id: str, round: int) -> bool:
@@ -386,34 +381,9 @@ def test_partial_failure_is_data(api: Any, worker: Any, store: Store, register: 
     assert d1 in r3["participants"] or r3["failures"][d1].startswith("unreachable"), r3
 
 
-class _Worker:
+def _fl_worker(settings: Settings, queue: str, log: Path, name: str) -> Worker:
     """A `celery worker` process of its own, on one queue (to kill -9 in the middle of a round)."""
-
-    def __init__(self, settings: Settings, queue: str, log: Path, name: str) -> None:
-        self.hostname = f"{name}-{os.getpid()}@localhost"
-        with open(log, "ab") as fh:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "evc.workers.app", "worker", "-Q", queue,
-                 "-P", "threads", "-c", "8", "-n", self.hostname, "-l", "INFO", "--without-mingle",
-                 "--without-gossip"],
-                env={**os.environ, **settings_env(settings)}, stdout=fh, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        self.log = log
-
-    def wait_ready(self, settings: Settings, timeout: float = 40.0) -> _Worker:
-        from evc.workers.celery_app import make_celery
-
-        app = make_celery(settings, include_tasks=False)
-        _wait_for(lambda: self.proc.poll() is not None or app.control.ping(destination=[self.hostname], timeout=0.5),
-                  timeout, "a worker")  # fmt: skip
-        assert self.proc.poll() is None, self.log.read_text()[-3000:]
-        return self
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            self.proc.wait(20)
+    return Worker(settings, log, concurrency=8, queues=queue, pool="threads").start(name, timeout=40.0)
 
 
 def test_worker_killed_mid_round_resumes_without_double_counting(
@@ -422,7 +392,7 @@ def test_worker_killed_mid_round_resumes_without_double_counting(
 ) -> None:  # fmt: skip
     queue = f"fl-kill{os.getpid()}"
     devices = register(4)
-    first = _Worker(settings, queue, tmp_path / "w2.log", "flkill").wait_ready(settings)
+    first = _fl_worker(settings, queue, tmp_path / "w2.log", "flkill")
     second = None
     try:
         status, job = api.call(
@@ -430,14 +400,14 @@ def test_worker_killed_mid_round_resumes_without_double_counting(
         )
         assert status == 202, job
         _wait_for(lambda: _fit_in_flight(store, job["id"], 2), what="round 2 in flight")
-        first.kill()  # the worker and its children die with four trainings under way
+        first.stop(signal.SIGKILL)  # the worker and its children die with four trainings under way
         assert (store.fl_state(job["id"]) or {})["phase"] == "training"
-        second = _Worker(settings, queue, tmp_path / "w3.log", "flresume").wait_ready(settings)
+        second = _fl_worker(settings, queue, tmp_path / "w3.log", "flresume")
         job = api.wait_job(job["id"], 60)  # the new worker's start-up recovery resumes round 2
     finally:
-        first.kill()
+        first.stop(signal.SIGKILL)
         if second is not None:
-            second.kill(signal.SIGTERM)
+            second.stop(signal.SIGTERM)
     assert job["state"] == "succeeded", job
     _, view = api.call("GET", f"/api/v1/fl/jobs/{job['id']}")
     rounds = view["fl"]["rounds"]

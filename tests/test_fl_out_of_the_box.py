@@ -20,9 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.test_cli import live  # noqa: F401 - the fixture: the API over real HTTP
-from tests.test_cli_outcomes import evc
-from tests.test_clusters import _cluster, _register
+from tests.fixtures.cli import evc
+from tests.fixtures.fleet import create_cluster, register_devices
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -60,16 +59,16 @@ def _download_numpy(directory: Path) -> Path:
 
 
 def test_fl_walkthrough_on_a_fleet_whose_python3_has_no_numpy(
-    live: str,  # noqa: F811
+    live: str,
     api: Any,
     worker: Any,
     sim_devices: Any,
     numpy_wheels: Path,
 ) -> None:
     sims = sim_devices(2, privilege="user")
-    ids = _register(api, sims)
+    ids = register_devices(api, sims)
     no_numpy = subprocess.run(["/usr/bin/python3", "-c", "import numpy"], capture_output=True, check=False)
-    cl = _cluster(api, f"fl{time.time_ns()}", "direct", vars={
+    cl = create_cluster(api, f"fl{time.time_ns()}", "direct", vars={
         "devenv": {"build_tools": False, "pip_find_links": str(numpy_wheels), "pip_no_index": True}})  # fmt: skip
     for dev in ids:
         assert api.call("POST", f"/api/v1/clusters/{cl['id']}/devices", json={"device_id": dev})[0] == 202

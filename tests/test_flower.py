@@ -9,7 +9,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from evc import flower
 from evc.embedded import free_port
 from evc.errors import ConfigError
 from evc.settings import Settings, load_settings, settings_env
+from tests.fixtures.helpers import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -49,16 +49,13 @@ def _get(url: str, auth: tuple[str, str] | None = None) -> requests.Response:
 
 
 def _poll(fn: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def attempt() -> Any:
         try:
-            value = fn()
-        except requests.RequestException:
-            value = None
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
+            return fn()
+        except requests.RequestException:  # not listening yet
+            return None
+
+    return wait_until(attempt, timeout, what, interval=0.3)
 
 
 def test_evc_flower_watches_the_stack_and_shows_jobs_by_id(settings: Settings, api: Any, worker: Any,

@@ -18,7 +18,7 @@ from evc import jobs
 from evc.errors import StaleAttempt
 from evc.jobs import JobRun
 from evc.provisioning.inventory import job_inventory
-from tests.fixtures.prometheus import wait_until
+from tests.fixtures.helpers import wait_until
 from tests.fixtures.services import Worker, own_database, raw_redis
 
 pytestmark = [pytest.mark.integration]

@@ -39,7 +39,9 @@ def test_new_jobs() -> None:
 
 
 def test_task_ids_carry_the_attempt() -> None:
-    assert jobs._task_of({"id": "job_1", "kind": "provision", "attempt": 2}) == (
+    from evc.queue import JobQueue
+
+    assert JobQueue.task_of({"id": "job_1", "kind": "provision", "attempt": 2}) == (
         "evc.provision", "job_1-2", ["job_1"], "ansible",
     )  # fmt: skip
 

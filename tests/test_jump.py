@@ -4,7 +4,6 @@ fails naming the jump host, and reconnections leave no hop open."""
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +16,7 @@ from evc import pool as pooling
 from evc.pool import SSHPool
 from evc.settings import Settings
 from evc_sim.sshd import OpenSSHServer
+from tests.fixtures.helpers import free_port, poll
 
 pytestmark = pytest.mark.integration
 
@@ -37,20 +37,8 @@ def register_behind(api: Any, dev: Any, jump: dict[str, Any]) -> tuple[dict[str,
     return out["device"], api.wait_job(out["job"]["id"])
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])  # closed again: nothing listens there
-
-
 def wait_for(cond: Any, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    return cond()
+    return poll(cond, timeout, interval=0.05)  # the last value: the tests assert with their own message
 
 
 @pytest.fixture()
@@ -180,7 +168,7 @@ def test_connection_details_change_through_the_api(api, worker, sshd, sim_device
     assert d["jump_host"]["host_key"] == sshd.host_key_public and d["host_key"] == a.host_key_public
 
     # details where nothing answers: the job fails and the old details stay
-    status, out = api.call("PATCH", f"/api/v1/devices/{dev_id}", json={"connection": {"port": closed_port()}})
+    status, out = api.call("PATCH", f"/api/v1/devices/{dev_id}", json={"connection": {"port": free_port()}})
     job = api.wait_job(out["job"]["id"], timeout=60)
     assert job["state"] == "failed", job
     _, d = api.call("GET", f"/api/v1/devices/{dev_id}")

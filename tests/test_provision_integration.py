@@ -31,6 +31,7 @@ from evc.settings import Settings
 from evc.store import JSON, Store, new_id, now
 from evc_sim import SimDevice
 from evc_sim.namespaces import UID_BASE
+from tests.fixtures.helpers import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("flush")]
 
@@ -89,13 +90,7 @@ def all_events(store: Store, job_id: str) -> list[JSON]:
 
 
 def wait_for(cond: Any, timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_until(cond, timeout, what, interval=0.1)
 
 
 @pytest.fixture(scope="module")

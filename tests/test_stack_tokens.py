@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +21,7 @@ from evc.errors import AuthError, ConfigError
 from evc.settings import Settings, load_settings
 from evc.stack import Stack, local_redis
 from evc.store import Store
+from tests.fixtures.helpers import own_address
 
 
 class Recorder(BaseHTTPRequestHandler):
@@ -53,17 +53,6 @@ def recorder() -> Iterator[tuple[ThreadingHTTPServer, type[Recorder]]]:
     yield srv, handler
     srv.shutdown()
     srv.server_close()
-
-
-def own_address() -> str | None:
-    """This machine's address on its outgoing interface (not loopback), if it has one."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("192.0.2.1", 9))  # TEST-NET: no packet is sent for a UDP connect
-        except OSError:
-            return None
-        addr = s.getsockname()[0]
-    return None if addr.startswith("127.") else str(addr)
 
 
 # ----------------------------------------------------------------------------- point 7
