@@ -10,15 +10,16 @@ from typing import Any
 from evc import profiles
 from evc.errors import LevelNotReached
 from evc.jobs import JobRun, Partial
+from evc.model import JSON, RUNNABLE_STATES, EventType, OfflinePolicy
 from evc.settings import Settings
-from evc.store import JSON, Store
+from evc.store import Store
 from evc.vault import Vault
 
 #: run one playbook on some devices in this job: (run, playbook, device ids, vars, check) ->
 #: {device id: {"status": ok|failed|unreachable|refused|cancelled, "changed": bool, "message": str}}
 StepRunner = Callable[[JobRun, str, list[str], JSON, bool], dict[str, JSON]]
 
-RUNNABLE = ("online", "degraded")
+RUNNABLE = RUNNABLE_STATES
 #: where devenv puts its virtual environment unless told otherwise (playbooks/devenv.yml)
 DEVENV_VENV = "evc/venv"
 
@@ -78,14 +79,14 @@ def raise_level(store: Store, settings: Settings, run: JobRun, runner: StepRunne
     target = int(p["target"])
     check = bool(p.get("check"))
     converge = bool(p.get("converge"))
-    offline_policy = str(p.get("offline") or "skip")
-    if offline_policy in ("fail", "wait"):  # the caller chose: fail fast, or wait (with a TTL) for them
+    offline_policy = str(p.get("offline") or OfflinePolicy.SKIP)
+    if offline_policy in (OfflinePolicy.FAIL, OfflinePolicy.WAIT):  # the caller chose: fail fast or wait (TTL)
         from evc.health import ensure_online
 
         ensure_online(
             store,
             run.job["targets"],
-            offline_policy,  # type: ignore[arg-type]
+            offline_policy,
             ttl_s=float(p.get("offline_ttl_s") or 300),
             check_cancel=run.check_cancel,
         )
@@ -114,7 +115,7 @@ def raise_level(store: Store, settings: Settings, run: JobRun, runner: StepRunne
         run.event(
             f"L{step.level} {profiles.LEVELS[step.level]}: {step.playbook} on {len(ids)} device(s)"
             + (" (check)" if check or converge else ""),
-            type="level",
+            type=EventType.LEVEL,
             level=step.level,
             playbook=step.playbook,
         )
@@ -124,7 +125,7 @@ def raise_level(store: Store, settings: Settings, run: JobRun, runner: StepRunne
             for dev_id in drifted:
                 changes.setdefault(dev_id, []).append(step.playbook)
             if drifted:
-                run.event(f"{step.playbook} drifted on {len(drifted)} device(s): applying", type="level")
+                run.event(f"{step.playbook} drifted on {len(drifted)} device(s): applying", type=EventType.LEVEL)
                 results.update(runner(run, step.playbook, drifted, vars_, False))
         elif check:
             for dev_id, r in results.items():

@@ -11,6 +11,7 @@ from typing import Any
 from evc import jobs, monitoring
 from evc.errors import Conflict, EVCError, PreconditionFailed, ValidationError
 from evc.jobs import JobRun, Sender
+from evc.model import JSON, TERMINAL_STATES, Job, JobKindName
 from evc.provisioning.catalog import Catalog, PlaybookSpec
 from evc.provisioning.inventory import job_inventory
 from evc.provisioning.locks import LOCK_TTL_S, DeviceLocks
@@ -29,7 +30,7 @@ from evc.provisioning.request import (
 )
 from evc.provisioning.runner import HostResult, PlaybookRun, RunOutcome, run_playbook
 from evc.settings import Settings
-from evc.store import JSON, TERMINAL_STATES, Store, new_id, now
+from evc.store import Store, new_id, now
 from evc.vault import MASK, Vault
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def submit_provision(
     created_by: str = "",
     idempotency_key: str | None = None,
     secret_ref: str | None = None,
-) -> tuple[JSON, bool]:
+) -> tuple[Job, bool]:
     """Validate *req* and enqueue a provision job. Refuses up front (nothing enqueued) when the
     playbook or its variables are invalid (422), a device is unknown (404), every device is
     refused (409 precondition), or ``lock: fail`` and a device is locked by another job (409)."""
@@ -107,7 +108,7 @@ def submit_provision(
         "retry_of": req.retry_of,
     }
     job, created = jobs.submit(
-        store, sender, "provision", params=params, targets=ids,
+        store, sender, JobKindName.PROVISION, params=params, targets=ids,
         created_by=created_by, idempotency_key=idempotency_key,
     )  # fmt: skip
     if created and req.retry_of:
@@ -124,10 +125,10 @@ def retry_job(
     created_by: str = "",
     on: Sequence[str] = RETRYABLE,
     idempotency_key: str | None = None,
-) -> tuple[JSON, bool]:
+) -> tuple[Job, bool]:
     """A new job that re-runs *job_id*'s playbook on its failed and unreachable hosts only."""
     job = store.get_job(job_id)
-    if job.get("kind") != "provision":
+    if job.get("kind") != JobKindName.PROVISION:
         raise Conflict(f"job {job_id} is a {job.get('kind')} job; only provision jobs are retried")
     if job["state"] not in TERMINAL_STATES:
         raise Conflict(f"job {job_id} is still {job['state']}", state=job["state"])
