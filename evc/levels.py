@@ -10,7 +10,7 @@ from typing import Any
 from evc import profiles
 from evc.errors import LevelNotReached
 from evc.jobs import JobRun, Partial
-from evc.model import JSON, RUNNABLE_STATES, EventType, OfflinePolicy
+from evc.model import JSON, RUNNABLE_STATES, EventType, HostStatus, OfflinePolicy
 from evc.settings import Settings
 from evc.store import Store
 from evc.vault import Vault
@@ -121,7 +121,7 @@ def raise_level(store: Store, settings: Settings, run: JobRun, runner: StepRunne
         )
         results = runner(run, step.playbook, ids, vars_, check or converge)
         if converge and not check:
-            drifted = [dev_id for dev_id, r in results.items() if r.get("status") == "ok" and r.get("changed")]
+            drifted = [dev_id for dev_id, r in results.items() if r.get("status") == HostStatus.OK and r.get("changed")]
             for dev_id in drifted:
                 changes.setdefault(dev_id, []).append(step.playbook)
             if drifted:
@@ -132,7 +132,7 @@ def raise_level(store: Store, settings: Settings, run: JobRun, runner: StepRunne
                 if r.get("changed"):
                     changes.setdefault(dev_id, []).append(step.playbook)
         for dev_id, r in results.items():
-            if r.get("status") != "ok":
+            if r.get("status") != HostStatus.OK:
                 why = r.get("message") or r.get("reason") or ""
                 failed[dev_id] = (step.level, f"{step.playbook} {r.get('status')}: {why}".strip())
         run.progress(i + 1, len(steps))

@@ -91,6 +91,17 @@ class EventType(Name):
     FL = "fl"
 
 
+class HostStatus(Name):
+    """How one target of a job's step ended (a provision job's, a level step's per-device result)."""
+
+    OK = "ok"
+    FAILED = "failed"
+    UNREACHABLE = "unreachable"
+    #: not run there: the device's state, privilege or lock refused it
+    REFUSED = "refused"
+    CANCELLED = "cancelled"
+
+
 class Progress(TypedDict):
     done: int
     total: int
@@ -405,6 +416,7 @@ __all__ = [
     "FLState",
     "Health",
     "HealthSource",
+    "HostStatus",
     "Job",
     "JobKindName",
     "JobState",

@@ -69,8 +69,18 @@ from evc.fl.protocol import (
 )
 from evc.fl.strategy import FitFailure, Strategy, make_strategy
 from evc.jobs import JobRun
+from evc.model import (
+    ACTIVE_PHASES,
+    BETWEEN_ROUNDS,
+    IN_ROUND,
+    JSON,
+    DeviceState,
+    EventType,
+    FLPhase,
+    JobState,
+)
 from evc.settings import Settings
-from evc.store import JSON, Store, now
+from evc.store import Store, now
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +90,6 @@ LEASE_S = 3.0
 TICK_S = 0.25
 #: seconds the aggregation of one round may hold its lock
 CLOSE_LEASE_S = 60.0
-#: phases in which a job has a round in flight or about to start
-ACTIVE_PHASES = ("training", "closing", "closed", "waiting")
 #: the reference test split of FEDERATED.md, evaluated server-side when a job names it
 BUILTIN_TEST_SETS = ("digits",)
 
@@ -128,7 +136,7 @@ def eligibility(device: Mapping[str, Any]) -> str | None:
             "and the device is below function level 4"
         )
     state = device.get("state")
-    if state != "online":
+    if state != DeviceState.ONLINE:
         return f"the device is {state}"
     return None
 
@@ -247,7 +255,7 @@ class Rounds:
                 save_checkpoint(directory, job_id, 0, params, metadata={"round": 0})
                 latest = 0
             self.store.fl_init(job_id, {
-                "phase": "closed", "round": latest, "next_round": latest + 1, "token": None,
+                "phase": FLPhase.CLOSED, "round": latest, "next_round": latest + 1, "token": None,
                 "attempt": attempt, "rounds": spec.rounds, "queue": spec.queue, "first_round": latest + 1,
             })  # fmt: skip
             if latest >= spec.rounds:
@@ -255,7 +263,7 @@ class Rounds:
                 return "succeeded"
             run.progress(done=latest, total=spec.rounds, round=latest)
             what = "starting" if latest == 0 else f"resuming from the checkpoint of round {latest}"
-            run.event(f"{what}: {spec.rounds} rounds on {len(spec.devices)} devices", type="fl")
+            run.event(f"{what}: {spec.rounds} rounds on {len(spec.devices)} devices", type=EventType.FL)
             return self.start_round(job_id, latest + 1)
         except EVCError as exc:
             self.fail_job(run, exc)
@@ -266,14 +274,14 @@ class Rounds:
         round ``round`` is next, or waiting for devices)."""
         job = self.store.get_job(job_id)
         run = JobRun(self.store, job)
-        if job["state"] != "running":
+        if job["state"] != JobState.RUNNING:
             return "not running"
         spec = FLSpec.from_params(job["params"])
         if run.cancelled():
             self._stop(run, f"stopped before round {round}")
             return "cancelled"
         st = self.store.fl_state(job_id) or {}
-        if st.get("phase") not in ("closed", "waiting") or st.get("next_round") != round:
+        if st.get("phase") not in BETWEEN_ROUNDS or st.get("next_round") != round:
             return "not due"  # a stale or duplicate start
         devices = {d["id"]: d for d in self.store.get_devices(spec.devices)}
         skipped = {d: "the device was removed" for d in spec.devices if d not in devices}
@@ -303,8 +311,8 @@ class Rounds:
         selected = [d for d, _ in plan]
         started = now()
         if not self.store.fl_cas(
-            job_id, {"phase": ["closed", "waiting"], "next_round": [round]},
-            phase="training", round=round, token=token, selected=selected, skipped=skipped,
+            job_id, {"phase": list(BETWEEN_ROUNDS), "next_round": [round]},
+            phase=FLPhase.TRAINING, round=round, token=token, selected=selected, skipped=skipped,
             started_at=started, deadline=started + spec.round_timeout, waiting_since=None,
             dispatches=1,
         ):  # fmt: skip
@@ -312,7 +320,7 @@ class Rounds:
         if skipped:
             run.event(
                 f"round {round}: {len(skipped)} devices sit it out",
-                type="fl", round=round, skipped=skipped,
+                type=EventType.FL, round=round, skipped=skipped,
             )  # fmt: skip
         self.dispatch.fit_round(job_id, token, selected, spec.queue)
         return "started"
@@ -330,12 +338,12 @@ class Rounds:
             )  # fmt: skip
             self.fail_job(run, err)
             return "failed"
-        if st.get("phase") != "waiting":
-            run.event(f"round {round} waits for devices: {exc.message}", type="fl",
+        if st.get("phase") != FLPhase.WAITING:
+            run.event(f"round {round} waits for devices: {exc.message}", type=EventType.FL,
                       round=round, unavailable=skipped)  # fmt: skip
         self.store.fl_cas(
-            run.id, {"phase": ["closed", "waiting"], "next_round": [round]},
-            phase="waiting", waiting_since=since,
+            run.id, {"phase": list(BETWEEN_ROUNDS), "next_round": [round]},
+            phase=FLPhase.WAITING, waiting_since=since,
         )  # fmt: skip
         self.dispatch.start_round(run.id, round, spec.queue, min(2.0, spec.round_timeout))
         return "waiting"
@@ -374,7 +382,7 @@ class Rounds:
             run.event(
                 f"initial parameters of {spec.model} from device {device.get('name', dev_id)} "
                 f"(shapes {[list(p.shape) for p in params]}); the controller does not run the model",
-                type="fl", device=dev_id,
+                type=EventType.FL, device=dev_id,
             )  # fmt: skip
             return params
         raise PreconditionFailed(
@@ -395,7 +403,7 @@ class Rounds:
         if st is None or st.get("token") != token:
             return {**base, "status": "stale"}
         rnd = int(st["round"])
-        if st.get("phase") != "training":
+        if st.get("phase") != FLPhase.TRAINING:
             return {**base, "status": "late"}  # the round closed before this (duplicate) task ran
         lease = f"fl:{job_id}:{token}:{device_id}"
         owner = f"{self.owner}:{task_id or secrets.token_hex(4)}"
@@ -473,12 +481,12 @@ class Rounds:
         st = self.store.fl_state(job_id)
         if st is None or st.get("token") != token:
             return "stale"
-        if st.get("phase") not in ("training", "closing"):
+        if st.get("phase") not in IN_ROUND:
             return str(st.get("phase"))
         selected: list[str] = list(st["selected"])
         job = self.store.get_job(job_id)
         run = JobRun(self.store, job)
-        stop = bool(job.get("cancel_requested")) or job["state"] != "running"
+        stop = bool(job.get("cancel_requested")) or job["state"] != JobState.RUNNING
         outcomes = self.store.fl_outcomes(job_id, token)
         if not stop and len(outcomes) < len(selected) and time.time() < float(st["deadline"]):
             return "waiting"  # the tasks still running close it when they end
@@ -486,13 +494,13 @@ class Rounds:
         if not self.store.acquire_lock(lock, self.owner, CLOSE_LEASE_S):
             return "busy"
         try:
-            if not self.store.fl_cas(job_id, {"token": [token], "phase": ["training", "closing"]},
-                                     phase="closing"):  # fmt: skip
+            if not self.store.fl_cas(job_id, {"token": [token], "phase": list(IN_ROUND)},
+                                     phase=FLPhase.CLOSING):  # fmt: skip
                 return "stale"
             outcomes = self.store.fl_outcomes(job_id, token)  # final: the round takes no more
             if stop:
                 cut = [d for d in selected if not (outcomes.get(d) or {}).get("ok")]
-                if cut or job["state"] != "running":
+                if cut or job["state"] != JobState.RUNNING:
                     return self._discard_round(run, st, "stopped during the round")
             return self._aggregate(run, st, selected, outcomes, stop)
         finally:
@@ -554,7 +562,7 @@ class Rounds:
             record["eval_accuracy"], record["eval_loss"] = scores["accuracy"], scores["loss"]
         save_checkpoint(directory, job_id, rnd, params, state=strategy.state(), metadata=record)
         self.store.fl_put_round(job_id, rnd, record)
-        self.store.fl_cas(job_id, {"token": [token]}, phase="closed", next_round=rnd + 1)
+        self.store.fl_cas(job_id, {"token": [token]}, phase=FLPhase.CLOSED, next_round=rnd + 1)
         self.store.fl_drop_round(job_id, token)
         self._record_metrics(job_id, record)
         run.progress(done=rnd, total=spec.rounds, round=rnd, accuracy=record["eval_accuracy"])
@@ -577,7 +585,7 @@ class Rounds:
 
     def _discard_round(self, run: JobRun, st: JSON, why: str) -> str:
         rnd = int(st["round"])
-        self.store.fl_cas(run.id, {"token": [st["token"]]}, phase="stopped", next_round=rnd)
+        self.store.fl_cas(run.id, {"token": [st["token"]]}, phase=FLPhase.STOPPED, next_round=rnd)
         self.store.fl_drop_round(run.id, str(st["token"]))
         self._stop(run, f"{why}: round {rnd} discarded; resume restarts it from round {rnd - 1}")
         return "stopped"
@@ -608,12 +616,12 @@ class Rounds:
     def _recover_one(self, job_id: str) -> str:
         job = self.store.get_job(job_id)
         st = self.store.fl_state(job_id)
-        if job["state"] != "running" or st is None:
+        if job["state"] != JobState.RUNNING or st is None:
             self.store.fl_deactivate(job_id)
             return "inactive"
         spec = FLSpec.from_params(job["params"])
         phase, token = st.get("phase"), st.get("token")
-        if phase == "training" and token:
+        if phase == FLPhase.TRAINING and token:
             outcomes = self.store.fl_outcomes(job_id, token)
             missing = [d for d in st["selected"] if d not in outcomes]
             if not missing:
@@ -626,7 +634,7 @@ class Rounds:
             deadline = max(float(st["deadline"]), now() + spec.round_timeout)
             if not self.store.fl_cas(
                 job_id,
-                {"token": [token], "phase": ["training"]},
+                {"token": [token], "phase": [FLPhase.TRAINING]},
                 deadline=deadline,
                 dispatches=int(st.get("dispatches", 1)) + 1,
             ):
@@ -634,16 +642,16 @@ class Rounds:
             JobRun(self.store, job).event(
                 f"round {st['round']}: dispatched again for {len(orphaned)} devices whose "
                 "training tasks were lost (a worker stopped)",
-                type="fl", round=st["round"], devices=orphaned,
+                type=EventType.FL, round=st["round"], devices=orphaned,
             )  # fmt: skip
             self.dispatch.fit_round(job_id, token, list(st["selected"]), spec.queue)
             return "redispatched"
-        if phase == "closing" and token:
+        if phase == FLPhase.CLOSING and token:
             if self.store.lock_owner(f"fl-close:{job_id}:{token}") is not None:
                 return "busy"
             self.dispatch.close_round(job_id, token, spec.queue)
             return "close"
-        if phase in ("closed", "waiting"):
+        if phase in BETWEEN_ROUNDS:
             return self.start_round(job_id, int(st["next_round"]))
         return str(phase)
 
@@ -660,22 +668,22 @@ class Rounds:
             "median_round_s": statistics.median(durations) if durations else None,
             "client_starts": sum(int(r.get("client_starts") or 0) for r in records),
         }
-        self.store.fl_cas(run.id, {}, phase="done")
+        self.store.fl_cas(run.id, {}, phase=FLPhase.DONE)
         self.store.fl_deactivate(run.id)
         run.succeed(summary, message=f"finished {spec.rounds} rounds")
         self._close_channels(run.id)
 
     def _stop(self, run: JobRun, why: str) -> None:
-        self.store.fl_cas(run.id, {"phase": ["closed", "waiting", "closing", "training"]},
-                          phase="stopped")  # fmt: skip
+        self.store.fl_cas(run.id, {"phase": [*BETWEEN_ROUNDS, *IN_ROUND]},
+                          phase=FLPhase.STOPPED)  # fmt: skip
         self.store.fl_deactivate(run.id)
         run.cancel({"stopped": why, "rounds": len(self.store.fl_rounds(run.id))})
-        run.event(why, type="fl")
+        run.event(why, type=EventType.FL)
         self._close_channels(run.id)
 
     def fail_job(self, run: JobRun, exc: EVCError, st: JSON | None = None) -> None:
         """Fail the job with *exc*; a round in flight is discarded (resume restarts it)."""
-        changes: JSON = {"phase": "failed"}
+        changes: JSON = {"phase": FLPhase.FAILED}
         if st is not None and st.get("token"):
             changes["next_round"] = int(st["round"])
             self.store.fl_drop_round(run.id, str(st["token"]))
@@ -700,7 +708,7 @@ class Rounds:
         })  # fmt: skip
 
     def _job_alive(self, job_id: str) -> bool:
-        return self.store.job_state(job_id) == "running"
+        return self.store.job_state(job_id) == JobState.RUNNING
 
     def _spec(self, job_id: str) -> FLSpec:
         spec = _specs.get(job_id)

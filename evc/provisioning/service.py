@@ -11,7 +11,7 @@ from typing import Any
 from evc import jobs, monitoring
 from evc.errors import Conflict, EVCError, PreconditionFailed, ValidationError
 from evc.jobs import JobRun, Sender
-from evc.model import JSON, TERMINAL_STATES, Job, JobKindName
+from evc.model import JSON, TERMINAL_STATES, HostStatus, Job, JobKindName, values
 from evc.provisioning.catalog import Catalog, PlaybookSpec
 from evc.provisioning.inventory import job_inventory
 from evc.provisioning.locks import LOCK_TTL_S, DeviceLocks
@@ -178,7 +178,7 @@ def _secrets(store: Store, settings: Settings, params: Mapping[str, Any]) -> JSO
 def host_result(hr: HostResult | None, check: bool, outcome: RunOutcome) -> JSON:
     """One target's result from its run summary."""
     if hr is None:
-        status = "cancelled" if outcome.cancelled else "failed"
+        status = HostStatus.CANCELLED if outcome.cancelled else HostStatus.FAILED
         msg = (
             "cancelled before the host ran"
             if outcome.cancelled
@@ -191,17 +191,17 @@ def host_result(hr: HostResult | None, check: bool, outcome: RunOutcome) -> JSON
     res: JSON = {"status": hr.status, **hr.counts()}
     if hr.message:
         res["message"] = hr.message
-    if hr.status == "ok" and not outcome.completed:  # stopped before the host finished
+    if hr.status == HostStatus.OK and not outcome.completed:  # stopped before the host finished
         if outcome.cancelled:
-            res["status"] = "cancelled"
+            res["status"] = HostStatus.CANCELLED
         else:
-            res["status"] = "failed"
+            res["status"] = HostStatus.FAILED
             res["message"] = f"ansible ended ({outcome.status}) before this host finished" + (
                 f": {outcome.error}" if outcome.error else ""
             )
     if check:
         res["drift"] = hr.changed_tasks
-        res["in_sync"] = not hr.changed_tasks and hr.status == "ok"
+        res["in_sync"] = not hr.changed_tasks and hr.status == HostStatus.OK
     else:
         res["changed_tasks"] = [c["task"] for c in hr.changed_tasks]
     return res
@@ -250,7 +250,7 @@ def provision(store: Store, settings: Settings, run: JobRun, *, internal_vars: M
     if cancelled:
         return summary
     hosts = summary["hosts"]
-    bad = {k: hosts[k] for k in ("failed", "unreachable", "refused") if hosts[k]}
+    bad = {k: hosts[k] for k in values(HostStatus.FAILED, HostStatus.UNREACHABLE, HostStatus.REFUSED) if hosts[k]}
     if bad:
         what = ", ".join(f"{n} {k}" for k, n in bad.items())
         run.fail(ProvisionFailed(f"{spec.name}: {what} of {len(targets)} device(s)"), summary)
@@ -295,7 +295,7 @@ def run_spec(
             run.progress(done, len(targets))
 
     def refuse(dev_id: str, reason: str, message: str) -> None:
-        record(dev_id, {"status": "refused", "reason": reason, "message": message})
+        record(dev_id, {"status": HostStatus.REFUSED, "reason": reason, "message": message})
         run.event(f"{dev_id} refused: {message}", type="provision", target=dev_id, reason=reason)
 
     for t in targets:
@@ -341,14 +341,14 @@ def run_spec(
                 )  # fmt: skip
                 for dev_id in pending:
                     res = host_result(outcome.hosts.get(dev_id), check, outcome)
-                    if res["status"] == "unreachable" and devices[dev_id].get("jump_host"):
+                    if res["status"] == HostStatus.UNREACHABLE and devices[dev_id].get("jump_host"):
                         res.update(_jump_diagnosis(settings, devices[dev_id]))
                     res["attempts"] = attempts
                     record(dev_id, res)
                     hr = outcome.hosts.get(dev_id)
-                    if hr is not None and hr.facts and not check and hr.status == "ok":
+                    if hr is not None and hr.facts and not check and hr.status == HostStatus.OK:
                         _record_facts(store, dev_id, dict(hr.facts))
-                    if res["status"] == "ok" and not check and spec.name in ON_SUCCESS:
+                    if res["status"] == HostStatus.OK and not check and spec.name in ON_SUCCESS:
                         ON_SUCCESS[spec.name](store, dev_id, values)
                 progress(sum(1 for r in results.values() if r["status"] not in policy.on))
                 if outcome.cancelled:
@@ -383,7 +383,10 @@ def step_runner(
     def run_step(run: JobRun, playbook: str, device_ids: list[str], extra_vars: JSON, check: bool) -> dict[str, JSON]:
         spec = catalog.get(playbook)
         if check and not spec.check_mode:
-            return {d: {"status": "ok", "changed": False, "message": "no check mode: not verified"} for d in device_ids}
+            return {
+                d: {"status": HostStatus.OK, "changed": False, "message": "no check mode: not verified"}
+                for d in device_ids
+            }
         results, _, _ = run_spec(
             store, settings, run, spec, device_ids, extra_vars, check=check, internal_vars=internal_vars, report=False
         )
@@ -453,7 +456,7 @@ def _summary(
     attempts: int,
     duration_s: float,
 ) -> JSON:
-    counts = dict.fromkeys(("ok", "failed", "unreachable", "refused", "cancelled"), 0)
+    counts = dict.fromkeys(values(*HostStatus), 0)
     for r in results.values():
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     counts["total"] = len(results)
