@@ -42,6 +42,7 @@ from evc.model import (
     OFFLINE_STATES,
     UNSWEPT_STATES,
     DeviceState,
+    Health,
     HealthSource,
     OfflinePolicy,
 )
@@ -172,7 +173,7 @@ class Assessment:
 
     previous: str
     state: str
-    health: JSON
+    health: Health
     reason: str
 
     @property
@@ -216,6 +217,7 @@ def assess(
     streak = int(before.get("ok_streak") or 0)
     last_metrics = {k: before.get(k) for k in METRIC_KEYS}
     new: str
+    rec: Health
     if obs.ok:
         streak += 1
         over = breaches(obs.metrics, policy, cpus)
@@ -228,7 +230,7 @@ def assess(
         if obs.source == HealthSource.HEARTBEAT and new != prev:
             reason = f"heartbeat: {reason}"
         rec = {
-            **last_metrics,
+            **last_metrics,  # type: ignore[typeddict-item]  # the METRIC_KEYS
             **{k: obs.metrics.get(k) for k in METRIC_KEYS if k in obs.metrics},
             "misses": 0,
             "ok_streak": streak,
@@ -249,7 +251,7 @@ def assess(
     plural = "s" if misses > 1 else ""
     reason = f"{err.get('reason', 'error')}: {misses} consecutive missed check{plural}"
     rec = {
-        **last_metrics,
+        **last_metrics,  # type: ignore[typeddict-item]  # the METRIC_KEYS
         "misses": misses,
         "ok_streak": 0,
         "checked_at": at,
@@ -273,8 +275,8 @@ def verified(state: str | None, health: JSON | None, at: float) -> Assessment:
         new, reason = DeviceState.DEGRADED, "; ".join(over)
     else:
         new, reason = DeviceState.ONLINE, ("ok" if prev == DeviceState.ONLINE else "reachable with its pinned keys")
-    rec = {
-        **before,
+    rec: Health = {
+        **before,  # type: ignore[typeddict-item]  # a health record
         "misses": 0,
         "ok_streak": max(1, int(before.get("ok_streak") or 0)),
         "checked_at": at,

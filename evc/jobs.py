@@ -260,7 +260,7 @@ class JobRun:
     expired); one built directly (``attempt`` None) writes unfenced."""
 
     store: Store
-    job: JSON
+    job: Job
     done: int = 0
     attempt: int | None = None
     _buffer: list[JSON] = field(default_factory=list)
@@ -285,7 +285,7 @@ class JobRun:
         it is already final (a redelivery or a cancel)."""
         if not store.transition_job(job_id, JobState.RUNNING, list(ACTIVE_JOB_STATES), started_at=now()):
             return None
-        job = store.get_job(job_id)
+        job = get(store, job_id)
         run = cls(store, job, done=int(job.get("progress", {}).get("done", 0)))
         return run
 
@@ -297,10 +297,9 @@ class JobRun:
         what, attempt, _lost = store.start_job(job_id, lease_s, max_lost)
         if what != "started":
             if what == "lost":
-                job = store.get_job(job_id)
-                _record_finished(job["kind"], JobState.FAILED, None)
+                _record_finished(get(store, job_id)["kind"], JobState.FAILED, None)
             return what, None
-        job = store.get_job(job_id)
+        job = get(store, job_id)
         return what, cls(store, job, done=int(job.get("progress", {}).get("done", 0)), attempt=attempt)
 
     def cancelled(self) -> bool:

@@ -43,7 +43,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -69,6 +69,7 @@ from evc.fl.protocol import (
 )
 from evc.fl.strategy import FitFailure, Strategy, make_strategy
 from evc.jobs import JobRun
+from evc.jobs import get as get_job
 from evc.model import (
     ACTIVE_PHASES,
     BETWEEN_ROUNDS,
@@ -77,6 +78,7 @@ from evc.model import (
     DeviceState,
     EventType,
     FLPhase,
+    Job,
     JobState,
 )
 from evc.settings import Settings
@@ -272,7 +274,7 @@ class Rounds:
     def start_round(self, job_id: str, round: int) -> str:
         """Select this round's devices and dispatch it (idempotent: only from the state that
         round ``round`` is next, or waiting for devices)."""
-        job = self.store.get_job(job_id)
+        job = get_job(self.store, job_id)
         run = JobRun(self.store, job)
         if job["state"] != JobState.RUNNING:
             return "not running"
@@ -452,7 +454,7 @@ class Rounds:
 
             def tick() -> bool:
                 self.store.refresh_lock(lease, owner, LEASE_S)
-                return not JobRun(self.store, {"id": job_id}).cancelled()
+                return not JobRun(self.store, cast(Job, {"id": job_id})).cancelled()  # only its id is read
 
             call = channels.wait(future, deadline + 1.0, tick, interval=TICK_S)
             reply = parse_fit_reply(call.reply, device_id=device_id)
@@ -484,7 +486,7 @@ class Rounds:
         if st.get("phase") not in IN_ROUND:
             return str(st.get("phase"))
         selected: list[str] = list(st["selected"])
-        job = self.store.get_job(job_id)
+        job = get_job(self.store, job_id)
         run = JobRun(self.store, job)
         stop = bool(job.get("cancel_requested")) or job["state"] != JobState.RUNNING
         outcomes = self.store.fl_outcomes(job_id, token)
@@ -614,7 +616,7 @@ class Rounds:
         return out
 
     def _recover_one(self, job_id: str) -> str:
-        job = self.store.get_job(job_id)
+        job = get_job(self.store, job_id)
         st = self.store.fl_state(job_id)
         if job["state"] != JobState.RUNNING or st is None:
             self.store.fl_deactivate(job_id)
