@@ -9,7 +9,7 @@ from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
-from evc.model import JOB_STATES, JobKindName, Scope, values
+from evc.model import JOB_STATES, JobKindName, Scope, strings
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 HOSTNAME_RE = re.compile(
@@ -330,7 +330,7 @@ class HeartbeatSchema(StrictSchema):
 class TokenCreateSchema(StrictSchema):
     name = fields.String(required=True, validate=validate_name)
     scopes = fields.List(
-        fields.String(validate=validate.OneOf(values(*Scope))), required=True, validate=validate.Length(min=1, max=2)
+        fields.String(validate=validate.OneOf(strings(*Scope))), required=True, validate=validate.Length(min=1, max=2)
     )
     expires_in_s = fields.Integer(validate=validate.Range(min=60, max=10 * 365 * 86400), load_default=None)
 

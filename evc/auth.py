@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn, cast
 
 from evc.errors import AuthError, ConfigError, Forbidden, NotFound, RateLimited
-from evc.model import JSON, Enrollment, PrincipalKind, Scope, Token, values
+from evc.model import JSON, Enrollment, PrincipalKind, Scope, Token, strings
 from evc.settings import Settings
 from evc.store import Store, new_id, now
 
-SCOPES: tuple[str, ...] = values(*Scope)
+SCOPES: tuple[str, ...] = strings(*Scope)
 PREFIX_OPERATOR = "evco_"
 PREFIX_DEVICE = "evcd_"
 PREFIX_ENROLL = "evce_"

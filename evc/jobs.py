@@ -19,7 +19,7 @@ from evc.model import (
     JobKindName,
     JobState,
     Queue,
-    values,
+    strings,
 )
 from evc.store import Store, new_id, now
 
@@ -58,7 +58,7 @@ JOB_KINDS: dict[str, JobKind] = {
     )
 }
 
-QUEUES: tuple[str, ...] = values(*Queue)
+QUEUES: tuple[str, ...] = strings(*Queue)
 
 
 class Sender(Protocol):

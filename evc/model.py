@@ -27,7 +27,7 @@ class Name(StrEnum):
         return repr(self.value)
 
 
-def values(*members: StrEnum) -> tuple[str, ...]:
+def strings(*members: StrEnum) -> tuple[str, ...]:
     """The plain strings of *members* (for choices handed to libraries that treat enums apart)."""
     return tuple(m.value for m in members)
 
@@ -46,13 +46,13 @@ class JobState(Name):
 
 
 #: every job state, in lifecycle order
-JOB_STATES: tuple[str, ...] = values(*JobState)
+JOB_STATES: tuple[str, ...] = strings(*JobState)
 #: the states a job never leaves (except by an explicit resume of an FL job)
 TERMINAL_STATES: frozenset[str] = frozenset(
-    values(JobState.SUCCEEDED, JobState.PARTIAL, JobState.FAILED, JobState.CANCELLED)
+    strings(JobState.SUCCEEDED, JobState.PARTIAL, JobState.FAILED, JobState.CANCELLED)
 )
 #: the states a job is in before it ends
-ACTIVE_JOB_STATES: tuple[str, ...] = values(JobState.QUEUED, JobState.RUNNING)
+ACTIVE_JOB_STATES: tuple[str, ...] = strings(JobState.QUEUED, JobState.RUNNING)
 
 
 class JobKindName(Name):
@@ -150,15 +150,15 @@ class DeviceState(Name):
 
 
 #: the states health checks move a registered device between
-HEALTH_STATES: tuple[str, ...] = values(DeviceState.ONLINE, DeviceState.DEGRADED, DeviceState.OFFLINE)
+HEALTH_STATES: tuple[str, ...] = strings(DeviceState.ONLINE, DeviceState.DEGRADED, DeviceState.OFFLINE)
 #: device states that receive no new work (``unreachable``: registration never reached it)
-OFFLINE_STATES: frozenset[str] = frozenset(values(DeviceState.OFFLINE, DeviceState.UNREACHABLE))
+OFFLINE_STATES: frozenset[str] = frozenset(strings(DeviceState.OFFLINE, DeviceState.UNREACHABLE))
 #: states of devices a sweep leaves alone (registration not finished or failed)
-UNSWEPT_STATES: frozenset[str] = frozenset(values(DeviceState.PENDING, DeviceState.REGISTERING, DeviceState.FAILED))
+UNSWEPT_STATES: frozenset[str] = frozenset(strings(DeviceState.PENDING, DeviceState.REGISTERING, DeviceState.FAILED))
 #: device states that take new work (playbooks, levels, FL rounds)
-RUNNABLE_STATES: tuple[str, ...] = values(DeviceState.ONLINE, DeviceState.DEGRADED)
+RUNNABLE_STATES: tuple[str, ...] = strings(DeviceState.ONLINE, DeviceState.DEGRADED)
 #: device states whose registration has not finished
-REGISTERING_STATES: tuple[str, ...] = values(DeviceState.PENDING, DeviceState.REGISTERING)
+REGISTERING_STATES: tuple[str, ...] = strings(DeviceState.PENDING, DeviceState.REGISTERING)
 
 
 class HealthSource(Name):
@@ -363,11 +363,11 @@ class FLPhase(Name):
 
 
 #: phases in which a job has a round in flight or about to start
-ACTIVE_PHASES: tuple[str, ...] = values(FLPhase.TRAINING, FLPhase.CLOSING, FLPhase.CLOSED, FLPhase.WAITING)
+ACTIVE_PHASES: tuple[str, ...] = strings(FLPhase.TRAINING, FLPhase.CLOSING, FLPhase.CLOSED, FLPhase.WAITING)
 #: phases between rounds: the next round may start
-BETWEEN_ROUNDS: tuple[str, ...] = values(FLPhase.CLOSED, FLPhase.WAITING)
+BETWEEN_ROUNDS: tuple[str, ...] = strings(FLPhase.CLOSED, FLPhase.WAITING)
 #: phases with a round open
-IN_ROUND: tuple[str, ...] = values(FLPhase.TRAINING, FLPhase.CLOSING)
+IN_ROUND: tuple[str, ...] = strings(FLPhase.TRAINING, FLPhase.CLOSING)
 
 
 class FLState(TypedDict, total=False):
@@ -429,5 +429,5 @@ __all__ = [
     "Queue",
     "Scope",
     "Token",
-    "values",
+    "strings",
 ]

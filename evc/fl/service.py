@@ -25,7 +25,7 @@ from evc.fl.orchestrator import FLSpec, checkpoint_dir, evaluation_dir, fl_ready
 from evc.fl.protocol import params_to_npz
 from evc.fl.strategy import make_strategy
 from evc.jobs import JobRun, Partial
-from evc.model import JSON, EventType, FLPhase, Job, JobKindName, JobState, Queue, values
+from evc.model import JSON, EventType, FLPhase, Job, JobKindName, JobState, Queue, strings
 from evc.settings import Settings
 from evc.store import Store, now
 
@@ -203,7 +203,7 @@ def submit(
 
 # ---------------------------------------------------------------------- showing and steering
 #: the states an FL job resumes from: stopped (cancelled) or failed
-RESUMABLE: tuple[str, ...] = values(JobState.CANCELLED, JobState.FAILED)
+RESUMABLE: tuple[str, ...] = strings(JobState.CANCELLED, JobState.FAILED)
 
 
 def get_fl_job(store: Store, job_id: str) -> Job:

@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from evc.errors import NotFound, ValidationError
-from evc.model import JSON, RUNNABLE_STATES, HostStatus, values
+from evc.model import JSON, RUNNABLE_STATES, HostStatus, strings
 from evc.provisioning.catalog import PlaybookSpec
 from evc.settings import Settings
 from evc.store import Store
 
 #: per-target statuses a retry re-runs by default (AWX's "relaunch on failed hosts")
-RETRYABLE: tuple[str, ...] = values(HostStatus.FAILED, HostStatus.UNREACHABLE)
+RETRYABLE: tuple[str, ...] = strings(HostStatus.FAILED, HostStatus.UNREACHABLE)
 MAX_RETRIES = 5
 
 

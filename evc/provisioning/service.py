@@ -11,7 +11,7 @@ from typing import Any
 from evc import jobs, monitoring
 from evc.errors import Conflict, EVCError, PreconditionFailed, ValidationError
 from evc.jobs import JobRun, Sender
-from evc.model import JSON, TERMINAL_STATES, HostStatus, Job, JobKindName, values
+from evc.model import JSON, TERMINAL_STATES, HostStatus, Job, JobKindName, strings
 from evc.provisioning.catalog import Catalog, PlaybookSpec
 from evc.provisioning.inventory import job_inventory
 from evc.provisioning.locks import LOCK_TTL_S, DeviceLocks
@@ -250,7 +250,7 @@ def provision(store: Store, settings: Settings, run: JobRun, *, internal_vars: M
     if cancelled:
         return summary
     hosts = summary["hosts"]
-    bad = {k: hosts[k] for k in values(HostStatus.FAILED, HostStatus.UNREACHABLE, HostStatus.REFUSED) if hosts[k]}
+    bad = {k: hosts[k] for k in strings(HostStatus.FAILED, HostStatus.UNREACHABLE, HostStatus.REFUSED) if hosts[k]}
     if bad:
         what = ", ".join(f"{n} {k}" for k, n in bad.items())
         run.fail(ProvisionFailed(f"{spec.name}: {what} of {len(targets)} device(s)"), summary)
@@ -456,7 +456,7 @@ def _summary(
     attempts: int,
     duration_s: float,
 ) -> JSON:
-    counts = dict.fromkeys(values(*HostStatus), 0)
+    counts = dict.fromkeys(strings(*HostStatus), 0)
     for r in results.values():
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     counts["total"] = len(results)
