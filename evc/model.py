@@ -8,7 +8,8 @@ and tuples of states hold the plain strings (choices for click and marshmallow).
 
 The records are :class:`~typing.TypedDict`: the JSON objects the store keeps and the API shows,
 with their fields named and typed. Fields a record may lack (older records, optional parts,
-fields only some code paths write) are ``NotRequired``.
+fields only some code paths write) are ``NotRequired``. A state field is typed ``str``: a
+record read back from Redis holds the plain string, which equals its enum member.
 """
 
 # no ``from __future__ import annotations``: TypedDict reads NotRequired[...] at runtime
