@@ -19,13 +19,14 @@ from evc.api.schemas import (
 from flask_smorest import Blueprint
 
 from evc import auth
+from evc.model import Scope
 from evc.store import now
 
 blp = Blueprint("access", __name__, url_prefix="/api/v1", description="Tokens and audit")
 
 
 @blp.route("/tokens", methods=["POST"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.arguments(TokenCreateSchema)
 @blp.response(201, TokenSchema)
 def create_token(data: dict[str, Any]) -> Any:
@@ -38,7 +39,7 @@ def create_token(data: dict[str, Any]) -> Any:
 
 
 @blp.route("/tokens", methods=["GET"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.arguments(PageArgs, location="query")
 @blp.response(200, TokenPageSchema)
 def list_tokens(args: dict[str, Any]) -> Any:
@@ -48,7 +49,7 @@ def list_tokens(args: dict[str, Any]) -> Any:
 
 
 @blp.route("/tokens/<id:token_id>", methods=["DELETE"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.response(200, TokenSchema)
 def revoke_token(token_id: str) -> Any:
     """Revoke an operator token: it stops working at once."""
@@ -56,7 +57,7 @@ def revoke_token(token_id: str) -> Any:
 
 
 @blp.route("/enrollments", methods=["POST"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.arguments(EnrollmentCreateSchema)
 @blp.response(201, EnrollmentSchema)
 def create_enrollment(data: dict[str, Any]) -> Any:
@@ -74,7 +75,7 @@ def create_enrollment(data: dict[str, Any]) -> Any:
 
 
 @blp.route("/enrollments", methods=["GET"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.arguments(PageArgs, location="query")
 @blp.response(200, EnrollmentPageSchema)
 def list_enrollments(args: dict[str, Any]) -> Any:
@@ -84,7 +85,7 @@ def list_enrollments(args: dict[str, Any]) -> Any:
 
 
 @blp.route("/enrollments/<id:enrollment_id>", methods=["DELETE"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.response(200, EnrollmentSchema)
 def revoke_enrollment(enrollment_id: str) -> Any:
     """Revoke an enrollment token."""
@@ -94,7 +95,7 @@ def revoke_enrollment(enrollment_id: str) -> Any:
 
 
 @blp.route("/audit", methods=["GET"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.arguments(PageArgs, location="query")
 @blp.response(200, AuditPageSchema)
 def audit(args: dict[str, Any]) -> Any:

@@ -10,13 +10,14 @@ from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
 from evc import clusters, profiles
+from evc.model import ClusterProfile, OfflinePolicy, Scope, strings
 
 blp = Blueprint("clusters", __name__, url_prefix="/api/v1", description="Clusters and interworking profiles")
 
 
 class ClusterCreateSchema(StrictSchema):
     name = fields.String(required=True, validate=validate_name)
-    profile = fields.String(required=True, validate=validate.OneOf(["direct", "container", "k3s", "k8s"]))
+    profile = fields.String(required=True, validate=validate.OneOf(strings(*ClusterProfile)))
     target_level = fields.Integer(load_default=0, validate=validate.Range(min=0, max=profiles.MAX_LEVEL))
     labels = Labels(load_default=dict)
     vars = fields.Dict(
@@ -73,8 +74,8 @@ class LevelSchema(StrictSchema):
     target = fields.Integer(required=True, validate=validate.Range(min=0, max=profiles.MAX_LEVEL))
     check = fields.Boolean(load_default=False, metadata={"description": "dry run: report what would change"})
     offline = fields.String(
-        load_default="skip",
-        validate=validate.OneOf(["skip", "fail", "wait"]),
+        load_default=OfflinePolicy.SKIP.value,
+        validate=validate.OneOf(strings(*OfflinePolicy)),
         metadata={
             "description": "offline members: skip them (reported), fail the job at "
             "once, or wait for them up to offline_ttl_s"
@@ -84,7 +85,7 @@ class LevelSchema(StrictSchema):
 
 
 @blp.route("/profiles", methods=["GET"])
-@require("read")
+@require(Scope.READ)
 @blp.response(200)
 def list_profiles() -> Any:
     """The four interworking profiles: what members need and which playbooks raise each level."""
@@ -96,7 +97,7 @@ def list_profiles() -> Any:
 
 
 @blp.route("/clusters", methods=["POST"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.arguments(ClusterCreateSchema)
 @blp.response(201, ClusterSchema)
 def create(data: dict[str, Any]) -> Any:
@@ -106,7 +107,7 @@ def create(data: dict[str, Any]) -> Any:
 
 
 @blp.route("/clusters", methods=["GET"])
-@require("read")
+@require(Scope.READ)
 @blp.arguments(PageArgs, location="query")
 @blp.response(200, ClusterPageSchema)
 def list_clusters(args: dict[str, Any]) -> Any:
@@ -117,7 +118,7 @@ def list_clusters(args: dict[str, Any]) -> Any:
 
 
 @blp.route("/clusters/<id:cluster_id>", methods=["GET"])
-@require("read")
+@require(Scope.READ)
 @blp.response(200, ClusterSchema)
 def show(cluster_id: str) -> Any:
     """One cluster."""
@@ -126,7 +127,7 @@ def show(cluster_id: str) -> Any:
 
 
 @blp.route("/clusters/<id:cluster_id>", methods=["PATCH"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.arguments(ClusterUpdateSchema)
 @blp.response(200, ClusterSchema)
 def update(data: dict[str, Any], cluster_id: str) -> Any:
@@ -136,7 +137,7 @@ def update(data: dict[str, Any], cluster_id: str) -> Any:
 
 
 @blp.route("/clusters/<id:cluster_id>", methods=["DELETE"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.response(200, ClusterSchema)
 def delete(cluster_id: str) -> Any:
     """Delete an empty cluster."""
@@ -146,7 +147,7 @@ def delete(cluster_id: str) -> Any:
 
 
 @blp.route("/clusters/<id:cluster_id>/devices", methods=["POST"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.arguments(MemberSchema)
 @blp.response(202, MemberResultSchema)
 def add_device(data: dict[str, Any], cluster_id: str) -> Any:
@@ -157,7 +158,7 @@ def add_device(data: dict[str, Any], cluster_id: str) -> Any:
 
 
 @blp.route("/clusters/<id:cluster_id>/devices/<id:device_id>", methods=["DELETE"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.arguments(RemoveArgs, location="query")
 @blp.response(202, MemberResultSchema)
 def remove_device(args: dict[str, Any], cluster_id: str, device_id: str) -> Any:
@@ -170,7 +171,7 @@ def remove_device(args: dict[str, Any], cluster_id: str, device_id: str) -> Any:
 
 
 @blp.route("/clusters/<id:cluster_id>/level", methods=["POST"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.arguments(LevelSchema)
 @blp.response(202, JobSchema)
 def level(data: dict[str, Any], cluster_id: str) -> Any:

@@ -12,6 +12,7 @@ from flask import current_app, g, request
 from evc import auth, jobs
 from evc.auth import Principal
 from evc.errors import Forbidden
+from evc.model import PrincipalKind
 from evc.settings import Settings
 from evc.store import Store
 
@@ -103,7 +104,7 @@ def require(scope: str) -> Callable[[F], F]:
 
 
 def _device_only(p: Principal) -> None:
-    if p.kind != "device":
+    if p.kind != PrincipalKind.DEVICE:
         raise Forbidden("this endpoint takes a device token")
 
 

@@ -34,6 +34,7 @@ from flask_smorest import Blueprint
 
 from evc import auth, devices, enrollment, jobs
 from evc.errors import Conflict, Forbidden
+from evc.model import Job, JobKindName, PrincipalKind, Scope
 from evc.store import now
 
 blp = Blueprint("devices", __name__, url_prefix="/api/v1", description="Edge devices")
@@ -52,11 +53,11 @@ def register(data: dict[str, Any]) -> Any:
     store, settings = get_store(), get_settings()
     who = authenticate()
     extra: dict[str, str] = {}
-    if who.kind == "enrollment":  # checked before a use is spent
+    if who.kind == PrincipalKind.ENROLLMENT:  # checked before a use is spent
         extra = enrollment.check_registration(store.get_enrollment(who.id), data)
         auth.use_enrollment(store, who)
     else:
-        auth.check_scope(who, "admin")
+        auth.check_scope(who, Scope.ADMIN)
     dev, job, token = devices.create(
         store, settings, get_sender(), data, created_by=actor(), extra_labels=extra,
         idempotency_key=idempotency_key(),
@@ -68,7 +69,7 @@ def register(data: dict[str, Any]) -> Any:
 
 
 @blp.route("/devices/import", methods=["POST"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.arguments(DeviceImportSchema)
 @blp.response(200, DeviceImportResultSchema)
 def import_devices(data: dict[str, Any]) -> Any:
@@ -95,7 +96,7 @@ def import_devices(data: dict[str, Any]) -> Any:
             entries.append(entry)
     store = get_store()
     planned = device_import.plan(store, entries, problems)
-    job: dict[str, Any] | None = None
+    job: Job | None = None
     tokens: dict[str, str] = {}
     if not data["dry_run"]:
         job, tokens = device_import.apply(store, get_settings(), get_sender(), planned, created_by=actor())
@@ -114,7 +115,7 @@ def _first_error(errors: dict[str, Any]) -> str:
 
 
 @blp.route("/devices/<id:device_id>/register", methods=["POST"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.response(202, JobSchema)
 def retry_registration(device_id: str) -> Any:
     """Register a device again after its registration failed (its key installed since, its
@@ -123,7 +124,7 @@ def retry_registration(device_id: str) -> Any:
 
 
 @blp.route("/devices", methods=["GET"])
-@require("read")
+@require(Scope.READ)
 @blp.arguments(DeviceListArgs, location="query")
 @blp.response(200, DevicePageSchema)
 def list_devices(args: dict[str, Any]) -> Any:
@@ -155,7 +156,7 @@ def heartbeat(data: dict[str, Any]) -> Any:
 
 
 @blp.route("/devices/<id:device_id>", methods=["GET"])
-@require("read")
+@require(Scope.READ)
 @blp.response(200, DeviceSchema)
 def show(device_id: str) -> Any:
     """One device with its facts, privilege level and what that level allows."""
@@ -163,7 +164,7 @@ def show(device_id: str) -> Any:
 
 
 @blp.route("/devices/<id:device_id>", methods=["PATCH"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.arguments(DeviceUpdateSchema)
 @blp.response(200, DeviceUpdatedSchema)
 @blp.alt_response(202, schema=DeviceUpdatedSchema, description="connection details change: the re-verification job")
@@ -185,7 +186,7 @@ def update(data: dict[str, Any], device_id: str) -> Any:
 
 
 @blp.route("/devices/<id:device_id>", methods=["DELETE"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.response(200, DeviceSchema)
 def remove(device_id: str) -> Any:
     """Forget a device (its token stops working). Clean it up first with the cleanup playbook."""
@@ -193,7 +194,7 @@ def remove(device_id: str) -> Any:
 
 
 @blp.route("/devices/<id:device_id>/host-key", methods=["POST"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.arguments(HostKeySchema)
 @blp.response(202, JobSchema)
 def repin(data: dict[str, Any], device_id: str) -> Any:
@@ -211,7 +212,7 @@ def repin(data: dict[str, Any], device_id: str) -> Any:
 
 
 @blp.route("/devices/<id:device_id>/facts", methods=["POST"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.response(202, JobSchema)
 def refresh(device_id: str) -> Any:
     """Re-probe a device's facts and privilege level (a job)."""
@@ -227,7 +228,7 @@ def _facts_job(store: Any, device_id: str) -> Any:
     job, _ = jobs.submit(
         store,
         get_sender(),
-        "facts",
+        JobKindName.FACTS,
         targets=[device_id],
         created_by=actor(),
         idempotency_key=idempotency_key(),

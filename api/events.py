@@ -10,6 +10,7 @@ from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
 from evc import jobs
+from evc.model import JobKindName, Scope
 
 blp = Blueprint("events", __name__, url_prefix="/api/v1", description="Fleet events and health")
 
@@ -50,7 +51,7 @@ class SweepSchema(StrictSchema):
 
 
 @blp.route("/events", methods=["GET"])
-@require("read")
+@require(Scope.READ)
 @blp.arguments(FleetEventArgs, location="query")
 @blp.response(200, FleetEventPageSchema)
 def list_events(args: dict[str, Any]) -> Any:
@@ -70,14 +71,14 @@ def list_events(args: dict[str, Any]) -> Any:
 
 
 @blp.route("/health/sweep", methods=["POST"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.arguments(SweepSchema)
 @blp.response(202, JobSchema)
 def sweep(data: dict[str, Any]) -> Any:
     """Check the health of every registered device now (or of the devices listed): a job with
     a result per device."""
     job, _ = jobs.submit(
-        get_store(), get_sender(), "health", targets=list(dict.fromkeys(data["devices"])),
+        get_store(), get_sender(), JobKindName.HEALTH, targets=list(dict.fromkeys(data["devices"])),
         created_by=actor(), idempotency_key=idempotency_key(),
     )  # fmt: skip
     return job

@@ -14,6 +14,7 @@ from marshmallow import fields, validate, validates_schema
 
 from evc import jobs
 from evc.fl import service
+from evc.model import JobKindName, Scope
 from evc.queue import JobQueue
 
 blp = Blueprint("fl", __name__, url_prefix="/api/v1/fl", description="Federated learning")
@@ -113,7 +114,7 @@ class FLJobListArgs(JobListArgs):
 
 
 @blp.route("/jobs", methods=["POST"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.arguments(FLJobCreateSchema)
 @blp.response(202, JobSchema)
 def submit(data: dict[str, Any]) -> Any:
@@ -130,7 +131,7 @@ def submit(data: dict[str, Any]) -> Any:
 
 
 @blp.route("/jobs", methods=["GET"])
-@require("read")
+@require(Scope.READ)
 @blp.arguments(FLJobListArgs, location="query")
 @blp.response(200, JobPageSchema)
 def list_jobs(args: dict[str, Any]) -> Any:
@@ -142,7 +143,7 @@ def list_jobs(args: dict[str, Any]) -> Any:
 
 
 @blp.route("/jobs/<id:job_id>", methods=["GET"])
-@require("read")
+@require(Scope.READ)
 @blp.response(200, FLJobSchema)
 def show(job_id: str) -> Any:
     """An FL job with its per-round metrics."""
@@ -150,7 +151,7 @@ def show(job_id: str) -> Any:
 
 
 @blp.route("/jobs/<id:job_id>/stop", methods=["POST"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.response(202, JobSchema)
 def stop(job_id: str) -> Any:
     """Stop at the next round boundary (a round cut short is discarded; resume restarts it)."""
@@ -158,7 +159,7 @@ def stop(job_id: str) -> Any:
 
 
 @blp.route("/jobs/<id:job_id>/resume", methods=["POST"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.response(202, JobSchema)
 def resume(job_id: str) -> Any:
     """Resume a stopped or failed job from its last checkpoint (on a running job: re-dispatch
@@ -167,7 +168,7 @@ def resume(job_id: str) -> Any:
 
 
 @blp.route("/jobs/<id:job_id>/model", methods=["GET"])
-@require("read")
+@require(Scope.READ)
 @blp.arguments(ModelArgs, location="query")
 @blp.doc(
     responses={
@@ -188,7 +189,7 @@ def model(args: dict[str, Any], job_id: str) -> Any:
 
 
 @blp.route("/install", methods=["POST"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.arguments(InstallSchema)
 @blp.response(202, JobSchema)
 def install(data: dict[str, Any]) -> Any:
@@ -196,14 +197,14 @@ def install(data: dict[str, Any]) -> Any:
     store = get_store()
     devices = service.resolve_devices(store, data.get("devices"), data.get("cluster"))
     python = service.device_python(store, data.get("python"), data.get("cluster"))
-    job, _ = jobs.submit(store, get_sender(), "fl-install", params={"python": python}, targets=devices,
+    job, _ = jobs.submit(store, get_sender(), JobKindName.FL_INSTALL, params={"python": python}, targets=devices,
                          created_by=actor(), idempotency_key=idempotency_key(),
                          pipe=unit_of_work())  # fmt: skip
     return job
 
 
 @blp.route("/partition", methods=["POST"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.arguments(PartitionSchema)
 @blp.response(202, JobSchema)
 def partition(data: dict[str, Any]) -> Any:
@@ -212,7 +213,7 @@ def partition(data: dict[str, Any]) -> Any:
     store = get_store()
     devices = service.resolve_devices(store, data.get("devices"), data.get("cluster"))
     params = service.check_partition_args(data)
-    job, _ = jobs.submit(store, get_sender(), "fl-partition", params=params, targets=devices,
+    job, _ = jobs.submit(store, get_sender(), JobKindName.FL_PARTITION, params=params, targets=devices,
                          created_by=actor(), idempotency_key=idempotency_key(),
                          pipe=unit_of_work())  # fmt: skip
     return job

@@ -17,13 +17,14 @@ from evc.api.schemas import (
 from flask_smorest import Blueprint
 
 from evc import jobs
+from evc.model import Scope
 from evc.queue import JobQueue
 
 blp = Blueprint("jobs", __name__, url_prefix="/api/v1", description="Asynchronous jobs")
 
 
 @blp.route("/jobs", methods=["POST"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.arguments(JobCreateSchema)
 @blp.response(202, JobSchema)
 def submit(data: dict[str, Any]) -> Any:
@@ -41,7 +42,7 @@ def submit(data: dict[str, Any]) -> Any:
 
 
 @blp.route("/jobs", methods=["GET"])
-@require("read")
+@require(Scope.READ)
 @blp.arguments(JobListArgs, location="query")
 @blp.response(200, JobPageSchema)
 def list_jobs(args: dict[str, Any]) -> Any:
@@ -53,16 +54,16 @@ def list_jobs(args: dict[str, Any]) -> Any:
 
 
 @blp.route("/jobs/<id:job_id>", methods=["GET"])
-@require("read")
+@require(Scope.READ)
 @blp.response(200, JobSchema)
 def show(job_id: str) -> Any:
     """A job: state, progress, per-target results, error, timestamps."""
     store = get_store()
-    return jobs.public(store.get_job(job_id), store)
+    return jobs.public(jobs.get(store, job_id), store)
 
 
 @blp.route("/jobs/<id:job_id>/events", methods=["GET"])
-@require("read")
+@require(Scope.READ)
 @blp.arguments(EventArgs, location="query")
 @blp.response(200, EventPageSchema)
 def events(args: dict[str, Any], job_id: str) -> Any:
@@ -76,7 +77,7 @@ def events(args: dict[str, Any], job_id: str) -> Any:
 
 
 @blp.route("/jobs/<id:job_id>/cancel", methods=["POST"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.response(202, JobSchema)
 def cancel(job_id: str) -> Any:
     """Cancel a job: a queued job stops at once, a running one at its next check point."""

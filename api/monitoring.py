@@ -12,6 +12,7 @@ from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
 from evc import metrics, monitoring
+from evc.model import Scope
 
 blp = Blueprint("monitoring", __name__, description="Prometheus service discovery and the workers' metrics")
 
@@ -34,7 +35,7 @@ class TargetGroupSchema(Schema):
 
 
 @blp.route("/api/v1/prometheus/targets")
-@require("read")
+@require(Scope.READ)
 @blp.arguments(TargetsArgs, location="query")
 @blp.response(200, TargetGroupSchema(many=True))
 def targets(args: dict[str, Any]) -> Any:

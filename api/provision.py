@@ -10,6 +10,7 @@ from flask_smorest import Blueprint
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from evc import jobs
+from evc.model import Scope
 from evc.provisioning.catalog import NAME, Catalog
 from evc.provisioning.service import (
     MAX_RETRIES,
@@ -102,7 +103,7 @@ def _submit(data: dict[str, Any]) -> Any:
 
 
 @blp.route("/playbooks", methods=["GET"])
-@require("read")
+@require(Scope.READ)
 @blp.response(200, PlaybookListSchema)
 def playbooks() -> Any:
     """The playbook catalog: EVC's playbooks and the operator's, with their parameter schemas."""
@@ -110,7 +111,7 @@ def playbooks() -> Any:
 
 
 @blp.route("/playbooks/<name>", methods=["GET"])
-@require("read")
+@require(Scope.READ)
 @blp.response(200, PlaybookSchema)
 def playbook(name: str) -> Any:
     """One playbook of the catalog."""
@@ -118,7 +119,7 @@ def playbook(name: str) -> Any:
 
 
 @blp.route("/provision", methods=["POST"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.arguments(ProvisionSchema)
 @blp.response(202, JobSchema)
 def provision(data: dict[str, Any]) -> Any:
@@ -132,7 +133,7 @@ def provision(data: dict[str, Any]) -> Any:
 
 
 @blp.route("/devices/<id:device_id>/provision", methods=["POST"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.arguments(RunOptionsSchema)
 @blp.response(202, JobSchema)
 def provision_device(data: dict[str, Any], device_id: str) -> Any:
@@ -141,7 +142,7 @@ def provision_device(data: dict[str, Any], device_id: str) -> Any:
 
 
 @blp.route("/jobs/<id:job_id>/retry", methods=["POST"])
-@require("admin")
+@require(Scope.ADMIN)
 @blp.arguments(RetrySchema, required=False)
 @blp.response(202, JobSchema)
 def retry(data: dict[str, Any] | None, job_id: str) -> Any:

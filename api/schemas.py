@@ -9,6 +9,8 @@ from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
+from evc.model import JOB_STATES, JobKindName, Scope, strings
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 HOSTNAME_RE = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
@@ -149,7 +151,7 @@ class JobPageSchema(PageSchema):
 
 class JobListArgs(PageArgs):
     kind = fields.String(validate=validate.Length(max=32))
-    state = fields.String(validate=validate.OneOf(["queued", "running", "succeeded", "partial", "failed", "cancelled"]))
+    state = fields.String(validate=validate.OneOf(JOB_STATES))
     target = fields.String(validate=validate.Length(max=64))
 
 
@@ -158,7 +160,7 @@ class NoopParamsSchema(StrictSchema):
 
 
 class JobCreateSchema(StrictSchema):
-    kind = fields.String(required=True, validate=validate.OneOf(["noop"]))
+    kind = fields.String(required=True, validate=validate.OneOf([JobKindName.NOOP.value]))
     params = fields.Nested(NoopParamsSchema, load_default=dict)
 
 
@@ -328,7 +330,7 @@ class HeartbeatSchema(StrictSchema):
 class TokenCreateSchema(StrictSchema):
     name = fields.String(required=True, validate=validate_name)
     scopes = fields.List(
-        fields.String(validate=validate.OneOf(["admin", "read"])), required=True, validate=validate.Length(min=1, max=2)
+        fields.String(validate=validate.OneOf(strings(*Scope))), required=True, validate=validate.Length(min=1, max=2)
     )
     expires_in_s = fields.Integer(validate=validate.Range(min=60, max=10 * 365 * 86400), load_default=None)
 

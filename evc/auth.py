@@ -6,14 +6,16 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from evc.errors import AuthError, ConfigError, Forbidden, NotFound, RateLimited
+from evc.model import JSON, Enrollment, PrincipalKind, Scope, Token, strings
 from evc.settings import Settings
-from evc.store import JSON, Store, new_id, now
+from evc.store import Store, new_id, now
 
-SCOPES = ("admin", "read")
+SCOPES: tuple[str, ...] = strings(*Scope)
 PREFIX_OPERATOR = "evco_"
 PREFIX_DEVICE = "evcd_"
 PREFIX_ENROLL = "evce_"
@@ -33,7 +35,7 @@ def make_token(prefix: str, nbytes: int = 32) -> str:
 class Principal:
     """Who is calling: an operator token, a device (its token), or an enrollment token."""
 
-    kind: str  # "operator" | "device" | "enrollment"
+    kind: str  # a PrincipalKind: operator, device or enrollment
     id: str
     name: str = ""
     scopes: frozenset[str] = field(default_factory=frozenset)
@@ -43,9 +45,9 @@ class Principal:
         return f"{self.kind}:{self.name or self.id}"
 
     def allows(self, scope: str) -> bool:
-        if self.kind != "operator":
+        if self.kind != PrincipalKind.OPERATOR:
             return False
-        return "admin" in self.scopes or scope in self.scopes
+        return Scope.ADMIN in self.scopes or scope in self.scopes
 
 
 def create_operator_token(
@@ -55,25 +57,25 @@ def create_operator_token(
     scopes: list[str],
     created_by: str = "",
     expires_at: float | None = None,
-) -> tuple[JSON, str]:
+) -> tuple[Token, str]:
     bad = [s for s in scopes if s not in SCOPES]
     if bad or not scopes:
         from evc.errors import ValidationError
 
         raise ValidationError(f"scopes must be a non-empty subset of {list(SCOPES)}", field="scopes")
     token = make_token(PREFIX_OPERATOR, settings.token_bytes)
-    rec = {
+    rec: Token = {
         "id": new_id("tok"), "name": name, "scopes": sorted(set(scopes)), "created_at": now(),
         "created_by": created_by, "revoked": False, "expires_at": expires_at, "last_used_at": None,
         "prefix": token[:TOKEN_PREFIX_LEN],
     }  # fmt: skip
-    store.create_token(rec, hash_token(token))
+    store.create_token(cast(JSON, rec), hash_token(token))
     return rec, token
 
 
-def revoke_operator_token(store: Store, token_id: str) -> JSON:
+def revoke_operator_token(store: Store, token_id: str) -> Token:
     """Revoke an operator token; the last usable admin token cannot be revoked (409)."""
-    return store.revoke_token(token_id)
+    return cast(Token, store.revoke_token(token_id))  # store returns JSON until typed
 
 
 def create_enrollment(
@@ -85,7 +87,7 @@ def create_enrollment(
     labels: dict[str, str] | None,
     created_by: str,
     allow_networks: list[str] | None = None,
-) -> tuple[JSON, str]:
+) -> tuple[Enrollment, str]:
     """An enrollment token; *allow_networks* (CIDRs) limits what it may register (see
     :mod:`evc.enrollment`)."""
     from evc.enrollment import parse_networks
@@ -93,14 +95,14 @@ def create_enrollment(
     networks = [str(n) for n in parse_networks(allow_networks or [])]
     token = make_token(PREFIX_ENROLL, settings.token_bytes)
     ttl = ttl_s or settings.enrollment_ttl_s
-    rec = {
+    rec: Enrollment = {
         "id": new_id("enr"), "created_at": now(), "expires_at": now() + ttl,
         "uses_left": max_uses or settings.enrollment_max_uses,
         "max_uses": max_uses or settings.enrollment_max_uses, "labels": labels or {},
         "allow_networks": networks,
         "created_by": created_by, "revoked": False, "prefix": token[:TOKEN_PREFIX_LEN],
     }  # fmt: skip
-    store.create_enrollment(rec, hash_token(token))
+    store.create_enrollment(cast(JSON, rec), hash_token(token))
     return rec, token
 
 
@@ -140,11 +142,11 @@ def authenticate(store: Store, settings: Settings, header: str | None, client: s
                 _fail(store, settings, client, token, "this token has been revoked")
             if rec.get("expires_at") and rec["expires_at"] < now():
                 _fail(store, settings, client, token, "this token has expired")
-            principal = Principal("operator", rec["id"], rec.get("name", ""), frozenset(rec["scopes"]))
+            principal = Principal(PrincipalKind.OPERATOR, rec["id"], rec.get("name", ""), frozenset(rec["scopes"]))
         elif kind == "device":
-            principal = Principal("device", rec["id"], rec.get("name", ""))
+            principal = Principal(PrincipalKind.DEVICE, rec["id"], rec.get("name", ""))
         else:
-            principal = Principal("enrollment", rec["id"])
+            principal = Principal(PrincipalKind.ENROLLMENT, rec["id"])
     if principal is None:
         _fail(store, settings, client, token, "invalid token")
     return principal
@@ -199,21 +201,21 @@ def _in(addr: str, nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) ->
 
 
 def check_scope(principal: Principal, scope: str) -> None:
-    if principal.kind == "device":
+    if principal.kind == PrincipalKind.DEVICE:
         raise Forbidden("a device token cannot be used on operator endpoints")
-    if principal.kind == "enrollment":
+    if principal.kind == PrincipalKind.ENROLLMENT:
         raise Forbidden("an enrollment token can only register devices")
     if not principal.allows(scope):
         raise Forbidden(f"this token lacks the {scope!r} scope")
 
 
-def use_enrollment(store: Store, principal: Principal) -> JSON:
+def use_enrollment(store: Store, principal: Principal) -> Enrollment:
     """Spend one use of an enrollment token; raise with the reason when it cannot be used."""
     result = store.consume_enrollment(principal.id)
     if result != "ok":
         raise AuthError(_ENROLL_REASONS.get(result, "enrollment token refused"), reason=result)
     try:
-        return store.get_enrollment(principal.id)
+        return cast(Enrollment, store.get_enrollment(principal.id))  # store returns JSON until typed
     except NotFound as exc:  # pragma: no cover - removed in between
         raise AuthError("unknown enrollment token") from exc
 
@@ -221,17 +223,17 @@ def use_enrollment(store: Store, principal: Principal) -> JSON:
 def ensure_admin_token(store: Store, settings: Settings) -> str | None:
     """Create the first admin token when none exists; returns it (shown once) or None."""
     if store.claim_bootstrap():
-        rec, token = create_operator_token(store, settings, "admin", ["admin"], created_by="bootstrap")
+        rec, token = create_operator_token(store, settings, "admin", [Scope.ADMIN], created_by="bootstrap")
         _write_admin_token(settings, token)
         return token
     return None
 
 
-def reset_admin_token(store: Store, settings: Settings) -> JSON:
+def reset_admin_token(store: Store, settings: Settings) -> Token:
     """Recovery for an operator who lost or revoked every admin token: a new admin token,
     written to <data_dir>/admin-token (mode 0600), replacing the file. Whoever can run this
     can read the data directory and reach Redis, which is the trust an admin token gives."""
-    rec, token = create_operator_token(store, settings, "admin", ["admin"], created_by="bootstrap --reset-admin")
+    rec, token = create_operator_token(store, settings, "admin", [Scope.ADMIN], created_by="bootstrap --reset-admin")
     _write_admin_token(settings, token)
     store.audit("bootstrap", "token.reset-admin", rec["id"])
     return rec
@@ -244,5 +246,5 @@ def _write_admin_token(settings: Settings, token: str) -> None:
     write_private(settings.data_dir / "admin-token", token + "\n")
 
 
-def public_token(rec: JSON) -> dict[str, Any]:
+def public_token(rec: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in rec.items() if k != "hash"}

@@ -3,10 +3,13 @@ cluster's level, leaving can clean it up. Every change is an ordinary job in the
 
 from __future__ import annotations
 
+from typing import cast
+
 from evc import jobs, profiles, vault
 from evc.errors import Conflict, EVCError, PreconditionFailed, StoreUnavailable, ValidationError
+from evc.model import JSON, OFFLINE_STATES, Cluster, ClusterView, DeviceState, Job, JobKindName, OfflinePolicy
 from evc.settings import Settings
-from evc.store import JSON, Store, new_id, now
+from evc.store import Store, new_id, now
 
 HIDDEN = ("join_token",)
 
@@ -48,25 +51,28 @@ def _sealed_vars(settings: Settings, values: JSON, stored: JSON | None = None) -
     return out
 
 
-def public(store: Store, cl: JSON) -> JSON:
-    cl = {k: v for k, v in cl.items() if k not in HIDDEN}
-    cl["vars"] = {p: vault.masked(v) if isinstance(v, dict) else v for p, v in (cl.get("vars") or {}).items()}
+def public(store: Store, cl: Cluster | JSON) -> ClusterView:
+    out: JSON = {k: v for k, v in cl.items() if k not in HIDDEN}
+    out["vars"] = {p: vault.masked(v) if isinstance(v, dict) else v for p, v in (cl.get("vars") or {}).items()}
     members = store.cluster_members(cl["id"])
     devs = store.get_devices(members)
     levels = [int(d.get("level") or 0) for d in devs]
-    return {
-        **cl,
-        "members": members,
-        "size": len(members),
-        "level": min(levels) if levels else cl.get("target_level", 0),
-        "states": {s: sum(1 for d in devs if d.get("state") == s) for s in {d.get("state") for d in devs}},
-    }
+    return cast(
+        ClusterView,
+        {
+            **out,
+            "members": members,
+            "size": len(members),
+            "level": min(levels) if levels else cl.get("target_level", 0),
+            "states": {s: sum(1 for d in devs if d.get("state") == s) for s in {d.get("state") for d in devs}},
+        },
+    )
 
 
-def create(store: Store, data: JSON, created_by: str, *, settings: Settings) -> JSON:
+def create(store: Store, data: JSON, created_by: str, *, settings: Settings) -> Cluster:
     profile = profiles.get(data["profile"])
     _check_vars(profile, data.get("vars") or {})
-    cl = {
+    cl: Cluster = {
         "id": new_id("cl"),
         "name": data["name"],
         "profile": profile.name,
@@ -77,12 +83,12 @@ def create(store: Store, data: JSON, created_by: str, *, settings: Settings) -> 
         "created_at": now(),
         "created_by": created_by,
     }
-    store.create_cluster(cl)
+    store.create_cluster(cast(JSON, cl))
     store.log_event({"type": "cluster.created", "cluster": cl["id"], "profile": profile.name})
     return cl
 
 
-def update(store: Store, cluster_id: str, changes: JSON, *, settings: Settings) -> JSON:
+def update(store: Store, cluster_id: str, changes: JSON, *, settings: Settings) -> Cluster:
     cl = store.get_cluster(cluster_id)
     if "vars" in changes:
         _check_vars(profiles.get(cl["profile"]), changes["vars"])
@@ -96,26 +102,26 @@ def update(store: Store, cluster_id: str, changes: JSON, *, settings: Settings) 
         if sid not in store.cluster_members(cluster_id):
             raise ValidationError("the server node must be a member of the cluster", field="server_id")
         store.log_event({"type": "cluster.server", "cluster": cluster_id, "from": cl.get("server_id"), "to": sid})
-    return store.update_cluster(cluster_id, **changes)
+    return cast(Cluster, store.update_cluster(cluster_id, **changes))  # store returns JSON until typed
 
 
-def delete(store: Store, cluster_id: str) -> JSON:
+def delete(store: Store, cluster_id: str) -> Cluster:
     members = store.cluster_members(cluster_id)
     if members:
         raise Conflict(f"the cluster still has {len(members)} member(s); remove them first", members=members)
     cl = store.delete_cluster(cluster_id)
     store.log_event({"type": "cluster.deleted", "cluster": cluster_id})
-    return cl
+    return cast(Cluster, cl)  # store returns JSON until typed
 
 
 def add_device(
     store: Store, sender: jobs.Sender, cluster_id: str, device_id: str, created_by: str
-) -> tuple[JSON, JSON | None]:
+) -> tuple[Cluster, Job | None]:
     """Join *device_id* to the cluster and enqueue the job that brings it to the cluster's level.
     Returns (cluster, the convergence job or None when the device is already there)."""
     cl = store.get_cluster(cluster_id)
     dev = store.get_device(device_id)
-    if dev.get("state") in ("pending", "unreachable", "failed"):
+    if dev.get("state") in (DeviceState.PENDING, DeviceState.UNREACHABLE, DeviceState.FAILED):
         raise PreconditionFailed(f"device {dev['name']} is {dev['state']}: register it successfully first")
     profile = profiles.get(cl["profile"])
     why = profile.requires.unmet(dev)
@@ -132,12 +138,12 @@ def add_device(
         job, _ = jobs.submit(
             store,
             sender,
-            "level",
+            JobKindName.LEVEL,
             targets=[device_id],
             created_by=created_by,
             params={"cluster_id": cluster_id, "target": cl["target_level"], "reason": "join"},
         )
-    return cl, job
+    return cast(Cluster, cl), job  # store returns JSON until typed
 
 
 def remove_device(
@@ -149,7 +155,7 @@ def remove_device(
     *,
     cleanup: bool,
     created_by: str,
-) -> JSON | None:
+) -> Job | None:
     """Leave the cluster; with *cleanup*, a job removes what EVC installed on the device."""
     cl = store.get_cluster(cluster_id)
     members = store.cluster_members(cluster_id)
@@ -183,10 +189,10 @@ def raise_level(
     created_by: str,
     *,
     check: bool = False,
-    offline: str = "skip",
+    offline: str = OfflinePolicy.SKIP,
     offline_ttl_s: float = 300.0,
     idempotency_key: str | None = None,
-) -> JSON:
+) -> Job:
     """The job that raises every member to *target* (the cluster's target level is set too)."""
     cl = store.get_cluster(cluster_id)
     if not 0 <= target <= profiles.MAX_LEVEL:
@@ -199,7 +205,7 @@ def raise_level(
     job, _ = jobs.submit(
         store,
         sender,
-        "level",
+        JobKindName.LEVEL,
         targets=members,
         created_by=created_by,
         params={
@@ -215,7 +221,7 @@ def raise_level(
     return job
 
 
-def converge(store: Store, sender: jobs.Sender, device_id: str, reason: str) -> JSON | None:
+def converge(store: Store, sender: jobs.Sender, device_id: str, reason: str) -> Job | None:
     """After a device recovers: check its cluster's steps and re-apply only where it drifted."""
     dev = store.get_device(device_id)
     cid = dev.get("cluster_id")
@@ -227,7 +233,7 @@ def converge(store: Store, sender: jobs.Sender, device_id: str, reason: str) -> 
     job, _ = jobs.submit(
         store,
         sender,
-        "level",
+        JobKindName.LEVEL,
         targets=[device_id],
         created_by="evc:health",
         params={"cluster_id": cid, "target": cl["target_level"], "converge": True, "reason": reason},
@@ -235,12 +241,12 @@ def converge(store: Store, sender: jobs.Sender, device_id: str, reason: str) -> 
     return job
 
 
-def reconverge_recovered(store: Store, sender: jobs.Sender, changes: list[JSON]) -> list[JSON]:
+def reconverge_recovered(store: Store, sender: jobs.Sender, changes: list[JSON]) -> list[Job]:
     """Devices a sweep saw come back (offline/unreachable -> online): their clusters re-converge
     them (check mode first, apply only where they drifted)."""
     out = []
     for ch in changes:
-        if ch.get("to") == "online" and ch.get("from") in ("offline", "unreachable") and ch.get("device"):
+        if ch.get("to") == DeviceState.ONLINE and ch.get("from") in OFFLINE_STATES and ch.get("device"):
             try:
                 job = converge(store, sender, ch["device"], reason=f"recovered from {ch['from']}")
             except StoreUnavailable:

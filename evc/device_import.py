@@ -4,12 +4,13 @@ one batch job (per-device results and reasons); re-importing the same file chang
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from evc import auth, devices, jobs
 from evc.inventory_import import InventoryEntry, InventoryProblem
+from evc.model import JSON, DeviceState, Job, JobKindName
 from evc.settings import Settings
-from evc.store import JSON, Store, now
+from evc.store import Store, now
 
 Action = Literal["create", "update", "register", "unchanged", "invalid"]
 #: what an inventory says about a device; a change to any of these is an update
@@ -76,7 +77,7 @@ def apply(
     planned: list[PlannedDevice],
     *,
     created_by: str,
-) -> tuple[JSON | None, dict[str, str]]:
+) -> tuple[Job | None, dict[str, str]]:
     """Carry out a plan: create and update the devices, then one ``import`` job registers every
     device created, changed in how it is reached, or not online. Returns (the job or None when
     nothing needs registering, the new devices' tokens by name, shown once)."""
@@ -89,7 +90,7 @@ def apply(
         if p.action == "create":
             token = auth.make_token(auth.PREFIX_DEVICE, settings.token_bytes)
             dev = devices.new_record(body, created_by=created_by)
-            store.create_device(dev, auth.hash_token(token))
+            store.create_device(cast(JSON, dev), auth.hash_token(token))
             p.device_id, tokens[p.name] = dev["id"], token
             targets.append(dev["id"])
             continue
@@ -97,17 +98,17 @@ def apply(
         if p.action == "update":
             update = {f: new for f, (_, new) in p.changes.items()}
             if any(f in CONNECTION for f in p.changes):
-                update.update(state="pending", host_key=None, error=None, updated_at=now())
+                update.update(state=DeviceState.PENDING, host_key=None, error=None, updated_at=now())
                 targets.append(p.device_id)
-            elif store.get_device(p.device_id).get("state") != "online":
+            elif store.get_device(p.device_id).get("state") != DeviceState.ONLINE:
                 targets.append(p.device_id)
             store.update_device(p.device_id, **update)
         else:  # register again
-            store.update_device(p.device_id, state="pending", error=None)
+            store.update_device(p.device_id, state=DeviceState.PENDING, error=None)
             targets.append(p.device_id)
     if not targets:
         return None, tokens
-    job, _ = jobs.submit(store, sender, "import", targets=targets, created_by=created_by)
+    job, _ = jobs.submit(store, sender, JobKindName.IMPORT, targets=targets, created_by=created_by)
     return job, tokens
 
 

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from evc import auth, jobs
 from evc.errors import Conflict
+from evc.model import JSON, REGISTERING_STATES, Device, DeviceState, Job, JobKindName
 from evc.settings import Settings
-from evc.store import JSON, Store, new_id, now
+from evc.store import Store, new_id, now
 
 HIDDEN = ("token_hash",)
 
 
-def public(dev: JSON) -> JSON:
-    return {k: v for k, v in dev.items() if k not in HIDDEN}
+def public(dev: Device | JSON) -> Device:
+    return cast(Device, {k: v for k, v in dev.items() if k not in HIDDEN})
 
 
 def create(
@@ -25,7 +26,7 @@ def create(
     created_by: str,
     extra_labels: dict[str, str] | None = None,
     idempotency_key: str | None = None,
-) -> tuple[JSON, JSON, str | None]:
+) -> tuple[Device, Job, str | None]:
     """Store a ``pending`` device and enqueue its registration job.
 
     Returns (device, job, token). With a repeated idempotency key the first device and job come
@@ -39,11 +40,11 @@ def create(
                     "this Idempotency-Key was already used to register another device; use a new key",
                     field="Idempotency-Key",
                 )
-            return public(store.get_device(prior["device"])), store.get_job(prior["job"]), None
+            return public(store.get_device(prior["device"])), jobs.get(store, prior["job"]), None
     token = auth.make_token(auth.PREFIX_DEVICE, settings.token_bytes)
     dev = new_record(data, created_by=created_by, extra_labels=extra_labels)
-    store.create_device(dev, auth.hash_token(token))
-    job, _ = jobs.submit(store, sender, "register", targets=[dev["id"]], created_by=created_by)
+    store.create_device(cast(JSON, dev), auth.hash_token(token))
+    job, _ = jobs.submit(store, sender, JobKindName.REGISTER, targets=[dev["id"]], created_by=created_by)
     if idempotency_key:
         store.put_json(
             f"idem-device:{created_by}:{idem_name}",
@@ -53,7 +54,7 @@ def create(
     return public(dev), job, token
 
 
-def new_record(data: JSON, *, created_by: str, extra_labels: dict[str, str] | None = None) -> JSON:
+def new_record(data: JSON, *, created_by: str, extra_labels: dict[str, str] | None = None) -> Device:
     """A new ``pending`` device record from its create body (not stored yet)."""
     return {
         "id": new_id("dev"),
@@ -63,7 +64,7 @@ def new_record(data: JSON, *, created_by: str, extra_labels: dict[str, str] | No
         "username": data["username"],
         "labels": {**(extra_labels or {}), **(data.get("labels") or {})},
         "jump_host": data.get("jump_host"),
-        "state": "pending",
+        "state": DeviceState.PENDING,
         "host_key": None,
         "privilege": None,
         "capabilities": [],
@@ -113,7 +114,7 @@ def matcher(
     return match
 
 
-def update(store: Store, device_id: str, changes: JSON) -> JSON:
+def update(store: Store, device_id: str, changes: JSON) -> Device:
     dev = store.get_device(device_id)
     if "name" in changes and changes["name"] != dev["name"]:
         store.rename_device(device_id, dev["name"], changes["name"])
@@ -128,36 +129,36 @@ def change_connection(
     *,
     created_by: str,
     idempotency_key: str | None = None,
-) -> JSON:
+) -> Job:
     """Enqueue the job that re-verifies a device at new connection details (host, port, user,
     jump host, host key) and switches to them only when the device answers there."""
     dev = store.get_device(device_id)
-    if dev.get("state") in ("pending", "registering"):
+    if dev.get("state") in REGISTERING_STATES:
         raise Conflict("the device's registration has not finished; wait for its job", field="connection")
     job, _ = jobs.submit(
-        store, sender, "reconnect", params={"connection": connection}, targets=[device_id],
+        store, sender, JobKindName.RECONNECT, params={"connection": connection}, targets=[device_id],
         created_by=created_by, idempotency_key=idempotency_key,
     )  # fmt: skip
     return job
 
 
-def remove(store: Store, device_id: str) -> JSON:
+def remove(store: Store, device_id: str) -> Device:
     dev = store.delete_device(device_id)
     store.log_event({"type": "device.removed", "device": device_id, "name": dev["name"]})
     return public(dev)
 
 
-def retry_registration(store: Store, sender: jobs.Sender, device_id: str, *, created_by: str) -> JSON:
+def retry_registration(store: Store, sender: jobs.Sender, device_id: str, *, created_by: str) -> Job:
     """Register a device again after its registration failed (fixed key, address or network):
     it goes back to ``pending`` and a new registration job runs. Refused for an online device."""
     dev = store.get_device(device_id)
-    if dev.get("state") == "online":
+    if dev.get("state") == DeviceState.ONLINE:
         raise Conflict(
             f"{dev['name']} is online already; to re-probe its facts use POST /api/v1/devices/{device_id}/facts",
-            state="online",
+            state=DeviceState.ONLINE,
         )
-    store.update_device(device_id, state="pending", error=None)
-    job, _ = jobs.submit(store, sender, "register", targets=[device_id], created_by=created_by)
-    store.log_event({"type": "device.state", "device": device_id, "from": dev.get("state"), "to": "pending",
+    store.update_device(device_id, state=DeviceState.PENDING, error=None)
+    job, _ = jobs.submit(store, sender, JobKindName.REGISTER, targets=[device_id], created_by=created_by)
+    store.log_event({"type": "device.state", "device": device_id, "from": dev.get("state"), "to": DeviceState.PENDING,
                      "reason": "registration retried"})  # fmt: skip
     return job

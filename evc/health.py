@@ -29,23 +29,28 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import asyncssh
 
 from evc import pool as pooling
 from evc import ssh
 from evc.errors import DeviceError, DeviceOffline, PreconditionFailed, ValidationError
+from evc.model import (
+    HEALTH_STATES,
+    JSON,
+    OFFLINE_STATES,
+    UNSWEPT_STATES,
+    DeviceState,
+    Health,
+    HealthSource,
+    OfflinePolicy,
+)
 from evc.settings import Settings
-from evc.store import JSON, Store, now
+from evc.store import Store, now
 
 log = logging.getLogger(__name__)
 
-HEALTH_STATES = ("online", "degraded", "offline")
-#: device states that receive no new work (``unreachable``: registration never reached it)
-OFFLINE_STATES = frozenset({"offline", "unreachable"})
-#: states of devices a sweep leaves alone (registration not finished or failed)
-UNSWEPT_STATES = frozenset({"pending", "registering", "failed"})
 METRIC_KEYS = (
     "load1",
     "load5",
@@ -153,10 +158,10 @@ class Observation:
     ok: bool
     metrics: JSON = field(default_factory=dict)
     error: JSON | None = None
-    source: str = "ssh"
+    source: str = HealthSource.SSH
 
     @classmethod
-    def failed(cls, exc: DeviceError, source: str = "ssh") -> Observation:
+    def failed(cls, exc: DeviceError, source: str = HealthSource.SSH) -> Observation:
         err = exc.to_dict()
         err.pop("device_id", None)
         return cls(False, {}, err, source)
@@ -168,7 +173,7 @@ class Assessment:
 
     previous: str
     state: str
-    health: JSON
+    health: Health
     reason: str
 
     @property
@@ -206,24 +211,26 @@ def assess(
 ) -> Assessment:
     """The device's next state and health record after *obs* on a device with *cpus* CPUs
     (pure; see the module doc)."""
-    prev = state if state in HEALTH_STATES else "offline"
+    prev: str = state if state in HEALTH_STATES else DeviceState.OFFLINE
     before = dict(health or {})
     misses = int(before.get("misses") or 0)
     streak = int(before.get("ok_streak") or 0)
     last_metrics = {k: before.get(k) for k in METRIC_KEYS}
+    new: str
+    rec: Health
     if obs.ok:
         streak += 1
         over = breaches(obs.metrics, policy, cpus)
-        if prev == "offline" and streak < policy.recover_after:
-            new, reason = "offline", f"recovering: {streak} of {policy.recover_after} checks good"
+        if prev == DeviceState.OFFLINE and streak < policy.recover_after:
+            new, reason = DeviceState.OFFLINE, f"recovering: {streak} of {policy.recover_after} checks good"
         elif over:
-            new, reason = "degraded", "; ".join(over)
+            new, reason = DeviceState.DEGRADED, "; ".join(over)
         else:
-            new, reason = "online", ("ok" if prev == "online" else "recovered")
-        if obs.source == "heartbeat" and new != prev:
+            new, reason = DeviceState.ONLINE, ("ok" if prev == DeviceState.ONLINE else "recovered")
+        if obs.source == HealthSource.HEARTBEAT and new != prev:
             reason = f"heartbeat: {reason}"
         rec = {
-            **last_metrics,
+            **last_metrics,  # type: ignore[typeddict-item]  # the METRIC_KEYS
             **{k: obs.metrics.get(k) for k in METRIC_KEYS if k in obs.metrics},
             "misses": 0,
             "ok_streak": streak,
@@ -235,16 +242,16 @@ def assess(
         return Assessment(str(state or prev), new, rec, reason)
     misses += 1
     if misses >= policy.offline_after:
-        new = "offline"
+        new = DeviceState.OFFLINE
     elif misses >= policy.degraded_after:
-        new = "offline" if prev == "offline" else "degraded"
+        new = DeviceState.OFFLINE if prev == DeviceState.OFFLINE else DeviceState.DEGRADED
     else:
         new = prev
     err = obs.error or {"reason": "error", "message": "no answer"}
     plural = "s" if misses > 1 else ""
     reason = f"{err.get('reason', 'error')}: {misses} consecutive missed check{plural}"
     rec = {
-        **last_metrics,
+        **last_metrics,  # type: ignore[typeddict-item]  # the METRIC_KEYS
         "misses": misses,
         "ok_streak": 0,
         "checked_at": at,
@@ -261,20 +268,20 @@ def verified(state: str | None, health: JSON | None, at: float) -> Assessment:
     a heartbeat is. The misses end (a later miss starts counting from one, not from where the
     old ones stopped), and it is ``online`` — or stays ``degraded`` when that was for a
     threshold its last check breached (the probe measures no load). Pure."""
-    prev = state if state in HEALTH_STATES else "offline"
+    prev = state if state in HEALTH_STATES else DeviceState.OFFLINE
     before = dict(health or {})
     over = list(before.get("breaches") or [])
-    if prev == "degraded" and over and not int(before.get("misses") or 0):
-        new, reason = "degraded", "; ".join(over)
+    if prev == DeviceState.DEGRADED and over and not int(before.get("misses") or 0):
+        new, reason = DeviceState.DEGRADED, "; ".join(over)
     else:
-        new, reason = "online", ("ok" if prev == "online" else "reachable with its pinned keys")
-    rec = {
-        **before,
+        new, reason = DeviceState.ONLINE, ("ok" if prev == DeviceState.ONLINE else "reachable with its pinned keys")
+    rec: Health = {
+        **before,  # type: ignore[typeddict-item]  # a health record
         "misses": 0,
         "ok_streak": max(1, int(before.get("ok_streak") or 0)),
         "checked_at": at,
         "error": None,
-        "source": "probe",
+        "source": HealthSource.PROBE,
     }
     return Assessment(str(state or prev), new, rec, reason)
 
@@ -452,7 +459,9 @@ def record_heartbeat(store: Store, settings: Settings, device_id: str, data: JSO
     at = now()
     state = dev.get("state")
     policy = dataclasses.replace(HealthPolicy.from_settings(settings), recover_after=1)
-    a = assess(state, dev.get("health"), Observation(True, dict(data), source="heartbeat"), policy, at, cpus_of(dev))
+    a = assess(
+        state, dev.get("health"), Observation(True, dict(data), source=HealthSource.HEARTBEAT), policy, at, cpus_of(dev)
+    )
     changes: JSON = {"last_seen": at, "health": a.health}
     events = []
     if state in HEALTH_STATES or state in OFFLINE_STATES:  # not while registration runs
@@ -510,7 +519,7 @@ def _metric(name: str, *args: Any) -> None:
 def ensure_online(
     store: Store,
     device_ids: Iterable[str],
-    policy: Literal["fail", "wait"] = "fail",
+    policy: str = OfflinePolicy.FAIL,
     *,
     ttl_s: float = 300.0,
     poll_s: float = 1.0,
@@ -521,10 +530,10 @@ def ensure_online(
     ``policy="fail"`` raises :class:`~evc.errors.DeviceOffline` at once, listing them;
     ``policy="wait"`` polls the store until they are back or *ttl_s* has passed, then raises.
     *check_cancel* (e.g. ``JobRun.check_cancel``) is called between polls."""
-    if policy not in ("fail", "wait"):
+    if policy not in (OfflinePolicy.FAIL, OfflinePolicy.WAIT):
         raise ValidationError(f"offline policy must be 'fail' or 'wait', not {policy!r}", field="policy")
     ids = list(dict.fromkeys(device_ids))
-    deadline = time.monotonic() + (ttl_s if policy == "wait" else 0.0)
+    deadline = time.monotonic() + (ttl_s if policy == OfflinePolicy.WAIT else 0.0)
     while True:
         devices = store.get_devices(ids)
         found = {d["id"] for d in devices}
@@ -539,7 +548,7 @@ def ensure_online(
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             names = ", ".join(f"{d.get('name') or d['id']} ({d.get('state')})" for d in offline)
-            waited = f" after waiting {ttl_s:g}s" if policy == "wait" else ""
+            waited = f" after waiting {ttl_s:g}s" if policy == OfflinePolicy.WAIT else ""
             raise DeviceOffline(
                 f"{len(offline)} target device(s) offline{waited}: {names}; no work is sent to offline devices",
                 device_id=offline[0]["id"],
@@ -553,6 +562,9 @@ def ensure_online(
 
 __all__ = [
     "CHECK",
+    "HEALTH_STATES",
+    "OFFLINE_STATES",
+    "UNSWEPT_STATES",
     "Assessment",
     "HealthPolicy",
     "Observation",

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from evc.errors import Conflict, EVCError, JobCancelled, NotFound, StaleAttempt, ValidationError
-from evc.store import JOB_STATES, JSON, TERMINAL_STATES, Store, new_id, now
+from evc.model import (
+    ACTIVE_JOB_STATES,
+    JOB_STATES,
+    JSON,
+    TERMINAL_STATES,
+    EventType,
+    Job,
+    JobKindName,
+    JobState,
+    Queue,
+    strings,
+)
+from evc.store import Store, new_id, now
 
 log = logging.getLogger(__name__)
 
@@ -22,26 +35,30 @@ class JobKind:
     queue: str
     mutating: bool = True
 
+    def __post_init__(self) -> None:  # plain strings: Celery, kombu and click see no enums
+        object.__setattr__(self, "name", str(self.name))
+        object.__setattr__(self, "queue", str(self.queue))
+
 
 #: every kind of asynchronous operation EVC runs; features add theirs here
 JOB_KINDS: dict[str, JobKind] = {
     k.name: k
     for k in (
-        JobKind("noop", "evc.noop", "default", mutating=False),
-        JobKind("register", "evc.register_device", "ssh"),
-        JobKind("import", "evc.import_devices", "ssh"),
-        JobKind("facts", "evc.refresh_facts", "ssh", mutating=False),
-        JobKind("reconnect", "evc.reconnect_device", "ssh"),
-        JobKind("provision", "evc.provision", "ansible"),
-        JobKind("health", "evc.health_sweep", "ssh", mutating=False),
-        JobKind("level", "evc.raise_level", "ansible"),
-        JobKind("fl", "evc.fl_start", "fl"),
-        JobKind("fl-install", "evc.fl_install", "ssh"),
-        JobKind("fl-partition", "evc.fl_partition", "ssh"),
+        JobKind(JobKindName.NOOP, "evc.noop", Queue.DEFAULT, mutating=False),
+        JobKind(JobKindName.REGISTER, "evc.register_device", Queue.SSH),
+        JobKind(JobKindName.IMPORT, "evc.import_devices", Queue.SSH),
+        JobKind(JobKindName.FACTS, "evc.refresh_facts", Queue.SSH, mutating=False),
+        JobKind(JobKindName.RECONNECT, "evc.reconnect_device", Queue.SSH),
+        JobKind(JobKindName.PROVISION, "evc.provision", Queue.ANSIBLE),
+        JobKind(JobKindName.HEALTH, "evc.health_sweep", Queue.SSH, mutating=False),
+        JobKind(JobKindName.LEVEL, "evc.raise_level", Queue.ANSIBLE),
+        JobKind(JobKindName.FL, "evc.fl_start", Queue.FL),
+        JobKind(JobKindName.FL_INSTALL, "evc.fl_install", Queue.SSH),
+        JobKind(JobKindName.FL_PARTITION, "evc.fl_partition", Queue.SSH),
     )
 }
 
-QUEUES = ("default", "ssh", "ansible", "fl")
+QUEUES: tuple[str, ...] = strings(*Queue)
 
 
 class Sender(Protocol):
@@ -57,14 +74,14 @@ def new_job(
     params: JSON | None = None,
     targets: list[str] | None = None,
     created_by: str = "",
-) -> JSON:
+) -> Job:
     if kind not in JOB_KINDS:
         raise NotFound(f"unknown job kind {kind!r}")
     targets = targets or []
     return {
         "id": new_id("job"),
         "kind": kind,
-        "state": "queued",
+        "state": JobState.QUEUED,
         "progress": {"done": 0, "total": len(targets) or 1, "percent": 0.0},
         "targets": targets,
         "params": params or {},
@@ -93,7 +110,7 @@ def submit(
     idempotency_key: str | None = None,
     countdown: float | None = None,
     pipe: Any = None,
-) -> tuple[JSON, bool]:
+) -> tuple[Job, bool]:
     """Create a job and enqueue its task. Returns (job, created); repeated keys return the first.
 
     With EVC's Celery apps (their :class:`~evc.queue.JobQueue` has the publisher fast path),
@@ -109,10 +126,10 @@ def submit(
     if idempotency_key:
         idempotency_key = f"{created_by}:{idempotency_key}"
     publish = queue.job_commands(job, countdown=countdown)
-    job, created = store.create_job(job, idempotency_key, publish=publish, pipe=pipe)
+    stored, created = store.create_job(cast(JSON, job), idempotency_key, publish=publish, pipe=pipe)
     if created and not publish:
-        queue.enqueue(job, countdown=countdown)
-    return job, created
+        queue.enqueue(stored, countdown=countdown)
+    return cast(Job, stored), created  # store returns JSON until typed
 
 
 def scoped_key(key: str, scope: str, request: bytes) -> str:
@@ -124,7 +141,7 @@ def scoped_key(key: str, scope: str, request: bytes) -> str:
     return f"{scope} {key}\n{hashlib.sha256(request).hexdigest()}"
 
 
-def enqueue(store: Store, sender: Sender, job: JSON, countdown: float | None = None) -> None:
+def enqueue(store: Store, sender: Sender, job: Mapping[str, Any], countdown: float | None = None) -> None:
     """(Re-)enqueue an existing job's task (:meth:`evc.queue.JobQueue.enqueue`)."""
     from evc.queue import JobQueue
 
@@ -146,7 +163,7 @@ def requeue_lost(store: Store, sender: Sender, job_id: str, max_lost: int) -> st
         enqueue(store, sender, {**store.get_job(job_id), "attempt": attempt})
     if what == "failed":
         job = store.get_job(job_id)
-        _record_finished(job["kind"], "failed", None)
+        _record_finished(job["kind"], JobState.FAILED, None)
         remove_temp_files(job_id)
     return what
 
@@ -171,10 +188,15 @@ def republish_missing(store: Store, sender: Sender, after_s: float) -> int:
             continue
         store.update_job(job["id"], queued_at=now())
         why = "its task message was missing from the broker; re-published"
-        store.add_event(job["id"], {"type": "job", "state": "queued", "message": why})
+        store.add_event(job["id"], {"type": EventType.JOB, "state": JobState.QUEUED, "message": why})
         enqueue(store, sender, job)
         republished += 1
     return republished
+
+
+def get(store: Store, job_id: str) -> Job:
+    """The job *job_id* (NotFound when there is none)."""
+    return cast(Job, store.get_job(job_id))  # store returns JSON until typed
 
 
 def prune(store: Store, retention_s: float) -> int:
@@ -190,28 +212,30 @@ def remove_temp_files(job_id: str) -> int:
     return remove_job_dirs(job_id)
 
 
-def public(job: JSON, store: Store | None = None, with_results: bool = True) -> JSON:
+def public(job: Job, store: Store | None = None, with_results: bool = True) -> Job:
     """A job as the API shows it."""
-    out = dict(job)
+    out = job.copy()
     if with_results and store is not None:
         out["results"] = store.results(job["id"])
     return out
 
 
-def cancel(store: Store, job_id: str, revoke: Any | None = None) -> JSON:
+def cancel(store: Store, job_id: str, revoke: Any | None = None) -> Job:
     """Ask a job to stop. A queued job is cancelled at once; a running one at its next check."""
     job = store.get_job(job_id)
     if job["state"] in TERMINAL_STATES:
         raise Conflict(f"job {job_id} already {job['state']}", state=job["state"])
     store.update_job(job_id, cancel_requested=True)
-    if store.transition_job(job_id, "cancelled", ["queued"], finished_at=now()):
-        _record_finished(job["kind"], "cancelled", None)
-        store.add_event(job_id, {"type": "job", "state": "cancelled", "message": "cancelled before it started"})
+    if store.transition_job(job_id, JobState.CANCELLED, [JobState.QUEUED], finished_at=now()):
+        _record_finished(job["kind"], JobState.CANCELLED, None)
+        store.add_event(
+            job_id, {"type": EventType.JOB, "state": JobState.CANCELLED, "message": "cancelled before it started"}
+        )
         if revoke is not None:
             revoke(f"{job_id}-{job.get('attempt', 0)}")
     else:
-        store.add_event(job_id, {"type": "job", "message": "cancel requested"})
-    return store.get_job(job_id)
+        store.add_event(job_id, {"type": EventType.JOB, "message": "cancel requested"})
+    return get(store, job_id)
 
 
 @dataclass(frozen=True)
@@ -232,7 +256,7 @@ class JobRun:
     expired); one built directly (``attempt`` None) writes unfenced."""
 
     store: Store
-    job: JSON
+    job: Job
     done: int = 0
     attempt: int | None = None
     _buffer: list[JSON] = field(default_factory=list)
@@ -255,9 +279,9 @@ class JobRun:
     def start(cls, store: Store, job_id: str) -> JobRun | None:
         """Mark the job running, unfenced (FL jobs: their rounds run in many tasks); None when
         it is already final (a redelivery or a cancel)."""
-        if not store.transition_job(job_id, "running", ["queued", "running"], started_at=now()):
+        if not store.transition_job(job_id, JobState.RUNNING, list(ACTIVE_JOB_STATES), started_at=now()):
             return None
-        job = store.get_job(job_id)
+        job = get(store, job_id)
         run = cls(store, job, done=int(job.get("progress", {}).get("done", 0)))
         return run
 
@@ -269,16 +293,15 @@ class JobRun:
         what, attempt, _lost = store.start_job(job_id, lease_s, max_lost)
         if what != "started":
             if what == "lost":
-                job = store.get_job(job_id)
-                _record_finished(job["kind"], "failed", None)
+                _record_finished(get(store, job_id)["kind"], JobState.FAILED, None)
             return what, None
-        job = store.get_job(job_id)
+        job = get(store, job_id)
         return what, cls(store, job, done=int(job.get("progress", {}).get("done", 0)), attempt=attempt)
 
     def cancelled(self) -> bool:
         """A cancel was asked for — or this attempt is stale, which must stop just the same."""
         job = self.store.get_job(self.id)
-        if self.attempt is not None and (job.get("attempt") != self.attempt or job.get("state") != "running"):
+        if self.attempt is not None and (job.get("attempt") != self.attempt or job.get("state") != JobState.RUNNING):
             self.stale = True
         return self.stale or job.get("cancel_requested", False) is True
 
@@ -293,7 +316,7 @@ class JobRun:
             raise StaleAttempt(f"attempt {self.attempt} of job {self.id} no longer runs it", job_id=self.id)
 
     def event(self, message: str = "", **fields: Any) -> int:
-        event = {"type": fields.pop("type", "log"), "message": message, **fields}
+        event = {"type": fields.pop("type", EventType.LOG), "message": message, **fields}
         return self.store.add_event(self.id, event, fence=self.attempt)
 
     def events(self, events: list[JSON]) -> int:
@@ -324,29 +347,29 @@ class JobRun:
         """Hand the job back to the queue for a retry in *delay_s* (this attempt ends)."""
         t = now()
         self.store.transition_job(
-            self.id, "queued", ["running"], fence=self.attempt, queued_at=t, not_before=t + delay_s,
-            event={"type": "retry", "message": message, **fields},
+            self.id, JobState.QUEUED, [JobState.RUNNING], fence=self.attempt, queued_at=t, not_before=t + delay_s,
+            event={"type": EventType.RETRY, "message": message, **fields},
         )  # fmt: skip
 
     def succeed(self, summary: JSON | None = None, message: str = "succeeded") -> bool:
-        return self._finish("succeeded", summary=summary or {}, message=message)
+        return self._finish(JobState.SUCCEEDED, summary=summary or {}, message=message)
 
     def partial(self, summary: JSON, message: str) -> bool:
         """End with some targets short of what was asked (their reasons are in the results)."""
-        return self._finish("partial", summary=summary, message=message)
+        return self._finish(JobState.PARTIAL, summary=summary, message=message)
 
     def fail(self, error: EVCError | str, summary: JSON | None = None) -> bool:
         err = error.to_dict() if isinstance(error, EVCError) else {"code": "failed", "message": error}
-        return self._finish("failed", summary=summary or {}, error=err, message=err["message"])
+        return self._finish(JobState.FAILED, summary=summary or {}, error=err, message=err["message"])
 
     def cancel(self, summary: JSON | None = None) -> bool:
-        return self._finish("cancelled", summary=summary or {}, message="cancelled")
+        return self._finish(JobState.CANCELLED, summary=summary or {}, message="cancelled")
 
     def _finish(self, state: str, message: str, **changes: Any) -> bool:
         finished = now()
         ok = self.store.transition_job(
-            self.id, state, ["queued", "running"], fence=self.attempt, finished_at=finished,
-            event={"type": "job", "state": state, "message": message}, **changes,
+            self.id, state, list(ACTIVE_JOB_STATES), fence=self.attempt, finished_at=finished,
+            event={"type": EventType.JOB, "state": state, "message": message}, **changes,
         )  # fmt: skip
         if ok:
             started = self.job.get("started_at") or self.job.get("created_at")
@@ -354,4 +377,7 @@ class JobRun:
         return ok
 
 
-__all__ = ["JOB_KINDS", "JOB_STATES", "JobKind", "JobRun", "Partial", "QUEUES", "cancel", "enqueue", "submit"]
+__all__ = [
+    "JOB_KINDS", "JOB_STATES", "TERMINAL_STATES", "Job", "JobKind", "JobRun", "JobState", "Partial", "QUEUES",
+    "cancel", "enqueue", "get", "submit",
+]  # fmt: skip

@@ -10,15 +10,16 @@ from typing import Any
 from evc import profiles
 from evc.errors import LevelNotReached
 from evc.jobs import JobRun, Partial
+from evc.model import JSON, RUNNABLE_STATES, EventType, HostStatus, OfflinePolicy
 from evc.settings import Settings
-from evc.store import JSON, Store
+from evc.store import Store
 from evc.vault import Vault
 
 #: run one playbook on some devices in this job: (run, playbook, device ids, vars, check) ->
 #: {device id: {"status": ok|failed|unreachable|refused|cancelled, "changed": bool, "message": str}}
 StepRunner = Callable[[JobRun, str, list[str], JSON, bool], dict[str, JSON]]
 
-RUNNABLE = ("online", "degraded")
+RUNNABLE = RUNNABLE_STATES
 #: where devenv puts its virtual environment unless told otherwise (playbooks/devenv.yml)
 DEVENV_VENV = "evc/venv"
 
@@ -108,14 +109,14 @@ def _ensure_online(store: Store, run: JobRun) -> None:
     """With ``offline: fail`` or ``wait`` the caller chose: fail fast, or wait (with a TTL)
     for the offline targets; ``skip`` (the default) leaves them out later."""
     p = run.params
-    offline_policy = str(p.get("offline") or "skip")
-    if offline_policy in ("fail", "wait"):
+    offline_policy = str(p.get("offline") or OfflinePolicy.SKIP)
+    if offline_policy in (OfflinePolicy.FAIL, OfflinePolicy.WAIT):
         from evc.health import ensure_online
 
         ensure_online(
             store,
             run.job["targets"],
-            offline_policy,  # type: ignore[arg-type]
+            offline_policy,
             ttl_s=float(p.get("offline_ttl_s") or 300),
             check_cancel=run.check_cancel,
         )
@@ -156,7 +157,7 @@ def _run_steps(
         run.event(
             f"L{step.level} {profiles.LEVELS[step.level]}: {step.playbook} on {len(ids)} device(s)"
             + (" (check)" if check or converge else ""),
-            type="level",
+            type=EventType.LEVEL,
             level=step.level,
             playbook=step.playbook,
         )
@@ -168,7 +169,7 @@ def _run_steps(
                 if r.get("changed"):
                     changes.setdefault(dev_id, []).append(step.playbook)
         for dev_id, r in results.items():
-            if r.get("status") != "ok":
+            if r.get("status") != HostStatus.OK:
                 why = r.get("message") or r.get("reason") or ""
                 failed[dev_id] = (step.level, f"{step.playbook} {r.get('status')}: {why}".strip())
         run.progress(i + 1, len(steps))
@@ -179,12 +180,12 @@ def _reapply_drifted(
     run: JobRun, runner: StepRunner, playbook: str, vars_: JSON, checked: dict[str, JSON], changes: dict[str, list[str]]
 ) -> dict[str, JSON]:
     """Converging: apply *playbook* where its check found drift; the results of that run."""
-    drifted = [dev_id for dev_id, r in checked.items() if r.get("status") == "ok" and r.get("changed")]
+    drifted = [dev_id for dev_id, r in checked.items() if r.get("status") == HostStatus.OK and r.get("changed")]
     for dev_id in drifted:
         changes.setdefault(dev_id, []).append(playbook)
     if not drifted:
         return {}
-    run.event(f"{playbook} drifted on {len(drifted)} device(s): applying", type="level")
+    run.event(f"{playbook} drifted on {len(drifted)} device(s): applying", type=EventType.LEVEL)
     return runner(run, playbook, drifted, vars_, False)
 
 

@@ -34,15 +34,19 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from evc.model import RUNNABLE_STATES, DeviceState, strings
+
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 Role = Literal["api", "workers"]
 
 #: device states always present in ``evc_devices`` (as 0 when no device is in them)
-DEVICE_STATES = ("pending", "online", "degraded", "offline", "failed")
+DEVICE_STATES: tuple[str, ...] = strings(
+    DeviceState.PENDING, DeviceState.ONLINE, DeviceState.DEGRADED, DeviceState.OFFLINE, DeviceState.FAILED
+)
 #: states in which a device counts as up for ``evc_device_up``
-UP_STATES = frozenset({"online", "degraded"})
+UP_STATES: frozenset[str] = frozenset(RUNNABLE_STATES)
 
 JOB_DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 SWEEP_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)

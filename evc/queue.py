@@ -17,12 +17,12 @@ Anything with Celery's ``send_task`` (a test's fake sender, an app built elsewhe
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from evc.jobs import JOB_KINDS, Sender
 from evc.runtime import WorkerRuntime
 from evc.settings import Settings
-from evc.store import JSON
 
 #: the Redis commands that publish one task: (command, args)
 Command = tuple[str, tuple[Any, ...]]
@@ -63,19 +63,19 @@ class JobQueue:
 
     # ------------------------------------------------------------------ job tasks
     @staticmethod
-    def task_of(job: JSON) -> tuple[str, str, list[Any], str]:
+    def task_of(job: Mapping[str, Any]) -> tuple[str, str, list[Any], str]:
         """(task name, task id, args, queue) of *job*'s current attempt."""
         jk = JOB_KINDS[job["kind"]]
         return jk.task, f"{job['id']}-{job.get('attempt', 0)}", [job["id"]], jk.queue
 
-    def job_commands(self, job: JSON, countdown: float | None = None) -> list[Command]:
+    def job_commands(self, job: Mapping[str, Any], countdown: float | None = None) -> list[Command]:
         """The Redis commands that publish *job*'s task (empty without the fast path)."""
         publisher = self.publisher
         if publisher is None:
             return []
         return list(publisher.commands(*self.task_of(job), countdown=countdown))
 
-    def enqueue(self, job: JSON, countdown: float | None = None) -> None:
+    def enqueue(self, job: Mapping[str, Any], countdown: float | None = None) -> None:
         """(Re-)enqueue an existing job's task."""
         name, task_id, args, queue = self.task_of(job)
         self.publish(name, args, queue=queue, task_id=task_id, countdown=countdown)

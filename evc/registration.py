@@ -9,8 +9,9 @@ from typing import Any
 from evc import health, ssh
 from evc.errors import BatchFailed, DeviceError, HostKeyMismatch, JumpHostKeyMismatch
 from evc.jobs import JobRun
+from evc.model import JSON, DeviceState, EventType, Privilege
 from evc.settings import Settings
-from evc.store import JSON, Store, now
+from evc.store import Store, now
 
 #: One POSIX sh script, run once over one channel: a ``key=value`` line per fact. It spawns as
 #: few processes as it can (about six): file contents are read with shell built-ins.
@@ -41,7 +42,7 @@ _PYVER = re.compile(r"(\d+\.\d+(?:\.\d+)?)")
 
 #: What each privilege level lets EVC do on a device (the seed: exactly the account's rights).
 CAPABILITIES: dict[str, list[str]] = {
-    "root": [
+    Privilege.ROOT: [
         "run commands as root",
         "install and update OS packages",
         "install system services (systemd units)",
@@ -49,7 +50,7 @@ CAPABILITIES: dict[str, list[str]] = {
         "join k3s/k8s clusters",
         "user-space installs (virtual environments, ~/.local)",
     ],
-    "sudo": [
+    Privilege.SUDO: [
         "run commands as root through passwordless sudo",
         "install and update OS packages",
         "install system services (systemd units)",
@@ -57,14 +58,12 @@ CAPABILITIES: dict[str, list[str]] = {
         "join k3s/k8s clusters",
         "user-space installs (virtual environments, ~/.local)",
     ],
-    "user": [
+    Privilege.USER: [
         "user-space installs only (virtual environments, ~/.local, workspace in $HOME)",
         "user-level services or supervised background processes",
         "cannot install OS packages, system services, a container runtime or k3s/k8s",
     ],
 }
-
-PRIVILEGE_RANK = {"user": 0, "sudo": 1, "root": 2}
 
 _NUM = re.compile(r"^\d+$")
 
@@ -115,11 +114,11 @@ def parse_facts(text: str) -> JSON:
         "jetson": raw.get("jetson") or ("tegrastats" if raw.get("tegrastats") == "1" else None),
     }
     if uid == 0:
-        facts["privilege"] = "root"
+        facts["privilege"] = Privilege.ROOT
     elif raw.get("sudo") == "1":
-        facts["privilege"] = "sudo"
+        facts["privilege"] = Privilege.SUDO
     else:
-        facts["privilege"] = "user"
+        facts["privilege"] = Privilege.USER
     return facts
 
 
@@ -148,12 +147,12 @@ async def register(store: Store, settings: Settings, run: JobRun) -> JSON:
     device_id = run.job["targets"][0]
     dev = store.get_device(device_id)
     target = ssh.target_of(dev)
-    run.event(f"connecting to {target.address}", type="step", target=device_id)
+    run.event(f"connecting to {target.address}", type=EventType.STEP, target=device_id)
     try:
         found = await probe(target, settings)
     except DeviceError as exc:
         exc.device_id = device_id
-        store.update_device(device_id, state="unreachable", error=exc.to_dict())
+        store.update_device(device_id, state=DeviceState.UNREACHABLE, error=exc.to_dict())
         run.result(device_id, {"ok": False, "error": exc.to_dict()})
         _record_failure(exc.reason)
         raise
@@ -172,14 +171,14 @@ async def register_all(store: Store, settings: Settings, run: JobRun, concurrenc
     async def one(device_id: str) -> None:
         async with gate:
             dev = store.get_device(device_id)
-            run.event(f"connecting to {dev['name']}", type="step", target=device_id)
+            run.event(f"connecting to {dev['name']}", type=EventType.STEP, target=device_id)
             try:
                 record_online(store, run, dev, await probe(ssh.target_of(dev), settings), first=True)
             except DeviceError as exc:
                 exc.device_id = device_id
-                store.update_device(device_id, state="unreachable", error=exc.to_dict())
+                store.update_device(device_id, state=DeviceState.UNREACHABLE, error=exc.to_dict())
                 run.result(device_id, {"ok": False, "name": dev["name"], "error": exc.to_dict()})
-                run.event(f"{dev['name']}: {exc}", type="step", target=device_id, level="error")
+                run.event(f"{dev['name']}: {exc}", type=EventType.STEP, target=device_id, level="error")
                 _record_failure(exc.reason)
                 failed[dev["name"]] = str(exc)
 
@@ -219,7 +218,8 @@ def record_online(store: Store, run: JobRun, dev: JSON, found: Probed, first: bo
         raise HostKeyMismatch("the device presented a different host key", device_id=dev["id"])
     facts = dict(found.facts)
     privilege = facts.pop("privilege")
-    state, health_rec = "online", dev.get("health")
+    state: str = DeviceState.ONLINE
+    health_rec = dev.get("health")
     if health_rec is not None:  # checked before: the misses end, a threshold breach stays
         a = health.verified(dev.get("state"), health_rec, now())
         state, health_rec = a.state, a.health
@@ -250,7 +250,7 @@ def record_online(store: Store, run: JobRun, dev: JSON, found: Probed, first: bo
     run.result(dev["id"], summary)
     run.event(
         f"{dev['name']} is {state} ({facts['arch']}, {facts['os'] or 'unknown OS'}); account privilege: "
-        f"{privilege}", type="step", target=dev["id"],
+        f"{privilege}", type=EventType.STEP, target=dev["id"],
     )  # fmt: skip
     return summary
 

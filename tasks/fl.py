@@ -19,7 +19,7 @@ from evc.tasks.base import TASK_OPTIONS, backoff, run_job, settings_of, store_of
 from evc.errors import EVCError, StoreUnavailable
 from evc.fl import service
 from evc.fl.orchestrator import Rounds
-from evc.jobs import JobRun
+from evc.jobs import JobRun, get
 from evc.queue import JobQueue
 from evc.store import JSON
 
@@ -72,7 +72,7 @@ def _guard(task: Any, job_id: str, body: Callable[[], T]) -> T | str:
             exc = EVCError(f"internal error: {type(exc).__name__}: {exc}")
         try:
             rounds = _rounds(task)
-            rounds.fail_job(JobRun(rounds.store, rounds.store.get_job(job_id)), exc)
+            rounds.fail_job(JobRun(rounds.store, get(rounds.store, job_id)), exc)
         except Exception:  # noqa: BLE001
             log.exception("FL job %s: could not record the failure", job_id)
         return "failed"

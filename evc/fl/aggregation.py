@@ -13,6 +13,8 @@ from evc.fl.protocol import decode_params
 from evc.fl.rounds_core import RoundsCore
 from evc.fl.strategy import FitFailure, Strategy
 from evc.jobs import JobRun
+from evc.jobs import get as get_job
+from evc.model import IN_ROUND, FLPhase, JobState
 from evc.store import JSON, now
 
 
@@ -26,12 +28,12 @@ class Closing(RoundsCore):
         st = self.store.fl_state(job_id)
         if st is None or st.get("token") != token:
             return "stale"
-        if st.get("phase") not in ("training", "closing"):
+        if st.get("phase") not in IN_ROUND:
             return str(st.get("phase"))
         selected: list[str] = list(st["selected"])
-        job = self.store.get_job(job_id)
+        job = get_job(self.store, job_id)
         run = JobRun(self.store, job)
-        stop = bool(job.get("cancel_requested")) or job["state"] != "running"
+        stop = bool(job.get("cancel_requested")) or job["state"] != JobState.RUNNING
         outcomes = self.store.fl_outcomes(job_id, token)
         if not stop and len(outcomes) < len(selected) and time.time() < float(st["deadline"]):
             return "waiting"  # the tasks still running close it when they end
@@ -39,13 +41,13 @@ class Closing(RoundsCore):
         if not self.store.acquire_lock(lock, self.owner, CLOSE_LEASE_S):
             return "busy"
         try:
-            if not self.store.fl_cas(job_id, {"token": [token], "phase": ["training", "closing"]},
-                                     phase="closing"):  # fmt: skip
+            if not self.store.fl_cas(job_id, {"token": [token], "phase": list(IN_ROUND)},
+                                     phase=FLPhase.CLOSING):  # fmt: skip
                 return "stale"
             outcomes = self.store.fl_outcomes(job_id, token)  # final: the round takes no more
             if stop:
                 cut = [d for d in selected if not (outcomes.get(d) or {}).get("ok")]
-                if cut or job["state"] != "running":
+                if cut or job["state"] != JobState.RUNNING:
                     return self._discard_round(run, st, "stopped during the round")
             return self._aggregate(run, st, selected, outcomes, stop)
         finally:
@@ -74,7 +76,7 @@ class Closing(RoundsCore):
             record["eval_accuracy"], record["eval_loss"] = scores["accuracy"], scores["loss"]
         save_checkpoint(directory, job_id, rnd, params, state=strategy.state(), metadata=record)
         self.store.fl_put_round(job_id, rnd, record)
-        self.store.fl_cas(job_id, {"token": [token]}, phase="closed", next_round=rnd + 1)
+        self.store.fl_cas(job_id, {"token": [token]}, phase=FLPhase.CLOSED, next_round=rnd + 1)
         self.store.fl_drop_round(job_id, token)
         self._record_metrics(job_id, record)
         run.progress(done=rnd, total=spec.rounds, round=rnd, accuracy=record["eval_accuracy"])
@@ -117,7 +119,7 @@ class Closing(RoundsCore):
 
     def _discard_round(self, run: JobRun, st: JSON, why: str) -> str:
         rnd = int(st["round"])
-        self.store.fl_cas(run.id, {"token": [st["token"]]}, phase="stopped", next_round=rnd)
+        self.store.fl_cas(run.id, {"token": [st["token"]]}, phase=FLPhase.STOPPED, next_round=rnd)
         self.store.fl_drop_round(run.id, str(st["token"]))
         self._stop(run, f"{why}: round {rnd} discarded; resume restarts it from round {rnd - 1}")
         return "stopped"

@@ -14,6 +14,8 @@ from typing import Any, Protocol
 from evc.errors import ValidationError
 from evc.fl.models import Model, load_model
 from evc.fl.strategy import Strategy, make_strategy
+from evc.model import ACTIVE_PHASES as ACTIVE_PHASES  # re-exported (evc.fl.orchestrator)
+from evc.model import DeviceState
 from evc.settings import Settings
 from evc.store import JSON
 
@@ -23,8 +25,6 @@ LEASE_S = 3.0
 TICK_S = 0.25
 #: seconds the aggregation of one round may hold its lock
 CLOSE_LEASE_S = 60.0
-#: phases in which a job has a round in flight or about to start
-ACTIVE_PHASES = ("training", "closing", "closed", "waiting")
 #: the reference test split of FEDERATED.md, evaluated server-side when a job names it
 BUILTIN_TEST_SETS = ("digits",)
 
@@ -71,7 +71,7 @@ def eligibility(device: Mapping[str, Any]) -> str | None:
             "and the device is below function level 4"
         )
     state = device.get("state")
-    if state != "online":
+    if state != DeviceState.ONLINE:
         return f"the device is {state}"
     return None
 

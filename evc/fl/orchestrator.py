@@ -37,6 +37,7 @@ import secrets
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -64,6 +65,8 @@ from evc.fl.protocol import fit_request, get_parameters_request, parse_fit_reply
 from evc.fl.recovery import Recovery
 from evc.fl.rounds_core import _round_of, load_test_set
 from evc.jobs import JobRun
+from evc.jobs import get as get_job
+from evc.model import BETWEEN_ROUNDS, EventType, FLPhase, Job, JobState
 from evc.store import JSON, now
 
 log = logging.getLogger(__name__)
@@ -100,7 +103,7 @@ class Rounds(Closing, Recovery):
                 save_checkpoint(directory, job_id, 0, params, metadata={"round": 0})
                 latest = 0
             self.store.fl_init(job_id, {
-                "phase": "closed", "round": latest, "next_round": latest + 1, "token": None,
+                "phase": FLPhase.CLOSED, "round": latest, "next_round": latest + 1, "token": None,
                 "attempt": attempt, "rounds": spec.rounds, "queue": spec.queue, "first_round": latest + 1,
             })  # fmt: skip
             if latest >= spec.rounds:
@@ -108,7 +111,7 @@ class Rounds(Closing, Recovery):
                 return "succeeded"
             run.progress(done=latest, total=spec.rounds, round=latest)
             what = "starting" if latest == 0 else f"resuming from the checkpoint of round {latest}"
-            run.event(f"{what}: {spec.rounds} rounds on {len(spec.devices)} devices", type="fl")
+            run.event(f"{what}: {spec.rounds} rounds on {len(spec.devices)} devices", type=EventType.FL)
             return self.start_round(job_id, latest + 1)
         except StoreUnavailable:
             raise  # transient: the task retries; the job is not failed for a Redis outage
@@ -119,16 +122,16 @@ class Rounds(Closing, Recovery):
     def start_round(self, job_id: str, round: int) -> str:
         """Select this round's devices and dispatch it (idempotent: only from the state that
         round ``round`` is next, or waiting for devices)."""
-        job = self.store.get_job(job_id)
+        job = get_job(self.store, job_id)
         run = JobRun(self.store, job)
-        if job["state"] != "running":
+        if job["state"] != JobState.RUNNING:
             return "not running"
         spec = FLSpec.from_params(job["params"])
         if run.cancelled():
             self._stop(run, f"stopped before round {round}")
             return "cancelled"
         st = self.store.fl_state(job_id) or {}
-        if st.get("phase") not in ("closed", "waiting") or st.get("next_round") != round:
+        if st.get("phase") not in BETWEEN_ROUNDS or st.get("next_round") != round:
             return "not due"  # a stale or duplicate start
         strategy = spec.make_strategy()
         devices = {d["id"]: d for d in self.store.get_devices(spec.devices)}
@@ -149,8 +152,8 @@ class Rounds(Closing, Recovery):
         selected = [d for d, _ in plan]
         started = now()
         if not self.store.fl_cas(
-            job_id, {"phase": ["closed", "waiting"], "next_round": [round]},
-            phase="training", round=round, token=token, selected=selected, skipped=skipped,
+            job_id, {"phase": list(BETWEEN_ROUNDS), "next_round": [round]},
+            phase=FLPhase.TRAINING, round=round, token=token, selected=selected, skipped=skipped,
             started_at=started, deadline=started + spec.round_timeout, waiting_since=None,
             dispatches=1,
         ):  # fmt: skip
@@ -158,7 +161,7 @@ class Rounds(Closing, Recovery):
         if skipped:
             run.event(
                 f"round {round}: {len(skipped)} devices sit it out",
-                type="fl", round=round, skipped=skipped,
+                type=EventType.FL, round=round, skipped=skipped,
             )  # fmt: skip
         self.dispatch.fit_round(job_id, token, selected, spec.queue)
         return "started"
@@ -176,12 +179,12 @@ class Rounds(Closing, Recovery):
             )  # fmt: skip
             self.fail_job(run, err)
             return "failed"
-        if st.get("phase") != "waiting":
-            run.event(f"round {round} waits for devices: {exc.message}", type="fl",
+        if st.get("phase") != FLPhase.WAITING:
+            run.event(f"round {round} waits for devices: {exc.message}", type=EventType.FL,
                       round=round, unavailable=skipped)  # fmt: skip
         self.store.fl_cas(
-            run.id, {"phase": ["closed", "waiting"], "next_round": [round]},
-            phase="waiting", waiting_since=since,
+            run.id, {"phase": list(BETWEEN_ROUNDS), "next_round": [round]},
+            phase=FLPhase.WAITING, waiting_since=since,
         )  # fmt: skip
         self.dispatch.start_round(run.id, round, spec.queue, min(2.0, spec.round_timeout))
         return "waiting"
@@ -220,7 +223,7 @@ class Rounds(Closing, Recovery):
             run.event(
                 f"initial parameters of {spec.model} from device {device.get('name', dev_id)} "
                 f"(shapes {[list(p.shape) for p in params]}); the controller does not run the model",
-                type="fl", device=dev_id,
+                type=EventType.FL, device=dev_id,
             )  # fmt: skip
             return params
         raise PreconditionFailed(
@@ -241,7 +244,7 @@ class Rounds(Closing, Recovery):
         if st is None or st.get("token") != token:
             return {**base, "status": "stale"}
         rnd = int(st["round"])
-        if st.get("phase") != "training":
+        if st.get("phase") != FLPhase.TRAINING:
             return {**base, "status": "late"}  # the round closed before this (duplicate) task ran
         lease = f"fl:{job_id}:{token}:{device_id}"
         owner = f"{self.owner}:{task_id or secrets.token_hex(4)}"
@@ -290,7 +293,7 @@ class Rounds(Closing, Recovery):
 
             def tick() -> bool:
                 self.store.refresh_lock(lease, owner, LEASE_S)
-                return not JobRun(self.store, {"id": job_id}).cancelled()
+                return not JobRun(self.store, cast(Job, {"id": job_id})).cancelled()  # only its id is read
 
             call = channels.wait(future, deadline + 1.0, tick, interval=TICK_S)
             reply = parse_fit_reply(call.reply, device_id=device_id)

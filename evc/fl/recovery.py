@@ -7,6 +7,8 @@ from evc.errors import EVCError, StoreUnavailable
 from evc.fl.jobspec import LEASE_S, FLSpec
 from evc.fl.rounds_core import RoundsCore
 from evc.jobs import JobRun
+from evc.jobs import get as get_job
+from evc.model import BETWEEN_ROUNDS, EventType, FLPhase, JobState
 from evc.store import JSON, now
 
 
@@ -39,14 +41,14 @@ class Recovery(RoundsCore):
         return out
 
     def _recover_one(self, job_id: str) -> str:
-        job = self.store.get_job(job_id)
+        job = get_job(self.store, job_id)
         st = self.store.fl_state(job_id)
-        if job["state"] != "running" or st is None:
+        if job["state"] != JobState.RUNNING or st is None:
             self.store.fl_deactivate(job_id)
             return "inactive"
         spec = FLSpec.from_params(job["params"])
         phase, token = st.get("phase"), st.get("token")
-        if phase == "training" and token:
+        if phase == FLPhase.TRAINING and token:
             outcomes = self.store.fl_outcomes(job_id, token)
             missing = [d for d in st["selected"] if d not in outcomes]
             if not missing:
@@ -59,7 +61,7 @@ class Recovery(RoundsCore):
             deadline = max(float(st["deadline"]), now() + spec.round_timeout)
             if not self.store.fl_cas(
                 job_id,
-                {"token": [token], "phase": ["training"]},
+                {"token": [token], "phase": [FLPhase.TRAINING]},
                 deadline=deadline,
                 dispatches=int(st.get("dispatches", 1)) + 1,
             ):
@@ -67,15 +69,15 @@ class Recovery(RoundsCore):
             JobRun(self.store, job).event(
                 f"round {st['round']}: dispatched again for {len(orphaned)} devices whose "
                 "training tasks were lost (a worker stopped)",
-                type="fl", round=st["round"], devices=orphaned,
+                type=EventType.FL, round=st["round"], devices=orphaned,
             )  # fmt: skip
             self.dispatch.fit_round(job_id, token, list(st["selected"]), spec.queue)
             return "redispatched"
-        if phase == "closing" and token:
+        if phase == FLPhase.CLOSING and token:
             if self.store.lock_owner(f"fl-close:{job_id}:{token}") is not None:
                 return "busy"
             self.dispatch.close_round(job_id, token, spec.queue)
             return "close"
-        if phase in ("closed", "waiting"):
+        if phase in BETWEEN_ROUNDS:
             return self.start_round(job_id, int(st["next_round"]))
         return str(phase)

@@ -22,6 +22,7 @@ from evc.fl.data import load_shard
 from evc.fl.jobspec import BUILTIN_TEST_SETS, Dispatcher, FLSpec, checkpoint_dir, default_owner, evaluation_dir
 from evc.fl.models import is_device_model, load_model
 from evc.jobs import JobRun
+from evc.model import BETWEEN_ROUNDS, IN_ROUND, EventType, FLPhase, JobState
 from evc.settings import Settings
 from evc.store import JSON, Store
 
@@ -54,22 +55,22 @@ class RoundsCore:
             "median_round_s": statistics.median(durations) if durations else None,
             "client_starts": sum(int(r.get("client_starts") or 0) for r in records),
         }
-        self.store.fl_cas(run.id, {}, phase="done")
+        self.store.fl_cas(run.id, {}, phase=FLPhase.DONE)
         self.store.fl_deactivate(run.id)
         run.succeed(summary, message=f"finished {spec.rounds} rounds")
         self._close_channels(run.id)
 
     def _stop(self, run: JobRun, why: str) -> None:
-        self.store.fl_cas(run.id, {"phase": ["closed", "waiting", "closing", "training"]},
-                          phase="stopped")  # fmt: skip
+        self.store.fl_cas(run.id, {"phase": [*BETWEEN_ROUNDS, *IN_ROUND]},
+                          phase=FLPhase.STOPPED)  # fmt: skip
         self.store.fl_deactivate(run.id)
         run.cancel({"stopped": why, "rounds": len(self.store.fl_rounds(run.id))})
-        run.event(why, type="fl")
+        run.event(why, type=EventType.FL)
         self._close_channels(run.id)
 
     def fail_job(self, run: JobRun, exc: EVCError, st: JSON | None = None) -> None:
         """Fail the job with *exc*; a round in flight is discarded (resume restarts it)."""
-        changes: JSON = {"phase": "failed"}
+        changes: JSON = {"phase": FLPhase.FAILED}
         if st is not None and st.get("token"):
             changes["next_round"] = int(st["round"])
             self.store.fl_drop_round(run.id, str(st["token"]))
@@ -94,7 +95,7 @@ class RoundsCore:
         })  # fmt: skip
 
     def _job_alive(self, job_id: str) -> bool:
-        return self.store.job_state(job_id) == "running"
+        return self.store.job_state(job_id) == JobState.RUNNING
 
     def _spec(self, job_id: str) -> FLSpec:
         spec = _specs.get(job_id)

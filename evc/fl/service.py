@@ -25,9 +25,10 @@ from evc.fl.orchestrator import FLSpec, checkpoint_dir, evaluation_dir, fl_ready
 from evc.fl.protocol import params_to_npz
 from evc.fl.strategy import make_strategy
 from evc.jobs import JobRun, Partial
+from evc.model import JSON, EventType, FLPhase, Job, JobKindName, JobState, Queue, strings
 from evc.queue import JobQueue
 from evc.settings import Settings
-from evc.store import JSON, Store, now
+from evc.store import Store, now
 
 #: the training settings a job may give at the top level (the rest go in strategy_params)
 PLAN_FIELDS = (
@@ -140,7 +141,7 @@ def build_spec(settings: Settings, data: Mapping[str, Any], devices: list[str]) 
     python = str(data.get("python") or "python3")
     if not PYTHON_RE.match(python):
         raise ValidationError("python must be an interpreter name or path", field="python")
-    queue = str(data.get("queue") or "fl")
+    queue = str(data.get("queue") or Queue.FL)
     if not QUEUE_RE.match(queue):
         raise ValidationError("queue must be 'fl' or 'fl-<name>'", field="queue")
     test_set = data.get("test_set")
@@ -188,28 +189,32 @@ def submit(
     created_by: str = "",
     idempotency_key: str | None = None,
     pipe: Any = None,
-) -> JSON:
+) -> Job:
     """Validate an FL job and enqueue it (kind ``fl``); returns the job."""
     devices = resolve_devices(store, data.get("devices"), data.get("cluster"))
     python = device_python(store, data.get("python"), data.get("cluster"))
     spec = build_spec(settings, {**data, "python": python}, devices)
     check_ready(store, devices)
     job, _ = jobs.submit(
-        store, sender, "fl", params=spec.to_params(), targets=devices, created_by=created_by,
+        store, sender, JobKindName.FL, params=spec.to_params(), targets=devices, created_by=created_by,
         idempotency_key=idempotency_key, pipe=pipe,
     )  # fmt: skip
     return job
 
 
 # ---------------------------------------------------------------------- showing and steering
-def get_fl_job(store: Store, job_id: str) -> JSON:
-    job = store.get_job(job_id)
-    if job.get("kind") != "fl":
+#: the states an FL job resumes from: stopped (cancelled) or failed
+RESUMABLE: tuple[str, ...] = strings(JobState.CANCELLED, JobState.FAILED)
+
+
+def get_fl_job(store: Store, job_id: str) -> Job:
+    job = jobs.get(store, job_id)
+    if job.get("kind") != JobKindName.FL:
         raise NotFound(f"job {job_id} is not a federated learning job", id=job_id)
     return job
 
 
-def view(store: Store, job_id: str) -> JSON:
+def view(store: Store, job_id: str) -> Job:
     """The job with its FL state and a record per closed round (metrics, failures, late)."""
     job = jobs.public(get_fl_job(store, job_id), store)
     st = store.fl_state(job_id) or {}
@@ -222,7 +227,7 @@ def view(store: Store, job_id: str) -> JSON:
     for rec in rounds:
         rec["late"] = by_round.get(int(rec["round"]), [])
     job["fl"] = {
-        "phase": st.get("phase", "queued"),
+        "phase": st.get("phase", FLPhase.QUEUED),
         "round": st.get("round", 0),
         "rounds_total": job["params"].get("rounds"),
         "selected": st.get("selected") or [],
@@ -233,30 +238,30 @@ def view(store: Store, job_id: str) -> JSON:
     return job
 
 
-def stop(store: Store, job_id: str, revoke: Any = None) -> JSON:
+def stop(store: Store, job_id: str, revoke: Any = None) -> Job:
     """Stop a job at its next round boundary (a queued job at once)."""
     get_fl_job(store, job_id)
     return jobs.cancel(store, job_id, revoke=revoke)
 
 
-def resume(store: Store, sender: jobs.Sender, job_id: str) -> JSON:
+def resume(store: Store, sender: jobs.Sender, job_id: str) -> Job:
     """Resume a stopped or failed job from its last checkpoint; on a running job, put work
     lost with a stopped worker back on the queue."""
     job = get_fl_job(store, job_id)
-    if job["state"] == "running":
-        JobQueue.of(sender).publish("evc.fl_recover", [job_id], queue="fl", ignore_result=True)
+    if job["state"] == JobState.RUNNING:
+        JobQueue.of(sender).publish("evc.fl_recover", [job_id], queue=Queue.FL.value, ignore_result=True)
         return job
-    if job["state"] not in ("cancelled", "failed"):
+    if job["state"] not in RESUMABLE:
         raise Conflict(f"job {job_id} is {job['state']}: only a stopped or failed job resumes",
                        state=job["state"])  # fmt: skip
     attempt = int(job.get("attempt") or 0) + 1
     if not store.transition_job(
-        job_id, "queued", ["cancelled", "failed"], attempt=attempt, cancel_requested=False,
+        job_id, JobState.QUEUED, list(RESUMABLE), attempt=attempt, cancel_requested=False,
         finished_at=None, error=None,
     ):  # fmt: skip
         raise Conflict(f"job {job_id} changed state meanwhile; try again")
-    job = store.get_job(job_id)
-    store.add_event(job_id, {"type": "job", "state": "queued", "message": f"resume (attempt {attempt})"})
+    job = jobs.get(store, job_id)
+    store.add_event(job_id, {"type": EventType.JOB, "state": JobState.QUEUED, "message": f"resume (attempt {attempt})"})
     jobs.enqueue(store, sender, job)
     return job
 

@@ -11,16 +11,10 @@ from typing import Any
 import yaml
 
 from evc.errors import ConfigError, PreconditionFailed, ValidationError
+from evc.model import LEVEL_NAMES, PRIVILEGE_RANK, Privilege
 
-LEVELS: dict[int, str] = {
-    0: "connected",
-    1: "provisioned",
-    2: "monitored",
-    3: "deployable",
-    4: "application",
-}
+LEVELS: dict[int, str] = LEVEL_NAMES
 MAX_LEVEL = max(LEVELS)
-PRIVILEGE_RANK = {"user": 0, "sudo": 1, "root": 2}
 
 #: the function level each operation needs on every device it touches
 OPERATION_LEVELS: dict[str, int] = {
@@ -34,7 +28,7 @@ OPERATION_LEVELS: dict[str, int] = {
 
 @dataclass(frozen=True)
 class Requirements:
-    privilege: str = "user"
+    privilege: str = Privilege.USER
     min_memory_mb: int = 0
     min_cpus: int = 0
     archs: tuple[str, ...] = ()
@@ -42,7 +36,7 @@ class Requirements:
     def unmet(self, device: Mapping[str, Any]) -> list[str]:
         """Why *device* cannot be a member (empty when it can)."""
         why: list[str] = []
-        priv = device.get("privilege") or "user"
+        priv = device.get("privilege") or Privilege.USER
         if PRIVILEGE_RANK.get(priv, 0) < PRIVILEGE_RANK[self.privilege]:
             why.append(f"the account's privilege is {priv!r}; this profile needs {self.privilege!r} or more")
         facts = device.get("facts") or {}
@@ -107,7 +101,7 @@ def _load(path: Path) -> dict[str, Profile]:
     out: dict[str, Profile] = {}
     for name, spec in raw.items():
         req = spec.get("requires") or {}
-        if req.get("privilege", "user") not in PRIVILEGE_RANK:
+        if req.get("privilege", Privilege.USER) not in PRIVILEGE_RANK:
             raise ConfigError(f"profile {name}: unknown privilege {req.get('privilege')!r}")
         levels: dict[int, tuple[Step, ...]] = {}
         for lvl, steps in (spec.get("levels") or {}).items():

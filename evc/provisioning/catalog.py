@@ -13,6 +13,7 @@ import yaml
 
 import evc
 from evc.errors import ConfigError, NotFound, ValidationError
+from evc.model import Privilege, strings
 from evc.provisioning import params
 from evc.settings import Settings
 
@@ -23,7 +24,7 @@ JSON = dict[str, Any]
 #: a playbook name: a file stem, never a path
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 #: privilege levels from least to most; a playbook states the least it needs
-PRIVILEGES = ("user", "sudo", "root")
+PRIVILEGES: tuple[str, ...] = strings(*Privilege)
 PRIVILEGE_RANK = {p: i for i, p in enumerate(PRIVILEGES)}
 _PRIVILEGE_WORDS = {
     "user": "an unprivileged account",

@@ -8,14 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from evc.errors import NotFound, ValidationError
+from evc.model import JSON, RUNNABLE_STATES, HostStatus, strings
 from evc.provisioning.catalog import PlaybookSpec
 from evc.settings import Settings
-from evc.store import JSON, Store
+from evc.store import Store
 
-#: device states a playbook may run in
-RUNNABLE_STATES = frozenset({"online", "degraded"})
 #: per-target statuses a retry re-runs by default (AWX's "relaunch on failed hosts")
-RETRYABLE = ("failed", "unreachable")
+RETRYABLE: tuple[str, ...] = strings(HostStatus.FAILED, HostStatus.UNREACHABLE)
 MAX_RETRIES = 5
 
 

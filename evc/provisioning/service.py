@@ -12,6 +12,7 @@ from typing import Any
 from evc import jobs, monitoring
 from evc.errors import Conflict, EVCError, PreconditionFailed, ValidationError
 from evc.jobs import JobRun, Sender
+from evc.model import JSON, TERMINAL_STATES, HostStatus, Job, JobKindName, strings
 from evc.provisioning.catalog import Catalog, PlaybookSpec
 from evc.provisioning.inventory import job_inventory
 from evc.provisioning.locks import LOCK_TTL_S, DeviceLocks
@@ -30,7 +31,7 @@ from evc.provisioning.request import (
 )
 from evc.provisioning.runner import HostResult, PlaybookRun, RunOutcome, run_playbook
 from evc.settings import Settings
-from evc.store import JSON, TERMINAL_STATES, Store, new_id, now
+from evc.store import Store, new_id, now
 from evc.vault import MASK, Vault
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def submit_provision(
     created_by: str = "",
     idempotency_key: str | None = None,
     secret_ref: str | None = None,
-) -> tuple[JSON, bool]:
+) -> tuple[Job, bool]:
     """Validate *req* and enqueue a provision job. Refuses up front (nothing enqueued) when the
     playbook or its variables are invalid (422), a device is unknown (404), every device is
     refused (409 precondition), or ``lock: fail`` and a device is locked by another job (409)."""
@@ -86,7 +87,7 @@ def submit_provision(
         "retry_of": req.retry_of,
     }
     job, created = jobs.submit(
-        store, sender, "provision", params=params, targets=ids,
+        store, sender, JobKindName.PROVISION, params=params, targets=ids,
         created_by=created_by, idempotency_key=idempotency_key,
     )  # fmt: skip
     if created and req.retry_of:
@@ -140,10 +141,10 @@ def retry_job(
     created_by: str = "",
     on: Sequence[str] = RETRYABLE,
     idempotency_key: str | None = None,
-) -> tuple[JSON, bool]:
+) -> tuple[Job, bool]:
     """A new job that re-runs *job_id*'s playbook on its failed and unreachable hosts only."""
     job = store.get_job(job_id)
-    if job.get("kind") != "provision":
+    if job.get("kind") != JobKindName.PROVISION:
         raise Conflict(f"job {job_id} is a {job.get('kind')} job; only provision jobs are retried")
     if job["state"] not in TERMINAL_STATES:
         raise Conflict(f"job {job_id} is still {job['state']}", state=job["state"])
@@ -193,7 +194,7 @@ def _secrets(store: Store, settings: Settings, params: Mapping[str, Any]) -> JSO
 def host_result(hr: HostResult | None, check: bool, outcome: RunOutcome) -> JSON:
     """One target's result from its run summary."""
     if hr is None:
-        status = "cancelled" if outcome.cancelled else "failed"
+        status = HostStatus.CANCELLED if outcome.cancelled else HostStatus.FAILED
         msg = (
             "cancelled before the host ran"
             if outcome.cancelled
@@ -206,17 +207,17 @@ def host_result(hr: HostResult | None, check: bool, outcome: RunOutcome) -> JSON
     res: JSON = {"status": hr.status, **hr.counts()}
     if hr.message:
         res["message"] = hr.message
-    if hr.status == "ok" and not outcome.completed:  # stopped before the host finished
+    if hr.status == HostStatus.OK and not outcome.completed:  # stopped before the host finished
         if outcome.cancelled:
-            res["status"] = "cancelled"
+            res["status"] = HostStatus.CANCELLED
         else:
-            res["status"] = "failed"
+            res["status"] = HostStatus.FAILED
             res["message"] = f"ansible ended ({outcome.status}) before this host finished" + (
                 f": {outcome.error}" if outcome.error else ""
             )
     if check:
         res["drift"] = hr.changed_tasks
-        res["in_sync"] = not hr.changed_tasks and hr.status == "ok"
+        res["in_sync"] = not hr.changed_tasks and hr.status == HostStatus.OK
     else:
         res["changed_tasks"] = [c["task"] for c in hr.changed_tasks]
     return res
@@ -265,7 +266,7 @@ def provision(store: Store, settings: Settings, run: JobRun, *, internal_vars: M
     if cancelled:
         return summary
     hosts = summary["hosts"]
-    bad = {k: hosts[k] for k in ("failed", "unreachable", "refused") if hosts[k]}
+    bad = {k: hosts[k] for k in strings(HostStatus.FAILED, HostStatus.UNREACHABLE, HostStatus.REFUSED) if hosts[k]}
     if bad:
         what = ", ".join(f"{n} {k}" for k, n in bad.items())
         run.fail(ProvisionFailed(f"{spec.name}: {what} of {len(targets)} device(s)"), summary)
@@ -354,7 +355,7 @@ class _SpecRun:
             self.run.progress(done, len(self.targets))
 
     def refuse(self, dev_id: str, reason: str, message: str) -> None:
-        self.record(dev_id, {"status": "refused", "reason": reason, "message": message})
+        self.record(dev_id, {"status": HostStatus.REFUSED, "reason": reason, "message": message})
         self.run.event(f"{dev_id} refused: {message}", type="provision", target=dev_id, reason=reason)
 
     def runnable(self) -> list[str]:
@@ -419,13 +420,13 @@ class _SpecRun:
         """One host's result of an attempt, its facts, and the playbook's effect on success."""
         hr = outcome.hosts.get(dev_id)
         res = host_result(hr, self.check, outcome)
-        if res["status"] == "unreachable" and self.devices[dev_id].get("jump_host"):
+        if res["status"] == HostStatus.UNREACHABLE and self.devices[dev_id].get("jump_host"):
             res.update(_jump_diagnosis(self.settings, self.devices[dev_id]))
         res["attempts"] = self.attempts
         self.record(dev_id, res)
-        if hr is not None and hr.facts and not self.check and hr.status == "ok":
+        if hr is not None and hr.facts and not self.check and hr.status == HostStatus.OK:
             _record_facts(self.store, dev_id, dict(hr.facts))
-        if res["status"] == "ok" and not self.check and self.spec.name in ON_SUCCESS:
+        if res["status"] == HostStatus.OK and not self.check and self.spec.name in ON_SUCCESS:
             ON_SUCCESS[self.spec.name](self.store, dev_id, self.values)
 
     def finish(self, duration_s: float) -> tuple[dict[str, JSON], JSON, bool]:
@@ -449,7 +450,10 @@ def step_runner(
     def run_step(run: JobRun, playbook: str, device_ids: list[str], extra_vars: JSON, check: bool) -> dict[str, JSON]:
         spec = catalog.get(playbook)
         if check and not spec.check_mode:
-            return {d: {"status": "ok", "changed": False, "message": "no check mode: not verified"} for d in device_ids}
+            return {
+                d: {"status": HostStatus.OK, "changed": False, "message": "no check mode: not verified"}
+                for d in device_ids
+            }
         results, _, _ = run_spec(
             store, settings, run, spec, device_ids, extra_vars, check=check, internal_vars=internal_vars,
             report=False, step=next(steps),
@@ -520,7 +524,7 @@ def _summary(
     attempts: int,
     duration_s: float,
 ) -> JSON:
-    counts = dict.fromkeys(("ok", "failed", "unreachable", "refused", "cancelled"), 0)
+    counts = dict.fromkeys(strings(*HostStatus), 0)
     for r in results.values():
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     counts["total"] = len(results)

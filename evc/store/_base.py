@@ -13,11 +13,10 @@ import redis
 from redis.commands.core import Script
 
 from evc.errors import NotFound, StoreUnavailable
+from evc.model import JSON as JSON  # noqa: E402
 from evc.settings import Settings
 from evc.store import scripts
 from evc.store.client import StorePipeline, store_client
-
-JSON = dict[str, Any]
 
 #: what a record id looks like (see :func:`new_id`); anything else (``job_x:events`` would name
 #: another key) is simply not found

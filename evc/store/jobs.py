@@ -10,12 +10,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from evc.errors import Conflict, NotFound, StaleAttempt
+from evc.model import JOB_STATES as JOB_STATES  # the states live once, in evc.model
+from evc.model import TERMINAL_STATES as TERMINAL_STATES
 from evc.store import scripts
 from evc.store._base import JSON, StoreBase, _dump, _load, now
-
-#: "partial": the job ended with some targets short of what was asked (per-target reasons in its results)
-TERMINAL_STATES = frozenset({"succeeded", "partial", "failed", "cancelled"})
-JOB_STATES = ("queued", "running", "succeeded", "partial", "failed", "cancelled")
 
 #: a job id inside a Celery task message (its task id and arguments name it)
 JOB_ID_IN_MESSAGE = re.compile(rb"job_[0-9a-f]{16}")
