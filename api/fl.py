@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from evc.api.deps import actor, get_sender, get_settings, get_store, idempotency_key, require, unit_of_work
+from evc.api.deps import context, get_sender, get_settings, get_store, require, unit_of_work
 from evc.api.schemas import JobListArgs, JobPageSchema, JobSchema, StrictSchema, page
 from flask import Response
 from flask_smorest import Blueprint
 from marshmallow import ValidationError as SchemaError
 from marshmallow import fields, validate, validates_schema
 
-from evc import jobs
 from evc.fl import service
 
 blp = Blueprint("fl", __name__, url_prefix="/api/v1/fl", description="Federated learning")
@@ -117,15 +116,7 @@ class FLJobListArgs(JobListArgs):
 @blp.response(202, JobSchema)
 def submit(data: dict[str, Any]) -> Any:
     """Start a federated learning job on devices or a cluster's members (kind `fl`)."""
-    return service.submit(
-        get_store(),
-        get_settings(),
-        get_sender(),
-        data,
-        created_by=actor(),
-        idempotency_key=idempotency_key(),
-        pipe=unit_of_work(),
-    )
+    return service.submit(context(idempotent=True), data, pipe=unit_of_work())
 
 
 @blp.route("/jobs", methods=["GET"])
@@ -196,9 +187,9 @@ def install(data: dict[str, Any]) -> Any:
     store = get_store()
     devices = service.resolve_devices(store, data.get("devices"), data.get("cluster"))
     python = service.device_python(store, data.get("python"), data.get("cluster"))
-    job, _ = jobs.submit(store, get_sender(), "fl-install", params={"python": python}, targets=devices,
-                         created_by=actor(), idempotency_key=idempotency_key(),
-                         pipe=unit_of_work())  # fmt: skip
+    job, _ = context(idempotent=True).submit(
+        "fl-install", params={"python": python}, targets=devices, pipe=unit_of_work()
+    )
     return job
 
 
@@ -212,9 +203,7 @@ def partition(data: dict[str, Any]) -> Any:
     store = get_store()
     devices = service.resolve_devices(store, data.get("devices"), data.get("cluster"))
     params = service.check_partition_args(data)
-    job, _ = jobs.submit(store, get_sender(), "fl-partition", params=params, targets=devices,
-                         created_by=actor(), idempotency_key=idempotency_key(),
-                         pipe=unit_of_work())  # fmt: skip
+    job, _ = context(idempotent=True).submit("fl-partition", params=params, targets=devices, pipe=unit_of_work())
     return job
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from evc.api.deps import actor, get_sender, get_settings, get_store, idempotency_key, require
+from evc.api.deps import context, get_settings, require
 from evc.api.schemas import JobSchema, Labels, StrictSchema
 from flask_smorest import Blueprint
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
@@ -93,12 +93,10 @@ class RetrySchema(StrictSchema):
 
 
 def _submit(data: dict[str, Any]) -> Any:
-    store = get_store()
-    job, _ = submit_provision(
-        store, get_sender(), get_settings(), ProvisionRequest.from_dict(data),
-        created_by=actor(), idempotency_key=idempotency_key(),
-    )  # fmt: skip
-    return jobs.public(job, store)
+    req = ProvisionRequest.from_dict(data)
+    ctx = context(idempotent=True)
+    job, _ = submit_provision(ctx, req)
+    return jobs.public(job, ctx.store)
 
 
 @blp.route("/playbooks", methods=["GET"])
@@ -147,10 +145,7 @@ def provision_device(data: dict[str, Any], device_id: str) -> Any:
 def retry(data: dict[str, Any] | None, job_id: str) -> Any:
     """Relaunch a finished provision job on its failed and unreachable hosts only (409 when
     there are none)."""
-    store = get_store()
     on = (data or {}).get("on") or list(RETRYABLE)
-    job, _ = retry_job(
-        store, get_sender(), get_settings(), job_id, created_by=actor(), on=on,
-        idempotency_key=idempotency_key(),
-    )  # fmt: skip
-    return jobs.public(job, store)
+    ctx = context(idempotent=True)
+    job, _ = retry_job(ctx, job_id, on=on)
+    return jobs.public(job, ctx.store)

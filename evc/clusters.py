@@ -3,7 +3,8 @@ cluster's level, leaving can clean it up. Every change is an ordinary job in the
 
 from __future__ import annotations
 
-from evc import jobs, profiles, vault
+from evc import profiles, vault
+from evc.context import Context
 from evc.errors import Conflict, EVCError, PreconditionFailed, ValidationError
 from evc.settings import Settings
 from evc.store import JSON, Store, new_id, now
@@ -63,7 +64,8 @@ def public(store: Store, cl: JSON) -> JSON:
     }
 
 
-def create(store: Store, data: JSON, created_by: str, *, settings: Settings) -> JSON:
+def create(ctx: Context, data: JSON) -> JSON:
+    store, settings, created_by = ctx.store, ctx.settings, ctx.actor
     profile = profiles.get(data["profile"])
     _check_vars(profile, data.get("vars") or {})
     cl = {
@@ -108,11 +110,10 @@ def delete(store: Store, cluster_id: str) -> JSON:
     return cl
 
 
-def add_device(
-    store: Store, sender: jobs.Sender, cluster_id: str, device_id: str, created_by: str
-) -> tuple[JSON, JSON | None]:
+def add_device(ctx: Context, cluster_id: str, device_id: str) -> tuple[JSON, JSON | None]:
     """Join *device_id* to the cluster and enqueue the job that brings it to the cluster's level.
     Returns (cluster, the convergence job or None when the device is already there)."""
+    store = ctx.store
     cl = store.get_cluster(cluster_id)
     dev = store.get_device(device_id)
     if dev.get("state") in ("pending", "unreachable", "failed"):
@@ -129,28 +130,17 @@ def add_device(
     store.log_event({"type": "cluster.joined", "cluster": cluster_id, "device": device_id})
     job = None
     if int(cl.get("target_level") or 0) > int(dev.get("level") or 0):
-        job, _ = jobs.submit(
-            store,
-            sender,
+        job, _ = ctx.with_key(None).submit(
             "level",
             targets=[device_id],
-            created_by=created_by,
             params={"cluster_id": cluster_id, "target": cl["target_level"], "reason": "join"},
         )
     return cl, job
 
 
-def remove_device(
-    store: Store,
-    sender: jobs.Sender,
-    settings: Settings,
-    cluster_id: str,
-    device_id: str,
-    *,
-    cleanup: bool,
-    created_by: str,
-) -> JSON | None:
+def remove_device(ctx: Context, cluster_id: str, device_id: str, *, cleanup: bool) -> JSON | None:
     """Leave the cluster; with *cleanup*, a job removes what EVC installed on the device."""
+    store = ctx.store
     cl = store.get_cluster(cluster_id)
     members = store.cluster_members(cluster_id)
     if device_id not in members:
@@ -169,25 +159,21 @@ def remove_device(
         return None
     from evc.provisioning.service import ProvisionRequest, submit_provision
 
-    job, _ = submit_provision(
-        store, sender, settings, ProvisionRequest(playbook="cleanup", targets=(device_id,)), created_by=created_by
-    )
+    job, _ = submit_provision(ctx.with_key(None), ProvisionRequest(playbook="cleanup", targets=(device_id,)))
     return job
 
 
 def raise_level(
-    store: Store,
-    sender: jobs.Sender,
+    ctx: Context,
     cluster_id: str,
     target: int,
-    created_by: str,
     *,
     check: bool = False,
     offline: str = "skip",
     offline_ttl_s: float = 300.0,
-    idempotency_key: str | None = None,
 ) -> JSON:
     """The job that raises every member to *target* (the cluster's target level is set too)."""
+    store = ctx.store
     cl = store.get_cluster(cluster_id)
     if not 0 <= target <= profiles.MAX_LEVEL:
         raise ValidationError(f"target is 0..{profiles.MAX_LEVEL}", field="target")
@@ -196,12 +182,9 @@ def raise_level(
         raise PreconditionFailed(f"cluster {cl['name']} has no members")
     if not check:
         store.update_cluster(cluster_id, target_level=target)
-    job, _ = jobs.submit(
-        store,
-        sender,
+    job, _ = ctx.submit(
         "level",
         targets=members,
-        created_by=created_by,
         params={
             "cluster_id": cluster_id,
             "target": target,
@@ -210,13 +193,14 @@ def raise_level(
             "offline": offline,
             "offline_ttl_s": offline_ttl_s,
         },
-        idempotency_key=idempotency_key,
     )
     return job
 
 
-def converge(store: Store, sender: jobs.Sender, device_id: str, reason: str) -> JSON | None:
-    """After a device recovers: check its cluster's steps and re-apply only where it drifted."""
+def converge(ctx: Context, device_id: str, reason: str) -> JSON | None:
+    """After a device recovers: check its cluster's steps and re-apply only where it drifted.
+    The job is EVC's own (``evc:health``), whoever the context's caller is."""
+    store = ctx.store
     dev = store.get_device(device_id)
     cid = dev.get("cluster_id")
     if not cid:
@@ -224,25 +208,26 @@ def converge(store: Store, sender: jobs.Sender, device_id: str, reason: str) -> 
     cl = store.get_cluster(cid)
     if int(cl.get("target_level") or 0) <= 0:
         return None
-    job, _ = jobs.submit(
-        store,
-        sender,
-        "level",
-        targets=[device_id],
-        created_by="evc:health",
-        params={"cluster_id": cid, "target": cl["target_level"], "converge": True, "reason": reason},
+    job, _ = (
+        ctx.acting_as("evc:health")
+        .with_key(None)
+        .submit(
+            "level",
+            targets=[device_id],
+            params={"cluster_id": cid, "target": cl["target_level"], "converge": True, "reason": reason},
+        )
     )
     return job
 
 
-def reconverge_recovered(store: Store, sender: jobs.Sender, changes: list[JSON]) -> list[JSON]:
+def reconverge_recovered(ctx: Context, changes: list[JSON]) -> list[JSON]:
     """Devices a sweep saw come back (offline/unreachable -> online): their clusters re-converge
     them (check mode first, apply only where they drifted)."""
     out = []
     for ch in changes:
         if ch.get("to") == "online" and ch.get("from") in ("offline", "unreachable") and ch.get("device"):
             try:
-                job = converge(store, sender, ch["device"], reason=f"recovered from {ch['from']}")
+                job = converge(ctx, ch["device"], reason=f"recovered from {ch['from']}")
             except EVCError:
                 continue
             if job:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from evc import auth, jobs
+from evc import auth
+from evc.context import Context
 from evc.errors import Conflict
-from evc.settings import Settings
 from evc.store import JSON, Store, new_id, now
 
 HIDDEN = ("token_hash",)
@@ -16,20 +16,12 @@ def public(dev: JSON) -> JSON:
     return {k: v for k, v in dev.items() if k not in HIDDEN}
 
 
-def create(
-    store: Store,
-    settings: Settings,
-    sender: jobs.Sender,
-    data: JSON,
-    *,
-    created_by: str,
-    extra_labels: dict[str, str] | None = None,
-    idempotency_key: str | None = None,
-) -> tuple[JSON, JSON, str | None]:
+def create(ctx: Context, data: JSON, *, extra_labels: dict[str, str] | None = None) -> tuple[JSON, JSON, str | None]:
     """Store a ``pending`` device and enqueue its registration job.
 
-    Returns (device, job, token). With a repeated idempotency key the first device and job come
-    back and the token is None (it was shown once)."""
+    Returns (device, job, token). With a repeated idempotency key (the context's) the first
+    device and job come back and the token is None (it was shown once)."""
+    store, settings, created_by, idempotency_key = ctx.store, ctx.settings, ctx.actor, ctx.idempotency_key
     idem_name, _, fingerprint = (idempotency_key or "").partition("\n")  # see jobs.scoped_key
     if idempotency_key:
         prior = store.get_json(f"idem-device:{created_by}:{idem_name}")
@@ -43,7 +35,7 @@ def create(
     token = auth.make_token(auth.PREFIX_DEVICE, settings.token_bytes)
     dev = new_record(data, created_by=created_by, extra_labels=extra_labels)
     store.create_device(dev, auth.hash_token(token))
-    job, _ = jobs.submit(store, sender, "register", targets=[dev["id"]], created_by=created_by)
+    job, _ = ctx.with_key(None).submit("register", targets=[dev["id"]])
     if idempotency_key:
         store.put_json(
             f"idem-device:{created_by}:{idem_name}",
@@ -122,24 +114,13 @@ def update(store: Store, device_id: str, changes: JSON) -> JSON:
     return public(store.update_device(device_id, **changes))
 
 
-def change_connection(
-    store: Store,
-    sender: jobs.Sender,
-    device_id: str,
-    connection: JSON,
-    *,
-    created_by: str,
-    idempotency_key: str | None = None,
-) -> JSON:
+def change_connection(ctx: Context, device_id: str, connection: JSON) -> JSON:
     """Enqueue the job that re-verifies a device at new connection details (host, port, user,
     jump host, host key) and switches to them only when the device answers there."""
-    dev = store.get_device(device_id)
+    dev = ctx.store.get_device(device_id)
     if dev.get("state") in ("pending", "registering"):
         raise Conflict("the device's registration has not finished; wait for its job", field="connection")
-    job, _ = jobs.submit(
-        store, sender, "reconnect", params={"connection": connection}, targets=[device_id],
-        created_by=created_by, idempotency_key=idempotency_key,
-    )  # fmt: skip
+    job, _ = ctx.submit("reconnect", params={"connection": connection}, targets=[device_id])
     return job
 
 
@@ -149,9 +130,10 @@ def remove(store: Store, device_id: str) -> JSON:
     return public(dev)
 
 
-def retry_registration(store: Store, sender: jobs.Sender, device_id: str, *, created_by: str) -> JSON:
+def retry_registration(ctx: Context, device_id: str) -> JSON:
     """Register a device again after its registration failed (fixed key, address or network):
     it goes back to ``pending`` and a new registration job runs. Refused for an online device."""
+    store = ctx.store
     dev = store.get_device(device_id)
     if dev.get("state") == "online":
         raise Conflict(
@@ -159,7 +141,7 @@ def retry_registration(store: Store, sender: jobs.Sender, device_id: str, *, cre
             state="online",
         )
     store.update_device(device_id, state="pending", error=None)
-    job, _ = jobs.submit(store, sender, "register", targets=[device_id], created_by=created_by)
+    job, _ = ctx.with_key(None).submit("register", targets=[device_id])
     store.log_event({"type": "device.state", "device": device_id, "from": dev.get("state"), "to": "pending",
                      "reason": "registration retried"})  # fmt: skip
     return job

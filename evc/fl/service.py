@@ -16,6 +16,7 @@ import numpy as np
 
 from evc import jobs
 from evc import pool as pooling
+from evc.context import Context
 from evc.errors import Conflict, DeviceError, NotFound, PreconditionFailed, SSHTimeout, ValidationError
 from evc.fl import channels
 from evc.fl.checkpoint import latest_round, list_rounds, load_checkpoint
@@ -178,25 +179,14 @@ def check_ready(store: Store, devices: Sequence[str]) -> None:
         )
 
 
-def submit(
-    store: Store,
-    settings: Settings,
-    sender: jobs.Sender,
-    data: Mapping[str, Any],
-    *,
-    created_by: str = "",
-    idempotency_key: str | None = None,
-    pipe: Any = None,
-) -> JSON:
+def submit(ctx: Context, data: Mapping[str, Any], *, pipe: Any = None) -> JSON:
     """Validate an FL job and enqueue it (kind ``fl``); returns the job."""
+    store, settings = ctx.store, ctx.settings
     devices = resolve_devices(store, data.get("devices"), data.get("cluster"))
     python = device_python(store, data.get("python"), data.get("cluster"))
     spec = build_spec(settings, {**data, "python": python}, devices)
     check_ready(store, devices)
-    job, _ = jobs.submit(
-        store, sender, "fl", params=spec.to_params(), targets=devices, created_by=created_by,
-        idempotency_key=idempotency_key, pipe=pipe,
-    )  # fmt: skip
+    job, _ = ctx.submit("fl", params=spec.to_params(), targets=devices, pipe=pipe)
     return job
 
 

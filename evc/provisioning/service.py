@@ -8,9 +8,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from evc import jobs, monitoring
+from evc import monitoring
+from evc.context import Context
 from evc.errors import Conflict, EVCError, PreconditionFailed, ValidationError
-from evc.jobs import JobRun, Sender
+from evc.jobs import JobRun
 from evc.provisioning.catalog import Catalog, PlaybookSpec
 from evc.provisioning.inventory import job_inventory
 from evc.provisioning.locks import LOCK_TTL_S, DeviceLocks
@@ -48,18 +49,11 @@ class ProvisionFailed(EVCError):
 
 
 # ------------------------------------------------------------------------------- submitting
-def submit_provision(
-    store: Store,
-    sender: Sender,
-    settings: Settings,
-    req: ProvisionRequest,
-    created_by: str = "",
-    idempotency_key: str | None = None,
-    secret_ref: str | None = None,
-) -> tuple[JSON, bool]:
+def submit_provision(ctx: Context, req: ProvisionRequest, secret_ref: str | None = None) -> tuple[JSON, bool]:
     """Validate *req* and enqueue a provision job. Refuses up front (nothing enqueued) when the
     playbook or its variables are invalid (422), a device is unknown (404), every device is
     refused (409 precondition), or ``lock: fail`` and a device is locked by another job (409)."""
+    store, settings = ctx.store, ctx.settings
     spec = Catalog.from_settings(settings).get(req.playbook)
     # a retry keeps the first job's sealed secrets (shown masked): never opened outside a worker
     kept = [n for n in secret_names(spec.schema) if secret_ref and (req.extra_vars or {}).get(n) == MASK]
@@ -106,26 +100,16 @@ def submit_provision(
         "secret_ref": secret_ref if secrets or kept else None,
         "retry_of": req.retry_of,
     }
-    job, created = jobs.submit(
-        store, sender, "provision", params=params, targets=ids,
-        created_by=created_by, idempotency_key=idempotency_key,
-    )  # fmt: skip
+    job, created = ctx.submit("provision", params=params, targets=ids)
     if created and req.retry_of:
         store.update_job(job["id"], retry_of=req.retry_of)
         job["retry_of"] = req.retry_of
     return job, created
 
 
-def retry_job(
-    store: Store,
-    sender: Sender,
-    settings: Settings,
-    job_id: str,
-    created_by: str = "",
-    on: Sequence[str] = RETRYABLE,
-    idempotency_key: str | None = None,
-) -> tuple[JSON, bool]:
+def retry_job(ctx: Context, job_id: str, on: Sequence[str] = RETRYABLE) -> tuple[JSON, bool]:
     """A new job that re-runs *job_id*'s playbook on its failed and unreachable hosts only."""
+    store = ctx.store
     job = store.get_job(job_id)
     if job.get("kind") != "provision":
         raise Conflict(f"job {job_id} is a {job.get('kind')} job; only provision jobs are retried")
@@ -149,7 +133,7 @@ def retry_job(
         retry=RetryPolicy.from_dict(p.get("retry")),
         retry_of=job_id,
     )
-    return submit_provision(store, sender, settings, req, created_by, idempotency_key, ref)
+    return submit_provision(ctx, req, ref)
 
 
 def _validate(spec: PlaybookSpec, extra_vars: Mapping[str, Any] | None, kept: Sequence[str]) -> JSON:
