@@ -10,13 +10,14 @@ from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
 from evc import clusters, profiles
+from evc.choices import OFFLINE_POLICIES
 
 blp = Blueprint("clusters", __name__, url_prefix="/api/v1", description="Clusters and interworking profiles")
 
 
 class ClusterCreateSchema(StrictSchema):
     name = fields.String(required=True, validate=validate_name)
-    profile = fields.String(required=True, validate=validate.OneOf(["direct", "container", "k3s", "k8s"]))
+    profile = fields.String(required=True, validate=validate.OneOf(profiles.names()))
     target_level = fields.Integer(load_default=0, validate=validate.Range(min=0, max=profiles.MAX_LEVEL))
     labels = Labels(load_default=dict)
     vars = fields.Dict(
@@ -74,7 +75,7 @@ class LevelSchema(StrictSchema):
     check = fields.Boolean(load_default=False, metadata={"description": "dry run: report what would change"})
     offline = fields.String(
         load_default="skip",
-        validate=validate.OneOf(["skip", "fail", "wait"]),
+        validate=validate.OneOf(OFFLINE_POLICIES),
         metadata={
             "description": "offline members: skip them (reported), fail the job at "
             "once, or wait for them up to offline_ttl_s"

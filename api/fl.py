@@ -12,7 +12,9 @@ from flask_smorest import Blueprint
 from marshmallow import ValidationError as SchemaError
 from marshmallow import fields, validate, validates_schema
 
+from evc.choices import PARTITIONS
 from evc.fl import service
+from evc.fl.strategy import STRATEGIES
 
 blp = Blueprint("fl", __name__, url_prefix="/api/v1/fl", description="Federated learning")
 
@@ -45,9 +47,7 @@ class FLJobCreateSchema(Targets):
     )
     data = fields.Nested(DataSpecSchema, required=True)
     rounds = fields.Integer(load_default=10, validate=validate.Range(min=1, max=100_000))
-    strategy = fields.String(
-        load_default="fedavg", validate=validate.OneOf(["fedavg", "fedprox", "fedavgm", "fedadam"])
-    )
+    strategy = fields.String(load_default="fedavg", validate=validate.OneOf(list(STRATEGIES)))
     strategy_params = fields.Dict(
         keys=fields.String(validate=validate.Length(max=64)),
         load_default=dict,
@@ -99,7 +99,7 @@ class InstallSchema(Targets):
 
 class PartitionSchema(Targets):
     name = fields.String(load_default="digits", metadata={"description": "dataset name: shard directory and test set"})
-    partition = fields.String(load_default="iid", validate=validate.OneOf(["iid", "dirichlet"]))
+    partition = fields.String(load_default="iid", validate=validate.OneOf(PARTITIONS))
     alpha = fields.Float(load_default=0.5, validate=validate.Range(min=0, min_inclusive=False))
     seed = fields.Integer(load_default=42, validate=validate.Range(min=0))
     path = fields.String(load_default=service.DEFAULT_SHARD_PATH, validate=validate.Length(max=500))

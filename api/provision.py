@@ -10,6 +10,7 @@ from flask_smorest import Blueprint
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from evc import jobs
+from evc.choices import LOCK_MODES
 from evc.provisioning.catalog import NAME, Catalog
 from evc.provisioning.service import (
     MAX_RETRIES,
@@ -63,7 +64,7 @@ class RunOptionsSchema(StrictSchema):
     forks = fields.Integer(validate=validate.Range(min=1, max=500), load_default=None)
     lock = fields.String(
         load_default="wait",
-        validate=validate.OneOf(["wait", "fail"]),
+        validate=validate.OneOf(LOCK_MODES),
         metadata={"description": "a device locked by another job: wait behind it, or 409"},
     )
     lock_timeout_s = fields.Float(load_default=300.0, validate=validate.Range(min=1, max=86400))

@@ -9,6 +9,10 @@ from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
+from evc.choices import SCOPES
+from evc.inventory_import import FORMATS
+from evc.store import JOB_STATES
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 HOSTNAME_RE = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
@@ -149,7 +153,7 @@ class JobPageSchema(PageSchema):
 
 class JobListArgs(PageArgs):
     kind = fields.String(validate=validate.Length(max=32))
-    state = fields.String(validate=validate.OneOf(["queued", "running", "succeeded", "partial", "failed", "cancelled"]))
+    state = fields.String(validate=validate.OneOf(JOB_STATES))
     target = fields.String(validate=validate.Length(max=64))
 
 
@@ -207,7 +211,7 @@ class DeviceImportSchema(StrictSchema):
         metadata={"description": "the inventory file's text: Ansible INI or YAML inventory, or CSV"},
     )
     format = fields.String(
-        load_default=None, allow_none=True, validate=validate.OneOf(["ini", "yaml", "csv"]),
+        load_default=None, allow_none=True, validate=validate.OneOf(FORMATS),
         metadata={"description": "default: detected (csv by file name; yaml for a YAML mapping; else ini)"},
     )  # fmt: skip
     filename = fields.String(load_default="", validate=validate.Length(max=255))
@@ -328,7 +332,7 @@ class HeartbeatSchema(StrictSchema):
 class TokenCreateSchema(StrictSchema):
     name = fields.String(required=True, validate=validate_name)
     scopes = fields.List(
-        fields.String(validate=validate.OneOf(["admin", "read"])), required=True, validate=validate.Length(min=1, max=2)
+        fields.String(validate=validate.OneOf(SCOPES)), required=True, validate=validate.Length(min=1, max=len(SCOPES))
     )
     expires_in_s = fields.Integer(validate=validate.Range(min=60, max=10 * 365 * 86400), load_default=None)
 

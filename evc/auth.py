@@ -9,11 +9,11 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from evc.choices import SCOPES
 from evc.errors import AuthError, ConfigError, Forbidden, NotFound, RateLimited
 from evc.settings import Settings
 from evc.store import JSON, Store, new_id, now
 
-SCOPES = ("admin", "read")
 PREFIX_OPERATOR = "evco_"
 PREFIX_DEVICE = "evcd_"
 PREFIX_ENROLL = "evce_"

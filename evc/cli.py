@@ -12,7 +12,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from evc import __version__, cli_views
+from evc import __version__, choices, cli_views, profiles
 from evc.cli_format import Ref, percent, table
 from evc.cli_format import show as show_table
 from evc.client import TERMINAL, APIError, Client, is_local_url
@@ -327,7 +327,7 @@ def token() -> None:
 @token.command("create")
 @click.argument("name")
 @click.option(
-    "--scope", "scopes", multiple=True, default=["read"], show_default=True, type=click.Choice(["admin", "read"])
+    "--scope", "scopes", multiple=True, default=["read"], show_default=True, type=click.Choice(choices.SCOPES)
 )
 @click.option("--expires-in", type=int, default=None, help="seconds")
 @pass_ctx
@@ -624,7 +624,7 @@ def _watch(c: Ctx, client: Client, job_id: str) -> dict[str, Any]:
     "--on",
     "on",
     multiple=True,
-    type=click.Choice(["failed", "unreachable"]),
+    type=click.Choice(choices.RETRYABLE),
     help="which host outcomes to re-run (default both)",
 )
 @click.option("--wait/--no-wait", default=True, show_default=True)
@@ -668,7 +668,7 @@ def playbook_show(c: Ctx, name: str) -> None:
 @click.option("--forks", type=int, default=None)
 @click.option(
     "--lock",
-    type=click.Choice(["wait", "fail"]),
+    type=click.Choice(choices.LOCK_MODES),
     default="wait",
     show_default=True,
     help="a device busy with another job: wait behind it, or refuse",
@@ -770,7 +770,7 @@ def cluster_profiles(c: Ctx) -> None:
 
 @cluster.command("create")
 @click.argument("name")
-@click.option("--profile", required=True, type=click.Choice(["direct", "container", "k3s", "k8s"]))
+@click.option("--profile", required=True, type=click.Choice(profiles.names()))
 @click.option("--level", "target_level", type=int, default=0, show_default=True, help="target function level")
 @click.option("--label", "labels", multiple=True)
 @click.option("--vars-json", default=None, help='per-playbook variables, e.g. \'{"k3s-server": {"artifact": "k3s"}}\'')
@@ -844,7 +844,7 @@ def cluster_remove(c: Ctx, cluster_id: str, device_id: str, cleanup: bool) -> No
 @click.argument("cluster_id", metavar="CLUSTER", type=CLUSTER)
 @click.argument("target", type=int)
 @click.option("--check", is_flag=True, help="dry run: report what would change")
-@click.option("--offline", type=click.Choice(["skip", "fail", "wait"]), default="skip", show_default=True)
+@click.option("--offline", type=click.Choice(choices.OFFLINE_POLICIES), default="skip", show_default=True)
 @click.option("--wait/--no-wait", default=True, show_default=True)
 @pass_ctx
 def cluster_level(c: Ctx, cluster_id: str, target: int, check: bool, offline: str, wait: bool) -> None:
@@ -960,9 +960,7 @@ def _fl_watch(c: Ctx, client: Client, job_id: str, poll: float = 0.5) -> dict[st
 )
 @click.option("--rounds", default=10, show_default=True)
 @click.option("--model", default="softmax", show_default=True, help="softmax, mlp, mlp:<hidden> or module:<path>.py")
-@click.option(
-    "--strategy", default="fedavg", show_default=True, type=click.Choice(["fedavg", "fedprox", "fedavgm", "fedadam"])
-)
+@click.option("--strategy", default="fedavg", show_default=True, type=click.Choice(choices.STRATEGIES))
 @click.option("--param", "params", multiple=True, help="strategy parameter key=value (repeatable), e.g. mu=0.01")
 @click.option("--fraction-fit", type=float, default=None)
 @click.option("--min-fit-clients", type=int, default=None)
@@ -1085,7 +1083,7 @@ def fl_install(c: Ctx, devices: tuple[str, ...], cluster: str | None, python: st
 @click.option("--device", "devices", multiple=True, type=DEVICE, help="device (repeatable): device k gets shard k")
 @click.option("--cluster", default=None, type=CLUSTER)
 @click.option("--name", default="digits", show_default=True, help="dataset name (shard directory, test set)")
-@click.option("--partition", "how", default="iid", show_default=True, type=click.Choice(["iid", "dirichlet"]))
+@click.option("--partition", "how", default="iid", show_default=True, type=click.Choice(choices.PARTITIONS))
 @click.option("--alpha", default=0.5, show_default=True, help="Dirichlet concentration")
 @click.option("--seed", default=42, show_default=True)
 @click.option(

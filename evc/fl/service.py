@@ -16,6 +16,7 @@ import numpy as np
 
 from evc import jobs
 from evc import pool as pooling
+from evc.choices import PARTITIONS
 from evc.context import Context
 from evc.errors import Conflict, DeviceError, NotFound, PreconditionFailed, SSHTimeout, ValidationError
 from evc.fl import channels
@@ -387,7 +388,7 @@ def check_partition_args(data: Mapping[str, Any]) -> JSON:
     if not NAME_RE.match(name):
         raise ValidationError("name must be letters, digits, '.', '_' or '-'", field="name")
     part = str(data.get("partition") or "iid")
-    if part not in ("iid", "dirichlet"):
+    if part not in PARTITIONS:
         raise ValidationError("partition must be 'iid' or 'dirichlet'", field="partition")
     alpha = float(data.get("alpha", 0.5))
     if not alpha > 0:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evc.choices import LOCK_MODES, RETRYABLE
 from evc.errors import NotFound, ValidationError
 from evc.provisioning.catalog import PlaybookSpec
 from evc.settings import Settings
@@ -15,7 +16,6 @@ from evc.store import JSON, Store
 #: device states a playbook may run in
 RUNNABLE_STATES = frozenset({"online", "degraded"})
 #: per-target statuses a retry re-runs by default (AWX's "relaunch on failed hosts")
-RETRYABLE = ("failed", "unreachable")
 MAX_RETRIES = 5
 
 
@@ -61,7 +61,7 @@ class ProvisionRequest:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ProvisionRequest:
         lock = str(data.get("lock") or "wait")
-        if lock not in ("wait", "fail"):
+        if lock not in LOCK_MODES:
             raise ValidationError("lock is 'wait' or 'fail'", field="lock")
         forks = data.get("forks")
         if forks is not None and not 1 <= int(forks) <= 500:
