@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from evc.choices import SCOPES
+from evc.context import Context
 from evc.errors import AuthError, ConfigError, Forbidden, NotFound, RateLimited
 from evc.settings import Settings
 from evc.store import JSON, Store, new_id, now
@@ -77,18 +78,18 @@ def revoke_operator_token(store: Store, token_id: str) -> JSON:
 
 
 def create_enrollment(
-    store: Store,
-    settings: Settings,
+    ctx: Context,
     *,
     ttl_s: int | None,
     max_uses: int | None,
     labels: dict[str, str] | None,
-    created_by: str,
     allow_networks: list[str] | None = None,
 ) -> tuple[JSON, str]:
-    """An enrollment token; *allow_networks* (CIDRs) limits what it may register (see
-    :mod:`evc.enrollment`)."""
+    """An enrollment token created by the context's caller; *allow_networks* (CIDRs) limits
+    what it may register (see :mod:`evc.enrollment`)."""
     from evc.enrollment import parse_networks
+
+    store, settings, created_by = ctx.store, ctx.settings, ctx.actor
 
     networks = [str(n) for n in parse_networks(allow_networks or [])]
     token = make_token(PREFIX_ENROLL, settings.token_bytes)

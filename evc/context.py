@@ -1,9 +1,10 @@
 """What a service call runs with: the store, the settings, the job queue, who is calling and the
 request's idempotency key, passed as one explicit :class:`Context`.
 
-The API builds one per request (:func:`evc.api.deps.context`), a Celery task one per job or tick,
-the CLI one per command; services that enqueue or record who asked take it first. Pure functions
-that only read or write the store keep taking the store."""
+The API builds one per request (:func:`evc.api.deps.context`), a Celery task one per job or tick
+(e.g. the health sweep's, acting as ``evc:health``); services that enqueue jobs or record who
+asked take it first. Functions that only read or write the store keep taking the store, and job
+bodies keep (store, settings, run): the run carries the job."""
 
 from __future__ import annotations
 
