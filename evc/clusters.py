@@ -208,14 +208,11 @@ def converge(ctx: Context, device_id: str, reason: str) -> JSON | None:
     cl = store.get_cluster(cid)
     if int(cl.get("target_level") or 0) <= 0:
         return None
-    job, _ = (
-        ctx.acting_as("evc:health")
-        .with_key(None)
-        .submit(
-            "level",
-            targets=[device_id],
-            params={"cluster_id": cid, "target": cl["target_level"], "converge": True, "reason": reason},
-        )
+    own = ctx.acting_as("evc:health").with_key(None)
+    job, _ = own.submit(
+        "level",
+        targets=[device_id],
+        params={"cluster_id": cid, "target": cl["target_level"], "converge": True, "reason": reason},
     )
     return job
 
