@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from evc.api.deps import actor, get_settings, get_store, require
+from evc.api.deps import actor, context, get_settings, get_store, require
 from evc.api.schemas import (
     AuditPageSchema,
     EnrollmentCreateSchema,
@@ -63,12 +63,10 @@ def revoke_token(token_id: str) -> Any:
 def create_enrollment(data: dict[str, Any]) -> Any:
     """A short-lived, use-limited token a device owner registers with instead of an operator token."""
     rec, token = auth.create_enrollment(
-        get_store(),
-        get_settings(),
+        context(),
         ttl_s=data["ttl_s"],
         max_uses=data["max_uses"],
         labels=data["labels"],
-        created_by=actor(),
         allow_networks=data["allow_networks"],
     )
     return {**auth.public_token(rec), "token": token}

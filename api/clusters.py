@@ -4,20 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from evc.api.deps import actor, get_sender, get_settings, get_store, idempotency_key, require
+from evc.api.deps import context, get_settings, get_store, require
 from evc.api.schemas import JobSchema, Labels, PageArgs, PageSchema, StrictSchema, page, validate_name
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
 from evc import clusters, profiles
-from evc.model import ClusterProfile, OfflinePolicy, Scope, strings
+from evc.choices import OFFLINE_POLICIES
+from evc.model import Scope
 
 blp = Blueprint("clusters", __name__, url_prefix="/api/v1", description="Clusters and interworking profiles")
 
 
 class ClusterCreateSchema(StrictSchema):
     name = fields.String(required=True, validate=validate_name)
-    profile = fields.String(required=True, validate=validate.OneOf(strings(*ClusterProfile)))
+    profile = fields.String(required=True, validate=validate.OneOf(profiles.names()))
     target_level = fields.Integer(load_default=0, validate=validate.Range(min=0, max=profiles.MAX_LEVEL))
     labels = Labels(load_default=dict)
     vars = fields.Dict(
@@ -74,8 +75,8 @@ class LevelSchema(StrictSchema):
     target = fields.Integer(required=True, validate=validate.Range(min=0, max=profiles.MAX_LEVEL))
     check = fields.Boolean(load_default=False, metadata={"description": "dry run: report what would change"})
     offline = fields.String(
-        load_default=OfflinePolicy.SKIP.value,
-        validate=validate.OneOf(strings(*OfflinePolicy)),
+        load_default="skip",
+        validate=validate.OneOf(OFFLINE_POLICIES),
         metadata={
             "description": "offline members: skip them (reported), fail the job at "
             "once, or wait for them up to offline_ttl_s"
@@ -102,8 +103,8 @@ def list_profiles() -> Any:
 @blp.response(201, ClusterSchema)
 def create(data: dict[str, Any]) -> Any:
     """Create a cluster with an interworking profile and a target function level."""
-    store = get_store()
-    return clusters.public(store, clusters.create(store, data, actor(), settings=get_settings()))
+    ctx = context()
+    return clusters.public(ctx.store, clusters.create(ctx, data))
 
 
 @blp.route("/clusters", methods=["GET"])
@@ -152,9 +153,9 @@ def delete(cluster_id: str) -> Any:
 @blp.response(202, MemberResultSchema)
 def add_device(data: dict[str, Any], cluster_id: str) -> Any:
     """Add a device; a job brings it to the cluster's target level."""
-    store = get_store()
-    cl, job = clusters.add_device(store, get_sender(), cluster_id, data["device_id"], actor())
-    return {"cluster": clusters.public(store, cl), "job": job}
+    ctx = context()
+    cl, job = clusters.add_device(ctx, cluster_id, data["device_id"])
+    return {"cluster": clusters.public(ctx.store, cl), "job": job}
 
 
 @blp.route("/clusters/<id:cluster_id>/devices/<id:device_id>", methods=["DELETE"])
@@ -163,10 +164,9 @@ def add_device(data: dict[str, Any], cluster_id: str) -> Any:
 @blp.response(202, MemberResultSchema)
 def remove_device(args: dict[str, Any], cluster_id: str, device_id: str) -> Any:
     """Remove a device; `?cleanup=true` also runs the cleanup playbook on it (a job)."""
-    store = get_store()
-    job = clusters.remove_device(
-        store, get_sender(), get_settings(), cluster_id, device_id, cleanup=args["cleanup"], created_by=actor()
-    )
+    ctx = context()
+    store = ctx.store
+    job = clusters.remove_device(ctx, cluster_id, device_id, cleanup=args["cleanup"])
     return {"cluster": clusters.public(store, store.get_cluster(cluster_id)), "job": job}
 
 
@@ -178,13 +178,10 @@ def level(data: dict[str, Any], cluster_id: str) -> Any:
     """Raise every member to a function level (a job reporting, per device, the level reached
     and why not higher)."""
     return clusters.raise_level(
-        get_store(),
-        get_sender(),
+        context(idempotent=True),
         cluster_id,
         data["target"],
-        actor(),
         check=data["check"],
         offline=data["offline"],
         offline_ttl_s=data["offline_ttl_s"],
-        idempotency_key=idempotency_key(),
     )

@@ -11,6 +11,7 @@ from flask import current_app, g, request
 
 from evc import auth, jobs
 from evc.auth import Principal
+from evc.context import Caller, Context
 from evc.errors import Forbidden
 from evc.model import PrincipalKind
 from evc.settings import Settings
@@ -123,3 +124,18 @@ def _security(fn: Any) -> None:
 def actor() -> str:
     p = getattr(g, "principal", None)
     return p.label if p else "anonymous"
+
+
+def caller() -> Caller:
+    """The authenticated caller as services see it (``anonymous`` before authentication)."""
+    p = getattr(g, "principal", None)
+    return Caller(p.label, p.scopes) if p else Caller("anonymous")
+
+
+def context(*, idempotent: bool = False) -> Context:
+    """This request's :class:`~evc.context.Context`, built once (after authentication); with
+    *idempotent*, carrying the request's scoped ``Idempotency-Key`` (:func:`idempotency_key`)."""
+    ctx = getattr(g, "evc_context", None)
+    if ctx is None:
+        ctx = g.evc_context = Context(get_store(), get_settings(), get_sender(), caller())
+    return cast(Context, ctx).with_key(idempotency_key()) if idempotent else cast(Context, ctx)

@@ -5,13 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from evc.api.deps import (
-    actor,
     authenticate,
     authenticated,
-    get_sender,
+    context,
     get_settings,
     get_store,
-    idempotency_key,
     require,
     require_device,
 )
@@ -32,7 +30,7 @@ from evc.api.schemas import (
 )
 from flask_smorest import Blueprint
 
-from evc import auth, devices, enrollment, jobs
+from evc import auth, devices, enrollment
 from evc.errors import Conflict, Forbidden
 from evc.model import Job, JobKindName, PrincipalKind, Scope
 from evc.store import now
@@ -50,7 +48,7 @@ def register(data: dict[str, Any]) -> Any:
 
     Takes an operator token with the admin scope, or an enrollment token (one use is spent).
     Install EVC's key on the device first (GET /api/v1/ssh-key)."""
-    store, settings = get_store(), get_settings()
+    store = get_store()
     who = authenticate()
     extra: dict[str, str] = {}
     if who.kind == PrincipalKind.ENROLLMENT:  # checked before a use is spent
@@ -58,10 +56,7 @@ def register(data: dict[str, Any]) -> Any:
         auth.use_enrollment(store, who)
     else:
         auth.check_scope(who, Scope.ADMIN)
-    dev, job, token = devices.create(
-        store, settings, get_sender(), data, created_by=actor(), extra_labels=extra,
-        idempotency_key=idempotency_key(),
-    )  # fmt: skip
+    dev, job, token = devices.create(context(idempotent=True), data, extra_labels=extra)
     out: dict[str, Any] = {"device": dev, "job": job}
     if token:
         out["token"] = token
@@ -99,7 +94,7 @@ def import_devices(data: dict[str, Any]) -> Any:
     job: Job | None = None
     tokens: dict[str, str] = {}
     if not data["dry_run"]:
-        job, tokens = device_import.apply(store, get_settings(), get_sender(), planned, created_by=actor())
+        job, tokens = device_import.apply(context(), planned)
     return {"dry_run": data["dry_run"], "devices": [p.public() for p in planned], "job": job, "tokens": tokens}
 
 
@@ -120,7 +115,7 @@ def _first_error(errors: dict[str, Any]) -> str:
 def retry_registration(device_id: str) -> Any:
     """Register a device again after its registration failed (its key installed since, its
     address fixed, its network back): it returns to ``pending`` and a new job probes it."""
-    return devices.retry_registration(get_store(), get_sender(), device_id, created_by=actor())
+    return devices.retry_registration(context(), device_id)
 
 
 @blp.route("/devices", methods=["GET"])
@@ -178,10 +173,7 @@ def update(data: dict[str, Any], device_id: str) -> Any:
     dev = devices.update(store, device_id, data) if data else devices.public(store.get_device(device_id))
     if connection is None:
         return dev
-    job = devices.change_connection(
-        store, get_sender(), device_id, connection, created_by=actor(),
-        idempotency_key=idempotency_key(),
-    )  # fmt: skip
+    job = devices.change_connection(context(idempotent=True), device_id, connection)
     return {**dev, "job": job}, 202
 
 
@@ -208,7 +200,7 @@ def repin(data: dict[str, Any], device_id: str) -> Any:
             raise Conflict("the device has no jump host", field="jump_host_key")
         changes["jump_host"] = {**dev["jump_host"], "host_key": data["jump_host_key"]}
     store.update_device(device_id, **changes)
-    return _facts_job(store, device_id)
+    return _facts_job(device_id)
 
 
 @blp.route("/devices/<id:device_id>/facts", methods=["POST"])
@@ -220,17 +212,10 @@ def refresh(device_id: str) -> Any:
     dev = store.get_device(device_id)
     if not dev.get("host_key"):
         raise Forbidden("the device has no pinned host key yet; wait for its registration job")
-    return _facts_job(store, device_id)
+    return _facts_job(device_id)
 
 
-def _facts_job(store: Any, device_id: str) -> Any:
+def _facts_job(device_id: str) -> Any:
     """The job that (re-)probes a device's facts, privilege and, when unpinned, its host key."""
-    job, _ = jobs.submit(
-        store,
-        get_sender(),
-        JobKindName.FACTS,
-        targets=[device_id],
-        created_by=actor(),
-        idempotency_key=idempotency_key(),
-    )
+    job, _ = context(idempotent=True).submit(JobKindName.FACTS, targets=[device_id])
     return job

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from evc.api.deps import actor, get_sender, get_store, idempotency_key, require
+from evc.api.deps import context, get_store, require
 from evc.api.schemas import JobSchema, PageArgs, PageSchema, StrictSchema, page
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
-from evc import jobs
 from evc.model import JobKindName, Scope
 
 blp = Blueprint("events", __name__, url_prefix="/api/v1", description="Fleet events and health")
@@ -77,8 +76,5 @@ def list_events(args: dict[str, Any]) -> Any:
 def sweep(data: dict[str, Any]) -> Any:
     """Check the health of every registered device now (or of the devices listed): a job with
     a result per device."""
-    job, _ = jobs.submit(
-        get_store(), get_sender(), JobKindName.HEALTH, targets=list(dict.fromkeys(data["devices"])),
-        created_by=actor(), idempotency_key=idempotency_key(),
-    )  # fmt: skip
+    job, _ = context(idempotent=True).submit(JobKindName.HEALTH, targets=list(dict.fromkeys(data["devices"])))
     return job

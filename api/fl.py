@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from evc.api.deps import actor, get_sender, get_settings, get_store, idempotency_key, require, unit_of_work
+from evc.api.deps import context, get_sender, get_settings, get_store, require, unit_of_work
 from evc.api.schemas import JobListArgs, JobPageSchema, JobSchema, StrictSchema, page
 from flask import Response
 from flask_smorest import Blueprint
 from marshmallow import ValidationError as SchemaError
 from marshmallow import fields, validate, validates_schema
 
-from evc import jobs
+from evc.choices import PARTITIONS
 from evc.fl import service
+from evc.fl.strategy import STRATEGIES
 from evc.model import JobKindName, Scope
 from evc.queue import JobQueue
 
@@ -48,9 +49,7 @@ class FLJobCreateSchema(Targets):
     )
     data = fields.Nested(DataSpecSchema, required=True)
     rounds = fields.Integer(load_default=10, validate=validate.Range(min=1, max=100_000))
-    strategy = fields.String(
-        load_default="fedavg", validate=validate.OneOf(["fedavg", "fedprox", "fedavgm", "fedadam"])
-    )
+    strategy = fields.String(load_default="fedavg", validate=validate.OneOf(list(STRATEGIES)))
     strategy_params = fields.Dict(
         keys=fields.String(validate=validate.Length(max=64)),
         load_default=dict,
@@ -102,7 +101,7 @@ class InstallSchema(Targets):
 
 class PartitionSchema(Targets):
     name = fields.String(load_default="digits", metadata={"description": "dataset name: shard directory and test set"})
-    partition = fields.String(load_default="iid", validate=validate.OneOf(["iid", "dirichlet"]))
+    partition = fields.String(load_default="iid", validate=validate.OneOf(PARTITIONS))
     alpha = fields.Float(load_default=0.5, validate=validate.Range(min=0, min_inclusive=False))
     seed = fields.Integer(load_default=42, validate=validate.Range(min=0))
     path = fields.String(load_default=service.DEFAULT_SHARD_PATH, validate=validate.Length(max=500))
@@ -119,15 +118,7 @@ class FLJobListArgs(JobListArgs):
 @blp.response(202, JobSchema)
 def submit(data: dict[str, Any]) -> Any:
     """Start a federated learning job on devices or a cluster's members (kind `fl`)."""
-    return service.submit(
-        get_store(),
-        get_settings(),
-        get_sender(),
-        data,
-        created_by=actor(),
-        idempotency_key=idempotency_key(),
-        pipe=unit_of_work(),
-    )
+    return service.submit(context(idempotent=True), data, pipe=unit_of_work())
 
 
 @blp.route("/jobs", methods=["GET"])
@@ -197,9 +188,9 @@ def install(data: dict[str, Any]) -> Any:
     store = get_store()
     devices = service.resolve_devices(store, data.get("devices"), data.get("cluster"))
     python = service.device_python(store, data.get("python"), data.get("cluster"))
-    job, _ = jobs.submit(store, get_sender(), JobKindName.FL_INSTALL, params={"python": python}, targets=devices,
-                         created_by=actor(), idempotency_key=idempotency_key(),
-                         pipe=unit_of_work())  # fmt: skip
+    job, _ = context(idempotent=True).submit(
+        JobKindName.FL_INSTALL, params={"python": python}, targets=devices, pipe=unit_of_work()
+    )
     return job
 
 
@@ -213,9 +204,9 @@ def partition(data: dict[str, Any]) -> Any:
     store = get_store()
     devices = service.resolve_devices(store, data.get("devices"), data.get("cluster"))
     params = service.check_partition_args(data)
-    job, _ = jobs.submit(store, get_sender(), JobKindName.FL_PARTITION, params=params, targets=devices,
-                         created_by=actor(), idempotency_key=idempotency_key(),
-                         pipe=unit_of_work())  # fmt: skip
+    job, _ = context(idempotent=True).submit(
+        JobKindName.FL_PARTITION, params=params, targets=devices, pipe=unit_of_work()
+    )
     return job
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from evc.api.deps import actor, get_sender, get_store, idempotency_key, require, unit_of_work
+from evc.api.deps import context, get_sender, get_store, require, unit_of_work
 from evc.api.schemas import (
     EventArgs,
     EventPageSchema,
@@ -29,15 +29,7 @@ blp = Blueprint("jobs", __name__, url_prefix="/api/v1", description="Asynchronou
 @blp.response(202, JobSchema)
 def submit(data: dict[str, Any]) -> Any:
     """Submit a generic job (kind `noop`: checks the pipeline end to end)."""
-    job, _ = jobs.submit(
-        get_store(),
-        get_sender(),
-        data["kind"],
-        created_by=actor(),
-        params=data["params"] or None,
-        idempotency_key=idempotency_key(),
-        pipe=unit_of_work(),
-    )
+    job, _ = context(idempotent=True).submit(data["kind"], params=data["params"] or None, pipe=unit_of_work())
     return job
 
 

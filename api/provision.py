@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from evc.api.deps import actor, get_sender, get_settings, get_store, idempotency_key, require
+from evc.api.deps import context, get_settings, require
 from evc.api.schemas import JobSchema, Labels, StrictSchema
 from flask_smorest import Blueprint
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from evc import jobs
+from evc.choices import LOCK_MODES
 from evc.model import Scope
 from evc.provisioning.catalog import NAME, Catalog
 from evc.provisioning.service import (
@@ -64,7 +65,7 @@ class RunOptionsSchema(StrictSchema):
     forks = fields.Integer(validate=validate.Range(min=1, max=500), load_default=None)
     lock = fields.String(
         load_default="wait",
-        validate=validate.OneOf(["wait", "fail"]),
+        validate=validate.OneOf(LOCK_MODES),
         metadata={"description": "a device locked by another job: wait behind it, or 409"},
     )
     lock_timeout_s = fields.Float(load_default=300.0, validate=validate.Range(min=1, max=86400))
@@ -94,12 +95,10 @@ class RetrySchema(StrictSchema):
 
 
 def _submit(data: dict[str, Any]) -> Any:
-    store = get_store()
-    job, _ = submit_provision(
-        store, get_sender(), get_settings(), ProvisionRequest.from_dict(data),
-        created_by=actor(), idempotency_key=idempotency_key(),
-    )  # fmt: skip
-    return jobs.public(job, store)
+    req = ProvisionRequest.from_dict(data)
+    ctx = context(idempotent=True)
+    job, _ = submit_provision(ctx, req)
+    return jobs.public(job, ctx.store)
 
 
 @blp.route("/playbooks", methods=["GET"])
@@ -148,10 +147,7 @@ def provision_device(data: dict[str, Any], device_id: str) -> Any:
 def retry(data: dict[str, Any] | None, job_id: str) -> Any:
     """Relaunch a finished provision job on its failed and unreachable hosts only (409 when
     there are none)."""
-    store = get_store()
     on = (data or {}).get("on") or list(RETRYABLE)
-    job, _ = retry_job(
-        store, get_sender(), get_settings(), job_id, created_by=actor(), on=on,
-        idempotency_key=idempotency_key(),
-    )  # fmt: skip
-    return jobs.public(job, store)
+    ctx = context(idempotent=True)
+    job, _ = retry_job(ctx, job_id, on=on)
+    return jobs.public(job, ctx.store)

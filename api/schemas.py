@@ -9,7 +9,9 @@ from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
-from evc.model import JOB_STATES, JobKindName, Scope, strings
+from evc.choices import SCOPES
+from evc.inventory_import import FORMATS
+from evc.model import JOB_STATES, JobKindName
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 HOSTNAME_RE = re.compile(
@@ -209,7 +211,7 @@ class DeviceImportSchema(StrictSchema):
         metadata={"description": "the inventory file's text: Ansible INI or YAML inventory, or CSV"},
     )
     format = fields.String(
-        load_default=None, allow_none=True, validate=validate.OneOf(["ini", "yaml", "csv"]),
+        load_default=None, allow_none=True, validate=validate.OneOf(FORMATS),
         metadata={"description": "default: detected (csv by file name; yaml for a YAML mapping; else ini)"},
     )  # fmt: skip
     filename = fields.String(load_default="", validate=validate.Length(max=255))
@@ -330,7 +332,7 @@ class HeartbeatSchema(StrictSchema):
 class TokenCreateSchema(StrictSchema):
     name = fields.String(required=True, validate=validate_name)
     scopes = fields.List(
-        fields.String(validate=validate.OneOf(strings(*Scope))), required=True, validate=validate.Length(min=1, max=2)
+        fields.String(validate=validate.OneOf(SCOPES)), required=True, validate=validate.Length(min=1, max=len(SCOPES))
     )
     expires_in_s = fields.Integer(validate=validate.Range(min=60, max=10 * 365 * 86400), load_default=None)
 

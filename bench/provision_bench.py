@@ -30,6 +30,7 @@ from typing import Any
 from _common import Figure, emit, private_stack
 
 from evc import keys
+from evc.context import Caller, Context
 from evc.jobs import JobRun
 from evc.provisioning.catalog import Catalog
 from evc.provisioning.inventory import job_inventory
@@ -104,7 +105,7 @@ def cpu_s() -> float:
 
 def run_evc(store: Store, settings: Settings, ids: list[str], forks: int) -> tuple[float, dict[str, Any]]:
     req = ProvisionRequest.from_dict({"playbook": "bench3", "targets": ids, "forks": forks})
-    job, _ = submit_provision(store, NoBroker(), settings, req, created_by="bench")
+    job, _ = submit_provision(Context(store, settings, NoBroker(), Caller("bench")), req)
     run = JobRun.start(store, job["id"])
     assert run is not None
     summary = provision(store, settings, run)

@@ -10,12 +10,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, cast
 
+from evc.choices import SCOPES
+from evc.context import Context
 from evc.errors import AuthError, ConfigError, Forbidden, NotFound, RateLimited
-from evc.model import JSON, Enrollment, PrincipalKind, Scope, Token, strings
+from evc.model import JSON, Enrollment, PrincipalKind, Scope, Token
 from evc.settings import Settings
 from evc.store import Store, new_id, now
 
-SCOPES: tuple[str, ...] = strings(*Scope)
 PREFIX_OPERATOR = "evco_"
 PREFIX_DEVICE = "evcd_"
 PREFIX_ENROLL = "evce_"
@@ -79,18 +80,18 @@ def revoke_operator_token(store: Store, token_id: str) -> Token:
 
 
 def create_enrollment(
-    store: Store,
-    settings: Settings,
+    ctx: Context,
     *,
     ttl_s: int | None,
     max_uses: int | None,
     labels: dict[str, str] | None,
-    created_by: str,
     allow_networks: list[str] | None = None,
 ) -> tuple[Enrollment, str]:
-    """An enrollment token; *allow_networks* (CIDRs) limits what it may register (see
-    :mod:`evc.enrollment`)."""
+    """An enrollment token created by the context's caller; *allow_networks* (CIDRs) limits
+    what it may register (see :mod:`evc.enrollment`)."""
     from evc.enrollment import parse_networks
+
+    store, settings, created_by = ctx.store, ctx.settings, ctx.actor
 
     networks = [str(n) for n in parse_networks(allow_networks or [])]
     token = make_token(PREFIX_ENROLL, settings.token_bytes)

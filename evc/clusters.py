@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import cast
 
-from evc import jobs, profiles, vault
+from evc import profiles, vault
+from evc.context import Context
 from evc.errors import Conflict, EVCError, PreconditionFailed, StoreUnavailable, ValidationError
 from evc.model import JSON, OFFLINE_STATES, Cluster, ClusterView, DeviceState, Job, JobKindName, OfflinePolicy
 from evc.settings import Settings
@@ -69,7 +70,8 @@ def public(store: Store, cl: Cluster | JSON) -> ClusterView:
     )
 
 
-def create(store: Store, data: JSON, created_by: str, *, settings: Settings) -> Cluster:
+def create(ctx: Context, data: JSON) -> Cluster:
+    store, settings, created_by = ctx.store, ctx.settings, ctx.actor
     profile = profiles.get(data["profile"])
     _check_vars(profile, data.get("vars") or {})
     cl: Cluster = {
@@ -114,11 +116,10 @@ def delete(store: Store, cluster_id: str) -> Cluster:
     return cast(Cluster, cl)  # store returns JSON until typed
 
 
-def add_device(
-    store: Store, sender: jobs.Sender, cluster_id: str, device_id: str, created_by: str
-) -> tuple[Cluster, Job | None]:
+def add_device(ctx: Context, cluster_id: str, device_id: str) -> tuple[Cluster, Job | None]:
     """Join *device_id* to the cluster and enqueue the job that brings it to the cluster's level.
     Returns (cluster, the convergence job or None when the device is already there)."""
+    store = ctx.store
     cl = store.get_cluster(cluster_id)
     dev = store.get_device(device_id)
     if dev.get("state") in (DeviceState.PENDING, DeviceState.UNREACHABLE, DeviceState.FAILED):
@@ -135,28 +136,17 @@ def add_device(
     store.log_event({"type": "cluster.joined", "cluster": cluster_id, "device": device_id})
     job = None
     if int(cl.get("target_level") or 0) > int(dev.get("level") or 0):
-        job, _ = jobs.submit(
-            store,
-            sender,
+        job, _ = ctx.with_key(None).submit(
             JobKindName.LEVEL,
             targets=[device_id],
-            created_by=created_by,
             params={"cluster_id": cluster_id, "target": cl["target_level"], "reason": "join"},
         )
     return cast(Cluster, cl), job  # store returns JSON until typed
 
 
-def remove_device(
-    store: Store,
-    sender: jobs.Sender,
-    settings: Settings,
-    cluster_id: str,
-    device_id: str,
-    *,
-    cleanup: bool,
-    created_by: str,
-) -> Job | None:
+def remove_device(ctx: Context, cluster_id: str, device_id: str, *, cleanup: bool) -> Job | None:
     """Leave the cluster; with *cleanup*, a job removes what EVC installed on the device."""
+    store = ctx.store
     cl = store.get_cluster(cluster_id)
     members = store.cluster_members(cluster_id)
     if device_id not in members:
@@ -175,25 +165,21 @@ def remove_device(
         return None
     from evc.provisioning.service import ProvisionRequest, submit_provision
 
-    job, _ = submit_provision(
-        store, sender, settings, ProvisionRequest(playbook="cleanup", targets=(device_id,)), created_by=created_by
-    )
+    job, _ = submit_provision(ctx.with_key(None), ProvisionRequest(playbook="cleanup", targets=(device_id,)))
     return job
 
 
 def raise_level(
-    store: Store,
-    sender: jobs.Sender,
+    ctx: Context,
     cluster_id: str,
     target: int,
-    created_by: str,
     *,
     check: bool = False,
     offline: str = OfflinePolicy.SKIP,
     offline_ttl_s: float = 300.0,
-    idempotency_key: str | None = None,
 ) -> Job:
     """The job that raises every member to *target* (the cluster's target level is set too)."""
+    store = ctx.store
     cl = store.get_cluster(cluster_id)
     if not 0 <= target <= profiles.MAX_LEVEL:
         raise ValidationError(f"target is 0..{profiles.MAX_LEVEL}", field="target")
@@ -202,12 +188,9 @@ def raise_level(
         raise PreconditionFailed(f"cluster {cl['name']} has no members")
     if not check:
         store.update_cluster(cluster_id, target_level=target)
-    job, _ = jobs.submit(
-        store,
-        sender,
+    job, _ = ctx.submit(
         JobKindName.LEVEL,
         targets=members,
-        created_by=created_by,
         params={
             "cluster_id": cluster_id,
             "target": target,
@@ -216,13 +199,14 @@ def raise_level(
             "offline": offline,
             "offline_ttl_s": offline_ttl_s,
         },
-        idempotency_key=idempotency_key,
     )
     return job
 
 
-def converge(store: Store, sender: jobs.Sender, device_id: str, reason: str) -> Job | None:
-    """After a device recovers: check its cluster's steps and re-apply only where it drifted."""
+def converge(ctx: Context, device_id: str, reason: str) -> Job | None:
+    """After a device recovers: check its cluster's steps and re-apply only where it drifted.
+    The job is EVC's own (``evc:health``), whoever the context's caller is."""
+    store = ctx.store
     dev = store.get_device(device_id)
     cid = dev.get("cluster_id")
     if not cid:
@@ -230,25 +214,23 @@ def converge(store: Store, sender: jobs.Sender, device_id: str, reason: str) -> 
     cl = store.get_cluster(cid)
     if int(cl.get("target_level") or 0) <= 0:
         return None
-    job, _ = jobs.submit(
-        store,
-        sender,
+    own = ctx.acting_as("evc:health").with_key(None)
+    job, _ = own.submit(
         JobKindName.LEVEL,
         targets=[device_id],
-        created_by="evc:health",
         params={"cluster_id": cid, "target": cl["target_level"], "converge": True, "reason": reason},
     )
     return job
 
 
-def reconverge_recovered(store: Store, sender: jobs.Sender, changes: list[JSON]) -> list[Job]:
+def reconverge_recovered(ctx: Context, changes: list[JSON]) -> list[Job]:
     """Devices a sweep saw come back (offline/unreachable -> online): their clusters re-converge
     them (check mode first, apply only where they drifted)."""
     out = []
     for ch in changes:
         if ch.get("to") == DeviceState.ONLINE and ch.get("from") in OFFLINE_STATES and ch.get("device"):
             try:
-                job = converge(store, sender, ch["device"], reason=f"recovered from {ch['from']}")
+                job = converge(ctx, ch["device"], reason=f"recovered from {ch['from']}")
             except StoreUnavailable:
                 raise  # the sweep's task retries; a device is not skipped for a Redis outage
             except EVCError:

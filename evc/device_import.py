@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, cast
 
-from evc import auth, devices, jobs
+from evc import auth, devices
+from evc.context import Context
 from evc.inventory_import import InventoryEntry, InventoryProblem
 from evc.model import JSON, DeviceState, Job, JobKindName
-from evc.settings import Settings
 from evc.store import Store, now
 
 Action = Literal["create", "update", "register", "unchanged", "invalid"]
@@ -70,17 +70,11 @@ def _norm(value: Any) -> Any:
     return value
 
 
-def apply(
-    store: Store,
-    settings: Settings,
-    sender: jobs.Sender,
-    planned: list[PlannedDevice],
-    *,
-    created_by: str,
-) -> tuple[Job | None, dict[str, str]]:
+def apply(ctx: Context, planned: list[PlannedDevice]) -> tuple[Job | None, dict[str, str]]:
     """Carry out a plan: create and update the devices, then one ``import`` job registers every
     device created, changed in how it is reached, or not online. Returns (the job or None when
     nothing needs registering, the new devices' tokens by name, shown once)."""
+    store, settings, created_by = ctx.store, ctx.settings, ctx.actor
     targets: list[str] = []
     tokens: dict[str, str] = {}
     for p in planned:
@@ -108,7 +102,7 @@ def apply(
             targets.append(p.device_id)
     if not targets:
         return None, tokens
-    job, _ = jobs.submit(store, sender, JobKindName.IMPORT, targets=targets, created_by=created_by)
+    job, _ = ctx.with_key(None).submit(JobKindName.IMPORT, targets=targets)
     return job, tokens
 
 

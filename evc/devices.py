@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any, cast
 
 from evc import auth, jobs
+from evc.context import Context
 from evc.errors import Conflict
 from evc.model import JSON, REGISTERING_STATES, Device, DeviceState, Job, JobKindName
-from evc.settings import Settings
 from evc.store import Store, new_id, now
 
 HIDDEN = ("token_hash",)
@@ -17,20 +17,12 @@ def public(dev: Device | JSON) -> Device:
     return cast(Device, {k: v for k, v in dev.items() if k not in HIDDEN})
 
 
-def create(
-    store: Store,
-    settings: Settings,
-    sender: jobs.Sender,
-    data: JSON,
-    *,
-    created_by: str,
-    extra_labels: dict[str, str] | None = None,
-    idempotency_key: str | None = None,
-) -> tuple[Device, Job, str | None]:
+def create(ctx: Context, data: JSON, *, extra_labels: dict[str, str] | None = None) -> tuple[Device, Job, str | None]:
     """Store a ``pending`` device and enqueue its registration job.
 
-    Returns (device, job, token). With a repeated idempotency key the first device and job come
-    back and the token is None (it was shown once)."""
+    Returns (device, job, token). With a repeated idempotency key (the context's) the first
+    device and job come back and the token is None (it was shown once)."""
+    store, settings, created_by, idempotency_key = ctx.store, ctx.settings, ctx.actor, ctx.idempotency_key
     idem_name, _, fingerprint = (idempotency_key or "").partition("\n")  # see jobs.scoped_key
     if idempotency_key:
         prior = store.get_json(f"idem-device:{created_by}:{idem_name}")
@@ -44,7 +36,7 @@ def create(
     token = auth.make_token(auth.PREFIX_DEVICE, settings.token_bytes)
     dev = new_record(data, created_by=created_by, extra_labels=extra_labels)
     store.create_device(cast(JSON, dev), auth.hash_token(token))
-    job, _ = jobs.submit(store, sender, JobKindName.REGISTER, targets=[dev["id"]], created_by=created_by)
+    job, _ = ctx.with_key(None).submit(JobKindName.REGISTER, targets=[dev["id"]])
     if idempotency_key:
         store.put_json(
             f"idem-device:{created_by}:{idem_name}",
@@ -121,24 +113,13 @@ def update(store: Store, device_id: str, changes: JSON) -> Device:
     return public(store.update_device(device_id, **changes))
 
 
-def change_connection(
-    store: Store,
-    sender: jobs.Sender,
-    device_id: str,
-    connection: JSON,
-    *,
-    created_by: str,
-    idempotency_key: str | None = None,
-) -> Job:
+def change_connection(ctx: Context, device_id: str, connection: JSON) -> Job:
     """Enqueue the job that re-verifies a device at new connection details (host, port, user,
     jump host, host key) and switches to them only when the device answers there."""
-    dev = store.get_device(device_id)
+    dev = ctx.store.get_device(device_id)
     if dev.get("state") in REGISTERING_STATES:
         raise Conflict("the device's registration has not finished; wait for its job", field="connection")
-    job, _ = jobs.submit(
-        store, sender, JobKindName.RECONNECT, params={"connection": connection}, targets=[device_id],
-        created_by=created_by, idempotency_key=idempotency_key,
-    )  # fmt: skip
+    job, _ = ctx.submit(JobKindName.RECONNECT, params={"connection": connection}, targets=[device_id])
     return job
 
 
@@ -148,9 +129,10 @@ def remove(store: Store, device_id: str) -> Device:
     return public(dev)
 
 
-def retry_registration(store: Store, sender: jobs.Sender, device_id: str, *, created_by: str) -> Job:
+def retry_registration(ctx: Context, device_id: str) -> Job:
     """Register a device again after its registration failed (fixed key, address or network):
     it goes back to ``pending`` and a new registration job runs. Refused for an online device."""
+    store = ctx.store
     dev = store.get_device(device_id)
     if dev.get("state") == DeviceState.ONLINE:
         raise Conflict(
@@ -158,7 +140,7 @@ def retry_registration(store: Store, sender: jobs.Sender, device_id: str, *, cre
             state=DeviceState.ONLINE,
         )
     store.update_device(device_id, state=DeviceState.PENDING, error=None)
-    job, _ = jobs.submit(store, sender, JobKindName.REGISTER, targets=[device_id], created_by=created_by)
+    job, _ = ctx.with_key(None).submit(JobKindName.REGISTER, targets=[device_id])
     store.log_event({"type": "device.state", "device": device_id, "from": dev.get("state"), "to": DeviceState.PENDING,
                      "reason": "registration retried"})  # fmt: skip
     return job

@@ -10,6 +10,7 @@ from celery import shared_task
 from evc.tasks.base import TASK_OPTIONS, run_job, settings_of, store_of
 
 from evc import health
+from evc.context import Caller, Context
 from evc.errors import Conflict
 from evc.jobs import JobRun
 from evc.store import JSON
@@ -19,22 +20,28 @@ def _owner(task: Any) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{task.request.id}"
 
 
-def _reconverge(task: Any, store: Any, changes: list[JSON]) -> None:
+def _context(task: Any, store: Any) -> Context:
+    """The tick's or job's context: its follow-up jobs are EVC's own (``evc:health``)."""
+    return Context(store, settings_of(task), task.app, Caller("evc:health"))
+
+
+def _reconverge(ctx: Context, changes: list[JSON]) -> None:
     """Devices that came back get their cluster's level checked and re-applied where drifted."""
     from evc.clusters import reconverge_recovered
 
-    reconverge_recovered(store, task.app, changes)
+    reconverge_recovered(ctx, changes)
 
 
 @shared_task(name="evc.health_tick", **{**TASK_OPTIONS, "max_retries": 0})
 def health_tick(self) -> JSON:
     """Beat's sweep of the whole fleet; skipped when another sweep still runs."""
-    store, settings = store_of(self), settings_of(self)
+    ctx = _context(self, store_of(self))
+    store, settings = ctx.store, ctx.settings
     with health.sweep_lock(store, settings, _owner(self)) as got:
         if not got:
             return {"skipped": "another sweep is running"}
         res = health.sweep(store, settings)
-    _reconverge(self, store, res.changes)
+    _reconverge(ctx, res.changes)
     return res.summary()
 
 
@@ -43,13 +50,14 @@ def health_sweep(self, job_id: str) -> str:
     """A ``health`` job: sweep its target devices (all when none), a result per device."""
 
     def body(run: JobRun) -> JSON:
-        store, settings = run.store, settings_of(self)
+        ctx = _context(self, run.store)
+        store, settings = ctx.store, ctx.settings
         wait = max(settings.health_timeout_s + settings.ssh_connect_timeout_s, 30.0)
         with health.sweep_lock(store, settings, _owner(self), wait_s=wait) as got:
             if not got:
                 raise Conflict("another health sweep is still running; try again later")
             res = health.sweep(store, settings, run.job.get("targets") or None)
-        _reconverge(self, store, res.changes)
+        _reconverge(ctx, res.changes)
         per_device = res.per_device()
         for device_id, result in per_device.items():
             run.result(device_id, result, count=False)

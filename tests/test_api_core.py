@@ -7,6 +7,7 @@ import time
 import pytest
 
 from evc.auth import create_enrollment
+from evc.context import Caller, Context
 from evc.embedded import RedisServer
 from evc.store import Store
 
@@ -64,9 +65,8 @@ def test_token_revocation(api, redis_raw) -> None:
 
 
 def test_enrollment_token_reuse_and_expiry(api, store, settings) -> None:
-    rec, token = create_enrollment(
-        store, settings, ttl_s=60, max_uses=1, labels={"site": "lab"}, created_by="t", allow_networks=["127.0.0.0/8"]
-    )
+    ctx = Context(store, settings, caller=Caller("t"))
+    rec, token = create_enrollment(ctx, ttl_s=60, max_uses=1, labels={"site": "lab"}, allow_networks=["127.0.0.0/8"])
     body = {"name": f"enr-{time.time_ns()}", "host": "127.0.0.1", "port": 1, "username": "nobody"}
     status, out = api.call("POST", "/api/v1/devices", token=token, json=body)
     assert status == 202, out
@@ -75,9 +75,7 @@ def test_enrollment_token_reuse_and_expiry(api, store, settings) -> None:
     assert status == 401 and "maximum number" in out["message"]
     # an enrollment token cannot read the registry
     assert api.call("GET", "/api/v1/devices", token=token)[0] == 403
-    rec2, token2 = create_enrollment(
-        store, settings, ttl_s=60, max_uses=5, labels={}, created_by="t", allow_networks=["127.0.0.0/8"]
-    )
+    rec2, token2 = create_enrollment(ctx, ttl_s=60, max_uses=5, labels={}, allow_networks=["127.0.0.0/8"])
     store.update_enrollment(rec2["id"], expires_at=time.time() - 1)
     status, out = api.call("POST", "/api/v1/devices", token=token2, json={**body, "name": body["name"] + "c"})
     assert status == 401 and "expired" in out["message"]

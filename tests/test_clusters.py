@@ -8,6 +8,7 @@ import time
 import pytest
 
 from evc import clusters, jobs
+from evc.context import Context
 from evc.levels import raise_level
 from evc.provisioning.service import step_runner
 from tests.fixtures.fleet import DIRECT_VARS, create_cluster, register_devices
@@ -146,11 +147,8 @@ def test_recovered_device_reconverges(api, store, worker, sim_devices) -> None:
     import shutil
 
     shutil.rmtree(sim.home / "ws")
-    made = clusters.reconverge_recovered(
-        store,
-        api.app.extensions["evc"].get("celery") or _sender(api),
-        [{"device": dev_id, "from": "offline", "to": "online"}],
-    )
+    ctx = Context(store, api.settings, api.app.extensions["evc"].get("celery") or _sender(api))
+    made = clusters.reconverge_recovered(ctx, [{"device": dev_id, "from": "offline", "to": "online"}])
     assert len(made) == 1 and made[0]["params"]["converge"] is True
     job = api.wait_job(made[0]["id"], timeout=180)
     assert job["state"] == "succeeded", job

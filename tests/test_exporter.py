@@ -411,6 +411,11 @@ def test_filesystem_and_processes(tmp_path: Path) -> None:
     assert value(fs, "evc_edge_filesystem_error", mountpoint=str(tmp_path / "gone")) == 1.0
 
     sleeper = subprocess.Popen(["sleep", "60"])
+    comm = Path(f"/proc/{sleeper.pid}/comm")
+    for _ in range(200):  # between fork and exec the child is still called python
+        if comm.read_text().strip() == "sleep":
+            break
+        time.sleep(0.01)
     try:
         c = ProcessLivenessCollector(["sleep", "no-such-process-xyz"])
         assert value(c, "evc_edge_process_up", name="sleep") == 1.0

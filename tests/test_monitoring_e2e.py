@@ -34,6 +34,7 @@ import yaml
 
 from evc import monitoring
 from evc.auth import create_operator_token
+from evc.context import Caller, Context
 from evc.provisioning.service import ProvisionRequest, submit_provision
 from evc.settings import Settings
 from evc.store import JSON, Store, new_id, now
@@ -446,9 +447,8 @@ def provision_exporter(api: Any, settings: Settings, device_id: str, **extra_var
     from evc.workers.celery_app import make_celery
 
     request = ProvisionRequest.from_dict({"playbook": "exporter", "targets": [device_id], "extra_vars": extra_vars})
-    job, _ = submit_provision(
-        api.store, make_celery(settings, include_tasks=False), settings, request, created_by="test"
-    )
+    ctx = Context(api.store, settings, make_celery(settings, include_tasks=False), Caller("test"))
+    job, _ = submit_provision(ctx, request)
     return str(job["id"])
 
 

@@ -23,6 +23,7 @@ from unittest import mock
 
 import pytest
 
+from evc.context import Caller, Context
 from evc.errors import Conflict, PreconditionFailed, ValidationError
 from evc.jobs import JobRun
 from evc.provisioning.locks import device_lock
@@ -74,7 +75,7 @@ def run_job(store: Store, settings: Settings, job: JSON, **kw: Any) -> tuple[JSO
 
 def submit(store: Store, settings: Settings, playbook: str, targets: list[str], **req: Any) -> JSON:
     request = ProvisionRequest.from_dict({"playbook": playbook, "targets": targets, **req})
-    job, created = submit_provision(store, NoBroker(), settings, request, created_by="test")
+    job, created = submit_provision(Context(store, settings, NoBroker(), Caller("test")), request)
     assert created
     return job
 
@@ -336,7 +337,7 @@ def test_retry_relaunches_only_failed_hosts(store, settings, simulator, sim_devi
 
     simulator.set_fault(down_sim.name, "ok")
     sender = NoBroker()
-    retry, _ = retry_job(store, sender, settings, job["id"], created_by="test")
+    retry, _ = retry_job(Context(store, settings, sender, Caller("test")), job["id"])
     assert retry["targets"] == [down_dev["id"]] and retry["retry_of"] == job["id"]
     assert sender.sent == [("evc.provision", [retry["id"]])]
     retry, results = run_job(store, settings, retry)
@@ -345,7 +346,7 @@ def test_retry_relaunches_only_failed_hosts(store, settings, simulator, sim_devi
     after = store.get_device(down_dev["id"])
     assert after["facts"]["arch"] and after["privilege"] == "user"
     with pytest.raises(Conflict):  # nothing left to retry
-        retry_job(store, sender, settings, retry["id"])
+        retry_job(Context(store, settings, sender), retry["id"])
 
 
 def test_automatic_retry_policy(store, settings, simulator, sim_devices) -> None:

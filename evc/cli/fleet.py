@@ -15,6 +15,7 @@ from evc.cli.common import CLUSTER, DEVICE, Ctx, _finish, _table, _watch, consol
 from evc.cli.devices import device
 from evc.cli.tokens import token as token_group
 from evc.cli.views import job_detail
+from evc.inventory_import import FORMATS
 
 ACTION_COLOURS = {"create": "green", "update": "yellow", "register": "cyan", "invalid": "red", "unchanged": "dim"}
 
@@ -22,7 +23,7 @@ ACTION_COLOURS = {"create": "green", "update": "yellow", "register": "cyan", "in
 # ----------------------------------------------------------------------------- devices
 @device.command("import")
 @click.argument("inventory", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["ini", "yaml", "csv"]), default=None, help="default: detected")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="default: detected")
 @click.option("--user", "default_user", default=None, help="the account for hosts that name no ansible_user")
 @click.option("--dry-run", is_flag=True, help="show what would change; change nothing")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="follow the registration job")

@@ -16,6 +16,8 @@ import numpy as np
 
 from evc import jobs
 from evc import pool as pooling
+from evc.choices import PARTITIONS
+from evc.context import Context
 from evc.errors import Conflict, DeviceError, NotFound, PreconditionFailed, SSHTimeout, ValidationError
 from evc.fl import channels
 from evc.fl.checkpoint import latest_round, list_rounds, load_checkpoint
@@ -180,25 +182,14 @@ def check_ready(store: Store, devices: Sequence[str]) -> None:
         )
 
 
-def submit(
-    store: Store,
-    settings: Settings,
-    sender: jobs.Sender,
-    data: Mapping[str, Any],
-    *,
-    created_by: str = "",
-    idempotency_key: str | None = None,
-    pipe: Any = None,
-) -> Job:
+def submit(ctx: Context, data: Mapping[str, Any], *, pipe: Any = None) -> Job:
     """Validate an FL job and enqueue it (kind ``fl``); returns the job."""
+    store, settings = ctx.store, ctx.settings
     devices = resolve_devices(store, data.get("devices"), data.get("cluster"))
     python = device_python(store, data.get("python"), data.get("cluster"))
     spec = build_spec(settings, {**data, "python": python}, devices)
     check_ready(store, devices)
-    job, _ = jobs.submit(
-        store, sender, JobKindName.FL, params=spec.to_params(), targets=devices, created_by=created_by,
-        idempotency_key=idempotency_key, pipe=pipe,
-    )  # fmt: skip
+    job, _ = ctx.submit(JobKindName.FL, params=spec.to_params(), targets=devices, pipe=pipe)
     return job
 
 
@@ -403,7 +394,7 @@ def check_partition_args(data: Mapping[str, Any]) -> JSON:
     if not NAME_RE.match(name):
         raise ValidationError("name must be letters, digits, '.', '_' or '-'", field="name")
     part = str(data.get("partition") or "iid")
-    if part not in ("iid", "dirichlet"):
+    if part not in PARTITIONS:
         raise ValidationError("partition must be 'iid' or 'dirichlet'", field="partition")
     alpha = float(data.get("alpha", 0.5))
     if not alpha > 0:

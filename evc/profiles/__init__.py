@@ -130,6 +130,11 @@ def profiles() -> dict[str, Profile]:
     return _load(Path(__file__).with_name("profiles.yml"))
 
 
+def names() -> list[str]:
+    """The profiles' names, in the order profiles.yml lists them (the API's and CLI's choices)."""
+    return list(profiles())
+
+
 def get(name: str) -> Profile:
     try:
         return profiles()[name]

@@ -7,14 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evc.choices import LOCK_MODES, RETRYABLE
 from evc.errors import NotFound, ValidationError
-from evc.model import JSON, RUNNABLE_STATES, HostStatus, strings
+from evc.model import JSON, RUNNABLE_STATES
 from evc.provisioning.catalog import PlaybookSpec
 from evc.settings import Settings
 from evc.store import Store
 
 #: per-target statuses a retry re-runs by default (AWX's "relaunch on failed hosts")
-RETRYABLE: tuple[str, ...] = strings(HostStatus.FAILED, HostStatus.UNREACHABLE)
 MAX_RETRIES = 5
 
 
@@ -60,7 +60,7 @@ class ProvisionRequest:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ProvisionRequest:
         lock = str(data.get("lock") or "wait")
-        if lock not in ("wait", "fail"):
+        if lock not in LOCK_MODES:
             raise ValidationError("lock is 'wait' or 'fail'", field="lock")
         forks = data.get("forks")
         if forks is not None and not 1 <= int(forks) <= 500:

@@ -9,9 +9,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from evc import jobs, monitoring
+from evc import monitoring
+from evc.context import Context
 from evc.errors import Conflict, EVCError, PreconditionFailed, ValidationError
-from evc.jobs import JobRun, Sender
+from evc.jobs import JobRun
 from evc.model import JSON, TERMINAL_STATES, HostStatus, Job, JobKindName, strings
 from evc.provisioning.catalog import Catalog, PlaybookSpec
 from evc.provisioning.inventory import job_inventory
@@ -50,18 +51,11 @@ class ProvisionFailed(EVCError):
 
 
 # ------------------------------------------------------------------------------- submitting
-def submit_provision(
-    store: Store,
-    sender: Sender,
-    settings: Settings,
-    req: ProvisionRequest,
-    created_by: str = "",
-    idempotency_key: str | None = None,
-    secret_ref: str | None = None,
-) -> tuple[Job, bool]:
+def submit_provision(ctx: Context, req: ProvisionRequest, secret_ref: str | None = None) -> tuple[Job, bool]:
     """Validate *req* and enqueue a provision job. Refuses up front (nothing enqueued) when the
     playbook or its variables are invalid (422), a device is unknown (404), every device is
     refused (409 precondition), or ``lock: fail`` and a device is locked by another job (409)."""
+    store, settings = ctx.store, ctx.settings
     spec = Catalog.from_settings(settings).get(req.playbook)
     # a retry keeps the first job's sealed secrets (shown masked): never opened outside a worker
     kept = [n for n in secret_names(spec.schema) if secret_ref and (req.extra_vars or {}).get(n) == MASK]
@@ -86,10 +80,7 @@ def submit_provision(
         "secret_ref": secret_ref if secrets or kept else None,
         "retry_of": req.retry_of,
     }
-    job, created = jobs.submit(
-        store, sender, JobKindName.PROVISION, params=params, targets=ids,
-        created_by=created_by, idempotency_key=idempotency_key,
-    )  # fmt: skip
+    job, created = ctx.submit(JobKindName.PROVISION, params=params, targets=ids)
     if created and req.retry_of:
         store.update_job(job["id"], retry_of=req.retry_of)
         job["retry_of"] = req.retry_of
@@ -133,16 +124,9 @@ def _seal_secrets(
     return secret_ref
 
 
-def retry_job(
-    store: Store,
-    sender: Sender,
-    settings: Settings,
-    job_id: str,
-    created_by: str = "",
-    on: Sequence[str] = RETRYABLE,
-    idempotency_key: str | None = None,
-) -> tuple[Job, bool]:
+def retry_job(ctx: Context, job_id: str, on: Sequence[str] = RETRYABLE) -> tuple[Job, bool]:
     """A new job that re-runs *job_id*'s playbook on its failed and unreachable hosts only."""
+    store = ctx.store
     job = store.get_job(job_id)
     if job.get("kind") != JobKindName.PROVISION:
         raise Conflict(f"job {job_id} is a {job.get('kind')} job; only provision jobs are retried")
@@ -166,7 +150,7 @@ def retry_job(
         retry=RetryPolicy.from_dict(p.get("retry")),
         retry_of=job_id,
     )
-    return submit_provision(store, sender, settings, req, created_by, idempotency_key, ref)
+    return submit_provision(ctx, req, ref)
 
 
 def _validate(spec: PlaybookSpec, extra_vars: Mapping[str, Any] | None, kept: Sequence[str]) -> JSON:
