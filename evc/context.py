@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evc import jobs
-from evc.settings import Settings
 from evc.model import JSON, Job
+from evc.settings import Settings
 from evc.store import Store
 
 
