@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import grp
 import inspect
 import logging
@@ -239,61 +240,69 @@ async def _start(
     process: ServerProcess, device: SimDevice, account: Account, spawner: Spawner, isolation: Isolation | None
 ) -> _Wiring:
     """Start the session's command (see :mod:`evc_sim.spawn`) and wire it to the channel."""
-    command = process.command
-    term = process.term_type
     env = session_env(process, device, account)
-    if process.subsystem is not None:  # sftp, on a root device (run_session checked)
-        argv = [sftp_server() or "sftp-server"]
-        term = None
-    elif command is not None:
-        argv = [SHELL, "-c", command]
-    else:
-        argv = [SHELL, "-i"] if term else [SHELL]
-    cwd = str(device.home)
+    argv, term = session_argv(process)
+    start = functools.partial(spawner.spawn, argv, account, cwd=str(device.home), isolation=isolation)
     if not term:
-        fds: list[int] = []
-        try:
-            for _ in range(3):
-                fds.extend(os.pipe())
-        except OSError:
-            for fd in fds:
-                os.close(fd)
-            raise
-        in_r, in_w, out_r, out_w, err_r, err_w = fds
-        ours = (in_w, out_r, err_r)
-        try:
-            child = await spawner.spawn(
-                argv, account, cwd=cwd, env=env, stdin=in_r, stdout=out_w, stderr=err_w, isolation=isolation
-            )
-        except BaseException:
-            for fd in ours:
-                os.close(fd)
-            raise
-        finally:
-            for fd in (in_r, out_w, err_w):
-                os.close(fd)
+        return await _start_on_pipes(process, start, env)
+    return await _start_on_terminal(process, start, env, term, account, isolation)
+
+
+def session_argv(process: ServerProcess) -> tuple[list[str], str | None]:
+    """The session's command line and its terminal type (None: no terminal, pipes)."""
+    term = process.term_type
+    if process.subsystem is not None:  # sftp, on a root device (run_session checked)
+        return [sftp_server() or "sftp-server"], None
+    if process.command is not None:
+        return [SHELL, "-c", process.command], term
+    return ([SHELL, "-i"] if term else [SHELL]), term
+
+
+#: :meth:`Spawner.spawn` with the command, account, cwd and namespaces given: it takes the
+#: environment and stdio descriptors (keywords)
+_Start = Callable[..., Awaitable[ChildProcess]]
+
+
+async def _start_on_pipes(process: ServerProcess, start: _Start, env: dict[str, str]) -> _Wiring:
+    fds: list[int] = []
+    try:
+        for _ in range(3):
+            fds.extend(os.pipe())
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    in_r, in_w, out_r, out_w, err_r, err_w = fds
+    ours = (in_w, out_r, err_r)
+    try:
+        child = await start(env=env, stdin=in_r, stdout=out_w, stderr=err_w)
+    except BaseException:
         for fd in ours:
-            os.set_blocking(fd, False)
-        return _Wiring(process, child, stdin=in_w, outputs=[(out_r, process.stdout), (err_r, process.stderr)])
+            os.close(fd)
+        raise
+    finally:
+        for fd in (in_r, out_w, err_w):
+            os.close(fd)
+    for fd in ours:
+        os.set_blocking(fd, False)
+    return _Wiring(process, child, stdin=in_w, outputs=[(out_r, process.stdout), (err_r, process.stderr)])
+
+
+async def _start_on_terminal(
+    process: ServerProcess,
+    start: _Start,
+    env: dict[str, str],
+    term: str,
+    account: Account,
+    isolation: Isolation | None,
+) -> _Wiring:
     master, slave = os.openpty()
     try:
         _set_winsize(master, process.term_size)
         tty_name = os.ttyname(slave)
         env.update(TERM=term, SSH_TTY=tty_name)
-        # like sshd: the session's terminal belongs to its user (on a root device, the host uid
-        # that is root in its user namespace)
-        shift = isolation.uid_base if isolation is not None else 0
-        if not account.is_self or shift:
-            try:
-                tty_gid = grp.getgrnam("tty").gr_gid + shift
-            except KeyError:
-                tty_gid = -1
-            os.chown(tty_name, account.uid + shift, tty_gid)
-            os.chmod(tty_name, 0o620)
-        child = await spawner.spawn(
-            argv, account, cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave, controlling_tty=True,
-            isolation=isolation,
-        )  # fmt: skip
+        _give_terminal(tty_name, account, isolation)
+        child = await start(env=env, stdin=slave, stdout=slave, stderr=slave, controlling_tty=True)
     except BaseException:
         os.close(master)
         raise
@@ -301,6 +310,19 @@ async def _start(
         os.close(slave)
     os.set_blocking(master, False)
     return _Wiring(process, child, stdin=master, outputs=[(master, process.stdout)], master=master)
+
+
+def _give_terminal(tty_name: str, account: Account, isolation: Isolation | None) -> None:
+    """Like sshd: the session's terminal belongs to its user (on a root device, the host uid that
+    is root in its user namespace)."""
+    shift = isolation.uid_base if isolation is not None else 0
+    if not account.is_self or shift:
+        try:
+            tty_gid = grp.getgrnam("tty").gr_gid + shift
+        except KeyError:
+            tty_gid = -1
+        os.chown(tty_name, account.uid + shift, tty_gid)
+        os.chmod(tty_name, 0o620)
 
 
 async def _forward_input(process: ServerProcess, wiring: _Wiring) -> None:

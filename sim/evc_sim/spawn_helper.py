@@ -78,13 +78,26 @@ def _helper_main(args: Sequence[str]) -> int:  # pragma: no cover - runs in the 
     and ``("x", pid, wait status)``), in the order things happened, so a command's start is
     always reported before its end.
     """
-    fd, uid, gid = int(args[0]), int(args[1]), int(args[2])
-    groups = [int(g) for g in args[3].split(",") if g]
-    if len(args) > 4:  # a root device's spawner: its commands run in namespaces of their own
-        _enter_namespaces(args[4])
+    fd, uid, gid, groups, isolation = _parse_args(args)
+    if isolation is not None:  # a root device's spawner: its commands run in namespaces of their own
+        _enter_namespaces(isolation)
     sock = socket.socket(fileno=fd)
     sock.set_inheritable(False)
     sock.setblocking(False)
+    _switch_account(uid, gid, groups)
+    wake_r = _wake_on_signals()
+    return _serve(sock, wake_r)
+
+
+def _parse_args(args: Sequence[str]) -> tuple[int, int, int, list[int], str | None]:
+    """``FD UID GID GROUPS [ISOLATION]``: the socket, the account, and a root device's namespaces
+    (:meth:`evc_sim.namespaces.Isolation.to_arg`), if any."""
+    fd, uid, gid = int(args[0]), int(args[1]), int(args[2])
+    groups = [int(g) for g in args[3].split(",") if g]
+    return fd, uid, gid, groups, args[4] if len(args) > 4 else None
+
+
+def _switch_account(uid: int, gid: int, groups: list[int]) -> None:  # pragma: no cover - spawner process
     # One command before switching: whatever starting one loads is loaded while the standard
     # library is still readable (it may live where the account cannot read, like /root).
     subprocess.run(["/bin/sh", "-c", ":"], stdin=subprocess.DEVNULL, cwd="/", env={}, check=False)
@@ -92,12 +105,21 @@ def _helper_main(args: Sequence[str]) -> int:  # pragma: no cover - runs in the 
         os.setgroups(groups)
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
+
+
+def _wake_on_signals() -> int:  # pragma: no cover - runs in the spawner process
+    """The read end of a pipe that a signal (SIGCHLD: a command ended) makes readable."""
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so that SIGCHLD wakes the poll
     commands_start_with_default_signals()  # (it inherited what the simulator ignores: SIG_IGN)
+    return wake_r
+
+
+def _serve(sock: socket.socket, wake_r: int) -> int:  # pragma: no cover - runs in the spawner process
+    """Start what the simulator asks for and report starts and ends, until it hangs up (0)."""
     children: dict[int, subprocess.Popen[bytes]] = {}
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
@@ -112,25 +134,40 @@ def _helper_main(args: Sequence[str]) -> int:  # pragma: no cover - runs in the 
                         pass
                 _reap_all(replies, children)
                 continue
-            while True:
-                try:
-                    msg, anc, _, _ = sock.recvmsg(REQUEST_MAX + 1024, ancillary, socket.MSG_CMSG_CLOEXEC)
-                except BlockingIOError:
-                    break
-                if not msg:
-                    return 0  # the simulator hung up
-                fds: list[int] = []
-                for level, kind, data in anc:
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        fds.extend(array.array("i", data[: len(data) - len(data) % _FD_BYTES]))
-                try:
-                    replies.append(_start_requested(marshal.loads(msg), fds, children))
-                finally:
-                    for f in fds:
-                        os.close(f)
-                if len(replies) >= _BATCH:
-                    _send_replies(sock, replies)
+            if not _take_requests(sock, ancillary, replies, children):
+                return 0  # the simulator hung up
         _send_replies(sock, replies)
+
+
+def _take_requests(
+    sock: socket.socket, ancillary: int, replies: list[tuple[Any, ...]], children: dict[int, subprocess.Popen[bytes]]
+) -> bool:  # pragma: no cover - runs in the spawner process
+    """Start every request waiting on *sock*, a batch of replies sent each :data:`_BATCH`;
+    False once the simulator has hung up."""
+    while True:
+        try:
+            msg, anc, _, _ = sock.recvmsg(REQUEST_MAX + 1024, ancillary, socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            return True
+        if not msg:
+            return False
+        fds = _received_fds(anc)
+        try:
+            replies.append(_start_requested(marshal.loads(msg), fds, children))
+        finally:
+            for f in fds:
+                os.close(f)
+        if len(replies) >= _BATCH:
+            _send_replies(sock, replies)
+
+
+def _received_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors passed in a message's ancillary data (``SCM_RIGHTS``), in order."""
+    fds: list[int] = []
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(array.array("i", data[: len(data) - len(data) % _FD_BYTES]))
+    return fds
 
 
 _BATCH = 64
@@ -156,53 +193,110 @@ def _enter_namespaces(spec: str) -> None:  # pragma: no cover - runs in the spaw
     overlays' upper directories) or as the host's root (in the home). Where idmapped mounts are
     not supported the commands stay the host's uid 0, in the private mount namespace.
     """
-    import ctypes
-    import struct
+    kernel = _Kernel()
+    hostname, uid_base, overlays, keep = _parse_spec(spec)
+    kernel.check(kernel.libc.unshare(_CLONE_NEWNS), "unshare")
+    kernel.mount(None, "/", None, _MS_REC | _MS_PRIVATE, None)  # nothing done here reaches the host
+    userns = _new_user_namespace(kernel.libc, uid_base) if uid_base else -1
+    userns, trees = _clone_trees(kernel, hostname, userns, overlays, keep)
+    _mount_overlays(kernel, overlays, keep, trees, uid_base if userns >= 0 else 0)
+    if userns >= 0:
+        kernel.check(kernel.libc.setns(userns, _CLONE_NEWUSER), "setns")
+        os.close(userns)
+        os.setgroups([])
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+    kernel.check(kernel.libc.unshare(_CLONE_NEWUTS | _CLONE_NEWIPC), "unshare")  # (owned by the user namespace)
+    kernel.sethostname(hostname)
 
-    libc = ctypes.CDLL(None, use_errno=True)
 
-    def check(rc: int, what: str) -> int:
+def _parse_spec(spec: str) -> tuple[str, int, list[list[str]], list[str]]:
+    """:meth:`evc_sim.namespaces.Isolation.to_arg` read back: hostname, uid base, overlays
+    (directory, upper, work) and kept directories."""
+    hostname, uid_base_text, *rest = spec.split("\n")
+    overlays = [r.split("|") for r in rest if not r.startswith("=")]
+    keep = [r[1:] for r in rest if r.startswith("=")]
+    return hostname, int(uid_base_text), overlays, keep
+
+
+def _overlay_options(directory: str, upper: str, work: str) -> str:
+    """overlayfs's mount options for *directory* overlaid in place."""
+    return f"lowerdir={directory},upperdir={upper},workdir={work}"
+
+
+def _id_map(uid_base: int) -> str:
+    """A ``uid_map``/``gid_map``: the namespace's ids 0-65535 are the host's *uid_base*..."""
+    return f"0 {uid_base} {_ID_COUNT}\n"
+
+
+class _Kernel:  # pragma: no cover - runs in the spawner process
+    """The libc calls entering namespaces makes, raising OSError where they fail."""
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self.libc: Any = ctypes.CDLL(None, use_errno=True)
+
+    def check(self, rc: int, what: str) -> int:
+        import ctypes
+
         if rc < 0:
             err = ctypes.get_errno()
             raise OSError(err, f"{what}: {os.strerror(err)}")
         return rc
 
-    def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None) -> None:
-        rc = libc.mount(
+    def mount(self, source: str | None, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+        import ctypes
+
+        rc = self.libc.mount(
             source.encode() if source else None, target.encode(), fstype.encode() if fstype else None,
             ctypes.c_ulong(flags), data.encode() if data else None,
         )  # fmt: skip
-        check(rc, f"mount {target}")
+        self.check(rc, f"mount {target}")
 
-    def idmapped_clone(path: str, userns: int) -> int:
-        """A detached copy of the mount at *path* that shows the host's ids as *userns* sees them."""
+    def clone(self, path: str) -> int:
+        """A detached copy of the mount at *path* (a descriptor)."""
         flags = _OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC
-        tree = check(libc.syscall(_SYS_OPEN_TREE, _AT_FDCWD, path.encode(), flags), f"open_tree {path}")
+        return self.check(self.libc.syscall(_SYS_OPEN_TREE, _AT_FDCWD, path.encode(), flags), f"open_tree {path}")
+
+    def idmapped_clone(self, path: str, userns: int) -> int:
+        """A detached copy of the mount at *path* that shows the host's ids as *userns* sees them."""
+        import ctypes
+        import struct
+
+        tree = self.clone(path)
         attr = ctypes.create_string_buffer(struct.pack("QQQQ", _MOUNT_ATTR_IDMAP, 0, 0, userns), 32)
         try:
-            check(libc.syscall(_SYS_MOUNT_SETATTR, tree, b"", _AT_EMPTY_PATH, attr, 32), f"idmap {path}")
+            self.check(self.libc.syscall(_SYS_MOUNT_SETATTR, tree, b"", _AT_EMPTY_PATH, attr, 32), f"idmap {path}")
         except OSError:
             os.close(tree)
             raise
         return tree
 
-    def attach(tree: int, target: str) -> None:
-        check(libc.syscall(_SYS_MOVE_MOUNT, tree, b"", _AT_FDCWD, target.encode(), _MOVE_MOUNT_F_EMPTY_PATH),
-              f"move_mount {target}")  # fmt: skip
+    def attach(self, tree: int, target: str) -> None:
+        self.check(self.libc.syscall(_SYS_MOVE_MOUNT, tree, b"", _AT_FDCWD, target.encode(), _MOVE_MOUNT_F_EMPTY_PATH),
+                   f"move_mount {target}")  # fmt: skip
         os.close(tree)
 
-    hostname, uid_base_text, *rest = spec.split("\n")
-    uid_base = int(uid_base_text)
-    overlays = [r.split("|") for r in rest if not r.startswith("=")]
-    keep = [r[1:] for r in rest if r.startswith("=")]
-    check(libc.unshare(_CLONE_NEWNS), "unshare")
-    mount(None, "/", None, _MS_REC | _MS_PRIVATE, None)  # nothing done here reaches the host
-    userns = _new_user_namespace(libc, uid_base) if uid_base else -1
+    def sethostname(self, hostname: str) -> None:
+        import ctypes
+
+        encoded = hostname.encode()
+        self.check(self.libc.sethostname(encoded, ctypes.c_size_t(len(encoded))), "sethostname")
+
+
+def _clone_trees(
+    kernel: _Kernel, hostname: str, userns: int, overlays: list[list[str]], keep: list[str]
+) -> tuple[int, dict[str, int]]:  # pragma: no cover - runs in the spawner process
+    """Detached copies of the directories, by path, before the overlays hide them, and the user
+    namespace (-1: none): with one, idmapped copies of the overlaid and the kept directories; where
+    idmapped mounts fail (the user namespace is then given up) or without one, plain copies of the
+    kept directories only."""
     trees: dict[str, int] = {}
     if userns >= 0:
         try:
             for path in [o[0] for o in overlays] + keep:
-                trees[path] = idmapped_clone(path, userns)
+                trees[path] = kernel.idmapped_clone(path, userns)
         except OSError as exc:
             print(f"evc sim {hostname}: no idmapped mounts here ({exc}): the device's root is the host's "
                   "root, in a private mount namespace", file=sys.stderr)  # fmt: skip
@@ -212,27 +306,24 @@ def _enter_namespaces(spec: str) -> None:  # pragma: no cover - runs in the spaw
             os.close(userns)
             userns = -1
     if userns < 0:  # the kept directories as they are, taken before the overlays hide them
-        trees = {path: check(libc.syscall(_SYS_OPEN_TREE, _AT_FDCWD, path.encode(), _OPEN_TREE_CLONE
-                                          | _OPEN_TREE_CLOEXEC), f"open_tree {path}") for path in keep}  # fmt: skip
+        trees = {path: kernel.clone(path) for path in keep}
+    return userns, trees
+
+
+def _mount_overlays(
+    kernel: _Kernel, overlays: list[list[str]], keep: list[str], trees: dict[str, int], shift: int
+) -> None:  # pragma: no cover - runs in the spawner process
+    """Overlay each directory in place (its idmapped copy, if any, as the lower layer), then put
+    the kept directories back on top; *shift*: the uid base where the user namespace is used."""
     for directory, upper, work in overlays:
         st = os.stat(directory)  # the top of the overlay is the upper directory: the host's owner
-        shift = uid_base if userns >= 0 else 0
         os.chown(upper, st.st_uid + shift, st.st_gid + shift)
         if directory in trees:
-            attach(trees.pop(directory), directory)  # the lower layer: the host's, idmapped
-        mount("overlay", directory, "overlay", 0, f"lowerdir={directory},upperdir={upper},workdir={work}")
+            kernel.attach(trees.pop(directory), directory)  # the lower layer: the host's, idmapped
+        kernel.mount("overlay", directory, "overlay", 0, _overlay_options(directory, upper, work))
     for path in keep:
         os.makedirs(path, exist_ok=True)  # (in an overlay: a copy-up, the host is untouched)
-        attach(trees.pop(path), path)
-    if userns >= 0:
-        check(libc.setns(userns, _CLONE_NEWUSER), "setns")
-        os.close(userns)
-        os.setgroups([])
-        os.setresgid(0, 0, 0)
-        os.setresuid(0, 0, 0)
-    check(libc.unshare(_CLONE_NEWUTS | _CLONE_NEWIPC), "unshare")  # (owned by the user namespace)
-    encoded = hostname.encode()
-    check(libc.sethostname(encoded, ctypes.c_size_t(len(encoded))), "sethostname")
+        kernel.attach(trees.pop(path), path)
 
 
 def _new_user_namespace(libc: Any, uid_base: int) -> int:  # pragma: no cover - in the spawner process
@@ -255,7 +346,7 @@ def _new_user_namespace(libc: Any, uid_base: int) -> int:  # pragma: no cover - 
             return -1
         for kind in ("uid_map", "gid_map"):
             with open(f"/proc/{pid}/{kind}", "w") as f:
-                f.write(f"0 {uid_base} {_ID_COUNT}\n")
+                f.write(_id_map(uid_base))
         return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         print(f"evc sim: no user namespace ({exc})", file=sys.stderr)
