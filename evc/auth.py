@@ -8,12 +8,12 @@ import ipaddress
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 from evc.choices import SCOPES
 from evc.context import Context
 from evc.errors import AuthError, ConfigError, Forbidden, NotFound, RateLimited
-from evc.model import JSON, Enrollment, PrincipalKind, Scope, Token
+from evc.model import Enrollment, PrincipalKind, Scope, Token
 from evc.settings import Settings
 from evc.store import Store, new_id, now
 
@@ -70,13 +70,13 @@ def create_operator_token(
         "created_by": created_by, "revoked": False, "expires_at": expires_at, "last_used_at": None,
         "prefix": token[:TOKEN_PREFIX_LEN],
     }  # fmt: skip
-    store.create_token(cast(JSON, rec), hash_token(token))
+    store.create_token(rec, hash_token(token))
     return rec, token
 
 
 def revoke_operator_token(store: Store, token_id: str) -> Token:
     """Revoke an operator token; the last usable admin token cannot be revoked (409)."""
-    return cast(Token, store.revoke_token(token_id))  # store returns JSON until typed
+    return store.revoke_token(token_id)
 
 
 def create_enrollment(
@@ -103,7 +103,7 @@ def create_enrollment(
         "allow_networks": networks,
         "created_by": created_by, "revoked": False, "prefix": token[:TOKEN_PREFIX_LEN],
     }  # fmt: skip
-    store.create_enrollment(cast(JSON, rec), hash_token(token))
+    store.create_enrollment(rec, hash_token(token))
     return rec, token
 
 
@@ -216,7 +216,7 @@ def use_enrollment(store: Store, principal: Principal) -> Enrollment:
     if result != "ok":
         raise AuthError(_ENROLL_REASONS.get(result, "enrollment token refused"), reason=result)
     try:
-        return cast(Enrollment, store.get_enrollment(principal.id))  # store returns JSON until typed
+        return store.get_enrollment(principal.id)
     except NotFound as exc:  # pragma: no cover - removed in between
         raise AuthError("unknown enrollment token") from exc
 
