@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from evc.api.deps import actor, context, get_settings, get_store, require
+from evc.api.deps import context, get_store, require
 from evc.api.schemas import (
     AuditPageSchema,
     EnrollmentCreateSchema,
@@ -32,9 +32,7 @@ blp = Blueprint("access", __name__, url_prefix="/api/v1", description="Tokens an
 def create_token(data: dict[str, Any]) -> Any:
     """Create an operator token (shown once in this response)."""
     exp = now() + data["expires_in_s"] if data.get("expires_in_s") else None
-    rec, token = auth.create_operator_token(
-        get_store(), get_settings(), data["name"], data["scopes"], created_by=actor(), expires_at=exp
-    )
+    rec, token = auth.create_operator_token(context(), data["name"], data["scopes"], expires_at=exp)
     return {**auth.public_token(rec), "token": token}
 
 

@@ -196,9 +196,10 @@ def repin(data: dict[str, Any], device_id: str) -> Any:
     dev = store.get_device(device_id)
     changes: dict[str, Any] = {"host_key": data.get("host_key"), "repinned_at": now()}
     if "jump_host_key" in data:
-        if not dev.get("jump_host"):
+        jump = dev.get("jump_host")
+        if not jump:
             raise Conflict("the device has no jump host", field="jump_host_key")
-        changes["jump_host"] = {**dev["jump_host"], "host_key": data["jump_host_key"]}
+        changes["jump_host"] = {**jump, "host_key": data["jump_host_key"]}
     store.update_device(device_id, **changes)
     return _facts_job(device_id)
 

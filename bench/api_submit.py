@@ -25,6 +25,7 @@ import requests
 from _common import Figure, emit, median, pct, private_stack
 
 from evc.auth import create_operator_token
+from evc.context import Context
 from evc.embedded import free_port
 from evc.settings import settings_env
 from evc.store import Store
@@ -95,7 +96,7 @@ def submission(duration: int, connections: int) -> list[Figure]:
     port = free_port()
     settings = settings.replace(api_bind=f"127.0.0.1:{port}")
     store = Store.from_settings(settings)
-    _, token = create_operator_token(store, settings, "bench", ["admin"])
+    _, token = create_operator_token(Context(store, settings), "bench", ["admin"])
     try:
         base_rps, base_p99, _ = _wrk("_bare_app:app", settings, token, duration, connections)
         print(f"baseline (bare Flask + send_task, same machine, now): {base_rps:.0f} req/s, p99 {base_p99:.1f} ms")

@@ -36,6 +36,7 @@ from evc.api.app import create_app  # noqa: E402
 
 from evc import keys  # noqa: E402
 from evc.auth import create_operator_token  # noqa: E402
+from evc.context import Context  # noqa: E402
 from evc.settings import Settings, settings_env  # noqa: E402
 from evc.store import Store  # noqa: E402
 from evc_sim import read_state  # noqa: E402
@@ -57,7 +58,7 @@ DEVICES = 10
 class API:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.client = create_app(settings).test_client()
-        _, self.token = create_operator_token(store, settings, "bench", ["admin"])
+        _, self.token = create_operator_token(Context(store, settings), "bench", ["admin"])
 
     def call(self, method: str, path: str, **kw: Any) -> Any:
         resp = self.client.open(path, method=method, headers={"Authorization": f"Bearer {self.token}"}, **kw)

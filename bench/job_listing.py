@@ -25,6 +25,7 @@ from evc.api.app import create_app
 
 from evc import jobs
 from evc.auth import create_operator_token
+from evc.context import Context
 from evc.store import Store
 
 KINDS = ("noop", "register", "provision", "health", "level")
@@ -71,7 +72,7 @@ def main() -> None:
     try:
         store = Store.from_settings(settings)
         raw = redis.Redis.from_url(settings.redis_url)  # the bench's own view of Redis: memory, command stats
-        _, reader = create_operator_token(store, settings, "bench-reader", ["read"])
+        _, reader = create_operator_token(Context(store, settings), "bench-reader", ["read"])
         before = int(raw.info("memory")["used_memory"])
         t0 = time.perf_counter()
         populate(store, raw, a.jobs)

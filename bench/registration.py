@@ -22,6 +22,7 @@ from _common import Figure, emit, private_stack
 
 from evc import keys
 from evc.auth import create_operator_token
+from evc.context import Context
 from evc.settings import settings_env
 from evc.store import Store
 
@@ -61,7 +62,7 @@ def main() -> None:
             time.sleep(0.2)
         app = create_app(settings)
         client = app.test_client()
-        _, token = create_operator_token(store, settings, "bench", ["admin"])
+        _, token = create_operator_token(Context(store, settings), "bench", ["admin"])
         h = {"Authorization": f"Bearer {token}"}
         t0 = time.time()
         job_ids = []

@@ -8,12 +8,12 @@ import ipaddress
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 from evc.choices import SCOPES
-from evc.context import Context
+from evc.context import NO_QUEUE, Caller, Context
 from evc.errors import AuthError, ConfigError, Forbidden, NotFound, RateLimited
-from evc.model import JSON, Enrollment, PrincipalKind, Scope, Token
+from evc.model import Enrollment, PrincipalKind, Scope, Token
 from evc.settings import Settings
 from evc.store import Store, new_id, now
 
@@ -52,13 +52,11 @@ class Principal:
 
 
 def create_operator_token(
-    store: Store,
-    settings: Settings,
-    name: str,
-    scopes: list[str],
-    created_by: str = "",
-    expires_at: float | None = None,
+    ctx: Context, name: str, scopes: list[str], *, expires_at: float | None = None
 ) -> tuple[Token, str]:
+    """An operator token named *name* with *scopes*, created by the context's caller (shown
+    once: the store keeps its hash)."""
+    store, settings = ctx.store, ctx.settings
     bad = [s for s in scopes if s not in SCOPES]
     if bad or not scopes:
         from evc.errors import ValidationError
@@ -67,16 +65,16 @@ def create_operator_token(
     token = make_token(PREFIX_OPERATOR, settings.token_bytes)
     rec: Token = {
         "id": new_id("tok"), "name": name, "scopes": sorted(set(scopes)), "created_at": now(),
-        "created_by": created_by, "revoked": False, "expires_at": expires_at, "last_used_at": None,
+        "created_by": ctx.actor, "revoked": False, "expires_at": expires_at, "last_used_at": None,
         "prefix": token[:TOKEN_PREFIX_LEN],
     }  # fmt: skip
-    store.create_token(cast(JSON, rec), hash_token(token))
+    store.create_token(rec, hash_token(token))
     return rec, token
 
 
 def revoke_operator_token(store: Store, token_id: str) -> Token:
     """Revoke an operator token; the last usable admin token cannot be revoked (409)."""
-    return cast(Token, store.revoke_token(token_id))  # store returns JSON until typed
+    return store.revoke_token(token_id)
 
 
 def create_enrollment(
@@ -103,7 +101,7 @@ def create_enrollment(
         "allow_networks": networks,
         "created_by": created_by, "revoked": False, "prefix": token[:TOKEN_PREFIX_LEN],
     }  # fmt: skip
-    store.create_enrollment(cast(JSON, rec), hash_token(token))
+    store.create_enrollment(rec, hash_token(token))
     return rec, token
 
 
@@ -216,7 +214,7 @@ def use_enrollment(store: Store, principal: Principal) -> Enrollment:
     if result != "ok":
         raise AuthError(_ENROLL_REASONS.get(result, "enrollment token refused"), reason=result)
     try:
-        return cast(Enrollment, store.get_enrollment(principal.id))  # store returns JSON until typed
+        return store.get_enrollment(principal.id)
     except NotFound as exc:  # pragma: no cover - removed in between
         raise AuthError("unknown enrollment token") from exc
 
@@ -224,7 +222,7 @@ def use_enrollment(store: Store, principal: Principal) -> Enrollment:
 def ensure_admin_token(store: Store, settings: Settings) -> str | None:
     """Create the first admin token when none exists; returns it (shown once) or None."""
     if store.claim_bootstrap():
-        rec, token = create_operator_token(store, settings, "admin", [Scope.ADMIN], created_by="bootstrap")
+        rec, token = create_operator_token(_as(store, settings, "bootstrap"), "admin", [Scope.ADMIN])
         _write_admin_token(settings, token)
         return token
     return None
@@ -234,10 +232,15 @@ def reset_admin_token(store: Store, settings: Settings) -> Token:
     """Recovery for an operator who lost or revoked every admin token: a new admin token,
     written to <data_dir>/admin-token (mode 0600), replacing the file. Whoever can run this
     can read the data directory and reach Redis, which is the trust an admin token gives."""
-    rec, token = create_operator_token(store, settings, "admin", [Scope.ADMIN], created_by="bootstrap --reset-admin")
+    rec, token = create_operator_token(_as(store, settings, "bootstrap --reset-admin"), "admin", [Scope.ADMIN])
     _write_admin_token(settings, token)
     store.audit("bootstrap", "token.reset-admin", rec["id"])
     return rec
+
+
+def _as(store: Store, settings: Settings, actor: str) -> Context:
+    """A context acting as *actor* with no job queue (the CLI's bootstrap enqueues nothing)."""
+    return Context(store, settings, NO_QUEUE, Caller(actor))
 
 
 def _write_admin_token(settings: Settings, token: str) -> None:

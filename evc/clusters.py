@@ -85,7 +85,7 @@ def create(ctx: Context, data: JSON) -> Cluster:
         "created_at": now(),
         "created_by": created_by,
     }
-    store.create_cluster(cast(JSON, cl))
+    store.create_cluster(cl)
     store.log_event({"type": "cluster.created", "cluster": cl["id"], "profile": profile.name})
     return cl
 
@@ -104,7 +104,7 @@ def update(store: Store, cluster_id: str, changes: JSON, *, settings: Settings) 
         if sid not in store.cluster_members(cluster_id):
             raise ValidationError("the server node must be a member of the cluster", field="server_id")
         store.log_event({"type": "cluster.server", "cluster": cluster_id, "from": cl.get("server_id"), "to": sid})
-    return cast(Cluster, store.update_cluster(cluster_id, **changes))  # store returns JSON until typed
+    return store.update_cluster(cluster_id, **changes)
 
 
 def delete(store: Store, cluster_id: str) -> Cluster:
@@ -113,7 +113,7 @@ def delete(store: Store, cluster_id: str) -> Cluster:
         raise Conflict(f"the cluster still has {len(members)} member(s); remove them first", members=members)
     cl = store.delete_cluster(cluster_id)
     store.log_event({"type": "cluster.deleted", "cluster": cluster_id})
-    return cast(Cluster, cl)  # store returns JSON until typed
+    return cl
 
 
 def add_device(ctx: Context, cluster_id: str, device_id: str) -> tuple[Cluster, Job | None]:
@@ -141,7 +141,7 @@ def add_device(ctx: Context, cluster_id: str, device_id: str) -> tuple[Cluster, 
             targets=[device_id],
             params={"cluster_id": cluster_id, "target": cl["target_level"], "reason": "join"},
         )
-    return cast(Cluster, cl), job  # store returns JSON until typed
+    return cl, job
 
 
 def remove_device(ctx: Context, cluster_id: str, device_id: str, *, cleanup: bool) -> Job | None:

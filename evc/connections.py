@@ -3,6 +3,9 @@ re-verified by a job and replace the old ones only when the device answers there
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from evc import ssh
 from evc.errors import DeviceError
 from evc.jobs import JobRun
@@ -14,7 +17,7 @@ from evc.store import JSON, Store
 CONNECTION_FIELDS = ("host", "port", "username", "host_key", "jump_host")
 
 
-def new_connection(dev: JSON, change: JSON) -> JSON:
+def new_connection(dev: Mapping[str, Any], change: JSON) -> JSON:
     """The connection fields of *dev* after *change* (pure). Keys stay pinned where the address
     they belong to is unchanged; a new address (or a given key of None) is learned on first use,
     a key given in *change* is pinned as given."""
@@ -57,7 +60,7 @@ async def reconnect(store: Store, settings: Settings, run: JobRun) -> JSON:
     return summary
 
 
-def target_summary(dev: JSON) -> str:
+def target_summary(dev: Mapping[str, Any]) -> str:
     """``user@host:port`` (``via user@host:port`` when behind a jump host)."""
     out = f"{dev.get('username')}@{dev.get('host')}:{dev.get('port')}"
     jump = dev.get("jump_host")

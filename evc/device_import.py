@@ -4,7 +4,7 @@ one batch job (per-device results and reasons); re-importing the same file chang
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from evc import auth, devices
 from evc.context import Context
@@ -84,7 +84,7 @@ def apply(ctx: Context, planned: list[PlannedDevice]) -> tuple[Job | None, dict[
         if p.action == "create":
             token = auth.make_token(auth.PREFIX_DEVICE, settings.token_bytes)
             dev = devices.new_record(body, created_by=created_by)
-            store.create_device(cast(JSON, dev), auth.hash_token(token))
+            store.create_device(dev, auth.hash_token(token))
             p.device_id, tokens[p.name] = dev["id"], token
             targets.append(dev["id"])
             continue

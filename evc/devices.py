@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from evc import auth, jobs
@@ -35,7 +36,7 @@ def create(ctx: Context, data: JSON, *, extra_labels: dict[str, str] | None = No
             return public(store.get_device(prior["device"])), jobs.get(store, prior["job"]), None
     token = auth.make_token(auth.PREFIX_DEVICE, settings.token_bytes)
     dev = new_record(data, created_by=created_by, extra_labels=extra_labels)
-    store.create_device(cast(JSON, dev), auth.hash_token(token))
+    store.create_device(dev, auth.hash_token(token))
     job, _ = ctx.with_key(None).submit(JobKindName.REGISTER, targets=[dev["id"]])
     if idempotency_key:
         store.put_json(
@@ -89,11 +90,11 @@ def matcher(
     labels: dict[str, str] | None = None,
     cluster: str | None = None,
     name: str | None = None,
-) -> Any:
+) -> Callable[[Mapping[str, Any]], bool] | None:
     if not (state or labels or cluster or name):
         return None
 
-    def match(dev: JSON) -> bool:
+    def match(dev: Mapping[str, Any]) -> bool:
         if state and dev.get("state") != state:
             return False
         if cluster and dev.get("cluster_id") != cluster:

@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +41,7 @@ from evc.model import (
     JSON,
     OFFLINE_STATES,
     UNSWEPT_STATES,
+    Device,
     DeviceState,
     Health,
     HealthSource,
@@ -181,7 +182,7 @@ class Assessment:
         return self.state != self.previous
 
 
-def cpus_of(dev: JSON) -> int | None:
+def cpus_of(dev: Mapping[str, Any]) -> int | None:
     """The device's CPU count from its facts (None when unknown)."""
     cpus = (dev.get("facts") or {}).get("cpus")
     return cpus if isinstance(cpus, int) and not isinstance(cpus, bool) and cpus > 0 else None
@@ -207,7 +208,12 @@ def breaches(metrics: JSON, policy: HealthPolicy, cpus: int | None = None) -> li
 
 
 def assess(
-    state: str | None, health: JSON | None, obs: Observation, policy: HealthPolicy, at: float, cpus: int | None = None
+    state: str | None,
+    health: Mapping[str, Any] | None,
+    obs: Observation,
+    policy: HealthPolicy,
+    at: float,
+    cpus: int | None = None,
 ) -> Assessment:
     """The device's next state and health record after *obs* on a device with *cpus* CPUs
     (pure; see the module doc)."""
@@ -262,7 +268,7 @@ def assess(
     return Assessment(str(state or prev), new, rec, reason)
 
 
-def verified(state: str | None, health: JSON | None, at: float) -> Assessment:
+def verified(state: str | None, health: Mapping[str, Any] | None, at: float) -> Assessment:
     """The device's state after a connection with its pinned keys succeeded outside a sweep
     (a re-pin, a fact refresh, new connection details): proof enough that it is reachable, as
     a heartbeat is. The misses end (a later miss starts counting from one, not from where the
@@ -415,7 +421,7 @@ def sweep(
     return result
 
 
-def state_event(dev: JSON, a: Assessment) -> JSON:
+def state_event(dev: Mapping[str, Any], a: Assessment) -> JSON:
     return {
         "type": "device.state",
         "device": dev["id"],
@@ -446,7 +452,7 @@ def sweep_lock(store: Store, settings: Settings, owner: str, wait_s: float = 0.0
 
 
 # ---------------------------------------------------------------------- heartbeats
-def record_heartbeat(store: Store, settings: Settings, device_id: str, data: JSON) -> JSON:
+def record_heartbeat(store: Store, settings: Settings, device_id: str, data: JSON) -> Device:
     """A device said it is alive: misses reset, metrics recorded, and a device that was offline,
     degraded or unreachable comes back (a heartbeat is proof enough: no hysteresis)."""
     dev = store.get_device(device_id)
@@ -524,7 +530,7 @@ def ensure_online(
     ttl_s: float = 300.0,
     poll_s: float = 1.0,
     check_cancel: Any = None,
-) -> list[JSON]:
+) -> list[Device]:
     """Refuse new work for offline devices: return the devices when none is offline.
 
     ``policy="fail"`` raises :class:`~evc.errors.DeviceOffline` at once, listing them;

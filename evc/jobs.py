@@ -6,7 +6,7 @@ import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from evc.errors import Conflict, EVCError, JobCancelled, NotFound, StaleAttempt, ValidationError
 from evc.model import (
@@ -126,10 +126,10 @@ def submit(
     if idempotency_key:
         idempotency_key = f"{created_by}:{idempotency_key}"
     publish = queue.job_commands(job, countdown=countdown)
-    stored, created = store.create_job(cast(JSON, job), idempotency_key, publish=publish, pipe=pipe)
+    stored, created = store.create_job(job, idempotency_key, publish=publish, pipe=pipe)
     if created and not publish:
         queue.enqueue(stored, countdown=countdown)
-    return cast(Job, stored), created  # store returns JSON until typed
+    return stored, created
 
 
 def scoped_key(key: str, scope: str, request: bytes) -> str:
@@ -196,7 +196,7 @@ def republish_missing(store: Store, sender: Sender, after_s: float) -> int:
 
 def get(store: Store, job_id: str) -> Job:
     """The job *job_id* (NotFound when there is none)."""
-    return cast(Job, store.get_job(job_id))  # store returns JSON until typed
+    return store.get_job(job_id)
 
 
 def prune(store: Store, retention_s: float) -> int:

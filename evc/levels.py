@@ -10,7 +10,7 @@ from typing import Any
 from evc import profiles
 from evc.errors import LevelNotReached
 from evc.jobs import JobRun, Partial
-from evc.model import JSON, RUNNABLE_STATES, EventType, HostStatus, OfflinePolicy
+from evc.model import JSON, RUNNABLE_STATES, Cluster, Device, EventType, HostStatus, OfflinePolicy
 from evc.settings import Settings
 from evc.store import Store
 from evc.vault import Vault
@@ -46,7 +46,9 @@ def provisioned_python(cluster: Mapping[str, Any]) -> str:
     return f"~/{venv}/bin/python"
 
 
-def cluster_vars(store: Store, settings: Settings, cluster: JSON, playbook: str, step_vars: Mapping[str, Any]) -> JSON:
+def cluster_vars(
+    store: Store, settings: Settings, cluster: Cluster, playbook: str, step_vars: Mapping[str, Any]
+) -> JSON:
     """A step's variables: the profile's, then the cluster's for that playbook, then what EVC
     derives (the k3s server's URL and the cluster's join token). Secrets are stored sealed and
     opened here, in the worker, only to build the playbook's variables."""
@@ -63,8 +65,9 @@ def cluster_vars(store: Store, settings: Settings, cluster: JSON, playbook: str,
             store.update_cluster(cluster["id"], join_token=token)
             cluster["join_token"] = token
         out.setdefault("token", box.open(token))
-        if playbook == "k3s-agent" and cluster.get("server_id"):
-            server = store.get_device(cluster["server_id"])
+        server_id = cluster.get("server_id")
+        if playbook == "k3s-agent" and server_id:
+            server = store.get_device(server_id)
             out.setdefault("server_url", f"https://{server['host']}:6443")
     return out
 
@@ -122,10 +125,10 @@ def _ensure_online(store: Store, run: JobRun) -> None:
         )
 
 
-def _split_runnable(devices: list[JSON]) -> tuple[dict[str, JSON], list[JSON]]:
+def _split_runnable(devices: list[Device]) -> tuple[dict[str, JSON], list[Device]]:
     """(the detail of the devices that take no new work, the devices that may)."""
     detail: dict[str, JSON] = {}
-    runnable: list[JSON] = []
+    runnable: list[Device] = []
     for d in devices:
         if d.get("state") not in RUNNABLE:
             detail[d["id"]] = {"level": int(d.get("level") or 0), "stopped": f"device is {d.get('state')}: no new work"}

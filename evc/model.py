@@ -260,6 +260,8 @@ class Device(TypedDict):
     exporter: NotRequired[JSON | None]
     fl_client: NotRequired[JSON | None]
     updated_at: NotRequired[float]
+    #: when its host key was last re-pinned (``POST /devices/<id>/host-key``): kept, not shown
+    repinned_at: NotRequired[float]
     #: the hash of the device's own token: kept by the store, never shown
     token_hash: NotRequired[str]
 
@@ -388,6 +390,8 @@ class FLState(TypedDict, total=False):
     deadline: float
     waiting_since: float | None
     started_at: float
+    #: how many times the open round was dispatched (a recovery dispatches it again)
+    dispatches: int
 
 
 __all__ = [

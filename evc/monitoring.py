@@ -67,9 +67,9 @@ class DiscoveryStore(Protocol):
 
     def device_fields(self, ids: Iterable[str] | None, fields: Sequence[str]) -> list[JSON]: ...
 
-    def get_cluster(self, cluster_id: str) -> JSON: ...
+    def get_cluster(self, cluster_id: str) -> Mapping[str, Any]: ...
 
-    def update_device(self, device_id: str, **changes: Any) -> JSON: ...
+    def update_device(self, device_id: str, **changes: Any) -> Mapping[str, Any]: ...
 
 
 # --- what the exporter playbook ships -----------------------------------------------------------
@@ -235,7 +235,7 @@ def target_groups(
 def discovery_targets(store: DiscoveryStore, exporter: Exporter = "evc") -> list[JSON]:
     """The target list ``GET /api/v1/prometheus/targets`` serves, read from the store."""
     devices = [d for d in store.device_fields(None, DEVICE_FIELDS) if d.get("exporter")]
-    clusters: dict[str, JSON] = {}
+    clusters: dict[str, Mapping[str, Any]] = {}
     for cluster_id in {str(d["cluster_id"]) for d in devices if d.get("cluster_id")}:
         try:
             clusters[cluster_id] = store.get_cluster(cluster_id)

@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Collection, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -34,7 +34,6 @@ from evc import ssh
 from evc.errors import CommandFailed, ConnectionDropped, DeviceError, SSHTimeout
 from evc.runtime import WorkerRuntime, metric_hook
 from evc.settings import Settings
-from evc.store import JSON
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +82,7 @@ class SSHPool:
         self.closed = 0
 
     # ------------------------------------------------------------------ public
-    async def use(self, device: JSON, op: Operation[T]) -> T:
+    async def use(self, device: Mapping[str, Any], op: Operation[T]) -> T:
         """Run *op* on the device's pooled connection (opened when missing or stale).
 
         A reused connection that turns out to be dead is replaced once, at once; a connection

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,7 +210,9 @@ async def refresh_facts(store: Store, settings: Settings, run: JobRun) -> JSON:
     return {"ok": ok, "failed": failed}
 
 
-def record_online(store: Store, run: JobRun, dev: JSON, found: Probed, first: bool, also: JSON | None = None) -> JSON:
+def record_online(
+    store: Store, run: JobRun, dev: Mapping[str, Any], found: Probed, first: bool, also: JSON | None = None
+) -> JSON:
     """*dev* answered a probe: record it reachable (online, or degraded as it was for a threshold;
     see :func:`evc.health.verified`) with its keys pinned, facts and privilege
     (and *also*: changed connection fields, written in the same update)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +24,6 @@ from evc.errors import (
     Unreachable,
 )
 from evc.settings import Settings
-from evc.store import JSON
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class Target:
         return f"{self.username}@{self.host}:{self.port}"
 
 
-def target_of(device: JSON) -> Target:
+def target_of(device: Mapping[str, Any]) -> Target:
     jump = device.get("jump_host") or None
     jt = None
     if jump:

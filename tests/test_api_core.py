@@ -161,6 +161,7 @@ def test_state_survives_redis_restart(tmp_path, settings) -> None:
         st = Store.from_settings(settings.replace(redis_url=srv.url))
         from evc import jobs
         from evc.auth import create_operator_token, hash_token
+        from evc.context import Context
 
         class Hold:
             def send_task(self, *a, **k):
@@ -180,7 +181,7 @@ def test_state_survives_redis_restart(tmp_path, settings) -> None:
             },
             "hash1",
         )
-        rec, tok = create_operator_token(st, settings, "persist", ["read"])
+        rec, tok = create_operator_token(Context(st, settings), "persist", ["read"])
         time.sleep(1.2)  # appendfsync everysec
         srv.restart()
         st2 = Store.from_settings(settings.replace(redis_url=srv.url))

@@ -12,6 +12,7 @@ import pytest
 from evc.api.app import create_app
 
 from evc import auth
+from evc.context import Context
 from evc.settings import Settings
 from evc.store import Store, new_id
 from tests.fixtures.helpers import own_address
@@ -29,7 +30,7 @@ class Client:
         self.raw = raw_redis(settings)  # the test's own view of Redis
         self.app = create_app(settings)
         self.client = self.app.test_client()
-        _, self.admin = auth.create_operator_token(self.store, settings, "admin", ["admin"])
+        _, self.admin = auth.create_operator_token(Context(self.store, settings), "admin", ["admin"])
 
     def call(self, method: str, path: str, token: str | None = None, **kw: Any) -> tuple[int, Any]:
         headers = dict(kw.pop("headers", {}) or {})
@@ -63,7 +64,7 @@ def test_the_last_admin_token_cannot_be_revoked(private: Client) -> None:
 
     status, second = private.call("POST", "/api/v1/tokens", json={"name": "second", "scopes": ["admin"]})
     assert status == 201
-    reader = auth.create_operator_token(private.store, private.settings, "r", ["read"])[0]
+    reader = auth.create_operator_token(Context(private.store, private.settings), "r", ["read"])[0]
     assert private.call("DELETE", f"/api/v1/tokens/{reader['id']}")[0] == 200  # not an admin: fine
     assert private.call("DELETE", f"/api/v1/tokens/{first_id}")[0] == 200  # another admin is left
     status, body = private.call("DELETE", f"/api/v1/tokens/{second['id']}", token=second["token"])
@@ -73,7 +74,9 @@ def test_the_last_admin_token_cannot_be_revoked(private: Client) -> None:
 
 def test_an_expired_admin_does_not_count_as_another_admin(private: Client) -> None:
     first_id = private.store.token_by_hash(auth.hash_token(private.admin))["id"]  # type: ignore[index]
-    rec, _ = auth.create_operator_token(private.store, private.settings, "old", ["admin"], expires_at=time.time() - 10)
+    rec, _ = auth.create_operator_token(
+        Context(private.store, private.settings), "old", ["admin"], expires_at=time.time() - 10
+    )
     status, body = private.call("DELETE", f"/api/v1/tokens/{first_id}")
     assert status == 409, body
     assert private.call("DELETE", "/api/v1/tokens/tok_0000000000000000")[0] == 404
@@ -284,7 +287,7 @@ def test_secrets_are_sealed_at_rest_write_only_and_no_token_is_stored_in_clear(
     c = Client(s)
     try:
         k3s_secret, k3s_new, password = "K10abcSECRETjoin", "K10otherSECRETjoin", "Pa55w0rdSECRET"
-        _, reader = auth.create_operator_token(c.store, c.settings, "reader", ["read"])
+        _, reader = auth.create_operator_token(Context(c.store, c.settings), "reader", ["read"])
         enroll = _enroll(c, allow_networks=["192.0.2.0/24"])
         status, cl = c.call("POST", "/api/v1/clusters", json={
             "name": "k", "profile": "k3s",
@@ -347,7 +350,7 @@ def test_idempotency_key_is_scoped_to_caller_endpoint_and_body(private: Client) 
     status, body = private.call("POST", "/api/v1/jobs", json={"kind": "noop", "params": {"sleep_s": 1}}, headers=key)
     assert status == 409 and "different request" in body["message"], body
     # another caller has its own keys
-    other = auth.create_operator_token(private.store, private.settings, "other", ["admin"])[1]
+    other = auth.create_operator_token(Context(private.store, private.settings), "other", ["admin"])[1]
     status, theirs = private.call("POST", "/api/v1/jobs", json={"kind": "noop"}, headers=key, token=other)
     assert status == 202 and theirs["id"] != first["id"]
     # another endpoint has its own keys: a registration is not answered with the noop job

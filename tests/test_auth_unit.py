@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from evc import auth
+from evc.context import Context
 from evc.errors import AuthError, ConfigError, Forbidden, RateLimited, ValidationError
 from evc.settings import load_settings
 
@@ -34,6 +35,11 @@ class TokenStore:
         for n in names:
             self.counts[n] += 1
         return [self.counts[n] for n in names]
+
+
+def _ctx(store: TokenStore, settings: Any) -> Context:
+    """A context over the in-memory token store (it has only the token part of a Store)."""
+    return Context(store, settings)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -67,17 +73,17 @@ def test_scopes_and_principals() -> None:
 
 def test_operator_tokens_need_known_scopes(settings) -> None:
     store = TokenStore()
-    rec, token = auth.create_operator_token(store, settings, "ci", ["read", "read"])  # type: ignore[arg-type]
+    rec, token = auth.create_operator_token(_ctx(store, settings), "ci", ["read", "read"])
     assert rec["scopes"] == ["read"] and rec["prefix"] == token[: auth.TOKEN_PREFIX_LEN]
     assert "hash" not in auth.public_token(store.index[("token-hash", auth.hash_token(token))])
     for bad in ([], ["root"]):
         with pytest.raises(ValidationError):
-            auth.create_operator_token(store, settings, "x", bad)  # type: ignore[arg-type]
+            auth.create_operator_token(_ctx(store, settings), "x", bad)
 
 
 def test_authenticate(settings) -> None:
     store = TokenStore()
-    rec, token = auth.create_operator_token(store, settings, "ops", ["admin"])  # type: ignore[arg-type]
+    rec, token = auth.create_operator_token(_ctx(store, settings), "ops", ["admin"])
     p = auth.authenticate(store, settings, f"Bearer {token}")  # type: ignore[arg-type]
     assert (p.kind, p.id, p.scopes) == ("operator", rec["id"], frozenset({"admin"}))
     with pytest.raises(AuthError, match="missing bearer token"):
@@ -91,14 +97,14 @@ def test_authenticate(settings) -> None:
 
 def test_expired_tokens_are_refused(settings) -> None:
     store = TokenStore()
-    _, token = auth.create_operator_token(store, settings, "old", ["read"], expires_at=1.0)  # type: ignore[arg-type]
+    _, token = auth.create_operator_token(_ctx(store, settings), "old", ["read"], expires_at=1.0)
     with pytest.raises(AuthError, match="expired"):
         auth.authenticate(store, settings, f"Bearer {token}")  # type: ignore[arg-type]
 
 
 def test_failures_past_the_limit_are_rate_limited_but_valid_tokens_work(settings) -> None:
     store = TokenStore()
-    _, token = auth.create_operator_token(store, settings, "ops", ["read"])  # type: ignore[arg-type]
+    _, token = auth.create_operator_token(_ctx(store, settings), "ops", ["read"])
     for _ in range(3):
         with pytest.raises(AuthError) as exc:
             auth.authenticate(store, settings, "Bearer evco_wrong", "10.0.0.9")  # type: ignore[arg-type]

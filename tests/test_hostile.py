@@ -17,6 +17,7 @@ from hypothesis import HealthCheck
 from hypothesis import settings as hsettings
 
 from evc.auth import create_operator_token
+from evc.context import Context
 from evc.store import Store
 from tests.fixtures.services import raw_redis
 
@@ -45,7 +46,7 @@ def isolated(settings, redis_url):
     with raw_redis(s) as r:
         r.flushdb()
     app = create_app(s)
-    _, token = create_operator_token(store, s, "hostile", ["admin"])
+    _, token = create_operator_token(Context(store, s), "hostile", ["admin"])
     yield app, store, {"Authorization": f"Bearer {token}"}
     with raw_redis(s) as r:
         r.flushdb()

@@ -517,7 +517,7 @@ def test_prometheus_discovers_scrapes_and_alerts_on_provisioned_devices(
 
         # the API over HTTP, a read-only token for Prometheus, the deployed scrape job and rules
         http = HTTPAPI(api.app)
-        _, reader = create_operator_token(store, settings, f"prometheus-{tag}", ["read"])
+        _, reader = create_operator_token(Context(store, settings), f"prometheus-{tag}", ["read"])
         token_file = tmp_path / "evc-token"
         token_file.write_text(reader + "\n")
         groups = http.get(TARGETS, reader)

@@ -13,6 +13,7 @@ from evc.workers.celery_app import make_celery
 
 from evc import jobs
 from evc.auth import create_operator_token
+from evc.context import Context
 from evc.embedded import RedisServer
 from evc.errors import TRANSIENT_ERRORS, StoreUnavailable
 from evc.store import Store
@@ -25,7 +26,7 @@ def test_redis_down_answers_503_on_every_route(tmp_path, settings) -> None:
     srv = RedisServer(tmp_path / "r").start()
     s = settings.replace(redis_url=srv.url, key_prefix="outage")
     store = Store.from_settings(s)
-    _, admin = create_operator_token(store, s, "admin", ["admin"])
+    _, admin = create_operator_token(Context(store, s), "admin", ["admin"])
     app = create_app(s)
     client = app.test_client()
     ready = client.get("/readyz")

@@ -19,6 +19,7 @@ from werkzeug.serving import make_server
 
 from evc import jobs
 from evc.auth import create_operator_token
+from evc.context import Context
 from evc.store import Store
 from tests.fixtures.services import Worker, own_database, raw_redis
 
@@ -69,7 +70,7 @@ def test_worker_killed_mid_job_completes_elsewhere_once(rel) -> None:
 def test_api_under_load_while_workers_restart(rel) -> None:
     s, store, tmp = rel
     app = create_app(s)
-    _, token = create_operator_token(store, s, "load", ["admin"])
+    _, token = create_operator_token(Context(store, s), "load", ["admin"])
     srv = make_server("127.0.0.1", 0, app, threaded=True)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
@@ -170,7 +171,7 @@ def test_cors_off_by_default_and_on_when_configured(rel) -> None:
 def test_task_messages_carry_ids_not_secrets(rel) -> None:
     s, store, _ = rel
     app = create_app(s)
-    _, token = create_operator_token(store, s, "sec", ["admin"])
+    _, token = create_operator_token(Context(store, s), "sec", ["admin"])
     raw = raw_redis(s)
     raw.delete("default")
     r = app.test_client().post("/api/v1/jobs", json={"kind": "noop"}, headers={"Authorization": f"Bearer {token}"})

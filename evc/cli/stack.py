@@ -122,6 +122,7 @@ def bootstrap(c: Ctx, read_token_file: Path | None, reset_admin: bool) -> None:
     import os
 
     from evc import auth, keys
+    from evc.context import NO_QUEUE, Caller, Context
     from evc.stack import local_redis
     from evc.store import Store
 
@@ -146,7 +147,8 @@ def bootstrap(c: Ctx, read_token_file: Path | None, reset_admin: bool) -> None:
                 "directory and Redis) writes a new one there"
             )
         if read_token_file and not read_token_file.exists():
-            _, tok = auth.create_operator_token(store, settings, "prometheus", ["read"], created_by="bootstrap")
+            boot = Context(store, settings, NO_QUEUE, Caller("bootstrap"))  # enqueues nothing
+            _, tok = auth.create_operator_token(boot, "prometheus", ["read"])
             fd = os.open(read_token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(tok + "\n")

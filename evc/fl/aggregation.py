@@ -14,7 +14,7 @@ from evc.fl.rounds_core import RoundsCore
 from evc.fl.strategy import FitFailure, Strategy
 from evc.jobs import JobRun
 from evc.jobs import get as get_job
-from evc.model import IN_ROUND, FLPhase, JobState
+from evc.model import IN_ROUND, FLPhase, FLState, JobState
 from evc.store import JSON, now
 
 
@@ -53,7 +53,9 @@ class Closing(RoundsCore):
         finally:
             self.store.release_lock(lock, self.owner)
 
-    def _aggregate(self, run: JobRun, st: JSON, selected: list[str], outcomes: Mapping[str, JSON], stop: bool) -> str:
+    def _aggregate(
+        self, run: JobRun, st: FLState, selected: list[str], outcomes: Mapping[str, JSON], stop: bool
+    ) -> str:
         job_id, token, rnd = run.id, str(st["token"]), int(st["round"])
         spec = FLSpec.from_params(run.job["params"])
         directory = checkpoint_dir(self.settings)
@@ -117,7 +119,7 @@ class Closing(RoundsCore):
                 failures.append((dev, f"invalid update: {exc}"))
         return failures, starts
 
-    def _discard_round(self, run: JobRun, st: JSON, why: str) -> str:
+    def _discard_round(self, run: JobRun, st: FLState, why: str) -> str:
         rnd = int(st["round"])
         self.store.fl_cas(run.id, {"token": [st["token"]]}, phase=FLPhase.STOPPED, next_round=rnd)
         self.store.fl_drop_round(run.id, str(st["token"]))
@@ -126,7 +128,7 @@ class Closing(RoundsCore):
 
 
 def round_record(
-    st: JSON, selected: list[str], outcomes: Mapping[str, JSON], metrics: JSON, starts: int, closed: float
+    st: FLState, selected: list[str], outcomes: Mapping[str, JSON], metrics: JSON, starts: int, closed: float
 ) -> JSON:
     """A closed round's record (before evaluation): who took part, the strategy's metrics,
     and where the round's time went (queueing, training, closing). Pure."""

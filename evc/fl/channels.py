@@ -305,7 +305,7 @@ async def put_file(conn: asyncssh.SSHClientConnection, path: str, data: bytes) -
     return target
 
 
-async def push(settings: Settings, device: JSON, path: str, data: bytes) -> str:
+async def push(settings: Settings, device: Mapping[str, Any], path: str, data: bytes) -> str:
     """:func:`put_file` over the device's pooled connection."""
 
     async def op(conn: asyncssh.SSHClientConnection, target: ssh.Target) -> str:
@@ -326,7 +326,7 @@ _CHECK = (
 )
 
 
-async def install_client(settings: Settings, device: JSON, python: str = "python3") -> JSON:
+async def install_client(settings: Settings, device: Mapping[str, Any], python: str = "python3") -> JSON:
     """Ship the FL client to ``~/.evc/fl/client.py`` and check *python* runs it with numpy.
 
     Returns what to record on the device as ``fl_client``. Raises :class:`CommandFailed`

@@ -37,7 +37,7 @@ import secrets
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 
@@ -66,7 +66,7 @@ from evc.fl.recovery import Recovery
 from evc.fl.rounds_core import _round_of, load_test_set
 from evc.jobs import JobRun
 from evc.jobs import get as get_job
-from evc.model import BETWEEN_ROUNDS, EventType, FLPhase, Job, JobState
+from evc.model import BETWEEN_ROUNDS, EventType, FLPhase, FLState, Job, JobState
 from evc.store import JSON, now
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ class Rounds(Closing, Recovery):
         return "started"
 
     def _wait_for_devices(
-        self, run: JobRun, spec: FLSpec, st: JSON, round: int, exc: PreconditionFailed,
+        self, run: JobRun, spec: FLSpec, st: FLState, round: int, exc: PreconditionFailed,
         skipped: dict[str, str],
     ) -> str:  # fmt: skip
         """Too few devices can train: wait up to ``round_timeout`` for them, then fail."""
@@ -273,7 +273,7 @@ class Rounds(Closing, Recovery):
         return {**base, "status": status, "ok": outcome["ok"]}
 
     def _train(
-        self, job_id: str, st: JSON, device_id: str, lease: str, owner: str
+        self, job_id: str, st: FLState, device_id: str, lease: str, owner: str
     ) -> tuple[JSON, str | None, list[JSON]]:
         """Ask the device's client for its update: (outcome, base64 update, late replies)."""
         rnd, token, deadline = int(st["round"]), str(st["token"]), float(st["deadline"])
@@ -316,7 +316,9 @@ class Rounds(Closing, Recovery):
         return outcome, str(call.reply["params"]), call.late
 
 
-def sit_outs(job_devices: Sequence[str], devices: Mapping[str, JSON], min_available: int) -> dict[str, str]:
+def sit_outs(
+    job_devices: Sequence[str], devices: Mapping[str, Mapping[str, Any]], min_available: int
+) -> dict[str, str]:
     """The devices that sit a round out, with the reason: removed, not eligible; degraded
     devices sit out while enough healthy ones can train, but when too few can, degraded ones
     (slow, not broken) make up the number of *min_available*, in job order. Pure."""

@@ -93,7 +93,7 @@ class ChannelRegistry:
     async def request(
         self,
         job_id: str,
-        device: JSON,
+        device: Mapping[str, Any],
         spec: ClientSpec,
         message: Mapping[str, Any],
         timeout: float,
@@ -127,7 +127,7 @@ class ChannelRegistry:
     async def _channel(
         self,
         key: tuple[str, str],
-        device: JSON,
+        device: Mapping[str, Any],
         spec: ClientSpec,
         deadline: float,
         late: list[JSON],
@@ -150,7 +150,7 @@ class ChannelRegistry:
     async def _open(
         self,
         key: tuple[str, str],
-        device: JSON,
+        device: Mapping[str, Any],
         spec: ClientSpec,
         deadline: float,
         late: list[JSON],

@@ -22,7 +22,7 @@ from evc.fl.data import load_shard
 from evc.fl.jobspec import BUILTIN_TEST_SETS, Dispatcher, FLSpec, checkpoint_dir, default_owner, evaluation_dir
 from evc.fl.models import is_device_model, load_model
 from evc.jobs import JobRun
-from evc.model import BETWEEN_ROUNDS, IN_ROUND, EventType, FLPhase, JobState
+from evc.model import BETWEEN_ROUNDS, IN_ROUND, EventType, FLPhase, FLState, JobState
 from evc.settings import Settings
 from evc.store import JSON, Store
 
@@ -68,7 +68,7 @@ class RoundsCore:
         run.event(why, type=EventType.FL)
         self._close_channels(run.id)
 
-    def fail_job(self, run: JobRun, exc: EVCError, st: JSON | None = None) -> None:
+    def fail_job(self, run: JobRun, exc: EVCError, st: FLState | None = None) -> None:
         """Fail the job with *exc*; a round in flight is discarded (resume restarts it)."""
         changes: JSON = {"phase": FLPhase.FAILED}
         if st is not None and st.get("token"):

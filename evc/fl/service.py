@@ -27,7 +27,7 @@ from evc.fl.orchestrator import FLSpec, checkpoint_dir, evaluation_dir, fl_ready
 from evc.fl.protocol import params_to_npz
 from evc.fl.strategy import make_strategy
 from evc.jobs import JobRun, Partial
-from evc.model import JSON, EventType, FLPhase, Job, JobKindName, JobState, Queue, strings
+from evc.model import JSON, Device, EventType, FLPhase, Job, JobKindName, JobState, Queue, strings
 from evc.queue import JobQueue
 from evc.settings import Settings
 from evc.store import Store, now
@@ -285,7 +285,7 @@ def install(store: Store, settings: Settings, run: JobRun) -> JSON | Partial:
     python = str(run.params.get("python") or "python3")
     devices = store.get_devices(run.job["targets"])
 
-    async def one(dev: JSON) -> tuple[str, JSON]:
+    async def one(dev: Device) -> tuple[str, JSON]:
         try:
             info = await asyncio.wait_for(channels.install_client(settings, dev, python), _device_timeout(settings))
         except TimeoutError:

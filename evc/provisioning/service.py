@@ -13,7 +13,7 @@ from evc import monitoring
 from evc.context import Context
 from evc.errors import Conflict, EVCError, PreconditionFailed, ValidationError
 from evc.jobs import JobRun
-from evc.model import JSON, TERMINAL_STATES, HostStatus, Job, JobKindName, strings
+from evc.model import JSON, TERMINAL_STATES, Device, HostStatus, Job, JobKindName, strings
 from evc.provisioning.catalog import Catalog, PlaybookSpec
 from evc.provisioning.inventory import job_inventory
 from evc.provisioning.locks import LOCK_TTL_S, DeviceLocks
@@ -447,7 +447,7 @@ def step_runner(
     return run_step
 
 
-def _jump_diagnosis(settings: Settings, dev: JSON) -> JSON:
+def _jump_diagnosis(settings: Settings, dev: Device) -> JSON:
     """Ansible says only "unreachable" when the ProxyJump hop fails: name the jump host and
     the reason (e.g. jump_host_key_mismatch) when the hop is what failed."""
     from evc import ssh
@@ -467,7 +467,7 @@ def _run_once(
     run: JobRun,
     spec: PlaybookSpec,
     values: JSON,
-    devices: list[JSON],
+    devices: list[Device],
     ident: str,
     check: bool,
     forks: int,

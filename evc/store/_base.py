@@ -6,14 +6,15 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Generic, TypeVar, cast
 
 import redis
 from redis.commands.core import Script
 
 from evc.errors import NotFound, StoreUnavailable
 from evc.model import JSON as JSON  # noqa: E402
+from evc.model import Cluster, Device, Enrollment, FLState, Job, Token
 from evc.settings import Settings
 from evc.store import scripts
 from evc.store.client import StorePipeline, store_client
@@ -31,7 +32,38 @@ def now() -> float:
     return time.time()
 
 
-def _dump(obj: JSON) -> dict[Any, Any]:
+#: a record type of :mod:`evc.model` (a TypedDict)
+R = TypeVar("R", bound=Mapping[str, Any])
+
+
+class Kind(Generic[R]):
+    """A kind of record: its key name (a record is the hash ``<name>:<id>``, listed in the sorted
+    set ``<name>s``) and, as its type parameter, the record type it is read back as."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Kind({self.name!r})"
+
+    def record(self, obj: JSON) -> R:
+        """*obj*, read back from Redis, as this kind's record: the store's one typing boundary
+        (no check: records are JSON objects whose shape the store's writers keep)."""
+        return cast(R, obj)
+
+
+DEVICE: Kind[Device] = Kind("device")
+CLUSTER: Kind[Cluster] = Kind("cluster")
+TOKEN: Kind[Token] = Kind("token")
+ENROLLMENT: Kind[Enrollment] = Kind("enrollment")
+JOB: Kind[Job] = Kind("job")
+#: an FL job's round-engine state (one hash per job, not listed)
+FL_STATE: Kind[FLState] = Kind("fl")
+
+
+def _dump(obj: Mapping[str, Any]) -> dict[Any, Any]:
     return {k: json.dumps(v, separators=(",", ":")) for k, v in obj.items()}
 
 
@@ -82,41 +114,42 @@ class StoreBase:
         return self._redis.pipeline(transaction=True)
 
     # ------------------------------------------------------------------ generic records
-    def _put(self, kind: str, rec: JSON, score: float | None = None) -> None:
+    def _put(self, kind: Kind[R], rec: R, score: float | None = None) -> None:
         pipe = self._redis.pipeline(transaction=True)
-        pipe.hset(self.k(kind, rec["id"]), mapping=_dump(rec))
-        pipe.zadd(self.k(kind + "s"), {rec["id"]: rec.get("created_at", now()) if score is None else score})
+        pipe.hset(self.k(kind.name, rec["id"]), mapping=_dump(rec))
+        pipe.zadd(self.k(kind.name + "s"), {rec["id"]: rec.get("created_at", now()) if score is None else score})
         pipe.execute()
 
-    def _get(self, kind: str, rec_id: str) -> JSON:
-        raw = self._redis.hgetall(self.k(kind, rec_id)) if ID_RE.match(rec_id) else None
+    def _get(self, kind: Kind[R], rec_id: str) -> R:
+        raw = self._redis.hgetall(self.k(kind.name, rec_id)) if ID_RE.match(rec_id) else None
         if not raw:
-            raise NotFound(f"{kind} {rec_id} not found", id=rec_id)
-        return _load(raw)
+            raise NotFound(f"{kind.name} {rec_id} not found", id=rec_id)
+        return kind.record(_load(raw))
 
-    def _get_many(self, kind: str, ids: Iterable[str]) -> list[JSON]:
+    def _get_many(self, kind: Kind[R], ids: Iterable[str]) -> list[R]:
         ids = [i for i in ids if ID_RE.match(i)]
         if not ids:
             return []
         try:
-            return list(json.loads(self._script(scripts.GET_MANY)(keys=[self.k(kind, i) for i in ids])))
+            found = json.loads(self._script(scripts.GET_MANY)(keys=[self.k(kind.name, i) for i in ids]))
+            return [kind.record(rec) for rec in found]
         except ValueError:  # a field that is not a JSON value (written by hand): field by field
             pass
         pipe = self._redis.pipeline(transaction=False)
         for i in ids:
-            pipe.hgetall(self.k(kind, i))
-        return [_load(raw) for raw in pipe.execute() if raw]
+            pipe.hgetall(self.k(kind.name, i))
+        return [kind.record(_load(raw)) for raw in pipe.execute() if raw]
 
-    def _update(self, kind: str, rec_id: str, changes: JSON) -> JSON:
-        key = self.k(kind, rec_id)
+    def _update(self, kind: Kind[R], rec_id: str, changes: JSON) -> R:
+        key = self.k(kind.name, rec_id)
         if not ID_RE.match(rec_id) or not self._redis.exists(key):
-            raise NotFound(f"{kind} {rec_id} not found", id=rec_id)
+            raise NotFound(f"{kind.name} {rec_id} not found", id=rec_id)
         if changes:
             self._redis.hset(key, mapping=_dump(changes))
         return self._get(kind, rec_id)
 
-    def _ids(self, kind: str, newest_first: bool = True) -> Iterator[str]:
-        key, start, batch = self.k(kind + "s"), 0, 500
+    def _ids(self, kind: Kind[Any], newest_first: bool = True) -> Iterator[str]:
+        key, start, batch = self.k(kind.name + "s"), 0, 500
         while True:
             if newest_first:
                 chunk = self._redis.zrevrange(key, start, start + batch - 1)
@@ -129,20 +162,20 @@ class StoreBase:
 
     def _page(
         self,
-        kind: str,
+        kind: Kind[R],
         offset: int,
         limit: int,
-        match: Callable[[JSON], bool] | None = None,
+        match: Callable[[R], bool] | None = None,
         newest_first: bool = True,
-    ) -> tuple[list[JSON], int]:
+    ) -> tuple[list[R], int]:
         """One page of records and the total that match (filters are applied in order)."""
         if match is None:
-            key = self.k(kind + "s")
+            key = self.k(kind.name + "s")
             total = int(self._redis.zcard(key))
             rng = self._redis.zrevrange if newest_first else self._redis.zrange
             ids = [i.decode() for i in rng(key, offset, offset + limit - 1)]
             return self._get_many(kind, ids), total
-        items: list[JSON] = []
+        items: list[R] = []
         total = 0
         ids = list(self._ids(kind, newest_first))
         for start in range(0, len(ids), 500):
@@ -153,8 +186,8 @@ class StoreBase:
                     total += 1
         return items, total
 
-    def _delete(self, kind: str, rec_id: str, *extra_keys: str) -> None:
+    def _delete(self, kind: Kind[Any], rec_id: str, *extra_keys: str) -> None:
         pipe = self._redis.pipeline(transaction=True)
-        pipe.delete(self.k(kind, rec_id), *extra_keys)
-        pipe.zrem(self.k(kind + "s"), rec_id)
+        pipe.delete(self.k(kind.name, rec_id), *extra_keys)
+        pipe.zrem(self.k(kind.name + "s"), rec_id)
         pipe.execute()

@@ -7,32 +7,31 @@ from collections.abc import Callable
 from typing import Any
 
 from evc.errors import Conflict
-from evc.store._base import JSON, StoreBase
+from evc.model import Cluster
+from evc.store._base import CLUSTER, StoreBase
 
 
 class ClusterStore(StoreBase):
-    def create_cluster(self, cl: JSON) -> JSON:
+    def create_cluster(self, cl: Cluster) -> Cluster:
         if not self._redis.set(self.k("cluster-name", cl["name"]), cl["id"], nx=True):
             raise Conflict(f"a cluster named {cl['name']!r} exists", field="name")
-        self._put("cluster", cl)
+        self._put(CLUSTER, cl)
         return cl
 
-    def get_cluster(self, cluster_id: str) -> JSON:
-        return self._get("cluster", cluster_id)
+    def get_cluster(self, cluster_id: str) -> Cluster:
+        return self._get(CLUSTER, cluster_id)
 
-    def update_cluster(self, cluster_id: str, **changes: Any) -> JSON:
-        return self._update("cluster", cluster_id, changes)
+    def update_cluster(self, cluster_id: str, **changes: Any) -> Cluster:
+        return self._update(CLUSTER, cluster_id, changes)
 
     def list_clusters(
-        self, offset: int = 0, limit: int = 50, match: Callable[[JSON], bool] | None = None
-    ) -> tuple[list[JSON], int]:
-        return self._page("cluster", offset, limit, match, newest_first=False)
+        self, offset: int = 0, limit: int = 50, match: Callable[[Cluster], bool] | None = None
+    ) -> tuple[list[Cluster], int]:
+        return self._page(CLUSTER, offset, limit, match, newest_first=False)
 
-    def delete_cluster(self, cluster_id: str) -> JSON:
+    def delete_cluster(self, cluster_id: str) -> Cluster:
         cl = self.get_cluster(cluster_id)
-        self._delete(
-            "cluster", cluster_id, self.k("cluster-name", cl["name"]), self.k("cluster", cluster_id, "members")
-        )
+        self._delete(CLUSTER, cluster_id, self.k("cluster-name", cl["name"]), self.k("cluster", cluster_id, "members"))
         return cl
 
     def rename_cluster(self, cluster_id: str, old: str, new: str) -> None:

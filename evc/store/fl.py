@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from evc.model import JSON, FLState
 from evc.store import scripts
-from evc.store._base import JSON, StoreBase, _dump, _load, now
+from evc.store._base import FL_STATE, StoreBase, _dump, _load, now
 
 
 class FLStore(StoreBase):
@@ -16,12 +17,12 @@ class FLStore(StoreBase):
     # together and first-write-wins, so a redelivered training task is a no-op. Round records and
     # late results are kept per job; ``fl:active`` lists the jobs a worker start should check.
 
-    def fl_state(self, job_id: str) -> JSON | None:
+    def fl_state(self, job_id: str) -> FLState | None:
         """Where an FL job's rounds stand, or None before its first start."""
         raw = self._redis.hgetall(self.k("fl", job_id))
-        return _load(raw) if raw else None
+        return FL_STATE.record(_load(raw)) if raw else None
 
-    def fl_init(self, job_id: str, state: JSON) -> None:
+    def fl_init(self, job_id: str, state: FLState) -> None:
         """Replace the job's FL state (a start or resume) and list the job as active."""
         fields: dict[str | bytes, bytes | float | int | str] = {k: v for k, v in _dump(state).items()}
         pipe = self._redis.pipeline(transaction=True)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from evc.store import scripts
-from evc.store._base import JSON, StoreBase, _dump, now
+from evc.store._base import DEVICE, JSON, StoreBase, _dump, now
 
 
 class FleetLogStore(StoreBase):
@@ -63,7 +63,7 @@ class FleetLogStore(StoreBase):
     def device_fields(self, ids: Iterable[str] | None, fields: Sequence[str]) -> list[JSON]:
         """Only *fields* of each device (every device when *ids* is None), in one round trip:
         a sweep of 1,000 devices need not decode their facts. Missing devices are left out."""
-        ids = list(self._ids("device", newest_first=False)) if ids is None else list(ids)
+        ids = list(self._ids(DEVICE, newest_first=False)) if ids is None else list(ids)
         names = ["id", *(f for f in fields if f != "id")]
         pipe = self._redis.pipeline(transaction=False)
         for i in ids:

@@ -12,8 +12,9 @@ from typing import Any
 from evc.errors import Conflict, NotFound, StaleAttempt
 from evc.model import JOB_STATES as JOB_STATES  # the states live once, in evc.model
 from evc.model import TERMINAL_STATES as TERMINAL_STATES
+from evc.model import Job
 from evc.store import scripts
-from evc.store._base import JSON, StoreBase, _dump, _load, now
+from evc.store._base import JOB, JSON, StoreBase, _dump, _load, now
 
 #: a job id inside a Celery task message (its task id and arguments name it)
 JOB_ID_IN_MESSAGE = re.compile(rb"job_[0-9a-f]{16}")
@@ -24,7 +25,7 @@ class JobStore(StoreBase):
     # ``jobs-ks:<kind>:<state>`` (scored by creation time) answer filtered listings without a
     # scan; ``jobs-finished`` (scored by finish time) is what retention prunes (see scripts.py).
 
-    def claim_idempotency_key(self, key: str, job_id: str) -> JSON | None:
+    def claim_idempotency_key(self, key: str, job_id: str) -> Job | None:
         """Reserve *key* for *job_id*; if another job holds it, return that job.
 
         *key* may end with ``"\n" + fingerprint`` (a hash of the request, see
@@ -51,12 +52,12 @@ class JobStore(StoreBase):
 
     def create_job(
         self,
-        job: JSON,
+        job: Job,
         idempotency_key: str | None = None,
         *,
         publish: Iterable[tuple[str, tuple[Any, ...]]] = (),
         pipe: Any = None,
-    ) -> tuple[JSON, bool]:
+    ) -> tuple[Job, bool]:
         """Store *job* and run *publish* (Redis commands that enqueue its task) in one MULTI/EXEC,
         or queue both on the caller's *pipe*. With an idempotency key already used, return that
         job instead (and publish nothing)."""
@@ -78,8 +79,8 @@ class JobStore(StoreBase):
             p.execute()
         return job, True
 
-    def get_job(self, job_id: str) -> JSON:
-        return self._get("job", job_id)
+    def get_job(self, job_id: str) -> Job:
+        return self._get(JOB, job_id)
 
     def job_state(self, job_id: str) -> str | None:
         raw = self._redis.hget(self.k("job", job_id), "state")
@@ -169,7 +170,7 @@ class JobStore(StoreBase):
         kind: str | None = None,
         state: str | None = None,
         target: str | None = None,
-    ) -> tuple[list[JSON], int]:
+    ) -> tuple[list[Job], int]:
         """Jobs newest first, filtered by kind, state and target through their indexes."""
         if target is None:
             if kind and state:
@@ -182,7 +183,7 @@ class JobStore(StoreBase):
             pipe.zcard(key)
             pipe.zrevrange(key, offset, offset + limit - 1)
             total, ids = pipe.execute()
-            return self._get_many("job", (i.decode() for i in ids)), int(total)
+            return self._get_many(JOB, (i.decode() for i in ids)), int(total)
         # one device's jobs: walk its index, reading only kind and state to filter
         key = self.k("jobs-target", target)
         if not (kind or state):
@@ -190,12 +191,12 @@ class JobStore(StoreBase):
             pipe.zcard(key)
             pipe.zrevrange(key, offset, offset + limit - 1)
             total, ids = pipe.execute()
-            return self._get_many("job", (i.decode() for i in ids)), int(total)
+            return self._get_many(JOB, (i.decode() for i in ids)), int(total)
         found = self._script(scripts.WALK_TARGET)(
             keys=[key],
             args=[self.prefix, json.dumps(kind) if kind else "", json.dumps(state) if state else "", offset, limit],
         )
-        return self._get_many("job", (i.decode() for i in found[1:])), int(found[0])
+        return self._get_many(JOB, (i.decode() for i in found[1:])), int(found[0])
 
     def waiting_jobs(self, older_than_s: float, limit: int = 1000) -> list[JSON]:
         """Queued jobs (oldest first, at most *limit*) that have waited *older_than_s* past

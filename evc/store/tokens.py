@@ -6,8 +6,9 @@ import json
 from typing import Any
 
 from evc.errors import Conflict, NotFound
+from evc.model import JSON, Enrollment, Token
 from evc.store import scripts
-from evc.store._base import JSON, StoreBase, _text, now
+from evc.store._base import ENROLLMENT, TOKEN, StoreBase, _text, now
 
 
 class TokenStore(StoreBase):
@@ -25,27 +26,28 @@ class TokenStore(StoreBase):
         """True once per store: the first caller creates the first admin token."""
         return bool(self._redis.setnx(self.k("bootstrap"), "1"))
 
-    def create_token(self, tok: JSON, token_hash: str) -> JSON:
-        self._put("token", {**tok, "hash": token_hash})
+    def create_token(self, tok: Token, token_hash: str) -> Token:
+        stored: Token = {**tok, "hash": token_hash}
+        self._put(TOKEN, stored)
         self._redis.set(self.k("token-hash", token_hash), tok["id"])
         return tok
 
-    def token_by_hash(self, token_hash: str) -> JSON | None:
+    def token_by_hash(self, token_hash: str) -> Token | None:
         tok_id = self._redis.get(self.k("token-hash", token_hash))
         if not tok_id:
             return None
         try:
-            return self._get("token", tok_id.decode())
+            return self._get(TOKEN, tok_id.decode())
         except NotFound:
             return None
 
-    def get_token(self, token_id: str) -> JSON:
-        return self._get("token", token_id)
+    def get_token(self, token_id: str) -> Token:
+        return self._get(TOKEN, token_id)
 
-    def update_token(self, token_id: str, **changes: Any) -> JSON:
-        return self._update("token", token_id, changes)
+    def update_token(self, token_id: str, **changes: Any) -> Token:
+        return self._update(TOKEN, token_id, changes)
 
-    def revoke_token(self, token_id: str) -> JSON:
+    def revoke_token(self, token_id: str) -> Token:
         """Revoke an operator token, atomically refusing to revoke the last usable admin token."""
         res = _text(
             self._script(scripts.REVOKE_TOKEN)(
@@ -61,34 +63,35 @@ class TokenStore(StoreBase):
                 "(an operator with access to the data directory can recover with `evc bootstrap --reset-admin`)",
                 id=token_id,
             )
-        return self._get("token", token_id)
+        return self._get(TOKEN, token_id)
 
-    def list_tokens(self, offset: int = 0, limit: int = 50) -> tuple[list[JSON], int]:
-        return self._page("token", offset, limit, newest_first=False)
+    def list_tokens(self, offset: int = 0, limit: int = 50) -> tuple[list[Token], int]:
+        return self._page(TOKEN, offset, limit, newest_first=False)
 
     # ------------------------------------------------------------------ enrollment tokens
-    def create_enrollment(self, enr: JSON, token_hash: str) -> JSON:
-        self._put("enrollment", {**enr, "hash": token_hash})
+    def create_enrollment(self, enr: Enrollment, token_hash: str) -> Enrollment:
+        stored: Enrollment = {**enr, "hash": token_hash}
+        self._put(ENROLLMENT, stored)
         self._redis.set(self.k("enrollment-hash", token_hash), enr["id"])
         return enr
 
-    def enrollment_by_hash(self, token_hash: str) -> JSON | None:
+    def enrollment_by_hash(self, token_hash: str) -> Enrollment | None:
         enr_id = self._redis.get(self.k("enrollment-hash", token_hash))
         if not enr_id:
             return None
         try:
-            return self._get("enrollment", enr_id.decode())
+            return self._get(ENROLLMENT, enr_id.decode())
         except NotFound:
             return None
 
-    def get_enrollment(self, enrollment_id: str) -> JSON:
-        return self._get("enrollment", enrollment_id)
+    def get_enrollment(self, enrollment_id: str) -> Enrollment:
+        return self._get(ENROLLMENT, enrollment_id)
 
     def consume_enrollment(self, enrollment_id: str) -> str:
         return _text(self._script(scripts.CONSUME)(keys=[self.k("enrollment", enrollment_id)], args=[now()]))
 
-    def update_enrollment(self, enrollment_id: str, **changes: Any) -> JSON:
-        return self._update("enrollment", enrollment_id, changes)
+    def update_enrollment(self, enrollment_id: str, **changes: Any) -> Enrollment:
+        return self._update(ENROLLMENT, enrollment_id, changes)
 
-    def list_enrollments(self, offset: int = 0, limit: int = 50) -> tuple[list[JSON], int]:
-        return self._page("enrollment", offset, limit)
+    def list_enrollments(self, offset: int = 0, limit: int = 50) -> tuple[list[Enrollment], int]:
+        return self._page(ENROLLMENT, offset, limit)
