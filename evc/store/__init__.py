@@ -23,9 +23,7 @@ from evc.store.tokens import TokenStore
 __all__ = ["ID_RE", "JOB_STATES", "JSON", "TERMINAL_STATES", "Store", "new_id", "now", "redis_client"]
 
 
-class Store(
-    DeviceStore, ClusterStore, TokenStore, JobStore, FleetLogStore, FLStore, ModelStore, LockStore, StoreBase
-):
+class Store(DeviceStore, ClusterStore, TokenStore, JobStore, FleetLogStore, FLStore, ModelStore, LockStore, StoreBase):
     """Typed access to EVC's state in Redis. Build one per process with :meth:`from_settings`."""
 
     @classmethod
