@@ -20,7 +20,7 @@ from marshmallow import Schema, ValidationError, fields, validate
 from evc.errors import ValidationError as InvalidInput
 from evc.model import JobKindName, Scope
 from evc.models import hardware, registry
-from evc.models.blobs import _human
+from evc.models.blobs import CHUNK, human_size
 
 blp = Blueprint(
     "models",
@@ -41,7 +41,8 @@ def _upload_limit() -> None:
         limit = get_settings().model_max_upload_bytes
         request.max_content_length = limit + FORM_OVERHEAD
         g.evc_body_limit = (
-            f"the upload is larger than the limit of {_human(limit)} ({limit} bytes; setting model_max_upload_bytes)"
+            f"the upload is larger than the limit of {human_size(limit)} "
+            f"({limit} bytes; setting model_max_upload_bytes)"
         )
 
 
@@ -290,13 +291,20 @@ def download(args: dict[str, Any], name: str, version: str) -> Any:
     blob = bs.verify(rec["sha256"])
     ext = "onnx" if rec.get("format", "onnx") == "onnx" else "bin"
     filename = f"{name}-{version}" + (f"-{variant}" if variant else "") + f".{ext}"
-    resp = Response(stream_with_context(bs.iter_chunks(blob.digest)), mimetype="application/octet-stream")
+    f = open(blob.path, "rb")  # closed with the response (removed meanwhile: still readable)
+    resp = Response(stream_with_context(_chunks(f)), mimetype="application/octet-stream")
+    resp.call_on_close(f.close)
     resp.headers["Content-Length"] = str(blob.size)
     resp.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
     resp.headers["X-Content-SHA256"] = blob.digest
     resp.headers["Digest"] = "sha-256=" + base64.b64encode(bytes.fromhex(blob.digest)).decode()
     resp.headers["ETag"] = f'"sha256:{blob.digest}"'
     return resp
+
+
+def _chunks(f: Any) -> Any:
+    while chunk := f.read(CHUNK):
+        yield chunk
 
 
 # ----------------------------------------------------------------------------- variants

@@ -106,11 +106,6 @@ class BlobStore:
             raise BlobCorrupt(f"stored blob sha256:{digest} is corrupt (hashes to sha256:{actual})", sha256=digest)
         return data
 
-    def iter_chunks(self, digest: str) -> Iterator[bytes]:
-        with open(self.get(digest).path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                yield chunk
-
     def remove(self, digest: str) -> bool:
         try:
             self.path(digest).unlink()
@@ -134,7 +129,7 @@ class Staged:
                 while chunk := stream.read(CHUNK):
                     size += len(chunk)
                     if limit is not None and size > limit:
-                        raise TooLarge(f"the upload is larger than the limit of {_human(limit)} ({limit} bytes)")
+                        raise TooLarge(f"the upload is larger than the limit of {human_size(limit)} ({limit} bytes)")
                     h.update(chunk)
                     out.write(chunk)
                 out.flush()
@@ -190,7 +185,7 @@ def blob_lock(store: Any, digest: str, timeout_s: float = 30.0) -> Iterator[None
         store.release_lock(name, owner)
 
 
-def _human(n: int) -> str:
+def human_size(n: int) -> str:
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size and n % size == 0:
             return f"{n // size} {unit}"

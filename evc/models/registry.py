@@ -140,7 +140,7 @@ def register_variant(
             release(ctx.store, bs, blob.digest, ref)
         return _same_bytes(stored, blob.digest, what), False
     if ctx.store.get_model_version(name, version) is None:  # the parent was deleted meanwhile
-        ctx.store.delete_model_version(name, version)
+        ctx.store.delete_model_variant(name, version, variant)
         release(ctx.store, bs, blob.digest, ref)
         raise NotFound(f"model {name}:{version} was deleted", name=name, version=version)
     ctx.store.audit(ctx.actor, "model.variant", ref, sha256=blob.digest, size=blob.size, source=source)

@@ -76,6 +76,12 @@ class ModelStore(StoreBase):
             return rec, True
         return self._load_json(key) or rec, False
 
+    def delete_model_variant(self, name: str, version: str, variant: str) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.delete(self.k("model-variant", name, version, variant))
+        pipe.zrem(self.k("model-variants", name, version), variant)
+        pipe.execute()
+
     def get_model_variant(self, name: str, version: str, variant: str) -> JSON | None:
         return self._load_json(self.k("model-variant", name, version, variant))
 
