@@ -334,7 +334,9 @@ def quantize(form: dict[str, Any], files: dict[str, Any], name: str, version: st
     evaluation set (`eval_set`: an .npz holding X and y, or `eval_set_sha256` of one stored
     before) it measures the top-1 accuracy of parent and variant and records both."""
     ctx = context(idempotent=True)
-    registry.get_version(ctx.store, name, version)
+    parent = registry.get_version(ctx.store, name, version)
+    if parent.get("format", "onnx") != "onnx":
+        raise InvalidInput(f"model {name}:{version} is {parent['format']!r}: only ONNX models can be quantized")
     digest = (form.get("eval_set_sha256") or "").removeprefix("sha256:") or None
     if files.get("eval_set") is not None:
         digest = registry.store_eval_set(ctx, files["eval_set"].stream)

@@ -158,6 +158,8 @@ def test_bad_uploads_are_clear_4xx(api, flush, model_bytes) -> None:
     # another format is stored as is, not read
     status, rec = upload(api, b"\x00weights", {"name": unique(), "version": "1", "format": "tflite"})
     assert status == 201 and rec["metadata"] is None and rec["format"] == "tflite"
+    status, body = api.call("POST", f"/api/v1/models/{rec['name']}/versions/1/quantize")
+    assert status == 422 and "only ONNX" in body["message"]
 
 
 def test_upload_limit_is_a_413_that_says_it(settings, store, model_bytes) -> None:

@@ -74,7 +74,8 @@ def run(store: Store, settings: Settings, run: JobRun) -> JSON:
         raise ValidationError(f"model {name}:{version} is {parent.get('format')!r}; only ONNX can be quantized")
     bs = registry.blobs(settings)
     ctx = Context(store, settings, caller=Caller(run.job.get("created_by") or "evc:quantize"))
-    with tempfile.TemporaryDirectory(prefix=f"evc-quantize-{run.id}-") as tmp:
+    # named after the job: what a killed attempt leaves, the next removes (jobs.remove_temp_files)
+    with tempfile.TemporaryDirectory(prefix=f"evc-{run.id}-quantize-") as tmp:
         src, dest = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
         src.write_bytes(bs.read_verified(parent["sha256"]))
         run.event(f"quantizing {name}:{version} (sha256:{parent['sha256'][:12]}) to int8")
