@@ -34,6 +34,7 @@ BLUEPRINTS = [
     "evc.api.provision",
     "evc.api.fl",
     "evc.api.monitoring",
+    "evc.api.models",
 ]
 
 MAX_BODY = 1024 * 1024
@@ -139,7 +140,8 @@ def _errors(app: Flask) -> None:
         elif status == 400 and "JSON" in (message or ""):
             message = "the body is not valid JSON (send Content-Type: application/json and UTF-8 JSON)"
         elif status == 413:
-            message = f"the body is larger than {MAX_BODY} bytes"
+            # a blueprint that takes larger bodies (model uploads) says its own limit
+            message = g.get("evc_body_limit") or f"the body is larger than {MAX_BODY} bytes"
         return jsonify(_error_body(status, message, **extra)), status
 
     @app.errorhandler(Exception)

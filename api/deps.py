@@ -104,6 +104,17 @@ def require(scope: str) -> Callable[[F], F]:
     return _guard(lambda p: auth.check_scope(p, scope))
 
 
+def require_any(*scopes: str) -> Callable[[F], F]:
+    """Operator token with one of *scopes* (``admin`` implies every scope)."""
+
+    def check(p: Principal) -> None:
+        if not any(p.allows(s) for s in scopes):
+            auth.check_scope(p, scopes[0])  # a device or enrollment token: its own message
+            raise Forbidden("this token lacks the " + " or ".join(repr(str(s)) for s in scopes) + " scope")
+
+    return _guard(check)
+
+
 def _device_only(p: Principal) -> None:
     if p.kind != PrincipalKind.DEVICE:
         raise Forbidden("this endpoint takes a device token")

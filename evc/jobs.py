@@ -55,6 +55,7 @@ JOB_KINDS: dict[str, JobKind] = {
         JobKind(JobKindName.FL, "evc.fl_start", Queue.FL),
         JobKind(JobKindName.FL_INSTALL, "evc.fl_install", Queue.SSH),
         JobKind(JobKindName.FL_PARTITION, "evc.fl_partition", Queue.SSH),
+        JobKind(JobKindName.MODEL_QUANTIZE, "evc.model_quantize", Queue.DEFAULT),
     )
 }
 

@@ -70,6 +70,7 @@ class JobKindName(Name):
     FL = "fl"
     FL_INSTALL = "fl-install"
     FL_PARTITION = "fl-partition"
+    MODEL_QUANTIZE = "model-quantize"
 
 
 class Queue(Name):
@@ -304,10 +305,12 @@ class ClusterView(Cluster, total=False):
 
 # ----------------------------------------------------------------------------- tokens
 class Scope(Name):
-    """What an operator token may do: ``admin`` everything, ``read`` only read."""
+    """What an operator token may do: ``admin`` everything, ``read`` only read, ``models`` (an
+    EVF service account) push models and variants, read them and the clusters' hardware."""
 
     ADMIN = "admin"
     READ = "read"
+    MODELS = "models"
 
 
 class PrincipalKind(Name):

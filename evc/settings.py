@@ -82,6 +82,8 @@ class Settings:
     exporter_port: int = 9110
     # federated learning
     fl_channel_idle_s: float = 300.0  # close a device's FL client channel unused this long
+    # model registry (blobs under <data_dir>/models: the API and the workers share the data dir)
+    model_max_upload_bytes: int = 512 * 1024 * 1024  # a larger model or evaluation set upload is a 413
 
     @property
     def api_url(self) -> str:

@@ -97,8 +97,8 @@ def test_privileges_levels_profiles_scopes() -> None:
     assert {p.value for p in ClusterProfile} == set(profiles())
     assert _one_of(ClusterCreateSchema, "profile") == ["direct", "container", "k3s", "k8s"]
     assert _one_of(LevelSchema, "offline") == ["skip", "fail", "wait"]
-    assert [s.value for s in Scope] == ["admin", "read"]
-    assert _one_of(schemas.TokenCreateSchema, "scopes") == ["admin", "read"]
+    assert [s.value for s in Scope] == ["admin", "read", "models"]
+    assert _one_of(schemas.TokenCreateSchema, "scopes") == ["admin", "read", "models"]
 
 
 def test_fl_phases() -> None:

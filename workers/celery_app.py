@@ -20,6 +20,7 @@ TASK_MODULES = [
     "evc.tasks.provision",
     "evc.tasks.fl",
     "evc.tasks.clusters",
+    "evc.tasks.models",
 ]
 
 

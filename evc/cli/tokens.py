@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from evc.choices import SCOPES
 from evc.cli.common import Ctx, _labels, _table, console, emit, main, pass_ctx
 
 
@@ -14,9 +15,7 @@ def token() -> None:
 
 @token.command("create")
 @click.argument("name")
-@click.option(
-    "--scope", "scopes", multiple=True, default=["read"], show_default=True, type=click.Choice(["admin", "read"])
-)
+@click.option("--scope", "scopes", multiple=True, default=["read"], show_default=True, type=click.Choice(SCOPES))
 @click.option("--expires-in", type=int, default=None, help="seconds")
 @pass_ctx
 def token_create(c: Ctx, name: str, scopes: tuple[str, ...], expires_in: int | None) -> None:

@@ -1,0 +1,281 @@
+"""The model registry: versions registered by upload, their variants, list/show/download/delete.
+
+A version (``name`` + ``version``) is content-addressed by the SHA-256 of its bytes and
+immutable: registering it again with the same bytes answers the stored record (idempotent),
+with other bytes a :class:`~evc.errors.Conflict`. A variant (``fp32``, ``int8``, ...) of a
+version is registered the same way and records its parent's digest. Blobs live in the embedded
+:class:`~evc.models.blobs.BlobStore`; records in the store (:mod:`evc.store.models`); every
+change is audited.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import IO, Any
+
+from evc.context import Context
+from evc.errors import Conflict, NotFound, ValidationError
+from evc.model import JSON
+from evc.models import metadata as graph_meta
+from evc.models.blobs import BlobStore, release
+from evc.store import Store, now
+
+#: a model name or version: never ``:`` (record keys and ``NAME:VERSION`` references use it)
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+#: a variant's name: ``fp32``, ``int8``, ``w0.5`` ...
+VARIANT_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
+#: the format field is open; ONNX graphs are read for their metadata
+FORMAT_RE = re.compile(r"^[a-z0-9][a-z0-9._+-]{0,31}$")
+#: what a record takes from its registration's metadata (``evaluation``: EVC's own measurement)
+UPLOADER_FIELDS = ("task", "labels", "accuracy", "license", "format", "description", "evaluation")
+#: a blob reference that keeps evaluation sets for reuse (``evc model quantize --eval-set``)
+EVAL_SETS = "eval-set"
+
+
+def blobs(ctx_or_settings: Any) -> BlobStore:
+    settings = getattr(ctx_or_settings, "settings", ctx_or_settings)
+    return BlobStore.of(settings.data_dir)
+
+
+def deployed(store: Store, name: str, version: str) -> bool:
+    """Whether a deployment runs this version or one of its variants (a deleted version could
+    no longer be shipped). There are no deployments yet (issue 13's deployments slice adds
+    them): always False. That slice answers it from its store part; :func:`delete` asks."""
+    return False
+
+
+def check_name(value: str, what: str = "name") -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise ValidationError(
+            f"{what} must be 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit", field=what
+        )
+    return value
+
+
+def check_variant(value: str) -> str:
+    if not isinstance(value, str) or not VARIANT_RE.match(value):
+        raise ValidationError(
+            "variant must be 1-32 lower-case letters, digits, '.', '_' or '-' (e.g. int8)", field="variant"
+        )
+    return value
+
+
+def _uploader(meta: JSON) -> JSON:
+    out = {k: meta[k] for k in UPLOADER_FIELDS if meta.get(k) is not None}
+    out.setdefault("format", "onnx")
+    out.setdefault("labels", {})
+    if not FORMAT_RE.match(str(out["format"])):
+        raise ValidationError("format must be 1-32 lower-case letters, digits, '.', '_', '+' or '-'", field="format")
+    return out
+
+
+def _graph_metadata(fmt: str, path: Path) -> JSON | None:
+    """What EVC reads from the file itself (ONNX only; other formats: None)."""
+    if fmt != "onnx":
+        return None
+    return graph_meta.extract(path.read_bytes())
+
+
+# ----------------------------------------------------------------------------- register
+def register(ctx: Context, stream: IO[bytes], meta: JSON) -> tuple[JSON, bool]:
+    """Register version ``meta["name"]``/``meta["version"]`` with the bytes of *stream*.
+
+    Returns (record, created): the same bytes again answer the stored record (created False);
+    other bytes under a registered name and version are a :class:`Conflict`."""
+    name, version = check_name(meta.get("name", ""), "name"), check_name(meta.get("version", ""), "version")
+    up = _uploader(meta)
+    bs = blobs(ctx)
+    staged = bs.stage(stream, ctx.settings.model_max_upload_bytes)
+    try:
+        existing = ctx.store.get_model_version(name, version)
+        if existing is not None:
+            return _same_bytes(existing, staged.digest, f"model {name}:{version}"), False
+        graph = _graph_metadata(up["format"], staged.tmp)
+        ref = f"{name}:{version}"
+        blob = staged.commit(ctx.store, ref)
+    finally:
+        staged.discard()
+    rec: JSON = {
+        "name": name, "version": version, "sha256": blob.digest, "size": blob.size, **up,
+        "metadata": graph, "created_at": now(), "created_by": ctx.actor,
+    }  # fmt: skip
+    stored, created = ctx.store.create_model_version(rec)
+    if not created:  # another upload of this name and version won the race
+        if stored["sha256"] != blob.digest:
+            release(ctx.store, bs, blob.digest, ref)
+        return _same_bytes(stored, blob.digest, f"model {name}:{version}"), False
+    ctx.store.audit(ctx.actor, "model.register", ref, sha256=blob.digest, size=blob.size)
+    return stored, True
+
+
+def register_variant(
+    ctx: Context, name: str, version: str, variant: str, stream: IO[bytes], meta: JSON, source: str = "upload"
+) -> tuple[JSON, bool]:
+    """Register *variant* of version *name*:*version* (which must exist) from *stream*;
+    idempotent and immutable as :func:`register`. *source*: ``upload`` or what EVC made it with."""
+    check_variant(variant)
+    parent = get_version(ctx.store, name, version)
+    up = _uploader(meta)
+    bs = blobs(ctx)
+    staged = bs.stage(stream, ctx.settings.model_max_upload_bytes)
+    what = f"variant {variant} of {name}:{version}"
+    try:
+        existing = ctx.store.get_model_variant(name, version, variant)
+        if existing is not None:
+            return _same_bytes(existing, staged.digest, what), False
+        graph = _graph_metadata(up["format"], staged.tmp)
+        ref = f"{name}:{version}:{variant}"
+        blob = staged.commit(ctx.store, ref)
+    finally:
+        staged.discard()
+    rec: JSON = {
+        "name": name, "version": version, "variant": variant, "sha256": blob.digest, "size": blob.size, **up,
+        "parent": {"name": name, "version": version, "sha256": parent["sha256"]},
+        "source": source, "metadata": graph, "created_at": now(), "created_by": ctx.actor,
+    }  # fmt: skip
+    stored, created = ctx.store.create_model_variant(rec)
+    if not created:
+        if stored["sha256"] != blob.digest:
+            release(ctx.store, bs, blob.digest, ref)
+        return _same_bytes(stored, blob.digest, what), False
+    if ctx.store.get_model_version(name, version) is None:  # the parent was deleted meanwhile
+        ctx.store.delete_model_variant(name, version, variant)
+        release(ctx.store, bs, blob.digest, ref)
+        raise NotFound(f"model {name}:{version} was deleted", name=name, version=version)
+    ctx.store.audit(ctx.actor, "model.variant", ref, sha256=blob.digest, size=blob.size, source=source)
+    return stored, True
+
+
+def _same_bytes(existing: JSON, digest: str, what: str) -> JSON:
+    if existing["sha256"] != digest:
+        raise Conflict(
+            f"{what} is registered with other bytes (sha256:{existing['sha256']}); versions are immutable: "
+            "register a new version",
+            sha256=existing["sha256"],
+        )
+    return existing
+
+
+def store_eval_set(ctx: Context, stream: IO[bytes]) -> str:
+    """Keep an evaluation set (an ``.npz`` with ``X`` and ``y``) as a blob; returns its digest."""
+    from evc.models.quantize import load_eval_set
+
+    staged = blobs(ctx).stage(stream, ctx.settings.model_max_upload_bytes)
+    try:
+        load_eval_set(staged.tmp.read_bytes())  # refuse what the job could not read, now
+        return staged.commit(ctx.store, EVAL_SETS).digest
+    finally:
+        staged.discard()
+
+
+# ----------------------------------------------------------------------------- read
+def get_version(store: Store, name: str, version: str) -> JSON:
+    rec = store.get_model_version(name, version) if NAME_RE.match(name) and NAME_RE.match(version) else None
+    if rec is None:
+        raise NotFound(f"model {name}:{version} not found", name=name, version=version)
+    return rec
+
+
+def get_variant(store: Store, name: str, version: str, variant: str) -> JSON:
+    get_version(store, name, version)
+    rec = store.get_model_variant(name, version, variant) if VARIANT_RE.match(variant) else None
+    if rec is None:
+        raise NotFound(f"model {name}:{version} has no variant {variant!r}", variant=variant)
+    return rec
+
+
+def version_view(store: Store, rec: JSON) -> JSON:
+    """A version as the API shows it: with its variants and whether it is deployed."""
+    return {
+        **rec,
+        "digest": f"sha256:{rec['sha256']}",
+        "variants": [
+            {**v, "digest": f"sha256:{v['sha256']}"} for v in store.model_variants(rec["name"], rec["version"])
+        ],
+        "deployed": deployed(store, rec["name"], rec["version"]),
+    }
+
+
+def model_view(name: str, versions: list[JSON]) -> JSON:
+    latest = versions[-1] if versions else {}
+    return {
+        "name": name,
+        "task": latest.get("task"),
+        "latest": latest.get("version"),
+        "versions": [
+            {k: v.get(k) for k in ("version", "sha256", "size", "format", "task", "created_at")} for v in versions
+        ],
+        "created_at": versions[0]["created_at"] if versions else None,
+    }
+
+
+def show(store: Store, name: str) -> JSON:
+    versions = store.model_versions(name) if NAME_RE.match(name) else []
+    if not versions:
+        raise NotFound(f"model {name} not found", name=name)
+    return model_view(name, versions)
+
+
+def list_models(
+    store: Store,
+    offset: int = 0,
+    limit: int = 50,
+    *,
+    task: str | None = None,
+    label: dict[str, str] | None = None,
+    fmt: str | None = None,
+    name_prefix: str | None = None,
+) -> tuple[list[JSON], int]:
+    """Models (oldest first) with at least one version that matches every filter given; their
+    versions are those that match. Returns one page and the total."""
+
+    def match(v: JSON) -> bool:
+        return (
+            (task is None or v.get("task") == task)
+            and (fmt is None or v.get("format") == fmt)
+            and all((v.get("labels") or {}).get(k) == val for k, val in (label or {}).items())
+        )
+
+    names, total = store.model_names()
+    if name_prefix:
+        names = [n for n in names if n.startswith(name_prefix)]
+    filtered = task is not None or fmt is not None or bool(label)
+    if not filtered:
+        return [model_view(n, store.model_versions(n)) for n in names[offset : offset + limit]], len(names)
+    items: list[JSON] = []
+    total = 0
+    for n in names:
+        versions = [v for v in store.model_versions(n) if match(v)]
+        if versions:
+            if offset <= total < offset + limit:
+                items.append(model_view(n, versions))
+            total += 1
+    return items, total
+
+
+# ----------------------------------------------------------------------------- delete
+def delete(ctx: Context, name: str, version: str) -> JSON:
+    """Delete a version, its variants and the blobs nothing else uses; refused (409) while the
+    version is deployed."""
+    rec = get_version(ctx.store, name, version)
+    if deployed(ctx.store, name, version):
+        raise Conflict(f"model {name}:{version} is deployed; remove its deployments first", name=name)
+    view = version_view(ctx.store, rec)
+    removed = ctx.store.delete_model_version(name, version)
+    bs = blobs(ctx)
+    for r in removed:
+        ref = f"{r['name']}:{r['version']}" + (f":{r['variant']}" if r.get("variant") else "")
+        release(ctx.store, bs, r["sha256"], ref)
+    ctx.store.audit(ctx.actor, "model.delete", f"{name}:{version}", sha256=rec["sha256"], variants=len(removed) - 1)
+    return view
+
+
+def parse_ref(ref: str) -> tuple[str, str | None]:
+    """``NAME[:VERSION]`` -> (name, version or None)."""
+    name, sep, version = ref.partition(":")
+    check_name(name)
+    if sep:
+        check_name(version, "version")
+        return name, version
+    return name, None
