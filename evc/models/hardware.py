@@ -4,6 +4,9 @@ and how loaded it is (the latest health record, :mod:`evc.health`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from evc.health import cpus_of
 from evc.model import JSON
 from evc.store import Store
@@ -12,7 +15,7 @@ from evc.store import Store
 LOAD_FIELDS = ("load1", "load5", "load15", "mem_used_ratio", "disk_used_ratio", "temperature_c", "uptime_s")
 
 
-def device_hardware(dev: JSON) -> JSON:
+def device_hardware(dev: Mapping[str, Any]) -> JSON:
     facts = dev.get("facts") or {}
     health = dev.get("health") or {}
     cpus = cpus_of(dev)
