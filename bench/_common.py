@@ -65,6 +65,14 @@ def private_stack(tmp: Path | None = None) -> tuple[RedisServer, Settings]:
     return srv, settings
 
 
+def stamp(value: float | None, what: str) -> float:
+    """A time stamp a finished job has set (``started_at``, ``finished_at``); a benchmark whose
+    job lacks it stops there."""
+    if value is None:
+        raise SystemExit(f"the job has no {what}")
+    return value
+
+
 def pct(values: list[float], p: float) -> float:
     if not values:
         return float("nan")

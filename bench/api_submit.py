@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import requests
-from _common import Figure, emit, median, pct, private_stack
+from _common import Figure, emit, median, pct, private_stack, stamp
 
 from evc.auth import create_operator_token
 from evc.context import Context
@@ -143,7 +143,7 @@ def roundtrip(n: int) -> list[Figure]:
                 time.sleep(0.0002)
             j = store.get_job(job["id"])
             if i >= 20:  # warm-up
-                lat.append((j["finished_at"] - j["created_at"]) * 1000)
+                lat.append((stamp(j["finished_at"], "finished_at") - j["created_at"]) * 1000)
     finally:
         w.terminate()
         w.wait()

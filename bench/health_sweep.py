@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -31,6 +32,7 @@ from _common import Figure, emit, private_stack
 
 from evc import health, keys
 from evc import pool as pooling
+from evc.model import Device
 from evc.settings import Settings
 from evc.store import Store
 from evc_sim import SimDevice, raise_fd_limit, read_state
@@ -64,11 +66,11 @@ def register(store: Store, devices: list[SimDevice]) -> list[str]:
     ids = []
     for i, d in enumerate(devices):
         dev_id = f"dev_{i:05d}"
-        rec = {
+        rec = cast(Device, {  # what registration sets that a sweep reads
             "id": dev_id, "name": d.name, "host": d.host, "port": d.port, "username": d.username,
             "host_key": d.host_key_public, "state": "online", "health": None, "last_seen": None,
             "cluster_id": None, "labels": {}, "created_at": time.time(),
-        }  # fmt: skip
+        })  # fmt: skip
         store.create_device(rec, token_hash=f"h-{dev_id}")
         ids.append(dev_id)
     return ids

@@ -46,13 +46,14 @@ def populate(store: Store, raw: redis.Redis, n: int, seed: int = 7) -> None:
             job = jobs.new_job(kind, params={"playbook": "ping"} if kind == "provision" else {}, targets=targets)
             r = rnd.random()
             # stored as its last transition leaves it (the same fields and index entries)
-            job.update(
-                state="succeeded" if r < 0.9 else "failed" if r < 0.98 else "cancelled",
-                queued_at=job["created_at"], started_at=job["created_at"] + 0.1,
-                finished_at=job["created_at"] + 2.0, attempt=1, summary={"ok": 1},
-            )  # fmt: skip
+            finished_at = job["created_at"] + 2.0
+            job.update({
+                "state": "succeeded" if r < 0.9 else "failed" if r < 0.98 else "cancelled",
+                "queued_at": job["created_at"], "started_at": job["created_at"] + 0.1,
+                "finished_at": finished_at, "attempt": 1, "summary": {"ok": 1},
+            })  # fmt: skip
             store.create_job(job, pipe=pipe)
-            pipe.zadd(store.k("jobs-finished"), {job["id"]: job["finished_at"] * 1000})
+            pipe.zadd(store.k("jobs-finished"), {job["id"]: finished_at * 1000})
             for t in job["targets"]:
                 pipe.hset(store.k("job", job["id"], "results"), t, '{"status":"ok","changed":false}')
             pipe.rpush(

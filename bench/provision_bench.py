@@ -25,13 +25,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from _common import Figure, emit, private_stack
+from _common import Figure, emit, private_stack, stamp
 
 from evc import keys
 from evc.context import Caller, Context
 from evc.jobs import JobRun
+from evc.model import Device
 from evc.provisioning.catalog import Catalog
 from evc.provisioning.inventory import job_inventory
 from evc.provisioning.runner import PlaybookRun, runner_env
@@ -86,12 +87,12 @@ def start_simulator(n: int, work: Path, pub: str) -> tuple[subprocess.Popen[byte
 def register(store: Store, devices: list[SimDevice]) -> list[str]:
     ids = []
     for d in devices:
-        rec = {
+        rec = cast(Device, {  # what registration sets that a playbook run reads
             "id": new_id("dev"), "name": d.name, "host": d.host, "port": d.port,
             "username": d.username, "labels": {"bench": "yes"}, "jump_host": None,
             "state": "online", "host_key": d.host_key_public, "privilege": d.privilege,
             "facts": {}, "cluster_id": None, "level": 0, "created_at": now(),
-        }  # fmt: skip
+        })  # fmt: skip
         store.create_device(rec, token_hash=f"bench-{rec['id']}")
         ids.append(rec["id"])
     return ids
@@ -117,7 +118,8 @@ def run_evc(store: Store, settings: Settings, ids: list[str], forks: int) -> tup
     ansible = [e for e in events if e.get("type") == "ansible" and e.get("event") != "status"]
     if [e["counter"] for e in ansible] != list(range(1, summary["events"] + 1)):
         raise SystemExit("not every Ansible event reached the job, in order")
-    return done["finished_at"] - done["started_at"], {"events": len(ansible), "all_events": len(events)}
+    took = stamp(done["finished_at"], "finished_at") - stamp(done["started_at"], "started_at")
+    return took, {"events": len(ansible), "all_events": len(events)}
 
 
 def run_plain(store: Store, settings: Settings, ids: list[str], forks: int, work: Path) -> float:

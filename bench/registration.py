@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Figure, emit, private_stack
+from _common import Figure, emit, private_stack, stamp
 
 from evc import keys
 from evc.auth import create_operator_token
@@ -81,7 +81,7 @@ def main() -> None:
                 raise SystemExit(f"{len(pending)} registrations still running after 300 s")
             time.sleep(0.05)
         jobs = [store.get_job(j) for j in job_ids]
-        wall = max(j["finished_at"] for j in jobs) - t0
+        wall = max(stamp(j["finished_at"], "finished_at") for j in jobs) - t0
         ok = sum(1 for j in jobs if j["state"] == "succeeded")
         print(
             f"submitted {len(job_ids)} registrations in {submitted:.2f} s; {ok} succeeded; all done after {wall:.2f} s"

@@ -25,7 +25,7 @@ def repo(tmp_path: Path) -> Path:
     repo = tmp_path / "repo"
     shutil.copytree(ROOT / "scripts", repo / "scripts")
     shutil.copy(ROOT / "pyproject.toml", repo / "pyproject.toml")
-    for pkg in ("evc", "api", "tasks", "workers", "sim/evc_sim"):
+    for pkg in ("evc", "api", "tasks", "workers", "sim/evc_sim", "tests", "bench"):
         (repo / pkg).mkdir(parents=True)
     shutil.copy(ROOT / "sim" / "pyproject.toml", repo / "sim" / "pyproject.toml")
     bin_dir = repo / ".venv" / "bin"
@@ -72,7 +72,7 @@ def test_all_stages_in_order(repo: Path) -> None:
     code, calls, out = run_test(repo)
     assert code == 0, out
     assert calls[:2] == LINT, calls
-    assert calls[2].startswith("mypy ") and calls[2].endswith(" evc evc_sim"), calls
+    assert calls[2].startswith("mypy ") and calls[2].endswith(" evc evc_sim tests bench"), calls
     assert calls[3:] == [UNIT, INTEGRATION], calls
 
 

@@ -43,10 +43,10 @@ def test_ids_and_names_are_never_cut_on_a_narrow_terminal() -> None:
 class _Devices:
     """What the health view reads from the API: the device listing."""
 
-    def __init__(self, devices: list[dict]) -> None:  # type: ignore[type-arg]
+    def __init__(self, devices: list[dict]) -> None:
         self.devices = devices
 
-    def get(self, path: str, **params: object) -> dict:  # type: ignore[type-arg]
+    def get(self, path: str, **params: object) -> dict:
         assert path == "/api/v1/devices"
         return {"items": self.devices, "total": len(self.devices)}
 
@@ -77,10 +77,10 @@ def test_health_view_names_devices_and_says_why_each_is_not_online() -> None:
 
 
 class _Listing:
-    def __init__(self, devices: list[dict], clusters: list[dict]) -> None:  # type: ignore[type-arg]
+    def __init__(self, devices: list[dict], clusters: list[dict]) -> None:
         self.lists = {"/api/v1/devices": devices, "/api/v1/clusters": clusters}
 
-    def get(self, path: str, **params: object) -> dict:  # type: ignore[type-arg]
+    def get(self, path: str, **params: object) -> dict:
         items = [i for i in self.lists[path] if "name" not in params or i["name"].startswith(str(params["name"]))]
         return {"items": items, "total": len(items)}
 

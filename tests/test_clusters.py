@@ -12,6 +12,7 @@ from evc.context import Context
 from evc.levels import raise_level
 from evc.provisioning.service import step_runner
 from tests.fixtures.fleet import DIRECT_VARS, create_cluster, register_devices
+from tests.fixtures.helpers import present
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -122,12 +123,12 @@ def test_k3s_server_role_and_plan_in_check_mode(api, store, settings, sim_device
     # ... the level-3 plan runs k3s-server on it and k3s-agent on the other (check mode, staged)
     job = jobs.new_job("level", targets=ids, params={"cluster_id": cl["id"], "target": 3, "check": True})
     store.create_job(job)
-    run = jobs.JobRun.start(store, job["id"])
+    run = present(jobs.JobRun.start(store, job["id"]))
     summary = raise_level(store, settings, run, step_runner(store, settings, {"evc_sysroot": str(tmp_path)}))
     events = [e for e in store.events(job["id"], 0, 2000) if e.get("type") == "level"]
     plan = [(e["level"], e["playbook"]) for e in events]
     assert (3, "k3s-server") in plan and (3, "k3s-agent") in plan
-    assert summary["check"] is True
+    assert isinstance(summary, dict) and summary["check"] is True
     res = store.results(job["id"])
     assert set(res) == set(ids) and all("level_name" in r for r in res.values())
     # hand the server role over, then the old server may leave

@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -32,11 +32,12 @@ from evc.fl.service import build_spec, shard_bytes
 from evc.fl.simulation import simulate
 from evc.fl.strategy import make_strategy
 from evc.jobs import new_job
+from evc.model import Device, Job
 from evc.provisioning.catalog import builtin_dir, load_spec
 from evc.settings import Settings
 from evc.store import JSON, Store, new_id
 from evc_sim import SimDevice, SimulatorThread
-from tests.fixtures.helpers import wait_until
+from tests.fixtures.helpers import present, wait_until
 from tests.fixtures.services import Worker
 from tests.fixtures.sim import run_ansible
 
@@ -95,16 +96,16 @@ def fleet(simulator: SimulatorThread, settings: Settings, evc_key_path: Path, di
         simulator.remove(d.name)
 
 
-def _record(d: SimDevice, dev_id: str | None = None, **extra: Any) -> JSON:
-    return {
+def _record(d: SimDevice, dev_id: str | None = None, **extra: Any) -> Device:
+    return cast(Device, {  # the fields registration and install set that FL reads
         "id": dev_id or new_id("dev"), "name": d.name, "host": d.host, "port": d.port,
         "username": d.username, "host_key": d.host_key_public, "state": "online",
         "privilege": "root", "level": 0, "labels": {}, "cluster_id": None, "health": None,
         "created_at": time.time(), **extra,
-    }  # fmt: skip
+    })  # fmt: skip
 
 
-Register = Callable[..., list[JSON]]
+Register = Callable[..., list[Device]]
 
 
 @pytest.fixture()
@@ -112,7 +113,7 @@ def register(store: Store, fleet: list[SimDevice]) -> Iterator[Register]:
     """Device records for the first *n* fleet devices, as registration and install leave them."""
     made: list[str] = []
 
-    def make(n: int = 10, installed: bool = True) -> list[JSON]:
+    def make(n: int = 10, installed: bool = True) -> list[Device]:
         out = []
         for d in fleet[:n]:
             rec = _record(d, fl_client={"python": PYTHON} if installed else None)
@@ -145,7 +146,7 @@ def slow_model() -> Iterator[Callable[..., str]]:
     directory.chmod(0o755)
 
     def make(default_s: float, by_index: dict[int, float] | None = None) -> str:
-        sleeps = {"default": default_s, **(by_index or {})}
+        sleeps: dict[Any, float] = {"default": default_s, **(by_index or {})}
         path = directory / f"slow_{abs(hash(repr(sorted(sleeps.items(), key=str))))}.py"
         path.write_text(f"SLEEP_S = {sleeps!r}\n" + SLOW_MODEL)
         path.chmod(0o644)
@@ -157,7 +158,7 @@ def slow_model() -> Iterator[Callable[..., str]]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _job_body(devices: list[JSON], rounds: int, **extra: Any) -> JSON:
+def _job_body(devices: list[Device], rounds: int, **extra: Any) -> JSON:
     return {
         "devices": [d["id"] for d in devices], "data": {"path": DATA}, "rounds": rounds,
         "seed": 42, "lr": 0.1, "batch_size": 32, "local_epochs": 1, "python": PYTHON,
@@ -205,6 +206,7 @@ def test_spec_validation_and_paths(settings: Settings) -> None:
     )
     from evc.errors import ValidationError
 
+    bad: JSON
     for bad in (
         {"data": {"path": "~/{oops}.npz"}},
         {"data": {"path": "x"}, "min_available_clients": 3},
@@ -241,12 +243,12 @@ class _Recorder:
         self.calls.append(("recover", job_id))
 
 
-def _fl_job(store: Store, settings: Settings, n: int, **extra: Any) -> tuple[JSON, list[str]]:
+def _fl_job(store: Store, settings: Settings, n: int, **extra: Any) -> tuple[Job, list[str]]:
     """An FL job record on *n* device records (no devices behind them: nothing is trained)."""
     ids = []
     for _ in range(n):
-        rec = {"id": new_id("dev"), "name": new_id("d"), "host": "127.0.0.1", "port": 1, "username": "u",
-               "state": "online", "level": 4, "created_at": time.time()}  # fmt: skip
+        rec = cast(Device, {"id": new_id("dev"), "name": new_id("d"), "host": "127.0.0.1", "port": 1,
+                            "username": "u", "state": "online", "level": 4, "created_at": time.time()})  # fmt: skip
         ids.append(store.create_device(rec, token_hash="h-" + rec["id"])["id"])
     spec = build_spec(settings, {"data": {"path": DATA}, "rounds": 2, "seed": 42, **extra}, ids)
     job, _ = store.create_job(new_job("fl", params=spec.to_params(), targets=ids))
@@ -261,26 +263,26 @@ def test_selection_gates_waiting_and_recovery_without_a_broker(store: Store, set
     rec = _Recorder()
     rounds = Rounds(store, settings, rec)
     assert rounds.start(job["id"]) == "waiting"  # only the degraded device can train, the job needs two
-    assert rec.calls == [("start_round", 1)] and store.fl_state(job["id"])["phase"] == "waiting"
+    assert rec.calls == [("start_round", 1)] and present(store.fl_state(job["id"]))["phase"] == "waiting"
 
     store.update_device(ids[1], state="online")  # one comes back: the degraded one makes up the number
     store.update_device(ids[2], state="offline")
     assert rounds.start_round(job["id"], 1) == "started"
-    assert store.fl_state(job["id"])["selected"] == ids[:2]
+    assert present(store.fl_state(job["id"]))["selected"] == ids[:2]
     first = ids
     job, ids = _fl_job(store, settings, 3, min_available_clients=2, round_timeout=30)
     store.update_device(ids[0], state="degraded")
     assert rounds.start(job["id"]) == "started"  # two healthy devices: the degraded one sits out
     assert rounds.start_round(job["id"], 1) == "not due"  # a duplicate start is a no-op
-    st = store.fl_state(job["id"])
+    st = present(store.fl_state(job["id"]))
     assert st["selected"] == ids[1:] and st["skipped"] == {ids[0]: "the device is degraded"}
     assert rec.calls[-1] == ("fit_round", st["token"], ids[1:])
-    assert rounds.close(job["id"], st["token"]) == "waiting"  # nobody reported, deadline ahead
+    assert rounds.close(job["id"], present(st["token"])) == "waiting"  # nobody reported, deadline ahead
     assert rounds.fit(job["id"], "1-stale", ids[1])["status"] == "stale"
 
     # the round's tasks are gone (no outcome, no lease): recovery dispatches it again, later deadline
     assert rounds.recover(job["id"]) == {job["id"]: "redispatched"}
-    st2 = store.fl_state(job["id"])
+    st2 = present(store.fl_state(job["id"]))
     assert rec.calls[-1] == ("fit_round", st["token"], ids[1:]) and st2["dispatches"] == 2
     assert st2["deadline"] >= st["deadline"]
 
@@ -291,8 +293,8 @@ def test_selection_gates_waiting_and_recovery_without_a_broker(store: Store, set
     store.fl_cas(job2["id"], {}, waiting_since=time.time() - 5)
     assert rounds.start_round(job2["id"], 1) == "failed"
     failed = store.get_job(job2["id"])
-    assert failed["state"] == "failed" and "needs at least 2 available" in failed["error"]["message"]
-    assert failed["error"]["details"]["unavailable"] == {ids2[0]: "the device is offline"}
+    assert failed["state"] == "failed" and "needs at least 2 available" in present(failed["error"])["message"]
+    assert present(failed["error"])["details"]["unavailable"] == {ids2[0]: "the device is offline"}
     assert job2["id"] not in store.fl_active_jobs()
     for d in first + ids + ids2:
         store.delete_device(d)
@@ -310,7 +312,7 @@ def test_fl_job_end_to_end_matches_the_reference(api: Any, worker: Any, store: S
     assert status == 202, job
     job = api.wait_job(job["id"], 60)
     assert job["state"] == "succeeded", job
-    assert store.get_device(ids[0])["fl_client"]["numpy"] == np.__version__
+    assert present(store.get_device(ids[0])["fl_client"])["numpy"] == np.__version__
     status, job = api.call("POST", "/api/v1/fl/partition", json={"devices": ids, "name": "digits-iid"})
     assert status == 202, job
     job = api.wait_job(job["id"], 60)
@@ -430,7 +432,7 @@ def test_stop_and_resume_from_the_checkpoint(api: Any, worker: Any, store: Store
     stopped = api.wait_job(job["id"], 30)
     assert stopped["state"] == "cancelled", stopped
     assert latest_round(checkpoint_dir(settings), job["id"]) == 1  # round 2 was cut short: discarded
-    assert store.fl_state(job["id"])["phase"] == "stopped"
+    assert present(store.fl_state(job["id"]))["phase"] == "stopped"
     status, out = api.call("POST", f"/api/v1/fl/jobs/{job['id']}/resume")
     assert status == 202 and out["attempt"] == 1, out
     status, out = api.call("POST", f"/api/v1/fl/jobs/{job['id']}/resume")

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Any
+from typing import Any, cast
 
 import asyncssh
 import pytest
@@ -15,10 +15,12 @@ import pytest
 from evc import auth, health
 from evc import pool as pooling
 from evc.errors import DeviceOffline
+from evc.model import Device
 from evc.pool import SSHPool
 from evc.settings import Settings
 from evc.store import JSON, Store, new_id
 from evc_sim import SimDevice, SimulatorThread
+from tests.fixtures.helpers import present
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +48,7 @@ def pool(hs: Settings) -> Iterator[SSHPool]:
     pooling.call(p.close_all())
 
 
-Register = Callable[..., list[JSON]]
+Register = Callable[..., list[Device]]
 
 
 @pytest.fixture()
@@ -55,16 +57,16 @@ def register(store: Store) -> Iterator[Register]:
     after the test (the API fixture's tokens live in the same Redis, so no flush)."""
     made: list[str] = []
 
-    def make(devices: list[SimDevice], state: str = "online") -> list[JSON]:
+    def make(devices: list[SimDevice], state: str = "online") -> list[Device]:
         out = []
         for d in devices:
             dev_id = new_id("dev")
-            rec = {
+            rec = cast(Device, {  # the fields a registration sets that sweeps read
                 "id": dev_id, "name": d.name, "host": d.host, "port": d.port,
                 "username": d.username, "host_key": d.host_key_public, "state": state,
                 "health": None, "last_seen": None, "cluster_id": None, "labels": {},
                 "created_at": time.time(),
-            }  # fmt: skip
+            })  # fmt: skip
             out.append(store.create_device(rec, token_hash="h-" + dev_id))
             made.append(dev_id)
         return out
@@ -96,11 +98,12 @@ def test_sweep_records_health_and_skips_unregistered(
     assert res.summary()["ok"] >= 3 and res.summary()["checked"] == len(res.results) + len(res.failures)
     for d in devs:
         rec = store.get_device(d["id"])
-        h = rec["health"]
-        assert rec["state"] == "online" and rec["last_seen"] >= before
+        h = present(rec["health"])
+        assert rec["state"] == "online" and present(rec["last_seen"]) >= before
         assert h["misses"] == 0 and h["error"] is None and h["checked_at"] >= before
-        assert h["load1"] >= 0 and 0 < h["mem_used_ratio"] < 1 and 0 < h["disk_used_ratio"] < 1
-        assert h["uptime_s"] > 0 and "temperature_c" in h
+        assert present(h["load1"]) >= 0
+        assert 0 < present(h["mem_used_ratio"]) < 1 and 0 < present(h["disk_used_ratio"]) < 1
+        assert present(h["uptime_s"]) > 0 and "temperature_c" in h
     assert store.get_device(pending["id"])["health"] is None
 
 
@@ -138,7 +141,7 @@ def test_load_threshold_is_per_cpu_of_the_device(
     load = res.results[one["id"]]["load1"]
     if load > 0.01:  # an idle machine's load can read 0.00
         assert res.states[one["id"]] == "degraded"
-        assert store.get_device(one["id"])["health"]["breaches"] == [f"load {load:g} on 1 CPU > 0.01 per CPU"]
+        assert present(store.get_device(one["id"])["health"])["breaches"] == [f"load {load:g} on 1 CPU > 0.01 per CPU"]
 
 
 def test_changed_record_reconnects(
@@ -180,7 +183,7 @@ def test_backoff_spares_a_down_device(
         res = health.sweep(store, hs, [dev["id"]], pool=p)
         err = res.failures[dev["id"]]
         assert err["reason"] == "unreachable" and "not retrying" in err["message"]
-        assert p.stats().opened == 0 and store.get_device(dev["id"])["health"]["misses"] == 2
+        assert p.stats().opened == 0 and present(store.get_device(dev["id"])["health"])["misses"] == 2
         pooling.call(p.forget(dev["id"]))  # an operator's retry clears the backoff
         assert dev["id"] in health.sweep(store, hs, [dev["id"]], pool=p).results
     finally:
@@ -214,14 +217,14 @@ def test_faults_drive_states_with_hysteresis(
         states.append(store.get_device(dev["id"])["state"])
         time.sleep(0.15)  # past the reconnect backoff
     assert states == ["degraded", "degraded", "offline", "offline"]
-    assert store.get_device(dev["id"])["health"]["misses"] == 4
+    assert present(store.get_device(dev["id"])["health"])["misses"] == 4
 
     simulator.set_fault(sim.name, "ok")
     time.sleep(0.15)
     # hysteresis: two good checks to leave offline
     assert sweep_states(store, hs, pool, dev["id"], 2) == ["offline", "online"]
-    rec = store.get_device(dev["id"])
-    assert rec["health"]["misses"] == 0 and rec["health"]["error"] is None
+    h = present(store.get_device(dev["id"])["health"])
+    assert h["misses"] == 0 and h["error"] is None
 
     status, page = api.call("GET", f"/api/v1/events?device={dev['id']}&type=device.state", token="read")
     assert status == 200
@@ -276,7 +279,7 @@ def test_heartbeat_of_a_pending_device_does_not_change_state(
 ) -> None:
     dev = register(sim_devices(1), state="pending")[0]
     rec = health.record_heartbeat(store, settings, dev["id"], {"load1": 1.0})
-    assert rec["state"] == "pending" and rec["last_seen"] and rec["health"]["load1"] == 1.0
+    assert rec["state"] == "pending" and rec["last_seen"] and present(rec["health"])["load1"] == 1.0
 
 
 # ---------------------------------------------------------------------- state changes go out
@@ -387,7 +390,7 @@ def test_health_job_through_worker(store: Store, sim_devices: Any, register: Reg
     assert job["results"]["dev_missing"] == {"ok": False, "skipped": "not found"}
     for d in ids:
         assert job["results"][d]["ok"] is True and job["results"][d]["health"]["uptime_s"] > 0
-        assert store.get_device(d)["health"]["checked_at"] >= job["started_at"]
+        assert present(store.get_device(d)["health"])["checked_at"] >= job["started_at"]
     assert job["progress"]["done"] == 3
 
 
@@ -407,7 +410,8 @@ def test_beat_tick_sweeps_through_worker(
         time.sleep(0.1)
     else:
         raise AssertionError("the beat tick did not sweep the device")
-    assert h["error"] is None and h["uptime_s"] > 0 and store.get_device(dev["id"])["last_seen"] >= sent
+    assert h["error"] is None and present(h["uptime_s"]) > 0
+    assert present(store.get_device(dev["id"])["last_seen"]) >= sent
 
 
 def test_events_api_filters_and_pages(store: Store, api: Any) -> None:
@@ -443,7 +447,7 @@ def test_events_api_filters_and_pages(store: Store, api: Any) -> None:
     assert api.call("POST", "/api/v1/health/sweep", token="read", json={})[0] == 403
 
 
-def test_repin_does_not_flap_the_device_back_to_offline(api, worker, hs, pool, simulator, sim_devices) -> None:  # type: ignore[no-untyped-def]
+def test_repin_does_not_flap_the_device_back_to_offline(api, worker, hs, pool, simulator, sim_devices) -> None:
     """After a successful re-pin the device is online with its misses over: one later miss
     makes it degraded, not offline again; a device degraded for a threshold stays degraded."""
     (sim,) = sim_devices(1)

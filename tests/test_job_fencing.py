@@ -32,7 +32,7 @@ def fence(settings, tmp_path_factory):
         r.flushdb()
 
 
-def _until(what, timeout: float):  # type: ignore[no-untyped-def]
+def _until(what, timeout: float):
     return wait_until(what, timeout, "the job", interval=0.05)
 
 

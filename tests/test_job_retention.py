@@ -46,7 +46,7 @@ def test_filtered_listings_read_indexes_not_records(kept) -> None:
         targets = [f"dev_{i % 5}"] if kind != "noop" else []
         made[_make(store, kind, state, targets)] = (kind, state, targets)
 
-    def expect(kind=None, state=None, target=None) -> list[str]:  # type: ignore[no-untyped-def]
+    def expect(kind=None, state=None, target=None) -> list[str]:
         ids = [
             j
             for j, (k, s, t) in made.items()

@@ -135,11 +135,11 @@ def test_ansible_checks_the_jump_key_pinned_at_registration(api, worker, sshd, s
     (sim,) = sim_devices(1)
     dev, job = register_behind(api, sim, jump_of(sshd))
     assert job["state"] == "succeeded", job
-    job, results = provision_now(api.store, settings, "facts", [dev["id"]])
-    assert job["state"] == "succeeded", results
+    ran, results = provision_now(api.store, settings, "facts", [dev["id"]])
+    assert ran["state"] == "succeeded", results
     d = api.store.get_device(dev["id"])
     api.store.update_device(dev["id"], jump_host={**d["jump_host"], "host_key": other_key()})
-    job, results = provision_now(api.store, settings, "facts", [dev["id"]])
+    _, results = provision_now(api.store, settings, "facts", [dev["id"]])
     res = results[dev["id"]]
     assert res["status"] == "unreachable" and res["reason"] == "jump_host_key_mismatch", res
     assert f"jump host {sshd.username}@{sshd.host}:{sshd.port} changed" in res["message"]

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MAPPED = {"evc.api": "api", "evc.tasks": "tasks", "evc.workers": "workers", "evc.playbooks": "playbooks"}
 
 
-def _pyproject() -> dict:  # type: ignore[type-arg]
+def _pyproject() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 

@@ -52,7 +52,7 @@ def level_job(tmp_path: Path, devices: list[JSON], target: int, profile: str = "
 def test_steps_run_in_level_order_and_every_device_reaches_the_target(tmp_path: Path) -> None:
     store, settings, run = level_job(tmp_path, [online_device("d1"), online_device("d2")], target=2)
     runner = FakeRunner()
-    summary = raise_level(store, settings, run, runner)  # type: ignore[arg-type]
+    summary = raise_level(store, settings, run, runner)
     assert runner.calls == [("devenv", ("d1", "d2"), False), ("exporter", ("d1", "d2"), False)]
     assert isinstance(summary, dict) and summary["reached"] == 2 and summary["stopped"] == {}
     assert store.devices["d1"]["level"] == 2 and store.devices["d1"]["level_detail"] == {"level": 2}
@@ -64,7 +64,7 @@ def test_steps_run_in_level_order_and_every_device_reaches_the_target(tmp_path: 
 def test_a_failed_step_stops_the_device_below_that_level(tmp_path: Path) -> None:
     store, settings, run = level_job(tmp_path, [online_device("d1"), online_device("d2")], target=4)
     runner = FakeRunner(fail={("exporter", "d2"): "failed"})
-    out = raise_level(store, settings, run, runner)  # type: ignore[arg-type]
+    out = raise_level(store, settings, run, runner)
     assert isinstance(out, Partial) and "1 of 2 devices did not reach L4" in out.message
     # d2 takes no further step once it failed
     assert [c for c in runner.calls if c[0] == "fl-client"] == [("fl-client", ("d1",), False)]
@@ -75,7 +75,7 @@ def test_a_failed_step_stops_the_device_below_that_level(tmp_path: Path) -> None
 def test_no_device_reaching_the_target_fails_the_job(tmp_path: Path) -> None:
     store, settings, run = level_job(tmp_path, [online_device("d1")], target=1)
     with pytest.raises(LevelNotReached) as exc:
-        raise_level(store, settings, run, FakeRunner(fail={("devenv", "d1"): "unreachable"}))  # type: ignore[arg-type]
+        raise_level(store, settings, run, FakeRunner(fail={("devenv", "d1"): "unreachable"}))
     assert exc.value.details["stopped"] == {"d1": f"L1 {profiles.LEVELS[1]}: devenv unreachable: boom"}
 
 
@@ -83,7 +83,7 @@ def test_offline_devices_take_no_new_work(tmp_path: Path) -> None:
     devices = [online_device("d1"), online_device("d2", state="offline", level=1)]
     store, settings, run = level_job(tmp_path, devices, target=1)
     runner = FakeRunner()
-    out = raise_level(store, settings, run, runner)  # type: ignore[arg-type]
+    out = raise_level(store, settings, run, runner)
     assert runner.calls == [("devenv", ("d1",), False)]
     assert isinstance(out, Partial)
     assert store.results(run.id)["d2"]["stopped"] == "device is offline: no new work"
@@ -93,7 +93,7 @@ def test_offline_devices_take_no_new_work(tmp_path: Path) -> None:
 def test_check_mode_reports_what_would_change_and_records_nothing(tmp_path: Path) -> None:
     store, settings, run = level_job(tmp_path, [online_device("d1", level=0)], target=2, check=True)
     runner = FakeRunner(changed={("exporter", "d1")})
-    summary = raise_level(store, settings, run, runner)  # type: ignore[arg-type]
+    summary = raise_level(store, settings, run, runner)
     assert all(check for _, _, check in runner.calls)
     assert isinstance(summary, dict) and summary["check"] is True
     assert store.results(run.id)["d1"]["would_change"] == ["exporter"]
@@ -106,7 +106,7 @@ def test_converge_rechecks_every_step_and_reapplies_only_drift(tmp_path: Path) -
         tmp_path, [online_device("d1", level=2), online_device("d2", level=2)], 2, converge=True
     )
     runner = FakeRunner(changed={("exporter", "d2")})
-    raise_level(store, settings, run, runner)  # type: ignore[arg-type]
+    raise_level(store, settings, run, runner)
     assert runner.calls == [
         ("devenv", ("d1", "d2"), True),
         ("exporter", ("d1", "d2"), True),
@@ -132,7 +132,7 @@ def test_level_info_keeps_a_higher_level_unless_converging() -> None:
 
 def test_level_verdict() -> None:
     assert level_verdict("c", 2, False, False, {"a": {"level": 2}})["reached"] == 1  # type: ignore[index]
-    short = {"a": {"level": 2}, "b": {"level": 1, "stopped": "why"}}
+    short: dict[str, JSON] = {"a": {"level": 2}, "b": {"level": 1, "stopped": "why"}}
     out = level_verdict("c", 2, False, False, short)
     assert isinstance(out, Partial) and out.message == "1 of 2 devices did not reach L2: b: why"
     assert isinstance(level_verdict("c", 2, True, False, short), dict)  # check mode never fails

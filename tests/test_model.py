@@ -4,13 +4,13 @@ records survive the store's JSON encoding unchanged (pure: no services)."""
 from __future__ import annotations
 
 import json
-from typing import get_type_hints
+from typing import Any, get_type_hints
 
 import click
 import pytest
 from evc.api import schemas
 from evc.api.clusters import ClusterCreateSchema, LevelSchema
-from marshmallow import validate
+from marshmallow import Schema, validate
 
 from evc import model
 from evc.jobs import JOB_KINDS, QUEUES, new_job
@@ -28,7 +28,7 @@ from evc.store import JOB_STATES as STORE_JOB_STATES
 from evc.store import TERMINAL_STATES as STORE_TERMINAL_STATES
 
 
-def _one_of(schema: type, name: str) -> list[str]:
+def _one_of(schema: type[Schema], name: str) -> list[str]:
     field = schema._declared_fields[name]
     inner = getattr(field, "inner", field)
     found = [v for v in inner.validators if isinstance(v, validate.OneOf)]
@@ -129,6 +129,6 @@ def test_device_record_round_trip() -> None:
 
 
 @pytest.mark.parametrize("record", [model.Job, model.Device, model.Cluster, model.Token, model.Enrollment])
-def test_records_name_their_fields(record: type) -> None:
+def test_records_name_their_fields(record: type[Any]) -> None:
     assert "id" in record.__required_keys__
     assert get_type_hints(record)

@@ -27,7 +27,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -35,6 +35,7 @@ import yaml
 from evc import monitoring
 from evc.auth import create_operator_token
 from evc.context import Caller, Context
+from evc.model import Cluster, Device
 from evc.provisioning.service import ProvisionRequest, submit_provision
 from evc.settings import Settings
 from evc.store import JSON, Store, new_id, now
@@ -128,11 +129,13 @@ def test_exporter_bundle_is_reproducible_and_runs_alone(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ endpoints
 def test_targets_endpoint_needs_a_read_token_and_follows_the_registry(api: Any, store: Store) -> None:
     tag = secrets.token_hex(3)
-    cluster = store.create_cluster({"id": new_id("cl"), "name": f"mon-{tag}", "profile": "direct", "created_at": now()})
+    cluster = store.create_cluster(
+        cast(Cluster, {"id": new_id("cl"), "name": f"mon-{tag}", "profile": "direct", "created_at": now()})
+    )
     ids = []
     for i, exporter in enumerate([monitoring.exporter_record({"node_exporter": True}), None]):
         dev = {**_device(f"mon-{tag}-{i}"), "id": new_id("dev"), "exporter": exporter, "cluster_id": cluster["id"]}
-        store.create_device(dev, token_hash=f"x-{dev['id']}")
+        store.create_device(cast(Device, dev), token_hash=f"x-{dev['id']}")
         ids.append(dev["id"])
     try:
         assert api.call("GET", TARGETS, token=None)[0] == 401

@@ -18,7 +18,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from unittest import mock
 
 import pytest
@@ -26,13 +26,14 @@ import pytest
 from evc.context import Caller, Context
 from evc.errors import Conflict, PreconditionFailed, ValidationError
 from evc.jobs import JobRun
+from evc.model import Device, Job
 from evc.provisioning.locks import device_lock
 from evc.provisioning.service import ProvisionRequest, provision, retry_job, submit_provision
 from evc.settings import Settings
 from evc.store import JSON, Store, new_id, now
 from evc_sim import SimDevice
 from evc_sim.namespaces import UID_BASE
-from tests.fixtures.helpers import wait_until
+from tests.fixtures.helpers import present, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("flush")]
 
@@ -47,7 +48,7 @@ class NoBroker:
         self.sent.append((name, args))
 
 
-def register(store: Store, dev: Any, **changes: Any) -> JSON:
+def register(store: Store, dev: Any, **changes: Any) -> Device:
     """A device record as registration leaves it, for a simulated device or the test sshd."""
     rec: JSON = {
         "id": new_id("dev"),
@@ -58,10 +59,10 @@ def register(store: Store, dev: Any, **changes: Any) -> JSON:
         "facts": {}, "cluster_id": None, "level": 0, "created_at": now(),
     }  # fmt: skip
     rec.update(changes)
-    return store.create_device(rec, token_hash=f"x-{rec['id']}")
+    return store.create_device(cast(Device, rec), token_hash=f"x-{rec['id']}")
 
 
-def run_job(store: Store, settings: Settings, job: JSON, **kw: Any) -> tuple[JSON, JSON]:
+def run_job(store: Store, settings: Settings, job: Job, **kw: Any) -> tuple[Job, JSON]:
     """Run a stored provision job in this process, ending it as the Celery wrapper does."""
     run = JobRun.start(store, job["id"])
     assert run is not None
@@ -73,14 +74,14 @@ def run_job(store: Store, settings: Settings, job: JSON, **kw: Any) -> tuple[JSO
     return store.get_job(job["id"]), store.results(job["id"])
 
 
-def submit(store: Store, settings: Settings, playbook: str, targets: list[str], **req: Any) -> JSON:
+def submit(store: Store, settings: Settings, playbook: str, targets: list[str], **req: Any) -> Job:
     request = ProvisionRequest.from_dict({"playbook": playbook, "targets": targets, **req})
     job, created = submit_provision(Context(store, settings, NoBroker(), Caller("test")), request)
     assert created
     return job
 
 
-def provision_now(store: Store, settings: Settings, playbook: str, targets: list[str], **req: Any) -> tuple[JSON, JSON]:
+def provision_now(store: Store, settings: Settings, playbook: str, targets: list[str], **req: Any) -> tuple[Job, JSON]:
     internal = req.pop("internal_vars", None)
     job = submit(store, settings, playbook, targets, **req)
     return run_job(store, settings, job, internal_vars=internal)
@@ -144,7 +145,7 @@ def artifacts(settings: Settings) -> Path:
     return root
 
 
-def stage_root(base: Path, dev: JSON, sim: SimDevice) -> Path:
+def stage_root(base: Path, dev: Device, sim: SimDevice) -> Path:
     """The per-device system root the playbooks write to (``evc_sysroot``/<device id>),
     owned by the device's account so that a sudo stand-in can write there too (a root device's
     root is, on the host, the unprivileged uid its user namespace maps to root)."""
@@ -329,7 +330,7 @@ def test_retry_relaunches_only_failed_hosts(store, settings, simulator, sim_devi
     ok_dev, down_dev = register(store, ok_sim), register(store, down_sim)
     simulator.set_fault(down_sim.name, "down")
     job, results = provision_now(store, settings, "facts", [ok_dev["id"], down_dev["id"]])
-    assert job["state"] == "failed" and job["error"]["code"] == "provision_failed"
+    assert job["state"] == "failed" and present(job["error"])["code"] == "provision_failed"
     assert results[ok_dev["id"]]["status"] == "ok"
     assert results[down_dev["id"]]["status"] == "unreachable"
     assert job["summary"]["retryable"] == [down_dev["id"]]
@@ -442,7 +443,7 @@ def test_against_real_openssh(store, settings, sshd) -> None:
 
 # ------------------------------------------------------------------------------ through a worker
 @pytest.fixture()
-def papi(api):  # type: ignore[no-untyped-def]
+def papi(api):
     """The API test client with the provision blueprint (registered here until the app does)."""
     from evc.api import app as app_module
 
@@ -454,7 +455,7 @@ def papi(api):  # type: ignore[no-untyped-def]
         return API(app_module.create_app(api.settings), api.store, api.settings)
 
 
-def test_api_and_worker(papi, worker, sim_devices, artifacts) -> None:  # type: ignore[no-untyped-def]
+def test_api_and_worker(papi, worker, sim_devices, artifacts) -> None:
     user_sim, root_sim = sim_devices(2, privilege=["user", "root"])
     user, root = register(papi.store, user_sim), register(papi.store, root_sim)
 
@@ -493,7 +494,7 @@ def test_api_and_worker(papi, worker, sim_devices, artifacts) -> None:  # type: 
     assert status == 409 and "no failed or unreachable hosts" in err["message"]
 
 
-def test_cancel_stops_a_running_playbook(papi, worker, simulator, sim_devices) -> None:  # type: ignore[no-untyped-def]
+def test_cancel_stops_a_running_playbook(papi, worker, simulator, sim_devices) -> None:
     (sim,) = sim_devices(1, privilege="user")
     dev = register(papi.store, sim)
     simulator.set_fault(sim.name, "slow", slow_s=2.0)  # every command starts 2 s late

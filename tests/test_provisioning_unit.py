@@ -79,7 +79,7 @@ def test_refusals_come_before_the_run(env, monkeypatch: pytest.MonkeyPatch) -> N
     store, run = make(devices, ["ok1", "low", "off", "gone"])
     ansible = FakeAnsible({"ok1": ["ok"]})
     monkeypatch.setattr(service, "_run_once", ansible)
-    results, summary, cancelled = run_spec(store, settings, run, SPEC, ["ok1", "low", "off", "gone"], {})  # type: ignore[arg-type]
+    results, summary, cancelled = run_spec(store, settings, run, SPEC, ["ok1", "low", "off", "gone"], {})
     assert ansible.calls[0]["hosts"] == ["ok1"]
     assert {k: r["reason"] for k, r in results.items() if r["status"] == "refused"} == {
         "gone": "not_found", "low": "privilege", "off": "offline",
@@ -96,9 +96,9 @@ def test_refusals_come_before_the_run(env, monkeypatch: pytest.MonkeyPatch) -> N
 def test_locked_devices_are_refused_without_waiting(env, monkeypatch: pytest.MonkeyPatch) -> None:
     settings, make = env
     store, run = make([online_device("a"), online_device("b")])
-    DeviceLocks(store, "job_other").try_acquire("b")  # type: ignore[arg-type]
+    DeviceLocks(store, "job_other").try_acquire("b")
     monkeypatch.setattr(service, "_run_once", FakeAnsible({"a": ["ok"]}))
-    results, _, _ = run_spec(store, settings, run, SPEC, ["a", "b"], {}, lock="fail")  # type: ignore[arg-type]
+    results, _, _ = run_spec(store, settings, run, SPEC, ["a", "b"], {}, lock="fail")
     assert results["b"]["reason"] == "locked" and "job_other" in results["b"]["message"]
     assert results["a"]["status"] == "ok"
 
@@ -109,7 +109,7 @@ def test_failed_hosts_are_retried_as_the_policy_says(env, monkeypatch: pytest.Mo
     ansible = FakeAnsible({"a": ["ok"], "b": ["failed", "ok"], "c": ["unreachable", "unreachable", "unreachable"]})
     monkeypatch.setattr(service, "_run_once", ansible)
     policy = RetryPolicy(max=2, delay_s=0)
-    results, summary, _ = run_spec(store, settings, run, SPEC, ["a", "b", "c"], {"password": "s3cret"}, policy=policy)  # type: ignore[arg-type]
+    results, summary, _ = run_spec(store, settings, run, SPEC, ["a", "b", "c"], {"password": "s3cret"}, policy=policy)
     assert [c["hosts"] for c in ansible.calls] == [["a", "b", "c"], ["b", "c"], ["c"]]
     assert [c["ident"] for c in ansible.calls] == [run.id, f"{run.id}-2", f"{run.id}-3"]
     assert ansible.calls[0]["secrets"] == ["s3cret"]
@@ -126,9 +126,9 @@ def test_facts_are_recorded_only_for_a_real_successful_run(env, monkeypatch: pyt
     monkeypatch.setattr(
         service, "_run_once", FakeAnsible({"a": ["ok"]}, facts={"arch": "aarch64", "privilege": "sudo"})
     )
-    run_spec(store, settings, run, SPEC, ["a"], {}, check=True)  # type: ignore[arg-type]
+    run_spec(store, settings, run, SPEC, ["a"], {}, check=True)
     assert "facts" not in store.devices["a"]
-    run_spec(store, settings, run, SPEC, ["a"], {})  # type: ignore[arg-type]
+    run_spec(store, settings, run, SPEC, ["a"], {})
     assert store.devices["a"]["facts"] == {"arch": "aarch64"} and store.devices["a"]["privilege"] == "sudo"
 
 
@@ -138,7 +138,7 @@ def test_a_cancelled_job_runs_nothing(env, monkeypatch: pytest.MonkeyPatch) -> N
     store.jobs[run.id]["cancel_requested"] = True
     ansible = FakeAnsible({"a": ["ok"]})
     monkeypatch.setattr(service, "_run_once", ansible)
-    results, summary, cancelled = run_spec(store, settings, run, SPEC, ["a"], {})  # type: ignore[arg-type]
+    results, summary, cancelled = run_spec(store, settings, run, SPEC, ["a"], {})
     assert cancelled and ansible.calls == [] and results["a"]["status"] == "cancelled"
     assert summary["ansible_status"] is None and summary["attempts"] == 0
 
@@ -149,7 +149,7 @@ def test_level_steps_report_nothing_and_get_their_own_idents(env, monkeypatch: p
     ansible = FakeAnsible({"a": ["ok"]})
     monkeypatch.setattr(service, "_run_once", ansible)
     monkeypatch.setattr(service.Catalog, "get", lambda self, name: SPEC)
-    run_step = step_runner(store, settings)  # type: ignore[arg-type]
+    run_step = step_runner(store, settings)
     assert run_step(run, "demo", ["a"], {}, False)["a"]["status"] == "ok"
     assert run_step(run, "demo", ["a"], {}, False)["a"]["status"] == "ok"
     assert [c["ident"] for c in ansible.calls] == [f"{run.id}-s1-demo", f"{run.id}-s2-demo"]
@@ -165,7 +165,7 @@ def test_ansible_ident_is_deterministic() -> None:
 
 
 def test_summary_counts_and_drift() -> None:
-    results = {
+    results: dict[str, JSON] = {
         "a": {"status": "ok", "changed": True, "drift": [{"task": "T1"}]},
         "b": {"status": "failed"},
         "c": {"status": "unreachable"},

@@ -10,6 +10,7 @@ import pytest
 from evc.workers.celery_app import make_celery
 
 from evc.queue import JobQueue
+from tests.fixtures.helpers import present
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +20,7 @@ def test_task_message_matches_kombu(settings, store, redis_raw) -> None:
     q = f"cmp-{store.prefix}"
     app.send_task("evc.noop", args=["job_a"], queue=q, task_id="job_a-0")
     pipe = redis_raw.pipeline()
-    for name, args in JobQueue.of(app).publisher.commands("evc.noop", "job_b-0", ["job_b"], q):
+    for name, args in present(JobQueue.of(app).publisher).commands("evc.noop", "job_b-0", ["job_b"], q):
         if name == "lpush":
             getattr(pipe, name)(*args)
     pipe.execute()
@@ -63,7 +64,9 @@ def test_sent_event_reaches_event_receivers(settings, store, redis_raw) -> None:
 
     time.sleep(0.5)
     pipe = redis_raw.pipeline()
-    for name, args in JobQueue.of(app).publisher.commands("evc.noop", "job_c-0", ["job_c"], f"ev-{store.prefix}"):
+    for name, args in present(JobQueue.of(app).publisher).commands(
+        "evc.noop", "job_c-0", ["job_c"], f"ev-{store.prefix}"
+    ):
         getattr(pipe, name)(*args)
     pipe.execute()
     t.join(12)

@@ -20,6 +20,7 @@ from werkzeug.serving import make_server
 from evc import jobs
 from evc.auth import create_operator_token
 from evc.context import Context
+from evc.model import Job
 from evc.store import Store
 from tests.fixtures.services import Worker, own_database, raw_redis
 
@@ -34,7 +35,7 @@ def rel(settings, tmp_path_factory):
         r.flushdb()
 
 
-def _wait(store: Store, job_id: str, timeout: float) -> dict:
+def _wait(store: Store, job_id: str, timeout: float) -> Job:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if store.job_state(job_id) in ("succeeded", "failed", "cancelled"):

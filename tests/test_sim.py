@@ -64,7 +64,7 @@ def test_exec_forwards_stdin_eof_output_and_exit_status(sim_devices: MakeDevices
     assert echo.exit_status == 3  # cat returned only because EOF was forwarded
     assert echo.stdout == blob
     assert echo.stderr == b"to-stderr\n"
-    assert count.stdout.strip() == "1000"
+    assert str(count.stdout).strip() == "1000"
 
 
 def test_session_environment_home_and_env_requests(sim_devices: MakeDevices, evc_key_path: Path) -> None:
@@ -75,7 +75,7 @@ def test_session_environment_home_and_env_requests(sim_devices: MakeDevices, evc
             env={"FOO": "bar baz", "HOME": "/not-this"},
         )
     )  # fmt: skip
-    home, cwd, user, foo, ssh_conn = res.stdout.split("|")
+    home, cwd, user, foo, ssh_conn = str(res.stdout).split("|")
     assert home == cwd == str(dev.home)
     assert user == dev.username
     assert foo == "bar baz"
@@ -85,7 +85,7 @@ def test_session_environment_home_and_env_requests(sim_devices: MakeDevices, evc
 def test_pty_session(sim_devices: MakeDevices, evc_key_path: Path) -> None:
     dev = sim_devices(1)[0]
     res = run(_exec(dev, evc_key_path, "tty; stty size; echo $TERM", term_type="xterm", term_size=(120, 40)))
-    lines = res.stdout.splitlines()
+    lines = str(res.stdout).splitlines()
     assert res.exit_status == 0
     assert lines[0].startswith("/dev/pts/")
     assert lines[1:] == ["40 120", "xterm"]
@@ -113,7 +113,7 @@ def test_interactive_shell_over_pty(sim_devices: MakeDevices, evc_key_path: Path
             return await asyncio.wait_for(proc.wait(), 20)
 
     res = run(go())
-    assert "shell-42" in res.stdout
+    assert "shell-42" in str(res.stdout)
     assert res.exit_status == 5
 
 
@@ -241,7 +241,7 @@ def test_privilege_level_is_what_a_probe_detects(privilege: str, sim_devices: Ma
     dev = sim_devices(1, privilege=privilege)[0]
     assert dev.privilege == privilege
     res = run(_exec(dev, evc_key_path, f"id -u; id -un; {PROBE}"))
-    uid, name, detected = res.stdout.split()
+    uid, name, detected = str(res.stdout).split()
     assert detected == privilege
     assert name == dev.username
     if privilege == "root":
@@ -517,7 +517,7 @@ def test_authorized_keys_edits_take_effect(
     with pytest.raises(asyncssh.PermissionDenied):
         run(_exec(dev, key_path, "true"))
     simulator.authorize(line, dev.name)
-    assert run(_exec(dev, key_path, "whoami")).stdout.strip() == dev.username
+    assert str(run(_exec(dev, key_path, "whoami")).stdout).strip() == dev.username
     with pytest.raises(asyncssh.PermissionDenied):  # only that device
         run(_exec(other, key_path, "true"))
     simulator.deauthorize(line)

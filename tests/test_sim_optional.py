@@ -19,7 +19,7 @@ from evc.stack import Stack
 @pytest.fixture
 def no_simulator(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """evc_sim not importable (as where evc-sim is not installed), a fresh data directory."""
-    monkeypatch.setitem(sys.modules, "evc_sim", None)  # type: ignore[arg-type]
+    monkeypatch.setitem(sys.modules, "evc_sim", None)
     monkeypatch.setenv("EVC_DATA_DIR", str(tmp_path / "data"))
     return tmp_path / "data"
 

@@ -24,7 +24,7 @@ def test_sshd_runs_commands_with_stdin_eof_and_exit_status(sshd: OpenSSHServer, 
             return who, cat
 
     who, cat = asyncio.run(go())
-    assert who.stdout.strip() == sshd.username
+    assert str(who.stdout).strip() == sshd.username
     assert (cat.stdout, cat.exit_status) == ("through sshd\n", 7)
 
 

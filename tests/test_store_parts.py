@@ -3,18 +3,21 @@ claim, plain counters, the unit of work. Real Redis (the session's)."""
 
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
 import redis
 
 from evc.errors import Conflict
+from evc.model import Device
 from evc.store import Store, new_id, now
 
 pytestmark = [pytest.mark.integration]
 
 
 def test_rename_device_moves_its_name_index(store: Store, redis_raw: redis.Redis, flush: None) -> None:
-    a = store.create_device({"id": new_id("dev"), "name": "alpha", "created_at": now()}, "hash-a")
-    store.create_device({"id": new_id("dev"), "name": "beta", "created_at": now()}, "hash-b")
+    a = store.create_device(cast(Device, {"id": new_id("dev"), "name": "alpha", "created_at": now()}), "hash-a")
+    store.create_device(cast(Device, {"id": new_id("dev"), "name": "beta", "created_at": now()}), "hash-b")
     with pytest.raises(Conflict, match="'beta' is already registered"):
         store.rename_device(a["id"], "alpha", "beta")
     assert store.device_id_by_name("alpha") == a["id"]
