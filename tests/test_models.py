@@ -9,7 +9,7 @@ import hashlib
 import io
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -17,6 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from evc.fl.data import Dataset, load_reference_digits
+from evc.model import Device
 from evc.store import new_id, now
 
 pytestmark = pytest.mark.integration
@@ -277,9 +278,10 @@ def _cluster_with_device(store: Any) -> tuple[str, str]:
                "docker": True, "containerd": False, "systemd": True, "gpus": [], "jetson": "Xavier NX"},
         health={"load1": 3.0, "load5": 2.0, "load15": 1.0, "mem_used_ratio": 0.5, "checked_at": now(), "source": "ssh"},
     )  # fmt: skip
-    store.create_device(dev, token_hash="h-" + dev["id"])
-    assert store.claim_membership(cl_id, dev["id"]) is None
-    return cl_id, dev["id"]
+    dev_id = str(dev["id"])
+    store.create_device(cast(Device, dev), token_hash="h-" + dev_id)
+    assert store.claim_membership(cl_id, dev_id) is None
+    return cl_id, dev_id
 
 
 def test_models_scope_pushes_and_reads_hardware_nothing_else(api, flush, model_bytes) -> None:
