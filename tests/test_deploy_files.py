@@ -126,10 +126,18 @@ def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
 
 
 def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """The stages' instructions; a FROM's ${ARG} is replaced by the default of the global ARG
+    (declared before the first FROM) that names it: what a build without --build-arg uses."""
     stages: list[list[tuple[str, str]]] = []
+    defaults: dict[str, str] = {}
     for ins in dockerfile_instructions(DOCKERFILE.read_text()):
+        if ins[0] == "ARG" and not stages:
+            name, _, value = ins[1].partition("=")
+            defaults[name] = value.strip('"')
+            continue
         if ins[0] == "FROM":
             stages.append([])
+            ins = ("FROM", re.sub(r"\$\{?(\w+)\}?", lambda m: defaults[m[1]], ins[1]))
         assert stages, f"{ins[0]} before the first FROM"
         stages[-1].append(ins)
     return stages
