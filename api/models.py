@@ -2,6 +2,8 @@
 quantization, and the hardware view of a cluster.
 
 Uploads are ``multipart/form-data``: the file in ``file``, the JSON metadata in ``metadata``.
+A version may instead be registered by reference to an OCI artifact: ``oci_ref`` in the
+metadata and no file, or a JSON body ``{"name", "version", "oci_ref", ...}``.
 A token with the ``models`` scope (an EVF service account) may push versions and variants and
 read models and clusters' hardware; deleting and quantizing take ``admin``."""
 
@@ -14,7 +16,7 @@ from typing import Any
 from evc.api.deps import context, get_settings, get_store, require, require_any
 from evc.api.schemas import JobSchema, Labels, PageArgs, PageSchema, StrictSchema, page, validate_name
 from flask import Response, g, request, stream_with_context
-from flask_smorest import Blueprint
+from flask_smorest import Blueprint, abort
 from marshmallow import Schema, ValidationError, fields, validate
 
 from evc.errors import ValidationError as InvalidInput
@@ -87,6 +89,10 @@ class _UploaderMeta(StrictSchema):
 class VersionMetaSchema(_UploaderMeta):
     name = fields.String(required=True, validate=validate_name)
     version = fields.String(required=True, validate=validate_name)
+    oci_ref = fields.String(
+        validate=validate.Length(min=3, max=512),
+        metadata={"description": "register by reference: host[:port]/repository:tag or ...@sha256:<hex> (no file)"},
+    )
 
 
 class VariantMetaSchema(_UploaderMeta):
@@ -102,7 +108,7 @@ def _file_field(required: bool = True) -> fields.Raw:
 
 
 class VersionForm(StrictSchema):
-    metadata = JSONObject(VersionMetaSchema, required=True)
+    metadata = JSONObject(VersionMetaSchema, metadata={"description": "required unless the body is JSON"})
 
 
 class VariantForm(StrictSchema):
@@ -111,6 +117,10 @@ class VariantForm(StrictSchema):
 
 class FileForm(StrictSchema):
     file = _file_field()
+
+
+class OptionalFileForm(StrictSchema):
+    file = _file_field(required=False)
 
 
 class QuantizeForm(StrictSchema):
@@ -140,6 +150,7 @@ class VariantSchema(Schema):
     license = fields.String()
     description = fields.String()
     parent = fields.Dict()
+    storage = fields.Dict(metadata={"description": "where the file is kept: backend (embedded, oci) and ref"})
     source = fields.String(metadata={"description": "upload, or evc-quantize"})
     metadata = fields.Dict(allow_none=True, metadata={"description": "what EVC read from the graph"})
     created_at = fields.Float()
@@ -162,6 +173,8 @@ class VersionSchema(Schema):
         allow_none=True,
         metadata={"description": "what EVC read from the graph: inputs, outputs, opset, parameters, operations, flops"},
     )
+    oci_ref = fields.String(metadata={"description": "registered by reference: the artifact, pinned by digest"})
+    storage = fields.Dict(metadata={"description": "where the file is kept: backend (embedded, oci) and ref"})
     variants = fields.List(fields.Nested(VariantSchema))
     deployed = fields.Boolean()
     created_at = fields.Float()
@@ -219,17 +232,39 @@ def _version_out(rec: dict[str, Any]) -> dict[str, Any]:
 @blp.route("/models", methods=["POST"])
 @require(Scope.MODELS)
 @blp.arguments(VersionForm, location="form")
-@blp.arguments(FileForm, location="files")
+@blp.arguments(OptionalFileForm, location="files")
 @blp.response(201, VersionSchema)
 @blp.alt_response(200, schema=VersionSchema, description="the same bytes were registered before: that version")
 @blp.alt_response(409, description="this name and version hold other bytes (versions are immutable)")
 @blp.alt_response(413, description="the file is larger than the setting model_max_upload_bytes")
+@blp.alt_response(502, description="the OCI registry could not be reached, or sent bytes that fail their digest")
 def register(form: dict[str, Any], files: dict[str, Any]) -> Any:
     """Register a model version by upload: `file` (ONNX first; `format` is open) and `metadata`
     (JSON: name, version, task, labels, accuracy {dataset, value}, license, format). The version
-    is content-addressed by SHA-256 and immutable."""
+    is content-addressed by SHA-256 and immutable.
+
+    Or by reference to an OCI artifact: a JSON body (or `metadata`, without `file`) with
+    `oci_ref` (`host:port/repository:tag` or `...@sha256:<hex>`): EVC pulls it once, verifies
+    it, reads its metadata like an upload's and pins the reference to the manifest's digest."""
+    meta: dict[str, Any] | None = form.get("metadata")
+    if request.is_json:
+        try:
+            meta = VersionMetaSchema().load(request.get_json(silent=False) or {})
+        except ValidationError as exc:
+            abort(422, messages={"json": exc.messages})
+    if meta is None:
+        abort(422, messages={"form": {"metadata": ["Missing data for required field."]}})
+        raise AssertionError("unreachable")  # abort raises
     ctx = context()
-    rec, created = registry.register(ctx, files["file"].stream, form["metadata"])
+    file = files.get("file")
+    if meta.get("oci_ref"):
+        if file is not None:
+            raise InvalidInput("give either a file or oci_ref, not both", field="oci_ref")
+        rec, created = registry.register_reference(ctx, meta)
+    elif file is None:
+        raise InvalidInput("a file (multipart field file) or an oci_ref is required", field="file")
+    else:
+        rec, created = registry.register(ctx, file.stream, meta)
     return _version_out(rec), 201 if created else 200
 
 
@@ -287,11 +322,12 @@ def download(args: dict[str, Any], name: str, version: str) -> Any:
     store = get_store()
     variant = args.get("variant")
     rec = registry.get_variant(store, name, version, variant) if variant else registry.get_version(store, name, version)
-    bs = registry.blobs(get_settings())
-    blob = bs.verify(rec["sha256"])
+    blob = registry.storage(get_settings(), rec).fetch(rec["sha256"], registry.record_ref(rec))
     ext = "onnx" if rec.get("format", "onnx") == "onnx" else "bin"
     filename = f"{name}-{version}" + (f"-{variant}" if variant else "") + f".{ext}"
     f = open(blob.path, "rb")  # closed with the response (removed meanwhile: still readable)
+    if blob.temporary:  # a verified copy pulled from the registry: gone once sent
+        blob.path.unlink(missing_ok=True)
     resp = Response(stream_with_context(_chunks(f)), mimetype="application/octet-stream")
     resp.call_on_close(f.close)
     resp.headers["Content-Length"] = str(blob.size)
@@ -340,7 +376,7 @@ def quantize(form: dict[str, Any], files: dict[str, Any], name: str, version: st
     digest = (form.get("eval_set_sha256") or "").removeprefix("sha256:") or None
     if files.get("eval_set") is not None:
         digest = registry.store_eval_set(ctx, files["eval_set"].stream)
-    elif digest and not registry.blobs(ctx).exists(digest):
+    elif digest and not registry.storage(ctx).exists(digest, registry.EVAL_SETS):
         raise InvalidInput(f"no evaluation set sha256:{digest} is stored; upload it", field="eval_set_sha256")
     params = {"name": name, "version": version, "eval_set": digest, "dataset": form.get("dataset")}
     job, _ = ctx.submit(JobKindName.MODEL_QUANTIZE, params=params)

@@ -84,6 +84,13 @@ class Settings:
     fl_channel_idle_s: float = 300.0  # close a device's FL client channel unused this long
     # model registry (blobs under <data_dir>/models: the API and the workers share the data dir)
     model_max_upload_bytes: int = 512 * 1024 * 1024  # a larger model or evaluation set upload is a 413
+    # where model files are kept: "embedded" (<data_dir>/models) or "oci" (the registry below)
+    model_storage: str = "embedded"
+    model_registry_url: str = ""  # https://host:port (http:// only with model_registry_insecure)
+    model_registry_repository: str = "evc/models"  # repository prefix: <prefix>/<model name>:<version>
+    model_registry_credentials: str = "model-registry.json"  # in data_dir: {"username": ..., "password": ...}
+    model_registry_insecure: bool = False  # allow plain HTTP (a registry on loopback)
+    model_registry_timeout_s: float = 30.0
 
     @property
     def api_url(self) -> str:

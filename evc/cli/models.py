@@ -77,14 +77,32 @@ def _said(kind: str, d: dict[str, Any], status: int) -> None:
 
 
 @model.command("push")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=False)
 @click.option("--name", required=True)
 @click.option("--version", "version", required=True)
+@click.option(
+    "--oci-ref", default=None, help="register by reference: HOST[:PORT]/REPO:TAG or REPO@sha256:... (no FILE)"
+)
 @_uploader_options
 @pass_ctx
-def model_push(c: Ctx, file: Path, name: str, version: str, **opts: Any) -> None:
-    """Register FILE as version VERSION of model NAME (immutable: the same bytes again are fine)."""
-    d, status = _upload(c, "/api/v1/models", file, {"name": name, "version": version, **_meta(**opts)})
+def model_push(c: Ctx, file: Path | None, name: str, version: str, oci_ref: str | None, **opts: Any) -> None:
+    """Register FILE (or the OCI artifact --oci-ref) as version VERSION of model NAME
+    (immutable: the same bytes again are fine)."""
+    meta = {"name": name, "version": version, **_meta(**opts)}
+    if (file is None) == (oci_ref is None):
+        raise click.UsageError("give either FILE or --oci-ref")
+    if oci_ref is not None:
+        statuses: list[int] = []
+        body = {k: v for k, v in {**meta, "oci_ref": oci_ref}.items() if v is not None}
+        d = c.client().request(
+            "POST", "/api/v1/models", json=body, timeout=UPLOAD_TIMEOUT_S,
+            hooks={"response": lambda r, *a, **k: statuses.append(r.status_code)},
+        )  # fmt: skip
+        status = statuses[-1] if statuses else 0
+        emit(c, d, lambda d: (_said(f"{d['name']}:{d['version']}", d, status), console.print(f"from {d['oci_ref']}")))
+        return
+    assert file is not None
+    d, status = _upload(c, "/api/v1/models", file, meta)
     emit(c, d, lambda d: _said(f"{d['name']}:{d['version']}", d, status))
 
 

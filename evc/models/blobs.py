@@ -46,6 +46,7 @@ class Blob:
     digest: str  # hex SHA-256
     size: int
     path: Path
+    temporary: bool = False  # a verified copy (from a registry) the reader removes when done
 
 
 class BlobStore:
@@ -141,6 +142,13 @@ class Staged:
             self.discard()
             raise ValidationError("the uploaded file is empty", field="file")
         self.digest, self.size = h.hexdigest(), size
+
+    @classmethod
+    def adopt(cls, bs: BlobStore, tmp: Path, digest: str, size: int) -> Staged:
+        """A file already in the temporary area, hashed by its writer (a verified pull)."""
+        self = cls.__new__(cls)
+        self.bs, self.tmp, self.digest, self.size = bs, tmp, digest, size
+        return self
 
     def discard(self) -> None:
         with contextlib.suppress(FileNotFoundError):

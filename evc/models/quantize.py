@@ -72,12 +72,11 @@ def run(store: Store, settings: Settings, run: JobRun) -> JSON:
     parent = registry.get_version(store, name, version)
     if parent.get("format", "onnx") != "onnx":
         raise ValidationError(f"model {name}:{version} is {parent.get('format')!r}; only ONNX can be quantized")
-    bs = registry.blobs(settings)
     ctx = Context(store, settings, caller=Caller(run.job.get("created_by") or "evc:quantize"))
     # named after the job: what a killed attempt leaves, the next removes (jobs.remove_temp_files)
     with tempfile.TemporaryDirectory(prefix=f"evc-{run.id}-quantize-") as tmp:
         src, dest = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
-        src.write_bytes(bs.read_verified(parent["sha256"]))
+        src.write_bytes(registry.storage(settings, parent).read_verified(parent["sha256"], registry.record_ref(parent)))
         run.event(f"quantizing {name}:{version} (sha256:{parent['sha256'][:12]}) to int8")
         quantize_int8(src, dest)
         run.check_cancel()
@@ -88,7 +87,7 @@ def run(store: Store, settings: Settings, run: JobRun) -> JSON:
         }
         summary: JSON = {"name": name, "version": version, "variant": VARIANT}
         if p.get("eval_set"):
-            x, y = load_eval_set(bs.read_verified(p["eval_set"]))
+            x, y = load_eval_set(registry.storage(settings).read_verified(p["eval_set"], registry.EVAL_SETS))
             run.event(f"measuring top-1 accuracy on {len(y)} samples")
             dataset = p.get("dataset") or f"sha256:{p['eval_set']}"
             acc_parent, acc_variant = top1(src, x, y), top1(dest, x, y)

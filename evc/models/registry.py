@@ -2,15 +2,19 @@
 
 A version (``name`` + ``version``) is content-addressed by the SHA-256 of its bytes and
 immutable: registering it again with the same bytes answers the stored record (idempotent),
-with other bytes a :class:`~evc.errors.Conflict`. A variant (``fp32``, ``int8``, ...) of a
-version is registered the same way and records its parent's digest. Blobs live in the embedded
-:class:`~evc.models.blobs.BlobStore`; records in the store (:mod:`evc.store.models`); every
-change is audited.
+with other bytes a :class:`~evc.errors.Conflict`. A version may also be registered by
+reference to an OCI artifact (:func:`register_reference`): pulled once, verified, pinned by
+digest. A variant (``fp32``, ``int8``, ...) of a version is registered the same way and records
+its parent's digest. Files live in the storage backend the settings choose
+(:mod:`evc.models.storage`: embedded, or an OCI registry; a record's ``storage`` says which);
+records in the store (:mod:`evc.store.models`); every change is audited.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 from pathlib import Path
 from typing import IO, Any
 
@@ -18,7 +22,10 @@ from evc.context import Context
 from evc.errors import Conflict, NotFound, ValidationError
 from evc.model import JSON
 from evc.models import metadata as graph_meta
-from evc.models.blobs import BlobStore, release
+from evc.models import oci
+from evc.models.blobs import Staged
+from evc.models.storage import EmbeddedStorage, ModelStorage, OCIStorage, registry_for
+from evc.models.storage import storage as _storage
 from evc.store import Store, now
 
 #: a model name or version: never ``:`` (record keys and ``NAME:VERSION`` references use it)
@@ -33,9 +40,33 @@ UPLOADER_FIELDS = ("task", "labels", "accuracy", "license", "format", "descripti
 EVAL_SETS = "eval-set"
 
 
-def blobs(ctx_or_settings: Any) -> BlobStore:
+def storage(ctx_or_settings: Any, rec: JSON | None = None) -> ModelStorage:
+    """The storage backend of the settings, or the one that keeps *rec*'s file (records from
+    before a change of ``model_storage`` stay where they were written)."""
     settings = getattr(ctx_or_settings, "settings", ctx_or_settings)
-    return BlobStore.of(settings.data_dir)
+    backend = ((rec or {}).get("storage") or {}).get("backend") if rec is not None else None
+    if backend is None and rec is not None:
+        backend = "embedded"
+    if backend == "embedded":
+        return EmbeddedStorage(settings)
+    if backend == "oci":
+        return OCIStorage(settings)
+    return _storage(settings)
+
+
+EMBEDDED: JSON = {"backend": "embedded"}
+
+
+def record_ref(rec: JSON) -> str:
+    """The blob reference of a version or variant record: ``name:version[:variant]``."""
+    return f"{rec['name']}:{rec['version']}" + (f":{rec['variant']}" if rec.get("variant") else "")
+
+
+def _annotations(name: str, version: str, variant: str | None, fmt: str) -> dict[str, str]:
+    notes = {oci.ANNOTATION_NAME: name, oci.ANNOTATION_VERSION: version, oci.ANNOTATION_FORMAT: fmt}
+    if variant:
+        notes[oci.ANNOTATION_VARIANT] = variant
+    return notes
 
 
 def deployed(store: Store, name: str, version: str) -> bool:
@@ -85,28 +116,72 @@ def register(ctx: Context, stream: IO[bytes], meta: JSON) -> tuple[JSON, bool]:
     other bytes under a registered name and version are a :class:`Conflict`."""
     name, version = check_name(meta.get("name", ""), "name"), check_name(meta.get("version", ""), "version")
     up = _uploader(meta)
-    bs = blobs(ctx)
-    staged = bs.stage(stream, ctx.settings.model_max_upload_bytes)
+    st = storage(ctx)
+    staged = st.stage(stream, ctx.settings.model_max_upload_bytes)
+    return _register_staged(ctx, st, staged, name, version, up, {})
+
+
+def _register_staged(
+    ctx: Context, st: ModelStorage, staged: Staged, name: str, version: str, up: JSON, extra: JSON
+) -> tuple[JSON, bool]:
+    ref = f"{name}:{version}"
     try:
         existing = ctx.store.get_model_version(name, version)
         if existing is not None:
             return _same_bytes(existing, staged.digest, f"model {name}:{version}"), False
         graph = _graph_metadata(up["format"], staged.tmp)
-        ref = f"{name}:{version}"
-        blob = staged.commit(ctx.store, ref)
+        digest, size = staged.digest, staged.size
+        location = st.commit(staged, ctx.store, ref, _annotations(name, version, None, up["format"]))
     finally:
         staged.discard()
     rec: JSON = {
-        "name": name, "version": version, "sha256": blob.digest, "size": blob.size, **up,
-        "metadata": graph, "created_at": now(), "created_by": ctx.actor,
+        "name": name, "version": version, "sha256": digest, "size": size, **up, **extra,
+        "storage": location, "metadata": graph, "created_at": now(), "created_by": ctx.actor,
     }  # fmt: skip
     stored, created = ctx.store.create_model_version(rec)
     if not created:  # another upload of this name and version won the race
-        if stored["sha256"] != blob.digest:
-            release(ctx.store, bs, blob.digest, ref)
-        return _same_bytes(stored, blob.digest, f"model {name}:{version}"), False
-    ctx.store.audit(ctx.actor, "model.register", ref, sha256=blob.digest, size=blob.size)
+        if stored["sha256"] != digest or stored.get("storage", EMBEDDED) != location:
+            st.release(ctx.store, digest, ref, location)
+        return _same_bytes(stored, digest, f"model {name}:{version}"), False
+    ctx.store.audit(ctx.actor, "model.register", ref, sha256=digest, size=size, **extra)
     return stored, True
+
+
+def register_reference(ctx: Context, meta: JSON) -> tuple[JSON, bool]:
+    """Register version ``meta["name"]``/``meta["version"]`` from the OCI artifact
+    ``meta["oci_ref"]`` (``host:port/repo:tag`` or ``...@sha256:...``): its manifest and model
+    layer are pulled once and verified by digest, kept like an upload, and the record's
+    ``oci_ref`` is pinned to the manifest's digest. The same artifact again answers the stored
+    record (nothing pulled)."""
+    name, version = check_name(meta.get("name", ""), "name"), check_name(meta.get("version", ""), "version")
+    ref = oci.Ref.parse(meta.get("oci_ref", ""))
+    reg = registry_for(ctx.settings, ref.host)
+    try:
+        manifest = reg.manifest(ref)
+    except NotFound as exc:
+        raise ValidationError(exc.message, field="oci_ref") from exc
+    pinned = ref.pinned(manifest.digest)
+    existing = ctx.store.get_model_version(name, version)
+    if existing is not None and existing.get("oci_ref") == pinned:
+        return existing, False
+    layer = oci.model_layer(manifest, ref)
+    layer_format = oci.format_of(str(layer.get("mediaType", "")))  # EVC's own artifacts say it
+    up = _uploader({**meta, **({"format": layer_format} if layer_format else {})})
+    st = storage(ctx)
+    bs = st.blobs
+    bs._ensure()
+    tmp = bs.tmp / f"pull-{os.getpid()}-{secrets.token_hex(8)}"
+    try:
+        with open(tmp, "xb") as out:
+            size = reg.pull_blob(ref.repo, str(layer["digest"]), out, ctx.settings.model_max_upload_bytes)
+    except NotFound as exc:
+        tmp.unlink(missing_ok=True)
+        raise ValidationError(f"{exc.message}: cannot register {ref}", field="oci_ref") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    staged = Staged.adopt(bs, tmp, str(layer["digest"]).removeprefix("sha256:"), size)
+    return _register_staged(ctx, st, staged, name, version, up, {"oci_ref": pinned})
 
 
 def register_variant(
@@ -117,33 +192,34 @@ def register_variant(
     check_variant(variant)
     parent = get_version(ctx.store, name, version)
     up = _uploader(meta)
-    bs = blobs(ctx)
-    staged = bs.stage(stream, ctx.settings.model_max_upload_bytes)
+    st = storage(ctx)
+    staged = st.stage(stream, ctx.settings.model_max_upload_bytes)
     what = f"variant {variant} of {name}:{version}"
+    ref = f"{name}:{version}:{variant}"
     try:
         existing = ctx.store.get_model_variant(name, version, variant)
         if existing is not None:
             return _same_bytes(existing, staged.digest, what), False
         graph = _graph_metadata(up["format"], staged.tmp)
-        ref = f"{name}:{version}:{variant}"
-        blob = staged.commit(ctx.store, ref)
+        digest, size = staged.digest, staged.size
+        location = st.commit(staged, ctx.store, ref, _annotations(name, version, variant, up["format"]))
     finally:
         staged.discard()
     rec: JSON = {
-        "name": name, "version": version, "variant": variant, "sha256": blob.digest, "size": blob.size, **up,
-        "parent": {"name": name, "version": version, "sha256": parent["sha256"]},
+        "name": name, "version": version, "variant": variant, "sha256": digest, "size": size, **up,
+        "parent": {"name": name, "version": version, "sha256": parent["sha256"]}, "storage": location,
         "source": source, "metadata": graph, "created_at": now(), "created_by": ctx.actor,
     }  # fmt: skip
     stored, created = ctx.store.create_model_variant(rec)
     if not created:
-        if stored["sha256"] != blob.digest:
-            release(ctx.store, bs, blob.digest, ref)
-        return _same_bytes(stored, blob.digest, what), False
+        if stored["sha256"] != digest or stored.get("storage", EMBEDDED) != location:
+            st.release(ctx.store, digest, ref, location)
+        return _same_bytes(stored, digest, what), False
     if ctx.store.get_model_version(name, version) is None:  # the parent was deleted meanwhile
         ctx.store.delete_model_variant(name, version, variant)
-        release(ctx.store, bs, blob.digest, ref)
+        st.release(ctx.store, digest, ref, location)
         raise NotFound(f"model {name}:{version} was deleted", name=name, version=version)
-    ctx.store.audit(ctx.actor, "model.variant", ref, sha256=blob.digest, size=blob.size, source=source)
+    ctx.store.audit(ctx.actor, "model.variant", ref, sha256=digest, size=size, source=source)
     return stored, True
 
 
@@ -161,10 +237,13 @@ def store_eval_set(ctx: Context, stream: IO[bytes]) -> str:
     """Keep an evaluation set (an ``.npz`` with ``X`` and ``y``) as a blob; returns its digest."""
     from evc.models.quantize import load_eval_set
 
-    staged = blobs(ctx).stage(stream, ctx.settings.model_max_upload_bytes)
+    st = storage(ctx)
+    staged = st.stage(stream, ctx.settings.model_max_upload_bytes)
     try:
         load_eval_set(staged.tmp.read_bytes())  # refuse what the job could not read, now
-        return staged.commit(ctx.store, EVAL_SETS).digest
+        digest = staged.digest
+        st.commit(staged, ctx.store, EVAL_SETS, {})
+        return digest
     finally:
         staged.discard()
 
@@ -263,10 +342,8 @@ def delete(ctx: Context, name: str, version: str) -> JSON:
         raise Conflict(f"model {name}:{version} is deployed; remove its deployments first", name=name)
     view = version_view(ctx.store, rec)
     removed = ctx.store.delete_model_version(name, version)
-    bs = blobs(ctx)
     for r in removed:
-        ref = f"{r['name']}:{r['version']}" + (f":{r['variant']}" if r.get("variant") else "")
-        release(ctx.store, bs, r["sha256"], ref)
+        storage(ctx, r).release(ctx.store, r["sha256"], record_ref(r), r.get("storage"))
     ctx.store.audit(ctx.actor, "model.delete", f"{name}:{version}", sha256=rec["sha256"], variants=len(removed) - 1)
     return view
 
