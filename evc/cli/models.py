@@ -99,7 +99,12 @@ def model_push(c: Ctx, file: Path | None, name: str, version: str, oci_ref: str 
             hooks={"response": lambda r, *a, **k: statuses.append(r.status_code)},
         )  # fmt: skip
         status = statuses[-1] if statuses else 0
-        emit(c, d, lambda d: (_said(f"{d['name']}:{d['version']}", d, status), console.print(f"from {d['oci_ref']}")))
+
+        def said(d: dict[str, Any]) -> None:
+            _said(f"{d['name']}:{d['version']}", d, status)
+            console.print(f"from {d['oci_ref']}")
+
+        emit(c, d, said)
         return
     assert file is not None
     d, status = _upload(c, "/api/v1/models", file, meta)
