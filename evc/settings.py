@@ -90,6 +90,9 @@ class Settings:
     model_registry_repository: str = "evc/models"  # repository prefix: <prefix>/<model name>:<version>
     model_registry_credentials: str = "model-registry.json"  # in data_dir: {"username": ..., "password": ...}
     model_registry_insecure: bool = False  # allow plain HTTP (a registry on loopback)
+    # registries (host:port, comma separated; "*": any) versions may also be registered from by
+    # reference, besides model_registry_url's
+    model_registry_pull_hosts: str = ""
     model_registry_timeout_s: float = 30.0
 
     @property

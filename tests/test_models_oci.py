@@ -10,6 +10,8 @@ Without the ``docker-registry`` binary the tests skip (``apt-get install docker-
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -20,6 +22,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -75,18 +78,21 @@ def registry_binary() -> str:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="module")
-def oci_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    """``docker-registry serve`` on a free loopback port, filesystem storage, deletes allowed."""
+@contextlib.contextmanager
+def start_registry(work: Path, auth: dict[str, Any] | None = None) -> Iterator[RegistryProcess]:
+    """``docker-registry serve`` on a free loopback port, filesystem storage under *work*,
+    deletes allowed (and *auth*, the registry's ``auth`` section, when given)."""
     binary = registry_binary()
-    work = tmp_path_factory.mktemp("oci-registry")
+    work.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    cfg = {
+    cfg: dict[str, Any] = {
         "version": 0.1,
         "log": {"level": "warn", "accesslog": {"disabled": True}},
         "storage": {"filesystem": {"rootdirectory": str(work / "data")}, "delete": {"enabled": True}},
         "http": {"addr": f"127.0.0.1:{port}", "secret": "evc-test-" + os.urandom(8).hex()},
     }
+    if auth:
+        cfg["auth"] = auth
     (work / "config.yml").write_text(json.dumps(cfg))  # YAML is a superset of JSON
     log = open(work / "registry.log", "wb")
     proc = subprocess.Popen([binary, "serve", str(work / "config.yml")], stdout=log, stderr=subprocess.STDOUT)
@@ -96,7 +102,7 @@ def oci_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryP
         if proc.poll() is not None:
             raise AssertionError(f"docker-registry exited: {(work / 'registry.log').read_text()[-2000:]}")
         try:
-            return requests.get(f"{srv.url}/v2/", timeout=1).status_code == 200
+            return requests.get(f"{srv.url}/v2/", timeout=1).status_code in (200, 401)
         except requests.RequestException:
             return False
 
@@ -111,6 +117,13 @@ def oci_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryP
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def oci_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
+    """The test registry (no authentication)."""
+    with start_registry(tmp_path_factory.mktemp("oci-registry")) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +147,7 @@ def ref_api(api: Any, oci_registry: RegistryProcess) -> Any:
 
     from tests.fixtures.services import API
 
-    s = api.settings.replace(model_registry_insecure=True)
+    s = api.settings.replace(model_registry_insecure=True, model_registry_pull_hosts=f"other:5000,{oci_registry.host}")
     return API(create_app(s), api.store, s)
 
 
@@ -251,6 +264,9 @@ def test_register_by_reference_pins_digest(backend, ref_api, oci_api, oci_regist
     assert status == 422 and "no artifact" in body2["message"]
     status, body3 = a.call("POST", "/api/v1/models", json={**body, "version": "3", "oci_ref": "not a ref"})
     assert status == 422 and "not an OCI reference" in body3["message"]
+    # only the configured registry and model_registry_pull_hosts: a caller cannot make EVC probe the network
+    status, body4 = a.call("POST", "/api/v1/models", json={**body, "version": "3", "oci_ref": "10.1.2.3:22/x/y:z"})
+    assert status == 422 and "does not pull from 10.1.2.3:22" in body4["message"]
 
 
 def test_tampered_and_missing_blobs_are_refused(oci_api, oci_registry, flush, model_bytes) -> None:
@@ -305,3 +321,60 @@ def test_cli_push_oci_ref(oci_api, oci_registry, flush, model_bytes) -> None:
         assert code != 0 and "either FILE or --oci-ref" in both
     finally:
         srv.shutdown()
+
+
+class _TokenService(BaseHTTPRequestHandler):
+    """A registry token service: a token for the right basic credentials, 401 otherwise."""
+
+    seen: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        auth = self.headers.get("Authorization", "")
+        type(self).seen.append(auth)
+        ok = auth == "Basic " + base64.b64encode(b"evc:s3cret").decode()
+        body = json.dumps({"token": "evc-test-token"} if ok else {"errors": ["denied"]}).encode()
+        self.send_response(200 if ok else 401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_registry_credentials_from_the_data_dir(api, flush, model_bytes, tmp_path) -> None:
+    """A registry that wants a bearer token (the ``silly`` access controller: a challenge
+    naming a token service, then any token): EVC gets one from the token service with the
+    credentials of its file, and says so clearly when it has none."""
+    from evc.api.app import create_app
+
+    from tests.fixtures.services import API
+
+    tokens = ThreadingHTTPServer(("127.0.0.1", 0), _TokenService)
+    threading.Thread(target=tokens.serve_forever, daemon=True).start()
+    realm = f"http://127.0.0.1:{tokens.server_port}/token"
+    try:
+        with start_registry(tmp_path / "reg", auth={"silly": {"realm": realm, "service": "evc-test"}}) as srv:
+            creds = tmp_path / "creds.json"
+            s = api.settings.replace(
+                model_storage="oci", model_registry_url=srv.url, model_registry_insecure=True,
+                model_registry_credentials=str(creds),
+            )  # fmt: skip
+            a = API(create_app(s), api.store, s)
+            status, err = upload(a, model_bytes, {"name": unique(), "version": "1"})
+            assert status == 502 and "wants credentials" in err["message"] and srv.host in err["message"], err
+            creds.write_text(json.dumps({"username": "evc", "password": "wrong"}))
+            status, err = upload(a, model_bytes, {"name": unique(), "version": "1"})
+            assert status == 502 and "refused the credentials" in err["message"], err
+            creds.write_text(json.dumps({"username": "evc", "password": "s3cret"}))
+            name = unique()
+            status, rec = upload(a, model_bytes, {"name": name, "version": "1"})
+            assert status == 201 and rec["storage"]["backend"] == "oci", rec
+            resp = a.client.get(
+                f"/api/v1/models/{name}/versions/1/download", headers={"Authorization": f"Bearer {a.admin}"}
+            )
+            assert resp.status_code == 200 and resp.data == model_bytes
+            assert "Basic " + base64.b64encode(b"evc:s3cret").decode() in _TokenService.seen
+    finally:
+        tokens.shutdown()

@@ -10,7 +10,7 @@ import pytest
 
 from evc.errors import ConfigError, ValidationError
 from evc.models import oci
-from evc.models.storage import EmbeddedStorage, OCIStorage, credentials, registry_for, storage
+from evc.models.storage import EmbeddedStorage, OCIStorage, credentials, may_pull_from, registry_for, storage
 from evc.settings import load_settings
 
 DIGEST = "sha256:" + "ab" * 32
@@ -56,6 +56,14 @@ def test_registry_for_scheme_and_credentials(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="model_registry_insecure"):
         registry_for(strict, "127.0.0.1:5000")
     assert registry_for(strict, "127.0.0.2:5000").url == "https://127.0.0.2:5000"
+
+
+def test_pull_hosts(tmp_path: Path) -> None:
+    s = load_settings(env={}, data_dir=tmp_path)
+    assert not may_pull_from(s, "127.0.0.1:5000")  # no registry configured: nowhere
+    s = s.replace(model_registry_url="https://reg.example:5000", model_registry_pull_hosts="a:1, b:2")
+    assert may_pull_from(s, "reg.example:5000") and may_pull_from(s, "b:2") and not may_pull_from(s, "c:3")
+    assert may_pull_from(s.replace(model_registry_pull_hosts="*"), "c:3")
 
 
 def test_credentials_file(tmp_path: Path) -> None:

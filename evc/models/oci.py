@@ -45,6 +45,7 @@ ANNOTATION_VARIANT = "dev.evc.model.variant"
 ANNOTATION_SHA256 = "dev.evc.model.sha256"
 ANNOTATION_FORMAT = "dev.evc.model.format"
 CHUNK = 1024 * 1024
+MAX_MANIFEST = 4 * 1024 * 1024  # what distribution registries accept
 
 #: ``host[:port]/repo/path`` then ``:tag`` and/or ``@sha256:<hex>``
 REF_RE = re.compile(
@@ -184,9 +185,8 @@ class Registry:
         except requests.RequestException as exc:
             raise RegistryUnavailable(f"the registry {self.host} cannot be reached: {exc}", registry=self.host) from exc
         if resp.status_code == 401:
-            raise RegistryUnavailable(
-                f"the registry {self.host} refused the credentials for {repo} (401)", registry=self.host
-            )
+            said = "refused the credentials" if self.auth else "wants credentials (none are configured)"
+            raise RegistryUnavailable(f"the registry {self.host} {said} for {repo} (401)", registry=self.host)
         if resp.status_code >= 500 or resp.status_code in (403, 429):
             raise RegistryUnavailable(
                 f"the registry {self.host} answered {method} {path.split('?')[0]} with {resp.status_code}: "
@@ -227,19 +227,25 @@ class Registry:
         """The manifest *ref* names, its digest verified (against the digest asked for, else the
         one the registry says)."""
         accept = ", ".join((MANIFEST_TYPE, DOCKER_MANIFEST_TYPE))
-        r = self._request("GET", f"/v2/{ref.repo}/manifests/{ref.reference}", ref.repo, headers={"Accept": accept})
-        if r.status_code == 404:
-            raise NotFound(f"no artifact {ref} in the registry {self.host}", oci_ref=str(ref))
-        if r.status_code != 200:
-            raise RegistryUnavailable(f"the registry {self.host} answered {r.status_code} for {ref}: {_errors(r)}")
-        actual = "sha256:" + hashlib.sha256(r.content).hexdigest()
+        r = self._request(
+            "GET", f"/v2/{ref.repo}/manifests/{ref.reference}", ref.repo, headers={"Accept": accept}, stream=True
+        )
+        with r:
+            if r.status_code == 404:
+                raise NotFound(f"no artifact {ref} in the registry {self.host}", oci_ref=str(ref))
+            if r.status_code != 200:
+                raise RegistryUnavailable(f"the registry {self.host} answered {r.status_code} for {ref}: {_errors(r)}")
+            content = r.raw.read(MAX_MANIFEST + 1, decode_content=True)
+        if len(content) > MAX_MANIFEST:
+            raise ValidationError(f"the manifest of {ref} is larger than {MAX_MANIFEST} bytes", field="oci_ref")
+        actual = "sha256:" + hashlib.sha256(content).hexdigest()
         expected = ref.digest or r.headers.get("Docker-Content-Digest") or actual
         if actual != expected:
             raise DigestMismatch(
                 f"the manifest of {ref} hashes to {actual}, not {expected}: refused", oci_ref=str(ref), digest=actual
             )
         try:
-            doc = json.loads(r.content)
+            doc = json.loads(content)
         except ValueError as exc:
             raise ValidationError(f"{ref} is not an OCI manifest: {exc}", field="oci_ref") from exc
         if not isinstance(doc, dict) or doc.get("mediaType", MANIFEST_TYPE) not in (

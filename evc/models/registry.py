@@ -24,7 +24,7 @@ from evc.model import JSON
 from evc.models import metadata as graph_meta
 from evc.models import oci
 from evc.models.blobs import Staged
-from evc.models.storage import EmbeddedStorage, ModelStorage, OCIStorage, registry_for
+from evc.models.storage import EmbeddedStorage, ModelStorage, OCIStorage, may_pull_from, registry_for
 from evc.models.storage import storage as _storage
 from evc.store import Store, now
 
@@ -155,6 +155,12 @@ def register_reference(ctx: Context, meta: JSON) -> tuple[JSON, bool]:
     record (nothing pulled)."""
     name, version = check_name(meta.get("name", ""), "name"), check_name(meta.get("version", ""), "version")
     ref = oci.Ref.parse(meta.get("oci_ref", ""))
+    if not may_pull_from(ctx.settings, ref.host):
+        raise ValidationError(
+            f"EVC does not pull from {ref.host}: it may pull from the registry of model_registry_url and those "
+            "of model_registry_pull_hosts",
+            field="oci_ref",
+        )
     reg = registry_for(ctx.settings, ref.host)
     try:
         manifest = reg.manifest(ref)

@@ -180,6 +180,15 @@ def credentials(settings: Settings) -> tuple[str, str] | None:
     return str(doc["username"]), str(doc.get("password", ""))
 
 
+def may_pull_from(settings: Settings, host: str) -> bool:
+    """Whether a version may be registered by reference from *host*: the configured registry,
+    or one of ``model_registry_pull_hosts`` (``*``: any). EVC does not fetch from anywhere a
+    caller names (a ``models`` token must not make it probe the network)."""
+    configured = settings.model_registry_url.rstrip("/").split("://", 1)[-1]
+    allowed = {h.strip() for h in settings.model_registry_pull_hosts.split(",") if h.strip()}
+    return host == configured or "*" in allowed or host in allowed
+
+
 def registry_for(settings: Settings, url_or_host: str) -> oci.Registry:
     """A client of the registry at *url_or_host*: the configured one (its scheme, credentials),
     or another named by a reference (https; http only on loopback with model_registry_insecure)."""
