@@ -378,3 +378,42 @@ def test_registry_credentials_from_the_data_dir(api, flush, model_bytes, tmp_pat
             assert "Basic " + base64.b64encode(b"evc:s3cret").decode() in _TokenService.seen
     finally:
         tokens.shutdown()
+
+
+def test_quantize_reads_and_writes_the_registry(settings, oci_registry, model_bytes, tmp_path) -> None:
+    """EVC's int8 variant with the OCI backend: a worker of its own (Redis database 14) pulls
+    the parent and the evaluation set from the registry and pushes the variant there."""
+    import numpy as np
+    from evc.api.app import create_app
+
+    from evc.fl.data import load_reference_digits
+    from tests.fixtures.services import API, Worker, own_database
+
+    s, st = own_database(
+        settings, 14, "ocimodels", model_storage="oci", model_registry_url=oci_registry.url,
+        model_registry_insecure=True, model_registry_repository="evc-test/quantize",
+    )  # fmt: skip
+    w = Worker(s, tmp_path / "worker.log", concurrency=1, queues="default").start()
+    try:
+        a = API(create_app(s), st, s)
+        name = unique()
+        status, rec = upload(a, model_bytes, {"name": name, "version": "1"})
+        assert status == 201 and rec["storage"]["backend"] == "oci", rec
+        d = load_reference_digits()
+        buf = io.BytesIO()
+        np.savez(buf, X=d.X_test.astype(np.float32), y=d.y_test.astype(np.int64))
+        form = {"eval_set": (io.BytesIO(buf.getvalue()), "eval.npz"), "dataset": "digits-test"}
+        status, job = a.call(
+            "POST", f"/api/v1/models/{name}/versions/1/quantize", data=form, content_type="multipart/form-data"
+        )
+        assert status == 202, job
+        job = a.wait_job(job["id"], timeout=120)
+        assert job["state"] == "succeeded", job
+        status, v = a.call("GET", f"/api/v1/models/{name}/versions/1")
+        (int8,) = v["variants"]
+        assert int8["variant"] == "int8" and int8["storage"]["backend"] == "oci"
+        assert int8["evaluation"]["samples"] == len(d.y_test)
+        assert manifest(oci_registry, int8["storage"]["ref"]).json()["annotations"][oci.ANNOTATION_VARIANT] == "int8"
+        assert not (s.data_dir / "models" / "blobs" / "sha256" / int8["sha256"]).exists()
+    finally:
+        w.stop()
