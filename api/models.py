@@ -322,7 +322,7 @@ def download(args: dict[str, Any], name: str, version: str) -> Any:
     store = get_store()
     variant = args.get("variant")
     rec = registry.get_variant(store, name, version, variant) if variant else registry.get_version(store, name, version)
-    blob = registry.storage(get_settings(), rec).fetch(rec["sha256"], registry.record_ref(rec))
+    blob = registry.storage(get_settings(), rec).fetch(rec["sha256"], registry.record_ref(rec), rec.get("storage"))
     ext = "onnx" if rec.get("format", "onnx") == "onnx" else "bin"
     filename = f"{name}-{version}" + (f"-{variant}" if variant else "") + f".{ext}"
     f = open(blob.path, "rb")  # closed with the response (removed meanwhile: still readable)

@@ -76,7 +76,11 @@ def run(store: Store, settings: Settings, run: JobRun) -> JSON:
     # named after the job: what a killed attempt leaves, the next removes (jobs.remove_temp_files)
     with tempfile.TemporaryDirectory(prefix=f"evc-{run.id}-quantize-") as tmp:
         src, dest = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
-        src.write_bytes(registry.storage(settings, parent).read_verified(parent["sha256"], registry.record_ref(parent)))
+        src.write_bytes(
+            registry.storage(settings, parent).read_verified(
+                parent["sha256"], registry.record_ref(parent), parent.get("storage")
+            )
+        )
         run.event(f"quantizing {name}:{version} (sha256:{parent['sha256'][:12]}) to int8")
         quantize_int8(src, dest)
         run.check_cancel()

@@ -38,23 +38,18 @@ FORMAT_RE = re.compile(r"^[a-z0-9][a-z0-9._+-]{0,31}$")
 UPLOADER_FIELDS = ("task", "labels", "accuracy", "license", "format", "description", "evaluation")
 #: a blob reference that keeps evaluation sets for reuse (``evc model quantize --eval-set``)
 EVAL_SETS = "eval-set"
+#: where records from before the storage backends were kept
+EMBEDDED: JSON = {"backend": "embedded"}
 
 
 def storage(ctx_or_settings: Any, rec: JSON | None = None) -> ModelStorage:
     """The storage backend of the settings, or the one that keeps *rec*'s file (records from
     before a change of ``model_storage`` stay where they were written)."""
     settings = getattr(ctx_or_settings, "settings", ctx_or_settings)
-    backend = ((rec or {}).get("storage") or {}).get("backend") if rec is not None else None
-    if backend is None and rec is not None:
-        backend = "embedded"
-    if backend == "embedded":
-        return EmbeddedStorage(settings)
-    if backend == "oci":
-        return OCIStorage(settings)
-    return _storage(settings)
-
-
-EMBEDDED: JSON = {"backend": "embedded"}
+    if rec is None:
+        return _storage(settings)
+    backend = (rec.get("storage") or EMBEDDED).get("backend")
+    return OCIStorage(settings) if backend == "oci" else EmbeddedStorage(settings)
 
 
 def record_ref(rec: JSON) -> str:

@@ -46,11 +46,12 @@ class ModelStorage(Protocol):
 
     def exists(self, digest: str, ref: str) -> bool: ...
 
-    def fetch(self, digest: str, ref: str) -> Blob:
-        """A local file holding the blob, verified (:class:`BlobCorrupt` when it changed)."""
+    def fetch(self, digest: str, ref: str, location: JSON | None = None) -> Blob:
+        """A local file holding the blob, verified (:class:`BlobCorrupt` when it changed);
+        *location*: the record's ``storage``, where it was kept."""
         ...
 
-    def read_verified(self, digest: str, ref: str) -> bytes: ...
+    def read_verified(self, digest: str, ref: str, location: JSON | None = None) -> bytes: ...
 
     def release(self, store: Any, digest: str, ref: str, location: JSON | None) -> bool:
         """*ref* no longer uses the blob: drop what was kept for it."""
@@ -73,10 +74,10 @@ class EmbeddedStorage:
     def exists(self, digest: str, ref: str) -> bool:
         return self.blobs.exists(digest)
 
-    def fetch(self, digest: str, ref: str) -> Blob:
+    def fetch(self, digest: str, ref: str, location: JSON | None = None) -> Blob:
         return self.blobs.verify(digest)
 
-    def read_verified(self, digest: str, ref: str) -> bytes:
+    def read_verified(self, digest: str, ref: str, location: JSON | None = None) -> bytes:
         return self.blobs.read_verified(digest)
 
     def release(self, store: Any, digest: str, ref: str, location: JSON | None) -> bool:
@@ -94,7 +95,6 @@ class OCIStorage:
         self.blobs = BlobStore.of(settings.data_dir)
         self.prefix = settings.model_registry_repository.strip("/")
         self.registry = registry_for(settings, settings.model_registry_url)
-        self.limit = settings.model_max_upload_bytes
 
     def repo_tag(self, ref: str) -> tuple[str, str]:
         if ref == EVAL_SETS:
@@ -126,8 +126,16 @@ class OCIStorage:
         repo, _ = self.repo_tag(ref)
         return self.registry.has_blob(repo, f"sha256:{digest}")
 
-    def fetch(self, digest: str, ref: str) -> Blob:
-        repo, _ = self.repo_tag(ref)
+    def _repo(self, ref: str, location: JSON | None) -> str:
+        """The repository that holds *ref*'s blob: the one its record names (the prefix may
+        have changed since), else where it would be written now."""
+        pinned = str((location or {}).get("ref") or "")
+        if "@" in pinned and "/" in pinned:
+            return pinned.split("/", 1)[1].split("@", 1)[0]
+        return self.repo_tag(ref)[0]
+
+    def fetch(self, digest: str, ref: str, location: JSON | None = None) -> Blob:
+        repo = self._repo(ref, location)
         self.blobs._ensure()
         tmp = self.blobs.tmp / f"pull-{os.getpid()}-{secrets.token_hex(8)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -145,8 +153,8 @@ class OCIStorage:
             raise
         return Blob(digest, size, tmp, temporary=True)
 
-    def read_verified(self, digest: str, ref: str) -> bytes:
-        blob = self.fetch(digest, ref)
+    def read_verified(self, digest: str, ref: str, location: JSON | None = None) -> bytes:
+        blob = self.fetch(digest, ref, location)
         try:
             return blob.path.read_bytes()
         finally:
@@ -155,12 +163,11 @@ class OCIStorage:
     def release(self, store: Any, digest: str, ref: str, location: JSON | None) -> bool:
         with blob_lock(store, digest):
             store.unref_blob(digest, ref)
-            pinned = (location or {}).get("ref") or ""
+            pinned = str((location or {}).get("ref") or "")
             if "@" not in pinned:
                 return False
-            repo = pinned.split("/", 1)[1].split("@", 1)[0]
             # the registry's garbage collection frees the layer once no manifest uses it
-            return self.registry.delete_manifest(repo, pinned.rsplit("@", 1)[1])
+            return self.registry.delete_manifest(self._repo(ref, location), pinned.rsplit("@", 1)[1])
 
 
 def credentials(settings: Settings) -> tuple[str, str] | None:
