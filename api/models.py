@@ -228,6 +228,25 @@ def _version_out(rec: dict[str, Any]) -> dict[str, Any]:
     return registry.version_view(get_store(), rec)
 
 
+#: the JSON body that registers a version by reference (the multipart form's metadata fields)
+_BY_REFERENCE = {
+    "type": "object",
+    "required": ["name", "version", "oci_ref"],
+    "properties": {
+        "name": {"type": "string"},
+        "version": {"type": "string"},
+        "oci_ref": {"type": "string", "description": "host[:port]/repository:tag or ...@sha256:<hex>"},
+        "task": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "accuracy": {"type": "object", "properties": {"dataset": {"type": "string"}, "value": {"type": "number"}}},
+        "license": {"type": "string"},
+        "format": {"type": "string"},
+        "description": {"type": "string"},
+    },
+    "additionalProperties": False,
+}
+
+
 # ----------------------------------------------------------------------------- versions
 @blp.route("/models", methods=["POST"])
 @require(Scope.MODELS)
@@ -238,6 +257,7 @@ def _version_out(rec: dict[str, Any]) -> dict[str, Any]:
 @blp.alt_response(409, description="this name and version hold other bytes (versions are immutable)")
 @blp.alt_response(413, description="the file is larger than the setting model_max_upload_bytes")
 @blp.alt_response(502, description="the OCI registry could not be reached, or sent bytes that fail their digest")
+@blp.doc(requestBody={"content": {"application/json": {"schema": _BY_REFERENCE}}})
 def register(form: dict[str, Any], files: dict[str, Any]) -> Any:
     """Register a model version by upload: `file` (ONNX first; `format` is open) and `metadata`
     (JSON: name, version, task, labels, accuracy {dataset, value}, license, format). The version
