@@ -317,6 +317,8 @@ def test_cli_push_oci_ref(oci_api, oci_registry, flush, model_bytes) -> None:
         assert code == 0, both
         flat = "".join(both.split())  # rich wraps long lines
         assert f"sha256:{sha(model_bytes)}" in flat and f"elsewhere/cli@{mdigest}" in flat
+        code, out, both = evc(url, oci_api.admin, "model", "show", f"{name}:1")
+        assert code == 0 and f"elsewhere/cli@{mdigest}" in "".join(both.split()), both
         code, out, both = evc(url, oci_api.admin, "model", "push", "--name", name, "--version", "1")
         assert code != 0 and "either FILE or --oci-ref" in both
     finally:

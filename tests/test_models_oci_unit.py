@@ -126,3 +126,17 @@ def test_unreachable_registry_is_a_clear_502() -> None:
     with pytest.raises(oci.RegistryUnavailable, match="cannot be reached") as exc:
         reg.manifest(oci.Ref.parse("127.0.0.1:1/r:t"))
     assert exc.value.status == 502
+
+
+def test_the_backend_of_a_record(tmp_path: Path) -> None:
+    from evc.models import registry
+
+    s = load_settings(env={}, data_dir=tmp_path, model_storage="oci", model_registry_url="https://reg.example")
+    assert isinstance(registry.storage(s), OCIStorage)
+    # records from before the backends, and embedded ones, stay in the data directory
+    assert isinstance(registry.storage(s, {"name": "d", "version": "1"}), EmbeddedStorage)
+    assert isinstance(registry.storage(s, {"storage": {"backend": "embedded"}}), EmbeddedStorage)
+    oci_rec = {"storage": {"backend": "oci", "ref": f"reg.example/old/prefix/d@{DIGEST}"}}
+    st = registry.storage(s.replace(model_storage="embedded"), oci_rec)
+    assert isinstance(st, OCIStorage) and st._repo("d:1", oci_rec["storage"]) == "old/prefix/d"
+    assert registry.record_ref({"name": "d", "version": "1", "variant": "int8"}) == "d:1:int8"

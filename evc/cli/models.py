@@ -124,7 +124,7 @@ def model_list(c: Ctx, task: str | None, labels: tuple[str, ...]) -> None:
 
 def _show_version(d: dict[str, Any]) -> None:
     console.print(f"[bold]{d['name']}:{d['version']}[/bold]  {d['digest']}  {d['size']} bytes  {d.get('format')}")
-    for k in ("task", "license", "accuracy", "labels"):
+    for k in ("task", "license", "accuracy", "labels", "oci_ref"):
         if d.get(k):
             console.print(f"  {k}: {d[k]}")
     md = d.get("metadata") or {}
