@@ -243,7 +243,7 @@ def store_eval_set(ctx: Context, stream: IO[bytes]) -> str:
     try:
         load_eval_set(staged.tmp.read_bytes())  # refuse what the job could not read, now
         digest = staged.digest
-        st.commit(staged, ctx.store, EVAL_SETS, {})
+        st.commit(staged, ctx.store, EVAL_SETS, {oci.ANNOTATION_FORMAT: "npz"})
         return digest
     finally:
         staged.discard()

@@ -109,16 +109,17 @@ class OCIStorage:
     def commit(self, staged: Staged, store: Any, ref: str, annotations: dict[str, str]) -> JSON:
         repo, tag = self.repo_tag(ref)
         digest = f"sha256:{staged.digest}"
-        with blob_lock(store, staged.digest):
+        with blob_lock(store, staged.digest):  # the references are kept as for embedded blobs
             store.ref_blob(staged.digest, ref)
-            with open(staged.tmp, "rb") as f:
-                self.registry.push_blob(repo, digest, staged.size, f)
-            self.registry.push_blob(repo, oci.EMPTY_DIGEST, len(oci.EMPTY_JSON), io.BytesIO(oci.EMPTY_JSON))
-            fmt = annotations.get(oci.ANNOTATION_FORMAT, "onnx")
-            title = ref.replace(":", "-") + (".onnx" if fmt == "onnx" else ".bin")
-            notes = {**annotations, oci.ANNOTATION_SHA256: staged.digest}
-            manifest = oci.artifact_manifest(digest, staged.size, fmt, title, notes)
-            mdigest = self.registry.put_manifest(repo, tag or f"sha256-{staged.digest}", manifest)
+        # the upload runs unlocked: a release deletes a record's manifest, never a shared blob
+        with open(staged.tmp, "rb") as f:
+            self.registry.push_blob(repo, digest, staged.size, f)
+        self.registry.push_blob(repo, oci.EMPTY_DIGEST, len(oci.EMPTY_JSON), io.BytesIO(oci.EMPTY_JSON))
+        fmt = annotations.get(oci.ANNOTATION_FORMAT, "onnx")
+        title = ref.replace(":", "-") + (f".{fmt}" if fmt in ("onnx", "npz") else ".bin")
+        notes = {**annotations, oci.ANNOTATION_SHA256: staged.digest}
+        manifest = oci.artifact_manifest(digest, staged.size, fmt, title, notes)
+        mdigest = self.registry.put_manifest(repo, tag or f"sha256-{staged.digest}", manifest)
         staged.discard()
         return {"backend": self.backend, "ref": f"{self.registry.host}/{repo}@{mdigest}"}
 
