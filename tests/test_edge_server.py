@@ -5,6 +5,7 @@ Inference Protocol client, ``tritonclient.http``."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import struct
@@ -40,6 +41,8 @@ from tests.fixtures.onnx_models import digits_model, models_folder
 ROOT = Path(__file__).resolve().parents[1]
 INFER_SRC = ROOT / "evc" / "device" / "infer"
 STANDALONE_PACKAGE = "evc_edge_infer"  # the name it has when copied alone onto a device
+#: the interpreter the server runs under: set it to a device's Python (3.8, numpy, onnxruntime) to try that
+DEVICE_PYTHON = os.environ.get("EVC_TEST_DEVICE_PYTHON") or sys.executable
 
 
 # ------------------------------------------------------------------------------- tensors
@@ -271,7 +274,7 @@ def edge_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
         port = free_port()
         log_path = work / "server.log"
         args = [
-            sys.executable,
+            DEVICE_PYTHON,
             "-m",
             STANDALONE_PACKAGE,
             "--models-dir",

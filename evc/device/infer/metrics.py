@@ -6,7 +6,7 @@ device with only onnxruntime and numpy is still scraped.
 
 - ``evc_infer_requests_total{model,version,status}``: inference requests by HTTP status
 - ``evc_infer_request_duration_seconds{model,version}``: histogram, request read to response
-  written (successful inferences)
+  ready to send (successful inferences)
 - ``evc_infer_compute_duration_seconds{model,version}``: histogram, ONNX Runtime alone
 - ``evc_infer_batch_size{model,version}``: histogram, the first dimension of the first input
 - ``evc_infer_errors_total{model,reason}``: failed inference requests (``bad_request``,
@@ -193,6 +193,7 @@ class InferMetrics:
             except ImportError:
                 pass
         self.registry = registry
+        self._served: dict[tuple[str, str, int], tuple[Any, ...]] = {}
         counter, gauge, histogram = kinds
         mv = ["model", "version"]
         self.requests = counter(
@@ -203,7 +204,7 @@ class InferMetrics:
         )
         self.latency = histogram(
             "evc_infer_request_duration_seconds",
-            "Inference request time, request read to response written (successful requests)",
+            "Inference request time, request read to response ready (successful requests)",
             mv,
             registry=registry,
             buckets=LATENCY_BUCKETS,
@@ -228,11 +229,22 @@ class InferMetrics:
 
     def served(self, model: str, version: str, status: int, seconds: float, compute: float, batch: int | None) -> None:
         """A successful inference."""
-        self.requests.labels(model, version, str(status)).inc()
-        self.latency.labels(model, version).observe(seconds)
-        self.compute.labels(model, version).observe(compute)
+        key = (model, version, status)
+        children = self._served.get(key)
+        if children is None:  # labels() costs a few microseconds: look the children up once
+            mv = (model, version)
+            children = self._served[key] = (
+                self.requests.labels(*mv, str(status)),
+                self.latency.labels(*mv),
+                self.compute.labels(*mv),
+                self.batch.labels(*mv),
+            )
+        requests, latency, compute_s, batch_size = children
+        requests.inc()
+        latency.observe(seconds)
+        compute_s.observe(compute)
         if batch is not None:
-            self.batch.labels(model, version).observe(batch)
+            batch_size.observe(batch)
 
     def failed(self, model: str, version: str, status: int, reason: str) -> None:
         """A failed inference (*model* is ``_unknown`` for a name that is not served)."""

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .tensors import DATATYPES, ORT_TYPES, TensorError
+from .tensors import ORT_TYPES, TensorError, datatype_of
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,10 @@ class TensorSpec:
 
     def check(self, array: np.ndarray) -> None:
         """Raise :class:`TensorError` unless *array* fits this input."""
-        got = "BYTES" if array.dtype == np.object_ else None
-        if got is None:
-            for name, dtype in DATATYPES.items():
-                if name != "BYTES" and array.dtype == np.dtype(dtype):
-                    got = name
-                    break
+        try:
+            got = datatype_of(array)
+        except TensorError:
+            got = str(array.dtype)
         if got != self.datatype:
             raise TensorError(f"input {self.name}: datatype {got}, the model expects {self.datatype}")
         if len(array.shape) != len(self.shape) or any(
@@ -119,6 +117,14 @@ class ModelVersion:
 
     def infer(self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None) -> dict[str, np.ndarray]:
         """Run the model on *inputs* (checked against its inputs first); *outputs* None: all."""
+        return self.run(self.prepare(inputs, outputs), inputs)
+
+    def run(self, names: list[str], inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """ONNX Runtime alone: *names* of the outputs, *inputs* as :meth:`prepare` checked them."""
+        return dict(zip(names, self.session.run(names, inputs)))
+
+    def prepare(self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None) -> list[str]:
+        """Check *inputs* against the model's; the names of the outputs to compute (None: all)."""
         if not self.ready:
             raise ModelUnavailable(self.reason)
         want = {t.name: t for t in self.inputs}
@@ -136,8 +142,7 @@ class ModelVersion:
             if unknown:
                 raise TensorError("the model has no output {} (its outputs: {})".format(unknown[0], ", ".join(names)))
             names = list(outputs)
-        results = self.session.run(names, inputs)
-        return dict(zip(names, results))
+        return names
 
 
 def _version_key(v: str) -> tuple[Any, ...]:

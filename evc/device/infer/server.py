@@ -46,7 +46,7 @@ class Response:
     body: bytes
     content_type: str = JSON_TYPE
     headers: dict[str, str] | None = None
-    #: a served inference to record once the response is written: (model, version, compute s, batch)
+    #: a served inference to record before the response is written: (model, version, compute s, batch)
     served: tuple[str, str, float, int | None] | None = None
 
 
@@ -127,11 +127,10 @@ class App:
             doc, binary = split_body(body, headers.get(HEADER_LENGTH))
             inputs = decode_inputs(doc, binary)
             outputs, binary_out, default_binary = requested_outputs(doc)
+            names = mv.prepare(inputs, outputs)
             t0 = time.perf_counter()
             try:
-                results = mv.infer(inputs, outputs)
-            except (TensorError, ModelUnavailable):
-                raise
+                results = mv.run(names, inputs)
             except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own errors
                 status = _ort_status(exc)
                 self.metrics.failed(model, label_version, status, "bad_request" if status == 400 else "internal")
@@ -192,12 +191,12 @@ class Handler(BaseHTTPRequestHandler):
         srv.enter()
         try:
             resp = self._response(method)
+            if resp.served is not None:  # recorded before the answer leaves: a client then sees it counted
+                model, version, compute, batch = resp.served
+                srv.app.metrics.served(model, version, resp.status, time.perf_counter() - t0, compute, batch)
             self._write(resp)
         finally:
             srv.leave()
-        if resp.served is not None:
-            model, version, compute, batch = resp.served
-            srv.app.metrics.served(model, version, resp.status, time.perf_counter() - t0, compute, batch)
 
     def _response(self, method: str) -> Response:
         path = self.path.split("?", 1)[0]

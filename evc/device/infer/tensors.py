@@ -59,13 +59,17 @@ class TensorError(ValueError):
     """A request's tensor cannot be read: the message says why (the client gets a 400)."""
 
 
+#: native-order numpy dtypes to the protocol's names (``BYTES`` aside)
+_NAMES: dict[Any, str] = {np.dtype(t): name for name, t in DATATYPES.items() if name != "BYTES"}
+
+
 def datatype_of(array: np.ndarray) -> str:
     """The protocol datatype of *array*'s dtype."""
+    name = _NAMES.get(array.dtype)
+    if name is not None:
+        return name
     if array.dtype == np.object_ or array.dtype.kind in ("U", "S"):
         return "BYTES"
-    for name, dtype in DATATYPES.items():
-        if name != "BYTES" and array.dtype == np.dtype(dtype):
-            return name
     raise TensorError(f"no protocol datatype for numpy dtype {array.dtype}")
 
 
