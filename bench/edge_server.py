@@ -1,20 +1,22 @@
 """Benchmark: the edge inference server (evc/device/infer) on the digits model over loopback, with
 a standard Open Inference Protocol client (tritonclient.http), against ONNX Runtime in process.
 
-    .venv/bin/python bench/edge_server.py [--requests 2000] [--batch 1] [--concurrency 4] [--threads 1]
+    .venv/bin/python bench/edge_server.py [--requests 2000] [--batch 1] [--concurrency 4] [--threads 1] [--hidden H]
 
 Target (issue 13): latency ratio server / in-process <= 1.5 at batch 1 over loopback. Reported:
 p50/p99 latency and throughput of both, sequential requests on one keep-alive connection (the
 client's default binary tensors, and JSON tensors), a bare ``http.client`` JSON client (the
 server's own cost without tritonclient's), the concurrent throughput of N clients, and the
 server's mean time per request and in ONNX Runtime (from its /metrics). Both sides use the same
-ONNX Runtime thread count (``--threads``).
+ONNX Runtime thread count (``--threads``). ``--hidden H`` serves a heavier model of the same
+shapes instead (an MLP with random weights), to see the ratio when the model's own time counts.
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import json
 import statistics
 import subprocess
@@ -34,6 +36,36 @@ from _common import Figure, emit, pct
 
 from tests.fixtures.helpers import free_port
 from tests.fixtures.onnx_models import digits_model, models_folder
+
+
+def mlp_model(hidden: int, seed: int = 0) -> bytes:
+    """A heavier stand-in on the digits shapes: X (N, 64) -> hidden -> hidden -> 10 (ReLU, then
+    softmax), random weights: for the latency ratio when the model's own time is not negligible."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    dims = [64, hidden, hidden, 10]
+    inits, nodes, x = [], [], "X"
+    for i, (a, b) in enumerate(itertools.pairwise(dims)):
+        inits.append(numpy_helper.from_array((rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32), f"W{i}"))
+        nodes.append(helper.make_node("MatMul", [x, f"W{i}"], [f"z{i}"]))
+        x = f"z{i}"
+        if i < len(dims) - 2:
+            nodes.append(helper.make_node("Relu", [x], [f"h{i}"]))
+            x = f"h{i}"
+    nodes.append(helper.make_node("Softmax", [x], ["probs"], axis=1))
+    graph = helper.make_graph(
+        nodes,
+        "digits_mlp",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 10])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return bytes(model.SerializeToString())
 
 
 def timed(call: Callable[[], object], n: int, warmup: int) -> tuple[list[float], float]:
@@ -132,12 +164,20 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads, both sides")
+    ap.add_argument(
+        "--hidden",
+        type=int,
+        default=0,
+        help="serve a heavier MLP (64 -> H -> H -> 10, random weights) instead of the digits model (0)",
+    )
     a = ap.parse_args()
 
     import onnxruntime as ort
     import tritonclient.http as httpclient
 
     data, d = digits_model()
+    if a.hidden:
+        data = mlp_model(a.hidden)
     x = np.ascontiguousarray(d.X_test[: a.batch].astype(np.float32))
     models = models_folder(Path(tempfile.mkdtemp(prefix="evc-bench-infer-")), {("digits", "1"): data})
 
@@ -185,7 +225,7 @@ def main() -> None:
         proc.terminate()
         proc.wait(30)
 
-    b = a.batch
+    b = a.batch if not a.hidden else f"{a.batch}, MLP {a.hidden}"
     p50_local, p99_local = pct(local_lat, 50), pct(local_lat, 99)
     p50_bin, p99_bin = pct(bin_lat, 50), pct(bin_lat, 99)
     ratio = p50_bin / p50_local
@@ -200,14 +240,14 @@ def main() -> None:
             Figure(f"edge server / in-process p50 latency, batch {b}", "<= 1.5", ratio, "x", ratio <= 1.5, ratio),
             Figure(f"edge server p50 latency, batch {b} (tritonclient)", "-", p50_bin, "ms", True),
             Figure(f"edge server p99 latency, batch {b} (tritonclient)", "-", p99_bin, "ms", True),
-            Figure(f"ONNX Runtime in-process p50, batch {b}", "-", p50_local, "ms", True),
-            Figure(f"ONNX Runtime in-process p99, batch {b}", "-", p99_local, "ms", True),
+            Figure(f"ONNX Runtime in-process p50, batch {b}", "-", p50_local * 1000, "us", True),
+            Figure(f"ONNX Runtime in-process p99, batch {b}", "-", p99_local * 1000, "us", True),
             Figure("edge server overhead per request, p50", "-", overhead_us, "us", True),
             Figure("edge server p50, tritonclient JSON tensors", "-", pct(json_lat, 50), "ms", True),
             Figure("edge server p50, bare http.client JSON", "-", pct(bare_lat, 50), "ms", True),
             Figure("edge server p99, bare http.client JSON", "-", pct(bare_lat, 99), "ms", True),
             Figure("edge server mean time per request (its /metrics)", "-", server_ms, "ms", True),
-            Figure("  of which ONNX Runtime (its /metrics)", "-", ort_ms, "ms", True),
+            Figure("  of which in ONNX Runtime (its /metrics)", "-", ort_ms * 1000, "us", True),
             Figure("edge server throughput, 1 tritonclient", "-", bin_rate, "req/s", True),
             Figure("edge server throughput, 1 bare client", "-", bare_rate, "req/s", True),
             Figure(f"edge server throughput, {a.concurrency} bare clients", "-", conc_rate, "req/s", True),
