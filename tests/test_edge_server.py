@@ -232,6 +232,12 @@ def test_routes_in_process_digests_versions_and_errors(tmp_path: Path, digits: t
     assert call("POST", "/v2/models/bad/infer", req)[0] == 200
 
 
+def test_the_command_line_refuses_a_missing_models_folder(tmp_path: Path) -> None:
+    from evc.device.infer.cli import main
+
+    assert main(["--models-dir", str(tmp_path / "none"), "--port", "0"]) == 2
+
+
 # ---------------------------------------------------------------- the server as a process
 @dataclass
 class EdgeServer:
@@ -377,7 +383,7 @@ def test_sighup_rescans_and_sigterm_stops_cleanly(
 ) -> None:
     data, _ = digits
     models = models_folder(tmp_path / "models", {("digits", "1"): data})
-    srv = edge_server(models, "--builtin-metrics")
+    srv = edge_server(models, "--builtin-metrics", "--max-body-mb", "0.001")  # 1,048 bytes
     models_folder(models, {("digits", "2"): data})
     srv.proc.send_signal(signal.SIGHUP)
 
@@ -388,6 +394,8 @@ def test_sighup_rescans_and_sigterm_stops_cleanly(
     doc = {"inputs": [{"name": "X", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}
     status, body = srv.get("/v2/models/digits/infer", json.dumps(doc).encode())
     assert status == 200 and json.loads(body)["model_version"] == "2"
+    status, body = srv.get("/v2/models/digits/infer", b" " * 2000)
+    assert status == 413 and json.loads(body) == {"error": "the body is 2000 bytes, more than the limit of 1048"}
     metrics = srv.get("/metrics")[1].decode()
     assert 'evc_infer_requests_total{model="digits",version="2",status="200"} 1.0' in metrics
     assert "process_cpu_seconds_total" not in metrics  # the built-in metrics, not prometheus_client's
