@@ -61,6 +61,7 @@ BENCHMARKS = [
     Bench("fl_reference", ("--rounds", "5"), 900),
     Bench("sim_scale", ("--devices", "20", "--warm-runs", "2"), 2400),
     Bench("job_listing", ("--jobs", "5000", "--requests", "50"), 900),
+    Bench("edge_server", ("--requests", "300", "--warmup", "50"), 600),
 ]
 
 
