@@ -5,58 +5,22 @@ scope, the hardware view, upload limits, the CLI."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import time
 from typing import Any, cast
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from evc.fl.data import Dataset, load_reference_digits
 from evc.model import Device
 from evc.store import new_id, now
+from tests.fixtures.onnx_models import fit_softmax, sha, softmax_model, unique, upload
 
 pytestmark = pytest.mark.integration
 
 
 # ----------------------------------------------------------------------------- the model
-def fit_softmax(d: Dataset, steps: int = 300, lr: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    x, y = d.X_train.astype(np.float32), d.y_train
-    w, b = np.zeros((d.n_features, d.n_classes), np.float32), np.zeros(d.n_classes, np.float32)
-    onehot = np.eye(d.n_classes, dtype=np.float32)[y]
-    for _ in range(steps):
-        z = x @ w + b
-        p = np.exp(z - z.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        g = (p - onehot) / len(x)
-        w -= lr * (x.T @ g)
-        b -= lr * g.sum(axis=0)
-    return w, b
-
-
-def softmax_model(w: np.ndarray, b: np.ndarray) -> bytes:
-    """X (N, 64) -MatMul-> -Add-> -Softmax-> probabilities (N, 10)."""
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["X", "W"], ["z0"]),
-            helper.make_node("Add", ["z0", "B"], ["z"]),
-            helper.make_node("Softmax", ["z"], ["probs"], axis=1),
-        ],
-        "digits",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", w.shape[0]])],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", w.shape[1]])],
-        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="evc-test")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return bytes(model.SerializeToString())
-
-
 @pytest.fixture(scope="module")
 def digits() -> Dataset:
     return load_reference_digits()
@@ -77,19 +41,6 @@ def eval_npz(digits: Dataset) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, X=digits.X_test.astype(np.float32), y=digits.y_test.astype(np.int64))
     return buf.getvalue()
-
-
-def unique(prefix: str = "digits") -> str:
-    return f"{prefix}-{time.time_ns() % 10**12}"
-
-
-def upload(api: Any, data: bytes, meta: dict[str, Any], path: str = "/api/v1/models", token: str = "admin") -> Any:
-    form = {"metadata": json.dumps(meta), "file": (io.BytesIO(data), "model.onnx")}
-    return api.call("POST", path, token=token, data=form, content_type="multipart/form-data")
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 # ----------------------------------------------------------------------------- tests

@@ -34,7 +34,7 @@ from evc.fl.data import load_reference_digits
 from evc.models import oci
 from tests.fixtures.cli import evc
 from tests.fixtures.helpers import free_port, wait_until
-from tests.test_models import fit_softmax, sha, softmax_model, unique, upload
+from tests.fixtures.onnx_models import fit_softmax, sha, softmax_model, unique, upload
 
 pytestmark = pytest.mark.integration
 
