@@ -8,6 +8,7 @@ onnxruntime), on the other this host's system Python (no onnxruntime) where a te
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -94,6 +95,10 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _port_closed(port: int) -> bool:
+    return not _port_open(port)
+
+
 def _deploy(api: Any, name: str, devices: list[Device], ports: list[int]) -> tuple[dict[str, Any], str]:
     body = {
         "model": name, "version": "1", "devices": [d["id"] for d in devices], "python": "~/py",
@@ -149,7 +154,7 @@ def test_deploy_call_with_tritonclient_then_remove(
     job = api.wait_job(job["id"], timeout=60)
     assert job["state"] == "succeeded", job
     for d, p in zip(pair, ports, strict=True):
-        wait_until(lambda p=p: not _port_open(p), 10, f"port {p} to close")
+        wait_until(functools.partial(_port_closed, p), 10, f"port {p} to close")
         assert not (d.home / ".evc" / "deploy" / dep_id).exists()
     assert api.call("GET", f"/api/v1/deployments/{dep_id}")[0] == 404
     assert api.call("DELETE", f"/api/v1/models/{name}/versions/1")[0] == 200
@@ -176,5 +181,5 @@ def test_a_device_without_onnxruntime_fails_with_the_reason(
     assert failed["state"] == "failed" and "has no onnxruntime" in failed["reason"]
     job = api.wait_job(api.call("DELETE", f"/api/v1/deployments/{dep_id}")[1]["id"], timeout=60)
     assert job["state"] == "succeeded", job
-    wait_until(lambda: not _port_open(ports[0]), 10, "the port to close")
+    wait_until(functools.partial(_port_closed, ports[0]), 10, "the port to close")
     assert not (Path(pair[0].home) / ".evc" / "deploy" / dep_id).exists()
