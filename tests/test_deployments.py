@@ -183,3 +183,28 @@ def test_a_device_without_onnxruntime_fails_with_the_reason(
     assert job["state"] == "succeeded", job
     wait_until(functools.partial(_port_closed, ports[0]), 10, "the port to close")
     assert not (Path(pair[0].home) / ".evc" / "deploy" / dep_id).exists()
+
+
+def test_cli_deploy_list_show_rm(
+    api: Any, worker: Any, live: str, pair: list[SimDevice], devices: list[Device]
+) -> None:
+    from tests.fixtures.cli import evc
+
+    _python(pair[0], sys.executable)
+    name = f"digits-dep-{time.time_ns() % 10**9}"
+    _push_model(api, name)
+    port = free_port()
+    code, out, text = evc(live, api.admin, "deploy", f"{name}:1", "--device", pair[0].name, "--port", str(port),
+                          "--python", "~/py", "--wait")  # fmt: skip
+    assert code == 0, text
+    assert "running" in text and f"127.0.0.1:{port}" in text
+    dep_id = text.split("deployment ", 1)[1].split(":", 1)[0]
+    code, out, text = evc(live, api.admin, "deployment", "list")
+    assert code == 0 and dep_id in text and "1/1" in text
+    code, out, text = evc(live, api.admin, "--json", "deployment", "show", dep_id)
+    assert code == 0 and json.loads(out)["targets"][0]["endpoint"] == f"127.0.0.1:{port}"
+    code, out, text = evc(live, api.admin, "model", "rm", f"{name}:1")
+    assert code != 0 and "deployed" in text
+    code, out, text = evc(live, api.admin, "deployment", "rm", dep_id, "--wait")
+    assert code == 0 and "succeeded" in text, text
+    assert not _port_open(port)
