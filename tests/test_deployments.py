@@ -208,3 +208,61 @@ def test_cli_deploy_list_show_rm(
     code, out, text = evc(live, api.admin, "deployment", "rm", dep_id, "--wait")
     assert code == 0 and "succeeded" in text, text
     assert not _port_open(port)
+
+
+def test_cluster_deployment_takes_the_clusters_python_and_survives_a_cut(
+    api: Any, worker: Any, store: Store, simulator: SimulatorThread, pair: list[SimDevice], devices: list[Device]
+) -> None:
+    """A cluster's members, its FL python by default; the servers outlive the SSH connections
+    (the simulator hangs up every command a device runs when it goes down)."""
+    for d in pair:
+        _python(d, sys.executable)
+    status, cl = api.call("POST", "/api/v1/clusters", json={
+        "name": f"dep-{time.time_ns() % 10**9}", "profile": "direct", "vars": {"fl-client": {"python": "~/py"}},
+    })  # fmt: skip
+    assert status == 201, cl
+    for d in devices:
+        assert store.claim_membership(cl["id"], d["id"]) is None
+    name = f"digits-dep-{time.time_ns() % 10**9}"
+    _push_model(api, name)
+    ports = [free_port(), free_port()]
+    body = {"model": name, "version": "1", "cluster": cl["id"],
+            "ports": {d["id"]: p for d, p in zip(devices, ports, strict=True)}}  # fmt: skip
+    status, job = api.call("POST", "/api/v1/deployments", json=body)
+    assert status == 202, job
+    job = api.wait_job(job["id"], timeout=120)
+    assert job["state"] == "succeeded", job
+    dep_id = job["params"]["deployment"]
+    dep = api.call("GET", f"/api/v1/deployments/{dep_id}")[1]
+    assert dep["python"] == "~/py" and dep["cluster"] == cl["id"]
+    simulator.set_fault(pair[0].name, "down")
+    simulator.set_fault(pair[0].name, "ok")
+    time.sleep(0.5)
+    assert _port_open(ports[0]) and _port_open(ports[1])
+    job = api.wait_job(api.call("DELETE", f"/api/v1/deployments/{dep_id}")[1]["id"], timeout=60)
+    assert job["state"] == "succeeded", job
+    for d in devices:
+        store.release_membership(cl["id"], d["id"])
+    api.call("DELETE", f"/api/v1/clusters/{cl['id']}")
+
+
+def test_bad_requests_are_clear_4xx(api: Any, devices: list[Device]) -> None:
+    ids = [d["id"] for d in devices]
+    status, body = api.call("POST", "/api/v1/deployments", json={"model": "nope", "version": "1", "devices": ids})
+    assert status == 404 and "nope:1" in body["message"]
+    name = f"digits-dep-{time.time_ns() % 10**9}"
+    _push_model(api, name)
+    base = {"model": name, "version": "1"}
+    status, body = api.call("POST", "/api/v1/deployments", json={**base, "devices": ids, "runtime": "container"})
+    assert status == 422 and "not supported yet" in body["message"]
+    status, body = api.call("POST", "/api/v1/deployments", json={**base, "devices": ids, "cluster": "c1"})
+    assert status == 422
+    status, body = api.call("POST", "/api/v1/deployments", json={**base, "devices": ["dev_nope"]})
+    assert status == 404
+    status, body = api.call("POST", "/api/v1/deployments", json={**base, "devices": ids, "python": "python3; rm -rf ~"})
+    assert status == 422
+    status, body = api.call("POST", "/api/v1/deployments", json={**base, "devices": ids, "ports": {"dev_x": 9000}})
+    assert status == 422 and "dev_x" in body["message"]
+    assert api.call("GET", "/api/v1/deployments/dep_nope")[0] == 404
+    assert api.call("DELETE", "/api/v1/deployments/dep_nope")[0] == 404
+    assert api.call("DELETE", f"/api/v1/models/{name}/versions/1")[0] == 200
