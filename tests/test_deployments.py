@@ -221,13 +221,13 @@ def test_cluster_deployment_takes_the_clusters_python_and_survives_a_cut(
         "name": f"dep-{time.time_ns() % 10**9}", "profile": "direct", "vars": {"fl-client": {"python": "~/py"}},
     })  # fmt: skip
     assert status == 201, cl
-    for d in devices:
-        assert store.claim_membership(cl["id"], d["id"]) is None
+    for rec in devices:
+        assert store.claim_membership(cl["id"], rec["id"]) is None
     name = f"digits-dep-{time.time_ns() % 10**9}"
     _push_model(api, name)
     ports = [free_port(), free_port()]
     body = {"model": name, "version": "1", "cluster": cl["id"],
-            "ports": {d["id"]: p for d, p in zip(devices, ports, strict=True)}}  # fmt: skip
+            "ports": {rec["id"]: p for rec, p in zip(devices, ports, strict=True)}}  # fmt: skip
     status, job = api.call("POST", "/api/v1/deployments", json=body)
     assert status == 202, job
     job = api.wait_job(job["id"], timeout=120)
@@ -241,8 +241,8 @@ def test_cluster_deployment_takes_the_clusters_python_and_survives_a_cut(
     assert _port_open(ports[0]) and _port_open(ports[1])
     job = api.wait_job(api.call("DELETE", f"/api/v1/deployments/{dep_id}")[1]["id"], timeout=60)
     assert job["state"] == "succeeded", job
-    for d in devices:
-        store.release_membership(cl["id"], d["id"])
+    for rec in devices:
+        store.release_membership(cl["id"], rec["id"])
     api.call("DELETE", f"/api/v1/clusters/{cl['id']}")
 
 
