@@ -24,7 +24,7 @@ from evc.jobs import JobRun, Partial
 from evc.model import JSON, DeploymentDeviceState, DeploymentState, Device, EventType, Job, JobKindName
 from evc.models import registry
 from evc.settings import Settings
-from evc.store import Store, new_id, now
+from evc.store import TERMINAL_STATES, Store, new_id, now
 
 RUNTIMES = ("process",)
 #: runtimes issue 13 names that this slice does not run yet
@@ -103,7 +103,9 @@ def deployed(store: Store, name: str, version: str) -> bool:
 def remove(ctx: Context, deployment_id: str) -> Job:
     """Enqueue the ``deploy-remove`` job of a deployment (stop the servers, remove the folders)."""
     dep = ctx.store.get_deployment(deployment_id)
-    if dep["state"] == DeploymentState.DEPLOYING:
+    # a deploy job still at work (one that ended without saying so, or was pruned, does not count)
+    job_state = ctx.store.job_state(dep["job"]) if dep.get("job") else None
+    if dep["state"] == DeploymentState.DEPLOYING and job_state is not None and job_state not in TERMINAL_STATES:
         raise Conflict(f"deployment {deployment_id} is still deploying (job {dep.get('job')}); try again after it")
     job, _ = ctx.submit(JobKindName.DEPLOY_REMOVE, params={"deployment": deployment_id}, targets=dep["devices"])
     ctx.store.update_deployment(deployment_id, state=DeploymentState.REMOVING, remove_job=job["id"])
