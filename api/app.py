@@ -35,6 +35,7 @@ BLUEPRINTS = [
     "evc.api.fl",
     "evc.api.monitoring",
     "evc.api.models",
+    "evc.api.deployments",
 ]
 
 MAX_BODY = 1024 * 1024

@@ -56,6 +56,8 @@ JOB_KINDS: dict[str, JobKind] = {
         JobKind(JobKindName.FL_INSTALL, "evc.fl_install", Queue.SSH),
         JobKind(JobKindName.FL_PARTITION, "evc.fl_partition", Queue.SSH),
         JobKind(JobKindName.MODEL_QUANTIZE, "evc.model_quantize", Queue.DEFAULT),
+        JobKind(JobKindName.DEPLOY, "evc.deploy", Queue.SSH),
+        JobKind(JobKindName.DEPLOY_REMOVE, "evc.deploy_remove", Queue.SSH),
     )
 }
 

@@ -71,6 +71,8 @@ class JobKindName(Name):
     FL_INSTALL = "fl-install"
     FL_PARTITION = "fl-partition"
     MODEL_QUANTIZE = "model-quantize"
+    DEPLOY = "deploy"
+    DEPLOY_REMOVE = "deploy-remove"
 
 
 class Queue(Name):
@@ -149,6 +151,27 @@ class DeviceState(Name):
     OFFLINE = "offline"
     UNREACHABLE = "unreachable"
     FAILED = "failed"
+
+
+# ----------------------------------------------------------------------------- deployments
+class DeploymentState(Name):
+    """A deployment as a whole (``deploying`` while its job runs; ``partial``: some devices
+    failed; ``removing`` while its removal job runs, or after one left devices behind)."""
+
+    DEPLOYING = "deploying"
+    RUNNING = "running"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    REMOVING = "removing"
+
+
+class DeploymentDeviceState(Name):
+    """One device of a deployment."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    FAILED = "failed"
+    REMOVED = "removed"
 
 
 #: the states health checks move a registered device between

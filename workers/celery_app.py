@@ -21,6 +21,7 @@ TASK_MODULES = [
     "evc.tasks.fl",
     "evc.tasks.clusters",
     "evc.tasks.models",
+    "evc.tasks.deployments",
 ]
 
 

@@ -66,9 +66,9 @@ def _annotations(name: str, version: str, variant: str | None, fmt: str) -> dict
 
 def deployed(store: Store, name: str, version: str) -> bool:
     """Whether a deployment runs this version or one of its variants (a deleted version could
-    no longer be shipped). There are no deployments yet (issue 13's deployments slice adds
-    them): always False. That slice answers it from its store part; :func:`delete` asks."""
-    return False
+    no longer be shipped): answered from the store's deployments part (a deployment counts
+    until its removal job has cleaned its devices); :func:`delete` asks."""
+    return bool(store.model_deployments(name, version))
 
 
 def check_name(value: str, what: str = "name") -> str:

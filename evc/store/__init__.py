@@ -1,5 +1,5 @@
 """The one package that talks to Redis: devices, clusters, tokens, jobs and their events, logs,
-federated learning, the model registry, locks.
+federated learning, the model registry, deployments, locks.
 
 :class:`Store` is the facade the rest of EVC uses, composed of one part per aggregate (each in
 its own module, sharing :class:`~evc.store._base.StoreBase`). Its Redis client is private, and
@@ -12,6 +12,7 @@ from evc.settings import Settings
 from evc.store._base import ID_RE, JSON, StoreBase, new_id, now
 from evc.store.client import redis_client
 from evc.store.clusters import ClusterStore
+from evc.store.deployments import DeploymentStore
 from evc.store.devices import DeviceStore
 from evc.store.fl import FLStore
 from evc.store.fleet import FleetLogStore
@@ -23,7 +24,10 @@ from evc.store.tokens import TokenStore
 __all__ = ["ID_RE", "JOB_STATES", "JSON", "TERMINAL_STATES", "Store", "new_id", "now", "redis_client"]
 
 
-class Store(DeviceStore, ClusterStore, TokenStore, JobStore, FleetLogStore, FLStore, ModelStore, LockStore, StoreBase):
+class Store(
+    DeviceStore, ClusterStore, TokenStore, JobStore, FleetLogStore, FLStore, ModelStore, DeploymentStore, LockStore,
+    StoreBase,
+):  # fmt: skip
     """Typed access to EVC's state in Redis. Build one per process with :meth:`from_settings`."""
 
     @classmethod

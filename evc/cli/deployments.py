@@ -1,0 +1,114 @@
+"""`evc deploy` and `evc deployment`: models served on devices by EVC's edge inference server."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from evc.cli.common import CLUSTER, DEVICE, Ctx, _table, _watch, console, emit, main, pass_ctx
+
+
+def _model_ref(ref: str) -> tuple[str, str]:
+    name, sep, version = ref.partition(":")
+    if not name or not sep or not version:
+        raise click.BadParameter(f"{ref!r}: expected NAME:VERSION", param_hint="NAME:VERSION")
+    return name, version
+
+
+def _targets_view(dep: dict[str, Any]) -> None:
+    rows = [
+        {"device": t["device"], "state": t.get("state"), "version": t.get("version") or "",
+         "endpoint": t.get("endpoint") or "", "reason": t.get("reason") or ""}
+        for t in dep.get("targets") or []
+    ]  # fmt: skip
+    _table(rows, ["device", "state", "version", "endpoint", "reason"])
+
+
+def _show(dep: dict[str, Any]) -> None:
+    variant = f" ({dep['variant']})" if dep.get("variant") else ""
+    console.print(
+        f"deployment {dep['id']}: {dep['model']}:{dep['version']}{variant} {dep['state']} "
+        f"(runtime {dep['runtime']}, port {dep['port']}, python {dep['python']})"
+    )
+    _targets_view(dep)
+
+
+@main.command("deploy")
+@click.argument("ref", metavar="NAME:VERSION")
+@click.option("--variant", default=None, help="deploy this variant of the version (e.g. int8)")
+@click.option("--cluster", default=None, type=CLUSTER, help="every member of this cluster")
+@click.option("--device", "devices", multiple=True, type=DEVICE, help="device name or id (repeatable)")
+@click.option("--port", type=int, default=None, help="the edge server's port on the devices (default 8500)")
+@click.option("--python", default=None, help="the devices' Python, with numpy and onnxruntime (default: the cluster's)")
+@click.option("--runtime", default="process", type=click.Choice(["process"]), help="process (container: later)")
+@click.option("--wait", is_flag=True, help="follow the job and show each device's state")
+@pass_ctx
+def deploy(
+    c: Ctx, ref: str, variant: str | None, cluster: str | None, devices: tuple[str, ...], port: int | None,
+    python: str | None, runtime: str, wait: bool,
+) -> None:  # fmt: skip
+    """Deploy model NAME:VERSION to a cluster or devices (the edge inference server, health-gated)."""
+    name, version = _model_ref(ref)
+    if bool(devices) == bool(cluster):
+        raise click.UsageError("give --device (repeatable) or --cluster")
+    body: dict[str, Any] = {"model": name, "version": version, "runtime": runtime}
+    body.update({"cluster": cluster} if cluster else {"devices": list(devices)})
+    body.update({k: v for k, v in {"variant": variant, "port": port, "python": python}.items() if v is not None})
+    client = c.client()
+    job = client.post("/api/v1/deployments", body)
+    dep_id = job["params"]["deployment"]
+    if not wait:
+        emit(c, job, lambda j: console.print(f"deployment {dep_id}: {j['kind']} job {j['id']} {j['state']}"))
+        return
+    job = _watch(c, client, job["id"])
+    dep = client.get(f"/api/v1/deployments/{dep_id}")
+    emit(c, dep, _show)
+    sys.exit(0 if job["state"] == "succeeded" else 1)
+
+
+@main.group()
+def deployment() -> None:
+    """Deployments: list, show, remove."""
+
+
+@deployment.command("list")
+@pass_ctx
+def deployment_list(c: Ctx) -> None:
+    """Deployments and how many of their devices run."""
+    data = c.client().get("/api/v1/deployments", limit=500)
+
+    def show(d: dict[str, Any]) -> None:
+        rows = []
+        for dep in d["items"]:
+            targets = dep.get("targets") or []
+            running = sum(1 for t in targets if t.get("state") == "running")
+            rows.append({"id": dep["id"], "model": f"{dep['model']}:{dep['version']}", "state": dep["state"],
+                         "running": f"{running}/{len(targets)}", "port": dep["port"]})  # fmt: skip
+        _table(rows, ["id", "model", "state", "running", "port"])
+
+    emit(c, data, show)
+
+
+@deployment.command("show")
+@click.argument("deployment_id", metavar="ID")
+@pass_ctx
+def deployment_show(c: Ctx, deployment_id: str) -> None:
+    """A deployment with each device's state, version and endpoint."""
+    emit(c, c.client().get(f"/api/v1/deployments/{deployment_id}"), _show)
+
+
+@deployment.command("rm")
+@click.argument("deployment_id", metavar="ID")
+@click.option("--wait", is_flag=True, help="follow the job")
+@pass_ctx
+def deployment_rm(c: Ctx, deployment_id: str, wait: bool) -> None:
+    """Stop a deployment's servers and remove their folders (a job)."""
+    client = c.client()
+    job = client.delete(f"/api/v1/deployments/{deployment_id}")
+    if wait:
+        job = _watch(c, client, job["id"])
+    emit(c, job, lambda j: console.print(f"{j['kind']} job {j['id']} {j['state']}"))
+    if wait:
+        sys.exit(0 if job["state"] == "succeeded" else 1)

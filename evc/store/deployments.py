@@ -1,0 +1,69 @@
+"""Deployments: a model version (or variant) running on devices (:mod:`evc.deployments`).
+
+Keys (under the store prefix):
+
+- ``deployment:<id>``: the deployment's record (one JSON value);
+- ``deployments``: sorted set of deployment ids, by creation;
+- ``deployment-devices:<id>``: hash, device id -> that device's state (JSON: ``state``
+  pending|running|failed|removed, ``reason``, ``version``, ``sha256``, ``endpoint``);
+- ``model-deployments:<name>:<version>``: the set of deployments of that version (or one of
+  its variants): the model registry refuses to delete a version while it is not empty.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from evc.errors import NotFound
+from evc.store._base import ID_RE, JSON, StoreBase, now
+
+
+class DeploymentStore(StoreBase):
+    def create_deployment(self, rec: JSON) -> JSON:
+        """Store a new deployment's record, its devices pending, and index it by model version."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.set(self.k("deployment", rec["id"]), json.dumps(rec))
+        pipe.zadd(self.k("deployments"), {rec["id"]: rec.get("created_at", now())})
+        pipe.sadd(self.k("model-deployments", rec["model"], rec["version"]), rec["id"])
+        pending = {"state": "pending", "reason": None, "updated_at": now()}
+        for dev in rec["devices"]:
+            pipe.hset(self.k("deployment-devices", rec["id"]), dev, json.dumps(pending))
+        pipe.execute()
+        return rec
+
+    def get_deployment(self, deployment_id: str) -> JSON:
+        raw = self._redis.get(self.k("deployment", deployment_id)) if ID_RE.match(deployment_id) else None
+        if raw is None:
+            raise NotFound(f"deployment {deployment_id} not found", id=deployment_id)
+        return dict(json.loads(raw))
+
+    def update_deployment(self, deployment_id: str, **changes: Any) -> JSON:
+        rec = {**self.get_deployment(deployment_id), **changes, "updated_at": now()}
+        self._redis.set(self.k("deployment", deployment_id), json.dumps(rec), xx=True)
+        return rec
+
+    def deployment_ids(self, offset: int = 0, limit: int | None = None) -> tuple[list[str], int]:
+        key = self.k("deployments")
+        end = -1 if limit is None else offset + limit - 1
+        return [i.decode() for i in self._redis.zrange(key, offset, end)], int(self._redis.zcard(key))
+
+    def set_deployment_device(self, deployment_id: str, device_id: str, state: JSON) -> None:
+        value = json.dumps({**state, "updated_at": now()})
+        self._redis.hset(self.k("deployment-devices", deployment_id), device_id, value)
+
+    def deployment_devices(self, deployment_id: str) -> dict[str, JSON]:
+        raw = self._redis.hgetall(self.k("deployment-devices", deployment_id))
+        return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+    def delete_deployment(self, deployment_id: str) -> None:
+        rec = self.get_deployment(deployment_id)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.delete(self.k("deployment", deployment_id), self.k("deployment-devices", deployment_id))
+        pipe.zrem(self.k("deployments"), deployment_id)
+        pipe.srem(self.k("model-deployments", rec["model"], rec["version"]), deployment_id)
+        pipe.execute()
+
+    def model_deployments(self, name: str, version: str) -> set[str]:
+        """The deployments of model *name* at *version* (any of its variants)."""
+        return {i.decode() for i in self._redis.smembers(self.k("model-deployments", name, version))}
