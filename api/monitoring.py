@@ -21,7 +21,10 @@ class TargetsArgs(Schema):
     exporter = fields.String(
         load_default="evc",
         validate=validate.OneOf(monitoring.EXPORTERS),
-        metadata={"description": "evc: EVC's edge exporter (default); node: prometheus-node-exporter"},
+        metadata={
+            "description": "evc: EVC's edge exporter (default); node: prometheus-node-exporter; "
+            "infer: the edge inference servers of running deployments"
+        },
     )
 
 
@@ -30,7 +33,10 @@ class TargetGroupSchema(Schema):
     labels = fields.Dict(
         keys=fields.String(),
         values=fields.String(),
-        metadata={"description": "device, device_id, cluster, cluster_name, profile, arch, state"},
+        metadata={
+            "description": "device, device_id, cluster, cluster_name, profile, arch, state; "
+            "for infer: deployment, model, version, device, device_id, cluster, cluster_name"
+        },
     )
 
 
@@ -44,7 +50,8 @@ def targets(args: dict[str, Any]) -> Any:
     A device is listed once the `exporter` playbook succeeded on it, and no longer once it is
     removed. Use it as an `http_sd_configs` URL with a read-scoped token
     (`authorization: {type: Bearer, credentials_file: ...}`); `?exporter=node` lists the
-    prometheus-node-exporter targets of the devices that have one."""
+    prometheus-node-exporter targets of the devices that have one; `?exporter=infer` the edge
+    inference servers of the deployments, one target per device where a deployment runs."""
     return monitoring.discovery_targets(get_store(), args["exporter"])
 
 

@@ -21,6 +21,11 @@ Target labels (plain labels; Prometheus adds them to every series it scrapes fro
 - ``profile``: the cluster's profile (direct, container, k3s, k8s) or "";
 - ``arch``: the device's CPU architecture from its facts, or "";
 - ``state``: the device's state when Prometheus last refreshed the list.
+
+``?exporter=infer`` lists the edge inference servers of the deployments instead: one target group
+per device where a deployment is ``running`` (its endpoint ``host:port``, ``/metrics``), labelled
+``deployment``, ``model``, ``version`` (the version served, ``<version>-<variant>`` for a
+variant), ``device``, ``device_id``, ``cluster`` and ``cluster_name``.
 """
 
 from __future__ import annotations
@@ -41,10 +46,11 @@ from evc.errors import NotFound
 log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
-Exporter = Literal["evc", "node"]
+Exporter = Literal["evc", "node", "infer"]
 
-#: the exporters a target list can name: EVC's edge exporter and prometheus-node-exporter
-EXPORTERS: tuple[Exporter, ...] = ("evc", "node")
+#: the exporters a target list can name: EVC's edge exporter, prometheus-node-exporter, and the
+#: edge inference servers of running deployments
+EXPORTERS: tuple[Exporter, ...] = ("evc", "node", "infer")
 DEFAULT_PORT = 9110
 DEFAULT_NODE_EXPORTER_PORT = 9100
 #: listen addresses that mean "every interface": Prometheus reaches the device at its host
@@ -70,6 +76,12 @@ class DiscoveryStore(Protocol):
     def get_cluster(self, cluster_id: str) -> Mapping[str, Any]: ...
 
     def update_device(self, device_id: str, **changes: Any) -> Mapping[str, Any]: ...
+
+    def deployment_ids(self, offset: int = 0, limit: int | None = None) -> tuple[list[str], int]: ...
+
+    def get_deployment(self, deployment_id: str) -> Mapping[str, Any]: ...
+
+    def deployment_devices(self, deployment_id: str) -> Mapping[str, Mapping[str, Any]]: ...
 
 
 # --- what the exporter playbook ships -----------------------------------------------------------
@@ -232,15 +244,67 @@ def target_groups(
     return [g for _, g in sorted(groups, key=lambda item: item[0])]
 
 
-def discovery_targets(store: DiscoveryStore, exporter: Exporter = "evc") -> list[JSON]:
-    """The target list ``GET /api/v1/prometheus/targets`` serves, read from the store."""
-    devices = [d for d in store.device_fields(None, DEVICE_FIELDS) if d.get("exporter")]
+def infer_target_groups(
+    deployments: Iterable[tuple[Mapping[str, Any], Mapping[str, Mapping[str, Any]]]],
+    devices: Mapping[str, Mapping[str, Any]],
+    clusters: Mapping[str, Mapping[str, Any]],
+) -> list[JSON]:
+    """Prometheus HTTP SD target groups for the edge inference servers (pure).
+
+    *deployments* are (deployment record, device id -> that device's deployment state) pairs;
+    *devices* maps device ids to device records (name, cluster). A device is listed where its
+    state is ``running`` with an endpoint; the list is sorted by deployment, then device name."""
+    groups: list[tuple[tuple[str, str], JSON]] = []
+    for dep, states in deployments:
+        for device_id, st in states.items():
+            endpoint = str(st.get("endpoint") or "")
+            if st.get("state") != "running" or not endpoint:
+                continue
+            dev = devices.get(device_id) or {}
+            cluster_id = str(dev.get("cluster_id") or dep.get("cluster") or "")
+            name = str(dev.get("name") or device_id)
+            labels = {
+                "deployment": str(dep.get("id") or ""),
+                "model": str(dep.get("model") or ""),
+                "version": str(st.get("version") or dep.get("served_version") or dep.get("version") or ""),
+                "device": name,
+                "device_id": device_id,
+                "cluster": cluster_id,
+                "cluster_name": str((clusters.get(cluster_id) or {}).get("name") or ""),
+            }
+            groups.append(((labels["deployment"], name), {"targets": [endpoint], "labels": labels}))
+    return [g for _, g in sorted(groups, key=lambda item: item[0])]
+
+
+def _clusters(store: DiscoveryStore, ids: Iterable[str]) -> dict[str, Mapping[str, Any]]:
     clusters: dict[str, Mapping[str, Any]] = {}
-    for cluster_id in {str(d["cluster_id"]) for d in devices if d.get("cluster_id")}:
+    for cluster_id in set(ids):
         try:
             clusters[cluster_id] = store.get_cluster(cluster_id)
         except NotFound:
             pass
+    return clusters
+
+
+def _infer_targets(store: DiscoveryStore) -> list[JSON]:
+    deployments = []
+    for dep_id in store.deployment_ids()[0]:
+        try:
+            deployments.append((store.get_deployment(dep_id), store.deployment_devices(dep_id)))
+        except NotFound:  # removed while the list was read
+            continue
+    wanted = {d for _, states in deployments for d in states}
+    devices = {str(d["id"]): d for d in store.device_fields(sorted(wanted), ("name", "cluster_id")) if d}
+    clusters = _clusters(store, (str(d["cluster_id"]) for d in devices.values() if d.get("cluster_id")))
+    return infer_target_groups(deployments, devices, clusters)
+
+
+def discovery_targets(store: DiscoveryStore, exporter: Exporter = "evc") -> list[JSON]:
+    """The target list ``GET /api/v1/prometheus/targets`` serves, read from the store."""
+    if exporter == "infer":
+        return _infer_targets(store)
+    devices = [d for d in store.device_fields(None, DEVICE_FIELDS) if d.get("exporter")]
+    clusters = _clusters(store, (str(d["cluster_id"]) for d in devices if d.get("cluster_id")))
     return target_groups(devices, clusters, exporter)
 
 
@@ -256,6 +320,7 @@ __all__ = [
     "exporter_bundle",
     "exporter_record",
     "exporter_source",
+    "infer_target_groups",
     "record_exporter",
     "scrape_host",
     "target_groups",

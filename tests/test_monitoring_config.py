@@ -216,6 +216,9 @@ def test_prometheus_yml_scrapes_evc() -> None:
     assert sd["authorization"]["type"] == "Bearer"
     assert sd["authorization"]["credentials_file"]
     assert "credentials" not in sd["authorization"]  # never a token in the file itself
+    (infer,) = jobs["evc-infer"]["http_sd_configs"]  # the edge inference servers of deployments
+    assert infer["url"] == "http://evc-api:8080/api/v1/prometheus/targets?exporter=infer"
+    assert infer["authorization"]["credentials_file"] and jobs["evc-infer"]["honor_labels"] is True
 
 
 def test_alert_rules_are_complete() -> None:

@@ -1,0 +1,213 @@
+"""Deployments seen from outside: Prometheus discovery of the edge inference servers
+(``/api/v1/prometheus/targets?exporter=infer``) and the webhook's deployment events, posted to a
+real HTTP receiver on loopback around the job bodies (real Redis store)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any, cast
+
+import pytest
+
+from evc import monitoring
+from evc.deployments import events
+from evc.errors import DeviceError
+from evc.model import Cluster, Device
+from evc.settings import Settings
+from evc.store import JSON, Store, new_id, now
+
+TARGETS = "/api/v1/prometheus/targets"
+
+
+def _dep(dep_id: str = "dep_1", **extra: Any) -> JSON:
+    return {
+        "id": dep_id, "model": "digits", "version": "1", "variant": None, "served_version": "1",
+        "cluster": None, "devices": ["dev_a", "dev_b"], "state": "running", **extra,
+    }  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ pure helpers
+def test_infer_targets_list_running_devices_with_their_labels() -> None:
+    states = {
+        "dev_b": {"state": "running", "version": "1-int8", "endpoint": "10.0.0.6:8500"},
+        "dev_a": {"state": "running", "version": "1-int8", "endpoint": "10.0.0.5:8501"},
+        "dev_c": {"state": "failed", "reason": "no onnxruntime", "version": "1-int8"},
+        "dev_d": {"state": "pending"},
+    }
+    devices = {
+        "dev_a": {"id": "dev_a", "name": "alpha", "cluster_id": "cl_1"},
+        "dev_b": {"id": "dev_b", "name": "beta"},
+    }
+    groups = monitoring.infer_target_groups(
+        [(_dep(served_version="1-int8", variant="int8"), states)], devices, {"cl_1": {"name": "edge"}}
+    )
+    assert groups == [
+        {
+            "targets": ["10.0.0.5:8501"],
+            "labels": {
+                "deployment": "dep_1", "model": "digits", "version": "1-int8", "device": "alpha",
+                "device_id": "dev_a", "cluster": "cl_1", "cluster_name": "edge",
+            },
+        },
+        {
+            "targets": ["10.0.0.6:8500"],
+            "labels": {
+                "deployment": "dep_1", "model": "digits", "version": "1-int8", "device": "beta",
+                "device_id": "dev_b", "cluster": "", "cluster_name": "",
+            },
+        },
+    ]  # fmt: skip
+    assert "infer" in monitoring.EXPORTERS
+
+
+def test_deploy_events_name_each_device_that_changed() -> None:
+    dep = _dep(state="deploying")
+    before = (dep, {"dev_a": {"state": "pending", "updated_at": 1}, "dev_b": {"state": "pending", "updated_at": 1}})
+    after = (
+        {**dep, "state": "partial"},
+        {
+            "dev_a": {"state": "running", "version": "1", "endpoint": "10.0.0.5:8500", "updated_at": 2},
+            "dev_b": {"state": "failed", "reason": "no onnxruntime", "version": "1", "updated_at": 2},
+        },
+    )
+    evs = events.changes("deploy", before, after, {"dev_a": "alpha", "dev_b": "beta"}, at=5.0)
+    assert [(e["event"], e["name"], e["state"], e["deployment_state"]) for e in evs] == [
+        (events.DEVICE, "alpha", "running", "partial"),
+        (events.DEVICE, "beta", "failed", "partial"),
+    ]
+    assert evs[0]["endpoint"] == "10.0.0.5:8500" and evs[1]["reason"] == "no onnxruntime"
+    body = events.webhook_body(evs)
+    assert body["type"] == "deployment"
+    assert body["text"].splitlines() == [
+        "deployment dep_1 (digits:1) on alpha: running",
+        "deployment dep_1 (digits:1) on beta: failed (no onnxruntime)",
+    ]
+    assert events.changes("deploy", after, after, {}) == []  # nothing changed: nothing to say
+
+
+def test_remove_events_end_with_removed_once_the_record_is_gone() -> None:
+    dep = _dep(state="removing")
+    before = (dep, {"dev_a": {"state": "running", "updated_at": 1}})
+    gone = events.changes("deploy-remove", before, (None, {}), {}, at=5.0)
+    assert [e["event"] for e in gone] == [events.REMOVED]
+    left = events.changes("deploy-remove", before, (dep, {"dev_a": {"state": "removed", "updated_at": 2}}), {})
+    assert [(e["event"], e["state"]) for e in left] == [(events.DEVICE, "removed")]
+    assert events.webhook_body(gone)["text"] == "deployment dep_1 (digits:1): removed"
+
+
+# ------------------------------------------------------------------------------ with Redis and HTTP
+class _Hook(BaseHTTPRequestHandler):
+    received: list[JSON] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Hook.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture()
+def hook() -> Iterator[str]:
+    _Hook.received.clear()
+    server = HTTPServer(("127.0.0.1", 0), _Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/hook"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture()
+def recorded(store: Store) -> Iterator[tuple[Any, list[Device], JSON]]:
+    """A cluster, two devices in it and a deployment of them (as ``submit`` records it)."""
+    tag = new_id("x")[-6:]
+    cluster = store.create_cluster(
+        cast(Cluster, {"id": new_id("cl"), "name": f"ev-{tag}", "profile": "direct", "created_at": now()})
+    )
+    devs = []
+    for i in range(2):
+        rec = {
+            "id": new_id("dev"), "name": f"ev-{tag}-{i}", "host": "127.0.0.1", "state": "online",
+            "cluster_id": cluster["id"], "facts": {}, "created_at": now(),
+        }  # fmt: skip
+        devs.append(store.create_device(cast(Device, rec), token_hash=f"h-{rec['id']}"))
+    dep = store.create_deployment(
+        _dep(new_id("dep"), cluster=cluster["id"], devices=[d["id"] for d in devs], state="deploying")
+    )
+    yield cluster, devs, dep
+    try:
+        store.delete_deployment(dep["id"])
+    except Exception:  # noqa: BLE001, S110 - the test removed it
+        pass
+    for d in devs:
+        store.delete_device(d["id"])
+    store.delete_cluster(cluster["id"])
+
+
+def _wait_for(n: int, timeout: float = 5.0) -> list[JSON]:
+    deadline = time.monotonic() + timeout
+    while len(_Hook.received) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return list(_Hook.received)
+
+
+def test_deploy_and_remove_jobs_post_their_events(
+    store: Store, settings: Settings, hook: str, recorded: tuple[Any, list[Device], JSON]
+) -> None:
+    _, (a, b), dep = recorded
+    s = settings.replace(webhook_url=hook)
+
+    def deploy_body() -> str:  # what the deploy job records: one device running, one failed
+        store.set_deployment_device(dep["id"], a["id"], {"state": "running", "version": "1", "endpoint": "h:1"})
+        store.set_deployment_device(dep["id"], b["id"], {"state": "failed", "reason": "boom", "version": "1"})
+        store.update_deployment(dep["id"], state="partial")
+        return "done"
+
+    assert events.around_job(store, s, "deploy", dep["id"], deploy_body) == "done"
+    started, devices = _wait_for(2)
+    assert started["events"] == [
+        {**started["events"][0], "event": "deployment.started", "deployment": dep["id"], "model": "digits"}
+    ]
+    assert [(e["name"], e["state"], e["deployment_state"]) for e in devices["events"]] == [
+        (a["name"], "running", "partial"),
+        (b["name"], "failed", "partial"),
+    ]
+
+    def remove_body() -> None:  # a failing job still reports what it did
+        store.set_deployment_device(dep["id"], a["id"], {"state": "removed"})
+        store.delete_deployment(dep["id"])
+        raise DeviceError("one device left behind")
+
+    _Hook.received.clear()
+    with pytest.raises(DeviceError):
+        events.around_job(store, s, "deploy-remove", dep["id"], remove_body)
+    (body,) = _wait_for(1)
+    assert [e["event"] for e in body["events"]] == ["deployment.removed"]
+    assert events.around_job(store, settings.replace(webhook_url=""), "deploy", "dep_nonexistent", lambda: 1) == 1
+
+
+def test_discovery_lists_running_deployments(api: Any, store: Store, recorded: tuple[Any, list[Device], JSON]) -> None:
+    cluster, (a, b), dep = recorded
+    store.set_deployment_device(dep["id"], a["id"], {"state": "running", "version": "1", "endpoint": "127.0.0.1:8601"})
+    store.set_deployment_device(dep["id"], b["id"], {"state": "failed", "reason": "boom"})
+    assert api.call("GET", TARGETS + "?exporter=infer", token=None)[0] == 401
+    status, groups = api.call("GET", TARGETS + "?exporter=infer", token="read")
+    assert status == 200
+    assert [g for g in groups if g["labels"]["deployment"] == dep["id"]] == [
+        {
+            "targets": ["127.0.0.1:8601"],
+            "labels": {
+                "deployment": dep["id"], "model": "digits", "version": "1", "device": a["name"],
+                "device_id": a["id"], "cluster": cluster["id"], "cluster_name": cluster["name"],
+            },
+        }
+    ]  # fmt: skip
+    store.delete_deployment(dep["id"])
+    _, groups = api.call("GET", TARGETS + "?exporter=infer", token="read")
+    assert not [g for g in groups if g["labels"]["deployment"] == dep["id"]]
