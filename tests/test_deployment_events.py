@@ -5,22 +5,32 @@ real HTTP receiver on loopback around the job bodies (real Redis store)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import yaml
 
 from evc import monitoring
+from evc.auth import create_operator_token
+from evc.context import Context
 from evc.deployments import events
 from evc.errors import DeviceError
 from evc.model import Cluster, Device
 from evc.settings import Settings
 from evc.store import JSON, Store, new_id, now
+from tests.fixtures.prometheus import PrometheusServer, free_port, wait_until
 
 TARGETS = "/api/v1/prometheus/targets"
+PROMETHEUS_YML = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "prometheus.yml"
 
 
 def _dep(dep_id: str = "dep_1", **extra: Any) -> JSON:
@@ -211,3 +221,82 @@ def test_discovery_lists_running_deployments(api: Any, store: Store, recorded: t
     store.delete_deployment(dep["id"])
     _, groups = api.call("GET", TARGETS + "?exporter=infer", token="read")
     assert not [g for g in groups if g["labels"]["deployment"] == dep["id"]]
+
+
+# ------------------------------------------------------------------------------ with a real Prometheus
+@pytest.mark.slow
+def test_prometheus_discovers_and_scrapes_a_deployed_edge_server(
+    api: Any,
+    store: Store,
+    settings: Settings,
+    recorded: tuple[Any, list[Device], JSON],
+    start_prometheus: Callable[..., PrometheusServer],
+    tmp_path: Path,
+) -> None:
+    """The deployed ``evc-infer`` scrape job, pointed at the API over HTTP: Prometheus finds the
+    running edge server of a deployment and scrapes its ``evc_infer_requests_total``."""
+    from tests.fixtures.onnx_models import digits_model, models_folder
+    from tests.test_monitoring_e2e import HTTPAPI
+
+    _, (a, _b), dep = recorded
+    port = free_port()
+    folder = models_folder(tmp_path / "models", {("digits", "1"): digits_model()[0]})
+    server = subprocess.Popen(
+        [sys.executable, "-m", "evc.device.infer", "--models-dir", str(folder), "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "WARNING"],
+        start_new_session=True,
+    )  # fmt: skip
+    http = HTTPAPI(api.app)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _get(base + "/v2/health/ready") == 200, 60, "the edge server to be ready")
+        body = {"inputs": [{"name": "X", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}
+        for _ in range(3):
+            req = urllib.request.Request(
+                base + "/v2/models/digits/versions/1/infer",
+                json.dumps(body).encode(),
+                {"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 - loopback
+                assert r.status == 200
+        store.set_deployment_device(
+            dep["id"], a["id"], {"state": "running", "version": "1", "endpoint": f"127.0.0.1:{port}"}
+        )
+        _, reader = create_operator_token(Context(store, settings), f"prom-{dep['id']}", ["read"])
+        token_file = tmp_path / "evc-token"
+        token_file.write_text(reader + "\n")
+        job = _infer_job(http.port, token_file, dep["id"])
+        srv = start_prometheus([job])
+        srv.wait_for_scrapes("evc-infer", samples=2, timeout=60)
+        got = srv.query(f'evc_infer_requests_total{{job="evc-infer", deployment="{dep["id"]}"}}')
+        assert got, "no evc_infer_requests_total scraped"
+        labels = got[0]["metric"]
+        assert labels["device"] == a["name"] and labels["device_id"] == a["id"]
+        assert labels["instance"] == f"{dep['id']}/{a['name']}"
+        assert labels["model"] == "digits" and labels["version"] == "1"  # the server's own (honor_labels)
+        assert sum(float(r["value"][1]) for r in got if r["metric"].get("status") == "200") == 3
+    finally:
+        http.close()
+        server.terminate()
+        server.wait(30)
+
+
+def _get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - loopback
+            return int(r.status)
+    except (OSError, urllib.error.URLError):
+        return 0
+
+
+def _infer_job(api_port: int, token_file: Path, deployment_id: str) -> dict[str, Any]:
+    """The deployed evc-infer scrape job, pointed at the test API, keeping this test's deployment."""
+    config = yaml.safe_load(PROMETHEUS_YML.read_text())
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "evc-infer")
+    (sd,) = job["http_sd_configs"]
+    assert sd["url"].endswith(TARGETS + "?exporter=infer")
+    sd.update(url=f"http://127.0.0.1:{api_port}{TARGETS}?exporter=infer", refresh_interval="1s")
+    sd["authorization"]["credentials_file"] = str(token_file)
+    keep = {"source_labels": ["deployment"], "regex": deployment_id, "action": "keep"}
+    job["relabel_configs"] = [keep, *job.get("relabel_configs", [])]
+    return dict(job)
