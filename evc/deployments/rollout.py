@@ -139,11 +139,12 @@ def run(store: Store, settings: Settings, job: JobRun) -> JSON | Partial:
                            int(ports.get(dev["id"], spec.port)))  # fmt: skip
 
     def old_spec(dev_id: str) -> remote.Spec | None:
-        """The version *dev_id* ran before the rollout (from its state; else the deployment's)."""
-        st = states.get(dev_id) or {}
-        frm = rollout.get("from") or {}
-        fields = frm if st.get("sha256") in (None, frm.get("sha256")) else None
-        if fields is None or not fields.get("version"):
+        """The version *dev_id* ran before the rollout: the one of the deployment's versions
+        (the rollout's ``from``, or the previous one before it) its state names; None: none."""
+        sha = (states.get(dev_id) or {}).get("sha256")
+        known = [v for v in (rollout.get("from"), rollout.get("before")) if v and v.get("version")]
+        fields = next((v for v in known if sha in (None, v.get("sha256"))), None)
+        if fields is None:
             return None
         key = str(fields["sha256"])
         if key not in old_specs:
