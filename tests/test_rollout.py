@@ -208,10 +208,18 @@ def test_a_rollout_failing_on_its_first_device_leaves_the_deployment_as_it_was(
     status, job = api.call("POST", "/api/v1/deployments", json=body)
     dep_id = job["params"]["deployment"]
     assert api.wait_job(job["id"], timeout=120)["state"] == "succeeded"
-    job = api.call("PATCH", f"/api/v1/deployments/{dep_id}", json={"version": "2"})[1]
+    key = {"Idempotency-Key": f"ro-{time.time_ns()}"}
+    job = api.call("PATCH", f"/api/v1/deployments/{dep_id}", json={"version": "2"}, headers=key)[1]
+    status, busy = api.call("PATCH", f"/api/v1/deployments/{dep_id}", json={"version": "2"})
+    assert status == 409 and "deploying" in busy["message"]
     job = api.wait_job(job["id"], timeout=120)
     assert job["state"] == "failed" and four[0].name in job["error"]["message"], job
     dep = api.call("GET", f"/api/v1/deployments/{dep_id}")[1]
+    # the same request again (its Idempotency-Key): the same job, the record left as it is
+    again = api.call("PATCH", f"/api/v1/deployments/{dep_id}", json={"version": "2"}, headers=key)[1]
+    assert again["id"] == job["id"]
+    after = api.call("GET", f"/api/v1/deployments/{dep_id}")[1]
+    assert {**after, "updated_at": 0} == {**dep, "updated_at": 0}
     assert dep["state"] == "running" and dep["version"] == "1" and not dep["previous"]
     assert dep["targets"][0]["state"] == "rolled-back" and dep["targets"][0]["version"] == "1"
     assert api.call("POST", f"/api/v1/deployments/{dep_id}/rollback", json={})[0] == 409

@@ -67,7 +67,12 @@ def _start(ctx: Context, dep: JSON, target: JSON, max_unavailable: int, action: 
     store.update_deployment(dep["id"], **changes)
     store.index_deployment_versions(dep["id"], dep["model"], keep, drop)
     params = {"deployment": dep["id"], "rollout": True}
-    job, _ = ctx.submit(JobKindName.DEPLOY, params=params, targets=list(dep["devices"]))
+    job, created = ctx.submit(JobKindName.DEPLOY, params=params, targets=list(dep["devices"]))
+    if not created:  # a repeated Idempotency-Key: the first request's job; the record as it was
+        store.update_deployment(dep["id"], **{k: dep.get(k) for k in changes})
+        was = {str(v["version"]) for v in (current, dep.get("previous")) if v}
+        store.index_deployment_versions(dep["id"], dep["model"], was, keep)
+        return job, store.get_deployment(dep["id"])
     dep = store.update_deployment(dep["id"], job=job["id"])
     store.audit(ctx.actor, f"deployment.{action}", dep["id"], model=f"{dep['model']}:{dep['served_version']}",
                 frm=current["served_version"], max_unavailable=max_unavailable)  # fmt: skip
