@@ -182,6 +182,14 @@ def test_rollout_with_a_failing_device_then_rollback(
     for t in dep["targets"]:
         np.testing.assert_allclose(infer(t["endpoint"], name, "1", x), want["1"], rtol=1e-5, atol=1e-6)
 
+    # evc deployment update, all four at once: the three good ones on v2, the faulty one back on v1
+    code, out, text = evc(live, api.admin, "deployment", "update", dep_id, "--version", "2", "--max-unavailable", "4",
+                          "--wait")  # fmt: skip
+    assert code == 1 and "partial" in text and bad in text, text
+    dep = api.call("GET", f"/api/v1/deployments/{dep_id}")[1]
+    got = [(t["state"], t["version"]) for t in dep["targets"]]
+    assert got == [("running", "2"), ("running", "2"), ("rolled-back", "1"), ("running", "2")], got
+
     job = api.wait_job(api.call("DELETE", f"/api/v1/deployments/{dep_id}")[1]["id"], timeout=60)
     assert job["state"] == "succeeded", job
     for d in four:
