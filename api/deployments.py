@@ -11,7 +11,7 @@ from evc.api.schemas import JobSchema, PageArgs, PageSchema, StrictSchema, page,
 from flask_smorest import Blueprint
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
-from evc.deployments import service
+from evc.deployments import rollout, service
 from evc.model import Scope
 
 blp = Blueprint(
@@ -45,9 +45,26 @@ class DeploymentCreateSchema(StrictSchema):
             raise ValidationError("give a cluster or devices (one of them)", field_name="cluster")
 
 
+class DeploymentUpdateSchema(StrictSchema):
+    version = fields.String(required=True, validate=validate_name, metadata={"description": "the version to roll out"})
+    variant = fields.String(load_default=None, validate=validate.Length(min=1, max=32))
+    max_unavailable = fields.Integer(
+        load_default=1, validate=validate.Range(min=1), metadata={"description": "devices switched at a time"}
+    )
+
+
+class DeploymentRollbackSchema(StrictSchema):
+    max_unavailable = fields.Integer(
+        load_default=None, validate=validate.Range(min=1), metadata={"description": "default: the deployment's"}
+    )
+
+
 class DeploymentTargetSchema(Schema):
     device = fields.String()
-    state = fields.String(metadata={"description": "pending, running, failed or removed"})
+    state = fields.String(
+        metadata={"description": "pending, running, updating, rolled-back (back on its previous version after "
+                  "failing a rollout's gate: see reason), failed or removed"}
+    )  # fmt: skip
     reason = fields.String(allow_none=True)
     version = fields.String()
     sha256 = fields.String()
@@ -71,6 +88,9 @@ class DeploymentSchema(Schema):
     state = fields.String(metadata={"description": "deploying, running, partial, failed or removing"})
     job = fields.String(allow_none=True)
     remove_job = fields.String(allow_none=True)
+    previous = fields.Dict(allow_none=True, metadata={"description": "the version a rollback returns to"})
+    max_unavailable = fields.Integer(metadata={"description": "a rollout's devices switched at a time"})
+    rollout = fields.Dict(allow_none=True, metadata={"description": "the last rollout: from, to, state, failed"})
     targets = fields.List(fields.Nested(DeploymentTargetSchema))
     created_by = fields.String()
     created_at = fields.Float()
@@ -115,3 +135,23 @@ def show(deployment_id: str) -> Any:
 def delete(deployment_id: str) -> Any:
     """Remove a deployment: a `deploy-remove` job stops the servers and removes their folders."""
     return service.remove(context(idempotent=True), deployment_id)
+
+
+@blp.route("/deployments/<id:deployment_id>", methods=["PATCH"])
+@require(Scope.ADMIN)
+@blp.arguments(DeploymentUpdateSchema)
+@blp.response(202, JobSchema)
+def update(data: dict[str, Any], deployment_id: str) -> Any:
+    """Roll a deployment out to another version (or variant) in place: a `deploy` job switches at
+    most `max_unavailable` devices at a time, each health-gated; a device failing its gate goes
+    back to its previous version and the rollout stops there."""
+    return rollout.update(context(idempotent=True), deployment_id, data)
+
+
+@blp.route("/deployments/<id:deployment_id>/rollback", methods=["POST"])
+@require(Scope.ADMIN)
+@blp.arguments(DeploymentRollbackSchema)
+@blp.response(202, JobSchema)
+def rollback(data: dict[str, Any], deployment_id: str) -> Any:
+    """Return every device of a deployment to its previous version (a `deploy` job, as a rollout)."""
+    return rollout.rollback(context(idempotent=True), deployment_id, data.get("max_unavailable"))

@@ -172,6 +172,10 @@ class DeploymentDeviceState(Name):
     RUNNING = "running"
     FAILED = "failed"
     REMOVED = "removed"
+    #: a rollout is switching it to another version
+    UPDATING = "updating"
+    #: it failed its health gate on a rollout's version and runs its previous version again
+    ROLLED_BACK = "rolled-back"
 
 
 #: the states health checks move a registered device between

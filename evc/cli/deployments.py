@@ -32,6 +32,10 @@ def _show(dep: dict[str, Any]) -> None:
         f"deployment {dep['id']}: {dep['model']}:{dep['version']}{variant} {dep['state']} "
         f"(runtime {dep['runtime']}, port {dep['port']}, python {dep['python']})"
     )
+    rollout = dep.get("rollout") or {}
+    if rollout:
+        frm, to = (rollout.get("from") or {}).get("served_version"), (rollout.get("to") or {}).get("served_version")
+        console.print(f"last {rollout.get('action', 'rollout')}: {frm} -> {to} {rollout.get('state')}")
     _targets_view(dep)
 
 
@@ -70,7 +74,7 @@ def deploy(
 
 @main.group()
 def deployment() -> None:
-    """Deployments: list, show, remove."""
+    """Deployments: list, show, update (rollout), rollback, remove."""
 
 
 @deployment.command("list")
@@ -112,3 +116,52 @@ def deployment_rm(c: Ctx, deployment_id: str, wait: bool) -> None:
     emit(c, job, lambda j: console.print(f"{j['kind']} job {j['id']} {j['state']}"))
     if wait:
         sys.exit(0 if job["state"] == "succeeded" else 1)
+
+
+def _job_message(job: dict[str, Any]) -> str:
+    return str((job.get("error") or {}).get("message") or (job.get("summary") or {}).get("message") or "")
+
+
+def _rollout(c: Ctx, client: Any, job: dict[str, Any], deployment_id: str, wait: bool) -> None:
+    if not wait:
+        emit(c, job, lambda j: console.print(f"deployment {deployment_id}: {j['kind']} job {j['id']} {j['state']}"))
+        return
+    job = _watch(c, client, job["id"])
+    dep = client.get(f"/api/v1/deployments/{deployment_id}")
+    emit(c, dep, _show)
+    if job["state"] != "succeeded" and not c.as_json:
+        console.print(f"{job['kind']} job {job['id']} {job['state']}: {_job_message(job)}")
+    sys.exit(0 if job["state"] == "succeeded" else 1)
+
+
+@deployment.command("update")
+@click.argument("deployment_id", metavar="ID")
+@click.option("--version", required=True, help="the model version to roll out")
+@click.option("--variant", default=None, help="a variant of that version (e.g. int8)")
+@click.option("--max-unavailable", type=click.IntRange(min=1), default=1, show_default=True,
+              help="devices switched at a time")  # fmt: skip
+@click.option("--wait", is_flag=True, help="follow the job and show each device's state")
+@pass_ctx
+def deployment_update(
+    c: Ctx, deployment_id: str, version: str, variant: str | None, max_unavailable: int, wait: bool
+) -> None:
+    """Roll a deployment out to another version, device by device, each health-gated; a device
+    failing its gate goes back to its version and the rollout stops."""
+    body: dict[str, Any] = {"version": version, "max_unavailable": max_unavailable}
+    if variant:
+        body["variant"] = variant
+    client = c.client()
+    _rollout(c, client, client.patch(f"/api/v1/deployments/{deployment_id}", body), deployment_id, wait)
+
+
+@deployment.command("rollback")
+@click.argument("deployment_id", metavar="ID")
+@click.option("--max-unavailable", type=click.IntRange(min=1), default=None,
+              help="devices switched at a time (default: the deployment's)")  # fmt: skip
+@click.option("--wait", is_flag=True, help="follow the job and show each device's state")
+@pass_ctx
+def deployment_rollback(c: Ctx, deployment_id: str, max_unavailable: int | None, wait: bool) -> None:
+    """Return every device of a deployment to its previous version."""
+    body: dict[str, Any] = {"max_unavailable": max_unavailable} if max_unavailable else {}
+    client = c.client()
+    _rollout(c, client, client.post(f"/api/v1/deployments/{deployment_id}/rollback", body), deployment_id, wait)

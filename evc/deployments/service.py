@@ -142,7 +142,12 @@ def _reasons(results: Sequence[tuple[str, JSON]], names: Mapping[str, str], most
 
 
 def deploy(store: Store, settings: Settings, run: JobRun) -> JSON | Partial:
-    """The ``deploy`` job: the model and the edge server onto every target, each health-gated."""
+    """The ``deploy`` job: the model and the edge server onto every target, each health-gated
+    (a rollout's, ``params.rollout``: :func:`evc.deployments.rollout.run`)."""
+    if run.params.get("rollout"):
+        from evc.deployments import rollout
+
+        return rollout.run(store, settings, run)
     dep = store.get_deployment(str(run.params["deployment"]))
     rec: JSON = (
         registry.get_variant(store, dep["model"], dep["version"], dep["variant"])

@@ -7,7 +7,8 @@ Keys (under the store prefix):
 - ``deployment-devices:<id>``: hash, device id -> that device's state (JSON: ``state``
   pending|running|failed|removed, ``reason``, ``version``, ``sha256``, ``endpoint``);
 - ``model-deployments:<name>:<version>``: the set of deployments of that version (or one of
-  its variants): the model registry refuses to delete a version while it is not empty.
+  its variants): the model registry refuses to delete a version while it is not empty; after a
+  rollout a deployment is in the sets of its version and of its ``previous`` one.
 """
 
 from __future__ import annotations
@@ -61,7 +62,18 @@ class DeploymentStore(StoreBase):
         pipe = self._redis.pipeline(transaction=True)
         pipe.delete(self.k("deployment", deployment_id), self.k("deployment-devices", deployment_id))
         pipe.zrem(self.k("deployments"), deployment_id)
-        pipe.srem(self.k("model-deployments", rec["model"], rec["version"]), deployment_id)
+        for version in {rec["version"], (rec.get("previous") or {}).get("version") or rec["version"]}:
+            pipe.srem(self.k("model-deployments", rec["model"], version), deployment_id)
+        pipe.execute()
+
+    def index_deployment_versions(self, deployment_id: str, model: str, keep: set[str], drop: set[str]) -> None:
+        """A rollout's versions: the deployment holds *keep* (its version and the previous one,
+        for a rollback) and no longer *drop* (the registry may delete those again)."""
+        pipe = self._redis.pipeline(transaction=True)
+        for version in drop - keep:
+            pipe.srem(self.k("model-deployments", model, version), deployment_id)
+        for version in keep:
+            pipe.sadd(self.k("model-deployments", model, version), deployment_id)
         pipe.execute()
 
     def model_deployments(self, name: str, version: str) -> set[str]:

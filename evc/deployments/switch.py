@@ -1,0 +1,147 @@
+"""One device of a rollout, over SSH: switch a deployment's edge server to another version of
+its model, keeping the version it ran beside it so that it can go back.
+
+Layout on the device (``DIR`` = ``~/.evc/deploy/<deployment>``, as :mod:`evc.deployments.remote`
+writes it)::
+
+    DIR/models/<name>/<version>/       the version the server serves (one)
+    DIR/standby/<name>/<version>/      the version it served before (kept for a rollback)
+
+:func:`switch` ships the new version next to the running one while the server still serves
+(skipped when the device already holds it with the right digest, in ``models/`` or in
+``standby/``), checks its sha256 on the device, then restarts the server on it (the only time the
+device is unavailable: the rollout's ``max_unavailable`` counts these), the other versions moved
+to ``standby/``, and health-gates it (ready + one smoke inference) like a first deployment. Going
+back is the same call with the previous version: it is in ``standby/``, nothing is shipped.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Mapping
+from typing import Any
+
+import asyncssh
+
+from evc import pool as pooling
+from evc import ssh
+from evc.deployments import remote
+from evc.errors import CommandFailed
+from evc.fl.channels import put_file, shell_path
+from evc.settings import Settings
+from evc.store import JSON
+
+STANDBY = "standby"
+
+
+def standby_dir(spec: remote.Spec) -> str:
+    return f"{spec.dir}/{STANDBY}/{spec.name}"
+
+
+async def _hash(conn: asyncssh.SSHClientConnection, target: ssh.Target, settings: Settings, spec: remote.Spec,
+                path: str) -> str:  # fmt: skip
+    res = await remote._run(
+        conn, target, settings, f"{shell_path(spec.python)} - {shell_path(path)}", input=remote._HASH
+    )
+    return str(res.stdout or "").strip() if res.exit_status == 0 else ""
+
+
+async def _place(conn: asyncssh.SSHClientConnection, target: ssh.Target, settings: Settings, spec: remote.Spec,
+                 where: str) -> bool:  # fmt: skip
+    """Put *spec*'s model into ``models/<name>/<version>/``, verified: moved back from
+    ``standby/`` or already there when the digest matches (no transfer), else shipped. Returns
+    whether bytes were shipped."""
+    model = f"{spec.model_dir}/model.onnx"
+    spare = f"{standby_dir(spec)}/{spec.version}"
+    if await _hash(conn, target, settings, spec, model) == spec.sha256:
+        return False
+    if await _hash(conn, target, settings, spec, f"{spare}/model.onnx") == spec.sha256:
+        cmd = f"rm -rf {shell_path(spec.model_dir)} && mkdir -p {shell_path(spec.dir + '/models/' + spec.name)} && "
+        cmd += f"mv {shell_path(spare)} {shell_path(spec.model_dir)}"
+        res = await remote._run(conn, target, settings, cmd)
+        if res.exit_status == 0:
+            return False
+    try:
+        await put_file(conn, model, spec.model)
+    except asyncssh.SFTPError as exc:
+        raise CommandFailed(f"cannot write to {spec.dir} on {where}: {exc.reason}", device_id=target.device_id) from exc
+    got = await _hash(conn, target, settings, spec, model)
+    if got != spec.sha256:
+        await remote._run(conn, target, settings, f"rm -f {shell_path(model)}")
+        raise CommandFailed(
+            f"the model on {where} does not match sha256 {spec.sha256} after the upload (sha256 {got or '?'})",
+            device_id=target.device_id,
+        )
+    meta = {"sha256": spec.sha256, "name": spec.name, "version": spec.version, "deployment": spec.deployment}
+    await put_file(conn, f"{spec.model_dir}/model.json", json.dumps(meta).encode())
+    return True
+
+
+async def switch(settings: Settings, device: Mapping[str, Any], spec: remote.Spec) -> JSON:
+    """Make *device* serve *spec* (another version of the deployment's model): ship it beside
+    the running one, restart the server on it, the others kept in ``standby/``, health-gate it.
+    Returns the device's result (``state`` running, ``version``, ``sha256``, ``endpoint``,
+    ``shipped``); raises :class:`~evc.errors.CommandFailed` with the reason when a step or the
+    gate fails (the server is left stopped then: the caller switches back)."""
+    where = str(device.get("name") or device.get("host"))
+
+    async def op(conn: asyncssh.SSHClientConnection, target: ssh.Target) -> JSON:
+        def failed(message: str) -> CommandFailed:
+            return CommandFailed(message, device_id=target.device_id)
+
+        py = shell_path(spec.python)
+        res = await remote._run(conn, target, settings, f"{py} -c {shlex.quote(remote._CHECK)}")
+        if res.exit_status != 0:
+            raise failed(
+                remote.python_hint(spec.python, where, remote._last_line(str(res.stderr or ""), res.exit_status))
+            )
+        shipped = await _place(conn, target, settings, spec, where)
+        supervise = shell_path(spec.dir + "/supervise.sh")
+        await remote._run(conn, target, settings, f"sh {supervise} stop 2>/dev/null; true")
+        try:  # the server and its supervisor (a device that missed the first deployment has neither)
+            await put_file(conn, f"{spec.dir}/{remote.BUNDLE}", remote.bundle_bytes())
+            await put_file(conn, f"{spec.dir}/supervise.sh", remote.supervise_script(spec.python, spec.port).encode())
+        except asyncssh.SFTPError as exc:
+            raise failed(f"cannot write to {spec.dir} on {where}: {exc.reason}") from exc
+        # every other version of the model goes to standby/ (the one it replaces is kept there)
+        models, spare, keep = (shell_path(f"{spec.dir}/models/{spec.name}"), shell_path(standby_dir(spec)),
+                               shlex.quote(spec.version))  # fmt: skip
+        cmd = (
+            f'mkdir -p {spare} && for v in $(ls {models}); do if [ "$v" != {keep} ]; then '
+            f'rm -rf {spare}/"$v"; mv {models}/"$v" {spare}/; fi; done; '
+            f'for v in $(ls {spare}); do [ -d {models}/"$v" ] && rm -rf {spare}/"$v"; done; true'
+        )
+        res = await remote._run(conn, target, settings, cmd)
+        if res.exit_status != 0:
+            raise failed(
+                f"cannot switch versions on {where}: {remote._last_line(str(res.stderr or ''), res.exit_status)}"
+            )
+        res = await remote._run(conn, target, settings, f"sh {supervise} start")
+        if res.exit_status != 0:
+            why = remote._last_line(str(res.stderr or ""), res.exit_status)
+            raise failed(f"the edge server did not start on {where}: {why}")
+        args = " ".join(shlex.quote(str(a)) for a in (spec.port, spec.name, spec.version, remote.READY_TIMEOUT_S))
+        res = await remote._run(conn, target, settings, f"{py} - {args}", input=remote.GATE,
+                                timeout=remote.READY_TIMEOUT_S + settings.ssh_command_timeout_s)  # fmt: skip
+        try:
+            gate = json.loads(remote._last_line(str(res.stdout or ""), res.exit_status))
+        except ValueError:
+            gate = {"ok": False, "stage": "gate", "error": remote._last_line(str(res.stderr or ""), res.exit_status)}
+        if not gate.get("ok"):
+            log = await remote._log_tail(conn, target, settings, spec)
+            await remote._run(conn, target, settings, f"sh {supervise} stop; true")
+            stage = "not ready" if gate.get("stage") == "ready" else "failed its smoke inference"
+            raise failed(
+                f"the edge server on {where} {stage} on version {spec.version}: {gate.get('error')}"
+                + (f" (server log: {log})" if log else "")
+            )
+        return {
+            "state": "running", "version": spec.version, "sha256": spec.sha256,
+            "endpoint": f"{target.host}:{spec.port}", "dir": spec.dir, "shipped": shipped,
+        }  # fmt: skip
+
+    return await pooling.pool_for(settings).use(device, op)
+
+
+__all__ = ["STANDBY", "standby_dir", "switch"]
