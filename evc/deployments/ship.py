@@ -38,15 +38,18 @@ from evc.settings import Settings
 #: the prefix digests of a ``.part`` are compared at multiples of this many bytes
 SEGMENT = 1 << 20
 #: SFTP write requests in flight at once
-MAX_REQUESTS = 32
-#: bytes per SFTP write request (less where the server announces a lower limit): with
-#: MAX_REQUESTS, 2 MiB in flight, as OpenSSH's sftp/scp (64 x 32 KiB)
-BLOCK_SIZE = 1 << 16
+MAX_REQUESTS = 16
+#: bytes per SFTP write request (less where the server announces a lower limit): a request and
+#: its header fill four SSH channel packets of 32 KiB (OpenSSH's and asyncssh's packet size)
+#: exactly, so no small packet follows each request; with MAX_REQUESTS, 2 MiB in flight, as
+#: OpenSSH's sftp/scp (64 x 32 KiB)
+BLOCK_SIZE = 4 * 32768 - 512
 
-#: run by the device's Python: argv = dest, part, segment. Prints one JSON line.
+#: run by the device's Python: argv = dest, part, segment, check_dest (1: hash dest). Prints one
+#: JSON line.
 PROBE = r"""
 import hashlib, json, os, sys
-dest, part, seg = sys.argv[1], sys.argv[2], int(sys.argv[3])
+dest, part, seg, check_dest = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
 def digest(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -54,7 +57,7 @@ def digest(path):
             h.update(b)
     return h.hexdigest()
 out = {"dest": None, "part_size": None, "marks": []}
-if os.path.isfile(dest):
+if check_dest and os.path.isfile(dest):
     out["dest"] = digest(dest)
 if os.path.isfile(part):
     out["part_size"] = os.path.getsize(part)
@@ -172,6 +175,17 @@ async def _script(conn: asyncssh.SSHClientConnection, target: ssh.Target, settin
     return result
 
 
+async def _size(sftp: asyncssh.SFTPClient, path: str) -> int | None:
+    """The size of the regular file *path* on the device, None when there is none."""
+    try:
+        attrs = await sftp.stat(path)
+    except asyncssh.SFTPNoSuchFile:
+        return None
+    if attrs.type != asyncssh.FILEXFER_TYPE_REGULAR:
+        return None
+    return attrs.size
+
+
 async def _upload(sftp: asyncssh.SFTPClient, part: str, payload: Payload, offset: int, stats: ShipStats,
                   progress: Progress | None, max_requests: int) -> None:  # fmt: skip
     data = payload.data
@@ -230,17 +244,20 @@ async def ship(
     part = dest + ".part"
     sdest, spart = sftp_path(dest), sftp_path(part)
     try:
-        probe = await _script(conn, target, settings, python, PROBE, dest, part, SEGMENT)
-        if probe.get("dest") == payload.sha256:
-            st.skipped = True
-            return st
-        part_size = probe.get("part_size")
-        st.part_size = int(part_size) if isinstance(part_size, int) else None
-        marks = probe.get("marks")
-        st.resumed_from = payload.resume_offset(
-            st.part_size, [str(m) for m in marks] if isinstance(marks, list) else []
-        )
         async with conn.start_sftp_client() as sftp:
+            # what is there already (SFTP stat: no process on the device when nothing is)
+            dest_size, part_size = await _size(sftp, sdest), await _size(sftp, spart)
+            if dest_size == st.size or part_size:
+                check_dest = int(dest_size == st.size)
+                probe = await _script(conn, target, settings, python, PROBE, dest, part, SEGMENT, check_dest)
+                if probe.get("dest") == payload.sha256:
+                    st.skipped = True
+                    return st
+                marks = probe.get("marks")
+                st.part_size = part_size
+                st.resumed_from = payload.resume_offset(
+                    part_size, [str(m) for m in marks] if isinstance(marks, list) else []
+                )
             parent = posixpath.dirname(sdest)
             if parent:
                 await sftp.makedirs(parent, exist_ok=True)
