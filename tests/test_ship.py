@@ -124,3 +124,31 @@ def test_a_corrupted_part_restarts_cleanly(settings: Settings, device: SimDevice
 
 def test_a_digest_mismatch_is_a_clear_failure(settings: Settings, device: SimDevice, evc_key_path: Path) -> None:
     asyncio.run(_test_a_digest_mismatch_is_a_clear_failure(settings, device, evc_key_path))
+
+
+def test_install_and_start_retries_a_dropped_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """remote.install_and_start runs the device's steps again on a new connection when the
+    connection drops (the model's upload then resumes); it gives up after SHIP_ATTEMPTS."""
+    from evc.deployments import remote
+
+    calls: list[int] = []
+
+    class Pool:
+        def __init__(self, fail: int) -> None:
+            self.fail = fail
+
+        async def use(self, device: object, op: object) -> dict[str, str]:
+            calls.append(1)
+            if len(calls) <= self.fail:
+                raise ConnectionDropped("the connection dropped during the upload")
+            return {"state": "running"}
+
+    spec = remote.Spec("dep_1", "m", "1", b"x", hashlib.sha256(b"x").hexdigest(), "python3", 8500)
+    monkeypatch.setattr(remote.pooling, "pool_for", lambda settings: Pool(2))
+    assert asyncio.run(remote.install_and_start(None, {"id": "d1"}, spec)) == {"state": "running"}  # type: ignore[arg-type]
+    assert len(calls) == 3
+    calls.clear()
+    monkeypatch.setattr(remote.pooling, "pool_for", lambda settings: Pool(remote.SHIP_ATTEMPTS))
+    with pytest.raises(ConnectionDropped):
+        asyncio.run(remote.install_and_start(None, {"id": "d1"}, spec))  # type: ignore[arg-type]
+    assert len(calls) == remote.SHIP_ATTEMPTS
