@@ -53,7 +53,7 @@ async def _test_ships_then_skips_a_file_already_there(
     payload = shipping.Payload(os.urandom(3 * shipping.SEGMENT + 5))
     async with await connect(device, evc_key_path) as conn:
         st = await shipping.ship(conn, _target(device), settings, PYTHON, DEST, payload)
-        assert (st.sent, st.resumed_from, st.skipped) == (len(payload.data), 0, False)
+        assert (st.sent, st.resumed_from, st.skipped, st.verified) == (len(payload.data), 0, False, "stream")
         assert _on_device(device, DEST).read_bytes() == payload.data
         assert not _on_device(device, DEST + ".part").exists()
         again = await shipping.ship(conn, _target(device), settings, PYTHON, DEST, payload)
@@ -79,6 +79,7 @@ async def _test_a_drop_at_half_resumes_with_little_resent(
     async with await connect(device, evc_key_path) as conn:
         second = await shipping.ship(conn, _target(device), settings, PYTHON, DEST, payload)
     assert second.part_size and 0 < second.resumed_from <= second.part_size
+    assert second.verified == "stream"
     # bytes sent twice: what the device had beyond the resume point (exact), and, as an upper
     # bound, every byte handed to SFTP in both attempts beyond the file's size
     assert second.part_size - second.resumed_from <= shipping.SEGMENT
@@ -97,7 +98,7 @@ async def _test_a_corrupted_part_restarts_cleanly(settings: Settings, device: Si
         os.chown(p, home.st_uid, home.st_gid)
     async with await connect(device, evc_key_path) as conn:
         st = await shipping.ship(conn, _target(device), settings, PYTHON, DEST, payload)
-    assert st.resumed_from == 0 and st.sent == len(payload.data)
+    assert st.resumed_from == 0 and st.sent == len(payload.data) and st.verified == "stream"
     assert _on_device(device, DEST).read_bytes() == payload.data
 
 

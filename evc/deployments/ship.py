@@ -20,6 +20,7 @@ removes the ``.part``, so the next attempt starts clean.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import posixpath
@@ -91,6 +92,51 @@ print(json.dumps({"sha256": got, "ok": got == want}))
 """
 
 
+#: run by the device's Python during the upload: argv = part (relative to the home), size, lag.
+#: Hashes the part as it grows, staying *lag* bytes behind its end (writes in flight may land
+#: out of order) until the client writes "done" on stdin (every write acknowledged), then reads
+#: to the end and prints the sha256. stdin closed without "done": exits quietly.
+STREAM = r"""
+import hashlib, os, select, sys, time
+part, size, lag = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+h, done, final, f = hashlib.sha256(), 0, False, None
+while True:
+    if not final and select.select([sys.stdin], [], [], 0)[0]:
+        if sys.stdin.readline().strip() != "done":
+            sys.exit(0)
+        final = True
+    if f is None:
+        try:
+            f = open(part, "rb")
+        except FileNotFoundError:
+            time.sleep(0.02)
+            continue
+    limit = size if final else min(size, os.fstat(f.fileno()).st_size - lag)
+    if limit - done >= (1 << 20) or (final and done < limit):
+        b = f.read(min(1 << 20, limit - done))
+        if not b:
+            break
+        h.update(b)
+        done += len(b)
+    elif final:
+        break
+    else:
+        select.select([sys.stdin], [], [], 0.02)
+print(h.hexdigest())
+"""
+#: how far the device's hasher stays behind the end of the .part: twice the writes in flight
+STREAM_LAG = 2 * MAX_REQUESTS * BLOCK_SIZE
+
+
+async def _rename(sftp: asyncssh.SFTPClient, src: str, dst: str) -> None:
+    try:
+        await sftp.posix_rename(src, dst)
+    except (asyncssh.SFTPOpUnsupported, asyncssh.SFTPFailure):
+        with contextlib.suppress(asyncssh.SFTPError):
+            await sftp.remove(dst)
+        await sftp.rename(src, dst)
+
+
 class DigestMismatch(CommandFailed):
     """The file on the device does not have the expected sha256 after the upload."""
 
@@ -143,6 +189,9 @@ class ShipStats:
     sent: int = 0
     resumed_from: int = 0
     skipped: bool = False
+    #: how the digest was checked on the device: "stream" (hashed while it arrived), "rehash"
+    #: (the whole file read again after the upload), "" (skipped, or not got that far)
+    verified: str = ""
     part_size: int | None = None
 
 
@@ -261,8 +310,24 @@ async def ship(
             parent = posixpath.dirname(sdest)
             if parent:
                 await sftp.makedirs(parent, exist_ok=True)
-            await _upload(sftp, spart, payload, st.resumed_from, st, progress, max_requests)
+            if part_size is not None:  # what follows the resume point is sent again: drop it
+                await sftp.truncate(spart, st.resumed_from)
+            # the device hashes the .part while it arrives, a little behind the writes
+            argv = f"{shlex.quote(part if not part.startswith('~/') else part[2:])} {st.size} {STREAM_LAG}"
+            hasher = await conn.create_process(f"{shell_path(python)} -c {shlex.quote(STREAM)} {argv}")
+            try:
+                await _upload(sftp, spart, payload, st.resumed_from, st, progress, max_requests)
+                hasher.stdin.write("done\n")
+                streamed = str(await asyncio.wait_for(hasher.stdout.read(), settings.ssh_command_timeout_s)).strip()
+            finally:
+                hasher.close()
+            if streamed == payload.sha256:
+                await _rename(sftp, spart, sdest)
+                st.verified = "stream"
+                return st
+        # not what was sent (e.g. a write landed behind the hasher): hash the whole file again
         done = await _script(conn, target, settings, python, FINISH, part, dest, payload.sha256)
+        st.verified = "rehash"
     except _LOST as exc:
         raise _dropped(exc, target, f"the upload of {dest}") from exc
     except asyncssh.SFTPError as exc:
