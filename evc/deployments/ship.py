@@ -46,7 +46,8 @@ MAX_REQUESTS = 16
 #: OpenSSH's sftp/scp (64 x 32 KiB)
 BLOCK_SIZE = 4 * 32768 - 512
 
-#: run by the device's Python: argv = dest, part, segment, check_dest (1: hash dest). Prints one
+#: run by the device's Python (-S: these scripts need the standard library only, and start
+#: faster without site): argv = dest, part, segment, check_dest (1: hash dest). Prints one
 #: JSON line.
 PROBE = r"""
 import hashlib, json, os, sys
@@ -211,7 +212,7 @@ _LOST = (asyncssh.SFTPConnectionLost, asyncssh.SFTPNoConnection, asyncssh.Connec
 async def _script(conn: asyncssh.SSHClientConnection, target: ssh.Target, settings: Settings, python: str,
                   script: str, *args: str | int) -> dict[str, object]:  # fmt: skip
     argv = " ".join(shell_path(a) if isinstance(a, str) else shlex.quote(str(a)) for a in args)
-    res = await ssh.run(conn, f"{shell_path(python)} - {argv}", target, settings, input=script, check=False)
+    res = await ssh.run(conn, f"{shell_path(python)} -S - {argv}", target, settings, input=script, check=False)
     lines = [x for x in str(res.stdout or "").splitlines() if x.strip()]
     if res.exit_status != 0 or not lines:
         err = [x for x in str(res.stderr or "").splitlines() if x.strip()]
@@ -314,7 +315,7 @@ async def ship(
                 await sftp.truncate(spart, st.resumed_from)
             # the device hashes the .part while it arrives, a little behind the writes
             argv = f"{shlex.quote(part if not part.startswith('~/') else part[2:])} {st.size} {STREAM_LAG}"
-            hasher = await conn.create_process(f"{shell_path(python)} -c {shlex.quote(STREAM)} {argv}")
+            hasher = await conn.create_process(f"{shell_path(python)} -S -c {shlex.quote(STREAM)} {argv}")
             try:
                 await _upload(sftp, spart, payload, st.resumed_from, st, progress, max_requests)
                 hasher.stdin.write("done\n")
