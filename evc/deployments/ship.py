@@ -2,8 +2,12 @@
 
 The file goes to ``<dest>.part`` in pipelined SFTP writes (up to ``max_requests`` blocks in
 flight, so the transfer runs near the wire's speed), and is renamed to ``<dest>`` only after the
-sha256 of the whole ``.part``, computed on the device by the device's Python, matches. Before
-sending anything, the device reports (one pass over its files):
+sha256 of the whole ``.part``, computed on the device by the device's Python, matches: the
+device hashes the ``.part`` while it arrives (a little behind the writes in flight), so the
+check costs little time after the last byte; should that digest differ (a write that landed
+behind the hasher), the whole file is hashed again before anything is concluded. Where a
+``<dest>`` or a ``.part`` is there already (an SFTP stat tells), the device reports first, in
+one pass over its files:
 
 * the sha256 of ``<dest>`` when it exists: the right digest there means nothing is sent again;
 * the size of ``<dest>.part`` and the sha256 of its prefixes at every ``SEGMENT`` boundary. The
