@@ -13,10 +13,12 @@ The order alternates between rounds; the files are removed after each run and th
 synced before the next. Prints each run's wall time and CPU seconds (the simulator with the
 commands it ran, and the client side: scp + ssh, or EVC's process), the medians and their
 ratio (target: EVC <= 1.2 x scp). Both share one simulator process and this machine's cores:
-on a loaded machine wall times vary a lot; the CPU seconds much less. Then the resume figure: one device, the connection cut when half the
-file has been handed to SFTP, then a new connection ships again and resumes; bytes re-sent is
-what the device already had beyond the resume point, and, as an upper bound, every byte handed
-to SFTP in both attempts beyond the file's size (target <= 10 % of the file).
+on a loaded machine wall times vary a lot; the CPU seconds much less.
+
+Then the resume figure: one device, the connection cut when half the file has been handed to
+SFTP, then a new connection ships again and resumes; bytes re-sent is what the device already
+had beyond the resume point, and, as an upper bound, every byte handed to SFTP in both attempts
+beyond the file's size (target <= 10 % of the file).
 
     .venv/bin/python bench/ship.py [--devices 20] [--mb 100] [--rounds 2]
 """
