@@ -30,7 +30,8 @@ import asyncssh
 
 from evc import pool as pooling
 from evc import ssh
-from evc.errors import CommandFailed
+from evc.deployments import ship as shipping
+from evc.errors import CommandFailed, ConnectionDropped
 from evc.fl.channels import put_file, shell_path
 from evc.settings import Settings
 from evc.store import JSON
@@ -45,6 +46,8 @@ from {BUNDLE_PACKAGE}.cli import main
 
 raise SystemExit(main())
 """
+#: attempts at one device when its connection drops (each one resumes the model's upload)
+SHIP_ATTEMPTS = 3
 #: how long the server gets to answer ready after its start
 READY_TIMEOUT_S = 30.0
 
@@ -110,12 +113,6 @@ esac
 
 #: run by the deployment's Python on the device: numpy and onnxruntime are there
 _CHECK = "import onnxruntime, numpy; print(onnxruntime.__version__)"
-
-#: run by the deployment's Python on the device: sha256 of argv[1]
-_HASH = (
-    "import hashlib, sys\nh = hashlib.sha256()\nwith open(sys.argv[1], 'rb') as f:\n"
-    "    for b in iter(lambda: f.read(1 << 20), b''):\n        h.update(b)\nprint(h.hexdigest())\n"
-)
 
 #: the health gate, run by the deployment's Python on the device (stdin): waits for ready,
 #: reads the model's inputs, sends zeros of their shapes, prints one JSON line
@@ -253,6 +250,7 @@ async def install_and_start(settings: Settings, device: Mapping[str, Any], spec:
     reason) when any step fails; a server that started but failed its gate is stopped again."""
     where = str(device.get("name") or device.get("host"))
     bundle = bundle_bytes()
+    payload = shipping.Payload(spec.model, spec.sha256)
 
     async def op(conn: asyncssh.SSHClientConnection, target: ssh.Target) -> JSON:
         def failed(message: str, **extra: Any) -> CommandFailed:
@@ -267,16 +265,15 @@ async def install_and_start(settings: Settings, device: Mapping[str, Any], spec:
         try:
             await put_file(conn, f"{spec.dir}/{BUNDLE}", bundle)
             await put_file(conn, f"{spec.dir}/supervise.sh", supervise_script(spec.python, spec.port).encode())
-            await put_file(conn, f"{spec.model_dir}/model.onnx", spec.model)
         except asyncssh.SFTPError as exc:
             raise failed(f"cannot write to {spec.dir} on {where}: {exc.reason}") from exc
-        model_path = shell_path(f"{spec.model_dir}/model.onnx")
-        res = await _run(conn, target, settings, f"{shell_path(spec.python)} - {model_path}", input=_HASH)
-        got = str(res.stdout or "").strip()
-        if res.exit_status != 0 or got != spec.sha256:
-            await _run(conn, target, settings, f"rm -f {model_path}")
-            why = _last_line(str(res.stderr or ""), res.exit_status) if res.exit_status else f"sha256 {got}"
-            raise failed(f"the model on {where} does not match sha256 {spec.sha256} after the upload ({why})")
+        # the model: resumable (a retry after a drop resumes the .part), digest-verified on the device
+        try:
+            await shipping.ship(conn, target, settings, spec.python, f"{spec.model_dir}/model.onnx", payload)
+        except shipping.DigestMismatch as exc:
+            raise failed(
+                f"the model on {where} does not match sha256 {spec.sha256} after the upload (sha256 {exc.got})"
+            ) from exc
         meta = {"sha256": spec.sha256, "name": spec.name, "version": spec.version, "deployment": spec.deployment}
         await put_file(conn, f"{spec.model_dir}/model.json", json.dumps(meta).encode())
         res = await _run(conn, target, settings, f"sh {shell_path(spec.dir + '/supervise.sh')} start")
@@ -303,7 +300,14 @@ async def install_and_start(settings: Settings, device: Mapping[str, Any], spec:
             "endpoint": f"{target.host}:{spec.port}", "onnxruntime": ort_version, "dir": spec.dir,
         }  # fmt: skip
 
-    return await pooling.pool_for(settings).use(device, op)
+    # a connection that drops (e.g. mid-upload) is retried at once: the upload resumes
+    for attempt in range(1, SHIP_ATTEMPTS + 1):
+        try:
+            return await pooling.pool_for(settings).use(device, op)
+        except ConnectionDropped:
+            if attempt == SHIP_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
 
 
 async def stop_and_remove(settings: Settings, device: Mapping[str, Any], deployment_id: str) -> JSON:
