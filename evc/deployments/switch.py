@@ -27,12 +27,19 @@ import asyncssh
 from evc import pool as pooling
 from evc import ssh
 from evc.deployments import remote
+from evc.deployments import ship as shipping
 from evc.errors import CommandFailed
 from evc.fl.channels import put_file, shell_path
 from evc.settings import Settings
 from evc.store import JSON
 
 STANDBY = "standby"
+
+#: run by the deployment's Python on the device (stdin): the sha256 of the file argv[1]
+_HASH = (
+    "import hashlib, sys\nh = hashlib.sha256()\nwith open(sys.argv[1], 'rb') as f:\n"
+    "    for b in iter(lambda: f.read(1 << 20), b''):\n        h.update(b)\nprint(h.hexdigest())\n"
+)
 
 
 def standby_dir(spec: remote.Spec) -> str:
@@ -41,9 +48,7 @@ def standby_dir(spec: remote.Spec) -> str:
 
 async def _hash(conn: asyncssh.SSHClientConnection, target: ssh.Target, settings: Settings, spec: remote.Spec,
                 path: str) -> str:  # fmt: skip
-    res = await remote._run(
-        conn, target, settings, f"{shell_path(spec.python)} - {shell_path(path)}", input=remote._HASH
-    )
+    res = await remote._run(conn, target, settings, f"{shell_path(spec.python)} - {shell_path(path)}", input=_HASH)
     return str(res.stdout or "").strip() if res.exit_status == 0 else ""
 
 
@@ -62,17 +67,14 @@ async def _place(conn: asyncssh.SSHClientConnection, target: ssh.Target, setting
         res = await remote._run(conn, target, settings, cmd)
         if res.exit_status == 0:
             return False
+    # resumable (a retry after a drop resumes the .part), digest-verified on the device
     try:
-        await put_file(conn, model, spec.model)
-    except asyncssh.SFTPError as exc:
-        raise CommandFailed(f"cannot write to {spec.dir} on {where}: {exc.reason}", device_id=target.device_id) from exc
-    got = await _hash(conn, target, settings, spec, model)
-    if got != spec.sha256:
-        await remote._run(conn, target, settings, f"rm -f {shell_path(model)}")
+        await shipping.ship(conn, target, settings, spec.python, model, shipping.Payload(spec.model, spec.sha256))
+    except shipping.DigestMismatch as exc:
         raise CommandFailed(
-            f"the model on {where} does not match sha256 {spec.sha256} after the upload (sha256 {got or '?'})",
+            f"the model on {where} does not match sha256 {spec.sha256} after the upload (sha256 {exc.got})",
             device_id=target.device_id,
-        )
+        ) from exc
     meta = {"sha256": spec.sha256, "name": spec.name, "version": spec.version, "deployment": spec.deployment}
     await put_file(conn, f"{spec.model_dir}/model.json", json.dumps(meta).encode())
     return True
