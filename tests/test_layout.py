@@ -8,6 +8,7 @@ never in the evc wheel.
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import tarfile
@@ -70,6 +71,33 @@ def test_the_simulator_is_a_distribution_of_its_own() -> None:
     on_disk = {".".join(i.parent.relative_to(ROOT / "sim").parts) for i in (ROOT / "sim").rglob("__init__.py")}
     assert set(sim["tool"]["setuptools"]["packages"]) == on_disk == {"evc_sim"}
     assert not (ROOT / "evc" / "sim").exists() and not (ROOT / "evc" / "sshd.py").exists()
+
+
+#: issue 12: no function or method longer than this many lines, no module longer than MAX_MODULE
+MAX_FUNCTION = 60
+MAX_MODULE = 600
+
+
+def test_no_function_or_module_is_too_long() -> None:
+    """Every tracked .py file outside tests/ and bench/: functions and methods at most
+    MAX_FUNCTION lines (from ``def`` to the last line, decorators not counted), modules at most
+    MAX_MODULE."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    offenders: list[str] = []
+    for _mode, path in _tracked():
+        if not path.endswith(".py") or path.startswith(("tests/", "bench/")) or not (ROOT / path).is_file():
+            continue
+        text = (ROOT / path).read_text()
+        lines = len(text.splitlines())
+        if lines > MAX_MODULE:
+            offenders.append(f"{path}: module of {lines} lines")
+        for node in ast.walk(ast.parse(text, filename=path)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > MAX_FUNCTION:
+                    offenders.append(f"{path}:{node.lineno} {node.name}: {length} lines")
+    assert offenders == [], f"over {MAX_FUNCTION} lines a function or {MAX_MODULE} a module: {offenders}"
 
 
 @pytest.fixture(scope="module")

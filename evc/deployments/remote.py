@@ -244,57 +244,88 @@ async def _log_tail(conn: asyncssh.SSHClientConnection, target: ssh.Target, sett
     return " | ".join(x for x in str(res.stdout or "").strip().splitlines() if x.strip())
 
 
+def _failed(target: ssh.Target, message: str) -> CommandFailed:
+    return CommandFailed(message, device_id=target.device_id)
+
+
+async def _check_python(conn: asyncssh.SSHClientConnection, target: ssh.Target, settings: Settings, spec: Spec,
+                        where: str) -> str:  # fmt: skip
+    """Check that the deployment's Python runs the server (numpy, onnxruntime): onnxruntime's version."""
+    res = await _run(conn, target, settings, f"{shell_path(spec.python)} -c {shlex.quote(_CHECK)}")
+    if res.exit_status != 0:
+        raise _failed(target, python_hint(spec.python, where, _last_line(str(res.stderr or ""), res.exit_status)))
+    return str(res.stdout or "").strip()
+
+
+async def _put_server(conn: asyncssh.SSHClientConnection, target: ssh.Target, settings: Settings, spec: Spec,
+                      where: str, bundle: bytes) -> None:  # fmt: skip
+    """Stop what an earlier attempt left running, then ship the server and its supervisor."""
+    await _run(conn, target, settings, f"sh {shell_path(spec.dir + '/supervise.sh')} stop 2>/dev/null; true")
+    try:
+        await put_file(conn, f"{spec.dir}/{BUNDLE}", bundle)
+        await put_file(conn, f"{spec.dir}/supervise.sh", supervise_script(spec.python, spec.port).encode())
+    except asyncssh.SFTPError as exc:
+        raise _failed(target, f"cannot write to {spec.dir} on {where}: {exc.reason}") from exc
+
+
+async def _ship_model(conn: asyncssh.SSHClientConnection, target: ssh.Target, settings: Settings, spec: Spec,
+                      where: str) -> None:  # fmt: skip
+    """The model: resumable (a retry after a drop resumes the .part), digest-verified on the
+    device; then its model.json."""
+    payload = shipping.Payload(spec.model, spec.sha256)
+    try:
+        await shipping.ship(conn, target, settings, spec.python, f"{spec.model_dir}/model.onnx", payload)
+    except shipping.DigestMismatch as exc:
+        raise _failed(
+            target, f"the model on {where} does not match sha256 {spec.sha256} after the upload (sha256 {exc.got})"
+        ) from exc
+    meta = {"sha256": spec.sha256, "name": spec.name, "version": spec.version, "deployment": spec.deployment}
+    await put_file(conn, f"{spec.model_dir}/model.json", json.dumps(meta).encode())
+
+
+async def _start_server(conn: asyncssh.SSHClientConnection, target: ssh.Target, settings: Settings, spec: Spec,
+                        where: str) -> None:  # fmt: skip
+    res = await _run(conn, target, settings, f"sh {shell_path(spec.dir + '/supervise.sh')} start")
+    if res.exit_status != 0:
+        raise _failed(
+            target, f"the edge server did not start on {where}: {_last_line(str(res.stderr or ''), res.exit_status)}"
+        )
+
+
+async def _gate(conn: asyncssh.SSHClientConnection, target: ssh.Target, settings: Settings, spec: Spec,
+                where: str, what: str = "") -> None:  # fmt: skip
+    """Health-gate the server (ready + one smoke inference); a failing one is stopped again and
+    raises (*what* follows the stage in the message)."""
+    args = " ".join(shlex.quote(str(a)) for a in (spec.port, spec.name, spec.version, READY_TIMEOUT_S))
+    res = await _run(conn, target, settings, f"{shell_path(spec.python)} - {args}", input=GATE,
+                     timeout=READY_TIMEOUT_S + settings.ssh_command_timeout_s)  # fmt: skip
+    try:
+        gate = json.loads(_last_line(str(res.stdout or ""), res.exit_status))
+    except ValueError:
+        gate = {"ok": False, "stage": "gate", "error": _last_line(str(res.stderr or ""), res.exit_status)}
+    if not gate.get("ok"):
+        log = await _log_tail(conn, target, settings, spec)
+        await _run(conn, target, settings, f"sh {shell_path(spec.dir + '/supervise.sh')} stop; true")
+        stage = "not ready" if gate.get("stage") == "ready" else "failed its smoke inference"
+        raise _failed(
+            target,
+            f"the edge server on {where} {stage}{what}: {gate.get('error')}" + (f" (server log: {log})" if log else ""),
+        )
+
+
 async def install_and_start(settings: Settings, device: Mapping[str, Any], spec: Spec) -> JSON:
     """Deploy *spec* on *device*: returns the device's result (``state`` running, ``version``,
     ``sha256``, ``endpoint``). Raises :class:`~evc.errors.DeviceError` (CommandFailed with the
     reason) when any step fails; a server that started but failed its gate is stopped again."""
     where = str(device.get("name") or device.get("host"))
     bundle = bundle_bytes()
-    payload = shipping.Payload(spec.model, spec.sha256)
 
     async def op(conn: asyncssh.SSHClientConnection, target: ssh.Target) -> JSON:
-        def failed(message: str, **extra: Any) -> CommandFailed:
-            return CommandFailed(message, device_id=target.device_id, **extra)
-
-        res = await _run(conn, target, settings, f"{shell_path(spec.python)} -c {shlex.quote(_CHECK)}")
-        if res.exit_status != 0:
-            raise failed(python_hint(spec.python, where, _last_line(str(res.stderr or ""), res.exit_status)))
-        ort_version = str(res.stdout or "").strip()
-        # stop what an earlier attempt left running, then ship
-        await _run(conn, target, settings, f"sh {shell_path(spec.dir + '/supervise.sh')} stop 2>/dev/null; true")
-        try:
-            await put_file(conn, f"{spec.dir}/{BUNDLE}", bundle)
-            await put_file(conn, f"{spec.dir}/supervise.sh", supervise_script(spec.python, spec.port).encode())
-        except asyncssh.SFTPError as exc:
-            raise failed(f"cannot write to {spec.dir} on {where}: {exc.reason}") from exc
-        # the model: resumable (a retry after a drop resumes the .part), digest-verified on the device
-        try:
-            await shipping.ship(conn, target, settings, spec.python, f"{spec.model_dir}/model.onnx", payload)
-        except shipping.DigestMismatch as exc:
-            raise failed(
-                f"the model on {where} does not match sha256 {spec.sha256} after the upload (sha256 {exc.got})"
-            ) from exc
-        meta = {"sha256": spec.sha256, "name": spec.name, "version": spec.version, "deployment": spec.deployment}
-        await put_file(conn, f"{spec.model_dir}/model.json", json.dumps(meta).encode())
-        res = await _run(conn, target, settings, f"sh {shell_path(spec.dir + '/supervise.sh')} start")
-        if res.exit_status != 0:
-            raise failed(
-                f"the edge server did not start on {where}: {_last_line(str(res.stderr or ''), res.exit_status)}"
-            )
-        args = " ".join(shlex.quote(str(a)) for a in (spec.port, spec.name, spec.version, READY_TIMEOUT_S))
-        res = await _run(conn, target, settings, f"{shell_path(spec.python)} - {args}", input=GATE,
-                         timeout=READY_TIMEOUT_S + settings.ssh_command_timeout_s)  # fmt: skip
-        try:
-            gate = json.loads(_last_line(str(res.stdout or ""), res.exit_status))
-        except ValueError:
-            gate = {"ok": False, "stage": "gate", "error": _last_line(str(res.stderr or ""), res.exit_status)}
-        if not gate.get("ok"):
-            log = await _log_tail(conn, target, settings, spec)
-            await _run(conn, target, settings, f"sh {shell_path(spec.dir + '/supervise.sh')} stop; true")
-            stage = "not ready" if gate.get("stage") == "ready" else "failed its smoke inference"
-            raise failed(
-                f"the edge server on {where} {stage}: {gate.get('error')}" + (f" (server log: {log})" if log else "")
-            )
+        ort_version = await _check_python(conn, target, settings, spec, where)
+        await _put_server(conn, target, settings, spec, where, bundle)
+        await _ship_model(conn, target, settings, spec, where)
+        await _start_server(conn, target, settings, spec, where)
+        await _gate(conn, target, settings, spec, where)
         return {
             "state": "running", "version": spec.version, "sha256": spec.sha256,
             "endpoint": f"{target.host}:{spec.port}", "onnxruntime": ort_version, "dir": spec.dir,

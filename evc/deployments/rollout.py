@@ -14,6 +14,7 @@ deployment's record is back on the version it had), naming the device and the re
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from evc.context import Context
@@ -125,85 +126,90 @@ def _at(state: JSON | None, spec: remote.Spec) -> bool:
     return str(state.get("state")) in ok and state.get("sha256") == spec.sha256 and state.get("version") == spec.version
 
 
-def run(store: Store, settings: Settings, job: JobRun) -> JSON | Partial:
-    """The ``deploy`` job of a rollout (``params.rollout``): see the module's docstring."""
-    from evc.deployments.service import _each
+@dataclass
+class _Run:
+    """What the steps of one rollout job share."""
 
-    dep = store.get_deployment(str(job.params["deployment"]))
-    rollout: JSON = dict(dep.get("rollout") or {})
-    n = max(1, int(dep.get("max_unavailable") or 1))
-    new = _spec(settings, store, dep, dep)
-    devices = store.get_devices(job.job["targets"])
-    names = {d["id"]: str(d.get("name") or d["id"]) for d in devices}
-    ports: Mapping[str, int] = dep.get("ports") or {}
-    states = store.deployment_devices(dep["id"])
-    old_specs: dict[str, remote.Spec] = {}
+    store: Store
+    settings: Settings
+    job: JobRun
+    dep: JSON
+    rollout: JSON
+    new: remote.Spec
+    devices: list[Device]
+    names: dict[str, str]
+    ports: Mapping[str, int]
+    states: dict[str, JSON]
+    old_specs: dict[str, remote.Spec] = field(default_factory=dict)
 
-    def spec_for(dev: Device, spec: remote.Spec) -> remote.Spec:
+    def spec_for(self, dev: Device, spec: remote.Spec) -> remote.Spec:
         return remote.Spec(spec.deployment, spec.name, spec.version, spec.model, spec.sha256, spec.python,
-                           int(ports.get(dev["id"], spec.port)))  # fmt: skip
+                           int(self.ports.get(dev["id"], spec.port)))  # fmt: skip
 
-    def old_spec(dev_id: str) -> remote.Spec | None:
+    def old_spec(self, dev_id: str) -> remote.Spec | None:
         """The version *dev_id* ran before the rollout: the one of the deployment's versions
         (the rollout's ``from``, or the previous one before it) its state names; None: none."""
-        sha = (states.get(dev_id) or {}).get("sha256")
-        known = [v for v in (rollout.get("from"), rollout.get("before")) if v and v.get("version")]
+        sha = (self.states.get(dev_id) or {}).get("sha256")
+        known = [v for v in (self.rollout.get("from"), self.rollout.get("before")) if v and v.get("version")]
         fields = next((v for v in known if sha in (None, v.get("sha256"))), None)
         if fields is None:
             return None
         key = str(fields["sha256"])
-        if key not in old_specs:
-            old_specs[key] = _spec(settings, store, dep, fields)
-        return old_specs[key]
+        if key not in self.old_specs:
+            self.old_specs[key] = _spec(self.settings, self.store, self.dep, fields)
+        return self.old_specs[key]
 
-    todo = [d for d in devices if not _at(states.get(d["id"]), new)]
-    for d in devices:  # already there (a rerun, or a rollback to where a device went back to)
-        if d not in todo:
-            store.set_deployment_device(dep["id"], d["id"], {**states[d["id"]], "state": "running", "reason": None})
-    job.event(f"rolling {dep['model']} out to {new.version} on {len(todo)} of {len(devices)} device(s), "
-              f"at most {n} at a time", type=EventType.STEP)  # fmt: skip
-    failed: list[tuple[str, str]] = []
-    reached = 0
-    for start in range(0, len(todo), n):
-        batch = todo[start : start + n]
-        reached += len(batch)
-        for d in batch:
-            st = states.get(d["id"]) or {}
-            store.set_deployment_device(dep["id"], d["id"], {**st, "state": DeploymentDeviceState.UPDATING})
-        results = _each(settings, batch, "update", lambda dev: switch.switch(settings, dev, spec_for(dev, new)))
-        back: list[Device] = []
-        for dev_id, res in results:
-            job.result(dev_id, res)
-            if res["ok"]:
-                store.set_deployment_device(dep["id"], dev_id, {k: v for k, v in res.items() if k != "ok"})
-                job.event(f"{names[dev_id]}: running {new.version}", type=EventType.STEP, target=dev_id)
-            else:
-                failed.append((dev_id, str(res["error"]["message"])))
-                back += [d for d in batch if d["id"] == dev_id]
-        for dev in back:  # each failing device back to the version it ran, gated again
-            reason = dict(failed)[dev["id"]]
-            prev = old_spec(dev["id"])
-            if prev is None:
-                gone = {"state": DeploymentDeviceState.FAILED, "reason": reason, "version": new.version,
-                        "sha256": new.sha256}  # fmt: skip
-                store.set_deployment_device(dep["id"], dev["id"], gone)
-                continue
-            ((_, res),) = _each(
-                settings, [dev], "rollback", lambda d, p=prev: switch.switch(settings, d, spec_for(d, p))
-            )
-            if res["ok"]:
-                state = {**{k: v for k, v in res.items() if k != "ok"}, "state": DeploymentDeviceState.ROLLED_BACK,
-                         "reason": reason}  # fmt: skip
-            else:
-                reason = f"{reason}; going back to {prev.version} failed too: {res['error']['message']}"
-                state = {"state": DeploymentDeviceState.FAILED, "reason": reason, "version": prev.version,
-                         "sha256": prev.sha256}  # fmt: skip
-            store.set_deployment_device(dep["id"], dev["id"], state)
-            job.result(dev["id"], {"ok": False, "error": {"message": reason}, "rolled_back": bool(res["ok"])})
-            job.event(f"{names[dev['id']]}: {state['state']} ({reason})", type=EventType.STEP, target=dev["id"])
-        if failed:
-            break
-    updated = sum(1 for d in devices if _at(store.deployment_devices(dep["id"]).get(d["id"]), new))
+
+def _batch(r: _Run, batch: list[Device], failed: list[tuple[str, str]]) -> None:
+    """Switch *batch* to the new version; the devices that fail go back (appended to *failed*)."""
+    from evc.deployments.service import _each
+
+    dep, new = r.dep, r.new
+    for d in batch:
+        st = r.states.get(d["id"]) or {}
+        r.store.set_deployment_device(dep["id"], d["id"], {**st, "state": DeploymentDeviceState.UPDATING})
+    results = _each(r.settings, batch, "update", lambda dev: switch.switch(r.settings, dev, r.spec_for(dev, new)))
+    back: list[Device] = []
+    for dev_id, res in results:
+        r.job.result(dev_id, res)
+        if res["ok"]:
+            r.store.set_deployment_device(dep["id"], dev_id, {k: v for k, v in res.items() if k != "ok"})
+            r.job.event(f"{r.names[dev_id]}: running {new.version}", type=EventType.STEP, target=dev_id)
+        else:
+            failed.append((dev_id, str(res["error"]["message"])))
+            back += [d for d in batch if d["id"] == dev_id]
+    for dev in back:  # each failing device back to the version it ran, gated again
+        _back(r, dev, dict(failed)[dev["id"]])
+
+
+def _back(r: _Run, dev: Device, reason: str) -> None:
+    """Return *dev*, failed with *reason*, to the version it ran (gated again)."""
+    from evc.deployments.service import _each
+
+    dep, new = r.dep, r.new
+    prev = r.old_spec(dev["id"])
+    if prev is None:
+        gone = {"state": DeploymentDeviceState.FAILED, "reason": reason, "version": new.version,
+                "sha256": new.sha256}  # fmt: skip
+        r.store.set_deployment_device(dep["id"], dev["id"], gone)
+        return
+    ((_, res),) = _each(r.settings, [dev], "rollback", lambda d, p=prev: switch.switch(r.settings, d, r.spec_for(d, p)))
+    if res["ok"]:
+        state = {**{k: v for k, v in res.items() if k != "ok"}, "state": DeploymentDeviceState.ROLLED_BACK,
+                 "reason": reason}  # fmt: skip
+    else:
+        reason = f"{reason}; going back to {prev.version} failed too: {res['error']['message']}"
+        state = {"state": DeploymentDeviceState.FAILED, "reason": reason, "version": prev.version,
+                 "sha256": prev.sha256}  # fmt: skip
+    r.store.set_deployment_device(dep["id"], dev["id"], state)
+    r.job.result(dev["id"], {"ok": False, "error": {"message": reason}, "rolled_back": bool(res["ok"])})
+    r.job.event(f"{r.names[dev['id']]}: {state['state']} ({reason})", type=EventType.STEP, target=dev["id"])
+
+
+def _finish(r: _Run, todo: list[Device], reached: int, failed: list[tuple[str, str]]) -> JSON | Partial:
+    """The job's result: done, partial (raised: failed, the deployment back on its version)."""
+    store, dep, new, names, rollout = r.store, r.dep, r.new, r.names, r.rollout
+    updated = sum(1 for d in r.devices if _at(store.deployment_devices(dep["id"]).get(d["id"]), new))
     left = len(todo) - reached
     summary: JSON = {"deployment": dep["id"], "version": new.version, "updated": updated,
                      "rolled_back": [names[d] for d, _ in failed], "not_reached": left}  # fmt: skip
@@ -211,7 +217,7 @@ def run(store: Store, settings: Settings, job: JobRun) -> JSON | Partial:
         store.update_deployment(dep["id"], state=DeploymentState.RUNNING, rollout={**rollout, "state": "done"})
         return summary
     what = "; ".join(f"{names[d]}: {why}" for d, why in failed)
-    message = (f"the rollout to {new.version} stopped: {what}; {updated} of {len(devices)} device(s) on "
+    message = (f"the rollout to {new.version} stopped: {what}; {updated} of {len(r.devices)} device(s) on "
                f"{new.version}, {left} not reached (still on their version)")  # fmt: skip
     rollout = {**rollout, "state": "stopped", "failed": [{"device": d, "name": names[d], "reason": w}
                                                          for d, w in failed]}  # fmt: skip
@@ -225,6 +231,33 @@ def run(store: Store, settings: Settings, job: JobRun) -> JSON | Partial:
     keep = {str(frm["version"])} | ({str(rollout["before"]["version"])} if rollout.get("before") else set())
     store.index_deployment_versions(dep["id"], dep["model"], keep, {str(dep["version"])})
     raise DeviceError(message, deployment=dep["id"])
+
+
+def run(store: Store, settings: Settings, job: JobRun) -> JSON | Partial:
+    """The ``deploy`` job of a rollout (``params.rollout``): see the module's docstring."""
+    dep = store.get_deployment(str(job.params["deployment"]))
+    rollout: JSON = dict(dep.get("rollout") or {})
+    n = max(1, int(dep.get("max_unavailable") or 1))
+    new = _spec(settings, store, dep, dep)
+    devices = store.get_devices(job.job["targets"])
+    names = {d["id"]: str(d.get("name") or d["id"]) for d in devices}
+    states = store.deployment_devices(dep["id"])
+    r = _Run(store, settings, job, dep, rollout, new, devices, names, dep.get("ports") or {}, states)
+    todo = [d for d in devices if not _at(states.get(d["id"]), new)]
+    for d in devices:  # already there (a rerun, or a rollback to where a device went back to)
+        if d not in todo:
+            store.set_deployment_device(dep["id"], d["id"], {**states[d["id"]], "state": "running", "reason": None})
+    job.event(f"rolling {dep['model']} out to {new.version} on {len(todo)} of {len(devices)} device(s), "
+              f"at most {n} at a time", type=EventType.STEP)  # fmt: skip
+    failed: list[tuple[str, str]] = []
+    reached = 0
+    for start in range(0, len(todo), n):
+        batch = todo[start : start + n]
+        reached += len(batch)
+        _batch(r, batch, failed)
+        if failed:
+            break
+    return _finish(r, todo, reached, failed)
 
 
 __all__ = ["VERSION_FIELDS", "rollback", "run", "update"]

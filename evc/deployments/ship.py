@@ -277,6 +277,41 @@ async def _upload(sftp: asyncssh.SFTPClient, part: str, payload: Payload, offset
             raise failures[0]
 
 
+async def _resume_point(conn: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient, target: ssh.Target,
+                        settings: Settings, python: str, dest: str, payload: Payload,
+                        st: ShipStats) -> tuple[bool, int | None]:  # fmt: skip
+    """What is there already (SFTP stat: no process on the device when nothing is): sets
+    ``st.skipped`` (the right *dest* is there) or ``st.resumed_from``; returns whether to skip
+    and the size of the ``.part`` (None: none)."""
+    part = dest + ".part"
+    dest_size, part_size = await _size(sftp, sftp_path(dest)), await _size(sftp, sftp_path(part))
+    if dest_size == st.size or part_size:
+        check_dest = int(dest_size == st.size)
+        probe = await _script(conn, target, settings, python, PROBE, dest, part, SEGMENT, check_dest)
+        if probe.get("dest") == payload.sha256:
+            st.skipped = True
+            return True, part_size
+        marks = probe.get("marks")
+        st.part_size = part_size
+        st.resumed_from = payload.resume_offset(part_size, [str(m) for m in marks] if isinstance(marks, list) else [])
+    return False, part_size
+
+
+async def _send(conn: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient, settings: Settings, python: str,
+                part: str, payload: Payload, st: ShipStats, progress: Progress | None,
+                max_requests: int) -> str:  # fmt: skip
+    """Upload from ``st.resumed_from`` while the device hashes the .part as it arrives, a little
+    behind the writes: returns the digest the device streamed."""
+    argv = f"{shlex.quote(part if not part.startswith('~/') else part[2:])} {st.size} {STREAM_LAG}"
+    hasher = await conn.create_process(f"{shell_path(python)} -S -c {shlex.quote(STREAM)} {argv}")
+    try:
+        await _upload(sftp, sftp_path(part), payload, st.resumed_from, st, progress, max_requests)
+        hasher.stdin.write("done\n")
+        return str(await asyncio.wait_for(hasher.stdout.read(), settings.ssh_command_timeout_s)).strip()
+    finally:
+        hasher.close()
+
+
 async def ship(
     conn: asyncssh.SSHClientConnection,
     target: ssh.Target,
@@ -299,33 +334,15 @@ async def ship(
     sdest, spart = sftp_path(dest), sftp_path(part)
     try:
         async with conn.start_sftp_client() as sftp:
-            # what is there already (SFTP stat: no process on the device when nothing is)
-            dest_size, part_size = await _size(sftp, sdest), await _size(sftp, spart)
-            if dest_size == st.size or part_size:
-                check_dest = int(dest_size == st.size)
-                probe = await _script(conn, target, settings, python, PROBE, dest, part, SEGMENT, check_dest)
-                if probe.get("dest") == payload.sha256:
-                    st.skipped = True
-                    return st
-                marks = probe.get("marks")
-                st.part_size = part_size
-                st.resumed_from = payload.resume_offset(
-                    part_size, [str(m) for m in marks] if isinstance(marks, list) else []
-                )
+            skip, part_size = await _resume_point(conn, sftp, target, settings, python, dest, payload, st)
+            if skip:
+                return st
             parent = posixpath.dirname(sdest)
             if parent:
                 await sftp.makedirs(parent, exist_ok=True)
             if part_size is not None:  # what follows the resume point is sent again: drop it
                 await sftp.truncate(spart, st.resumed_from)
-            # the device hashes the .part while it arrives, a little behind the writes
-            argv = f"{shlex.quote(part if not part.startswith('~/') else part[2:])} {st.size} {STREAM_LAG}"
-            hasher = await conn.create_process(f"{shell_path(python)} -S -c {shlex.quote(STREAM)} {argv}")
-            try:
-                await _upload(sftp, spart, payload, st.resumed_from, st, progress, max_requests)
-                hasher.stdin.write("done\n")
-                streamed = str(await asyncio.wait_for(hasher.stdout.read(), settings.ssh_command_timeout_s)).strip()
-            finally:
-                hasher.close()
+            streamed = await _send(conn, sftp, settings, python, part, payload, st, progress, max_requests)
             if streamed == payload.sha256:
                 await _rename(sftp, spart, sdest)
                 st.verified = "stream"

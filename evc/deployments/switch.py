@@ -80,6 +80,24 @@ async def _place(conn: asyncssh.SSHClientConnection, target: ssh.Target, setting
     return True
 
 
+async def _to_standby(conn: asyncssh.SSHClientConnection, target: ssh.Target, settings: Settings,
+                      spec: remote.Spec, where: str) -> None:  # fmt: skip
+    """Every other version of the model goes to standby/ (the one it replaces is kept there)."""
+    models, spare, keep = (shell_path(f"{spec.dir}/models/{spec.name}"), shell_path(standby_dir(spec)),
+                           shlex.quote(spec.version))  # fmt: skip
+    cmd = (
+        f'mkdir -p {spare} && for v in $(ls {models}); do if [ "$v" != {keep} ]; then '
+        f'rm -rf {spare}/"$v"; mv {models}/"$v" {spare}/; fi; done; '
+        f'for v in $(ls {spare}); do [ -d {models}/"$v" ] && rm -rf {spare}/"$v"; done; true'
+    )
+    res = await remote._run(conn, target, settings, cmd)
+    if res.exit_status != 0:
+        raise CommandFailed(
+            f"cannot switch versions on {where}: {remote._last_line(str(res.stderr or ''), res.exit_status)}",
+            device_id=target.device_id,
+        )
+
+
 async def switch(settings: Settings, device: Mapping[str, Any], spec: remote.Spec) -> JSON:
     """Make *device* serve *spec* (another version of the deployment's model): ship it beside
     the running one, restart the server on it, the others kept in ``standby/``, health-gate it.
@@ -89,55 +107,13 @@ async def switch(settings: Settings, device: Mapping[str, Any], spec: remote.Spe
     where = str(device.get("name") or device.get("host"))
 
     async def op(conn: asyncssh.SSHClientConnection, target: ssh.Target) -> JSON:
-        def failed(message: str) -> CommandFailed:
-            return CommandFailed(message, device_id=target.device_id)
-
-        py = shell_path(spec.python)
-        res = await remote._run(conn, target, settings, f"{py} -c {shlex.quote(remote._CHECK)}")
-        if res.exit_status != 0:
-            raise failed(
-                remote.python_hint(spec.python, where, remote._last_line(str(res.stderr or ""), res.exit_status))
-            )
+        await remote._check_python(conn, target, settings, spec, where)
         shipped = await _place(conn, target, settings, spec, where)
-        supervise = shell_path(spec.dir + "/supervise.sh")
-        await remote._run(conn, target, settings, f"sh {supervise} stop 2>/dev/null; true")
-        try:  # the server and its supervisor (a device that missed the first deployment has neither)
-            await put_file(conn, f"{spec.dir}/{remote.BUNDLE}", remote.bundle_bytes())
-            await put_file(conn, f"{spec.dir}/supervise.sh", remote.supervise_script(spec.python, spec.port).encode())
-        except asyncssh.SFTPError as exc:
-            raise failed(f"cannot write to {spec.dir} on {where}: {exc.reason}") from exc
-        # every other version of the model goes to standby/ (the one it replaces is kept there)
-        models, spare, keep = (shell_path(f"{spec.dir}/models/{spec.name}"), shell_path(standby_dir(spec)),
-                               shlex.quote(spec.version))  # fmt: skip
-        cmd = (
-            f'mkdir -p {spare} && for v in $(ls {models}); do if [ "$v" != {keep} ]; then '
-            f'rm -rf {spare}/"$v"; mv {models}/"$v" {spare}/; fi; done; '
-            f'for v in $(ls {spare}); do [ -d {models}/"$v" ] && rm -rf {spare}/"$v"; done; true'
-        )
-        res = await remote._run(conn, target, settings, cmd)
-        if res.exit_status != 0:
-            raise failed(
-                f"cannot switch versions on {where}: {remote._last_line(str(res.stderr or ''), res.exit_status)}"
-            )
-        res = await remote._run(conn, target, settings, f"sh {supervise} start")
-        if res.exit_status != 0:
-            why = remote._last_line(str(res.stderr or ""), res.exit_status)
-            raise failed(f"the edge server did not start on {where}: {why}")
-        args = " ".join(shlex.quote(str(a)) for a in (spec.port, spec.name, spec.version, remote.READY_TIMEOUT_S))
-        res = await remote._run(conn, target, settings, f"{py} - {args}", input=remote.GATE,
-                                timeout=remote.READY_TIMEOUT_S + settings.ssh_command_timeout_s)  # fmt: skip
-        try:
-            gate = json.loads(remote._last_line(str(res.stdout or ""), res.exit_status))
-        except ValueError:
-            gate = {"ok": False, "stage": "gate", "error": remote._last_line(str(res.stderr or ""), res.exit_status)}
-        if not gate.get("ok"):
-            log = await remote._log_tail(conn, target, settings, spec)
-            await remote._run(conn, target, settings, f"sh {supervise} stop; true")
-            stage = "not ready" if gate.get("stage") == "ready" else "failed its smoke inference"
-            raise failed(
-                f"the edge server on {where} {stage} on version {spec.version}: {gate.get('error')}"
-                + (f" (server log: {log})" if log else "")
-            )
+        # the server and its supervisor (a device that missed the first deployment has neither)
+        await remote._put_server(conn, target, settings, spec, where, remote.bundle_bytes())
+        await _to_standby(conn, target, settings, spec, where)
+        await remote._start_server(conn, target, settings, spec, where)
+        await remote._gate(conn, target, settings, spec, where, f" on version {spec.version}")
         return {
             "state": "running", "version": spec.version, "sha256": spec.sha256,
             "endpoint": f"{target.host}:{spec.port}", "dir": spec.dir, "shipped": shipped,
