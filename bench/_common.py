@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -97,3 +100,20 @@ def emit(figures: list[Figure]) -> None:
     for f in figures:
         print(FIGURE_PREFIX + f.to_json())
     sys.stdout.flush()
+
+
+def spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """Start *argv* in a session of its own, its output appended to *log*."""
+    with open(log, "ab") as fh:
+        return subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group :func:`spawn` started; SIGKILL after 20 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

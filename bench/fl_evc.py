@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Figure, emit, private_stack  # noqa: E402
+from _common import Figure, emit, private_stack, spawn, stop  # noqa: E402
 from evc.api.app import create_app  # noqa: E402
 
 from evc import keys  # noqa: E402
@@ -79,21 +78,6 @@ class API:
         raise SystemExit(f"job {job_id} did not finish in {timeout} s")
 
 
-def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as fh:
-        return subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
     redis, settings = private_stack(tmp)
     procs: list[subprocess.Popen[bytes]] = []
@@ -102,12 +86,12 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
         keys.ensure_keypair(settings)
         env = {**os.environ, **settings_env(settings)}
         state = tmp / "sim" / "devices.json"
-        procs.append(_spawn(
+        procs.append(spawn(
             [sys.executable, "-m", "evc_sim", "--devices", str(DEVICES), "--root", str(tmp / "sim"),
              "--state-file", str(state), "--authorized-keys", str(settings.key_path.with_suffix(".pub")),
              "--privileges", "root", "--prefix", "fl"], env, tmp / "sim.log",
         ))  # fmt: skip
-        procs.append(_spawn(
+        procs.append(spawn(
             [sys.executable, "-m", "celery", "-A", "evc.workers.app", "worker", "-Q", "default,ssh,ansible,fl",
              "-P", args.pool, "-c", str(args.concurrency), "-n", "bench-fl@%h", "-l", "WARNING",
              "--without-mingle", "--without-gossip"], env, tmp / "worker.log",
@@ -163,7 +147,7 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
         return ok, figures
     finally:
         for p in reversed(procs):
-            _stop(p)
+            stop(p)
         redis.stop()
 
 

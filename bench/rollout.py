@@ -23,7 +23,6 @@ import argparse
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from typing import Any, cast
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import Figure, emit, private_stack  # noqa: E402
+from _common import Figure, emit, private_stack, spawn, stop  # noqa: E402
 from evc.api.app import create_app  # noqa: E402
 
 from evc import keys  # noqa: E402
@@ -71,21 +70,6 @@ class API:
         raise SystemExit(f"job {job_id} did not finish in {timeout} s")
 
 
-def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as fh:
-        return subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def _python(home: Path, faulty: bool) -> None:
     env = ""
     if faulty:
@@ -110,12 +94,12 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
         keys.ensure_keypair(settings)
         env = {**os.environ, **settings_env(settings)}
         state = tmp / "sim" / "devices.json"
-        procs.append(_spawn(
+        procs.append(spawn(
             [sys.executable, "-m", "evc_sim", "--devices", str(args.devices), "--root", str(tmp / "sim"),
              "--state-file", str(state), "--authorized-keys", str(settings.key_path.with_suffix(".pub")),
              "--privileges", "root", "--prefix", "ro"], env, tmp / "sim.log",
         ))  # fmt: skip
-        procs.append(_spawn(
+        procs.append(spawn(
             [sys.executable, "-m", "celery", "-A", "evc.workers.app", "worker", "-Q", "default,ssh,ansible",
              "-P", "threads", "-c", "4", "-n", "bench-rollout@%h", "-l", "WARNING",
              "--without-mingle", "--without-gossip"], env, tmp / "worker.log",
@@ -200,7 +184,7 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
             for script in (Path(d.home) / ".evc" / "deploy").glob("*/supervise.sh"):
                 subprocess.run(["sh", str(script), "stop"], check=False, timeout=30)
         for p in reversed(procs):
-            _stop(p)
+            stop(p)
         redis.stop()
 
 

@@ -13,13 +13,12 @@ import io
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,8 +26,9 @@ import pytest
 from evc.deployments import remote
 from evc.embedded import free_port
 from evc.model import Device
-from evc.store import Store, new_id
+from evc.store import Store
 from evc_sim import SimDevice, SimulatorThread
+from tests.fixtures.deploy import device_records, started_devices
 from tests.fixtures.helpers import wait_until
 from tests.fixtures.onnx_models import digits_model
 
@@ -50,12 +50,8 @@ def test_bundle_is_a_runnable_zip_app_and_reproducible() -> None:
 
 @pytest.fixture(scope="module")
 def pair(simulator: SimulatorThread) -> Iterator[list[SimDevice]]:
-    devices = simulator.start(2, f"dp{os.getpid() % 10000}", privileges="root")
-    yield devices
-    for d in devices:  # servers a failed test left running
-        for script in (d.home / ".evc" / "deploy").glob("*/supervise.sh"):
-            subprocess.run(["sh", str(script), "stop"], check=False, timeout=30)
-        simulator.remove(d.name)
+    with started_devices(simulator, 2, f"dp{os.getpid() % 10000}") as devices:
+        yield devices
 
 
 def _python(dev: SimDevice, interpreter: str) -> None:
@@ -68,17 +64,8 @@ def _python(dev: SimDevice, interpreter: str) -> None:
 @pytest.fixture()
 def devices(store: Store, pair: list[SimDevice]) -> Iterator[list[Device]]:
     """Device records for the pair (as registration leaves them), removed after the test."""
-    out = []
-    for d in pair:
-        rec = cast(Device, {
-            "id": new_id("dev"), "name": d.name, "host": d.host, "port": d.port, "username": d.username,
-            "host_key": d.host_key_public, "state": "online", "privilege": "root", "level": 0, "labels": {},
-            "cluster_id": None, "health": None, "created_at": time.time(),
-        })  # fmt: skip
-        out.append(store.create_device(rec, token_hash="h-" + rec["id"]))
-    yield out
-    for rec in out:
-        store.delete_device(rec["id"])
+    with device_records(store, pair) as out:
+        yield out
 
 
 def _push_model(api: Any, name: str) -> bytes:

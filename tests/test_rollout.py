@@ -13,7 +13,6 @@ import functools
 import io
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -25,8 +24,9 @@ import pytest
 
 from evc.embedded import free_port
 from evc.model import Device
-from evc.store import Store, new_id
+from evc.store import Store
 from evc_sim import SimDevice, SimulatorThread
+from tests.fixtures.deploy import device_records, started_devices
 from tests.fixtures.helpers import wait_until
 from tests.fixtures.onnx_models import digits_model, fit_softmax, softmax_model
 
@@ -73,27 +73,14 @@ def push(api: Any, name: str, version: str, data: bytes) -> None:
 
 @pytest.fixture(scope="module")
 def four(simulator: SimulatorThread) -> Iterator[list[SimDevice]]:
-    devices = simulator.start(4, f"ro{os.getpid() % 10000}", privileges="root")
-    yield devices
-    for d in devices:  # servers a failed test left running
-        for script in (d.home / ".evc" / "deploy").glob("*/supervise.sh"):
-            subprocess.run(["sh", str(script), "stop"], check=False, timeout=30)
-        simulator.remove(d.name)
+    with started_devices(simulator, 4, f"ro{os.getpid() % 10000}") as devices:
+        yield devices
 
 
 @pytest.fixture()
 def records(store: Store, four: list[SimDevice]) -> Iterator[list[Device]]:
-    out = []
-    for d in four:
-        rec = cast(Device, {
-            "id": new_id("dev"), "name": d.name, "host": d.host, "port": d.port, "username": d.username,
-            "host_key": d.host_key_public, "state": "online", "privilege": "root", "level": 0, "labels": {},
-            "cluster_id": None, "health": None, "created_at": time.time(),
-        })  # fmt: skip
-        out.append(store.create_device(rec, token_hash="h-" + rec["id"]))
-    yield out
-    for rec in out:
-        store.delete_device(rec["id"])
+    with device_records(store, four) as out:
+        yield out
 
 
 def infer(endpoint: str, name: str, version: str, x: np.ndarray) -> np.ndarray:
