@@ -10,8 +10,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from evc.embedded import RedisServer
 from evc.settings import Settings, load_settings
@@ -117,3 +119,35 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+class API:
+    """EVC's API in process (Flask's test client) with an admin token of its own."""
+
+    def __init__(self, settings: Settings, store: Any) -> None:
+        from evc.api.app import create_app
+
+        from evc.auth import create_operator_token
+        from evc.context import Context
+
+        self.client = create_app(settings).test_client()
+        _, self.token = create_operator_token(Context(store, settings), "bench", ["admin"])
+
+    def call(self, method: str, path: str, **kw: Any) -> Any:
+        resp = self.client.open(path, method=method, headers={"Authorization": f"Bearer {self.token}"}, **kw)
+        body = resp.get_json(silent=True)
+        if resp.status_code >= 400:
+            raise SystemExit(f"{method} {path}: {resp.status_code} {body}")
+        return body
+
+    def wait(self, job_id: str, timeout: float = 900.0, *, succeed: bool = False) -> dict[str, Any]:
+        """The job once it ended; with *succeed*, anything but ``succeeded`` stops the benchmark."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.call("GET", f"/api/v1/jobs/{job_id}")
+            if job["state"] in ("succeeded", "partial", "failed", "cancelled"):
+                if succeed and job["state"] != "succeeded":
+                    raise SystemExit(f"job {job_id} {job['state']}: {json.dumps(job, indent=1)[:3000]}")
+                return dict(job)
+            time.sleep(0.05)
+        raise SystemExit(f"job {job_id} did not finish in {timeout} s")

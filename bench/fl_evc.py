@@ -30,13 +30,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Figure, emit, private_stack, spawn, stop  # noqa: E402
-from evc.api.app import create_app  # noqa: E402
+from _common import API, Figure, emit, private_stack, spawn, stop  # noqa: E402
 
 from evc import keys  # noqa: E402
-from evc.auth import create_operator_token  # noqa: E402
-from evc.context import Context  # noqa: E402
-from evc.settings import Settings, settings_env  # noqa: E402
+from evc.settings import settings_env  # noqa: E402
 from evc.store import Store  # noqa: E402
 from evc_sim import read_state  # noqa: E402
 
@@ -52,30 +49,6 @@ REFERENCE_ROUND_S = {
 TARGET_ROUND_S = 0.3
 TOLERANCE = 0.005
 DEVICES = 10
-
-
-class API:
-    def __init__(self, settings: Settings, store: Store) -> None:
-        self.client = create_app(settings).test_client()
-        _, self.token = create_operator_token(Context(store, settings), "bench", ["admin"])
-
-    def call(self, method: str, path: str, **kw: Any) -> Any:
-        resp = self.client.open(path, method=method, headers={"Authorization": f"Bearer {self.token}"}, **kw)
-        body = resp.get_json(silent=True)
-        if resp.status_code >= 400:
-            raise SystemExit(f"{method} {path}: {resp.status_code} {body}")
-        return body
-
-    def wait(self, job_id: str, timeout: float = 600.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            job = self.call("GET", f"/api/v1/jobs/{job_id}")
-            if job["state"] in ("succeeded", "failed", "cancelled"):
-                if job["state"] != "succeeded":
-                    raise SystemExit(f"job {job_id} {job['state']}: {json.dumps(job, indent=1)[:3000]}")
-                return dict(job)
-            time.sleep(0.05)
-        raise SystemExit(f"job {job_id} did not finish in {timeout} s")
 
 
 def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
@@ -110,8 +83,12 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
             out = api.call("POST", "/api/v1/devices", json={"name": d.name, "host": d.host, "port": d.port,
                                                             "username": d.username})  # fmt: skip
             ids.append(out["device"]["id"])
-            api.wait(out["job"]["id"], 120)
-        api.wait(api.call("POST", "/api/v1/fl/install", json={"devices": ids, "python": sys.executable})["id"])
+            api.wait(out["job"]["id"], 120, succeed=True)
+        api.wait(
+            api.call("POST", "/api/v1/fl/install", json={"devices": ids, "python": sys.executable})["id"],
+            600,
+            succeed=True,
+        )
         print(
             f"{DEVICES} devices registered over SSH and FL client installed in {time.monotonic() - t0:.1f} s "
             f"(worker: {args.pool} pool, concurrency {args.concurrency})"
@@ -127,7 +104,9 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
                     "POST",
                     "/api/v1/fl/partition",
                     json={"devices": ids, "name": name, "partition": partition, "alpha": 0.5, "seed": 42},
-                )["id"]
+                )["id"],
+                600,
+                succeed=True,
             )
             started = time.monotonic()
             job = api.call("POST", "/api/v1/fl/jobs", json={
@@ -135,7 +114,7 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
                 "strategy": "fedavg", "seed": 42, "lr": 0.1, "batch_size": 32, "local_epochs": 1,
                 "python": sys.executable, "test_set": name, "round_timeout": 60,
             })  # fmt: skip
-            api.wait(job["id"])
+            api.wait(job["id"], 600, succeed=True)
             wall = time.monotonic() - started
             view = api.call("GET", f"/api/v1/fl/jobs/{job['id']}")
             matched, figs = report(partition, view, wall)

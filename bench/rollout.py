@@ -28,46 +28,21 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import Figure, emit, private_stack, spawn, stop  # noqa: E402
-from evc.api.app import create_app  # noqa: E402
+from _common import API, Figure, emit, private_stack, spawn, stop  # noqa: E402
 
 from evc import keys  # noqa: E402
-from evc.auth import create_operator_token  # noqa: E402
-from evc.context import Context  # noqa: E402
 from evc.embedded import free_port  # noqa: E402
 from evc.model import Device  # noqa: E402
-from evc.settings import Settings, settings_env  # noqa: E402
+from evc.settings import settings_env  # noqa: E402
 from evc.store import Store, new_id  # noqa: E402
 from evc_sim import read_state  # noqa: E402
 from tests.fixtures.onnx_models import digits_model, fit_softmax, softmax_model  # noqa: E402
 from tests.test_rollout import FAULT  # noqa: E402
-
-
-class API:
-    def __init__(self, settings: Settings, store: Store) -> None:
-        self.client = create_app(settings).test_client()
-        _, self.token = create_operator_token(Context(store, settings), "bench", ["admin"])
-
-    def call(self, method: str, path: str, **kw: Any) -> Any:
-        resp = self.client.open(path, method=method, headers={"Authorization": f"Bearer {self.token}"}, **kw)
-        body = resp.get_json(silent=True)
-        if resp.status_code >= 400:
-            raise SystemExit(f"{method} {path}: {resp.status_code} {body}")
-        return body
-
-    def wait(self, job_id: str, timeout: float = 900.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            job = self.call("GET", f"/api/v1/jobs/{job_id}")
-            if job["state"] in ("succeeded", "partial", "failed", "cancelled"):
-                return dict(job)
-            time.sleep(0.05)
-        raise SystemExit(f"job {job_id} did not finish in {timeout} s")
 
 
 def _python(home: Path, faulty: bool) -> None:
