@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from evc.api.deps import context, get_sender, get_settings, get_store, require, unit_of_work
-from evc.api.schemas import JobListArgs, JobPageSchema, JobSchema, StrictSchema, page
+from evc.api.schemas import JobListArgs, JobPageSchema, JobSchema, StrictSchema, one_of, page
 from flask import Response
 from flask_smorest import Blueprint
 from marshmallow import ValidationError as SchemaError
@@ -32,6 +32,8 @@ class DataSpecSchema(StrictSchema):
 
 
 class Targets(StrictSchema):
+    openapi_extra = one_of("devices", "cluster")
+
     devices = fields.List(fields.String(validate=ID), validate=validate.Length(min=1, max=10_000))
     cluster = fields.String(validate=ID)
 
