@@ -116,7 +116,8 @@ def _curve(xs: Sequence[Any], vals: list[float | None], xf: Any, yf: Any, colour
             x = escape(str(xs[i])) if i < len(xs) else str(i)
             out.append(f'<circle cx="{p[0]}" cy="{p[1]}" r="3" fill="{colour}">'
                        f"<title>{escape(name)} {x}: {_num(vals[i])}</title></circle>")  # fmt: skip
-    out.append(f'<text x="{12 + 110 * n}" y="12" font-size="11" fill="{colour}">{escape(name)}</text>')
+    out.append(f'<text x="{xf(0) + 12 + 110 * n}" y="{12}" font-size="11" font-weight="600" fill="{colour}">'
+               f"{escape(name)}</text>")  # fmt: skip
     return out
 
 

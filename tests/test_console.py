@@ -78,6 +78,7 @@ def test_every_page_renders_and_actions_go_through_the_services(api: Any, flush:
                  "/ui/tokens", "/ui/static/console.css", "/ui/static/console.js"):  # fmt: skip
         resp = client.get(path)
         assert resp.status_code == 200, (path, resp.get_data(as_text=True)[:3000])
+        assert 'name="csrf" value=""' not in resp.get_data(as_text=True), path  # every form carries its token
     assert client.get("/ui/devices/dev_nope").status_code == 404
     page = client.get(f"/ui/jobs/{job['id']}").get_data(as_text=True)
     assert "data-stream=" in page  # a queued job streams its events live
