@@ -95,3 +95,16 @@ def test_every_page_renders_and_actions_go_through_the_services(api: Any, flush:
     assert "event: job-event" in body and body.rstrip().endswith('data: {"state": "cancelled"}')
     resumed = client.get(f"/ui/jobs/{job['id']}/stream", headers={"Last-Event-ID": "1000"}).get_data(as_text=True)
     assert "job-event" not in resumed and "event: end" in resumed
+
+
+def test_a_dry_run_shows_each_hosts_drift_and_its_diff(api: Any, flush: None) -> None:
+    client = api.app.test_client()
+    sign_in(client, api.admin)
+    _, job = api.call("POST", "/api/v1/jobs", json={"kind": "noop"})
+    drift = [{"task": "write the motd", "action": "copy", "diff": "--- before\n+++ after\n-old <b>\n+new"}]
+    api.store.set_result(job["id"], "dev_a", {"status": "ok", "ok": 3, "changed": 1, "failed": 0, "unreachable": 0,
+                                              "drift": drift, "in_sync": False})  # fmt: skip
+    api.store.set_result(job["id"], "dev_b", {"status": "ok", "drift": [], "in_sync": True})
+    page = client.get(f"/ui/jobs/{job['id']}").get_data(as_text=True)
+    assert "drift: write the motd" in page and "-old &lt;b&gt;\n+new" in page  # the diff, escaped
+    assert "in sync" in page and "ok 3 · changed 1 · failed 0" in page

@@ -44,3 +44,14 @@ def test_ago_and_health_values() -> None:
         {"ok": True, "load1": 1.0},
     ]
     assert console.health_values(samples, 4) == [0.5, None, 0.25]
+
+
+def test_a_health_change_adds_a_sample_to_the_history() -> None:
+    from evc.store.sessions import health_sample
+
+    assert health_sample("dev_1", {"state": "online"}) is None  # no health record in the change
+    got = health_sample("dev_1", {"state": "degraded", "health": {"checked_at": 5.0, "load1": 3.0,
+                                                                 "mem_used_ratio": 0.5, "error": None}})  # fmt: skip
+    assert got == {"ts": 5.0, "load1": 3.0, "mem": 0.5, "ok": True, "state": "degraded"}
+    failed = health_sample("dev_1", {"health": {"checked_at": 6.0, "error": {"reason": "timeout"}}})
+    assert failed is not None and failed["ok"] is False
