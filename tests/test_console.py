@@ -7,10 +7,13 @@ headless Chromium against a real fleet.)"""
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from evc.api.ui.session import COOKIE
+
+from evc.model import Device
+from evc.store import new_id
 
 pytestmark = pytest.mark.integration
 
@@ -108,3 +111,29 @@ def test_a_dry_run_shows_each_hosts_drift_and_its_diff(api: Any, flush: None) ->
     page = client.get(f"/ui/jobs/{job['id']}").get_data(as_text=True)
     assert "drift: write the motd" in page and "-old &lt;b&gt;\n+new" in page  # the diff, escaped
     assert "in sync" in page and "ok 3 · changed 1 · failed 0" in page
+
+
+def test_raise_level_and_retry_go_through_the_services(api: Any, flush: None) -> None:
+    client = api.app.test_client()
+    csrf = sign_in(client, api.admin)
+    _, cl = api.call("POST", "/api/v1/clusters", json={"name": "ui-levels", "profile": "direct", "target_level": 0})
+    empty = client.post(f"/ui/clusters/{cl['id']}/level", data={"csrf": csrf, "target": "2"})
+    assert empty.status_code == 409 and "has no members" in empty.get_data(as_text=True)  # the service's refusal
+    dev = api.store.create_device(cast(Device, {
+        "id": new_id("dev"), "name": "ui-member", "host": "127.0.0.1", "port": 1, "username": "edge", "host_key": "k",
+        "state": "online", "privilege": "root", "level": 0, "labels": {}, "cluster_id": None, "health": None,
+        "created_at": 0.0}), token_hash="h-ui-member")  # fmt: skip
+    assert api.store.claim_membership(cl["id"], dev["id"]) is None
+    page = client.get(f"/ui/clusters/{cl['id']}").get_data(as_text=True)
+    assert "ui-member" in page and "at target" in page  # the level it reached, and why not higher
+    resp = client.post(f"/ui/clusters/{cl['id']}/level", data={"csrf": csrf, "target": "2", "check": "on"})
+    assert resp.status_code == 303, resp.get_data(as_text=True)[:2000]
+    job_id = resp.headers["Location"].rsplit("/", 1)[1]
+    _, job = api.call("GET", f"/api/v1/jobs/{job_id}")
+    assert job["kind"] == "level" and job["params"]["target"] == 2 and job["params"]["check"] is True
+    assert job["created_by"] == "operator:test-admin"
+    bad = client.post(f"/ui/clusters/{cl['id']}/level", data={"csrf": csrf, "target": "9"})
+    assert bad.status_code == 422 and "target" in bad.get_data(as_text=True)
+    _, noop = api.call("POST", "/api/v1/jobs", json={"kind": "noop"})
+    refused = client.post(f"/ui/jobs/{noop['id']}/retry", data={"csrf": csrf})  # not a provision job
+    assert refused.status_code >= 400 and "<h1>Error" in refused.get_data(as_text=True)
