@@ -6,6 +6,7 @@ and ``created_by`` see console actions exactly like API ones)."""
 from __future__ import annotations
 
 import hmac
+import logging
 import secrets
 from typing import Any, cast
 
@@ -14,9 +15,11 @@ from evc.api.ui import bp
 from flask import Response, g, redirect, render_template, request, url_for
 
 from evc import auth
-from evc.errors import AuthError, EVCError, Forbidden
+from evc.errors import AuthError, EVCError, Forbidden, StoreUnavailable
 from evc.model import PrincipalKind, Scope
 from evc.store import now
+
+log = logging.getLogger(__name__)
 
 COOKIE = "evc_console"
 #: the sign-in form's CSRF cookie (double submit: there is no session yet)
@@ -139,4 +142,8 @@ def error_page(exc: EVCError) -> Any:
                                         next=request.form.get("next", "")), status=exc.status)  # fmt: skip
         _cookie(resp, PRE_COOKIE, pre, 3600)
         return resp
-    return render_template("ui/error.html", status=exc.status, message=exc.message), exc.status
+    message = exc.message
+    if isinstance(exc, StoreUnavailable):  # as the API says it: the Redis error itself is logged, not shown
+        log.error("store unavailable on %s %s: %s", request.method, request.path, exc.__cause__ or exc)
+        message = "EVC's store (Redis) is unavailable; nothing was done, retry later"
+    return render_template("ui/error.html", status=exc.status, message=message), exc.status
