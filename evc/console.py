@@ -138,6 +138,16 @@ def ago(ts: Any, now: float | None = None) -> str:
     return f"{int(d)} s ago"
 
 
+def until(ts: Any, now: float | None = None) -> str:
+    """'in 59 min' for a time ahead, 'expired' for one past; 'never' without a time."""
+    if not isinstance(ts, int | float) or ts <= 0:
+        return "never"
+    t = time.time() if now is None else now
+    if ts <= t:
+        return "expired"
+    return "in " + ago(t, now=ts).removesuffix(" ago")
+
+
 def health_values(samples: Sequence[Mapping[str, Any]], per_cpu: float = 1.0) -> list[float | None]:
     """What a device's sparkline draws: the 1-minute load per CPU of each sample, None for a
     failed check (a gap)."""

@@ -38,6 +38,7 @@ def test_fl_curves_have_a_point_per_round_and_a_legend() -> None:
 def test_ago_and_health_values() -> None:
     assert console.ago(None) == "never" and console.ago(100, now=112) == "12 s ago"
     assert console.ago(0.5, now=3 * 3600) == "2 h ago" and console.ago(1, now=2 * 86400) == "1 d ago"
+    assert console.until(3600 + 100, now=100) == "in 1 h" and console.until(5, now=6) == "expired"
     samples: list[dict[str, object]] = [
         {"ok": True, "load1": 2.0},
         {"ok": False, "load1": None},

@@ -208,4 +208,5 @@ def tokens() -> Any:
     from evc import auth
 
     return render_template("ui/tokens.html", tokens=[auth.public_token(t) for t in toks],
-                           enrollments=[auth.public_token(e) for e in enrs], audit=audit, ago=console.ago)  # fmt: skip
+                           enrollments=[auth.public_token(e) for e in enrs], audit=audit, ago=console.ago,
+                           until=console.until)  # fmt: skip
