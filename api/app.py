@@ -73,6 +73,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     for mod in BLUEPRINTS:
         api.register_blueprint(importlib.import_module(mod).blp)
     app.register_blueprint(docs_assets.bp)
+    from evc.api import ui  # the web console at /ui (server-rendered; its own error pages)
+
+    app.register_blueprint(ui.bp)
     _errors(app)
     _audit(app)
     if settings.cors_origins:

@@ -138,6 +138,7 @@ class Stack:
         celery = [py, "-m", "celery", "-A", "evc.workers.app"]
         self._spawn("api", [
             py, "-m", "gunicorn", "-c", "python:evc.api.gunicorn_conf", "-w", str(self.api_workers),
+            "--threads", "8",  # threaded workers: the console's live event streams do not hold a whole worker
             "-b", s.api_bind, "--access-logfile", "-", "evc.api.wsgi:app",
         ], api_env)  # fmt: skip
         self._spawn("worker", [
