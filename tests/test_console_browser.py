@@ -143,7 +143,7 @@ def test_console_in_a_browser(api: Any, worker: Any, sim_devices: Any, served: s
     ui.shoot("sign-in")
     ui.css("#token")[0].send_keys(api.admin)
     ui.css("form.narrow button")[0].click()
-    ui.wait(lambda: ui.css("#devices"), 10, "the fleet page after signing in")
+    ui.wait(lambda: ui.css("#devices"), 30, "the fleet page after signing in")
     ui.open("/ui/fleet")
     rows = ui.css("#devices tbody tr")
     # online, or degraded where this shared test machine's load per CPU is past the threshold: up either way
@@ -153,14 +153,14 @@ def test_console_in_a_browser(api: Any, worker: Any, sim_devices: Any, served: s
     ui.shoot("fleet")
 
     ui.css("#devices tbody tr a")[0].click()
-    ui.wait(lambda: ui.css("#provision-form"), 10, "the device page")
+    ui.wait(lambda: ui.css("#provision-form"), 30, "the device page")
     assert "What its privilege allows" in browser.page_source
     ui.shoot("device")
     ui.css("#playbook option[value='facts']")[0].click()
     ui.css("#provision-form button")[0].click()
-    ui.wait(lambda: "/ui/jobs/job_" in browser.current_url, 10, "the provisioning job's page")
+    ui.wait(lambda: "/ui/jobs/job_" in browser.current_url, 30, "the provisioning job's page")
     assert ui.css("[data-stream]"), "the job had finished before its page opened: nothing to watch live"
-    ui.wait(lambda: ui.text("#job-state") == "succeeded" and ui.css("#results tr[data-host]"), 60,
+    ui.wait(lambda: ui.text("#job-state") == "succeeded" and ui.css("#results tr[data-host]"), 120,
             "the provisioning job to finish, live")  # fmt: skip
     assert len(ui.css("#events li")) >= 2
     ui.shoot("job")
@@ -176,8 +176,8 @@ def test_console_in_a_browser(api: Any, worker: Any, sim_devices: Any, served: s
         ui.css(field)[0].clear()
         ui.css(field)[0].send_keys(value)
     ui.css("#fl-start button")[0].click()
-    ui.wait(lambda: "/ui/fl/job_" in browser.current_url, 10, "the FL job's page")
-    ui.wait(lambda: ui.text("#job-state") == "succeeded" and len(ui.css("#rounds tbody tr td")) > 8, 90,
+    ui.wait(lambda: "/ui/fl/job_" in browser.current_url, 30, "the FL job's page")
+    ui.wait(lambda: ui.text("#job-state") == "succeeded" and len(ui.css("#rounds tbody tr td")) > 8, 180,
             "the FL job to finish and its page to show it")  # fmt: skip
     points = ui.css("#accuracy-chart svg circle")
     assert len(points) == 3, browser.page_source[-3000:]
