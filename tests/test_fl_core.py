@@ -45,7 +45,9 @@ from evc.fl.strategy import (
     FitResult,
     Strategy,
     make_strategy,
+    sampling_rng,
 )
+from evc.store import new_id
 
 # rounds 1, 5, 10, 20 of FEDERATED.md
 REFERENCE = {
@@ -247,6 +249,22 @@ def test_sampling_is_seeded_and_order_independent() -> None:
     assert draws != [tuple(c for c, _ in s.configure_fit(r, IDS)) for r in range(1, 6)]
     explicit = s.configure_fit(1, IDS, np.random.default_rng([7, 1]))
     assert [c for c, _ in explicit] == [c for c, _ in a]
+
+
+def test_sampling_follows_the_job_order_never_the_ids() -> None:
+    """Issue 16.1: the same seed and device order pick the same positions on any fleet, whatever
+    ids its registration gave (ids that sort differently from the job order included)."""
+    s = make_strategy("fedavg", fraction_fit=0.5, seed=42)
+    fleets = [[f"dev_{h}" for h in "zyxwvutsrqponmlkjihg"], [f"dev_{k:02d}" for k in range(20)],
+              [new_id("dev") for _ in range(20)]]  # fmt: skip
+    for rnd in range(1, 6):
+        picks = []
+        for ids in fleets:
+            index = {c: k for k, c in enumerate(ids)}
+            picks.append([index[c] for c, _ in s.configure_fit(rnd, list(reversed(ids)), client_index=index)])
+        assert picks[0] == picks[1] == picks[2], picks
+        want = sorted(int(i) for i in sampling_rng(42, rnd).choice(20, size=10, replace=False))
+        assert picks[0] == want  # the reference draw: positions in the job order
 
 
 def test_fit_config_carries_training_plan_and_index() -> None:
