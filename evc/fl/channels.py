@@ -30,6 +30,7 @@ import logging
 import os
 import posixpath
 import shlex
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
@@ -80,6 +81,25 @@ def python_hint(python: str, where: str, error: str) -> str:
             f"interpreter the device has ({error})"
         )
     return f"{python} on {where} cannot run the FL client: {error}"
+
+
+def how_it_ended(exit_status: int | None, exit_signal: object = None) -> str:
+    """How a device process ended, in words: ``exit status 3``, or for a signal (SSH's
+    exit-signal, or a shell's status 128+n) ``killed by SIGKILL — out of memory?`` (the kernel's
+    OOM killer sends SIGKILL). Pure."""
+    name = ""
+    if exit_signal:
+        raw = str(exit_signal[0] if isinstance(exit_signal, tuple | list) else exit_signal)
+        name = raw if raw.startswith("SIG") else f"SIG{raw}"
+    elif exit_status is not None and 128 < exit_status < 128 + 65:
+        try:
+            name = signal.Signals(exit_status - 128).name
+        except ValueError:
+            name = ""
+    if not name:
+        return f"exit status {exit_status}" if exit_status is not None else "ended without an exit status"
+    hint = " — out of memory?" if name == "SIGKILL" else ""
+    return f"killed by {name}{hint}"
 
 
 def shell_path(path: str) -> str:
@@ -211,13 +231,15 @@ class ClientChannel:
                 "the FL client's channel closed before it exited (device or connection lost)",
                 device_id=self.device_id,
             )
-        what = f"exit status {status}" if status is not None else f"signal {self.process.exit_signal}"
+        signalled = self.process.exit_signal
+        what = how_it_ended(None if signalled else status, signalled)  # asyncssh: status -1 on a signal
         if status in (126, 127) or "No module named 'numpy'" in last:  # it never started
             return CommandFailed(python_hint(self.spec.python, self.device_name, last or what),
                                  exit_status=status, stderr=tail, device_id=self.device_id)  # fmt: skip
+        message = f"the FL client was {what}" if what.startswith("killed") else f"the FL client exited ({what})"
         return CommandFailed(
-            f"the FL client exited ({what})" + (f": {last}" if last else ""),
-            exit_status=status, stderr=tail, device_id=self.device_id,
+            message + (f": {last}" if last else ""), exit_status=None if signalled else status, stderr=tail,
+            device_id=self.device_id,
         )  # fmt: skip
 
     def close(self) -> None:

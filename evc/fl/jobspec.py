@@ -72,11 +72,28 @@ def eligibility(device: Mapping[str, Any]) -> str | None:
         )
     state = device.get("state")
     if state != DeviceState.ONLINE:
-        return f"the device is {state}"
+        why = health_detail(device.get("health"))
+        return f"the device is {state}" + (f" ({why})" if why else "")
     return None
 
 
-#: :func:`eligibility`'s reason for a degraded device (it may still make up a round's numbers)
+def health_detail(health: Mapping[str, Any] | None) -> str:
+    """What the health checks last said of a device that is not online: the thresholds it
+    breaches, or its missed checks and their error ("" when nothing was recorded). Pure."""
+    if not health:
+        return ""
+    parts = [str(b) for b in health.get("breaches") or []]
+    misses = int(health.get("misses") or 0)
+    if misses:
+        err = health.get("error") or {}
+        what = (
+            f"{err.get('reason', 'error')}: {err.get('message', 'no answer')}" if isinstance(err, Mapping) else str(err)
+        )
+        parts.append(f"{misses} missed health check{'s' if misses > 1 else ''} ({what})")
+    return "; ".join(parts)
+
+
+#: :func:`eligibility`'s reason for a degraded device starts so (it may still make up a round's numbers)
 DEGRADED = "the device is degraded"
 
 
