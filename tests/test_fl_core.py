@@ -671,3 +671,25 @@ def test_reference_accuracy_in_process(digits: Dataset, partition: str) -> None:
     assert got == pytest.approx(REFERENCE[partition], abs=0.005)
     assert all(h["num_clients"] == 10 and h["num_examples"] == 1437 for h in run.history)
     assert run.history[-1]["train_loss"] < run.history[0]["train_loss"]
+
+
+def test_built_in_models_are_reproducible_from_their_documentation() -> None:
+    """Issue 16.3: the documented initialisation and layout, re-done with plain numpy."""
+    d, h, k, seed = 64, 32, 10, 42
+    rng = np.random.default_rng(seed)
+    want = [
+        rng.normal(0, np.sqrt(2 / d), (d, h)),
+        np.zeros(h),
+        rng.normal(0, np.sqrt(2 / (h + k)), (h, k)),
+        np.zeros(k),
+    ]
+    got = load_model("mlp").init_params(seed)
+    assert [p.shape for p in got] == [(d, h), (h,), (h, k), (k,)]
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+    assert all(not p.any() for p in load_model("softmax").init_params(seed))
+    assert [p.shape for p in load_model("softmax").init_params(0)] == [(d, k), (k,)]
+    # a forward pass from the documented formula
+    X = np.random.default_rng(1).random((5, d))
+    logits = np.maximum(X @ got[0] + got[1], 0) @ got[2] + got[3]
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(MLP(d, k).predict_proba(got, X), probs / probs.sum(1, keepdims=True), rtol=1e-12)

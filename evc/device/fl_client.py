@@ -196,7 +196,11 @@ class _GradientModel:
 
 
 class SoftmaxRegression(_GradientModel):
-    """Multinomial logistic regression: ``softmax(X @ W + b)``, W (d, k), b (k,), zero init."""
+    """Multinomial logistic regression (``"softmax"``): ``softmax(X @ W + b)``.
+
+    Parameters, in order: ``W`` (d, k), ``b`` (k,), float64.  Initialisation: zeros (the seed is
+    ignored).  Loss: mean cross-entropy of a batch; plain SGD (:func:`sgd_fit`).
+    """
 
     name = "softmax"
 
@@ -227,7 +231,14 @@ class SoftmaxRegression(_GradientModel):
 
 
 class MLP(_GradientModel):
-    """One-hidden-layer ReLU network: ``softmax(relu(X @ W1 + b1) @ W2 + b2)``, seeded He init."""
+    """One-hidden-layer ReLU network (``"mlp"``, ``"mlp:<hidden>"``, default 32 hidden units):
+    ``softmax(relu(X @ W1 + b1) @ W2 + b2)``.
+
+    Parameters, in order: ``W1`` (d, h), ``b1`` (h,), ``W2`` (h, k), ``b2`` (k,), float64.
+    Initialisation (:meth:`init_params`): ``rng = numpy.random.default_rng(seed)``, then
+    ``W1 = rng.normal(0, sqrt(2 / d), (d, h))`` (He), ``W2 = rng.normal(0, sqrt(2 / (h + k)),
+    (h, k))`` (Glorot-scaled), drawn in that order; biases zero.
+    """
 
     name = "mlp"
 

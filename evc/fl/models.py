@@ -17,6 +17,15 @@ client_index]`` when the job is seeded (use ``numpy.random.default_rng(batch_ord
 a reproducible batch order) and ``None`` otherwise.  ``prox_mu > 0`` asks for the FedProx term
 ``mu/2 * ||w - global_params||^2`` (``global_params`` defaults to ``params``).
 
+Built-in models and their seeds (each class documents its parameter layout and
+initialisation): ``softmax`` (:class:`SoftmaxRegression`), ``mlp``/``mlp:<hidden>``
+(:class:`MLP`).  In a job with seed ``s`` (the strategy parameter ``seed``, default 0; a job
+submitted without one gets 0): round 0's global model is ``init_params(s)``; round ``r``
+samples its clients with ``numpy.random.default_rng([s, r])`` over the job's device order
+(:meth:`evc.fl.strategy.Strategy.configure_fit`); client ``i`` (its position in the job)
+shuffles its batches with ``numpy.random.default_rng([s, r, i]).permutation(n)`` once per
+epoch, the last partial batch kept.  With ``seed: null`` batches follow the data order.
+
 A ``module:`` model is code for the devices: the controller never imports or runs it.
 :func:`load_model` here builds only the built-in models; the round engine asks a device for a
 module model's initial parameters (``get_parameters``) and skips server-side evaluation.
