@@ -34,7 +34,7 @@ from evc.fl.data import (
     save_shard,
     write_shards,
 )
-from evc.fl.models import MLP, Model, SoftmaxRegression, is_device_model, load_model, validate_model_spec
+from evc.fl.models import CNN, MLP, Model, SoftmaxRegression, is_device_model, load_model, validate_model_spec
 from evc.fl.protocol import params_from_npz, params_to_npz
 from evc.fl.simulation import simulate
 from evc.fl.strategy import (
@@ -693,3 +693,37 @@ def test_built_in_models_are_reproducible_from_their_documentation() -> None:
     logits = np.maximum(X @ got[0] + got[1], 0) @ got[2] + got[3]
     probs = np.exp(logits - logits.max(1, keepdims=True))
     np.testing.assert_allclose(MLP(d, k).predict_proba(got, X), probs / probs.sum(1, keepdims=True), rtol=1e-12)
+
+
+def test_cnn_layout_initialisation_and_gradients() -> None:
+    """Issue 16.4: the CNN as documented (layout, seeded init), and its gradients are the
+    loss's (central differences, at biases away from relu's kink)."""
+    model = load_model("cnn")
+    params = model.init_params(7)
+    rng = np.random.default_rng(7)
+    want = [rng.normal(0, np.sqrt(2 / 9), (8, 1, 3, 3)), np.zeros(8), rng.normal(0, np.sqrt(2 / 138), (128, 10)),
+            np.zeros(10)]  # fmt: skip
+    assert all(np.array_equal(a, b) for a, b in zip(params, want, strict=True))
+    assert [p.shape for p in load_model("cnn:4").init_params(0)] == [(4, 1, 3, 3), (4,), (64, 10), (10,)]
+    ds = load_reference_digits()
+    X, y = ds.X_train[:6], ds.y_train[:6]
+    params[1] = np.random.default_rng(1).normal(0, 0.1, 8)
+    _, grads = CNN(64, 10).loss_grad([p.copy() for p in params], X, y)
+    eps = 1e-6
+    for k, p in enumerate(params):
+        for idx in (tuple(0 for _ in p.shape), tuple(s - 1 for s in p.shape), tuple(s // 2 for s in p.shape)):
+            up = [q.copy() for q in params]
+            up[k][idx] += eps
+            down = [q.copy() for q in params]
+            down[k][idx] -= eps
+            numeric = (CNN(64, 10).loss_grad(up, X, y)[0] - CNN(64, 10).loss_grad(down, X, y)[0]) / (2 * eps)
+            assert numeric == pytest.approx(grads[k][idx], abs=1e-7), (k, idx)
+    with pytest.raises(ValidationError, match="square images"):
+        load_model("cnn", n_features=10)
+    assert validate_model_spec("cnn:16") == "cnn:16" and validate_model_spec("plugin:my-trainer") == "plugin:my-trainer"
+    assert is_device_model("plugin:my-trainer")
+    with pytest.raises(ValidationError, match="never loads it"):
+        load_model("plugin:my-trainer")
+    for bad in ("cnn:0", "cnn:x", "plugin:", "plugin:../x"):
+        with pytest.raises(ValidationError):
+            validate_model_spec(bad)

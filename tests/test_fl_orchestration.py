@@ -454,11 +454,11 @@ def test_fl_client_playbook_installs_and_checks(sim_devices: Any, evc_key_path: 
     """The catalog's fl-client playbook (function level L4): ships the client, checks the Python
     has numpy, changes nothing the second time, and refuses a Python without numpy."""
     spec = load_spec(builtin_dir() / "fl-client.yml", "builtin")
-    assert spec.min_privilege == "user" and spec.validate({}) == {"python": "python3"}
+    assert spec.min_privilege == "user" and spec.validate({}) == {"python": "python3", "plugin": ""}
     (dev,) = sim_devices(1, privilege="root")
     argv = ["ansible-playbook", str(spec.path), "-e", f"python={PYTHON}"]
     first = run_ansible(argv, [("d", dev)], evc_key_path, tmp_path / "a1")
-    assert first.returncode == 0 and "changed=2" in first.stdout, first.stdout[-2000:]  # directory, client
+    assert first.returncode == 0 and "changed=3" in first.stdout, first.stdout[-2000:]  # directory, models, client
     assert (dev.home / ".evc" / "fl" / "client.py").read_bytes() == channels.CLIENT_PATH.read_bytes()
     # again, with a Python that cannot run it: nothing changes, and the check refuses, saying why
     bad = run_ansible(["ansible-playbook", str(spec.path), "-e", "python=/bin/false"], [("d", dev)],

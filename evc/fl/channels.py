@@ -48,7 +48,7 @@ from evc.errors import (
     SSHTimeout,
     ValidationError,
 )
-from evc.fl.protocol import CLIENT_PATH, decode_message, encode_message
+from evc.fl.protocol import CLIENT_MODELS_PATH, CLIENT_PATH, decode_message, encode_message
 from evc.runtime import WorkerRuntime
 from evc.settings import Settings
 from evc.store import JSON
@@ -343,18 +343,19 @@ async def push(settings: Settings, device: Mapping[str, Any], path: str, data: b
 
 #: run by the configured python on the device: numpy present, and the client's own version
 _CHECK = (
-    "import sys, numpy; sys.path.insert(0, sys.argv[1]); import client; "
+    "import sys, numpy; sys.path.insert(0, sys.argv[1]); import client; client.models_module(); "
     "print(sys.version.split()[0], numpy.__version__, client.PROTOCOL_VERSION)"
 )
 
 
 async def install_client(settings: Settings, device: Mapping[str, Any], python: str = "python3") -> JSON:
-    """Ship the FL client to ``~/.evc/fl/client.py`` and check *python* runs it with numpy.
+    """Ship the FL client to ``~/.evc/fl/client.py`` (``fl_models.py`` beside it) and check *python* runs it with numpy.
 
     Returns what to record on the device as ``fl_client``. Raises :class:`CommandFailed`
     naming what is missing (python, numpy) and how to fix it.
     """
     data = CLIENT_PATH.read_bytes()
+    await push(settings, device, f"~/{REMOTE_DIR}/fl_models.py", CLIENT_MODELS_PATH.read_bytes())
     await push(settings, device, "~/" + REMOTE_CLIENT, data)
 
     async def check(conn: asyncssh.SSHClientConnection, target: ssh.Target) -> JSON:

@@ -4,14 +4,16 @@ around them: its dispatcher, which devices may train, where checkpoints and test
 from __future__ import annotations
 
 import os
+import posixpath
 import secrets
 import socket
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from evc.errors import ValidationError
+from evc.errors import NotFound, ValidationError
 from evc.fl.models import Model, load_model
 from evc.fl.strategy import Strategy, make_strategy
 from evc.model import ACTIVE_PHASES as ACTIVE_PHASES  # re-exported (evc.fl.orchestrator)
@@ -75,6 +77,24 @@ def eligibility(device: Mapping[str, Any]) -> str | None:
         why = health_detail(device.get("health"))
         return f"the device is {state}" + (f" ({why})" if why else "")
     return None
+
+
+def record_fl_client(store: Any, device_id: str, values: Mapping[str, Any]) -> None:
+    """Mark *device_id* ready for FL after the ``fl-client`` playbook succeeded on it (the
+    provisioning service's per-playbook success hook), with the plug-ins it now holds. A device
+    removed while the job ran stays removed."""
+    try:
+        device = store.get_device(device_id)
+    except NotFound:
+        return
+    plugins = set((device.get("fl_client") or {}).get("plugins") or [])
+    if values.get("plugin"):
+        plugins.add(posixpath.basename(str(values["plugin"]))[: -len(".py")])
+    store.update_device(device_id, fl_client={
+        **(device.get("fl_client") or {}), "python": values.get("python", "python3"),
+        "path": "~/.evc/fl/client.py", "via": "fl-client playbook", "plugins": sorted(plugins),
+        "installed_at": time.time(),
+    })  # fmt: skip
 
 
 def health_detail(health: Mapping[str, Any] | None) -> str:
