@@ -727,3 +727,23 @@ def test_cnn_layout_initialisation_and_gradients() -> None:
     for bad in ("cnn:0", "cnn:x", "plugin:", "plugin:../x"):
         with pytest.raises(ValidationError):
             validate_model_spec(bad)
+
+
+@pytest.mark.parametrize("spec", ["softmax", "mlp", "mlp:16", "cnn", "cnn:4"])
+def test_onnx_export_computes_what_the_model_computes(spec: str) -> None:
+    """Issue 16.5: the ONNX graph built from the weights gives the numpy model's probabilities."""
+    import onnxruntime as ort
+
+    from evc.fl.export import onnx_accuracy, onnx_graph
+
+    ds = load_reference_digits()
+    model = load_model(spec)
+    params, _ = model.fit(model.init_params(3), ds.X_train, ds.y_train, epochs=1, lr=0.1, batch_size=32,
+                          batch_order_seed=[3])  # fmt: skip
+    data = onnx_graph(spec, params, n_features=64, n_classes=10)
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"X": ds.X_test.astype(np.float32)})[0]
+    np.testing.assert_allclose(got, model.predict_proba(params, ds.X_test), atol=1e-5)  # type: ignore[attr-defined]
+    assert onnx_accuracy(data, ds.X_test, ds.y_test) == model.evaluate(params, ds.X_test, ds.y_test)["accuracy"]
+    with pytest.raises(ValidationError, match="no ONNX export"):
+        onnx_graph("module:/x.py", params, n_features=64, n_classes=10)

@@ -4,9 +4,12 @@ jobs on a real worker training the built-in CNN and the plug-in on simulated dev
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,12 @@ from evc.fl.models import load_model
 from evc.fl.orchestrator import checkpoint_dir
 from evc.fl.simulation import simulate
 from evc.fl.strategy import make_strategy
+from evc.store import Store
+from evc_sim import SimDevice, SimulatorThread
+from tests.fixtures.cli import evc
+from tests.fixtures.deploy import started_devices
 from tests.fixtures.fleet import register_devices
+from tests.fixtures.helpers import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -74,7 +82,7 @@ def client_fn(X, y):
 """
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def readable() -> Iterator[Path]:
     """A directory the simulated devices' accounts can read and write in (pytest's own is 0700)."""
     directory = Path(tempfile.mkdtemp(prefix="evc-fl-vision-"))
@@ -85,12 +93,21 @@ def readable() -> Iterator[Path]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-@pytest.fixture()
-def vision_fleet(api: Any, worker: Any, sim_devices: Any, readable: Path) -> Any:
+@pytest.fixture(scope="module")
+def vision_fleet(api: Any, worker: Any, store: Store, simulator: SimulatorThread, readable: Path) -> Iterator[Any]:
     """Three root devices registered through the API, the FL client and the plug-in shipped by
-    the fl-client playbook, and shard k of the digits IID split on device k."""
-    sims = sim_devices(3, privilege="root")
-    ids = register_devices(api, sims)
+    the fl-client playbook, and shard k of the digits IID split on device k (edge servers a
+    test left running are stopped afterwards)."""
+    with started_devices(simulator, 3, f"fv{os.getpid() % 10000}") as sims:
+        ids = register_devices(api, sims)
+        try:
+            yield _prepare(api, sims, ids, readable), sims
+        finally:
+            for dev_id in ids:
+                store.delete_device(dev_id)
+
+
+def _prepare(api: Any, sims: list[SimDevice], ids: list[str], readable: Path) -> tuple[list[str], Path]:
     artifacts = api.settings.data_dir / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
     marker = readable / "plugin-importers.txt"
@@ -135,7 +152,7 @@ def _final(api: Any, job_id: str) -> list[np.ndarray]:
 
 
 def test_cnn_and_a_numpy_client_plugin_train_through_the_full_stack(api: Any, vision_fleet: Any) -> None:
-    ids, marker = vision_fleet
+    (ids, marker), _ = vision_fleet
     # the built-in CNN: the devices train exactly what the in-process reference computes
     view = _train(api, ids, 2, model="cnn")
     rounds = view["fl"]["rounds"]
@@ -154,5 +171,54 @@ def test_cnn_and_a_numpy_client_plugin_train_through_the_full_stack(api: Any, vi
     assert rounds[-1]["eval_accuracy"] is None  # device code: never run on the controller
     for a, b in zip(_final(api, view["id"]), _reference("softmax", 3, 2).params, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    status, err = api.call("POST", f"/api/v1/fl/jobs/{view['id']}/export", json={"name": "plug", "version": "1"})
+    assert status == 409 and "device code" in err["message"], err  # no graph EVC knows, and never run here
     importers = marker.read_text().split()
     assert importers and set(importers) == {"client.py"}, importers  # devices only
+
+
+def test_train_export_deploy_and_call_the_model(live: str, api: Any, vision_fleet: Any) -> None:
+    """Issue 16.5, the whole loop as a user runs it: `evc fl start … --export NAME:VERSION` (a
+    CNN on the digits task, registered as ONNX with its measured accuracy), then `evc deploy`, then
+    the deployed model answers with the same predictions on the test set."""
+    (ids, _), _ = vision_fleet
+    name = f"fl-digits-{os.getpid() % 10000}"
+    devices = [a for d in ids for a in ("--device", d)]
+    code, out, both = evc(live, api.admin, "--json", "fl", "start", *devices, "--data", DATA, "--rounds", "3",
+                          "--model", "cnn", "--seed", "42", "--python", PYTHON, "--test-set", "digits-vision",
+                          "--export", f"{name}:1")  # fmt: skip
+    assert code == 0, both
+    view = json.loads(out)
+    exported, last = view["exported"], view["fl"]["rounds"][-1]
+    assert exported["name"] == name and exported["version"] == "1" and exported["format"] == "onnx"
+    assert exported["accuracy"]["dataset"] == "digits-vision"
+    assert exported["accuracy"]["value"] == pytest.approx(last["eval_accuracy"], abs=0.005)
+    assert exported["metadata"]["inputs"][0]["name"] == "X"
+    # exporting again: the same bytes answer the stored version; other cases are refused, saying why
+    body = {"name": name, "version": "1"}
+    assert api.call("POST", f"/api/v1/fl/jobs/{view['id']}/export", json=body)[0] == 200
+    status, err = api.call("POST", f"/api/v1/fl/jobs/{view['id']}/export", json={**body, "round": 1})
+    assert status == 409, err  # other weights under the same version
+    status, err = api.call("POST", f"/api/v1/fl/jobs/{view['id']}/export", json={"name": "x y", "version": "1"})
+    assert status == 422, err
+
+    port = free_port()
+    code, out, both = evc(live, api.admin, "--json", "deploy", f"{name}:1", "--device", ids[0], "--port",
+                          str(port), "--python", PYTHON, "--wait")  # fmt: skip
+    assert code == 0, both
+    try:
+        ds = load_reference_digits()
+        X = ds.X_test.astype(np.float32)
+        request = {"inputs": [{"name": "X", "shape": list(X.shape), "datatype": "FP32", "data": X.ravel().tolist()}]}
+        url = f"http://127.0.0.1:{port}/v2/models/{name}/infer"
+        req = urllib.request.Request(url, json.dumps(request).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            out_tensor = json.loads(resp.read())["outputs"][0]
+        probs = np.asarray(out_tensor["data"], dtype=np.float64).reshape(out_tensor["shape"])
+        assert probs.shape == (len(ds.y_test), 10)
+        assert float(np.mean(probs.argmax(axis=1) == ds.y_test)) == exported["accuracy"]["value"]
+    finally:
+        _, page = api.call("GET", "/api/v1/deployments")
+        for dep in page["items"]:
+            if dep["model"] == name:
+                api.wait_job(api.call("DELETE", f"/api/v1/deployments/{dep['id']}")[1]["id"], 60)
