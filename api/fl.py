@@ -48,7 +48,7 @@ class FLJobCreateSchema(Targets):
     model = fields.String(
         load_default="softmax",
         validate=validate.Length(max=300),
-        metadata={"description": "softmax, mlp, mlp:<hidden> or module:<path on the device>.py"},
+        metadata={"description": "softmax, mlp[:<hidden>], cnn[:<channels>], plugin:<name> or module:<path>.py"},
     )
     data = fields.Nested(DataSpecSchema, required=True)
     rounds = fields.Integer(load_default=10, validate=validate.Range(min=1, max=100_000))
@@ -80,6 +80,15 @@ class FLJobCreateSchema(Targets):
     )
     n_features = fields.Integer(allow_none=True, validate=validate.Range(min=1))
     n_classes = fields.Integer(allow_none=True, validate=validate.Range(min=2))
+    export = fields.Nested(
+        lambda: ExportTarget(), allow_none=True, load_default=None,
+        metadata={"description": "when the job succeeds, register its global model as this model version (ONNX)"},
+    )  # fmt: skip
+
+
+class ExportTarget(StrictSchema):
+    name = fields.String(required=True, validate=validate_name)
+    version = fields.String(required=True, validate=validate_name)
 
 
 class FLJobSchema(JobSchema):

@@ -189,8 +189,12 @@ def test_train_export_deploy_and_call_the_model(live: str, api: Any, vision_flee
                           "--export", f"{name}:1")  # fmt: skip
     assert code == 0, both
     view = json.loads(out)
-    exported, last = view["exported"], view["fl"]["rounds"][-1]
-    assert exported["name"] == name and exported["version"] == "1" and exported["format"] == "onnx"
+    last = view["fl"]["rounds"][-1]
+    assert view["params"]["export"] == {"name": name, "version": "1"}
+    assert view["summary"]["exported"]["version"] == "1", view["summary"]
+    status, exported = api.call("GET", f"/api/v1/models/{name}/versions/1")
+    assert status == 200 and exported["format"] == "onnx" and exported["task"] == "classification"
+    assert exported["sha256"] == view["summary"]["exported"]["sha256"]
     assert exported["accuracy"]["dataset"] == "digits-vision"
     assert exported["accuracy"]["value"] == pytest.approx(last["eval_accuracy"], abs=0.005)
     assert exported["metadata"]["inputs"][0]["name"] == "X"
@@ -201,6 +205,9 @@ def test_train_export_deploy_and_call_the_model(live: str, api: Any, vision_flee
     assert status == 409, err  # other weights under the same version
     status, err = api.call("POST", f"/api/v1/fl/jobs/{view['id']}/export", json={"name": "x y", "version": "1"})
     assert status == 422, err
+    bad = {"devices": ids, "data": {"path": DATA}, "model": "plugin:numpy_trainer", "export": body}
+    status, err = api.call("POST", "/api/v1/fl/jobs", json=bad)
+    assert status == 422 and "no ONNX export" in err["message"], err
 
     port = free_port()
     code, out, both = evc(live, api.admin, "--json", "deploy", f"{name}:1", "--device", ids[0], "--port",

@@ -117,23 +117,25 @@ def _fl_watch(c: Ctx, client: Client, job_id: str, poll: float = 0.5) -> dict[st
 def fl_start(c: Ctx, devices: tuple[str, ...], cluster: str | None, data_path: str, params: tuple[str, ...],
              watch: bool, export_as: str | None, **opts: Any) -> None:  # fmt: skip
     """Start a federated learning job (`--export digits:2`, then `evc deploy digits:2 ...`)."""
-    export_ref = _model_ref(export_as) if export_as else None
     body = {**_targets(devices, cluster), "data": {"path": data_path}, "strategy_params": _param(params),
             **{k: v for k, v in opts.items() if v is not None}}  # fmt: skip
+    if export_as:
+        name, version = _model_ref(export_as)
+        body["export"] = {"name": name, "version": version}
     client = c.client()
     job = client.post("/api/v1/fl/jobs", json=body)
-    if not watch and export_ref is None:
+    if not watch:
         emit(c, job, lambda j: console.print(f"FL job [bold]{j['id']}[/bold] queued"))
         return
     view = _fl_watch(c, client, job["id"])
-    if export_ref is not None and view["state"] == "succeeded":
-        rec = client.post(f"/api/v1/fl/jobs/{job['id']}/export", json={"name": export_ref[0], "version": export_ref[1]})
-        view["exported"] = rec
-        if not c.as_json:
-            _exported(rec)
+    summary = view.get("summary") or {}
+    if not c.as_json and summary.get("exported"):
+        _exported(summary["exported"])
+    if not c.as_json and summary.get("export_error"):
+        err_console.print(f"export failed: {summary['export_error']}")
     if c.as_json:
         emit(c, view)
-    _exit_by_state(view)
+    _exit_by_state(view, exported=not export_as or bool(summary.get("exported")))
 
 
 def _model_ref(ref: str) -> tuple[str, str]:
@@ -166,9 +168,10 @@ def fl_export(c: Ctx, job_id: str, name: str, version: str, rnd: int | None) -> 
     emit(c, c.client().post(f"/api/v1/fl/jobs/{job_id}/export", json=body), _exported)
 
 
-def _exit_by_state(job: dict[str, Any]) -> None:
-    """Exit 0 when the job succeeded, 1 otherwise (failed, partial, cancelled)."""
-    sys.exit(0 if job["state"] == "succeeded" else 1)
+def _exit_by_state(job: dict[str, Any], exported: bool = True) -> None:
+    """Exit 0 when the job succeeded (and exported its model when asked to), 1 otherwise
+    (failed, partial, cancelled, not exported)."""
+    sys.exit(0 if job["state"] == "succeeded" and exported else 1)
 
 
 @fl.command("show")

@@ -363,7 +363,7 @@ async def install_client(settings: Settings, device: Mapping[str, Any], python: 
         res = await ssh.run(conn, cmd, target, settings, check=False)
         if res.exit_status != 0:
             err = str(res.stderr or "").strip().splitlines()
-            last = err[-1] if err else f"exit status {res.exit_status}"
+            last = err[-1] if err else how_it_ended(None if res.exit_signal else res.exit_status, res.exit_signal)
             where = str(device.get("name") or target.address)
             raise CommandFailed(
                 f"cannot run the FL client: {python_hint(python, where, last)}",

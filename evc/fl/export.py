@@ -89,11 +89,11 @@ def onnx_accuracy(data: bytes, X: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.argmax(probs, axis=1) == np.asarray(y)))
 
 
-def _finished_spec(store: Store, job_id: str) -> tuple[FLSpec, JSON]:
+def _finished_spec(store: Store, job_id: str, finished: bool = True) -> tuple[FLSpec, JSON]:
     job = store.get_job(job_id)
     if job.get("kind") != "fl":
         raise NotFound(f"no FL job {job_id}", job=job_id)
-    if job["state"] != JobState.SUCCEEDED:
+    if finished and job["state"] != JobState.SUCCEEDED:
         raise Conflict(f"FL job {job_id} is {job['state']}: only a finished (succeeded) job is exported", job=job_id)
     spec = FLSpec.from_params(job["params"])
     if is_device_model(spec.model):
@@ -105,13 +105,15 @@ def _finished_spec(store: Store, job_id: str) -> tuple[FLSpec, JSON]:
     return spec, dict(job)
 
 
-def export(ctx: Context, job_id: str, name: str, version: str, round: int | None = None) -> tuple[JSON, bool]:
+def export(
+    ctx: Context, job_id: str, name: str, version: str, round: int | None = None, *, finished: bool = True
+) -> tuple[JSON, bool]:
     """Register FL job *job_id*'s global model (its last round, or *round*) as model version
     *name*:*version* in ONNX, with the accuracy measured on the job's test set. Returns the
-    registry's (record, created)."""
+    registry's (record, created). *finished* False: the round engine, as the job ends."""
     from evc.models import registry
 
-    spec, _ = _finished_spec(ctx.store, job_id)
+    spec, _ = _finished_spec(ctx.store, job_id, finished)
     directory = checkpoint_dir(ctx.settings)
     rnd = latest_round(directory, job_id) if round is None else int(round)
     if rnd is None or rnd < 1:

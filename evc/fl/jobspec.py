@@ -132,6 +132,8 @@ class FLSpec:
     queue: str = "fl"
     n_features: int = 64
     n_classes: int = 10
+    #: ``{"name", "version"}``: register the global model when the job succeeds (or None)
+    export: Mapping[str, str] | None = None
 
     @classmethod
     def from_params(cls, p: Mapping[str, Any]) -> FLSpec:
@@ -148,6 +150,7 @@ class FLSpec:
                 queue=str(p.get("queue", "fl")),
                 n_features=int(p.get("n_features") or 64),
                 n_classes=int(p.get("n_classes") or 10),
+                export=dict(p["export"]) if p.get("export") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValidationError(f"not an FL job's parameters: {exc!r}") from exc
@@ -159,6 +162,7 @@ class FLSpec:
             "round_timeout": self.round_timeout, "python": self.python,
             "test_set": self.test_set, "queue": self.queue,
             "n_features": self.n_features, "n_classes": self.n_classes,
+            **({"export": dict(self.export)} if self.export else {}),
         }  # fmt: skip
 
     @property
