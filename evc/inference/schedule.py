@@ -73,6 +73,7 @@ class DeviceStats:
     failures: int = 0
     failures_in_row: int = 0
     busy_s: float = 0.0
+    processed: int = 0  # items of the chunks it answered (duplicates included)
     dropped: bool = False
     own: list[tuple[int, int]] = field(default_factory=list)  # static mode: its share
 
@@ -215,6 +216,7 @@ class Scheduler:
         if started is not None:
             took = max(now - started, 1e-6)
             stats.busy_s += took
+            stats.processed += chunk.size
             rate = chunk.size / took
             stats.rate = rate if stats.rate is None else self.policy.alpha * rate + (1 - self.policy.alpha) * stats.rate
         stats.failures_in_row = 0
@@ -277,13 +279,15 @@ class Scheduler:
         self.pending.sort()
 
     def summary(self) -> dict[str, dict[str, float | int | bool | None]]:
-        """Per device: items recorded, share, rate (items/s), chunks, re-issued copies,
-        duplicates dropped, failures, dropped."""
+        """Per device: items recorded, share, rate (items/s: the moving average, and
+        ``mean_rate`` over the whole job), chunks, re-issued copies, duplicates dropped,
+        failures, dropped."""
         out: dict[str, dict[str, float | int | bool | None]] = {}
         for d, s in self.devices.items():
             out[d] = {
                 "items": s.items, "share": round(s.items / self.n_items, 4) if self.n_items else 0.0,
                 "rate": round(s.rate, 2) if s.rate else None, "chunks": s.chunks, "reissued": s.reissued,
+                "mean_rate": round(s.processed / s.busy_s, 2) if s.busy_s else None,
                 "duplicates": s.duplicates, "failures": s.failures, "dropped": s.dropped,
                 "busy_s": round(s.busy_s, 3),
             }  # fmt: skip
