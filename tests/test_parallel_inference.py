@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from evc.fl.data import load_reference_digits
 from evc.model import Device
 from evc.store import Store
 from evc_sim import SimDevice, SimulatorThread, cpuquota
+from tests.fixtures.cli import evc
 from tests.fixtures.deploy import device_records, started_devices
 from tests.fixtures.helpers import wait_until
 from tests.fixtures.onnx_models import mlp_model, unique, upload
@@ -95,24 +97,36 @@ def _expected(model: tuple[bytes, Any], repeat: int) -> np.ndarray:
 
 
 def test_parallel_job_over_three_devices_in_input_order(
-    api: Any, deployment: tuple[str, list[Device]], model: tuple[bytes, Any]
+    api: Any, live: str, deployment: tuple[str, list[Device]], model: tuple[bytes, Any], tmp_path: Path
 ) -> None:
     dep_id, devices = deployment
-    ds = _dataset(api, model[1])
+    d = model[1]
     repeat = 60
-    body = {"kind": "parallel", "deployment": dep_id, "dataset": ds["id"], "repeat": repeat,
-            "chunk": {"target_s": 0.3, "first_items": 64}}  # fmt: skip
-    status, job = api.call("POST", "/api/v1/inference/jobs", json=body)
-    assert status == 202, job
+    np.savez(tmp_path / "digits.npz", x=d.X_test.astype(np.float32), y=d.y_test)
+    args = [
+        "--deployment",
+        dep_id,
+        "--data",
+        str(tmp_path / "digits.npz"),
+        "--repeat",
+        str(repeat),
+        "--target-s",
+        "0.3",
+    ]
+    code, out, _ = evc(live, api.admin, "--json", "infer", "run", *args, "--wait")
+    assert code == 0, out
+    job = json.loads(out)
+    ds = {"items": len(d.X_test)}
     assert job["kind"] == "parallel-infer" and job["params"]["items"] == ds["items"] * repeat
-    job = api.wait_job(job["id"], timeout=120)
     assert job["state"] == "succeeded", job
     s = job["summary"]
     n = ds["items"] * repeat
     assert s["items"] == n and set(s["devices"]) == {d["name"] for d in devices}
     assert sum(v["items"] for v in s["devices"].values()) == n
     assert s["accuracy"] > 0.9 and job["progress"]["done"] == n and set(job["progress"]["rates"]) == set(s["devices"])
-    rows = _results(api, job["id"])
+    code, out, _ = evc(live, api.admin, "infer", "results", job["id"])
+    assert code == 0, out
+    rows = [json.loads(line) for line in out.splitlines()]
     assert [r["item"] for r in rows] == list(range(n))
     assert [r["prediction"] for r in rows] == _expected(model, repeat).tolist()
     assert {r["device"] for r in rows} <= set(s["devices"]) and all(r["latency_ms"] > 0 for r in rows)
@@ -122,6 +136,8 @@ def test_parallel_job_over_three_devices_in_input_order(
         assert all(shares[fast] > shares[x] for x in slow), s["devices"]
     status, shown = api.call("GET", f"/api/v1/inference/jobs/{job['id']}")
     assert status == 200 and shown["summary"]["items"] == n
+    code, _, text = evc(live, api.admin, "infer", "show", job["id"])
+    assert code == 0 and f"{n} items in" in text and devices[2]["name"] in text
     resp = api.client.get(f"/api/v1/inference/jobs/{job['id']}/results?format=npz",
                           headers={"Authorization": f"Bearer {api.admin}"})  # fmt: skip
     with np.load(io.BytesIO(resp.data)) as z:
@@ -195,6 +211,9 @@ def test_bad_requests_are_4xx(api: Any, settings: Any) -> None:
     resp = small.post("/api/v1/inference/datasets", data={"file": (io.BytesIO(buf.getvalue()), "x.npz")},
                       headers={"Authorization": f"Bearer {api.admin}"}, content_type="multipart/form-data")  # fmt: skip
     assert resp.status_code == 413 and "inference_dataset_max_bytes" in resp.get_json()["message"]
+    ds = _dataset(api, load_reference_digits())
+    status, body = api.call("GET", f"/api/v1/inference/datasets/{ds['id']}")
+    assert status == 200 and body == ds
     status, body = api.call("GET", "/api/v1/inference/datasets/ds_nope")
     assert status == 404
     status, body = api.call("POST", "/api/v1/deployments/dep_nope/infer", json={"inputs": []})
