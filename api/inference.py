@@ -165,8 +165,7 @@ def results(args: dict[str, Any], job_id: str) -> Any:
     device (an index into devices), latency_ms, label)."""
     jobs.get(get_store(), job_id)
     if args["format"] == "npz":
-        path = datasets.results_path(get_settings(), job_id)
-        datasets.load_results(get_settings(), job_id)  # NotFound when absent
+        path = datasets.results_file(get_settings(), job_id)
         resp = Response(path.read_bytes(), mimetype="application/octet-stream")
         resp.headers["Content-Disposition"] = f'attachment; filename="{job_id}.npz"'
         return resp

@@ -4,8 +4,10 @@ simulated devices whose CPU quotas are in ratio 1:1:2:4 (real cgroup v1 CFS quot
 The real path: a private Redis, the simulator in its own process (SSH servers; every command a
 device runs, and the edge server it starts, in the device's cgroup), a Celery worker process,
 the API in this process. A compute-heavy digits classifier (random ReLU features, ``--hidden``
-units, ``--layers`` layers: ~4.3 M multiply-adds per item by default) is deployed to the four
-devices; each edge server runs one ONNX Runtime thread (``EVC_INFER_THREADS=1``).
+units, ``--layers`` layers: ~1.3 M multiply-adds and ~20 us of one core per item by default,
+5 MB of weights, so four devices' copies stay in this machine's cache; 2048 units, 16 MB each,
+made the devices slow each other down through memory) is deployed to the four devices; each
+edge server runs one ONNX Runtime thread (``EVC_INFER_THREADS=1``).
 
 1. Each device's capacity alone (items/s): chunks of items sent straight to its edge server
    (the same binary Open Inference Protocol requests the job sends), one device at a time,
@@ -23,7 +25,7 @@ a core anyway, so larger quotas stop binding (all devices then run alike and the
 looks good). The issue's 0.25,0.25,0.5,1: ``--cpus 0.25,0.25,0.5,1`` on a machine with > 2 idle
 cores. The load averages are printed before and after.
 
-    .venv/bin/python bench/parallel_infer.py [--repeat 150] [--cpus 0.05,0.05,0.1,0.2] [--kill 2]
+    .venv/bin/python bench/parallel_infer.py [--repeat 500] [--cpus 0.05,0.05,0.1,0.2] [--kill 2]
 """
 
 from __future__ import annotations
@@ -209,9 +211,9 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpus", default="0.05,0.05,0.1,0.2", help="the devices' CPU quotas")
-    parser.add_argument("--repeat", type=int, default=150, help="the digits test set (360 items) this many times")
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=500, help="the digits test set (360 items) this many times")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--target-s", type=float, default=1.0, help="EVC's chunk time")
     parser.add_argument("--measure-s", type=float, default=4.0, help="each device's capacity measurement")
     parser.add_argument("--kill", type=int, default=2, help="the index of the device stopped mid-job")

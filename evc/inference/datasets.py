@@ -143,11 +143,16 @@ def save_results(settings: Settings, job_id: str, arrays: dict[str, np.ndarray])
     return path
 
 
-def load_results(settings: Settings, job_id: str) -> dict[str, np.ndarray]:
+def results_file(settings: Settings, job_id: str) -> Path:
+    """The job's results file (NotFound while there is none)."""
     path = results_path(settings, job_id)
     if not path.is_file():
         raise NotFound(f"job {job_id} has no results (not a parallel inference job, or not finished)", id=job_id)
-    with np.load(path, allow_pickle=False) as z:
+    return path
+
+
+def load_results(settings: Settings, job_id: str) -> dict[str, np.ndarray]:
+    with np.load(results_file(settings, job_id), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 
 
@@ -166,5 +171,7 @@ def jsonl(results: dict[str, np.ndarray]) -> Iterator[bytes]:
         yield (json.dumps(row) + "\n").encode()
 
 
-__all__ = ["NAMED", "Data", "describe", "jsonl", "load", "load_results", "parse", "results_path", "save_results",
-           "store"]  # fmt: skip
+__all__ = [
+    "NAMED", "Data", "describe", "jsonl", "load", "load_results", "parse", "results_file", "results_path",
+    "save_results", "store",
+]  # fmt: skip

@@ -158,9 +158,7 @@ def _worker(work: _Work, index: int) -> None:
                 continue
             t0 = time.monotonic()
             try:
-                result = conn.infer(work.io, work.x[chunk.start : chunk.stop])
-                if result.shape[:1] != (chunk.size,):
-                    raise InferFailed(f"{t.endpoint}: {result.shape[0]} results for {chunk.size} items")
+                result = _answer(conn, work.io, work.x[chunk.start : chunk.stop])
             except InferFailed as exc:
                 with work.lock:
                     alive = work.failed(index, chunk, exc)
@@ -172,6 +170,18 @@ def _worker(work: _Work, index: int) -> None:
                 work.record(index, chunk, result, time.monotonic() - t0)
     finally:
         conn.close()
+
+
+def _answer(conn: Connection, io: ModelIO, batch: np.ndarray) -> np.ndarray:
+    """The model's output for *batch* from one device; a response that does not decode, or
+    holds another number of results, fails like an unreachable device."""
+    try:
+        result = conn.infer(io, batch)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InferFailed(f"{conn.endpoint}: an unreadable response ({exc})") from exc
+    if result.shape[:1] != batch.shape[:1]:
+        raise InferFailed(f"{conn.endpoint}: {result.shape[:1]} results for {len(batch)} items")
+    return result
 
 
 def _model_io(ts: list[Target], dep: Mapping[str, Any], timeout_s: float) -> ModelIO:
