@@ -191,12 +191,17 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
         r_dyn, r_sta, r_kil = dyn["summary"]["makespan_s"] / ideal, dyn["summary"]["makespan_s"] / sta["summary"][
             "makespan_s"], k["makespan_s"] / ideal  # fmt: skip
         print(f"load average before / after: {load0:.1f} / {os.getloadavg()[0]:.1f}")
+        # the scheduler's own loss, whatever the neighbours did to the devices' speed: the makespan
+        # against the items over the sum of the rates the devices showed during that very job
+        in_job = n / sum(v.get("mean_rate") or 0.0 for v in dyn["summary"]["devices"].values())
+        r_own = dyn["summary"]["makespan_s"] / in_job
         figures = [
             Figure("parallel: EVC makespan / ideal", "<= 1.15", r_dyn, "x", r_dyn <= 1.15, r_dyn),
             Figure("parallel: EVC makespan / static even split", "<= 0.6", r_sta, "x", r_sta <= 0.6, r_sta),
             Figure("parallel: one device killed, makespan / ideal", "<= 1.3", r_kil, "x", r_kil <= 1.3, r_kil),
             Figure("parallel: one device killed, all items once", "= 1", float(all_once), "bool", all_once),
             Figure("parallel: EVC throughput (items/s)", "-", dyn["summary"]["items_per_s"], "items/s", True),
+            Figure("parallel: EVC makespan / items over in-job rates", "-", r_own, "x", True, r_own),
         ]
         return all(f.ok for f in figures), figures
     finally:

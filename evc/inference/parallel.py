@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,8 @@ from evc.settings import Settings
 from evc.store import Store
 
 PROGRESS_EVERY_S = 0.5
+#: what a progress report is handed to besides the job (the task's Celery event, for Flower)
+Notify = Callable[..., None]
 #: a device's wait before it asks again after a failure (while it is still in)
 RETRY_AFTER_S = 0.2
 
@@ -110,6 +112,7 @@ class _Work:
     latency_ms: np.ndarray = field(init=False)
     events: list[JSON] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
+    notify: Notify | None = None
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
 
@@ -218,7 +221,10 @@ def _report(run: JobRun, work: _Work, last: list[float]) -> None:
     if t - last[0] >= PROGRESS_EVERY_S or done == len(work.x):
         last[0] = t
         elapsed = t - work.started
-        run.progress(done, len(work.x), rates=rates, items_per_s=round(done / max(elapsed, 1e-9), 1))
+        per_s = round(done / max(elapsed, 1e-9), 1)
+        run.progress(done, len(work.x), rates=rates, items_per_s=per_s)
+        if work.notify is not None:
+            work.notify(done=done, total=len(work.x), items_per_s=per_s, rates=rates)
 
 
 def _drive(run: JobRun, work: _Work) -> None:
@@ -240,8 +246,9 @@ def _drive(run: JobRun, work: _Work) -> None:
     _report(run, work, last)
 
 
-def run(store: Store, settings: Settings, job: JobRun) -> JSON:
-    """The ``parallel-infer`` job: every item of the data set through the deployment's devices."""
+def run(store: Store, settings: Settings, job: JobRun, notify: Notify | None = None) -> JSON:
+    """The ``parallel-infer`` job: every item of the data set through the deployment's devices;
+    *notify* is called with each progress report (the task sends it to Flower)."""
     p = job.params
     dep = store.get_deployment(str(p["deployment"]))
     ts = [t for t in targets(store, dep) if t.device in set(job.job["targets"])]
@@ -252,6 +259,7 @@ def run(store: Store, settings: Settings, job: JobRun) -> JSON:
     x = _inputs(data, io)
     policy = ChunkPolicy(mode=str(p.get("mode") or "dynamic"), **(p.get("chunk") or {}))
     work = _Work(Scheduler(len(x), [t.device for t in ts], policy), io, x, ts, settings.inference_timeout_s)
+    work.notify = notify
     job.event(f"{len(x)} items over {len(ts)} device(s) ({policy.mode})", type=EventType.STEP)
     _drive(job, work)
     if not work.sched.finished or work.out is None:
