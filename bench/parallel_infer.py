@@ -16,8 +16,8 @@ edge server runs one ONNX Runtime thread (``EVC_INFER_THREADS=1``).
 2. EVC's dynamic job (``mode: dynamic``): makespan vs ideal (target <= 1.15).
 3. The static even split (``mode: static``, the original's method): EVC's makespan / static's
    (target <= 0.6).
-4. EVC's job again with one device's edge server stopped (``supervise.sh stop``) when half of
-   the items are done: every item answered once, makespan vs ideal (target <= 1.3).
+4. EVC's job again with one device killed (its supervisor and edge server SIGKILLed) when half
+   of the items are done: every item answered once, makespan vs ideal (target <= 1.3).
 
 The quotas default to 0.05,0.05,0.1,0.2 CPUs: a quota only makes a device slower when the
 machine would give it more; on a shared 2-core machine whose load is ~10, a process gets ~0.2 of
@@ -56,6 +56,7 @@ from evc.model import Device  # noqa: E402
 from evc.settings import settings_env  # noqa: E402
 from evc.store import Store, new_id  # noqa: E402
 from evc_sim import SimDevice, cpuquota, read_state  # noqa: E402
+from tests.fixtures.deploy import kill_servers  # noqa: E402
 from tests.fixtures.onnx_models import mlp_model  # noqa: E402
 
 
@@ -177,9 +178,7 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
         print("capacity alone again (items/s): " + ", ".join(f"{k} {v:.0f}" for k, v in after.items())
               + f"; ideal makespan (the larger of each device's two capacities) {ideal:.2f} s")  # fmt: skip
         victim = sims[args.kill]
-        script = next((Path(victim.home) / ".evc" / "deploy").glob("*/supervise.sh"))
-        kil = _job(api, dep, args.repeat, "dynamic", args.target_s,
-                   kill=lambda: subprocess.run(["sh", str(script), "stop"], check=True, timeout=30))  # fmt: skip
+        kil = _job(api, dep, args.repeat, "dynamic", args.target_s, kill=lambda: kill_servers(victim))
         k = kil["summary"]
         rest = sum(v for name, v in caps.items() if name != victim.name)
         at = (kil["killed_at_item"] or 0) / n

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,13 +25,15 @@ from evc.model import Device
 from evc.store import Store
 from evc_sim import SimDevice, SimulatorThread, cpuquota
 from tests.fixtures.cli import evc
-from tests.fixtures.deploy import device_records, started_devices
+from tests.fixtures.deploy import device_records, kill_servers, started_devices
 from tests.fixtures.helpers import wait_until
 from tests.fixtures.onnx_models import mlp_model, unique, upload
 
 pytestmark = pytest.mark.integration
 
-CPUS = [0.1, 0.1, 0.4]  # 1:1:4 when quotas work here
+# 1:1:6 when quotas work here; a quota binds only while the machine would give the device more,
+# and a loaded shared machine gives each busy process ~0.15 of a core: the small ones still bind
+CPUS = [0.05, 0.05, 0.3]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def model() -> tuple[bytes, Any]:
     return mlp_model(d, 1024, layers=2), d
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def deployment(
     api: Any, worker: Any, store: Store, trio: list[SimDevice], model: tuple[bytes, Any]
 ) -> Iterator[tuple[str, list[Device]]]:
@@ -130,7 +131,7 @@ def test_parallel_job_over_three_devices_in_input_order(
     assert [r["item"] for r in rows] == list(range(n))
     assert [r["prediction"] for r in rows] == _expected(model, repeat).tolist()
     assert {r["device"] for r in rows} <= set(s["devices"]) and all(r["latency_ms"] > 0 for r in rows)
-    if cpuquota.unavailable_reason() is None:  # the 0.4-CPU device does more than each 0.1-CPU one
+    if cpuquota.unavailable_reason() is None:  # the 0.3-CPU device does more than each 0.05-CPU one
         shares = {name: v["share"] for name, v in s["devices"].items()}
         fast, slow = devices[2]["name"], [devices[0]["name"], devices[1]["name"]]
         assert all(shares[fast] > shares[x] for x in slow), s["devices"]
@@ -144,7 +145,7 @@ def test_parallel_job_over_three_devices_in_input_order(
         assert z["prediction"].shape == (n,) and z["output"].shape == (n, 10) and len(z["devices"]) == 3
 
 
-def test_a_device_stopped_mid_job_loses_nothing(
+def test_a_device_killed_mid_job_loses_nothing(
     api: Any, deployment: tuple[str, list[Device]], model: tuple[bytes, Any], trio: list[SimDevice]
 ) -> None:
     dep_id, devices = deployment
@@ -155,14 +156,13 @@ def test_a_device_stopped_mid_job_loses_nothing(
     assert status == 202, job
     n = job["params"]["items"]
 
-    def a_fifth_done() -> bool:
+    def started() -> bool:  # the first chunks answered: the devices are at work
         _, j = api.call("GET", f"/api/v1/jobs/{job['id']}")
-        return int(j["progress"].get("done") or 0) >= n // 5 and j["progress"].get("total") == n
+        return j["progress"].get("total") == n and 0 < int(j["progress"].get("done") or 0) < n // 2
 
-    wait_until(a_fifth_done, 60, "a fifth of the items done")
+    wait_until(started, 60, "the first items done", interval=0.05)
     victim = trio[2]  # the fastest: it holds a chunk now
-    script = next((victim.home / ".evc" / "deploy").glob("*/supervise.sh"))
-    subprocess.run(["sh", str(script), "stop"], check=True, timeout=30)
+    assert kill_servers(victim) == 2
     job = api.wait_job(job["id"], timeout=120)
     assert job["state"] == "succeeded", job
     s = job["summary"]
