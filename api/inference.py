@@ -121,11 +121,12 @@ def upload_dataset(form: dict[str, Any], files: dict[str, Any]) -> Any:
     return datasets.store(get_settings(), files["file"].stream, form.get("name") or "")
 
 
-@blp.route("/inference/datasets/<dataset_id>", methods=["GET"])
+@blp.route("/inference/datasets/<dataset>", methods=["GET"])
 @require(Scope.READ)
 @blp.response(200, DatasetSchema)
-def show_dataset(dataset_id: str) -> Any:
-    return datasets.describe(get_settings(), dataset_id)
+def show_dataset(dataset: str) -> Any:
+    """An uploaded data set (by id) or a named one (digits, digits-train): items, item shape, labels."""
+    return datasets.describe(get_settings(), dataset)
 
 
 # ----------------------------------------------------------------------------- jobs
