@@ -31,6 +31,7 @@ cores. The load averages are printed before and after.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -56,7 +57,7 @@ from evc.model import Device  # noqa: E402
 from evc.settings import settings_env  # noqa: E402
 from evc.store import Store, new_id  # noqa: E402
 from evc_sim import SimDevice, cpuquota, read_state  # noqa: E402
-from tests.fixtures.deploy import kill_servers  # noqa: E402
+from tests.fixtures.deploy import device_weights, kill_servers  # noqa: E402
 from tests.fixtures.onnx_models import mlp_model  # noqa: E402
 
 
@@ -77,21 +78,6 @@ def _start(args: argparse.Namespace, tmp: Path, env: dict[str, str], settings: A
             raise SystemExit(f"the simulator did not start: {(tmp / 'sim.log').read_text()[-2000:]}")
         time.sleep(0.1)
     return procs
-
-
-def _weights(sim_pid: int, n: int) -> tuple[Path, str]:
-    """Give the simulator's cgroups the CPU weight of their devices. cgroup v1 weighs a group
-    like one process (``cpu.shares`` 1024) whatever it holds: on a loaded machine all simulated
-    devices together (``evc-sim``, every simulator's) then get one process's share, split evenly,
-    and their quotas stop mattering (the devices all run alike). Raise ``evc-sim`` to 1024 per
-    device group under it and this simulator's group to 1024 per device; returns what to restore."""
-    top = cpuquota.CPU_ROOT / "evc-sim"
-    old = (top / "cpu.shares").read_text().strip()
-    groups = sum(1 for p in top.glob("*/*") if p.is_dir())
-    (top / "cpu.shares").write_text(f"{max(int(old), 1024 * max(groups, n))}\n")
-    (top / str(sim_pid) / "cpu.shares").write_text(f"{1024 * n}\n")
-    print(f"cpu.shares: evc-sim {old} -> {max(int(old), 1024 * max(groups, n))}, evc-sim/{sim_pid} -> {1024 * n}")
-    return top, old
 
 
 def _deploy(api: API, store: Store, sims: list[SimDevice], model: bytes) -> tuple[str, list[str], dict[str, str]]:
@@ -172,7 +158,7 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
     redis, settings = private_stack(tmp)
     procs: list[Any] = []
     sims: list[SimDevice] = []
-    restore: tuple[Path, str] | None = None
+    stack = contextlib.ExitStack()
     try:
         load0 = os.getloadavg()[0]
         store = Store.from_settings(settings)
@@ -180,7 +166,7 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
         procs = _start(args, tmp, {**os.environ, **settings_env(settings)}, settings)
         sims = read_state(tmp / "sim" / "devices.json")
         if not args.keep_weights:
-            restore = _weights(procs[0].pid, len(sims))
+            print(stack.enter_context(device_weights(procs[0].pid, len(sims))))
         api = API(settings, store)
         d = load_reference_digits()
         model = mlp_model(d, args.hidden, layers=args.layers)
@@ -226,8 +212,7 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
         ]
         return all(f.ok for f in figures), figures
     finally:
-        if restore is not None:
-            (restore[0] / "cpu.shares").write_text(restore[1] + "\n")
+        stack.close()
         for s in sims:
             for script in (Path(s.home) / ".evc" / "deploy").glob("*/supervise.sh"):
                 subprocess.run(["sh", str(script), "stop"], check=False, timeout=30)
@@ -245,8 +230,9 @@ def main() -> None:
     parser.add_argument("--target-s", type=float, default=1.0, help="EVC's chunk time")
     parser.add_argument("--measure-s", type=float, default=4.0, help="each device's capacity measurement")
     parser.add_argument("--kill", type=int, default=2, help="the index of the device killed mid-job")
-    parser.add_argument("--keep-weights", action="store_true",
-                        help="leave the simulator's cgroups at cpu.shares 1024 (see _weights)")  # fmt: skip
+    parser.add_argument(
+        "--keep-weights", action="store_true", help="leave the simulator's cgroups at cpu.shares 1024 (device_weights)"
+    )
     args = parser.parse_args()
     args.cpus = [float(c) for c in args.cpus.split(",")]
     reason = cpuquota.unavailable_reason()

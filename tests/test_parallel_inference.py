@@ -25,7 +25,7 @@ from evc.model import Device
 from evc.store import Store
 from evc_sim import SimDevice, SimulatorThread, cpuquota
 from tests.fixtures.cli import evc
-from tests.fixtures.deploy import device_records, kill_servers, started_devices
+from tests.fixtures.deploy import device_records, device_weights, kill_servers, started_devices
 from tests.fixtures.helpers import wait_until
 from tests.fixtures.onnx_models import mlp_model, unique, upload
 
@@ -39,7 +39,10 @@ CPUS = [0.05, 0.05, 0.3]
 @pytest.fixture(scope="module")
 def trio(simulator: SimulatorThread) -> Iterator[list[SimDevice]]:
     cpus = CPUS if cpuquota.unavailable_reason() is None else []
-    with started_devices(simulator, 3, f"pi{os.getpid() % 10000}", cpus=cpus) as devices:
+    with (
+        started_devices(simulator, 3, f"pi{os.getpid() % 10000}", cpus=cpus) as devices,
+        device_weights(os.getpid(), len(devices)),
+    ):
         for d in devices:  # the venv's Python (numpy + onnxruntime), one ONNX Runtime thread
             (d.home / "py").write_text(f'#!/bin/sh\nEVC_INFER_THREADS=1 exec {sys.executable} "$@"\n')
             (d.home / "py").chmod(0o755)
