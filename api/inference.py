@@ -89,7 +89,8 @@ class ParallelJobSchema(StrictSchema):
     deployment = fields.String(required=True, validate=validate.Length(min=1, max=64))
     dataset = fields.String(
         required=True, validate=validate.Length(min=1, max=64),
-        metadata={"description": f"an uploaded data set's id, or one of {list(datasets.NAMED)}"},
+        metadata={"description": f"an uploaded data set's id, one of {list(datasets.NAMED)}, or fl-shards:<name> "
+                  "(the FL shards an fl-partition job put on the devices)"},
     )  # fmt: skip
     repeat = fields.Integer(load_default=1, validate=validate.Range(min=1, max=datasets.MAX_REPEAT))
     mode = fields.String(

@@ -148,6 +148,27 @@ def test_parallel_job_over_three_devices_in_input_order(
         assert z["prediction"].shape == (n,) and z["output"].shape == (n, 10) and len(z["devices"]) == 3
 
 
+def test_fl_shards_on_the_devices_as_the_data_set(api: Any, deployment: tuple[str, list[Device]]) -> None:
+    dep_id, devices = deployment
+    name = unique("shards")
+    status, job = api.call("POST", "/api/v1/fl/partition", json={"devices": [d["id"] for d in devices], "name": name})
+    assert status == 202, job
+    assert api.wait_job(job["id"], timeout=60)["state"] == "succeeded"
+    body = {"kind": "parallel", "deployment": dep_id, "dataset": f"fl-shards:{name}", "chunk": {"target_s": 0.2}}
+    status, job = api.call("POST", "/api/v1/inference/jobs", json=body)
+    assert status == 202 and job["params"]["items"] is None, job
+    job = api.wait_job(job["id"], timeout=60)
+    assert job["state"] == "succeeded", job
+    s = job["summary"]
+    train = len(load_reference_digits().X_train)
+    assert s["items"] == train and sum(s["shards"].values()) == train and s["shards_missing"] == {}
+    assert set(s["shards"]) == {d["name"] for d in devices} and s["accuracy"] > 0.9
+    body["dataset"] = "fl-shards:never-partitioned"
+    status, job = api.call("POST", "/api/v1/inference/jobs", json=body)
+    job = api.wait_job(job["id"], timeout=60)
+    assert job["state"] == "failed" and "no device has the shard" in job["error"]["message"], job
+
+
 def test_a_device_killed_mid_job_loses_nothing(
     api: Any, deployment: tuple[str, list[Device]], model: tuple[bytes, Any], trio: list[SimDevice]
 ) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 
 from evc.context import Context
 from evc.errors import InferFailed, JobCancelled, PreconditionFailed, ValidationError
-from evc.inference import datasets
+from evc.inference import datasets, shards
 from evc.inference.oip import NUMPY, Connection, ModelIO
 from evc.inference.schedule import Chunk, ChunkPolicy, Scheduler
 from evc.jobs import JobRun
@@ -81,13 +81,16 @@ def submit(ctx: Context, data: Mapping[str, Any]) -> Job:
     running = targets(ctx.store, dep)
     if not running:
         raise PreconditionFailed(f"deployment {dep['id']} has no running device (evc deployment show {dep['id']})")
-    meta = datasets.describe(ctx.settings, str(data["dataset"]))
+    ref = str(data["dataset"])
+    meta = {"id": ref, "items": None} if shards.is_shards(ref) else datasets.describe(ctx.settings, ref)
+    if shards.is_shards(ref):
+        shards.shard_name(ref)
     repeat = int(data.get("repeat") or 1)
     datasets.Data(np.zeros(1), None).repeated(repeat)  # the same bounds as the job's
     policy = policy_of(data.get("chunk") or {}, str(data.get("mode") or "dynamic"))
     params: JSON = {
         "kind": "parallel", "deployment": dep["id"], "dataset": meta["id"], "repeat": repeat,
-        "items": int(meta["items"]) * repeat, "mode": policy.mode,
+        "items": int(meta["items"]) * repeat if meta["items"] is not None else None, "mode": policy.mode,
         "chunk": {k: v for k, v in dataclasses.asdict(policy).items() if k != "mode"},
     }  # fmt: skip
     job, _ = ctx.submit(JobKindName.PARALLEL_INFER, params=params, targets=[t.device for t in running])
@@ -187,6 +190,18 @@ def _answer(conn: Connection, io: ModelIO, batch: np.ndarray) -> np.ndarray:
     return result
 
 
+def _load(store: Store, settings: Settings, job: JobRun, ts: list[Target]) -> tuple[datasets.Data, JSON]:
+    """The job's items: an uploaded or named data set, or the FL shards on the devices (then
+    also where they came from: ``shards`` per device, ``shards_missing`` with the reasons)."""
+    ref, repeat = str(job.params["dataset"]), int(job.params.get("repeat") or 1)
+    if not shards.is_shards(ref):
+        return datasets.load(settings, ref).repeated(repeat), {}
+    data, counts, missing = shards.gather(settings, store.get_devices([t.device for t in ts]), ref)
+    for name, why in missing.items():
+        job.event(f"{name}: no shard ({why}); its items are not in the job", type=EventType.STEP)
+    return data.repeated(repeat), {"shards": counts, "shards_missing": missing}
+
+
 def _model_io(ts: list[Target], dep: Mapping[str, Any], timeout_s: float) -> ModelIO:
     """The served model's input and output, from the first device that answers."""
     errors = []
@@ -254,7 +269,7 @@ def run(store: Store, settings: Settings, job: JobRun, notify: Notify | None = N
     ts = [t for t in targets(store, dep) if t.device in set(job.job["targets"])]
     if not ts:
         raise PreconditionFailed(f"deployment {dep['id']} has no running device now", deployment=dep["id"])
-    data = datasets.load(settings, str(p["dataset"])).repeated(int(p.get("repeat") or 1))
+    data, sources = _load(store, settings, job, ts)
     io = _model_io(ts, dep, settings.inference_timeout_s)
     x = _inputs(data, io)
     policy = ChunkPolicy(mode=str(p.get("mode") or "dynamic"), **(p.get("chunk") or {}))
@@ -267,7 +282,8 @@ def run(store: Store, settings: Settings, job: JobRun, notify: Notify | None = N
             f"{work.sched.done_items} of {len(x)} items answered: every device failed ("
             + "; ".join(f"{t.name}: {work.errors.get(t.device, '?')}" for t in ts) + ")", deployment=dep["id"],
         )  # fmt: skip
-    return _finish(settings, job, work, data, dep)
+    summary = _finish(settings, job, work, data, dep)
+    return {**summary, **sources}
 
 
 def _finish(settings: Settings, job: JobRun, work: _Work, data: datasets.Data, dep: Mapping[str, Any]) -> JSON:
