@@ -40,12 +40,17 @@ class Data:
     y: np.ndarray | None
 
     def repeated(self, times: int) -> Data:
-        if not 1 <= times <= MAX_REPEAT:
-            raise ValidationError(f"repeat must be in 1..{MAX_REPEAT}", field="repeat")
-        if times == 1:
+        """The items *times* over (the labels too)."""
+        if check_repeat(times) == 1:
             return self
         y = None if self.y is None else np.tile(self.y, times)
         return Data(np.tile(self.x, (times,) + (1,) * (self.x.ndim - 1)), y)
+
+
+def check_repeat(times: int) -> int:
+    if not 1 <= times <= MAX_REPEAT:
+        raise ValidationError(f"repeat must be in 1..{MAX_REPEAT}", field="repeat")
+    return times
 
 
 def root(settings: Settings) -> Path:
@@ -172,6 +177,6 @@ def jsonl(results: dict[str, np.ndarray]) -> Iterator[bytes]:
 
 
 __all__ = [
-    "NAMED", "Data", "describe", "jsonl", "load", "load_results", "parse", "results_file", "results_path",
-    "save_results", "store",
+    "NAMED", "Data", "check_repeat", "describe", "jsonl", "load", "load_results", "parse", "results_file",
+    "results_path", "save_results", "store",
 ]  # fmt: skip

@@ -82,19 +82,19 @@ def submit(ctx: Context, data: Mapping[str, Any]) -> Job:
     if not running:
         raise PreconditionFailed(f"deployment {dep['id']} has no running device (evc deployment show {dep['id']})")
     ref = str(data["dataset"])
-    meta = {"id": ref, "items": None} if shards.is_shards(ref) else datasets.describe(ctx.settings, ref)
-    if shards.is_shards(ref):
+    repeat = datasets.check_repeat(int(data.get("repeat") or 1))
+    if shards.is_shards(ref):  # on the devices: counted when the job reads them
         shards.shard_name(ref)
-    repeat = int(data.get("repeat") or 1)
-    datasets.Data(np.zeros(1), None).repeated(repeat)  # the same bounds as the job's
+        items = None
+    else:
+        items = int(datasets.describe(ctx.settings, ref)["items"]) * repeat
     policy = policy_of(data.get("chunk") or {}, str(data.get("mode") or "dynamic"))
     params: JSON = {
-        "kind": "parallel", "deployment": dep["id"], "dataset": meta["id"], "repeat": repeat,
-        "items": int(meta["items"]) * repeat if meta["items"] is not None else None, "mode": policy.mode,
-        "chunk": {k: v for k, v in dataclasses.asdict(policy).items() if k != "mode"},
+        "kind": "parallel", "deployment": dep["id"], "dataset": ref, "repeat": repeat, "items": items,
+        "mode": policy.mode, "chunk": {k: v for k, v in dataclasses.asdict(policy).items() if k != "mode"},
     }  # fmt: skip
     job, _ = ctx.submit(JobKindName.PARALLEL_INFER, params=params, targets=[t.device for t in running])
-    ctx.store.audit(ctx.actor, "inference.parallel", job["id"], deployment=dep["id"], dataset=meta["id"])
+    ctx.store.audit(ctx.actor, "inference.parallel", job["id"], deployment=dep["id"], dataset=ref)
     return job
 
 
