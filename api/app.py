@@ -40,6 +40,7 @@ BLUEPRINTS = [
     "evc.api.monitoring",
     "evc.api.models",
     "evc.api.deployments",
+    "evc.api.inference",
 ]
 
 MAX_BODY = 1024 * 1024
@@ -230,7 +231,7 @@ def _audit(app: Flask) -> None:
             if pipe is not None:
                 pipe.reset()
             return resp
-        if request.method in MUTATING:
+        if request.method in MUTATING and not g.get("evc_no_audit"):
             p = getattr(g, "principal", None)
             pipe = unit_of_work()
             get_store().audit(

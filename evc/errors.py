@@ -161,6 +161,13 @@ class DeviceOffline(DeviceError):
     status = 409
 
 
+class InferFailed(DeviceError):
+    """An edge server's inference request failed: unreachable, timed out, or not a 200."""
+
+    reason = "infer_failed"
+    status = 502
+
+
 class BatchFailed(EVCError):
     """Some targets of a batch job failed; each one's reason is its per-target result."""
 

@@ -58,6 +58,7 @@ JOB_KINDS: dict[str, JobKind] = {
         JobKind(JobKindName.MODEL_QUANTIZE, "evc.model_quantize", Queue.DEFAULT),
         JobKind(JobKindName.DEPLOY, "evc.deploy", Queue.SSH),
         JobKind(JobKindName.DEPLOY_REMOVE, "evc.deploy_remove", Queue.SSH),
+        JobKind(JobKindName.PARALLEL_INFER, "evc.parallel_infer", Queue.DEFAULT, mutating=False),
     )
 }
 

@@ -73,6 +73,7 @@ class JobKindName(Name):
     MODEL_QUANTIZE = "model-quantize"
     DEPLOY = "deploy"
     DEPLOY_REMOVE = "deploy-remove"
+    PARALLEL_INFER = "parallel-infer"
 
 
 class Queue(Name):

@@ -96,6 +96,10 @@ class Settings:
     # reference, besides model_registry_url's
     model_registry_pull_hosts: str = ""
     model_registry_timeout_s: float = 30.0
+    # inference (data sets and results under <data_dir>/inference, shared like the models)
+    inference_dataset_max_bytes: int = 256 * 1024 * 1024  # a larger data set upload is a 413
+    inference_request_max_bytes: int = 64 * 1024 * 1024  # a larger POST /deployments/{id}/infer is a 413
+    inference_timeout_s: float = 60.0  # one request to an edge server (a chunk, a routed request)
 
     @property
     def api_url(self) -> str:

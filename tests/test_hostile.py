@@ -184,6 +184,7 @@ CONTENT_CHECKED = {
     "POST /api/v1/devices/import": "an inventory (INI, YAML or CSV) that must parse as one",
     "POST /api/v1/models": "a model file that must be a readable ONNX graph",
     "POST /api/v1/models/{name}/versions/{version}/variants": "a model file that must be a readable ONNX graph",
+    "POST /api/v1/inference/datasets": "an .npz data set that must load (x, optional y)",
 }
 
 

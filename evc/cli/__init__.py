@@ -8,7 +8,21 @@ and :mod:`evc.cli.views` show the API's JSON to a person.
 from __future__ import annotations
 
 # the command groups register their commands on `main` as they are imported
-from evc.cli import clusters, deployments, devices, fl, fleet, jobs, models, monitoring, provision, sim, stack, tokens  # noqa: F401
+from evc.cli import (  # noqa: F401
+    clusters,
+    deployments,
+    devices,
+    fl,
+    fleet,
+    infer,
+    jobs,
+    models,
+    monitoring,
+    provision,
+    sim,
+    stack,
+    tokens,
+)
 from evc.cli.common import main
 
 __all__ = ["main"]

@@ -16,6 +16,7 @@ from evc.store.deployments import DeploymentStore
 from evc.store.devices import DeviceStore
 from evc.store.fl import FLStore
 from evc.store.fleet import FleetLogStore
+from evc.store.inference import InferenceStore
 from evc.store.jobs import JOB_STATES, TERMINAL_STATES, JobStore
 from evc.store.locks import LockStore
 from evc.store.models import ModelStore
@@ -27,8 +28,7 @@ __all__ = ["ID_RE", "JOB_STATES", "JSON", "TERMINAL_STATES", "Store", "new_id", 
 
 class Store(
     DeviceStore, ClusterStore, TokenStore, JobStore, FleetLogStore, FLStore, ModelStore, DeploymentStore, LockStore,
-    SessionStore,
-    StoreBase,
+    SessionStore, InferenceStore, StoreBase,
 ):  # fmt: skip
     """Typed access to EVC's state in Redis. Build one per process with :meth:`from_settings`."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -30,7 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")  # noqa: S104
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free port)")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads per model (0: its default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("EVC_INFER_THREADS") or 0),
+        help="ONNX Runtime intra-op threads per model (default $EVC_INFER_THREADS, else 0: its default)",
+    )
     p.add_argument(
         "--provider",
         action="append",
