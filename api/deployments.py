@@ -63,6 +63,13 @@ class DeploymentUpdateSchema(StrictSchema):
     max_unavailable = fields.Integer(
         load_default=1, validate=validate.Range(min=1), metadata={"description": "devices switched at a time"}
     )
+    failure_budget = fields.Float(
+        load_default=None,
+        validate=validate.Range(min=0),
+        metadata={"description": "devices that may fail their gate (each goes back) before the rollout stops and "
+                  "every device it updated goes back: a count, or a fraction of the devices (0 < x < 1); "
+                  "unset: stop at the first failure, the updated devices stay updated"},
+    )  # fmt: skip
 
 
 class DeploymentRollbackSchema(StrictSchema):
@@ -84,6 +91,10 @@ class DeploymentTargetSchema(Schema):
     endpoint = fields.String(metadata={"description": "host:port of the device's edge server"})
     shipped = fields.Boolean(metadata={"description": "the last job sent the model (false: its digest matched)"})
     restarted = fields.Boolean(metadata={"description": "a re-convergence (re)started the server"})
+    switch = fields.String(
+        metadata={"description": "how a rollout switched it: reload (SIGHUP, no restart: it answered throughout) "
+                  "or restart"}
+    )  # fmt: skip
     updated_at = fields.Float()
 
 
