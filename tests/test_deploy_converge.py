@@ -9,6 +9,7 @@ hence the per-device ports.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -154,8 +155,10 @@ def test_cluster_deployment_follows_health_and_membership(
 
 
 def test_selector_deployment_follows_labels(
-    api: Any, worker: Any, store: Store, trio: list[SimDevice], records: list[Device]
+    api: Any, worker: Any, live: str, store: Store, trio: list[SimDevice], records: list[Device]
 ) -> None:
+    from tests.fixtures.cli import evc
+
     for d in trio:
         _python(d, sys.executable)
     a, b, c = records
@@ -168,12 +171,17 @@ def test_selector_deployment_follows_labels(
     body = {"model": name, "version": "1", "selector": {"labels": {"role": tag}}, "python": "~/py", "ports": ports}
     status, err = api.call("POST", "/api/v1/deployments", json={**body, "devices": [a["id"]]})
     assert status == 422, err
-    status, job = api.call("POST", "/api/v1/deployments", json=body)
-    assert status == 202, job
+    # the CLI: --label, and --ports by device name
+    pairs = ",".join(f"{r['name']}={ports[r['id']]}" for r in records)
+    code, out, text = evc(live, api.admin, "--json", "deploy", f"{name}:1", "--label", f"role={tag}", "--ports",
+                          pairs, "--python", "~/py")  # fmt: skip
+    assert code == 0, text
+    job = json.loads(out)
     dep_id = job["params"]["deployment"]
     try:
         assert api.wait_job(job["id"], timeout=120)["state"] == "succeeded"
         status, dep = api.call("GET", f"/api/v1/deployments/{dep_id}")
+        assert dep["ports"] == ports, dep
         assert dep["selector"] == {"labels": {"role": tag}} and sorted(dep["devices"]) == sorted([a["id"], b["id"]])
         # relabelled: c matches now, b no longer
         since = _seen(store)
