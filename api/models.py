@@ -101,6 +101,10 @@ class VariantMetaSchema(_UploaderMeta):
         validate=validate.Regexp(registry.VARIANT_RE, error="1-32 lower-case letters, digits, '.', '_' or '-'"),
         metadata={"description": "fp32, int8, ..."},
     )
+    oci_ref = fields.String(
+        validate=validate.Length(min=3, max=512),
+        metadata={"description": "register by reference: host[:port]/repository:tag or ...@sha256:<hex> (no file)"},
+    )
 
 
 def _file_field(required: bool = True) -> fields.Raw:
@@ -112,11 +116,7 @@ class VersionForm(StrictSchema):
 
 
 class VariantForm(StrictSchema):
-    metadata = JSONObject(VariantMetaSchema, required=True)
-
-
-class FileForm(StrictSchema):
-    file = _file_field()
+    metadata = JSONObject(VariantMetaSchema, metadata={"description": "required unless the body is JSON"})
 
 
 class OptionalFileForm(StrictSchema):
@@ -151,7 +151,8 @@ class VariantSchema(Schema):
     description = fields.String()
     parent = fields.Dict()
     storage = fields.Dict(metadata={"description": "where the file is kept: backend (embedded, oci) and ref"})
-    source = fields.String(metadata={"description": "upload, or evc-quantize"})
+    source = fields.String(metadata={"description": "upload, oci (registered by reference), or evc-quantize"})
+    oci_ref = fields.String(metadata={"description": "registered by reference: the artifact, pinned by digest"})
     metadata = fields.Dict(allow_none=True, metadata={"description": "what EVC read from the graph"})
     created_at = fields.Float()
     created_by = fields.String()
@@ -367,17 +368,39 @@ def _chunks(f: Any) -> Any:
 @blp.route("/models/<name>/versions/<version>/variants", methods=["POST"])
 @require(Scope.MODELS)
 @blp.arguments(VariantForm, location="form")
-@blp.arguments(FileForm, location="files")
+@blp.arguments(OptionalFileForm, location="files")
 @blp.response(201, VariantSchema)
 @blp.alt_response(200, schema=VariantSchema, description="the same bytes were registered before as this variant")
 @blp.alt_response(409, description="this variant holds other bytes")
+@blp.alt_response(502, description="the OCI registry could not be reached, or sent bytes that fail their digest")
 def add_variant(form: dict[str, Any], files: dict[str, Any], name: str, version: str) -> Any:
     """Register a variant of a version (EVF posts its variants here): `file` and `metadata`
-    (JSON: variant, task, labels, accuracy, license, format)."""
-    meta = dict(form["metadata"])
-    variant = meta.pop("variant")
-    rec, created = registry.register_variant(context(), name, version, variant, files["file"].stream, meta)
+    (JSON: variant, task, labels, accuracy, license, format). Or by reference to an OCI
+    artifact, as a version: a JSON body (or `metadata`, without `file`) with `variant` and
+    `oci_ref`."""
+    meta = _json_body(VariantMetaSchema) if request.is_json else form.get("metadata")
+    if meta is None:
+        abort(422, messages={"form": {"metadata": ["Missing data for required field."]}})
+        raise AssertionError("unreachable")  # abort raises
+    meta = dict(meta)
+    variant, file = meta.pop("variant"), files.get("file")
+    if meta.get("oci_ref"):
+        if file is not None:
+            raise InvalidInput("give either a file or oci_ref, not both", field="oci_ref")
+        rec, created = registry.register_variant_reference(context(), name, version, variant, meta)
+    elif file is None:
+        raise InvalidInput("a file (multipart field file) or an oci_ref is required", field="file")
+    else:
+        rec, created = registry.register_variant(context(), name, version, variant, file.stream, meta)
     return {**rec, "digest": f"sha256:{rec['sha256']}"}, 201 if created else 200
+
+
+def _json_body(schema: type[Schema]) -> dict[str, Any]:
+    try:
+        return dict(schema().load(request.get_json(silent=False) or {}))
+    except ValidationError as exc:
+        abort(422, messages={"json": exc.messages})
+        raise AssertionError("unreachable") from exc  # abort raises
 
 
 @blp.route("/models/<name>/versions/<version>/quantize", methods=["POST"])
