@@ -21,7 +21,7 @@ from marshmallow import Schema, ValidationError, fields, validate
 
 from evc.errors import ValidationError as InvalidInput
 from evc.model import JobKindName, Scope
-from evc.models import hardware, registry
+from evc.models import eval_sets, hardware, registry
 from evc.models.blobs import CHUNK, human_size
 
 blp = Blueprint(
@@ -418,12 +418,45 @@ def quantize(form: dict[str, Any], files: dict[str, Any], name: str, version: st
         raise InvalidInput(f"model {name}:{version} is {parent['format']!r}: only ONNX models can be quantized")
     digest = (form.get("eval_set_sha256") or "").removeprefix("sha256:") or None
     if files.get("eval_set") is not None:
-        digest = registry.store_eval_set(ctx, files["eval_set"].stream)
+        digest = registry.store_eval_set(ctx, files["eval_set"].stream, form.get("dataset"))
     elif digest and not registry.storage(ctx).exists(digest, registry.EVAL_SETS):
         raise InvalidInput(f"no evaluation set sha256:{digest} is stored; upload it", field="eval_set_sha256")
     params = {"name": name, "version": version, "eval_set": digest, "dataset": form.get("dataset")}
     job, _ = ctx.submit(JobKindName.MODEL_QUANTIZE, params=params)
     return job
+
+
+# ----------------------------------------------------------------------------- evaluation sets
+class EvalSetSchema(Schema):
+    sha256 = fields.String()
+    size = fields.Integer()
+    samples = fields.Integer()
+    dataset = fields.String(allow_none=True)
+    storage = fields.Dict()
+    created_at = fields.Float()
+    created_by = fields.String()
+
+
+class EvalSetListSchema(Schema):
+    items = fields.List(fields.Nested(EvalSetSchema))
+
+
+@blp.route("/eval-sets", methods=["GET"])
+@require(Scope.ADMIN)
+@blp.response(200, EvalSetListSchema)
+def list_eval_sets() -> Any:
+    """The evaluation sets kept for quantization (name one by `eval_set_sha256` instead of
+    uploading it again)."""
+    return {"items": eval_sets.list_sets(context())}
+
+
+@blp.route("/eval-sets/<digest>", methods=["DELETE"])
+@require(Scope.ADMIN)
+@blp.response(200, EvalSetSchema)
+@blp.alt_response(409, description="a queued or running quantization job uses it")
+def delete_eval_set(digest: str) -> Any:
+    """Delete an evaluation set (its blob freed)."""
+    return eval_sets.delete(context(), digest)
 
 
 # ----------------------------------------------------------------------------- hardware

@@ -213,6 +213,21 @@ def test_quantize_makes_a_working_int8_variant_with_measured_accuracy(
     assert status == 422 and "no evaluation set" in body["message"]
     assert api.call("POST", f"/api/v1/models/{name}/versions/7/quantize")[0] == 404
 
+    # the evaluation sets kept: listed, deleted (the blob freed), then unknown
+    status, sets = api.call("GET", "/api/v1/eval-sets")
+    eval_sha = eval_sha.removeprefix("sha256:")
+    (kept,) = [e for e in sets["items"] if e["sha256"] == eval_sha]
+    assert kept["dataset"] == "digits-test" and kept["samples"] == len(digits.y_test) and kept["size"] > 0
+    assert api.call("DELETE", f"/api/v1/eval-sets/{eval_sha}")[0] == 200
+    assert not (api.settings.data_dir / "models" / "blobs" / "sha256" / eval_sha).exists()
+    assert eval_sha not in [e["sha256"] for e in api.call("GET", "/api/v1/eval-sets")[1]["items"]]
+    assert api.call("DELETE", f"/api/v1/eval-sets/{eval_sha}")[0] == 404
+    status, body = api.call(
+        "POST", f"/api/v1/models/{name}/versions/1/quantize", data={"eval_set_sha256": eval_sha},
+        content_type="multipart/form-data",
+    )  # fmt: skip
+    assert status == 422 and "no evaluation set" in body["message"]
+
 
 def _cluster_with_device(store: Any) -> tuple[str, str]:
     from evc.devices import new_record

@@ -267,19 +267,23 @@ def _same_bytes(existing: JSON, digest: str, what: str) -> JSON:
     return existing
 
 
-def store_eval_set(ctx: Context, stream: IO[bytes]) -> str:
-    """Keep an evaluation set (an ``.npz`` with ``X`` and ``y``) as a blob; returns its digest."""
+def store_eval_set(ctx: Context, stream: IO[bytes], dataset: str | None = None) -> str:
+    """Keep an evaluation set (an ``.npz`` with ``X`` and ``y``) as a blob and record it (listed
+    and deleted through :mod:`evc.models.eval_sets`); returns its digest."""
     from evc.models.quantize import load_eval_set
 
     st = storage(ctx)
     staged = st.stage(stream, ctx.settings.model_max_upload_bytes)
     try:
-        load_eval_set(staged.tmp.read_bytes())  # refuse what the job could not read, now
-        digest = staged.digest
-        st.commit(staged, ctx.store, EVAL_SETS, {oci.ANNOTATION_FORMAT: "npz"})
-        return digest
+        x, _ = load_eval_set(staged.tmp.read_bytes())  # refuse what the job could not read, now
+        digest, size = staged.digest, staged.size
+        location = st.commit(staged, ctx.store, EVAL_SETS, {oci.ANNOTATION_FORMAT: "npz"})
     finally:
         staged.discard()
+    if ctx.store.get_eval_set(digest) is None:
+        ctx.store.put_eval_set({"sha256": digest, "size": size, "samples": int(len(x)), "dataset": dataset,
+                                "storage": location, "created_at": now(), "created_by": ctx.actor})  # fmt: skip
+    return digest
 
 
 # ----------------------------------------------------------------------------- read
