@@ -22,7 +22,7 @@ from marshmallow import Schema, ValidationError, fields, validate
 from evc.errors import ValidationError as InvalidInput
 from evc.model import JobKindName, Scope
 from evc.models import eval_sets, hardware, registry
-from evc.models.blobs import CHUNK, human_size
+from evc.models.blobs import CHUNK, BlobStore, human_size
 
 blp = Blueprint(
     "models",
@@ -38,8 +38,10 @@ READERS = (Scope.READ, Scope.MODELS)
 
 @blp.before_request
 def _upload_limit() -> None:
-    """Uploads may be as large as the setting ``model_max_upload_bytes`` (not the API's 1 MiB)."""
+    """Uploads may be as large as the setting ``model_max_upload_bytes`` (not the API's 1 MiB);
+    they are written once, into the blob store's temporary area (:class:`~evc.models.blobs.Spool`)."""
     if request.method == "POST":
+        g.evc_upload_spool = BlobStore.of(get_settings().data_dir).spool
         limit = get_settings().model_max_upload_bytes
         request.max_content_length = limit + FORM_OVERHEAD
         g.evc_body_limit = (

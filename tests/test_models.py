@@ -328,3 +328,31 @@ def test_cli_push_list_show_variant_quantize_rm(api, worker, flush, live, model_
     assert code == 0 and "deleted" in text
     code, out, text = evc(live, api.admin, "model", "show", f"{name}:1")
     assert code != 0 and "not found" in text
+
+
+def test_uploads_are_written_once(api, flush, model_bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The multipart parser writes the file into the blob store's temporary area, hashing it as
+    it arrives; registering adopts that file (no second copy), and nothing is left behind."""
+    from evc.models import blobs
+
+    def copy(*args: Any, **kw: Any) -> None:
+        raise AssertionError("the upload was copied a second time")
+
+    tmp = api.settings.data_dir / "models" / "tmp"
+    big = model_bytes + b"\0" * (3 << 20)  # past what Werkzeug keeps in memory (stored as format bin)
+    monkeypatch.setattr(blobs.Staged, "__init__", copy)
+    name = unique()
+    status, rec = upload(api, model_bytes, {"name": name, "version": "1"})
+    assert status == 201 and rec["sha256"] == sha(model_bytes), rec
+    status, rec = upload(api, big, {"name": name, "version": "2", "format": "bin"})
+    assert status == 201 and rec["sha256"] == sha(big) and rec["size"] == len(big), rec
+    path = f"/api/v1/models/{name}/versions/1/variants"
+    assert upload(api, big, {"variant": "raw", "format": "bin"}, path=path)[0] == 201
+    assert not list(tmp.glob("upload-*"))
+    # a refused request leaves nothing either
+    status, _ = upload(api, big, {"name": name, "version": "3", "bogus": 1})
+    assert status == 422 and not list(tmp.glob("upload-*"))
+    resp = api.client.get(
+        f"/api/v1/models/{name}/versions/2/download", headers={"Authorization": f"Bearer {api.admin}"}
+    )
+    assert resp.data == big
