@@ -5,6 +5,7 @@ scope, the hardware view, upload limits, the CLI."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from typing import Any, cast
@@ -324,6 +325,13 @@ def test_cli_push_list_show_variant_quantize_rm(api, worker, flush, live, model_
     assert code == 0 and "fp32" in text, text
     code, out, text = evc(live, api.admin, "model", "quantize", f"{name}:1", "--eval-set", str(evalset), "--wait")
     assert code == 0 and "int8" in text and "top-1" in text, text
+    kept = hashlib.sha256(evalset.read_bytes()).hexdigest()
+    code, out, text = evc(live, api.admin, "model", "eval-sets")
+    assert code == 0 and kept[:12] in text, text
+    code, out, text = evc(live, api.admin, "model", "eval-sets", "--rm", kept)
+    assert code == 0 and f"deleted evaluation set sha256:{kept}" in text, text
+    code, out, text = evc(live, api.admin, "model", "variant", f"{name}:1", "--variant", "x")
+    assert code != 0 and "FILE or --oci-ref" in text, text
     code, out, text = evc(live, api.admin, "model", "rm", f"{name}:1")
     assert code == 0 and "deleted" in text
     code, out, text = evc(live, api.admin, "model", "show", f"{name}:1")

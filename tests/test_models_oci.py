@@ -350,6 +350,9 @@ def test_cli_push_oci_ref(oci_api, oci_registry, flush, model_bytes) -> None:
         assert code == 0 and f"elsewhere/cli@{mdigest}" in "".join(both.split()), both
         code, out, both = evc(url, oci_api.admin, "model", "push", "--name", name, "--version", "1")
         assert code != 0 and "either FILE or --oci-ref" in both
+        code, out, both = evc(url, oci_api.admin, "model", "variant", f"{name}:1", "--variant", "same", "--oci-ref",
+                              ref)  # fmt: skip
+        assert code == 0 and "variant same" in both, both
     finally:
         srv.shutdown()
 
