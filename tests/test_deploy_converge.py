@@ -216,10 +216,13 @@ def test_ensure_level_refuses_or_raises_the_cluster(api: Any, store: Store, reco
                                                                      "devices": [records[1]["id"]]})  # fmt: skip
         assert status == 409 and "in no cluster" in err["message"], err
         # ensure_level (the default): the cluster's level job first, the deploy job waits for it
-        status, job = api.call("POST", "/api/v1/deployments", json={**body, "ensure_level": True})
+        key = {"Idempotency-Key": f"lv-{time.time_ns()}"}
+        status, job = api.call("POST", "/api/v1/deployments", json={**body, "ensure_level": True}, headers=key)
         assert status == 202, job
         (level,) = job["params"]["after"]
         jobs += [job["id"], level]
+        again = api.call("POST", "/api/v1/deployments", json={**body, "ensure_level": True}, headers=key)[1]
+        assert again["id"] == job["id"] and again["params"]["after"] == [level]  # one level job, not two
         status, lj = api.call("GET", f"/api/v1/jobs/{level}")
         assert lj["kind"] == "level" and lj["params"]["target"] == 1 and lj["targets"] == [a["id"]], lj
         dep = store.get_deployment(job["params"]["deployment"])

@@ -70,7 +70,12 @@ def ensure(ctx: Context, device_ids: Sequence[str], runtime: str, python_given: 
     jobs = []
     for cid in sorted({str(d["cluster_id"]) for d in low}):
         target = max(level, int(store.get_cluster(cid).get("target_level") or 0))
-        jobs.append(str(raise_level(ctx.with_key(None), cid, target)["id"]))
+        # a repeated request (its Idempotency-Key) gets the level job it started the first time
+        key = None
+        if ctx.idempotency_key:  # "<scope> <key>\n<fingerprint>": a key of its own, the same fingerprint
+            head, _, fingerprint = ctx.idempotency_key.partition("\n")
+            key = f"{head}/level/{cid}\n{fingerprint}"
+        jobs.append(str(raise_level(ctx.with_key(key), cid, target)["id"]))
     return jobs
 
 
