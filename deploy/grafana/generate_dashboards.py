@@ -548,89 +548,30 @@ def federated() -> Json:
     )
 
 
-def inference() -> Json:
-    """EVC's edge inference servers (``evc_infer_*``, scraped by the evc-infer job), per
-    deployment and device."""
-    I = f'job="evc-infer", {C}'  # noqa: E741
-    by = "deployment, device"
-    return dashboard(
-        "evc-infer",
-        "EVC / Inference",
-        [
-            stat("Servers up", f"sum(up{{{I}}}) or vector(0)"),
-            stat("Requests/s", f"sum(rate(evc_infer_requests_total{{{I}}}[{RI}]))", "reqps"),
-            stat(
-                "Error ratio",
-                f"sum(rate(evc_infer_errors_total{{{I}}}[{RI}])) / sum(rate(evc_infer_requests_total{{{I}}}[{RI}]))",
-                "percentunit",
-            ),
-            stat("Versions not ready", f"count(evc_infer_model_ready{{{I}}} == 0) or vector(0)"),
-            panel(
-                "Requests by status",
-                [
-                    target(
-                        f"sum by ({by}, status) (rate(evc_infer_requests_total{{{I}}}[{RI}]))",
-                        "{{deployment}} {{device}} {{status}}",
-                    )
-                ],
-                unit="reqps",
-                stack=True,
-            ),  # fmt: skip
-            panel(
-                "Errors by reason",
-                [
-                    target(
-                        f"sum by ({by}, reason) (rate(evc_infer_errors_total{{{I}}}[{RI}]))",
-                        "{{deployment}} {{device}} {{reason}}",
-                    )
-                ],
-                unit="reqps",
-            ),  # fmt: skip
-            panel(
-                "Request latency p50 / p99",
-                [
-                    target(
-                        f"histogram_quantile(0.5, sum by ({by}, le) "
-                        f"(rate(evc_infer_request_duration_seconds_bucket{{{I}}}[{RI}])))",
-                        "p50 {{deployment}} {{device}}",
-                    ),
-                    target(
-                        f"histogram_quantile(0.99, sum by ({by}, le) "
-                        f"(rate(evc_infer_request_duration_seconds_bucket{{{I}}}[{RI}])))",
-                        "p99 {{deployment}} {{device}}",
-                    ),
-                ],
-                unit="s",
-            ),  # fmt: skip
-            panel(
-                "ONNX Runtime time p99",
-                [
-                    target(
-                        f"histogram_quantile(0.99, sum by ({by}, le) "
-                        f"(rate(evc_infer_compute_duration_seconds_bucket{{{I}}}[{RI}])))",
-                        "{{deployment}} {{device}}",
-                    )
-                ],
-                unit="s",
-            ),  # fmt: skip
-            panel(
-                "Mean batch size",
-                [
-                    target(
-                        f"sum by ({by}) (rate(evc_infer_batch_size_sum{{{I}}}[{RI}])) / "
-                        f"sum by ({by}) (rate(evc_infer_batch_size_count{{{I}}}[{RI}]))",
-                        "{{deployment}} {{device}}",
-                    )
-                ],
-            ),  # fmt: skip
-            panel(
-                "Versions served",
-                [target(f"evc_infer_model_ready{{{I}}}", "{{deployment}} {{device}} {{model}}:{{version}}")],
-                kind="state-timeline",
-            ),
-        ],
-        [query_var("cluster", "label_values(evc_device_up, cluster)", "Cluster")],
-    )
+def inference() -> Json:  # the edge servers of deployments (evc_infer_*), per deployment and device
+    i, by, dd = f'job="evc-infer", {C}', "deployment, device", "{{deployment}} {{device}}"
+    req, err, bs = "evc_infer_requests_total", "evc_infer_errors_total", "evc_infer_batch_size"
+
+    def rate(metric: str, extra: str = "") -> str:
+        return f"sum by ({by}{extra}) (rate({metric}{{{i}}}[{RI}]))"
+
+    def quantile(q: float, m: str) -> Json:
+        return target(f"histogram_quantile({q}, {rate(f'evc_infer_{m}_bucket', ', le')})", f"p{round(q * 100)} {dd}")
+
+    panels = [
+        stat("Servers up", f"sum(up{{{i}}}) or vector(0)"),
+        stat("Requests/s", f"sum(rate({req}{{{i}}}[{RI}]))", "reqps"),
+        stat("Error ratio", f"sum(rate({err}{{{i}}}[{RI}])) / sum(rate({req}{{{i}}}[{RI}]))", "percentunit"),
+        stat("Versions not ready", f"count(evc_infer_model_ready{{{i}}} == 0) or vector(0)"),
+        panel("Requests by status", [target(rate(req, ", status"), dd + " {{status}}")], unit="reqps", stack=True),
+        panel("Errors by reason", [target(rate(err, ", reason"), dd + " {{reason}}")], unit="reqps"),
+        panel("Request latency p50 / p99", [quantile(q, "request_duration_seconds") for q in (0.5, 0.99)], unit="s"),
+        panel("ONNX Runtime time p99", [quantile(0.99, "compute_duration_seconds")], unit="s"),
+        panel("Mean batch size", [target(f"{rate(bs + '_sum')} / {rate(bs + '_count')}", dd)]),
+        panel("Versions served", [target(f"evc_infer_model_ready{{{i}}}", f"{dd} {{{{model}}}}:{{{{version}}}}")]),
+    ]  # fmt: skip
+    cluster = query_var("cluster", "label_values(evc_device_up, cluster)", "Cluster")
+    return dashboard("evc-infer", "EVC / Inference", panels, [cluster])
 
 
 DASHBOARDS = {
