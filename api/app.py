@@ -6,13 +6,13 @@ import copy
 import importlib
 import json
 import logging
-from typing import Any
+from typing import IO, Any, cast
 
 import redis
 from apispec.ext.marshmallow import MarshmallowPlugin
 from apispec.ext.marshmallow.openapi import OpenAPIConverter
 from evc.api import docs_assets
-from flask import Flask, g, jsonify, request
+from flask import Flask, Request, g, jsonify, request
 from flask_smorest import Api
 from marshmallow import fields
 from werkzeug.exceptions import HTTPException
@@ -47,9 +47,25 @@ MAX_BODY = 1024 * 1024
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
 
 
+class UploadRequest(Request):
+    """A request whose multipart file parts go where a view said (``g.evc_upload_spool``, a
+    factory of file objects: the model registry writes uploads once, into its blob store's
+    temporary area, hashed as they arrive); else where Werkzeug puts them."""
+
+    def _get_file_stream(
+        self, total_content_length: int | None, content_type: str | None, filename: str | None = None,
+        content_length: int | None = None,
+    ) -> IO[bytes]:  # fmt: skip
+        factory = g.get("evc_upload_spool")
+        if factory is not None and filename is not None:
+            return cast(IO[bytes], factory())
+        return super()._get_file_stream(total_content_length, content_type, filename, content_length)
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or load_settings()
     app = Flask("evc")
+    app.request_class = UploadRequest
     app.config.update(
         API_TITLE="EVC — Edge Vision Cluster",
         API_VERSION=__version__,

@@ -7,11 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 from evc.api.deps import context, get_store, require
+from evc.api.provision import SelectorSchema
 from evc.api.schemas import JobSchema, PageArgs, PageSchema, StrictSchema, one_of, page, validate_name
 from flask_smorest import Blueprint
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
-from evc.deployments import rollout, service
+from evc.deployments import converge, rollout, service
 from evc.model import Scope
 
 blp = Blueprint(
@@ -21,7 +22,7 @@ blp = Blueprint(
 
 
 class DeploymentCreateSchema(StrictSchema):
-    openapi_extra = one_of("cluster", "devices")
+    openapi_extra = one_of("cluster", "devices", "selector")
 
     model = fields.String(required=True, validate=validate_name, metadata={"description": "the model's name"})
     version = fields.String(required=True, validate=validate_name)
@@ -43,15 +44,26 @@ class DeploymentCreateSchema(StrictSchema):
         load_default=None,
         metadata={"description": "per-device ports (device id -> port) where devices share an address"},
     )
+    selector = fields.Nested(
+        SelectorSchema,
+        load_default=None,
+        metadata={"description": "devices by labels and/or cluster, re-resolved when devices join, leave or are "
+                  "relabelled"},
+    )  # fmt: skip
     python = fields.String(
         load_default=None,
         metadata={"description": "the device's Python (numpy + onnxruntime); default the cluster's FL python"},
     )
+    ensure_level = fields.Boolean(
+        load_default=True,
+        metadata={"description": "devices below the level the runtime needs (process: L1 unless python is given) "
+                  "get their cluster's level raised first (a level job the deploy job waits for); false: 412"},
+    )  # fmt: skip
 
     @validates_schema
     def _one_target(self, data: dict[str, Any], **kw: Any) -> None:
-        if bool(data.get("cluster")) == bool(data.get("devices")):
-            raise ValidationError("give a cluster or devices (one of them)", field_name="cluster")
+        if sum(bool(data.get(k)) for k in ("cluster", "devices", "selector")) != 1:
+            raise ValidationError("give a cluster, devices or a selector (one of them)", field_name="cluster")
 
 
 class DeploymentUpdateSchema(StrictSchema):
@@ -60,6 +72,13 @@ class DeploymentUpdateSchema(StrictSchema):
     max_unavailable = fields.Integer(
         load_default=1, validate=validate.Range(min=1), metadata={"description": "devices switched at a time"}
     )
+    failure_budget = fields.Float(
+        load_default=None,
+        validate=validate.Range(min=0),
+        metadata={"description": "devices that may fail their gate (each goes back) before the rollout stops and "
+                  "every device it updated goes back: a count, or a fraction of the devices (0 < x < 1); "
+                  "unset: stop at the first failure, the updated devices stay updated"},
+    )  # fmt: skip
 
 
 class DeploymentRollbackSchema(StrictSchema):
@@ -72,12 +91,19 @@ class DeploymentTargetSchema(Schema):
     device = fields.String()
     state = fields.String(
         metadata={"description": "pending, running, updating, rolled-back (back on its previous version after "
-                  "failing a rollout's gate: see reason), failed or removed"}
+                  "failing a rollout's gate: see reason), unreachable (lost by the health checks; re-converged "
+                  "when it comes back), failed or removed"}
     )  # fmt: skip
     reason = fields.String(allow_none=True)
     version = fields.String()
     sha256 = fields.String()
     endpoint = fields.String(metadata={"description": "host:port of the device's edge server"})
+    shipped = fields.Boolean(metadata={"description": "the last job sent the model (false: its digest matched)"})
+    restarted = fields.Boolean(metadata={"description": "a re-convergence (re)started the server"})
+    switch = fields.String(
+        metadata={"description": "how a rollout switched it: reload (SIGHUP, no restart: it answered throughout) "
+                  "or restart"}
+    )  # fmt: skip
     updated_at = fields.Float()
 
 
@@ -93,7 +119,9 @@ class DeploymentSchema(Schema):
     ports = fields.Dict(keys=fields.String(), values=fields.Integer())
     python = fields.String()
     cluster = fields.String(allow_none=True)
+    selector = fields.Dict(allow_none=True, metadata={"description": "labels and/or cluster the devices match"})
     devices = fields.List(fields.String())
+    level_jobs = fields.List(fields.String(), allow_none=True, metadata={"description": "level jobs it waited for"})
     state = fields.String(metadata={"description": "deploying, running, partial, failed or removing"})
     job = fields.String(allow_none=True)
     remove_job = fields.String(allow_none=True)
@@ -164,3 +192,18 @@ def update(data: dict[str, Any], deployment_id: str) -> Any:
 def rollback(data: dict[str, Any], deployment_id: str) -> Any:
     """Return every device of a deployment to its previous version (a `deploy` job, as a rollout)."""
     return rollout.rollback(context(idempotent=True), deployment_id, data.get("max_unavailable"))
+
+
+class JobListSchema(Schema):
+    items = fields.List(fields.Nested(JobSchema))
+
+
+@blp.route("/deployments/<id:deployment_id>/converge", methods=["POST"])
+@require(Scope.ADMIN)
+@blp.response(202, JobListSchema)
+def reconverge(deployment_id: str) -> Any:
+    """Re-resolve the deployment's targets (cluster members, selector) and converge it: a `deploy`
+    job makes every device serve its version, doing only what is missing (nothing shipped where
+    the digest matches, a running healthy server left alone); devices that left are cleaned up
+    (a `deploy-remove` job)."""
+    return {"items": converge.reconcile(context(), deployment_id)}

@@ -31,6 +31,7 @@ from evc.api.schemas import (
 from flask_smorest import Blueprint
 
 from evc import auth, devices, enrollment
+from evc.deployments import converge
 from evc.errors import Conflict, Forbidden
 from evc.model import Job, JobKindName, PrincipalKind, Scope
 from evc.store import now
@@ -171,6 +172,8 @@ def update(data: dict[str, Any], device_id: str) -> Any:
     store = get_store()
     connection = data.pop("connection", None)
     dev = devices.update(store, device_id, data) if data else devices.public(store.get_device(device_id))
+    if "labels" in data:  # deployments on a label selector follow the device's labels
+        converge.reconcile_device(context(), device_id)
     if connection is None:
         return dev
     job = devices.change_connection(context(idempotent=True), device_id, connection)

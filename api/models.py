@@ -30,8 +30,8 @@ from marshmallow import Schema, ValidationError, fields, validate
 
 from evc.errors import ValidationError as InvalidInput
 from evc.model import JobKindName, Scope
-from evc.models import hardware, registry
-from evc.models.blobs import CHUNK, human_size
+from evc.models import eval_sets, hardware, registry
+from evc.models.blobs import CHUNK, BlobStore, human_size
 
 blp = Blueprint(
     "models",
@@ -47,8 +47,10 @@ READERS = (Scope.READ, Scope.MODELS)
 
 @blp.before_request
 def _upload_limit() -> None:
-    """Uploads may be as large as the setting ``model_max_upload_bytes`` (not the API's 1 MiB)."""
+    """Uploads may be as large as the setting ``model_max_upload_bytes`` (not the API's 1 MiB);
+    they are written once, into the blob store's temporary area (:class:`~evc.models.blobs.Spool`)."""
     if request.method == "POST":
+        g.evc_upload_spool = BlobStore.of(get_settings().data_dir).spool
         limit = get_settings().model_max_upload_bytes
         request.max_content_length = limit + FORM_OVERHEAD
         g.evc_body_limit = (
@@ -110,6 +112,10 @@ class VariantMetaSchema(_UploaderMeta):
         validate=validate.Regexp(registry.VARIANT_RE, error="1-32 lower-case letters, digits, '.', '_' or '-'"),
         metadata={"description": "fp32, int8, ..."},
     )
+    oci_ref = fields.String(
+        validate=validate.Length(min=3, max=512),
+        metadata={"description": "register by reference: host[:port]/repository:tag or ...@sha256:<hex> (no file)"},
+    )
 
 
 def _file_field(required: bool = True) -> fields.Raw:
@@ -121,7 +127,7 @@ class VersionForm(StrictSchema):
 
 
 class VariantForm(StrictSchema):
-    metadata = JSONObject(VariantMetaSchema, required=True)
+    metadata = JSONObject(VariantMetaSchema, metadata={"description": "required unless the body is JSON"})
 
 
 def _multipart_doc(meta: type[Schema], *, file_required: bool) -> dict[str, Any]:
@@ -140,10 +146,10 @@ def _multipart_doc(meta: type[Schema], *, file_required: bool) -> dict[str, Any]
     }
 
 
-class FileForm(StrictSchema):
-    openapi_extra = _multipart_doc(VariantMetaSchema, file_required=True)
+class VariantFileForm(StrictSchema):
+    openapi_extra = _multipart_doc(VariantMetaSchema, file_required=False)
 
-    file = _file_field()
+    file = _file_field(required=False)
 
 
 class OptionalFileForm(StrictSchema):
@@ -180,7 +186,8 @@ class VariantSchema(Schema):
     description = fields.String()
     parent = fields.Dict()
     storage = fields.Dict(metadata={"description": "where the file is kept: backend (embedded, oci) and ref"})
-    source = fields.String(metadata={"description": "upload, or evc-quantize"})
+    source = fields.String(metadata={"description": "upload, oci (registered by reference), or evc-quantize"})
+    oci_ref = fields.String(metadata={"description": "registered by reference: the artifact, pinned by digest"})
     metadata = fields.Dict(allow_none=True, metadata={"description": "what EVC read from the graph"})
     created_at = fields.Float()
     created_by = fields.String()
@@ -398,17 +405,39 @@ def _chunks(f: Any) -> Any:
 @blp.route("/models/<name>/versions/<version>/variants", methods=["POST"])
 @require(Scope.MODELS)
 @blp.arguments(VariantForm, location="form")
-@blp.arguments(FileForm, location="files")
+@blp.arguments(VariantFileForm, location="files")
 @blp.response(201, VariantSchema)
 @blp.alt_response(200, schema=VariantSchema, description="the same bytes were registered before as this variant")
 @blp.alt_response(409, description="this variant holds other bytes")
+@blp.alt_response(502, description="the OCI registry could not be reached, or sent bytes that fail their digest")
 def add_variant(form: dict[str, Any], files: dict[str, Any], name: str, version: str) -> Any:
     """Register a variant of a version (EVF posts its variants here): `file` and `metadata`
-    (JSON: variant, task, labels, accuracy, license, format)."""
-    meta = dict(form["metadata"])
-    variant = meta.pop("variant")
-    rec, created = registry.register_variant(context(), name, version, variant, files["file"].stream, meta)
+    (JSON: variant, task, labels, accuracy, license, format). Or by reference to an OCI
+    artifact, as a version: a JSON body (or `metadata`, without `file`) with `variant` and
+    `oci_ref`."""
+    meta = _json_body(VariantMetaSchema) if request.is_json else form.get("metadata")
+    if meta is None:
+        abort(422, messages={"form": {"metadata": ["Missing data for required field."]}})
+        raise AssertionError("unreachable")  # abort raises
+    meta = dict(meta)
+    variant, file = meta.pop("variant"), files.get("file")
+    if meta.get("oci_ref"):
+        if file is not None:
+            raise InvalidInput("give either a file or oci_ref, not both", field="oci_ref")
+        rec, created = registry.register_variant_reference(context(), name, version, variant, meta)
+    elif file is None:
+        raise InvalidInput("a file (multipart field file) or an oci_ref is required", field="file")
+    else:
+        rec, created = registry.register_variant(context(), name, version, variant, file.stream, meta)
     return {**rec, "digest": f"sha256:{rec['sha256']}"}, 201 if created else 200
+
+
+def _json_body(schema: type[Schema]) -> dict[str, Any]:
+    try:
+        return dict(schema().load(request.get_json(silent=False) or {}))
+    except ValidationError as exc:
+        abort(422, messages={"json": exc.messages})
+        raise AssertionError("unreachable") from exc  # abort raises
 
 
 @blp.route("/models/<name>/versions/<version>/quantize", methods=["POST"])
@@ -426,12 +455,45 @@ def quantize(form: dict[str, Any], files: dict[str, Any], name: str, version: st
         raise InvalidInput(f"model {name}:{version} is {parent['format']!r}: only ONNX models can be quantized")
     digest = (form.get("eval_set_sha256") or "").removeprefix("sha256:") or None
     if files.get("eval_set") is not None:
-        digest = registry.store_eval_set(ctx, files["eval_set"].stream)
+        digest = registry.store_eval_set(ctx, files["eval_set"].stream, form.get("dataset"))
     elif digest and not registry.storage(ctx).exists(digest, registry.EVAL_SETS):
         raise InvalidInput(f"no evaluation set sha256:{digest} is stored; upload it", field="eval_set_sha256")
     params = {"name": name, "version": version, "eval_set": digest, "dataset": form.get("dataset")}
     job, _ = ctx.submit(JobKindName.MODEL_QUANTIZE, params=params)
     return job
+
+
+# ----------------------------------------------------------------------------- evaluation sets
+class EvalSetSchema(Schema):
+    sha256 = fields.String()
+    size = fields.Integer()
+    samples = fields.Integer()
+    dataset = fields.String(allow_none=True)
+    storage = fields.Dict()
+    created_at = fields.Float()
+    created_by = fields.String()
+
+
+class EvalSetListSchema(Schema):
+    items = fields.List(fields.Nested(EvalSetSchema))
+
+
+@blp.route("/eval-sets", methods=["GET"])
+@require(Scope.ADMIN)
+@blp.response(200, EvalSetListSchema)
+def list_eval_sets() -> Any:
+    """The evaluation sets kept for quantization (name one by `eval_set_sha256` instead of
+    uploading it again)."""
+    return {"items": eval_sets.list_sets(context())}
+
+
+@blp.route("/eval-sets/<digest>", methods=["DELETE"])
+@require(Scope.ADMIN)
+@blp.response(200, EvalSetSchema)
+@blp.alt_response(409, description="a queued or running quantization job uses it")
+def delete_eval_set(digest: str) -> Any:
+    """Delete an evaluation set (its blob freed)."""
+    return eval_sets.delete(context(), digest)
 
 
 # ----------------------------------------------------------------------------- hardware

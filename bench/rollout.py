@@ -14,7 +14,12 @@ updated and the failed one rolled back, named, with its reason. ``--fail-at 5`` 
 Then ``POST /deployments/{id}/rollback`` returns all 20 to v1 (timed too) and the deployment is
 removed.
 
-    .venv/bin/python bench/rollout.py [--devices 20] [--fail-at 19] [--max-unavailable 1]
+The edge servers switch versions live (SIGHUP, no restart): a client thread calls the first
+three good devices' endpoints all through the rollout and the rollback, and the report counts
+its failed requests (want 0). ``--failure-budget N`` lets the rollout go on past N failing
+devices (``--fail-at 5 --failure-budget 1``: 19 updated, the failed one back on v1).
+
+    .venv/bin/python bench/rollout.py [--devices 20] [--fail-at 19] [--max-unavailable 1] [--failure-budget N]
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from evc.store import Store, new_id  # noqa: E402
 from evc_sim import read_state  # noqa: E402
 from tests.fixtures.onnx_models import digits_model, fit_softmax, softmax_model  # noqa: E402
 from tests.test_rollout import FAULT  # noqa: E402
+from tests.test_rollout_live import Hammer  # noqa: E402
 
 
 def _python(home: Path, faulty: bool) -> None:
@@ -100,8 +106,8 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
         w, b = fit_softmax(digits)
         _push(api, "digits", "1", v1)
         _push(api, "digits", "2", softmax_model(w * 1.01, b))
-        body = {"model": "digits", "version": "1", "devices": ids, "python": "~/py",
-                "ports": {i: free_port() for i in ids}}  # fmt: skip
+        ports = {i: free_port() for i in ids}
+        body = {"model": "digits", "version": "1", "devices": ids, "python": "~/py", "ports": ports}
         t0 = time.monotonic()
         job = api.call("POST", "/api/v1/deployments", json=body)
         dep_id = job["params"]["deployment"]
@@ -111,9 +117,14 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
             raise SystemExit(f"the first deployment {job['state']}: {json.dumps(job)[:3000]}")
         print(f"v1 deployed to {args.devices} devices in {deploy_s:.1f} s (all at once)")
 
+        good = [i for i in range(args.devices) if i != args.fail_at][:3]
+        hammer = Hammer([f"127.0.0.1:{ports[ids[i]]}" for i in good], "digits")
+        hammer.start()
         t0 = time.monotonic()
-        job = api.call("PATCH", f"/api/v1/deployments/{dep_id}",
-                       json={"version": "2", "max_unavailable": args.max_unavailable})  # fmt: skip
+        change = {"version": "2", "max_unavailable": args.max_unavailable}
+        if args.failure_budget is not None:
+            change["failure_budget"] = args.failure_budget
+        job = api.call("PATCH", f"/api/v1/deployments/{dep_id}", json=change)
         job = api.wait(job["id"])
         rollout_s = time.monotonic() - t0
         dep = api.call("GET", f"/api/v1/deployments/{dep_id}")
@@ -134,13 +145,19 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
         t0 = time.monotonic()
         job_rb = api.wait(api.call("POST", f"/api/v1/deployments/{dep_id}/rollback", json={})["id"])
         rollback_s = time.monotonic() - t0
+        hammer.stop()
         dep = api.call("GET", f"/api/v1/deployments/{dep_id}")
+        live = sum(1 for t in dep["targets"] if t.get("switch") == "reload")
+        print(f"client on {len(good)} good devices through both: {hammer.ok} requests, {len(hammer.failed)} failed"
+              + (f" (first: {hammer.failed[0]})" if hammer.failed else ""))  # fmt: skip
         back = sum(1 for t in dep["targets"] if t["state"] == "running" and t["version"] == "1")
         print(f"rollback to v1: job {job_rb['state']} in {rollback_s:.1f} s, {back}/{args.devices} on v1")
         api.wait(api.call("DELETE", f"/api/v1/deployments/{dep_id}")["id"])
 
         n = args.max_unavailable  # the devices of the batches up to the failing one's, less it
         want_updated = min(args.devices, (args.fail_at // n + 1) * n) - 1
+        if args.failure_budget:  # past the failing device: all the others
+            want_updated = args.devices - 1
         figures = [
             Figure(f"rollout wall time, {args.devices} devices (s)", "-", rollout_s, "s", True),
             Figure("devices updated to v2", f"= {want_updated}", updated, "devices", updated == want_updated),
@@ -152,7 +169,10 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
                 named and len(failed) == 1,
             ),  # fmt: skip
             Figure(f"rollback of all {args.devices} to v1 (s)", "-", rollback_s, "s", back == args.devices),
-        ]
+            Figure("failed client requests during rollout + rollback", "= 0", len(hammer.failed), "requests",
+                   not hammer.failed and hammer.ok > 0),
+            Figure("devices switched live (SIGHUP) on the rollback", "-", live, "devices", True),
+        ]  # fmt: skip
         return all(f.ok for f in figures), figures
     finally:
         for d in sims:  # servers left running if something stopped half-way
@@ -168,6 +188,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=20)
     parser.add_argument("--fail-at", type=int, default=None, help="the failing device's index (default: the last)")
     parser.add_argument("--max-unavailable", type=int, default=1)
+    parser.add_argument("--failure-budget", type=float, default=None, help="devices that may fail (count or fraction)")
     args = parser.parse_args()
     if args.fail_at is None:
         args.fail_at = args.devices - 1

@@ -140,7 +140,21 @@ def add_device(ctx: Context, cluster_id: str, device_id: str) -> tuple[Cluster, 
             targets=[device_id],
             params={"cluster_id": cluster_id, "target": cl["target_level"], "reason": "join"},
         )
+    _redeploy(ctx, device_id, after=str(job["id"]) if job else None)
     return cl, job
+
+
+def _redeploy(ctx: Context, device_id: str, after: str | None = None) -> None:
+    """Deployments on the cluster (or a selector) follow a member that joined (after its level
+    job) or left (cleaned up): :func:`evc.deployments.converge.reconcile_device`."""
+    from evc.deployments.converge import reconcile_device
+
+    try:
+        reconcile_device(ctx, device_id, after=after)
+    except StoreUnavailable:
+        raise
+    except EVCError as exc:  # the membership change stands; POST /deployments/{id}/converge retries
+        ctx.store.log_event({"type": "deployment.converge-failed", "device": device_id, "error": str(exc)})
 
 
 def remove_device(ctx: Context, cluster_id: str, device_id: str, *, cleanup: bool) -> Job | None:
@@ -160,6 +174,7 @@ def remove_device(ctx: Context, cluster_id: str, device_id: str, *, cleanup: boo
     store.release_membership(cluster_id, device_id)
     store.update_device(device_id, level=0, level_detail={})
     store.log_event({"type": "cluster.left", "cluster": cluster_id, "device": device_id, "cleanup": cleanup})
+    _redeploy(ctx, device_id)
     if not cleanup:
         return None
     from evc.provisioning.service import ProvisionRequest, submit_provision

@@ -177,6 +177,8 @@ class DeploymentDeviceState(Name):
     UPDATING = "updating"
     #: it failed its health gate on a rollout's version and runs its previous version again
     ROLLED_BACK = "rolled-back"
+    #: the health checks lost it (offline); re-converged when it comes back
+    UNREACHABLE = "unreachable"
 
 
 #: the states health checks move a registered device between

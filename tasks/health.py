@@ -26,10 +26,14 @@ def _context(task: Any, store: Any) -> Context:
 
 
 def _reconverge(ctx: Context, changes: list[JSON]) -> None:
-    """Devices that came back get their cluster's level checked and re-applied where drifted."""
+    """Devices that came back get their cluster's level checked and re-applied where drifted,
+    and their deployments re-converged; devices lost show ``unreachable`` in their deployments."""
     from evc.clusters import reconverge_recovered
+    from evc.deployments.converge import on_health
 
-    reconverge_recovered(ctx, changes)
+    level_jobs = reconverge_recovered(ctx, changes)
+    # a device's deployments re-converge after its level job (the deploy job waits for it)
+    on_health(ctx, changes, after={t: str(j["id"]) for j in level_jobs for t in j.get("targets") or []})
 
 
 @shared_task(name="evc.health_tick", **{**TASK_OPTIONS, "max_retries": 0})

@@ -202,6 +202,34 @@ def test_deploy_and_remove_jobs_post_their_events(
     assert events.around_job(store, settings.replace(webhook_url=""), "deploy", "dep_nonexistent", lambda: 1) == 1
 
 
+def test_a_lost_device_is_posted_unreachable(
+    store: Store, settings: Settings, hook: str, recorded: tuple[Any, list[Device], JSON]
+) -> None:
+    """The health sweep's hook (:func:`evc.deployments.converge.on_health`): the device lost is
+    ``unreachable`` in its deployment, which is ``partial``, and the webhook hears it."""
+    from evc.context import Context
+    from evc.deployments import converge
+
+    _, (a, b), dep = recorded
+    for d in (a, b):
+        store.set_deployment_device(dep["id"], d["id"], {"state": "running", "version": "1", "endpoint": "h:1"})
+    store.update_deployment(dep["id"], state="running")
+    s = settings.replace(webhook_url=hook)
+    change = {"type": "device.state", "device": a["id"], "from": "degraded", "to": "offline", "reason": "3 misses"}
+    assert converge.on_health(Context(store, s), [change]) == []
+    (body,) = _wait_for(1)
+    (ev,) = body["events"]
+    assert (ev["event"], ev["name"], ev["state"], ev["deployment_state"]) == (
+        "deployment.device", a["name"], "unreachable", "partial",
+    )  # fmt: skip
+    assert "device offline: 3 misses" in ev["reason"] and f"{a['name']}: unreachable" in body["text"]
+    assert store.get_deployment(dep["id"])["state"] == "partial"
+    # lost again: nothing new to say
+    _Hook.received.clear()
+    converge.on_health(Context(store, s), [change])
+    assert _wait_for(1, timeout=0.5) == []
+
+
 def test_discovery_lists_running_deployments(api: Any, store: Store, recorded: tuple[Any, list[Device], JSON]) -> None:
     cluster, (a, b), dep = recorded
     store.set_deployment_device(dep["id"], a["id"], {"state": "running", "version": "1", "endpoint": "127.0.0.1:8601"})

@@ -5,6 +5,7 @@ scope, the hardware view, upload limits, the CLI."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from typing import Any, cast
@@ -213,6 +214,21 @@ def test_quantize_makes_a_working_int8_variant_with_measured_accuracy(
     assert status == 422 and "no evaluation set" in body["message"]
     assert api.call("POST", f"/api/v1/models/{name}/versions/7/quantize")[0] == 404
 
+    # the evaluation sets kept: listed, deleted (the blob freed), then unknown
+    status, sets = api.call("GET", "/api/v1/eval-sets")
+    eval_sha = eval_sha.removeprefix("sha256:")
+    (kept,) = [e for e in sets["items"] if e["sha256"] == eval_sha]
+    assert kept["dataset"] == "digits-test" and kept["samples"] == len(digits.y_test) and kept["size"] > 0
+    assert api.call("DELETE", f"/api/v1/eval-sets/{eval_sha}")[0] == 200
+    assert not (api.settings.data_dir / "models" / "blobs" / "sha256" / eval_sha).exists()
+    assert eval_sha not in [e["sha256"] for e in api.call("GET", "/api/v1/eval-sets")[1]["items"]]
+    assert api.call("DELETE", f"/api/v1/eval-sets/{eval_sha}")[0] == 404
+    status, body = api.call(
+        "POST", f"/api/v1/models/{name}/versions/1/quantize", data={"eval_set_sha256": eval_sha},
+        content_type="multipart/form-data",
+    )  # fmt: skip
+    assert status == 422 and "no evaluation set" in body["message"]
+
 
 def _cluster_with_device(store: Any) -> tuple[str, str]:
     from evc.devices import new_record
@@ -309,7 +325,42 @@ def test_cli_push_list_show_variant_quantize_rm(api, worker, flush, live, model_
     assert code == 0 and "fp32" in text, text
     code, out, text = evc(live, api.admin, "model", "quantize", f"{name}:1", "--eval-set", str(evalset), "--wait")
     assert code == 0 and "int8" in text and "top-1" in text, text
+    kept = hashlib.sha256(evalset.read_bytes()).hexdigest()
+    code, out, text = evc(live, api.admin, "model", "eval-sets")
+    assert code == 0 and kept[:12] in text, text
+    code, out, text = evc(live, api.admin, "model", "eval-sets", "--rm", kept)
+    assert code == 0 and f"deleted evaluation set sha256:{kept}" in text, text
+    code, out, text = evc(live, api.admin, "model", "variant", f"{name}:1", "--variant", "x")
+    assert code != 0 and "FILE or --oci-ref" in text, text
     code, out, text = evc(live, api.admin, "model", "rm", f"{name}:1")
     assert code == 0 and "deleted" in text
     code, out, text = evc(live, api.admin, "model", "show", f"{name}:1")
     assert code != 0 and "not found" in text
+
+
+def test_uploads_are_written_once(api, flush, model_bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The multipart parser writes the file into the blob store's temporary area, hashing it as
+    it arrives; registering adopts that file (no second copy), and nothing is left behind."""
+    from evc.models import blobs
+
+    def copy(*args: Any, **kw: Any) -> None:
+        raise AssertionError("the upload was copied a second time")
+
+    tmp = api.settings.data_dir / "models" / "tmp"
+    big = model_bytes + b"\0" * (3 << 20)  # past what Werkzeug keeps in memory (stored as format bin)
+    monkeypatch.setattr(blobs.Staged, "__init__", copy)
+    name = unique()
+    status, rec = upload(api, model_bytes, {"name": name, "version": "1"})
+    assert status == 201 and rec["sha256"] == sha(model_bytes), rec
+    status, rec = upload(api, big, {"name": name, "version": "2", "format": "bin"})
+    assert status == 201 and rec["sha256"] == sha(big) and rec["size"] == len(big), rec
+    path = f"/api/v1/models/{name}/versions/1/variants"
+    assert upload(api, big, {"variant": "raw", "format": "bin"}, path=path)[0] == 201
+    assert not list(tmp.glob("upload-*"))
+    # a refused request leaves nothing either
+    status, _ = upload(api, big, {"name": name, "version": "3", "bogus": 1})
+    assert status == 422 and not list(tmp.glob("upload-*"))
+    resp = api.client.get(
+        f"/api/v1/models/{name}/versions/2/download", headers={"Authorization": f"Bearer {api.admin}"}
+    )
+    assert resp.data == big

@@ -269,6 +269,35 @@ def test_register_by_reference_pins_digest(backend, ref_api, oci_api, oci_regist
     assert status == 422 and "does not pull from 10.1.2.3:22" in body4["message"]
 
 
+def test_register_a_variant_by_reference(ref_api, oci_registry, flush, model_bytes) -> None:
+    """A variant by reference, as a version: pulled once, verified, pinned; JSON or multipart."""
+    a = ref_api
+    half = softmax_model(*[w * 0.5 for w in _weights(model_bytes)])
+    repo = "elsewhere/variants/digits"
+    mdigest = push_foreign(oci_registry, repo, "w05", half)
+    name = unique()
+    assert upload(a, model_bytes, {"name": name, "version": "1"})[0] == 201
+    path = f"/api/v1/models/{name}/versions/1/variants"
+    body = {"variant": "w0.5", "oci_ref": f"{oci_registry.host}/{repo}:w05", "accuracy": {"dataset": "d", "value": 0.9}}
+    status, var = a.call("POST", path, json=body)
+    assert status == 201, var
+    assert var["oci_ref"] == f"{oci_registry.host}/{repo}@{mdigest}" and var["source"] == "oci"
+    assert var["sha256"] == sha(half) and var["parent"]["sha256"] == sha(model_bytes)
+    assert var["metadata"]["inputs"] == [{"name": "X", "type": "float32", "shape": ["N", 64]}]
+    status, again = a.call("POST", path, json={**body, "oci_ref": var["oci_ref"]})
+    assert status == 200 and again["sha256"] == var["sha256"]
+    # multipart: the reference in metadata, no file
+    form = {"metadata": json.dumps({"variant": "w0.5b", "oci_ref": var["oci_ref"]})}
+    status, other = a.call("POST", path, data=form, content_type="multipart/form-data")
+    assert status == 201 and other["sha256"] == sha(half), other
+    resp = a.client.get(f"/api/v1/models/{name}/versions/1/download?variant=w0.5",
+                        headers={"Authorization": f"Bearer {a.admin}"})  # fmt: skip
+    assert resp.status_code == 200 and resp.data == half
+    assert a.call("POST", path, json={"variant": "x", "oci_ref": "10.1.2.3:22/x/y:z"})[0] == 422
+    assert a.call("POST", path, json={"variant": "x"})[0] == 422  # neither file nor reference
+    assert a.call("POST", f"/api/v1/models/{name}/versions/9/variants", json=body)[0] == 404
+
+
 def test_tampered_and_missing_blobs_are_refused(oci_api, oci_registry, flush, model_bytes) -> None:
     # register by reference from a registry whose blob was changed on disk
     data = model_bytes.replace(b"evc-test", b"evc-tamp")
@@ -321,6 +350,9 @@ def test_cli_push_oci_ref(oci_api, oci_registry, flush, model_bytes) -> None:
         assert code == 0 and f"elsewhere/cli@{mdigest}" in "".join(both.split()), both
         code, out, both = evc(url, oci_api.admin, "model", "push", "--name", name, "--version", "1")
         assert code != 0 and "either FILE or --oci-ref" in both
+        code, out, both = evc(url, oci_api.admin, "model", "variant", f"{name}:1", "--variant", "same", "--oci-ref",
+                              ref)  # fmt: skip
+        assert code == 0 and "variant same" in both, both
     finally:
         srv.shutdown()
 

@@ -51,6 +51,7 @@ DASHBOARDS = GRAFANA / "dashboards"
 ALERTS = {
     "EVCDeviceDown", "EVCDeviceHot", "EVCDiskAlmostFull", "EVCMemoryPressure",
     "EVCGPUHot", "EVCJobFailureRatio", "EVCQueueBacklog", "EVCWorkerAbsent",
+    "EVCInferenceErrors", "EVCInferenceSlow", "EVCInferenceServerDown", "EVCInferenceModelNotReady",
 }  # fmt: skip
 #: what Grafana puts in place of its variables when a test evaluates a dashboard query
 GRAFANA_VARS = {
@@ -367,6 +368,55 @@ def _promtool_rule_tests(rules_file: Path) -> dict[str, Any]:
                     alert("EVCWorkerAbsent", "25m", {"severity": "critical"}),
                 ],
             },
+            _infer_rule_tests(s, alert),
+        ],
+    }
+
+
+def _infer_rule_tests(s: Callable[..., dict[str, str]], alert: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """The evc-inference alerts: d1 fails 10 % of 2 req/s and answers in ~2 s; d2 is healthy;
+    d3's server is down; d1 holds a version it does not serve."""
+    inf = 'job="evc-infer", deployment="dep_1"'
+    hist = "evc_infer_request_duration_seconds_bucket"
+    w = {"severity": "warning", "deployment": "dep_1"}
+    return {
+        "interval": "1m",
+        "input_series": [
+            s(f'evc_infer_requests_total{{{inf}, device="d1", model="m", version="1", status="200"}}', "0+108x40"),
+            s(f'evc_infer_requests_total{{{inf}, device="d1", model="m", version="1", status="400"}}', "0+12x40"),
+            s(f'evc_infer_errors_total{{{inf}, device="d1", model="m", reason="bad_request"}}', "0+12x40"),
+            s(f'evc_infer_requests_total{{{inf}, device="d2", model="m", version="1", status="200"}}', "0+120x40"),
+            s(f'{hist}{{{inf}, device="d1", model="m", version="1", le="1"}}', "0x40"),
+            s(f'{hist}{{{inf}, device="d1", model="m", version="1", le="5"}}', "0+108x40"),
+            s(f'{hist}{{{inf}, device="d1", model="m", version="1", le="+Inf"}}', "0+108x40"),
+            s(f'{hist}{{{inf}, device="d2", model="m", version="1", le="1"}}', "0+120x40"),
+            s(f'{hist}{{{inf}, device="d2", model="m", version="1", le="5"}}', "0+120x40"),
+            s(f'{hist}{{{inf}, device="d2", model="m", version="1", le="+Inf"}}', "0+120x40"),
+            s(f'up{{{inf}, device="d2", instance="dep_1/d2"}}', "1x40"),
+            s(f'up{{{inf}, device="d3", instance="dep_1/d3"}}', "0x40"),
+            s(f'evc_infer_model_ready{{{inf}, device="d1", model="m", version="2", sha256="ab"}}', "0x40"),
+            s(f'evc_infer_model_ready{{{inf}, device="d2", model="m", version="1", sha256="cd"}}', "1x40"),
+        ],
+        "alert_rule_test": [
+            alert("EVCInferenceErrors", "3m"),  # not for 5m yet
+            alert("EVCInferenceErrors", "20m", {**w, "device": "d1"}),
+            alert("EVCInferenceSlow", "20m", {**w, "device": "d1"}),
+            alert(
+                "EVCInferenceServerDown",
+                "20m",
+                {
+                    "severity": "critical",
+                    "job": "evc-infer",
+                    "deployment": "dep_1",
+                    "device": "d3",
+                    "instance": "dep_1/d3",
+                },
+            ),  # fmt: skip
+            alert(
+                "EVCInferenceModelNotReady",
+                "20m",
+                {**w, "job": "evc-infer", "device": "d1", "model": "m", "version": "2", "sha256": "ab"},
+            ),
         ],
     }
 
@@ -429,6 +479,7 @@ def test_dashboards_are_well_formed() -> None:
         "EVC / Device detail",
         "EVC / Jobs and queues",
         "EVC / Federated training",
+        "EVC / Inference",
     } <= titles
     assert len({d["uid"] for d in dashes.values()}) == len(dashes)
     for name, dash in dashes.items():
@@ -483,7 +534,20 @@ def known_metric_names(tmp_path: Path) -> set[str]:
     metrics.observe_health_sweep(1.0)
     body = generate_latest(metrics.registry_for_exposition(metrics.FleetCollector(FleetStore()))).decode()
     metrics.remove_fl_job("fl_names")
-    return names | exposed_names(body) | FLOWER_METRICS | {"up"}
+    return names | exposed_names(body) | infer_metric_names() | FLOWER_METRICS | {"up"}
+
+
+def infer_metric_names() -> set[str]:
+    """Every sample name the edge inference server exposes (one request of each kind served)."""
+    from types import SimpleNamespace
+
+    from evc.device.infer.metrics import InferMetrics
+
+    m = InferMetrics("test")
+    m.served("m", "1", 200, 0.01, 0.005, 1)
+    m.failed("m", "1", 400, "bad_request")
+    m.models([SimpleNamespace(name="m", version="1", sha256="0" * 64, ready=True)])
+    return exposed_names(m.render()[0].decode())
 
 
 def test_dashboards_and_rules_use_only_exposed_metrics(tmp_path: Path) -> None:

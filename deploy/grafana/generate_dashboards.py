@@ -548,11 +548,38 @@ def federated() -> Json:
     )
 
 
+def inference() -> Json:  # the edge servers of deployments (evc_infer_*), per deployment and device
+    i, by, dd = f'job="evc-infer", {C}', "deployment, device", "{{deployment}} {{device}}"
+    req, err, bs = "evc_infer_requests_total", "evc_infer_errors_total", "evc_infer_batch_size"
+
+    def rate(metric: str, extra: str = "") -> str:
+        return f"sum by ({by}{extra}) (rate({metric}{{{i}}}[{RI}]))"
+
+    def quantile(q: float, m: str) -> Json:
+        return target(f"histogram_quantile({q}, {rate(f'evc_infer_{m}_bucket', ', le')})", f"p{round(q * 100)} {dd}")
+
+    panels = [
+        stat("Servers up", f"sum(up{{{i}}}) or vector(0)"),
+        stat("Requests/s", f"sum(rate({req}{{{i}}}[{RI}]))", "reqps"),
+        stat("Error ratio", f"sum(rate({err}{{{i}}}[{RI}])) / sum(rate({req}{{{i}}}[{RI}]))", "percentunit"),
+        stat("Versions not ready", f"count(evc_infer_model_ready{{{i}}} == 0) or vector(0)"),
+        panel("Requests by status", [target(rate(req, ", status"), dd + " {{status}}")], unit="reqps", stack=True),
+        panel("Errors by reason", [target(rate(err, ", reason"), dd + " {{reason}}")], unit="reqps"),
+        panel("Request latency p50 / p99", [quantile(q, "request_duration_seconds") for q in (0.5, 0.99)], unit="s"),
+        panel("ONNX Runtime time p99", [quantile(0.99, "compute_duration_seconds")], unit="s"),
+        panel("Mean batch size", [target(f"{rate(bs + '_sum')} / {rate(bs + '_count')}", dd)]),
+        panel("Versions served", [target(f"evc_infer_model_ready{{{i}}}", f"{dd} {{{{model}}}}:{{{{version}}}}")]),
+    ]  # fmt: skip
+    cluster = query_var("cluster", "label_values(evc_device_up, cluster)", "Cluster")
+    return dashboard("evc-infer", "EVC / Inference", panels, [cluster])
+
+
 DASHBOARDS = {
     "evc-fleet.json": fleet,
     "evc-device.json": device_detail,
     "evc-jobs.json": jobs,
     "evc-federated.json": federated,
+    "evc-infer.json": inference,
 }
 
 

@@ -39,27 +39,64 @@ def _show(dep: dict[str, Any]) -> None:
     _targets_view(dep)
 
 
+def parse_pairs(values: tuple[str, ...], what: str) -> list[tuple[str, str]]:
+    """``KEY=VALUE`` items, comma separated and/or repeated (pure)."""
+    out = []
+    for item in (x.strip() for v in values for x in v.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise click.BadParameter(f"{item!r}: expected {what}")
+        out.append((key.strip(), value.strip()))
+    return out
+
+
+def _ports(c: Ctx, values: tuple[str, ...]) -> dict[str, int]:
+    """``--ports dev=port,...``: device names or ids -> ports (names resolved to ids)."""
+    out: dict[str, int] = {}
+    for dev, port in parse_pairs(values, "DEVICE=PORT"):
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise click.BadParameter(f"{dev}={port}: the port must be 1..65535", param_hint="--ports")
+        out[DEVICE.convert(dev, None, click.get_current_context())] = int(port)
+    return out
+
+
 @main.command("deploy")
 @click.argument("ref", metavar="NAME:VERSION")
 @click.option("--variant", default=None, help="deploy this variant of the version (e.g. int8)")
 @click.option("--cluster", default=None, type=CLUSTER, help="every member of this cluster")
 @click.option("--device", "devices", multiple=True, type=DEVICE, help="device name or id (repeatable)")
+@click.option("--label", "labels", multiple=True,
+              help="KEY=VALUE: the devices with these labels, followed as labels change (repeatable)")  # fmt: skip
 @click.option("--port", type=int, default=None, help="the edge server's port on the devices (default 8500)")
+@click.option("--ports", "ports", multiple=True, help="per-device ports: DEVICE=PORT,... (devices sharing an address)")
 @click.option("--python", default=None, help="the devices' Python, with numpy and onnxruntime (default: the cluster's)")
 @click.option("--runtime", default="process", type=click.Choice(["process"]), help="process (container: later)")
+@click.option("--ensure-level/--no-ensure-level", default=True, show_default=True,
+              help="raise the cluster's level first where devices are below what the runtime needs")  # fmt: skip
 @click.option("--wait", is_flag=True, help="follow the job and show each device's state")
 @pass_ctx
 def deploy(
-    c: Ctx, ref: str, variant: str | None, cluster: str | None, devices: tuple[str, ...], port: int | None,
-    python: str | None, runtime: str, wait: bool,
+    c: Ctx, ref: str, variant: str | None, cluster: str | None, devices: tuple[str, ...], labels: tuple[str, ...],
+    port: int | None, ports: tuple[str, ...], python: str | None, runtime: str, ensure_level: bool, wait: bool,
 ) -> None:  # fmt: skip
-    """Deploy model NAME:VERSION to a cluster or devices (the edge inference server, health-gated)."""
+    """Deploy model NAME:VERSION to a cluster, devices or the devices with some labels (the edge
+    inference server, health-gated)."""
     name, version = _model_ref(ref)
-    if bool(devices) == bool(cluster):
-        raise click.UsageError("give --device (repeatable) or --cluster")
-    body: dict[str, Any] = {"model": name, "version": version, "runtime": runtime}
-    body.update({"cluster": cluster} if cluster else {"devices": list(devices)})
+    if (bool(devices) + bool(labels) + bool(cluster) != 1 and not (labels and cluster)) or (devices and labels):
+        raise click.UsageError("give --device (repeatable), --cluster or --label (with --cluster: its members)")
+    body: dict[str, Any] = {"model": name, "version": version, "runtime": runtime, "ensure_level": ensure_level}
+    if labels:
+        body["selector"] = {
+            "labels": dict(parse_pairs(labels, "KEY=VALUE")),
+            **({"cluster": cluster} if cluster else {}),
+        }
+    else:
+        body.update({"cluster": cluster} if cluster else {"devices": list(devices)})
     body.update({k: v for k, v in {"variant": variant, "port": port, "python": python}.items() if v is not None})
+    if ports:
+        body["ports"] = _ports(c, ports)
     client = c.client()
     job = client.post("/api/v1/deployments", body)
     dep_id = job["params"]["deployment"]
@@ -140,16 +177,23 @@ def _rollout(c: Ctx, client: Any, job: dict[str, Any], deployment_id: str, wait:
 @click.option("--variant", default=None, help="a variant of that version (e.g. int8)")
 @click.option("--max-unavailable", type=click.IntRange(min=1), default=1, show_default=True,
               help="devices switched at a time")  # fmt: skip
+@click.option("--failure-budget", type=click.FloatRange(min=0), default=None,
+              help="devices (a count, or a fraction < 1) that may fail before the rollout stops and "
+              "every device it updated goes back (default: stop at the first failure)")  # fmt: skip
 @click.option("--wait", is_flag=True, help="follow the job and show each device's state")
 @pass_ctx
 def deployment_update(
-    c: Ctx, deployment_id: str, version: str, variant: str | None, max_unavailable: int, wait: bool
-) -> None:
+    c: Ctx, deployment_id: str, version: str, variant: str | None, max_unavailable: int,
+    failure_budget: float | None, wait: bool,
+) -> None:  # fmt: skip
     """Roll a deployment out to another version, device by device, each health-gated; a device
-    failing its gate goes back to its version and the rollout stops."""
+    failing its gate goes back to its version and the rollout stops (or goes on, within
+    --failure-budget)."""
     body: dict[str, Any] = {"version": version, "max_unavailable": max_unavailable}
     if variant:
         body["variant"] = variant
+    if failure_budget is not None:
+        body["failure_budget"] = failure_budget
     client = c.client()
     _rollout(c, client, client.patch(f"/api/v1/deployments/{deployment_id}", body), deployment_id, wait)
 
@@ -165,3 +209,19 @@ def deployment_rollback(c: Ctx, deployment_id: str, max_unavailable: int | None,
     body: dict[str, Any] = {"max_unavailable": max_unavailable} if max_unavailable else {}
     client = c.client()
     _rollout(c, client, client.post(f"/api/v1/deployments/{deployment_id}/rollback", body), deployment_id, wait)
+
+
+@deployment.command("converge")
+@click.argument("deployment_id", metavar="ID")
+@click.option("--wait", is_flag=True, help="follow the jobs")
+@pass_ctx
+def deployment_converge(c: Ctx, deployment_id: str, wait: bool) -> None:
+    """Re-resolve a deployment's devices (cluster, labels) and make each serve its version,
+    doing only what is missing; devices that left are cleaned up."""
+    client = c.client()
+    jobs = client.post(f"/api/v1/deployments/{deployment_id}/converge", {})["items"]
+    if wait:
+        jobs = [_watch(c, client, j["id"]) for j in jobs]
+    emit(c, {"items": jobs}, lambda d: [console.print(f"{j['kind']} job {j['id']} {j['state']}") for j in d["items"]])
+    if wait:
+        sys.exit(0 if all(j["state"] == "succeeded" for j in jobs) else 1)

@@ -153,16 +153,43 @@ def model_show(c: Ctx, ref: str) -> None:
 
 @model.command("variant")
 @click.argument("ref", metavar="NAME:VERSION")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=False)
 @click.option("--variant", required=True, help="fp32, int8, ...")
+@click.option(
+    "--oci-ref", default=None, help="register by reference: HOST[:PORT]/REPO:TAG or REPO@sha256:... (no FILE)"
+)
 @_uploader_options
 @pass_ctx
-def model_variant(c: Ctx, ref: str, file: Path, variant: str, **opts: Any) -> None:
-    """Register FILE as a variant of NAME:VERSION."""
+def model_variant(c: Ctx, ref: str, file: Path | None, variant: str, oci_ref: str | None, **opts: Any) -> None:
+    """Register FILE (or the OCI artifact --oci-ref) as a variant of NAME:VERSION."""
     name, version = _ref(ref)
+    if (file is None) == (oci_ref is None):
+        raise click.UsageError("give either FILE or --oci-ref")
     path = f"/api/v1/models/{name}/versions/{version}/variants"
-    d, status = _upload(c, path, file, {"variant": variant, **_meta(**opts)})
+    meta = {"variant": variant, **_meta(**opts)}
+    if oci_ref is not None:
+        statuses: list[int] = []
+        body = {k: v for k, v in {**meta, "oci_ref": oci_ref}.items() if v is not None}
+        d = c.client().request("POST", path, json=body, timeout=UPLOAD_TIMEOUT_S,
+                               hooks={"response": lambda r, *a, **k: statuses.append(r.status_code)})  # fmt: skip
+        status = statuses[-1] if statuses else 0
+    else:
+        assert file is not None
+        d, status = _upload(c, path, file, meta)
     emit(c, d, lambda d: _said(f"variant {variant} of {name}:{version}", d, status))
+
+
+@model.command("eval-sets")
+@click.option("--rm", "remove", default=None, metavar="SHA256", help="delete this evaluation set")
+@pass_ctx
+def model_eval_sets(c: Ctx, remove: str | None) -> None:
+    """The evaluation sets kept for quantization (reuse one: POST .../quantize eval_set_sha256)."""
+    client = c.client()
+    if remove:
+        d = client.delete(f"/api/v1/eval-sets/{remove.removeprefix('sha256:')}")
+        emit(c, d, lambda d: console.print(f"deleted evaluation set sha256:{d['sha256']}"))
+        return
+    emit(c, client.get("/api/v1/eval-sets"), lambda d: _table(d["items"], ["sha256", "dataset", "samples", "size"]))
 
 
 @model.command("quantize")

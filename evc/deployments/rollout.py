@@ -49,7 +49,20 @@ def _version_rec(store: Store, name: str, version: str, variant: str | None) -> 
     return rec
 
 
-def _start(ctx: Context, dep: JSON, target: JSON, max_unavailable: int, action: str) -> tuple[Job, JSON]:
+def allowed_failures(budget: float | None, devices: int) -> int | None:
+    """How many devices a rollout may lose to their gate before it stops and rolls back (pure):
+    None (no budget: it stops at the first failure, the updated devices stay updated), a count,
+    or a fraction of the devices (0 < budget < 1, rounded down)."""
+    if budget is None:
+        return None
+    if budget < 0 or (budget >= 1 and budget != int(budget)):
+        raise ValidationError("failure_budget is a count (0, 1, 2 ...) or a fraction (0 < x < 1)",
+                              field="failure_budget")  # fmt: skip
+    return int(budget) if budget >= 1 or budget == 0 else int(budget * devices)
+
+
+def _start(ctx: Context, dep: JSON, target: JSON, max_unavailable: int, action: str,
+           failure_budget: float | None = None) -> tuple[Job, JSON]:  # fmt: skip
     """Record the rollout of *dep* to *target* (version fields) and enqueue its job."""
     store = ctx.store
     current = {k: dep.get(k) for k in VERSION_FIELDS}
@@ -59,7 +72,7 @@ def _start(ctx: Context, dep: JSON, target: JSON, max_unavailable: int, action: 
         previous = current
     rollout = {
         "action": action, "from": current, "to": target, "max_unavailable": max_unavailable,
-        "state": "running", "before": dep.get("previous"), "failed": None,
+        "state": "running", "before": dep.get("previous"), "failed": None, "failure_budget": failure_budget,
     }  # fmt: skip
     changes: JSON = {**target, "previous": previous, "max_unavailable": max_unavailable, "rollout": rollout,
                      "state": DeploymentState.DEPLOYING}  # fmt: skip
@@ -94,7 +107,9 @@ def update(ctx: Context, deployment_id: str, data: Mapping[str, Any]) -> Job:
         raise ValidationError("max_unavailable must be at least 1", field="max_unavailable")
     target = {"version": version, "variant": variant, "served_version": served_version(version, variant),
               "sha256": rec["sha256"]}  # fmt: skip
-    return _start(ctx, dep, target, max_unavailable, "update")[0]
+    budget = data.get("failure_budget")
+    allowed_failures(None if budget is None else float(budget), len(dep["devices"]))  # 422 when malformed
+    return _start(ctx, dep, target, max_unavailable, "update", None if budget is None else float(budget))[0]
 
 
 def rollback(ctx: Context, deployment_id: str, max_unavailable: int | None = None) -> Job:
@@ -206,21 +221,32 @@ def _back(r: _Run, dev: Device, reason: str) -> None:
     r.job.event(f"{r.names[dev['id']]}: {state['state']} ({reason})", type=EventType.STEP, target=dev["id"])
 
 
-def _finish(r: _Run, todo: list[Device], reached: int, failed: list[tuple[str, str]]) -> JSON | Partial:
+def _finish(r: _Run, todo: list[Device], reached: int, failed: list[tuple[str, str]],
+            budget: int | None = None) -> JSON | Partial:  # fmt: skip
     """The job's result: done, partial (raised: failed, the deployment back on its version)."""
     store, dep, new, names, rollout = r.store, r.dep, r.new, r.names, r.rollout
     updated = sum(1 for d in r.devices if _at(store.deployment_devices(dep["id"]).get(d["id"]), new))
     left = len(todo) - reached
     summary: JSON = {"deployment": dep["id"], "version": new.version, "updated": updated,
                      "rolled_back": [names[d] for d, _ in failed], "not_reached": left}  # fmt: skip
+    if budget is not None:
+        summary["failure_budget"] = budget
     if not failed:
         store.update_deployment(dep["id"], state=DeploymentState.RUNNING, rollout={**rollout, "state": "done"})
         return summary
     what = "; ".join(f"{names[d]}: {why}" for d, why in failed)
-    message = (f"the rollout to {new.version} stopped: {what}; {updated} of {len(r.devices)} device(s) on "
-               f"{new.version}, {left} not reached (still on their version)")  # fmt: skip
-    rollout = {**rollout, "state": "stopped", "failed": [{"device": d, "name": names[d], "reason": w}
-                                                         for d, w in failed]}  # fmt: skip
+    within = budget is not None and len(failed) <= budget
+    if within:
+        message = (f"the rollout to {new.version} finished with {len(failed)} device(s) back on their version "
+                   f"(failure budget {budget}): {what}")  # fmt: skip
+    else:
+        over = (
+            f" (over the failure budget of {budget}: every device it updated went back)" if budget is not None else ""
+        )
+        message = (f"the rollout to {new.version} stopped{over}: {what}; {updated} of {len(r.devices)} device(s) on "
+                   f"{new.version}, {left} not reached (still on their version)")  # fmt: skip
+    rollout = {**rollout, "state": "done" if within else "stopped",
+               "failed": [{"device": d, "name": names[d], "reason": w} for d, w in failed]}  # fmt: skip
     if updated:
         store.update_deployment(dep["id"], state=DeploymentState.PARTIAL, rollout=rollout)
         return Partial({**summary, "message": message}, message)
@@ -249,15 +275,25 @@ def run(store: Store, settings: Settings, job: JobRun) -> JSON | Partial:
             store.set_deployment_device(dep["id"], d["id"], {**states[d["id"]], "state": "running", "reason": None})
     job.event(f"rolling {dep['model']} out to {new.version} on {len(todo)} of {len(devices)} device(s), "
               f"at most {n} at a time", type=EventType.STEP)  # fmt: skip
+    budget = allowed_failures(rollout.get("failure_budget"), len(devices))
     failed: list[tuple[str, str]] = []
     reached = 0
     for start in range(0, len(todo), n):
         batch = todo[start : start + n]
         reached += len(batch)
         _batch(r, batch, failed)
-        if failed:
+        if failed and (budget is None or len(failed) > budget):
+            if budget is not None:  # over the budget: every device this rollout updated goes back
+                _revert(r, todo[:reached], f"the rollout's failure budget ({budget}) was exceeded")
             break
-    return _finish(r, todo, reached, failed)
+    return _finish(r, todo, reached, failed, budget)
+
+
+def _revert(r: _Run, switched: list[Device], reason: str) -> None:
+    """Return the devices of *switched* that run the new version to the version they ran."""
+    states = r.store.deployment_devices(r.dep["id"])
+    for dev in [d for d in switched if _at(states.get(d["id"]), r.new)]:
+        _back(r, dev, reason)
 
 
 __all__ = ["VERSION_FIELDS", "rollback", "run", "update"]

@@ -17,7 +17,7 @@ from typing import Any
 
 from evc import pool as pooling
 from evc.context import Context
-from evc.deployments import remote
+from evc.deployments import prereq, remote
 from evc.errors import Conflict, DeviceError, SSHTimeout, ValidationError
 from evc.fl.service import device_python, resolve_devices
 from evc.jobs import JobRun, Partial
@@ -54,30 +54,47 @@ def submit(ctx: Context, data: Mapping[str, Any]) -> tuple[Job, JSON]:
     )
     if rec.get("format", "onnx") != "onnx":
         raise ValidationError(f"model {name}:{version} is {rec['format']!r}: the edge server runs ONNX", field="model")
-    cluster = data.get("cluster")
-    devices = resolve_devices(store, data.get("devices"), cluster)
-    python = device_python(store, data.get("python"), cluster)
+    cluster, selector = data.get("cluster"), data.get("selector") or None
+    devices = _targets(store, data.get("devices"), cluster, selector)
+    python = device_python(store, data.get("python"), cluster or (selector or {}).get("cluster"))
     port = int(data.get("port") or DEFAULT_PORT)
     ports = {str(d): int(p) for d, p in (data.get("ports") or {}).items()}
     if not all(1 <= p <= 65535 for p in [port, *ports.values()]):
         raise ValidationError("ports must be in 1..65535", field="port")
     unknown = sorted(set(ports) - set(devices))
-    if unknown:
+    if unknown and not (cluster or selector):  # a cluster's or selector's devices may join later
         raise ValidationError(f"ports names devices not in the deployment: {unknown}", field="ports")
+    # the level the runtime needs (raised first: level jobs the deploy job waits for), then the python it gives
+    after = prereq.ensure(ctx, devices, runtime, bool(data.get("python")), data.get("ensure_level", True) is not False)
+    if after:
+        python = device_python(store, data.get("python"), cluster or (selector or {}).get("cluster"))
     dep: JSON = {
         "id": new_id("dep"), "model": name, "version": version, "variant": variant or None,
         "served_version": served_version(version, variant), "sha256": rec["sha256"], "runtime": runtime,
-        "port": port, "ports": ports, "python": python, "cluster": cluster or None, "devices": devices,
-        "state": DeploymentState.DEPLOYING, "job": None, "created_by": ctx.actor, "created_at": now(),
+        "port": port, "ports": ports, "python": python, "cluster": cluster or None, "selector": selector,
+        "devices": devices, "state": DeploymentState.DEPLOYING, "job": None, "created_by": ctx.actor,
+        "created_at": now(), "level_jobs": after,
     }  # fmt: skip
     store.create_deployment(dep)
-    job, created = ctx.submit(JobKindName.DEPLOY, params={"deployment": dep["id"]}, targets=devices)
+    params: JSON = {"deployment": dep["id"], **({"after": after} if after else {})}
+    job, created = ctx.submit(JobKindName.DEPLOY, params=params, targets=devices)
     if not created:  # a repeated Idempotency-Key: the first request's deployment
         store.delete_deployment(dep["id"])
         return job, view(store, str(job["params"]["deployment"]))
     dep = store.update_deployment(dep["id"], job=job["id"])
     store.audit(ctx.actor, "deployment.create", dep["id"], model=f"{name}:{version}", devices=len(devices))
     return job, view(store, dep["id"])
+
+
+def _targets(store: Store, devices: Sequence[str] | None, cluster: str | None, selector: Mapping[str, Any] | None
+             ) -> list[str]:  # fmt: skip
+    """The deployment's devices: named, a cluster's members, or a selector's matches (``labels``
+    and/or ``cluster``, as provisioning's; re-resolved when devices join, leave or are relabelled)."""
+    if selector:
+        from evc.provisioning.request import resolve_targets
+
+        return resolve_targets(store, (), selector)
+    return resolve_devices(store, devices, cluster)
 
 
 # ---------------------------------------------------------------------- reading
@@ -148,6 +165,10 @@ def deploy(store: Store, settings: Settings, run: JobRun) -> JSON | Partial:
         from evc.deployments import rollout
 
         return rollout.run(store, settings, run)
+    if run.params.get("converge"):
+        from evc.deployments import converge
+
+        return converge.run(store, settings, run)
     dep = store.get_deployment(str(run.params["deployment"]))
     rec: JSON = (
         registry.get_variant(store, dep["model"], dep["version"], dep["variant"])
@@ -195,7 +216,12 @@ def deploy(store: Store, settings: Settings, run: JobRun) -> JSON | Partial:
 
 def remove_job(store: Store, settings: Settings, run: JobRun) -> JSON | Partial:
     """The ``deploy-remove`` job: stop every target's server, remove its folder; then the record
-    (kept, ``removing``, while a device could not be cleaned: run the removal again)."""
+    (kept, ``removing``, while a device could not be cleaned: run the removal again); devices
+    that left the deployment's targets (``params.leave``): :func:`evc.deployments.converge.leave_job`."""
+    if run.params.get("leave"):
+        from evc.deployments import converge
+
+        return converge.leave_job(store, settings, run)
     dep_id = str(run.params["deployment"])
     devices = store.get_devices(run.job["targets"])
     names = {d["id"]: str(d.get("name") or d["id"]) for d in devices}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import re
 import secrets
@@ -75,8 +76,17 @@ class BlobStore:
 
     def stage(self, stream: IO[bytes], limit: int | None = None) -> Staged:
         """Copy *stream* into the temporary area, hashing it (at most *limit* bytes, else
-        :class:`TooLarge`): :meth:`Staged.commit` puts it in place."""
+        :class:`TooLarge`): :meth:`Staged.commit` puts it in place. A :class:`Spool` of this
+        store (an upload the API wrote there as it arrived) is taken as it is: not copied again."""
+        if isinstance(stream, Spool) and stream.bs.tmp == self.tmp:
+            staged = stream.staged(limit)
+            if staged is not None:
+                return staged
         return Staged(self, stream, limit)
+
+    def spool(self) -> Spool:
+        """A file in the temporary area to write an upload to, hashed as it is written."""
+        return Spool(self)
 
     def get(self, digest: str) -> Blob:
         p = self.path(digest)
@@ -166,6 +176,73 @@ class Staged:
             else:
                 os.replace(self.tmp, final)
         return Blob(self.digest, self.size, final)
+
+
+class Spool(io.RawIOBase):
+    """An upload written once, as it arrives, into the blob store's temporary area and hashed on
+    the way (the API's multipart parser writes file parts here instead of its own temporary
+    file): :meth:`BlobStore.stage` adopts it without copying. Closed, it removes its file unless
+    that was moved into place."""
+
+    def __init__(self, bs: BlobStore) -> None:
+        super().__init__()
+        bs._ensure()
+        self.bs = bs
+        self.path = bs.tmp / f"upload-{os.getpid()}-{secrets.token_hex(8)}"
+        self._f = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), "w+b")
+        self._h, self.size, self._sequential, self._rewound = hashlib.sha256(), 0, True, False
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        if self._rewound:  # a write after a seek: the running digest no longer holds
+            self._sequential = False
+        data = bytes(b)
+        self._h.update(data)
+        self.size += len(data)
+        return self._f.write(data)
+
+    def readinto(self, b: Any) -> int:
+        return self._f.readinto(b)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._rewound = True
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def flush(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        super().close()
+
+    def staged(self, limit: int | None) -> Staged | None:
+        """This upload as a :class:`Staged` (its file, its digest), or None when it was not
+        written in one pass (then it is copied like any stream)."""
+        if not self._sequential:
+            self.seek(0)
+            return None
+        if limit is not None and self.size > limit:
+            raise TooLarge(f"the upload is larger than the limit of {human_size(limit)} ({limit} bytes)")
+        if self.size == 0:
+            raise ValidationError("the uploaded file is empty", field="file")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        return Staged.adopt(self.bs, self.path, self._h.hexdigest(), self.size)
 
 
 def release(store: Any, bs: BlobStore, digest: str, ref: str) -> bool:

@@ -142,14 +142,10 @@ def _register_staged(
     return stored, True
 
 
-def register_reference(ctx: Context, meta: JSON) -> tuple[JSON, bool]:
-    """Register version ``meta["name"]``/``meta["version"]`` from the OCI artifact
-    ``meta["oci_ref"]`` (``host:port/repo:tag`` or ``...@sha256:...``): its manifest and model
-    layer are pulled once and verified by digest, kept like an upload, and the record's
-    ``oci_ref`` is pinned to the manifest's digest. The same artifact again answers the stored
-    record (nothing pulled)."""
-    name, version = check_name(meta.get("name", ""), "name"), check_name(meta.get("version", ""), "version")
-    ref = oci.Ref.parse(meta.get("oci_ref", ""))
+def _resolve(ctx: Context, oci_ref: str) -> tuple[Any, oci.Ref, Any, str]:
+    """The registry, reference, manifest and digest-pinned reference of *oci_ref* (only from
+    the registries EVC may pull from)."""
+    ref = oci.Ref.parse(oci_ref)
     if not may_pull_from(ctx.settings, ref.host):
         raise ValidationError(
             f"EVC does not pull from {ref.host}: it may pull from the registry of model_registry_url and those "
@@ -161,10 +157,12 @@ def register_reference(ctx: Context, meta: JSON) -> tuple[JSON, bool]:
         manifest = reg.manifest(ref)
     except NotFound as exc:
         raise ValidationError(exc.message, field="oci_ref") from exc
-    pinned = ref.pinned(manifest.digest)
-    existing = ctx.store.get_model_version(name, version)
-    if existing is not None and existing.get("oci_ref") == pinned:
-        return existing, False
+    return reg, ref, manifest, ref.pinned(manifest.digest)
+
+
+def _pull(ctx: Context, reg: Any, ref: oci.Ref, manifest: Any, meta: JSON) -> tuple[ModelStorage, Staged, JSON]:
+    """Pull the model layer of *manifest* into the blob store's temporary area, verified by
+    digest: (storage, the staged file, the uploader's metadata with the layer's format)."""
     layer = oci.model_layer(manifest, ref)
     layer_format = oci.format_of(str(layer.get("mediaType", "")))  # EVC's own artifacts say it
     up = _uploader({**meta, **({"format": layer_format} if layer_format else {})})
@@ -181,8 +179,35 @@ def register_reference(ctx: Context, meta: JSON) -> tuple[JSON, bool]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    staged = Staged.adopt(bs, tmp, str(layer["digest"]).removeprefix("sha256:"), size)
+    return st, Staged.adopt(bs, tmp, str(layer["digest"]).removeprefix("sha256:"), size), up
+
+
+def register_reference(ctx: Context, meta: JSON) -> tuple[JSON, bool]:
+    """Register version ``meta["name"]``/``meta["version"]`` from the OCI artifact
+    ``meta["oci_ref"]`` (``host:port/repo:tag`` or ``...@sha256:...``): its manifest and model
+    layer are pulled once and verified by digest, kept like an upload, and the record's
+    ``oci_ref`` is pinned to the manifest's digest. The same artifact again answers the stored
+    record (nothing pulled)."""
+    name, version = check_name(meta.get("name", ""), "name"), check_name(meta.get("version", ""), "version")
+    reg, ref, manifest, pinned = _resolve(ctx, meta.get("oci_ref", ""))
+    existing = ctx.store.get_model_version(name, version)
+    if existing is not None and existing.get("oci_ref") == pinned:
+        return existing, False
+    st, staged, up = _pull(ctx, reg, ref, manifest, meta)
     return _register_staged(ctx, st, staged, name, version, up, {"oci_ref": pinned})
+
+
+def register_variant_reference(ctx: Context, name: str, version: str, variant: str, meta: JSON) -> tuple[JSON, bool]:
+    """Register *variant* of *name*:*version* from the OCI artifact ``meta["oci_ref"]``, as
+    :func:`register_reference` does a version (pulled once, verified, pinned by digest)."""
+    check_variant(variant)
+    get_version(ctx.store, name, version)
+    reg, ref, manifest, pinned = _resolve(ctx, meta.get("oci_ref", ""))
+    existing = ctx.store.get_model_variant(name, version, variant)
+    if existing is not None and existing.get("oci_ref") == pinned:
+        return existing, False
+    st, staged, up = _pull(ctx, reg, ref, manifest, {k: v for k, v in meta.items() if k != "oci_ref"})
+    return _register_variant_staged(ctx, st, staged, (name, version, variant), up, "oci", {"oci_ref": pinned})
 
 
 def register_variant(
@@ -191,10 +216,18 @@ def register_variant(
     """Register *variant* of version *name*:*version* (which must exist) from *stream*;
     idempotent and immutable as :func:`register`. *source*: ``upload`` or what EVC made it with."""
     check_variant(variant)
-    parent = get_version(ctx.store, name, version)
+    get_version(ctx.store, name, version)
     up = _uploader(meta)
     st = storage(ctx)
     staged = st.stage(stream, ctx.settings.model_max_upload_bytes)
+    return _register_variant_staged(ctx, st, staged, (name, version, variant), up, source, {})
+
+
+def _register_variant_staged(
+    ctx: Context, st: ModelStorage, staged: Staged, key: tuple[str, str, str], up: JSON, source: str, extra: JSON
+) -> tuple[JSON, bool]:
+    name, version, variant = key
+    parent = get_version(ctx.store, name, version)
     what = f"variant {variant} of {name}:{version}"
     ref = f"{name}:{version}:{variant}"
     try:
@@ -209,7 +242,7 @@ def register_variant(
     rec: JSON = {
         "name": name, "version": version, "variant": variant, "sha256": digest, "size": size, **up,
         "parent": {"name": name, "version": version, "sha256": parent["sha256"]}, "storage": location,
-        "source": source, "metadata": graph, "created_at": now(), "created_by": ctx.actor,
+        "source": source, "metadata": graph, "created_at": now(), "created_by": ctx.actor, **extra,
     }  # fmt: skip
     stored, created = ctx.store.create_model_variant(rec)
     if not created:
@@ -234,19 +267,23 @@ def _same_bytes(existing: JSON, digest: str, what: str) -> JSON:
     return existing
 
 
-def store_eval_set(ctx: Context, stream: IO[bytes]) -> str:
-    """Keep an evaluation set (an ``.npz`` with ``X`` and ``y``) as a blob; returns its digest."""
+def store_eval_set(ctx: Context, stream: IO[bytes], dataset: str | None = None) -> str:
+    """Keep an evaluation set (an ``.npz`` with ``X`` and ``y``) as a blob and record it (listed
+    and deleted through :mod:`evc.models.eval_sets`); returns its digest."""
     from evc.models.quantize import load_eval_set
 
     st = storage(ctx)
     staged = st.stage(stream, ctx.settings.model_max_upload_bytes)
     try:
-        load_eval_set(staged.tmp.read_bytes())  # refuse what the job could not read, now
-        digest = staged.digest
-        st.commit(staged, ctx.store, EVAL_SETS, {oci.ANNOTATION_FORMAT: "npz"})
-        return digest
+        x, _ = load_eval_set(staged.tmp.read_bytes())  # refuse what the job could not read, now
+        digest, size = staged.digest, staged.size
+        location = st.commit(staged, ctx.store, EVAL_SETS, {oci.ANNOTATION_FORMAT: "npz"})
     finally:
         staged.discard()
+    if ctx.store.get_eval_set(digest) is None:
+        ctx.store.put_eval_set({"sha256": digest, "size": size, "samples": int(len(x)), "dataset": dataset,
+                                "storage": location, "created_at": now(), "created_by": ctx.actor})  # fmt: skip
+    return digest
 
 
 # ----------------------------------------------------------------------------- read

@@ -10,7 +10,9 @@ Keys (under the store prefix):
 - ``model-variants:<name>:<version>``: sorted set of the version's variant names;
 - ``model-variant:<name>:<version>:<variant>``: a variant's record (written once);
 - ``model-blob-refs:<sha256>``: the set of records (``name:version[:variant]``, ``eval-set``)
-  that use the blob with that digest; an unreferenced blob may be removed.
+  that use the blob with that digest; an unreferenced blob may be removed;
+- ``eval-sets``: hash, sha256 -> the evaluation set's record (JSON: ``sha256``, ``size``,
+  ``dataset``, ``storage``, ``created_at``, ``created_by``).
 
 Names, versions and variants never hold ``:`` (:data:`evc.models.registry.NAME_RE`).
 """
@@ -102,6 +104,21 @@ class ModelStore(StoreBase):
 
     def blob_refs(self, digest: str) -> set[str]:
         return {r.decode() for r in self._redis.smembers(self.k("model-blob-refs", digest))}
+
+    # ------------------------------------------------------------------ evaluation sets
+    def put_eval_set(self, rec: JSON) -> None:
+        self._redis.hset(self.k("eval-sets"), rec["sha256"], json.dumps(rec))
+
+    def get_eval_set(self, digest: str) -> JSON | None:
+        raw = self._redis.hget(self.k("eval-sets"), digest)
+        return json.loads(raw) if raw is not None else None
+
+    def eval_sets(self) -> list[JSON]:
+        recs = [json.loads(v) for v in self._redis.hvals(self.k("eval-sets"))]
+        return sorted(recs, key=lambda r: r.get("created_at", 0))
+
+    def delete_eval_set(self, digest: str) -> bool:
+        return bool(self._redis.hdel(self.k("eval-sets"), digest))
 
     # ------------------------------------------------------------------ helpers
     def _load_json(self, key: str) -> JSON | None:
