@@ -58,6 +58,8 @@ JOB_KINDS: dict[str, JobKind] = {
         JobKind(JobKindName.MODEL_QUANTIZE, "evc.model_quantize", Queue.DEFAULT),
         JobKind(JobKindName.DEPLOY, "evc.deploy", Queue.SSH),
         JobKind(JobKindName.DEPLOY_REMOVE, "evc.deploy_remove", Queue.SSH),
+        JobKind(JobKindName.INFER_JOINT, "evc.infer_joint", Queue.SSH, mutating=False),
+        JobKind(JobKindName.INFER_SPLIT, "evc.infer_split", Queue.SSH, mutating=False),
     )
 }
 

@@ -73,6 +73,8 @@ class JobKindName(Name):
     MODEL_QUANTIZE = "model-quantize"
     DEPLOY = "deploy"
     DEPLOY_REMOVE = "deploy-remove"
+    INFER_JOINT = "infer-joint"
+    INFER_SPLIT = "infer-split"
 
 
 class Queue(Name):
