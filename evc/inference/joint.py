@@ -149,7 +149,7 @@ def run_job(store: Store, settings: Settings, run: JobRun) -> JSON:
                                        {tiers.ECHO: tiers.echo_model(edge.model)}))  # fmt: skip
     client = EdgeClient(edge.endpoint)
     try:
-        client.input_name(*tiers.ECHO)
+        client.wait_ready(*tiers.ECHO)
         threshold, tuning = _threshold(client, edge, cloud, settings, p, batch, run)
         run.event(
             f"cascade over {len(y)} items at {edge.endpoint}, {p['score']} < {threshold:.4f}", type=EventType.STEP

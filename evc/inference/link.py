@@ -73,6 +73,17 @@ class EdgeClient:
                     raise DeviceError(f"the edge server at {self.endpoint} did not answer: {exc}") from exc
         raise AssertionError("unreachable")
 
+    def wait_ready(self, model: str, version: str, timeout: float = 30.0) -> None:
+        """Wait until the server has loaded *model* (after a reload: SIGHUP rescans its folder)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, _, body = self.request("GET", f"/v2/models/{model}/versions/{version}/ready")
+            if status == 200:
+                return
+            if time.monotonic() > deadline:
+                raise DeviceError(f"model {model}:{version} did not become ready at {self.endpoint} ({status})")
+            time.sleep(0.05)  # waiting for a reload, not in the inference path
+
     def input_name(self, model: str, version: str) -> str:
         key = (model, version)
         if key not in self._inputs:

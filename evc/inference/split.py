@@ -149,7 +149,7 @@ def run_job(store: Store, settings: Settings, run: JobRun) -> JSON:
     client = EdgeClient(edge.endpoint)
     try:
         for k in range(len(parts.cuts)):
-            client.input_name(name, f"c{k}")
+            client.wait_ready(name, f"c{k}")
         device_s, cloud_s = _profile(settings, edge, parts, client, x, rounds)
         probe = np.zeros((max(1, PROBE_BYTES // max(1, parts.cuts[0].bytes_per_item)), n_features), np.float32)
         link = measure_link(client, (name, "c0"), probe)
