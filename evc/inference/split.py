@@ -81,10 +81,17 @@ def _run_cut(
     return out, r.seconds + s
 
 
-def _measure(client: EdgeClient, name: str, k: int, tail: tiers.Cloud | None, x: np.ndarray, rounds: int) -> float:
-    """A cut's end-to-end latency, the median over *rounds* requests (s)."""
-    _run_cut(client, name, k, tail, x)
-    return statistics.median(_run_cut(client, name, k, tail, x)[1] for _ in range(rounds))
+def _measure_all(client: EdgeClient, name: str, tails: list[tiers.Cloud | None], x: np.ndarray, rounds: int
+                 ) -> list[float]:  # fmt: skip
+    """Every cut's end-to-end latency (s): the median over *rounds* requests, the cuts taken in
+    turn in each round (so that a busy moment of the machine weighs on all of them alike)."""
+    times: list[list[float]] = [[] for _ in tails]
+    for k, tail in enumerate(tails):
+        _run_cut(client, name, k, tail, x)
+    for _ in range(rounds):
+        for k, tail in enumerate(tails):
+            times[k].append(_run_cut(client, name, k, tail, x)[1])
+    return [statistics.median(t) for t in times]
 
 
 def _profile(settings: Settings, edge: tiers.Edge, parts: Parts, client: EdgeClient, x: np.ndarray, rounds: int
@@ -157,11 +164,7 @@ def run_job(store: Store, settings: Settings, run: JobRun) -> JSON:
         chosen, why = _choose(p, preds)
         run.event(f"link {link.bandwidth_bps / 1e6:.1f} Mbit/s, RTT {link.rtt_s * 1e3:.2f} ms; {why}",
                   type=EventType.STEP)  # fmt: skip
-        measured = (
-            [_measure(client, name, k, t, x, rounds) for k, t in enumerate(parts.tails)]
-            if p.get("measure_all")
-            else None
-        )
+        measured = _measure_all(client, name, parts.tails, x, rounds) if p.get("measure_all") else None
         result = _apply(client, name, chosen, parts.tails[chosen], x_all, y, batch) if y is not None else None
     finally:
         client.close()
