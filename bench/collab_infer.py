@@ -42,7 +42,7 @@ from evc.settings import settings_env  # noqa: E402
 from evc.store import Store, new_id  # noqa: E402
 from evc_sim import read_state  # noqa: E402
 from evc_sim.linkproxy import LinkProxy  # noqa: E402
-from tests.fixtures.collab_models import accuracy, cloud_model, digits, edge_model  # noqa: E402
+from tests.fixtures.collab_models import accuracy, cached_cloud_model, digits, edge_model  # noqa: E402
 
 
 # ---------------------------------------------------------------- a tiny PNG writer
@@ -225,7 +225,7 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
         dev = _device(store, sim)
         t0 = time.monotonic()
         d = digits()
-        edge, cloud = edge_model(d), cloud_model(d)
+        edge, cloud = edge_model(d), cached_cloud_model(d)
         cloud_acc = accuracy(cloud, d.x_test, d.y_test)
         print(
             f"models fitted in {time.monotonic() - t0:.1f} s: edge {accuracy(edge, d.x_test, d.y_test):.4f}, "

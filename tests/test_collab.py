@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,8 @@ from evc.model import Device
 from evc.store import Store
 from evc_sim import SimDevice, SimulatorThread
 from evc_sim.linkproxy import LinkProxy
-from tests.fixtures.collab_models import Digits, accuracy, cloud_model, digits, edge_model
+from tests.fixtures.cli import evc
+from tests.fixtures.collab_models import Digits, accuracy, cached_cloud_model, digits, edge_model
 from tests.fixtures.deploy import device_records, started_devices
 
 pytestmark = pytest.mark.integration
@@ -74,9 +76,11 @@ def _run(api: Any, path: str, body: dict[str, Any]) -> dict[str, Any]:
     return dict(job["summary"])
 
 
-def test_joint_and_split_through_a_shaped_link(api: Any, worker: Any, devices: list[Device]) -> None:
+def test_joint_and_split_through_a_shaped_link(
+    api: Any, worker: Any, live: str, devices: list[Device], tmp_path: Path
+) -> None:
     d: Digits = digits()
-    edge, cloud = edge_model(d), cloud_model(d, c1=8, c2=16, steps=150)
+    edge, cloud = edge_model(d), cached_cloud_model(d)
     tag = time.time_ns() % 10**9
     _push(api, f"edge-{tag}", edge)
     _push(api, f"cnn-{tag}", cloud)
@@ -112,6 +116,18 @@ def test_joint_and_split_through_a_shaped_link(api: Any, worker: Any, devices: l
         assert all(c["measured_ms"] > 0 and c["predicted_ms"] > 0 for c in s["candidates"])
         assert s["run"]["accuracy"] == pytest.approx(want_cloud, abs=1e-6)
         assert 10 < s["link"]["bandwidth_mbit"] < 80 and "predicts" in s["why"]
+
+        # the CLI: upload the data, follow the job, show the table
+        npz = tmp_path / "test.npz"
+        np.savez(npz, X=d.x_test[:64], y=d.y_test[:64])
+        code, _, text = evc(live, api.admin, "collab", "joint", "--deployment", edge_dep, "--cloud", f"cnn-{tag}:1",
+                            "--data", str(npz), "--threshold", "0.9")  # fmt: skip
+        assert code == 0 and "edge_only" in text and "cloud_only" in text, text
+        code, _, text = evc(live, api.admin, "collab", "split", "--deployment", cnn_dep, "--cut", "4", "--batch", "4",
+                            "--rounds", "3", "--data", str(npz))  # fmt: skip
+        assert code == 0 and "picked c4: c4 was asked for" in text and "pool1" in text, text
+        code, _, text = evc(live, api.admin, "collab", "split", "--deployment", cnn_dep, "--cut", "99")
+        assert code != 0 and "cut must be" in text, text
     finally:
         for link in links:
             link.stop()

@@ -8,6 +8,7 @@ and :mod:`evc.cli.views` show the API's JSON to a person.
 from __future__ import annotations
 
 # the command groups register their commands on `main` as they are imported
+import evc.cli.infer_collab  # noqa: F401  (`evc collab`)
 from evc.cli import clusters, deployments, devices, fl, fleet, jobs, models, monitoring, provision, sim, stack, tokens  # noqa: F401
 from evc.cli.common import main
 
