@@ -91,7 +91,7 @@ def test_joint_and_split_through_a_shaped_link(
     ports = [link.start() for link in links]
     try:
         # bad input: a threshold or a target is needed, a target needs a calibration set
-        body = {"deployment": edge_dep, "cloud": {"model": f"cnn-{tag}", "version": "1"}, "data": data}
+        body: dict[str, Any] = {"deployment": edge_dep, "cloud": {"model": f"cnn-{tag}", "version": "1"}, "data": data}
         status, err = api.call("POST", "/api/v1/inference/joint", json=body)
         assert status == 422 and "threshold" in err["message"]
         status, err = api.call("POST", "/api/v1/inference/joint", json={**body, "target_offload": 0.3})
