@@ -46,10 +46,11 @@ from tests.fixtures.collab_models import accuracy, cached_cloud_model, digits, e
 
 
 # ---------------------------------------------------------------- a tiny PNG writer
-def png(path: Path, points: list[tuple[float, float]], marks: list[tuple[float, float]], w: int = 480,
-        h: int = 320) -> None:  # fmt: skip
-    """The curve (x: offload 0..1, y: accuracy) as a black line, *marks* as red squares, grey axes."""
-    ys = [p[1] for p in points + marks]
+def png(path: Path, points: list[tuple[float, float]], marks: list[tuple[float, float]], target: tuple[float, float],
+        w: int = 480, h: int = 320) -> None:  # fmt: skip
+    """The curve (x: offload 0..1, ticks every 10 %; y: accuracy) as a black line, *marks* as red
+    squares, the target (least accuracy, most offload) as blue lines, grey axes."""
+    ys = [p[1] for p in points + marks] + [target[0]]
     lo, hi = min(ys) - 0.01, min(1.0, max(ys) + 0.01)
     px = [[(255, 255, 255)] * w for _ in range(h)]
     m = 30
@@ -69,6 +70,10 @@ def png(path: Path, points: list[tuple[float, float]], marks: list[tuple[float, 
         dot(m, r, (150, 150, 150), 0)
     for tick in range(11):  # offload every 10 %
         dot(*at(tick / 10, lo), (150, 150, 150), 2)
+    for i in range(0, w - 2 * m, 4):  # dashed: the accuracy to reach, the offload allowed
+        dot(*at(i / (w - 2 * m), target[0]), (0, 90, 220), 0)
+    for i in range(0, h - 2 * m, 4):
+        dot(at(target[1], lo)[0], h - m - i, (0, 90, 220), 0)
     for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
         (c0, r0), (c1, r1) = at(x0, y0), at(x1, y1)
         steps = max(abs(c1 - c0), abs(r1 - r0), 1)

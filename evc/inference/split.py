@@ -158,12 +158,14 @@ def run_job(store: Store, settings: Settings, run: JobRun) -> JSON:
         for k in range(len(parts.cuts)):
             client.wait_ready(name, f"c{k}")
         device_s, cloud_s = _profile(settings, edge, parts, client, x, rounds)
+        run.check_cancel()
         probe = np.zeros((max(1, PROBE_BYTES // max(1, parts.cuts[0].bytes_per_item)), n_features), np.float32)
         link = measure_link(client, (name, "c0"), probe)
         preds = cuts.predict(parts.cuts, device_s, cloud_s, link, batch)
         chosen, why = _choose(p, preds)
         run.event(f"link {link.bandwidth_bps / 1e6:.1f} Mbit/s, RTT {link.rtt_s * 1e3:.2f} ms; {why}",
                   type=EventType.STEP)  # fmt: skip
+        run.check_cancel()
         measured = _measure_all(client, name, parts.tails, x, rounds) if p.get("measure_all") else None
         result = _apply(client, name, chosen, parts.tails[chosen], x_all, y, batch) if y is not None else None
     finally:

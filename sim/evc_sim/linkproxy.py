@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import contextlib
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -115,39 +114,46 @@ class LinkProxy:
         for w in (c_writer, s_writer):
             w.close()
 
-    async def serve(self) -> None:
+    async def _open(self) -> None:
         self._server = await asyncio.start_server(self._handle, *self.listen)
         self.port = self._server.sockets[0].getsockname()[1]
+
+    async def serve(self) -> None:
+        """Serve until cancelled."""
+        await self._open()
+        assert self._server is not None
         async with self._server:
             await self._server.serve_forever()
 
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def start(self) -> int:
         """Serve in a thread; the port it listens on."""
-        ready = threading.Event()
+        loop = self._loop = asyncio.new_event_loop()
+        loop.run_until_complete(self._open())
 
         def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            task = self._loop.create_task(self.serve())
-            self._loop.call_soon(ready.set)
-            with contextlib.suppress(asyncio.CancelledError):
-                self._loop.run_until_complete(task)
-            self._loop.close()
+            loop.run_forever()
+            loop.close()
 
         self._thread = threading.Thread(target=run, name="linkproxy", daemon=True)
         self._thread.start()
-        ready.wait(5)
-        deadline = time.monotonic() + 5
-        while not self.port and time.monotonic() < deadline:
-            time.sleep(0.01)
         return self.port
 
     def stop(self) -> None:
-        if self._loop is not None and self._server is not None:
-            self._loop.call_soon_threadsafe(self._server.close)
-            for task in asyncio.all_tasks(self._loop):
-                self._loop.call_soon_threadsafe(task.cancel)
-        if self._thread is not None:
-            self._thread.join(5)
+        """Close the listener and every connection; end the thread."""
+        if self._loop is None or self._thread is None:
+            return
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
 
 
 def main(argv: list[str] | None = None) -> int:
