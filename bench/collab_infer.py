@@ -12,7 +12,8 @@ server → controller) between the controller and the device's edge servers.
   ``infer-split`` job with ``measure_all`` picks a cut and measures every cut end to end.
   Target: the picked cut within 10 % of the best measured.
 
-    .venv/bin/python bench/collab_infer.py [--png build/collab/joint_curve.png] [--batch 64] [--rounds 25]
+    .venv/bin/python bench/collab_infer.py [--png build/collab/joint_curve.png] [--batch 64] [--rounds 15]
+                                          [--rounds-fast 60] [--target-offload 0.25] [--score max-prob]
 """
 
 from __future__ import annotations
@@ -143,9 +144,9 @@ def _dataset(api: API, x: Any, y: Any) -> str:
 
 
 # ---------------------------------------------------------------- the two figures
-def _joint(api: API, args: argparse.Namespace, edge_dep: str, port: int, data: str, cal: str, cloud_acc: float
-           ) -> list[Figure]:  # fmt: skip
-    link = LinkProxy(("127.0.0.1", port), rate_mbit=100, delay_ms=1, directions="down")
+def _joint_once(api: API, args: argparse.Namespace, edge_dep: str, port: int, data: str, cal: str, mbit: float
+                ) -> dict[str, Any]:  # fmt: skip
+    link = LinkProxy(("127.0.0.1", port), rate_mbit=mbit, delay_ms=1, directions="down")
     try:
         body = {
             "deployment": edge_dep,
@@ -156,12 +157,14 @@ def _joint(api: API, args: argparse.Namespace, edge_dep: str, port: int, data: s
             "score": args.score,
             "endpoint": f"127.0.0.1:{link.start()}",
         }
-        s = api.wait(api.call("POST", "/api/v1/inference/joint", json=body)["id"], succeed=True)["summary"]
+        s: dict[str, Any] = api.wait(api.call("POST", "/api/v1/inference/joint", json=body)["id"], succeed=True)[
+            "summary"
+        ]
     finally:
         link.stop()
     print(
-        f"\njoint ({s['items']} test items, batch {s['batch']}, {s['score']} < {s['threshold']:.4f}, tuned on "
-        f"{s['tuning']['items']} calibration items for offload <= {args.target_offload}; link 100 Mbit/s, 1 ms)"
+        f"\njoint, link {mbit:g} Mbit/s + 1 ms: {s['items']} test items, batch {s['batch']}, {s['score']} < "
+        f"{s['threshold']:.4f} (tuned on {s['tuning']['items']} calibration items for offload <= {args.target_offload})"
     )
     print(f"{'route':<10} {'accuracy':>9} {'offload':>8} {'bytes sent':>11} {'latency p50 ms':>15} {'mean ms':>8}")
     for route in ("edge_only", "joint", "cloud_only"):
@@ -170,32 +173,50 @@ def _joint(api: API, args: argparse.Namespace, edge_dep: str, port: int, data: s
             f"{route:<10} {r['accuracy']:>9.4f} {r['offload']:>8.3f} {r['bytes_sent']:>11,} "
             f"{r['latency_ms']['p50']:>15.3f} {r['latency_ms']['mean']:>8.3f}"
         )
-    print("\naccuracy/offload curve (test set): " + ", ".join(
-        f"{p['offload']:.2f}:{p['accuracy']:.4f}" for p in s["curve"]))  # fmt: skip
+    return s
+
+
+def _joint(api: API, args: argparse.Namespace, edge_dep: str, port: int, data: str, cal: str) -> list[Figure]:
+    runs = {mbit: _joint_once(api, args, edge_dep, port, data, cal, mbit) for mbit in (100.0, 5.0)}
+    s = runs[100.0]
+    print(
+        "\naccuracy/offload curve (test set): "
+        + ", ".join(f"{p['offload']:.2f}:{p['accuracy']:.4f}" for p in s["curve"])
+    )
     png(
-        args.png, [(p["offload"], p["accuracy"]) for p in s["curve"]], [(s["joint"]["offload"], s["joint"]["accuracy"])]
+        args.png,
+        [(p["offload"], p["accuracy"]) for p in s["curve"]],
+        [(s["joint"]["offload"], s["joint"]["accuracy"])],
+        (s["cloud_only"]["accuracy"] - 0.005, 0.30),
     )
     print(f"wrote {args.png}")
-    j, c = s["joint"], s["cloud_only"]
+    j, c, e = s["joint"], s["cloud_only"], s["edge_only"]
     gap = (c["accuracy"] - j["accuracy"]) * 100
-    return [
-        Figure("joint: edge model below cloud model (points)", ">= 3", (c["accuracy"] - s["edge_only"]["accuracy"])
-               * 100, "points", c["accuracy"] - s["edge_only"]["accuracy"] >= 0.03),
+    figures = [
+        Figure(
+            "joint: edge model below cloud model (points)",
+            ">= 3",
+            (c["accuracy"] - e["accuracy"]) * 100,
+            "points",
+            c["accuracy"] - e["accuracy"] >= 0.03,
+        ),
         Figure("joint: cloud accuracy - cascade accuracy (points)", "<= 0.5", gap, "points", gap <= 0.5),
         Figure("joint: offloaded items (%)", "<= 30", j["offload"] * 100, "%", j["offload"] <= 0.30),
         Figure("joint: bytes sent vs cloud-only (%)", "-", 100 * j["bytes_sent"] / c["bytes_sent"], "%", True),
-        Figure("joint: latency p50, cascade / cloud-only", "-", j["latency_ms"]["p50"] / c["latency_ms"]["p50"], "x",
-               True),
-    ]  # fmt: skip
+    ]
+    for mbit, r in runs.items():
+        ratio = r["joint"]["latency_ms"]["p50"] / r["cloud_only"]["latency_ms"]["p50"]
+        figures.append(Figure(f"joint {mbit:g} Mbit/s: latency p50, cascade / cloud-only", "-", ratio, "x", True))
+    return figures  # fmt: skip
 
 
 def _split(api: API, args: argparse.Namespace, dep: str, port: int, data: str) -> list[Figure]:
     figures = []
-    for mbit in (100.0, 5.0):
+    for mbit, rounds in ((100.0, args.rounds_fast), (5.0, args.rounds)):
         link = LinkProxy(("127.0.0.1", port), rate_mbit=mbit, delay_ms=1, directions="down")
         try:
             body = {"deployment": dep, "endpoint": f"127.0.0.1:{link.start()}", "batch": args.batch,
-                    "rounds": args.rounds, "measure_all": True, "data": data}  # fmt: skip
+                    "rounds": rounds, "measure_all": True, "data": data}  # fmt: skip
             s = api.wait(api.call("POST", "/api/v1/inference/split", json=body)["id"], succeed=True)["summary"]
         finally:
             link.stop()
@@ -239,7 +260,7 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
         edge_dep, edge_port = _deploy(api, "edge", edge, dev)
         cnn_dep, cnn_port = _deploy(api, "cnn", cloud, dev)
         data, cal = _dataset(api, d.x_test, d.y_test), _dataset(api, d.x_cal, d.y_cal)
-        figures = _joint(api, args, edge_dep, edge_port, data, cal, cloud_acc)
+        figures = _joint(api, args, edge_dep, edge_port, data, cal)
         figures += _split(api, args, cnn_dep, cnn_port, data)
         return all(f.ok for f in figures), figures
     finally:
@@ -257,7 +278,8 @@ def main() -> None:
     parser.add_argument("--target-offload", type=float, default=0.25)
     parser.add_argument("--score", default="max-prob")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--rounds", type=int, default=15, help="requests per cut measured, 5 Mbit/s")
+    parser.add_argument("--rounds-fast", type=int, default=60, help="requests per cut measured, 100 Mbit/s")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="evc-bench-collab-") as tmp:
         ok, figures = run(args, Path(tmp))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, shape_inference
+from onnx import helper, shape_inference
 
 from evc.errors import ValidationError
 
@@ -161,15 +161,6 @@ def choose(preds: Sequence[Prediction]) -> tuple[Prediction, str]:
         nxt = ranked[1]
         why += f"; next {nxt.cut.label} ({nxt.cut.tensor}) {nxt.total_s * 1e3:.2f} ms"
     return best, why
-
-
-def tensor_type(model: onnx.ModelProto, name: str) -> int:
-    """The element type of *name* in *model* (FLOAT when unknown)."""
-    inferred = shape_inference.infer_shapes(model)
-    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-        if vi.name == name:
-            return int(vi.type.tensor_type.elem_type)
-    return int(TensorProto.FLOAT)
 
 
 __all__ = ["Cut", "Link", "Prediction", "candidates", "choose", "identity_model", "predict", "split", "transfer_s"]
