@@ -1,9 +1,9 @@
 """Collaborative inference benchmark (issue 14's joint and split figures), through the full stack:
 a private Redis, the simulator in its own process (one root device), a Celery worker process,
-the API in this process, and the shaped link proxy (``evc_sim.linkproxy``, the device's uplink:
-server → controller) between the controller and the device's edge servers.
+the API in this process, and the shaped link proxy (``evc_sim.linkproxy``, a process of its own,
+shaping the device's uplink: server → controller) between the controller and the edge servers.
 
-- Joint: the edge model (softmax over 4×4-pooled digits) is deployed; the cloud model (a small
+- Joint: the edge model (softmax regression, stopped early) is deployed; the cloud model (a small
   CNN) runs in the worker. The threshold is tuned on a calibration set (rows of the training
   split the models were not fitted on) for the best accuracy at ≤ ``--target-offload``; the job
   runs the digits test set. Target: the cloud model's accuracy within 0.5 points, offload ≤ 30 %.
@@ -19,15 +19,18 @@ server → controller) between the controller and the device's edge servers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -42,7 +45,6 @@ from evc.model import Device  # noqa: E402
 from evc.settings import settings_env  # noqa: E402
 from evc.store import Store, new_id  # noqa: E402
 from evc_sim import read_state  # noqa: E402
-from evc_sim.linkproxy import LinkProxy  # noqa: E402
 from tests.fixtures.collab_models import accuracy, cached_cloud_model, digits, edge_model  # noqa: E402
 
 
@@ -90,6 +92,29 @@ def png(path: Path, points: list[tuple[float, float]], marks: list[tuple[float, 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
                      + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))  # fmt: skip
+
+
+# ---------------------------------------------------------------- the link, in a process of its own
+@contextlib.contextmanager
+def shaped_link(port: int, mbit: float, tmp: Path) -> Iterator[int]:
+    """``python -m evc_sim.linkproxy`` to 127.0.0.1:*port* at *mbit* Mbit/s + 1 ms, server → client
+    (its own process: this one's API polling must not hold up the link); its port."""
+    listen = free_port()
+    proc = spawn([sys.executable, "-m", "evc_sim.linkproxy", "--target", f"127.0.0.1:{port}", "--listen",
+                  f"127.0.0.1:{listen}", "--rate-mbit", str(mbit), "--delay-ms", "1", "--directions", "down"],
+                 dict(os.environ), tmp / "linkproxy.log")  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", listen)) == 0:
+                    break
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit(f"the link proxy did not start: {(tmp / 'linkproxy.log').read_text()[-2000:]}")
+            time.sleep(0.05)
+        yield listen
+    finally:
+        stop(proc)
 
 
 # ---------------------------------------------------------------- the stack
@@ -146,8 +171,7 @@ def _dataset(api: API, x: Any, y: Any) -> str:
 # ---------------------------------------------------------------- the two figures
 def _joint_once(api: API, args: argparse.Namespace, edge_dep: str, port: int, data: str, cal: str, mbit: float
                 ) -> dict[str, Any]:  # fmt: skip
-    link = LinkProxy(("127.0.0.1", port), rate_mbit=mbit, delay_ms=1, directions="down")
-    try:
+    with shaped_link(port, mbit, args.tmp) as link:
         body = {
             "deployment": edge_dep,
             "cloud": {"model": "cnn", "version": "1"},
@@ -155,13 +179,11 @@ def _joint_once(api: API, args: argparse.Namespace, edge_dep: str, port: int, da
             "calibration": cal,
             "target_offload": args.target_offload,
             "score": args.score,
-            "endpoint": f"127.0.0.1:{link.start()}",
+            "endpoint": f"127.0.0.1:{link}",
         }
         s: dict[str, Any] = api.wait(api.call("POST", "/api/v1/inference/joint", json=body)["id"], succeed=True)[
             "summary"
         ]
-    finally:
-        link.stop()
     print(
         f"\njoint, link {mbit:g} Mbit/s + 1 ms: {s['items']} test items, batch {s['batch']}, {s['score']} < "
         f"{s['threshold']:.4f} (tuned on {s['tuning']['items']} calibration items for offload <= {args.target_offload})"
@@ -213,13 +235,10 @@ def _joint(api: API, args: argparse.Namespace, edge_dep: str, port: int, data: s
 def _split(api: API, args: argparse.Namespace, dep: str, port: int, data: str) -> list[Figure]:
     figures = []
     for mbit, rounds in ((100.0, args.rounds_fast), (5.0, args.rounds)):
-        link = LinkProxy(("127.0.0.1", port), rate_mbit=mbit, delay_ms=1, directions="down")
-        try:
-            body = {"deployment": dep, "endpoint": f"127.0.0.1:{link.start()}", "batch": args.batch,
+        with shaped_link(port, mbit, args.tmp) as link:
+            body = {"deployment": dep, "endpoint": f"127.0.0.1:{link}", "batch": args.batch,
                     "rounds": rounds, "measure_all": True, "data": data}  # fmt: skip
             s = api.wait(api.call("POST", "/api/v1/inference/split", json=body)["id"], succeed=True)["summary"]
-        finally:
-            link.stop()
         print(
             f"\nsplit, link {mbit:g} Mbit/s + 1 ms (measured {s['link']['bandwidth_mbit']:.1f} Mbit/s, fixed cost "
             f"{s['link']['rtt_ms']:.2f} ms), batch {s['batch']}: EVC picks {s['chosen']} — {s['why']}"
@@ -282,6 +301,7 @@ def main() -> None:
     parser.add_argument("--rounds-fast", type=int, default=60, help="requests per cut measured, 100 Mbit/s")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="evc-bench-collab-") as tmp:
+        args.tmp = Path(tmp)
         ok, figures = run(args, Path(tmp))
     emit(figures)
     sys.exit(0 if ok else 1)
