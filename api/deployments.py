@@ -38,6 +38,10 @@ class DeploymentCreateSchema(StrictSchema):
         load_default=None,
         metadata={"description": "the device's Python (numpy + onnxruntime); default the cluster's FL python"},
     )
+    threads = fields.Integer(
+        load_default=0, validate=validate.Range(min=0, max=256),
+        metadata={"description": "ONNX Runtime intra-op threads per model on the devices (0: its default)"},
+    )  # fmt: skip
 
     @validates_schema
     def _one_target(self, data: dict[str, Any], **kw: Any) -> None:
@@ -83,6 +87,7 @@ class DeploymentSchema(Schema):
     port = fields.Integer()
     ports = fields.Dict(keys=fields.String(), values=fields.Integer())
     python = fields.String()
+    threads = fields.Integer(metadata={"description": "ONNX Runtime intra-op threads per model (0: its default)"})
     cluster = fields.String(allow_none=True)
     devices = fields.List(fields.String())
     state = fields.String(metadata={"description": "deploying, running, partial, failed or removing"})

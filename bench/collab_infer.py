@@ -13,7 +13,10 @@ shaping the device's uplink: server → controller) between the controller and t
   Target: the picked cut within 10 % of the best measured.
 
     .venv/bin/python bench/collab_infer.py [--png build/collab/joint_curve.png] [--batch 64] [--rounds 15]
-                                          [--rounds-fast 60] [--target-offload 0.25] [--score max-prob]
+        [--rounds-fast 60] [--target-offload 0.25] [--score max-prob] [--device-threads 1]
+
+The device's edge server runs with one ONNX Runtime thread per model (``--device-threads``): a
+split serves a dozen heads, and on this 2-core machine their spinning thread pools starve the link.
 """
 
 from __future__ import annotations
@@ -150,11 +153,12 @@ def _device(store: Store, d: Any) -> str:
     return store.create_device(rec, token_hash="h-" + rec["id"])["id"]
 
 
-def _deploy(api: API, name: str, data: bytes, dev: str) -> tuple[str, int]:
+def _deploy(api: API, name: str, data: bytes, dev: str, threads: int) -> tuple[str, int]:
     form = {"metadata": json.dumps({"name": name, "version": "1"}), "file": (io.BytesIO(data), "model.onnx")}
     api.call("POST", "/api/v1/models", data=form, content_type="multipart/form-data")
     port = free_port()
-    body = {"model": name, "version": "1", "devices": [dev], "python": "~/py", "ports": {dev: port}}
+    body = {"model": name, "version": "1", "devices": [dev], "python": "~/py", "ports": {dev: port},
+            "threads": threads}  # fmt: skip
     job = api.wait(api.call("POST", "/api/v1/deployments", json=body)["id"], succeed=True)
     return str(job["params"]["deployment"]), port
 
@@ -276,8 +280,8 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
             f"models fitted in {time.monotonic() - t0:.1f} s: edge {accuracy(edge, d.x_test, d.y_test):.4f}, "
             f"cloud {cloud_acc:.4f} (digits test set, {len(d.y_test)} items)"
         )
-        edge_dep, edge_port = _deploy(api, "edge", edge, dev)
-        cnn_dep, cnn_port = _deploy(api, "cnn", cloud, dev)
+        edge_dep, edge_port = _deploy(api, "edge", edge, dev, args.device_threads)
+        cnn_dep, cnn_port = _deploy(api, "cnn", cloud, dev, args.device_threads)
         data, cal = _dataset(api, d.x_test, d.y_test), _dataset(api, d.x_cal, d.y_cal)
         figures = _joint(api, args, edge_dep, edge_port, data, cal)
         figures += _split(api, args, cnn_dep, cnn_port, data)
@@ -297,6 +301,7 @@ def main() -> None:
     parser.add_argument("--target-offload", type=float, default=0.25)
     parser.add_argument("--score", default="max-prob")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--device-threads", type=int, default=1, help="the edge server's ONNX Runtime threads")
     parser.add_argument("--rounds", type=int, default=15, help="requests per cut measured, 5 Mbit/s")
     parser.add_argument("--rounds-fast", type=int, default=60, help="requests per cut measured, 100 Mbit/s")
     args = parser.parse_args()

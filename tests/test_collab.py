@@ -51,7 +51,8 @@ def _push(api: Any, name: str, data: bytes) -> None:
 
 def _deploy(api: Any, name: str, dev: Device) -> tuple[str, int]:
     port = free_port()
-    body = {"model": name, "version": "1", "devices": [dev["id"]], "python": "~/py", "ports": {dev["id"]: port}}
+    body = {"model": name, "version": "1", "devices": [dev["id"]], "python": "~/py", "ports": {dev["id"]: port},
+            "threads": 1}  # fmt: skip
     status, job = api.call("POST", "/api/v1/deployments", json=body)
     assert status == 202, job
     job = api.wait_job(job["id"], timeout=120)

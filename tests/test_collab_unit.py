@@ -73,6 +73,13 @@ def test_head_then_tail_equals_the_whole(cnn: tuple[onnx.ModelProto, np.ndarray]
         np.testing.assert_allclose(out, whole, rtol=1e-5, atol=1e-6)
 
 
+def test_the_edge_server_threads_setting_reaches_its_command_line() -> None:
+    from evc.deployments.remote import supervise_script
+
+    assert "--port 8600 --threads 1 &" in supervise_script("~/py", 8600, threads=1)
+    assert "--port 8600 &" in supervise_script("~/py", 8600)
+
+
 def test_predict_and_choose_trade_compute_for_bytes() -> None:
     cs = [cuts.Cut(0, "X", 1000, 0, 2), cuts.Cut(1, "mid", 100, 1, 1), cuts.Cut(2, "out", 10, 2, 0)]
     slow = cuts.Link(bandwidth_bps=1e6, rtt_s=0.001)

@@ -47,11 +47,12 @@ def _show(dep: dict[str, Any]) -> None:
 @click.option("--port", type=int, default=None, help="the edge server's port on the devices (default 8500)")
 @click.option("--python", default=None, help="the devices' Python, with numpy and onnxruntime (default: the cluster's)")
 @click.option("--runtime", default="process", type=click.Choice(["process"]), help="process (container: later)")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per model (default: its own)")
 @click.option("--wait", is_flag=True, help="follow the job and show each device's state")
 @pass_ctx
 def deploy(
     c: Ctx, ref: str, variant: str | None, cluster: str | None, devices: tuple[str, ...], port: int | None,
-    python: str | None, runtime: str, wait: bool,
+    python: str | None, runtime: str, threads: int | None, wait: bool,
 ) -> None:  # fmt: skip
     """Deploy model NAME:VERSION to a cluster or devices (the edge inference server, health-gated)."""
     name, version = _model_ref(ref)
@@ -59,7 +60,8 @@ def deploy(
         raise click.UsageError("give --device (repeatable) or --cluster")
     body: dict[str, Any] = {"model": name, "version": version, "runtime": runtime}
     body.update({"cluster": cluster} if cluster else {"devices": list(devices)})
-    body.update({k: v for k, v in {"variant": variant, "port": port, "python": python}.items() if v is not None})
+    opts = {"variant": variant, "port": port, "python": python, "threads": threads}
+    body.update({k: v for k, v in opts.items() if v is not None})
     client = c.client()
     job = client.post("/api/v1/deployments", body)
     dep_id = job["params"]["deployment"]

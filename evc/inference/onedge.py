@@ -25,13 +25,15 @@ from evc.settings import Settings
 from evc.store import JSON
 
 #: run by the deployment's Python on the device (stdin): times each model on zeros of its input,
-#: with the batch given and ONNX Runtime's default options, as the edge server;
+#: with the batch given and the edge server's intra-op threads (0: ONNX Runtime's default);
 #: prints the median seconds of each, in order
 PROFILE = r"""
 import json, sys, time
 import numpy as np, onnxruntime as ort
-batch, rounds, paths = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+batch, rounds, threads, paths = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
 so = ort.SessionOptions()
+if threads > 0:
+    so.intra_op_num_threads = threads
 out = []
 for p in paths:
     s = ort.InferenceSession(p, so, providers=["CPUExecutionProvider"])
@@ -83,10 +85,10 @@ async def install_models(settings: Settings, device: Mapping[str, Any], deployme
 
 
 async def profile(settings: Settings, device: Mapping[str, Any], python: str, paths: Sequence[str],
-                  batch: int, rounds: int = 15) -> dict[str, float]:  # fmt: skip
+                  batch: int, rounds: int = 15, threads: int = 0) -> dict[str, float]:  # fmt: skip
     """The median time (s) of each model at *paths* on the device at batch *batch*."""
     args = " ".join(shlex.quote(a) if not a.startswith("~/") else shell_path(a)
-                    for a in [str(batch), str(rounds), *paths])  # fmt: skip
+                    for a in [str(batch), str(rounds), str(int(threads)), *paths])  # fmt: skip
 
     async def op(conn: asyncssh.SSHClientConnection, target: ssh.Target) -> JSON:
         res = await ssh.run(conn, f"{shell_path(python)} - {args}", target, settings, input=PROFILE, check=False,

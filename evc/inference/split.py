@@ -99,7 +99,8 @@ def _profile(settings: Settings, edge: tiers.Edge, parts: Parts, client: EdgeCli
     """Each head's time on the device and each tail's in the cloud, at the request's batch."""
     paths = [onedge.model_path(edge.deployment["id"], head_name(edge), f"c{k}") for k in range(len(parts.cuts))]
     python = str(edge.deployment["python"])
-    dev = pooling.call(onedge.profile(settings, edge.device, python, paths, len(x), rounds))
+    threads = int(edge.deployment.get("threads") or 0)
+    dev = pooling.call(onedge.profile(settings, edge.device, python, paths, len(x), rounds, threads))
     device_s = [dev[p] for p in paths]
     cloud_s = []
     for k, tail in enumerate(parts.tails):
