@@ -10,7 +10,7 @@ from evc.api.deps import context, get_settings, require
 from evc.api.schemas import JobSchema, StrictSchema, validate_name
 from flask import g, request
 from flask_smorest import Blueprint
-from marshmallow import Schema, fields, validate
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from evc.errors import ValidationError as InvalidInput
 from evc.inference import cascade, joint, split
@@ -43,8 +43,15 @@ class DatasetSchema(Schema):
 
 
 class CloudSchema(StrictSchema):
-    model = fields.String(required=True, validate=validate_name)
-    version = fields.String(required=True, validate=validate_name)
+    model = fields.String(load_default=None, validate=validate_name, metadata={"description": "in the registry"})
+    version = fields.String(load_default=None, validate=validate_name)
+    deployment = fields.String(load_default=None, metadata={"description": "or: a device's running deployment"})
+    device = fields.String(load_default=None, metadata={"description": "that deployment's device (default: first)"})
+
+    @validates_schema
+    def _one(self, data: dict[str, Any], **kw: Any) -> None:
+        if bool(data.get("deployment")) == bool(data.get("model") and data.get("version")):
+            raise ValidationError("give model and version (the worker runs it), or a deployment", field_name="model")
 
 
 class EdgeArgs(StrictSchema):
@@ -61,7 +68,11 @@ class EdgeArgs(StrictSchema):
 
 
 class JointSchema(EdgeArgs):
-    cloud = fields.Nested(CloudSchema, required=True, metadata={"description": "the strong model (registry)"})
+    cloud = fields.Nested(
+        CloudSchema, required=True,
+        metadata={"description": "the strong model: a registry version run in the worker, or a designated device's "
+                  "running deployment"},
+    )  # fmt: skip
     data = fields.String(required=True, validate=DIGEST, metadata={"description": "the labelled data set to run"})
     calibration = fields.String(load_default=None, validate=DIGEST, metadata={"description": "labelled, for tuning"})
     score = fields.String(load_default="max-prob", validate=validate.OneOf(sorted(cascade.SCORES)))

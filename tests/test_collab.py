@@ -110,6 +110,11 @@ def test_joint_and_split_through_a_shaped_link(
         assert s["edge_only"]["bytes_sent"] < s["joint"]["bytes_sent"] < s["cloud_only"]["bytes_sent"]
         assert len(s["curve"]) == 21 and s["curve"][-1]["accuracy"] == pytest.approx(want_cloud, abs=1e-6)
 
+        # the cloud tier on a designated device: the CNN's deployment
+        s = _run(api, "joint", {**body, "cloud": {"deployment": cnn_dep}, "threshold": 0.9})
+        assert s["cloud_only"]["accuracy"] == pytest.approx(want_cloud, abs=1e-6)
+        assert s["edge_only"]["accuracy"] == pytest.approx(want_edge, abs=1e-6) and 0 < s["joint"]["offload"] < 1
+
         body = {"deployment": cnn_dep, "endpoint": f"127.0.0.1:{ports[1]}", "batch": 8, "rounds": 5,
                 "measure_all": True, "data": data}  # fmt: skip
         s = _run(api, "split", body)

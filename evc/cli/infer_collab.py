@@ -74,7 +74,10 @@ def _edge_options(f: Any) -> Any:
 
 @collab.command("joint")
 @_edge_options
-@click.option("--cloud", "cloud", required=True, metavar="NAME:VERSION", help="the cloud tier's model (registry)")
+@click.option(
+    "--cloud", "cloud", default=None, metavar="NAME:VERSION", help="the cloud tier's model (the worker runs it)"
+)
+@click.option("--cloud-deployment", default=None, help="or: the cloud tier is this running deployment (a device)")
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help=".npz X, y")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="labelled .npz")
 @click.option("--score", default="max-prob", type=click.Choice(["entropy", "margin", "max-prob"]))
@@ -82,16 +85,19 @@ def _edge_options(f: Any) -> Any:
 @click.option("--target-accuracy", type=float, default=None, help="tune the threshold for this accuracy")
 @click.option("--target-offload", type=float, default=None, help="tune the threshold for at most this offload")
 @pass_ctx
-def joint(c: Ctx, deployment: str, device: str | None, endpoint: str | None, batch: int | None, cloud: str,
-          data: Path, calibration: Path | None, score: str, threshold: float | None, target_accuracy: float | None,
-          target_offload: float | None) -> None:  # fmt: skip
+def joint(c: Ctx, deployment: str, device: str | None, endpoint: str | None, batch: int | None, cloud: str | None,
+          cloud_deployment: str | None, data: Path, calibration: Path | None, score: str, threshold: float | None,
+          target_accuracy: float | None, target_offload: float | None) -> None:  # fmt: skip
     """Joint inference: the deployment's light model on the device, hard items to the cloud model."""
-    name, _, version = cloud.partition(":")
-    if not name or not version:
+    if bool(cloud) == bool(cloud_deployment):
+        raise click.UsageError("give --cloud NAME:VERSION or --cloud-deployment")
+    name, _, version = (cloud or "").partition(":")
+    if cloud and (not name or not version):
         raise click.BadParameter(f"{cloud!r}: expected NAME:VERSION", param_hint="--cloud")
+    tier = {"deployment": cloud_deployment} if cloud_deployment else {"model": name, "version": version}
     body = {
         "deployment": deployment, "device": device, "endpoint": endpoint, "batch": batch,
-        "cloud": {"model": name, "version": version}, "data": _dataset(c, data),
+        "cloud": tier, "data": _dataset(c, data),
         "calibration": _dataset(c, calibration) if calibration else None, "score": score, "threshold": threshold,
         "target_accuracy": target_accuracy, "target_offload": target_offload,
     }  # fmt: skip

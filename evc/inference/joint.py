@@ -1,9 +1,10 @@
 """Joint (cascade) inference, the ``infer-joint`` job: the edge runs a light model (a running
 deployment); items it is not confident about (a pluggable score below a threshold: given, or
 tuned on a labelled calibration set for a target accuracy or offload fraction) go over the link
-to a strong model in the cloud tier (ONNX Runtime in the worker). The job reports the cascade's
-accuracy, offload fraction, bytes sent from the device and end-to-end latency, against the edge
-alone and the cloud alone, all measured on the same data, and the accuracy/offload curve.
+to a strong model in the cloud tier (ONNX Runtime in the worker, or a designated device's
+deployment). The job reports the cascade's accuracy, offload fraction, bytes sent from the device
+and end-to-end latency, against the edge alone and the cloud alone, all measured on the same
+data, and the accuracy/offload curve.
 
 Hard examples travel device → cloud for real: the deployment's server also serves the echo model
 (:data:`~evc.inference.tiers.ECHO`), and the cloud asks it for them through the same endpoint.
@@ -36,7 +37,8 @@ def submit(ctx: Context, data: Mapping[str, Any]) -> Job:
     """Check a joint job's parameters and enqueue it."""
     params = {k: v for k, v in data.items() if v is not None}
     tiers.running_target(ctx.store, str(params["deployment"]), params.get("device"))
-    registry.get_version(ctx.store, str(params["cloud"]["model"]), str(params["cloud"]["version"]))
+    params["cloud"] = {k: v for k, v in params["cloud"].items() if v is not None}
+    tiers.check_cloud(ctx.store, params["cloud"])
     targets = ("threshold", "target_accuracy", "target_offload")
     if sum(k in params for k in targets) == 0:
         raise ValidationError("give a threshold, or a target_accuracy or target_offload with a calibration set",
@@ -72,7 +74,7 @@ def _put(p: Pass, sl: slice, probs: np.ndarray) -> None:
     p.probs[sl] = probs
 
 
-def _edge_and_cloud(client: EdgeClient, edge: tiers.Edge, cloud: tiers.Cloud, x: np.ndarray, batch: int
+def _edge_and_cloud(client: EdgeClient, edge: tiers.Edge, cloud: tiers.CloudTier, x: np.ndarray, batch: int
                     ) -> tuple[Pass, Pass]:  # fmt: skip
     """Edge alone and cloud alone (every item over the link) on *x*."""
     e, c = Pass(len(x)), Pass(len(x))
@@ -90,7 +92,7 @@ def _edge_and_cloud(client: EdgeClient, edge: tiers.Edge, cloud: tiers.Cloud, x:
     return e, c
 
 
-def _cascade(client: EdgeClient, edge: tiers.Edge, cloud: tiers.Cloud, x: np.ndarray, batch: int, score: str,
+def _cascade(client: EdgeClient, edge: tiers.Edge, cloud: tiers.CloudTier, x: np.ndarray, batch: int, score: str,
              threshold: float, run: JobRun | None = None) -> Pass:  # fmt: skip
     """The cascade on *x*: the edge on every batch, its hard items to the cloud."""
     j = Pass(len(x))
@@ -113,7 +115,7 @@ def _cascade(client: EdgeClient, edge: tiers.Edge, cloud: tiers.Cloud, x: np.nda
     return j
 
 
-def _threshold(client: EdgeClient, edge: tiers.Edge, cloud: tiers.Cloud, settings: Settings, p: Mapping[str, Any],
+def _threshold(client: EdgeClient, edge: tiers.Edge, cloud: tiers.CloudTier, settings: Settings, p: Mapping[str, Any],
                batch: int, run: JobRun) -> tuple[float, JSON | None]:  # fmt: skip
     if "threshold" in p:
         return float(p["threshold"]), None
@@ -143,7 +145,7 @@ def run_job(store: Store, settings: Settings, run: JobRun) -> JSON:
     p = {"score": "max-prob", "batch": DEFAULT_BATCH, **run.params}
     batch = int(p["batch"])
     edge = tiers.edge_of(store, settings, p)
-    cloud = tiers.Cloud(tiers.cloud_model(store, settings, p["cloud"]))
+    cloud = tiers.cloud_of(store, settings, p["cloud"])
     x, y = tiers.load_set(settings, str(p["data"]))
     pooling.call(onedge.install_models(settings, edge.device, edge.deployment["id"],
                                        {tiers.ECHO: tiers.echo_model(edge.model)}))  # fmt: skip
@@ -158,6 +160,7 @@ def run_job(store: Store, settings: Settings, run: JobRun) -> JSON:
         e, c = _edge_and_cloud(client, edge, cloud, x, batch)
     finally:
         client.close()
+        cloud.close()
     assert e.probs is not None and c.probs is not None
     cv = cascade.curve(cascade.confidence(e.probs, p["score"]), e.probs.argmax(1) == y, c.probs.argmax(1) == y)
     run.progress(done=len(y), total=len(y))

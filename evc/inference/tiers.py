@@ -14,7 +14,7 @@ import onnx
 
 from evc.errors import Conflict, ValidationError
 from evc.inference import cuts
-from evc.inference.link import parse_endpoint
+from evc.inference.link import EdgeClient, parse_endpoint
 from evc.model import JSON, DeploymentDeviceState, Device
 from evc.models import registry
 from evc.models.quantize import load_eval_set
@@ -98,11 +98,48 @@ class Cloud:
         out = self.session.run(None, {self.input: x})[0]
         return np.asarray(out), time.perf_counter() - t0
 
+    def close(self) -> None:
+        pass
+
+
+class DeviceCloud:
+    """The cloud tier on a designated device: its running deployment, over HTTP (binary tensors)."""
+
+    def __init__(self, endpoint: str, model: str, version: str) -> None:
+        self.client, self.model, self.version = EdgeClient(endpoint), model, version
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        r = self.client.infer(self.model, self.version, x)
+        return r.output, r.seconds
+
+    def close(self) -> None:
+        self.client.close()
+
 
 def cloud_model(store: Store, settings: Settings, spec: Mapping[str, Any]) -> bytes:
     """The bytes of the cloud tier's model: ``{"model": name, "version": v}`` in the registry."""
     rec = registry.get_version(store, str(spec["model"]), str(spec["version"]))
     return registry.storage(settings, rec).read_verified(rec["sha256"], registry.record_ref(rec), rec.get("storage"))
+
+
+def check_cloud(store: Store, spec: Mapping[str, Any]) -> None:
+    """That the cloud tier *spec* names exists (a registry version, or a running deployment)."""
+    if spec.get("deployment"):
+        running_target(store, str(spec["deployment"]), spec.get("device"))
+    else:
+        registry.get_version(store, str(spec["model"]), str(spec["version"]))
+
+
+#: what runs the cloud tier's model
+CloudTier = Cloud | DeviceCloud
+
+
+def cloud_of(store: Store, settings: Settings, spec: Mapping[str, Any]) -> CloudTier:
+    """The job's cloud tier: ONNX Runtime in this worker, or a designated device's deployment."""
+    if spec.get("deployment"):
+        dep, _, endpoint = running_target(store, str(spec["deployment"]), spec.get("device"))
+        return DeviceCloud(endpoint, str(dep["model"]), str(dep["served_version"]))
+    return Cloud(cloud_model(store, settings, spec))
 
 
 def load_set(settings: Settings, digest: str) -> tuple[np.ndarray, np.ndarray]:
@@ -124,5 +161,7 @@ def latency_stats(seconds: list[float]) -> JSON:
             "p95": round(float(np.percentile(a, 95)), 3)}  # fmt: skip
 
 
-__all__ = ["ECHO", "Cloud", "Edge", "batches", "cloud_model", "echo_model", "edge_of", "latency_stats", "load_set",
-           "running_target"]  # fmt: skip
+__all__ = [
+    "ECHO", "Cloud", "CloudTier", "DeviceCloud", "Edge", "batches", "check_cloud", "cloud_model", "cloud_of",
+    "echo_model", "edge_of", "latency_stats", "load_set", "running_target",
+]  # fmt: skip
