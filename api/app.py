@@ -41,6 +41,7 @@ BLUEPRINTS = [
     "evc.api.models",
     "evc.api.deployments",
     "evc.api.inference",
+    "evc.api.collab",
 ]
 
 MAX_BODY = 1024 * 1024

@@ -57,7 +57,11 @@ class DeploymentCreateSchema(StrictSchema):
     ensure_level = fields.Boolean(
         load_default=True,
         metadata={"description": "devices below the level the runtime needs (process: L1 unless python is given) "
-                  "get their cluster's level raised first (a level job the deploy job waits for); false: 412"},
+                  "get their cluster's level raised first (a level job the deploy job waits for); false: 409"},
+    )  # fmt: skip
+    threads = fields.Integer(
+        load_default=0, validate=validate.Range(min=0, max=256),
+        metadata={"description": "ONNX Runtime intra-op threads per model on the devices (0: its default)"},
     )  # fmt: skip
 
     @validates_schema
@@ -118,6 +122,7 @@ class DeploymentSchema(Schema):
     port = fields.Integer()
     ports = fields.Dict(keys=fields.String(), values=fields.Integer())
     python = fields.String()
+    threads = fields.Integer(metadata={"description": "ONNX Runtime intra-op threads per model (0: its default)"})
     cluster = fields.String(allow_none=True)
     selector = fields.Dict(allow_none=True, metadata={"description": "labels and/or cluster the devices match"})
     devices = fields.List(fields.String())

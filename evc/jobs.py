@@ -59,6 +59,8 @@ JOB_KINDS: dict[str, JobKind] = {
         JobKind(JobKindName.DEPLOY, "evc.deploy", Queue.SSH),
         JobKind(JobKindName.DEPLOY_REMOVE, "evc.deploy_remove", Queue.SSH),
         JobKind(JobKindName.PARALLEL_INFER, "evc.parallel_infer", Queue.DEFAULT, mutating=False),
+        JobKind(JobKindName.INFER_JOINT, "evc.infer_joint", Queue.SSH, mutating=False),
+        JobKind(JobKindName.INFER_SPLIT, "evc.infer_split", Queue.SSH, mutating=False),
     )
 }
 

@@ -74,6 +74,8 @@ class JobKindName(Name):
     DEPLOY = "deploy"
     DEPLOY_REMOVE = "deploy-remove"
     PARALLEL_INFER = "parallel-infer"
+    INFER_JOINT = "infer-joint"
+    INFER_SPLIT = "infer-split"
 
 
 class Queue(Name):

@@ -185,6 +185,7 @@ CONTENT_CHECKED = {
     "POST /api/v1/models": "a model file that must be a readable ONNX graph",
     "POST /api/v1/models/{name}/versions/{version}/variants": "a model file that must be a readable ONNX graph",
     "POST /api/v1/inference/datasets": "an .npz data set that must load (x, optional y)",
+    "POST /api/v1/eval-sets": "an .npz evaluation set that must load (X and y)",
 }
 
 

@@ -23,6 +23,7 @@ TASK_MODULES = [
     "evc.tasks.models",
     "evc.tasks.deployments",
     "evc.tasks.inference",
+    "evc.tasks.collab",
 ]
 
 

@@ -7,6 +7,8 @@ and :mod:`evc.cli.views` show the API's JSON to a person.
 
 from __future__ import annotations
 
+import evc.cli.infer_collab  # noqa: F401  (`evc infer joint|split`)
+
 # the command groups register their commands on `main` as they are imported
 from evc.cli import (  # noqa: F401
     clusters,

@@ -75,11 +75,13 @@ def _ports(c: Ctx, values: tuple[str, ...]) -> dict[str, int]:
 @click.option("--runtime", default="process", type=click.Choice(["process"]), help="process (container: later)")
 @click.option("--ensure-level/--no-ensure-level", default=True, show_default=True,
               help="raise the cluster's level first where devices are below what the runtime needs")  # fmt: skip
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per model (default: its own)")
 @click.option("--wait", is_flag=True, help="follow the job and show each device's state")
 @pass_ctx
 def deploy(
     c: Ctx, ref: str, variant: str | None, cluster: str | None, devices: tuple[str, ...], labels: tuple[str, ...],
-    port: int | None, ports: tuple[str, ...], python: str | None, runtime: str, ensure_level: bool, wait: bool,
+    port: int | None, ports: tuple[str, ...], python: str | None, runtime: str, ensure_level: bool,
+    threads: int | None, wait: bool,
 ) -> None:  # fmt: skip
     """Deploy model NAME:VERSION to a cluster, devices or the devices with some labels (the edge
     inference server, health-gated)."""
@@ -94,7 +96,8 @@ def deploy(
         }
     else:
         body.update({"cluster": cluster} if cluster else {"devices": list(devices)})
-    body.update({k: v for k, v in {"variant": variant, "port": port, "python": python}.items() if v is not None})
+    opts = {"variant": variant, "port": port, "python": python, "threads": threads}
+    body.update({k: v for k, v in opts.items() if v is not None})
     if ports:
         body["ports"] = _ports(c, ports)
     client = c.client()

@@ -65,7 +65,7 @@ async def probe(conn: asyncssh.SSHClientConnection, target: ssh.Target, settings
 async def _restart(conn: asyncssh.SSHClientConnection, target: ssh.Target, settings: Settings, spec: remote.Spec,
                    where: str, have: JSON, bundle: bytes) -> bool:  # fmt: skip
     """Ship what is missing and (re)start the server; returns whether the model was shipped."""
-    script = remote.supervise_script(spec.python, spec.port)
+    script = remote.supervise_script(spec.python, spec.port, threads=spec.threads)
     if have["bundle"] != _sha(bundle) or have["supervise"] != _sha(script.encode()):
         await remote._put_server(conn, target, settings, spec, where, bundle)  # stops it first
     else:
@@ -89,7 +89,7 @@ async def ensure(settings: Settings, device: Mapping[str, Any], spec: remote.Spe
     async def op(conn: asyncssh.SSHClientConnection, target: ssh.Target) -> JSON:
         await remote._check_python(conn, target, settings, spec, where)
         have = await probe(conn, target, settings, spec)
-        script = remote.supervise_script(spec.python, spec.port).encode()
+        script = remote.supervise_script(spec.python, spec.port, threads=spec.threads).encode()
         fresh = (have["model"], have["bundle"], have["supervise"]) == (spec.sha256, _sha(bundle), _sha(script))
         restarted, shipped = True, False
         if fresh and have["running"]:

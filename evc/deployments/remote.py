@@ -184,12 +184,13 @@ def remote_dir(deployment_id: str) -> str:
     return f"~/{REMOTE_ROOT}/{deployment_id}"
 
 
-def supervise_script(python: str, port: int, host: str = "0.0.0.0") -> str:  # noqa: S104
+def supervise_script(python: str, port: int, host: str = "0.0.0.0", threads: int = 0) -> str:  # noqa: S104
+    """The supervisor; *threads* > 0 sets ONNX Runtime's intra-op threads per model (0: its default)."""
     return (
         SUPERVISE.replace("__PY__", shell_path(python))
         .replace("__BUNDLE__", BUNDLE)
         .replace("__HOST__", shlex.quote(host))
-        .replace("__PORT__", str(int(port)))
+        .replace("__PORT__", str(int(port)) + (f" --threads {int(threads)}" if threads else ""))
     )
 
 
@@ -219,6 +220,8 @@ class Spec:
     sha256: str
     python: str
     port: int
+    #: ONNX Runtime intra-op threads per model on the device (0: its default)
+    threads: int = 0
 
     @property
     def dir(self) -> str:
@@ -263,7 +266,9 @@ async def _put_server(conn: asyncssh.SSHClientConnection, target: ssh.Target, se
     await _run(conn, target, settings, f"sh {shell_path(spec.dir + '/supervise.sh')} stop 2>/dev/null; true")
     try:
         await put_file(conn, f"{spec.dir}/{BUNDLE}", bundle)
-        await put_file(conn, f"{spec.dir}/supervise.sh", supervise_script(spec.python, spec.port).encode())
+        await put_file(
+            conn, f"{spec.dir}/supervise.sh", supervise_script(spec.python, spec.port, threads=spec.threads).encode()
+        )
     except asyncssh.SFTPError as exc:
         raise _failed(target, f"cannot write to {spec.dir} on {where}: {exc.reason}") from exc
 

@@ -130,7 +130,7 @@ def _spec(settings: Settings, store: Store, dep: JSON, fields: JSON) -> remote.S
     rec = _version_rec(store, dep["model"], str(fields["version"]), fields.get("variant"))
     data = registry.storage(settings, rec).read_verified(rec["sha256"], registry.record_ref(rec), rec.get("storage"))
     return remote.Spec(dep["id"], dep["model"], str(fields["served_version"]), data, rec["sha256"], dep["python"],
-                       int(dep["port"]))  # fmt: skip
+                       int(dep["port"]), int(dep.get("threads") or 0))  # fmt: skip
 
 
 def _at(state: JSON | None, spec: remote.Spec) -> bool:
@@ -159,7 +159,7 @@ class _Run:
 
     def spec_for(self, dev: Device, spec: remote.Spec) -> remote.Spec:
         return remote.Spec(spec.deployment, spec.name, spec.version, spec.model, spec.sha256, spec.python,
-                           int(self.ports.get(dev["id"], spec.port)))  # fmt: skip
+                           int(self.ports.get(dev["id"], spec.port)), spec.threads)  # fmt: skip
 
     def old_spec(self, dev_id: str) -> remote.Spec | None:
         """The version *dev_id* ran before the rollout: the one of the deployment's versions

@@ -72,8 +72,8 @@ def submit(ctx: Context, data: Mapping[str, Any]) -> tuple[Job, JSON]:
         "id": new_id("dep"), "model": name, "version": version, "variant": variant or None,
         "served_version": served_version(version, variant), "sha256": rec["sha256"], "runtime": runtime,
         "port": port, "ports": ports, "python": python, "cluster": cluster or None, "selector": selector,
-        "devices": devices, "state": DeploymentState.DEPLOYING, "job": None, "created_by": ctx.actor,
-        "created_at": now(), "level_jobs": after,
+        "devices": devices, "threads": int(data.get("threads") or 0), "state": DeploymentState.DEPLOYING,
+        "job": None, "created_by": ctx.actor, "created_at": now(), "level_jobs": after,
     }  # fmt: skip
     store.create_deployment(dep)
     params: JSON = {"deployment": dep["id"], **({"after": after} if after else {})}
@@ -176,7 +176,8 @@ def deploy(store: Store, settings: Settings, run: JobRun) -> JSON | Partial:
         else registry.get_version(store, dep["model"], dep["version"])
     )
     data = registry.storage(settings, rec).read_verified(rec["sha256"], registry.record_ref(rec), rec.get("storage"))
-    spec = remote.Spec(dep["id"], dep["model"], dep["served_version"], data, rec["sha256"], dep["python"], dep["port"])
+    spec = remote.Spec(dep["id"], dep["model"], dep["served_version"], data, rec["sha256"], dep["python"], dep["port"],
+                       int(dep.get("threads") or 0))  # fmt: skip
     devices = store.get_devices(run.job["targets"])
     names = {d["id"]: str(d.get("name") or d["id"]) for d in devices}
     run.event(f"deploying {dep['model']}:{dep['served_version']} to {len(devices)} device(s)", type=EventType.STEP)

@@ -183,7 +183,7 @@ async def _can_reload(conn: asyncssh.SSHClientConnection, target: ssh.Target, se
     from evc.deployments import ensure
 
     have = await ensure.probe(conn, target, settings, spec)
-    script = remote.supervise_script(spec.python, spec.port).encode()
+    script = remote.supervise_script(spec.python, spec.port, threads=spec.threads).encode()
     return bool(have["running"]) and (have["bundle"], have["supervise"]) == (
         hashlib.sha256(remote.bundle_bytes()).hexdigest(),
         hashlib.sha256(script).hexdigest(),
