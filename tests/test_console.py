@@ -7,15 +7,33 @@ headless Chromium against a real fleet.)"""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
+from evc.api.app import create_app
 from evc.api.ui.session import COOKIE
 
 from evc.model import Device
-from evc.store import new_id
+from evc.settings import Settings
+from evc.store import Store, new_id
+from tests.fixtures.services import API, raw_redis
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def api(settings: Settings, redis_url: str) -> Iterator[API]:
+    """The app on a private Redis database and prefix: what the console enqueues, no worker of
+    the session consumes (they serve another database), so jobs stay as the tests leave them."""
+    base = redis_url.rsplit("/", 1)[0]
+    s = settings.replace(redis_url=f"{base}/8", key_prefix=new_id("console"))
+    store = Store.from_settings(s)
+    with raw_redis(s) as r:
+        r.flushdb()
+    yield API(create_app(s), store, s)
+    with raw_redis(s) as r:
+        r.flushdb()
 
 
 def _csrf(html: str) -> str:
