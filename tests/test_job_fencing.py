@@ -261,3 +261,32 @@ def test_a_killed_provisioning_run_leaves_no_inventory_behind(killable, simulato
     finally:
         simulator.set_fault(dev.name, "ok")
         w.stop()
+
+
+def test_a_run_slower_than_its_lease_is_one_execution(killable, simulator, sim_devices) -> None:
+    """Issue 10.4, a slow network: every command on the device waits longer than a whole job
+    lease, with a second worker reaping all along. The lease is renewed by the worker, not by
+    the device's answers: one attempt, never presumed lost, one playbook run."""
+    s, store, _, tmp = killable
+    (dev,) = sim_devices(1, privilege="user")
+    dev_id = _online_record(store, dev)
+    simulator.set_fault(dev.name, "slow", slow_s=2.0)  # > job_lease_s (1.5 s)
+    ctx = Context(store, s, make_celery(s, include_tasks=False), Caller("test"))
+    workers = [Worker(s, tmp / f"slow{i}.log", concurrency=1) for i in (1, 2)]
+    try:
+        workers[0].start("slow1")
+        req = {"playbook": "facts", "targets": [dev_id]}
+        job, _ = submit_provision(ctx, ProvisionRequest.from_dict(req))
+        _until(lambda: store.job_state(job["id"]) == "running", 30)
+        workers[1].start("slow2")  # reaps when it starts, and again once a lease could expire
+        done = _until(lambda: (j := store.get_job(job["id"]))["state"] in ("succeeded", "failed") and j, 90)
+        took = done["finished_at"] - done["started_at"]
+        assert took > 2 * s.job_lease_s, took  # it did outlast its lease, more than once
+        assert (done["state"], done["attempt"], done["lost"]) == ("succeeded", 1, 0), done
+        events = store.events(job["id"], 0, 10_000)
+        assert [e.get("event") for e in events].count("playbook_on_start") == 1
+        assert not any("was lost" in (e.get("message") or "") for e in events)
+    finally:
+        simulator.set_fault(dev.name, "ok")
+        for w in workers:
+            w.stop()
