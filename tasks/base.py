@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +43,29 @@ def backoff(retries: int, base: float = 1.0, cap: float = 30.0) -> float:
     return float(min(cap, base * (2**retries)))
 
 
+def publish_policy(settings: Settings) -> dict[str, float]:
+    """How long a retry's publish keeps trying while the broker (Redis) is away: about a job
+    lease, after which the job is presumed lost and the reaper re-queues it anyway."""
+    return {"max_retries": int(settings.job_lease_s // 2) + 3, "interval_start": 0.2,
+            "interval_step": 0.5, "interval_max": 2.0}  # fmt: skip
+
+
+def record_retry(run: JobRun, delay: float, message: str, attempt: int, wait_s: float) -> None:
+    """Record on the job that it is retried; while Redis is away (the outage that may be the
+    very error retried), try again until it is back or *wait_s* has passed."""
+    deadline, pause = time.monotonic() + wait_s, 0.2
+    while True:
+        try:
+            run.requeue(delay, message, attempt=attempt)
+            return
+        except StoreUnavailable:
+            if time.monotonic() >= deadline:
+                log.warning("job %s: could not record the retry (Redis unavailable)", run.id)
+                return
+            time.sleep(pause)
+            pause = min(2.0, pause * 2)
+
+
 def run_job(task: Task, job_id: str, body: Callable[[JobRun], JSON | Partial | None]) -> str:
     """Run *body* as a new attempt of a job: skipped when the job is final or a live attempt
     runs it, holds a lease owned by the attempt (so a lost worker's job is re-queued), retries
@@ -51,7 +75,8 @@ def run_job(task: Task, job_id: str, body: Callable[[JobRun], JSON | Partial | N
     try:
         what, run = JobRun.begin(store, job_id, settings.job_lease_s, settings.job_max_attempts)
     except StoreUnavailable as exc:
-        raise task.retry(exc=exc, countdown=backoff(int(task.request.retries or 0))) from None
+        delay = backoff(int(task.request.retries or 0))
+        raise task.retry(exc=exc, countdown=delay, retry_policy=publish_policy(settings)) from None
     if run is None:
         if what == "busy" and int(task.request.retries or 0) < int(task.max_retries or 0):
             # a redelivery (e.g. its pool process was killed) while the attempt's lease still
@@ -88,12 +113,9 @@ def _run(task: Task, run: JobRun, job_id: str, body: Callable[[JobRun], JSON | P
     except TRANSIENT_ERRORS as exc:
         retries = int(task.request.retries or 0)
         if retries < min(task.max_retries or 0, settings_of(task).ssh_retries):
-            delay = backoff(retries)
-            try:
-                run.requeue(delay, f"{exc} — retrying in {delay:.0f}s", attempt=retries + 1)
-            except StoreUnavailable:
-                log.warning("job %s: could not record the retry (Redis unavailable)", job_id)
-            raise task.retry(exc=exc, countdown=delay) from None
+            delay, settings = backoff(retries), settings_of(task)
+            record_retry(run, delay, f"{exc} — retrying in {delay:.0f}s", retries + 1, settings.job_lease_s)
+            raise task.retry(exc=exc, countdown=delay, retry_policy=publish_policy(settings)) from None
         run.fail(exc)
         return "failed"
     except EVCError as exc:

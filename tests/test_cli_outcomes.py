@@ -61,3 +61,25 @@ def test_fl_install_exits_non_zero_with_each_devices_reason(
     (a,) = register_devices(api, sim_devices(1, privilege="user"))
     code, _, both = evc(live, api.admin, "fl", "install", "--device", a, "--python", "/nonexistent/python3")
     assert code == 1 and "cannot run the FL client" in both and "failed" in both, both
+
+
+def test_fl_partition_exits_non_zero_when_a_shard_is_not_pushed(
+    live: str,
+    api: Any,
+    worker: Any,
+    simulator: Any,
+    sim_devices: Any,
+) -> None:
+    devs = sim_devices(2, privilege="user")
+    a, b = register_devices(api, devs)
+    # no device can take its shard (the path cannot be written): the job fails, exit 1
+    code, _, both = evc(live, api.admin, "fl", "partition", "--device", a, "--path", "/proc/evc-nowhere/{dataset}.npz")
+    assert code == 1 and "failed" in both and "no shard could be pushed" in both, both
+    assert a in both or devs[0].name in both, both  # the table names the device and why
+    # one of two devices is down: the job is partial, still exit 1
+    simulator.set_fault(devs[1].name, "down")
+    code, stdout, both = evc(live, api.admin, "--json", "fl", "partition", "--device", a, "--device", b)
+    job = json.loads(stdout)
+    assert code == 1 and job["state"] == "partial", job
+    assert job["results"][a]["ok"] is True and job["results"][b]["ok"] is False, job["results"]
+    assert job["summary"]["pushed"] == 1, job  # (success, exit 0: tests/test_fl_out_of_the_box.py)

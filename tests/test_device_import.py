@@ -3,6 +3,9 @@ And retrying a failed registration without removing the device."""
 
 from __future__ import annotations
 
+import socket
+import threading
+
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -78,3 +81,70 @@ def test_import_refuses_unreadable_files_with_a_message(api) -> None:
     assert status == 422 and "header" in out["message"]
     status, out = api.call("POST", "/api/v1/devices/import", json={"content": "x"}, token="read")
     assert status == 403
+
+
+class _Relay:
+    """A TCP relay from a new port to a device's SSH port: the device now answers there."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_reimport_updates_changed_devices_in_place(api, worker, sim_devices) -> None:
+    """An applied re-import (not a dry run) changes the existing records: new labels, and a new
+    port (registered again there, the same host key pinned); the same ids, no duplicates."""
+    moved, stays = sim_devices(2, privilege="user")
+    first = _import(api, _ini([moved, stays]))
+    assert api.wait_job(first["job"]["id"], timeout=60)["state"] == "succeeded"
+    ids = {d["name"]: d["device_id"] for d in first["devices"]}
+    relay = _Relay(moved.port)
+    try:
+        inventory = _ini([moved, stays], group="cams").replace(
+            f"ansible_port={moved.port}", f"ansible_port={relay.port}"
+        )
+        out = _import(api, inventory)
+        assert {d["name"]: d["action"] for d in out["devices"]} == {moved.name: "update", stays.name: "update"}
+        assert out["tokens"] == {} and {d["device_id"] for d in out["devices"]} == set(ids.values())
+        job = api.wait_job(out["job"]["id"], timeout=60)  # only the moved device is registered again
+        assert job["state"] == "succeeded" and job["targets"] == [ids[moved.name]], job
+        _, m = api.call("GET", f"/api/v1/devices/{ids[moved.name]}")
+        assert m["port"] == relay.port and m["state"] == "online" and m["host_key"] == moved.host_key_public, m
+        assert m["labels"] == {"edge": "true", "cams": "true"}, m
+        _, s = api.call("GET", f"/api/v1/devices/{ids[stays.name]}")
+        assert s["port"] == stays.port and s["state"] == "online" and s["labels"] == {"edge": "true", "cams": "true"}
+        for dev in (moved, stays):
+            assert api.call("GET", f"/api/v1/devices?name={dev.name}")[1]["total"] == 1  # never duplicated
+        again = _import(api, inventory)  # applied once: the same file changes nothing now
+        assert again["job"] is None and [d["action"] for d in again["devices"]] == ["unchanged"] * 2
+    finally:
+        relay.close()

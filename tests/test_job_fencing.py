@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,9 +16,12 @@ import pytest
 from evc.workers.celery_app import make_celery
 
 from evc import jobs
+from evc.context import Caller, Context
 from evc.errors import StaleAttempt
 from evc.jobs import JobRun
 from evc.provisioning.inventory import job_inventory
+from evc.provisioning.service import ProvisionRequest, submit_provision
+from evc.store import new_id
 from tests.fixtures.helpers import wait_until
 from tests.fixtures.services import Worker, own_database, raw_redis
 
@@ -180,3 +184,109 @@ def test_worker_lost_repeatedly_fails_the_job(fence) -> None:
         assert any("worker lost 3 times" in e["message"] for e in store.events(job["id"]))
     finally:
         w.stop()
+
+
+# ---------------------------------------------------------------------- killed provisioning runs
+@pytest.fixture
+def killable(settings, evc_key_path, tmp_path):
+    """Settings on a database of its own: a short lease, and a job fails once its worker was
+    lost twice. The workers share this process's temp dir (job directories are named by job)."""
+    s, store = own_database(settings, 13, "killtmp", job_lease_s=1.5, job_max_attempts=2)
+    yield s, store, Path(tempfile.gettempdir()), tmp_path
+    with raw_redis(s) as r:
+        r.flushdb()
+
+
+def _online_record(store, dev) -> str:
+    rec = {
+        "id": new_id("dev"), "name": dev.name, "host": dev.host, "port": dev.port, "username": dev.username,
+        "host_key": dev.host_key_public, "state": "online", "privilege": "user", "level": 0, "labels": {},
+        "jump_host": None, "cluster_id": None, "facts": {}, "created_at": time.time(),
+    }  # fmt: skip
+    return str(store.create_device(rec, token_hash="h-" + rec["id"])["id"])
+
+
+def _processes_naming(text: str) -> list[str]:
+    out = []
+    for p in Path("/proc").iterdir():
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if p.name.isdigit() and text in cmd:
+            out.append(f"{p.name}: {cmd}")
+    return out
+
+
+def _kill_mid_run(store, w: Worker, tmpdir: Path, job_id: str, attempt: int) -> None:
+    """Once attempt *attempt* runs with its inventory on disk, SIGKILL the worker's pool process."""
+    _until(lambda: store.get_job(job_id)["attempt"] == attempt and list(tmpdir.glob(f"evc-{job_id}*")), 60)
+    assert w.proc is not None
+    for child in _children(w.proc.pid):
+        os.kill(child, signal.SIGKILL)
+
+
+def test_a_killed_provisioning_run_leaves_no_inventory_behind(killable, simulator, sim_devices) -> None:
+    """Issue 10.4, end to end: a real provisioning run whose worker process is SIGKILLed mid-run
+    leaves its private inventory in $TMPDIR; the next attempt removes it (and succeeds), and
+    a job that fails for good ("worker lost N times") removes it too."""
+    s, store, tmpdir, tmp = killable
+    (dev,) = sim_devices(1, privilege="user")
+    dev_id = _online_record(store, dev)
+    simulator.set_fault(dev.name, "slow", slow_s=1.0)  # every command waits 1 s: a run to kill
+    ctx = Context(store, s, make_celery(s, include_tasks=False), Caller("test"))
+    w = Worker(s, tmp / "killtmp.log", concurrency=1).start("killtmp")
+    try:
+        req = {"playbook": "devenv", "targets": [dev_id], "extra_vars": {"workspace": "evc/killed", "packages": []}}
+        job, _ = submit_provision(ctx, ProvisionRequest.from_dict(req))
+        _kill_mid_run(store, w, tmpdir, job["id"], 1)
+        simulator.set_fault(dev.name, "ok")  # attempt 2 may run at full speed
+        done = _until(lambda: (j := store.get_job(job["id"]))["state"] in ("succeeded", "failed") and j, 90)
+        assert (done["state"], done["attempt"], done["lost"]) == ("succeeded", 2, 1), (
+            store.results(job["id"]),
+            [e.get("message") for e in store.events(job["id"])],
+        )
+        assert list(tmpdir.glob(f"evc-{job['id']}*")) == []  # attempt 2's own went at its end too
+        _until(lambda: not _processes_naming(f"evc-{job['id']}"), 10)  # no ssh master or playbook left
+
+        # killed as often as the settings allow: the job fails, and its inventory goes with it
+        simulator.set_fault(dev.name, "slow", slow_s=1.0)
+        job, _ = submit_provision(ctx, ProvisionRequest.from_dict(req))
+        for attempt in (1, 2):
+            _kill_mid_run(store, w, tmpdir, job["id"], attempt)
+        done = _until(lambda: (j := store.get_job(job["id"]))["state"] in ("succeeded", "failed") and j, 60)
+        assert done["state"] == "failed" and done["error"]["code"] == "worker_lost", done
+        _until(lambda: list(tmpdir.glob(f"evc-{job['id']}*")) == [], 10)
+        _until(lambda: not _processes_naming(f"evc-{job['id']}"), 10)  # its ssh masters are gone too
+    finally:
+        simulator.set_fault(dev.name, "ok")
+        w.stop()
+
+
+def test_a_run_slower_than_its_lease_is_one_execution(killable, simulator, sim_devices) -> None:
+    """Issue 10.4, a slow network: every command on the device waits longer than a whole job
+    lease, with a second worker reaping all along. The lease is renewed by the worker, not by
+    the device's answers: one attempt, never presumed lost, one playbook run."""
+    s, store, _, tmp = killable
+    (dev,) = sim_devices(1, privilege="user")
+    dev_id = _online_record(store, dev)
+    simulator.set_fault(dev.name, "slow", slow_s=2.0)  # > job_lease_s (1.5 s)
+    ctx = Context(store, s, make_celery(s, include_tasks=False), Caller("test"))
+    workers = [Worker(s, tmp / f"slow{i}.log", concurrency=1) for i in (1, 2)]
+    try:
+        workers[0].start("slow1")
+        req = {"playbook": "facts", "targets": [dev_id]}
+        job, _ = submit_provision(ctx, ProvisionRequest.from_dict(req))
+        _until(lambda: store.job_state(job["id"]) == "running", 30)
+        workers[1].start("slow2")  # reaps when it starts, and again once a lease could expire
+        done = _until(lambda: (j := store.get_job(job["id"]))["state"] in ("succeeded", "failed") and j, 90)
+        took = done["finished_at"] - done["started_at"]
+        assert took > 2 * s.job_lease_s, took  # it did outlast its lease, more than once
+        assert (done["state"], done["attempt"], done["lost"]) == ("succeeded", 1, 0), done
+        events = store.events(job["id"], 0, 10_000)
+        assert [e.get("event") for e in events].count("playbook_on_start") == 1
+        assert not any("was lost" in (e.get("message") or "") for e in events)
+    finally:
+        simulator.set_fault(dev.name, "ok")
+        for w in workers:
+            w.stop()

@@ -112,3 +112,45 @@ def test_event_cursor_out_of_range_is_4xx(api, flush, query) -> None:
     status, err = api.call("GET", f"/api/v1/jobs/{body['id']}/events?{query}", token="read")
     assert status == 422, (status, err)
     assert err["message"].startswith("invalid input")
+
+
+def test_a_task_is_retried_across_a_short_redis_outage(settings, tmp_path) -> None:
+    """Issue 10.10: a running job's Redis goes away for a moment (its server stopped, then started
+    again on the same port and data): the task's store error is transient, the task is retried
+    and the job completes, its one effect counted once."""
+    srv = RedisServer(tmp_path / "r").start()
+    s = settings.replace(redis_url=srv.url, key_prefix="blip", job_lease_s=30.0)
+    store = Store.from_settings(s)
+    w = Worker(s, tmp_path / "blip.log", concurrency=1).start("blip")
+    try:
+        job, _ = jobs.submit(store, make_celery(s, include_tasks=False), "noop", params={"sleep_s": 3},
+                             created_by="test")  # fmt: skip
+        deadline = time.monotonic() + 30
+        while store.job_state(job["id"]) != "running":
+            assert time.monotonic() < deadline, store.get_job(job["id"])
+            time.sleep(0.05)
+        srv.stop()  # mid-run: the body's next check point cannot reach Redis
+        time.sleep(1.0)
+        srv = RedisServer(tmp_path / "r", port=srv.port).start()
+        deadline = time.monotonic() + 60
+        while (state := _state_or_none(store, job["id"])) not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline, (state, (tmp_path / "blip.log").read_text()[-3000:])
+            time.sleep(0.2)
+        done = store.get_job(job["id"])
+        log = (tmp_path / "blip.log").read_text()
+        assert done["state"] == "succeeded", (done, log[-3000:])
+        messages = [e.get("message") or "" for e in store.events(job["id"])]
+        # retried (Celery's retry, and the job's own retry event), not presumed lost
+        assert "Retry in" in log and any("retrying in" in m for m in messages), (messages, log[-3000:])
+        assert done["lost"] == 0, done
+        assert int(raw_redis(s).get(store.k("noop-effects")) or 0) == 1
+    finally:
+        w.stop()
+        srv.stop()
+
+
+def _state_or_none(store: Store, job_id: str) -> str | None:
+    try:
+        return store.job_state(job_id)
+    except StoreUnavailable:
+        return None

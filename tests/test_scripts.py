@@ -10,15 +10,53 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 SHIMS = ("systemctl", "service", "pkill", "killall", "kill", "apt-get", "sudo", "invoke-rc.d")
+# what stops, disables or kills a host's service, or kills processes by name; and the host's own Redis
+HOST_SERVICE_CALL = re.compile(
+    r"\b(?:systemctl|pkill|killall|invoke-rc\.d|pidof|pgrep)\b"
+    r"|\bservice\s+\S+\s+(?:stop|restart|disable)\b"
+    r"|\b(?:localhost|127\.0\.0\.1):6379\b"
+)
+GUARD = Path(__file__).resolve()  # this file names the calls it looks for
+
+
+def host_service_calls(paths: list[Path]) -> list[str]:
+    """`path:line: text` for each line of the text files at (or under) *paths* that would touch
+    the host's services."""
+    found = []
+    for top in paths:
+        for path in sorted(top.rglob("*")) if top.is_dir() else [top]:
+            if path.resolve() == GUARD or not path.is_file() or "__pycache__" in path.parts:
+                continue
+            try:
+                text = path.read_text()
+            except UnicodeDecodeError:
+                continue  # data files
+            for n, line in enumerate(text.splitlines(), 1):
+                if HOST_SERVICE_CALL.search(line):
+                    name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+                    found.append(f"{name}:{n}: {line.strip()}")
+    return found
+
+
+def test_tests_and_ci_leave_the_hosts_services_alone(tmp_path: Path) -> None:
+    """Tests and CI start their own Redis, sshd and stack on their own ports: nothing under
+    tests/, .ci/ or scripts/ stops, disables or kills a service, kills by name, or talks to
+    the host's Redis on 6379. The guard itself is the one file allowed to name these calls."""
+    assert (ROOT / ".ci").is_dir() and (ROOT / "tests").is_dir()
+    assert host_service_calls([ROOT / "tests", ROOT / ".ci", ROOT / "scripts", ROOT / "Makefile"]) == []
+    planted = tmp_path / "planted.sh"  # the scan finds what it is meant to find
+    bad = ["systemctl stop redis-server", "pkill -f redis", "killall sshd", "service redis-server stop",
+           "kill $(pidof redis-server)", "redis-cli -h 127.0.0.1:6379 shutdown", "systemctl disable ssh"]  # fmt: skip
+    good = ["kill -TERM $pid", "os.kill(proc.pid, signal.SIGTERM)", "redis://:pw@redis:6379/0", "servicemonitor"]
+    planted.write_text("\n".join(bad + good) + "\n")
+    hits = [h.split(": ", 1)[1] for h in host_service_calls([planted])]
+    assert hits == bad, hits
 
 
 def test_bootstrap_leaves_the_hosts_services_alone(tmp_path: Path) -> None:
     """Run scripts/bootstrap with every package missing, through shims that record what it
     calls: it may install packages, never stop, disable or kill anything."""
-    for script in [*sorted((ROOT / "scripts").iterdir()), ROOT / "Makefile"]:
-        text = script.read_text()
-        found = re.findall(r"\b(?:systemctl|pkill|killall)\b|\bservice\s+\S+\s+(?:stop|restart)", text)
-        assert not found, f"{script.name} calls {found}"
+    assert host_service_calls([*sorted((ROOT / "scripts").iterdir()), ROOT / "Makefile"]) == []
     shims = tmp_path / "bin"
     shims.mkdir()
     calls = tmp_path / "calls"
