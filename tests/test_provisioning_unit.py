@@ -186,3 +186,23 @@ def test_validation_of_a_retry_skips_its_sealed_secrets() -> None:
     assert service._validate(spec, {"password": "x"}, [])["password"] == "x"
     kept = service._validate(spec, {"password": MASK}, ["password"])
     assert "password" not in kept and kept["size"] == 1
+
+
+def test_a_long_temp_dir_does_not_break_ssh_control_sockets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a $TMPDIR too long for ssh's ControlPath sockets, a job's directory goes to /tmp."""
+    import tempfile
+
+    from evc.provisioning.inventory import control_path_fits, job_inventory
+
+    key = tmp_path / "key"
+    key.write_text("k")
+    long_tmp = tmp_path / ("t" * 60)
+    long_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long_tmp))
+    with job_inventory([], key, "job_0123456789abcdef") as inv:
+        assert control_path_fits(inv.root) and not str(inv.root).startswith(str(long_tmp))
+        root = inv.root
+    assert not root.exists()
+    monkeypatch.setattr(tempfile, "tempdir", "/tmp")
+    with job_inventory([], key, "job_0123456789abcdef") as inv:
+        assert str(inv.root).startswith("/tmp/") and control_path_fits(inv.root)

@@ -351,6 +351,19 @@ def remove_job_dirs(job_id: str, base_dir: Path | None = None) -> int:
     return removed
 
 
+#: a Unix socket's path is at most 107 bytes on Linux (104 on the BSDs); ssh's ControlPath is
+#: ``<root>/cp/<40 hex of %C>`` plus the 17-character temporary suffix ssh adds while it binds
+_SOCKET_PATH_MAX = 104
+_CONTROL_NAME = len("/cp/") + 40 + 17
+#: where job directories go when the temp dir's path is too long for the control sockets
+SHORT_TMP = "/tmp"  # noqa: S108 - only its length matters; mkdtemp makes a private dir in it
+
+
+def control_path_fits(root: Path) -> bool:
+    """Whether ssh's control sockets fit under *root* (a job directory)."""
+    return len(os.fsencode(str(root))) + _CONTROL_NAME <= _SOCKET_PATH_MAX
+
+
 @contextmanager
 def job_inventory(
     devices: Iterable[Mapping[str, Any]],
@@ -367,6 +380,9 @@ def job_inventory(
     if not key_path.is_file():
         raise ConfigError(f"EVC's SSH key {key_path} is missing (start EVC once to create it)")
     root = Path(tempfile.mkdtemp(prefix=_dir_prefix(ident) + "-", dir=base_dir))
+    if base_dir is None and not control_path_fits(root) and os.access(SHORT_TMP, os.W_OK):
+        root.rmdir()  # a long $TMPDIR: ssh could not make its control sockets there
+        root = Path(tempfile.mkdtemp(prefix=_dir_prefix(ident) + "-", dir=SHORT_TMP))
     os.chmod(root, 0o700)
     inv: Inventory | None = None
     try:
