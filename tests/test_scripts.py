@@ -15,7 +15,7 @@ SHIMS = ("systemctl", "service", "pkill", "killall", "kill", "apt-get", "sudo", 
 def test_bootstrap_leaves_the_hosts_services_alone(tmp_path: Path) -> None:
     """Run scripts/bootstrap with every package missing, through shims that record what it
     calls: it may install packages, never stop, disable or kill anything."""
-    for script in [*sorted((ROOT / "scripts").iterdir()), ROOT / "Makefile"]:
+    for script in [*sorted(p for p in (ROOT / "scripts").rglob("*") if p.is_file()), ROOT / "Makefile"]:
         text = script.read_text()
         found = re.findall(r"\b(?:systemctl|pkill|killall)\b|\bservice\s+\S+\s+(?:stop|restart)", text)
         assert not found, f"{script.name} calls {found}"
