@@ -26,7 +26,16 @@ class DeploymentCreateSchema(StrictSchema):
     variant = fields.String(load_default=None, validate=validate.Length(min=1, max=32))
     cluster = fields.String(load_default=None, metadata={"description": "every member of this cluster"})
     devices = fields.List(fields.String(), load_default=None, validate=validate.Length(min=1, max=10_000))
-    runtime = fields.String(load_default="process", metadata={"description": "process (container: later)"})
+    runtime = fields.String(
+        load_default="process",
+        validate=validate.OneOf(service.RUNTIMES),
+        metadata={"description": "process (a supervised user-space server) or container (podman or docker)"},
+    )
+    image = fields.String(
+        load_default=None,
+        validate=validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$"),
+        metadata={"description": "runtime container: the edge server's image (default: the edge_image setting)"},
+    )
     port = fields.Integer(load_default=service.DEFAULT_PORT, validate=validate.Range(min=1, max=65535))
     ports = fields.Dict(
         keys=fields.String(),
@@ -69,6 +78,10 @@ class DeploymentTargetSchema(Schema):
     version = fields.String()
     sha256 = fields.String()
     endpoint = fields.String(metadata={"description": "host:port of the device's edge server"})
+    runtime = fields.String(metadata={"description": "runtime container: podman or docker"})
+    container = fields.String(metadata={"description": "runtime container: the container's name"})
+    image_id = fields.String(metadata={"description": "runtime container: the id of the image it runs"})
+    delivery = fields.String(metadata={"description": "runtime container: how the image came (present, pull, ship)"})
     updated_at = fields.Float()
 
 
@@ -83,6 +96,8 @@ class DeploymentSchema(Schema):
     port = fields.Integer()
     ports = fields.Dict(keys=fields.String(), values=fields.Integer())
     python = fields.String()
+    image = fields.String(allow_none=True, metadata={"description": "runtime container: the edge image"})
+    image_id = fields.String(allow_none=True)
     cluster = fields.String(allow_none=True)
     devices = fields.List(fields.String())
     state = fields.String(metadata={"description": "deploying, running, partial, failed or removing"})

@@ -94,6 +94,10 @@ class Settings:
     # reference, besides model_registry_url's
     model_registry_pull_hosts: str = ""
     model_registry_timeout_s: float = 30.0
+    # deployments with runtime "container": the edge server's image (scripts/build-edge-images),
+    # e.g. 10.0.0.5:5000/evc-edge-infer:0.1.0@sha256:...; empty: localhost/evc-edge-infer:<version>
+    edge_image: str = ""
+    edge_image_tls_verify: bool = True  # False: pull it over plain HTTP (podman --tls-verify=false)
 
     @property
     def api_url(self) -> str:

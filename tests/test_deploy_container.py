@@ -1,0 +1,287 @@
+"""Deployments with runtime ``container``, for real: the edge server's image built from
+deploy/edge/Dockerfile (scripts/build-edge-images: offline, cached by the hash of its inputs),
+pushed to a real registry (Debian's ``docker-registry`` on loopback), run by real podman on
+simulated devices over SSH, called with tritonclient, rolled to v2 and back, removed.
+
+The devices are simulated ``user`` devices: their commands run as the unprivileged account
+``evcsim-user`` with the device's home as HOME, so podman runs rootless, each device with its
+own image store and run directories under its home (``~/.config/containers``, as the
+container-runtime playbook writes it for an account without root). A simulated ``root`` device
+is no use here: its uid 0 lives in a user namespace of 65536 ids whose mounts podman would have
+to make as a "rootful" podman inside it, which is not what a device does. The account has no
+subordinate ids, so podman maps the one uid (``ignore_chown_errors``), as on a device whose
+administrator gave none.
+
+One device may pull from the registry; the other has it blocked (registries.conf), as a device
+on another network, so the image is shipped to it over SSH (``podman save`` -> the resumable
+ship code -> ``podman load``). Skipped, with the reason, without podman, runc or docker-registry.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import pytest
+
+from evc.deployments import container
+from evc.embedded import free_port
+from evc.model import Device
+from evc.settings import Settings
+from evc_sim import SimDevice, SimulatorThread
+from tests.fixtures.deploy import device_records
+from tests.fixtures.helpers import wait_until
+from tests.fixtures.onnx_models import digits_model, fit_softmax, softmax_model
+from tests.test_models_oci import RegistryProcess, start_registry
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCOUNT = "evcsim-user"
+
+
+def _need(tool: str, package: str) -> None:
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} is not installed: runtime container tests need it (apt-get install {package}; "
+                    "scripts/bootstrap test installs it when it may)")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
+    for tool, package in (("podman", "podman"), ("runc", "runc"), ("mmdebstrap", "mmdebstrap")):
+        _need(tool, package)
+    with start_registry(tmp_path_factory.mktemp("image-registry")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def image_ref(registry: RegistryProcess) -> str:
+    """The edge image, built once per machine (cached by scripts/build-edge-images: its inputs'
+    hash), pushed to the test registry: ``127.0.0.1:<port>/evc-edge-infer:<version>@sha256:...``."""
+    env = dict(os.environ)
+    if not env.get("CONTAINERS_CONF"):
+        env.pop("CONTAINERS_CONF", None)  # the script writes build/podman/containers.conf
+    started = time.monotonic()
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "build-edge-images"), "--only", "evc-edge-infer", "--push", registry.host,
+         "--insecure"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(f"\nscripts/build-edge-images --push: {time.monotonic() - started:.1f} s")
+    line = proc.stdout.strip().splitlines()[-1].split()
+    assert line[0] == "evc-edge-infer" and "@sha256:" in line[2], proc.stdout
+    return line[2]
+
+
+def _podman_home(home: Path, uid: int, gid: int, blocked: str | None = None) -> None:
+    """Rootless podman for the device's account, in its home (what the container-runtime
+    playbook writes for an account without root), its registry *blocked* when given."""
+    conf = home / ".config" / "containers"
+    conf.mkdir(parents=True, exist_ok=True)
+    (conf / "containers.conf").write_text(
+        f'[containers]\ndefault_ulimits = []\n[engine]\nruntime = "runc"\ntmp_dir = "{home}/.local/run/libpod"\n'
+    )
+    (conf / "storage.conf").write_text(
+        f'[storage]\ndriver = "overlay"\ngraphroot = "{home}/.local/share/containers/storage"\n'
+        f'runroot = "{home}/.local/run/containers"\n[storage.options.overlay]\nignore_chown_errors = "true"\n'
+    )
+    if blocked:
+        (conf / "registries.conf").write_text(f'[[registry]]\nlocation = "{blocked}"\nblocked = true\n')
+    for path in [home / ".config", *(home / ".config").rglob("*")]:
+        os.chown(path, uid, gid)
+
+
+def _as_device(dev: SimDevice, cmd: str) -> subprocess.CompletedProcess[str]:
+    """*cmd* as the device's account with its home (to look at, and clean, its containers)."""
+    return subprocess.run(
+        ["runuser", "-u", ACCOUNT, "--", "env", f"HOME={dev.home}", "PATH=/usr/bin:/bin", "sh", "-c", cmd],
+        capture_output=True, text=True, timeout=120, check=False, cwd="/",
+    )  # fmt: skip
+
+
+def _clean(dev: SimDevice) -> None:
+    _as_device(dev, "podman rm -af -t 1 >/dev/null 2>&1")
+    pause = dev.home / ".local" / "run" / "libpod" / "pause.pid"
+    if pause.is_file():
+        try:
+            os.kill(int(pause.read_text().strip()), signal.SIGKILL)
+        except (ValueError, ProcessLookupError):
+            pass
+    _as_device(dev, "podman unshare rm -rf ~/.local/share/containers >/dev/null 2>&1")
+
+
+@pytest.fixture(scope="module")
+def pair(simulator: SimulatorThread, registry: RegistryProcess) -> Iterator[list[SimDevice]]:
+    """Two user devices with rootless podman; the second cannot reach the registry."""
+    devices = simulator.start(2, f"ct{os.getpid() % 10000}", privileges="user")
+    pw = pwd.getpwnam(ACCOUNT)
+    _podman_home(devices[0].home, pw.pw_uid, pw.pw_gid)
+    _podman_home(devices[1].home, pw.pw_uid, pw.pw_gid, blocked=registry.host)
+    try:
+        yield devices
+    finally:
+        for d in devices:
+            _clean(d)
+            simulator.remove(d.name)
+
+
+@pytest.fixture(scope="module")
+def capi(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """An API and a worker of their own (Redis database 13), the registry reached over plain
+    HTTP (``edge_image_tls_verify`` false: the test registry has no TLS)."""
+    from evc.api.app import create_app
+
+    from tests.fixtures.services import API, Worker, own_database
+
+    s, st = own_database(settings, 13, "ctr", edge_image_tls_verify=False)
+    w = Worker(s, tmp_path_factory.mktemp("ctr-worker") / "worker.log", concurrency=2).start()
+    try:
+        yield API(create_app(s), st, s)
+    finally:
+        w.stop()
+
+
+@pytest.fixture()
+def records(capi: Any, pair: list[SimDevice]) -> Iterator[list[Device]]:
+    with device_records(capi.store, pair, privilege="user") as out:
+        yield out
+
+
+def _push(api: Any, name: str, version: str, data: bytes) -> None:
+    form = {"metadata": json.dumps({"name": name, "version": version}), "file": (io.BytesIO(data), "model.onnx")}
+    status, body = api.call("POST", "/api/v1/models", data=form, content_type="multipart/form-data")
+    assert status == 201, body
+
+
+def _infer(endpoint: str, name: str, version: str, x: np.ndarray) -> np.ndarray:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(endpoint)
+    assert client.is_server_ready()
+    inp = httpclient.InferInput("X", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return cast(np.ndarray, client.infer(name, [inp], model_version=version).as_numpy("probs"))
+
+
+def _check_serving(api: Any, dep_id: str, name: str, version: str, data: bytes) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    status, dep = api.call("GET", f"/api/v1/deployments/{dep_id}")
+    assert status == 200 and dep["state"] == "running", dep
+    x = np.random.default_rng(0).random((4, 64), dtype=np.float32)
+    want = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"X": x})[0]
+    for t in dep["targets"]:
+        assert t["state"] == "running" and t["version"] == version, t
+        np.testing.assert_allclose(_infer(t["endpoint"], name, version, x), want, rtol=1e-5, atol=1e-6)
+    return cast(dict[str, Any], dep)
+
+
+def test_container_deploy_pull_or_ship_rollout_rollback_remove(
+    capi: Any, image_ref: str, pair: list[SimDevice], records: list[Device]
+) -> None:
+    api = capi
+    v1, d = digits_model()
+    w, b = fit_softmax(d)
+    v2 = softmax_model(w * 1.01, b)
+    name = f"digits-ctr-{time.time_ns() % 10**9}"
+    _push(api, name, "1", v1)
+    _push(api, name, "2", v2)
+    ports = [free_port(), free_port()]
+    body = {
+        "model": name, "version": "1", "devices": [r["id"] for r in records], "runtime": "container",
+        "image": image_ref, "python": "python3", "ports": {r["id"]: p for r, p in zip(records, ports, strict=True)},
+    }  # fmt: skip
+    started = time.monotonic()
+    status, job = api.call("POST", "/api/v1/deployments", json=body)
+    assert status == 202, job
+    dep_id = str(job["params"]["deployment"])
+    job = api.wait_job(job["id"], timeout=240)
+    print(f"\ncontainer deploy to 2 devices: {time.monotonic() - started:.1f} s")
+    assert job["state"] == "succeeded", job
+    dep = _check_serving(api, dep_id, name, "1", v1)
+    first, second = dep["targets"]
+    assert dep["runtime"] == "container" and dep["image"] == image_ref and dep["image_id"]
+    assert first["delivery"] == "pull" and second["delivery"] == "ship", dep["targets"]
+    assert {t["runtime"] for t in dep["targets"]} == {"podman"}
+    assert {t["container"] for t in dep["targets"]} == {container.container_name(dep_id)}
+    for r in job["results"].values():
+        print(f"  {r['delivery']}: image in {r['image_s']} s")
+    running = _as_device(pair[0], "podman ps --format '{{.Names}} {{.Status}}'").stdout
+    assert container.container_name(dep_id) in running
+
+    # roll out v2 on both at once, then back to v1: the containers are replaced, the image stays
+    started = time.monotonic()
+    job = api.call("PATCH", f"/api/v1/deployments/{dep_id}", json={"version": "2", "max_unavailable": 2})[1]
+    job = api.wait_job(job["id"], timeout=120)
+    print(f"rollout to v2 on 2 devices: {time.monotonic() - started:.1f} s")
+    assert job["state"] == "succeeded", job
+    dep = _check_serving(api, dep_id, name, "2", v2)
+    assert {t["delivery"] for t in dep["targets"]} == {"present"}
+    job = api.call("POST", f"/api/v1/deployments/{dep_id}/rollback", json={})[1]
+    assert api.wait_job(job["id"], timeout=120)["state"] == "succeeded"
+    _check_serving(api, dep_id, name, "1", v1)
+
+    # removal removes the containers and the folders
+    job = api.wait_job(api.call("DELETE", f"/api/v1/deployments/{dep_id}")[1]["id"], timeout=60)
+    assert job["state"] == "succeeded", job
+    for dev in pair:
+        out = _as_device(dev, "podman ps -a --format '{{.Names}}'")
+        assert out.returncode == 0 and container.container_name(dep_id) not in out.stdout, out
+        assert not (dev.home / ".evc" / "deploy" / dep_id).exists()
+    for p in ports:
+        wait_until(functools.partial(_closed, p), 10, f"port {p} to close")
+
+
+def _closed(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_a_device_without_a_usable_runtime_fails_with_the_reason(
+    capi: Any, image_ref: str, simulator: SimulatorThread
+) -> None:
+    (dev,) = simulator.start(1, f"cn{os.getpid() % 10000}", privileges="user")
+    try:
+        conf = dev.home / ".config" / "containers"
+        conf.mkdir(parents=True)
+        (conf / "storage.conf").write_text('[storage]\ndriver = "no-such-driver"\n')
+        os.chown(conf.parent, *pwd.getpwnam(ACCOUNT)[2:4])
+        os.chown(conf, *pwd.getpwnam(ACCOUNT)[2:4])
+        with device_records(capi.store, [dev], privilege="user") as (rec,):
+            _push(capi, name := f"digits-noctr-{time.time_ns() % 10**9}", "1", digits_model()[0])
+            body = {"model": name, "version": "1", "devices": [rec["id"]], "runtime": "container", "image": image_ref}
+            job = capi.wait_job(capi.call("POST", "/api/v1/deployments", json=body)[1]["id"], timeout=60)
+            assert job["state"] == "failed", job
+            msg = job["results"][rec["id"]]["error"]["message"]
+            assert f"no container runtime (podman or docker) usable by the account on {dev.name}" in msg, msg
+            assert "podman is installed but does not answer" in msg and "container-runtime playbook" in msg, msg
+    finally:
+        simulator.remove(dev.name)
+
+
+def test_run_command_quotes_and_pins_the_image_id() -> None:
+    from evc.deployments import remote
+
+    spec = remote.Spec("dep_1", "m", "1", b"", "ab" * 32, "python3", 8600)
+    image = container.Image("r:5000/evc-edge-infer:0.1.0@sha256:" + "cd" * 32, "ef" * 32, False, Path("/x"))
+    cmd = container.run_command("podman", spec, image)
+    assert cmd.startswith("podman rm -f evc-infer-dep_1 >/dev/null 2>&1; podman run --detach --name evc-infer-dep_1")
+    assert '--volume "$HOME"/.evc/deploy/dep_1/models:/models:ro sha256:' + "ef" * 32 in cmd
+    assert "--network host" in cmd and "--restart unless-stopped" in cmd and cmd.endswith("--port 8600")
+    assert container.pullable("127.0.0.1:5000/x:1") and container.pullable("registry.example.org/evc/x@sha256:1")
+    assert not container.pullable("localhost/evc-edge-infer:0.1.0") and not container.pullable("evc:1")
