@@ -27,7 +27,9 @@ import pwd
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -39,6 +41,7 @@ from evc.deployments import container
 from evc.embedded import free_port
 from evc.model import Device
 from evc.settings import Settings
+from evc.store import Store
 from evc_sim import SimDevice, SimulatorThread
 from tests.fixtures.deploy import device_records
 from tests.fixtures.helpers import wait_until
@@ -103,23 +106,23 @@ def _podman_home(home: Path, uid: int, gid: int, blocked: str | None = None) -> 
         os.chown(path, uid, gid)
 
 
-def _as_device(dev: SimDevice, cmd: str) -> subprocess.CompletedProcess[str]:
+def _as_device(dev: SimDevice, cmd: str, account: str = ACCOUNT) -> subprocess.CompletedProcess[str]:
     """*cmd* as the device's account with its home (to look at, and clean, its containers)."""
     return subprocess.run(
-        ["runuser", "-u", ACCOUNT, "--", "env", f"HOME={dev.home}", "PATH=/usr/bin:/bin", "sh", "-c", cmd],
+        ["runuser", "-u", account, "--", "env", f"HOME={dev.home}", "PATH=/usr/bin:/bin", "sh", "-c", cmd],
         capture_output=True, text=True, timeout=120, check=False, cwd="/",
     )  # fmt: skip
 
 
-def _clean(dev: SimDevice) -> None:
-    _as_device(dev, "podman rm -af -t 1 >/dev/null 2>&1")
+def _clean(dev: SimDevice, account: str = ACCOUNT) -> None:
+    _as_device(dev, "podman rm -af -t 1 >/dev/null 2>&1", account)
     pause = dev.home / ".local" / "run" / "libpod" / "pause.pid"
     if pause.is_file():
         try:
             os.kill(int(pause.read_text().strip()), signal.SIGKILL)
         except (ValueError, ProcessLookupError):
             pass
-    _as_device(dev, "podman unshare rm -rf ~/.local/share/containers >/dev/null 2>&1")
+    _as_device(dev, "podman unshare rm -rf ~/.local/share/containers >/dev/null 2>&1", account)
 
 
 @pytest.fixture(scope="module")
@@ -285,3 +288,52 @@ def test_run_command_quotes_and_pins_the_image_id() -> None:
     assert "--network host" in cmd and "--restart unless-stopped" in cmd and cmd.endswith("--port 8600")
     assert container.pullable("127.0.0.1:5000/x:1") and container.pullable("registry.example.org/evc/x@sha256:1")
     assert not container.pullable("localhost/evc-edge-infer:0.1.0") and not container.pullable("evc:1")
+
+
+def test_container_profile_playbooks_podman_and_the_exporter_image(
+    store: Store, settings: Settings, registry: RegistryProcess, sim_devices: Any, request: pytest.FixtureRequest
+) -> None:
+    """The container profile's playbooks on a sudo device: container-runtime (runtime podman)
+    writes EVC's containers.conf.d (staged under evc_sysroot, as simulated devices share one
+    filesystem) and checks that podman answers for the account, idempotently; the exporter
+    (mode container) runs the evc-edge-exporter image built here, delivered as an archive,
+    and answers with metrics; state absent removes its container."""
+    from tests.test_provision_integration import provision_now, register, stage_root
+
+    build = subprocess.run([str(ROOT / "scripts" / "build-edge-images"), "--only", "evc-edge-exporter"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=900, check=False)  # fmt: skip
+    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
+    (sim,) = sim_devices(1, privilege="sudo")
+    pw = pwd.getpwnam(sim.username)
+    _podman_home(sim.home, pw.pw_uid, pw.pw_gid)
+    request.addfinalizer(lambda: _clean(sim, sim.username))
+    dev = register(store, sim)
+    sysroot = Path(tempfile.mkdtemp(prefix="evc-sysroot-"))
+    sysroot.chmod(0o755)
+    request.addfinalizer(lambda: shutil.rmtree(sysroot, ignore_errors=True))
+    stage = stage_root(sysroot, dev, sim)
+    internal = {"evc_sysroot": str(sysroot)}
+    for attempt in (1, 2):
+        job, results = provision_now(store, settings, "container-runtime", [dev["id"]],
+                                     extra_vars={"runtime": "podman"}, internal_vars=internal)  # fmt: skip
+        assert job["state"] == "succeeded", {d: r.get("message") for d, r in results.items()}
+        assert (results[dev["id"]]["changed"] > 0) == (attempt == 1), results
+    conf = (stage / "etc/containers/containers.conf.d/50-evc.conf").read_text()
+    assert 'runtime = "runc"' in conf and "default_ulimits = []" in conf
+
+    artifacts = settings.data_dir / "artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    archive = artifacts / "evc-edge-exporter.tar"
+    if not archive.exists():
+        subprocess.run(["podman", "save", "-q", "-o", str(archive), "localhost/evc-edge-exporter:0.1.0"], check=True)
+    port = free_port()
+    ex = {"mode": "container", "runtime": "podman", "image_archive": archive.name, "exporter_port": port,
+          "listen": "127.0.0.1"}  # fmt: skip
+    job, results = provision_now(store, settings, "exporter", [dev["id"]], extra_vars=ex)
+    assert job["state"] == "succeeded", results
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        assert b"evc_" in resp.read()
+    assert "evc-edge-exporter" in _as_device(sim, "podman ps --format '{{.Names}}'", sim.username).stdout
+    job, results = provision_now(store, settings, "exporter", [dev["id"]], extra_vars={**ex, "state": "absent"})
+    assert job["state"] == "succeeded", results
+    assert "evc-edge-exporter" not in _as_device(sim, "podman ps -a --format '{{.Names}}'", sim.username).stdout
