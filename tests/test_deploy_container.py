@@ -28,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -253,6 +254,36 @@ def _closed(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_cli_deploy_runtime_container(capi: Any, image_ref: str, pair: list[SimDevice], records: list[Device]) -> None:
+    """`evc deploy --runtime container --image ... --wait`, `evc deployment show/rm` (the image is
+    on the device by now: delivery present)."""
+    from werkzeug.serving import make_server
+
+    from tests.fixtures.cli import evc
+
+    srv = make_server("127.0.0.1", 0, capi.app, threaded=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    live = f"http://127.0.0.1:{srv.server_port}"
+    try:
+        name = f"digits-ctrcli-{time.time_ns() % 10**9}"
+        _push(capi, name, "1", digits_model()[0])
+        port = free_port()
+        args = ["--device", pair[0].name, "--port", str(port), "--python", "python3", "--runtime", "container"]
+        code, out, text = evc(live, capi.admin, "deploy", f"{name}:1", *args, "--image", image_ref, "--wait")
+        assert code == 0, text
+        assert "runtime container" in text and f"127.0.0.1:{port}" in text and "present" in text, text
+        dep_id = text.split("deployment ", 1)[1].split(":", 1)[0]
+        code, out, text = evc(live, capi.admin, "--json", "deployment", "show", dep_id)
+        assert code == 0 and json.loads(out)["targets"][0]["container"] == container.container_name(dep_id)
+        code, out, text = evc(live, capi.admin, "deploy", f"{name}:1", "--device", pair[0].name, "--image", "x")
+        assert code != 0 and "--image goes with --runtime container" in text
+        code, out, text = evc(live, capi.admin, "deployment", "rm", dep_id, "--wait")
+        assert code == 0 and "succeeded" in text, text
+        assert container.container_name(dep_id) not in _as_device(pair[0], "podman ps -a --format '{{.Names}}'").stdout
+    finally:
+        srv.shutdown()
 
 
 def test_a_device_without_a_usable_runtime_fails_with_the_reason(

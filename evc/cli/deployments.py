@@ -20,10 +20,11 @@ def _model_ref(ref: str) -> tuple[str, str]:
 def _targets_view(dep: dict[str, Any]) -> None:
     rows = [
         {"device": t["device"], "state": t.get("state"), "version": t.get("version") or "",
-         "endpoint": t.get("endpoint") or "", "reason": t.get("reason") or ""}
+         "endpoint": t.get("endpoint") or "", "reason": t.get("reason") or "", "image": t.get("delivery") or ""}
         for t in dep.get("targets") or []
     ]  # fmt: skip
-    _table(rows, ["device", "state", "version", "endpoint", "reason"])
+    columns = ["device", "state", "version", "endpoint", "reason"]
+    _table(rows, columns + (["image"] if dep.get("runtime") == "container" else []))
 
 
 def _show(dep: dict[str, Any]) -> None:
@@ -32,6 +33,8 @@ def _show(dep: dict[str, Any]) -> None:
         f"deployment {dep['id']}: {dep['model']}:{dep['version']}{variant} {dep['state']} "
         f"(runtime {dep['runtime']}, port {dep['port']}, python {dep['python']})"
     )
+    if dep.get("image"):
+        console.print(f"image {dep['image']} (id {str(dep.get('image_id') or '')[:12]})")
     rollout = dep.get("rollout") or {}
     if rollout:
         frm, to = (rollout.get("from") or {}).get("served_version"), (rollout.get("to") or {}).get("served_version")
@@ -46,12 +49,20 @@ def _show(dep: dict[str, Any]) -> None:
 @click.option("--device", "devices", multiple=True, type=DEVICE, help="device name or id (repeatable)")
 @click.option("--port", type=int, default=None, help="the edge server's port on the devices (default 8500)")
 @click.option("--python", default=None, help="the devices' Python, with numpy and onnxruntime (default: the cluster's)")
-@click.option("--runtime", default="process", type=click.Choice(["process"]), help="process (container: later)")
+@click.option(
+    "--runtime",
+    default="process",
+    type=click.Choice(["process", "container"]),
+    help="process (a supervised user-space server) or container (podman or docker on the devices)",
+)
+@click.option(
+    "--image", default=None, help="with --runtime container: the edge server's image (default: EVC's edge_image)"
+)
 @click.option("--wait", is_flag=True, help="follow the job and show each device's state")
 @pass_ctx
 def deploy(
     c: Ctx, ref: str, variant: str | None, cluster: str | None, devices: tuple[str, ...], port: int | None,
-    python: str | None, runtime: str, wait: bool,
+    python: str | None, runtime: str, image: str | None, wait: bool,
 ) -> None:  # fmt: skip
     """Deploy model NAME:VERSION to a cluster or devices (the edge inference server, health-gated)."""
     name, version = _model_ref(ref)
@@ -59,7 +70,10 @@ def deploy(
         raise click.UsageError("give --device (repeatable) or --cluster")
     body: dict[str, Any] = {"model": name, "version": version, "runtime": runtime}
     body.update({"cluster": cluster} if cluster else {"devices": list(devices)})
-    body.update({k: v for k, v in {"variant": variant, "port": port, "python": python}.items() if v is not None})
+    if image and runtime != "container":
+        raise click.UsageError("--image goes with --runtime container")
+    opts = {"variant": variant, "port": port, "python": python, "image": image}
+    body.update({k: v for k, v in opts.items() if v is not None})
     client = c.client()
     job = client.post("/api/v1/deployments", body)
     dep_id = job["params"]["deployment"]
