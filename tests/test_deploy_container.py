@@ -117,7 +117,7 @@ def _as_device(dev: SimDevice, cmd: str, account: str = ACCOUNT) -> subprocess.C
 
 def _clean(dev: SimDevice, account: str = ACCOUNT) -> None:
     _as_device(dev, "podman rm -af -t 1 >/dev/null 2>&1", account)
-    pause = dev.home / ".local" / "run" / "libpod" / "pause.pid"
+    pause = Path(dev.home) / ".local" / "run" / "libpod" / "pause.pid"
     if pause.is_file():
         try:
             os.kill(int(pause.read_text().strip()), signal.SIGKILL)
