@@ -308,19 +308,6 @@ def test_a_device_without_a_usable_runtime_fails_with_the_reason(
         simulator.remove(dev.name)
 
 
-def test_run_command_quotes_and_pins_the_image_id() -> None:
-    from evc.deployments import remote
-
-    spec = remote.Spec("dep_1", "m", "1", b"", "ab" * 32, "python3", 8600)
-    image = container.Image("r:5000/evc-edge-infer:0.1.0@sha256:" + "cd" * 32, "ef" * 32, False, Path("/x"))
-    cmd = container.run_command("podman", spec, image)
-    assert cmd.startswith("podman rm -f evc-infer-dep_1 >/dev/null 2>&1; podman run --detach --name evc-infer-dep_1")
-    assert '--volume "$HOME"/.evc/deploy/dep_1/models:/models:ro sha256:' + "ef" * 32 in cmd
-    assert "--network host" in cmd and "--restart unless-stopped" in cmd and cmd.endswith("--port 8600")
-    assert container.pullable("127.0.0.1:5000/x:1") and container.pullable("registry.example.org/evc/x@sha256:1")
-    assert not container.pullable("localhost/evc-edge-infer:0.1.0") and not container.pullable("evc:1")
-
-
 def test_container_profile_playbooks_podman_and_the_exporter_image(
     store: Store, settings: Settings, registry: RegistryProcess, sim_devices: Any, request: pytest.FixtureRequest
 ) -> None:
