@@ -55,6 +55,9 @@ RUNTIMES = ("podman", "docker")
 REMOTE_IMAGES = ".evc/images"
 #: how long a pull (or a load) on a device may take
 PULL_TIMEOUT_S = 300.0
+#: what a device's deployment may take beyond a process's: a pull, or a ship and a load (the
+#: archive over a slow link: ~130 MB at 5 Mbit/s is 210 s)
+DELIVERY_TIMEOUT_S = 600.0
 
 #: prints the first runtime that answers for this account; the others' complaints on stderr
 _DETECT = """for rt in {runtimes}; do

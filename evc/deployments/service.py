@@ -119,12 +119,14 @@ def _device_timeout(settings: Settings) -> float:
     return settings.ssh_connect_timeout_s + 4 * settings.ssh_command_timeout_s + remote.READY_TIMEOUT_S
 
 
-def _each(settings: Settings, devices: Sequence[Device], what: str, work: Any) -> list[tuple[str, JSON]]:
-    """Run ``work(device)`` on every device at once; each one's result or ``{"ok": False, error}``."""
+def _each(settings: Settings, devices: Sequence[Device], what: str, work: Any,
+          extra_s: float = 0.0) -> list[tuple[str, JSON]]:  # fmt: skip
+    """Run ``work(device)`` on every device at once (each given the device timeout plus *extra_s*);
+    each one's result or ``{"ok": False, error}``."""
 
     async def one(dev: Device) -> tuple[str, JSON]:
         try:
-            res = await asyncio.wait_for(work(dev), _device_timeout(settings))
+            res = await asyncio.wait_for(work(dev), _device_timeout(settings) + extra_s)
         except TimeoutError:
             return dev["id"], {"ok": False, "error": SSHTimeout(f"the {what} did not finish in time").to_dict()}
         except DeviceError as exc:
@@ -169,7 +171,8 @@ def deploy(store: Store, settings: Settings, run: JobRun) -> JSON | Partial:
             return container.install_and_start(settings, dev, dataclasses.replace(spec, port=port), image)
         return remote.install_and_start(settings, dev, dataclasses.replace(spec, port=port))
 
-    results = _each(settings, devices, "deployment", one)
+    # a container deployment may also pull or ship (and load) the edge image
+    results = _each(settings, devices, "deployment", one, container.DELIVERY_TIMEOUT_S if image else 0.0)
     ok = 0
     for dev_id, res in results:
         if res["ok"]:
