@@ -341,6 +341,10 @@ def test_container_profile_playbooks_podman_and_the_exporter_image(
         assert (results[dev["id"]]["changed"] > 0) == (attempt == 1), results
     conf = (stage / "etc/containers/containers.conf.d/50-evc.conf").read_text()
     assert 'runtime = "runc"' in conf and "default_ulimits = []" in conf
+    cleanup = {"components": ["container-runtime"], "remove_workspace": False}
+    job, results = provision_now(store, settings, "cleanup", [dev["id"]], extra_vars=cleanup, internal_vars=internal)
+    assert job["state"] == "succeeded", {d: r.get("message") for d, r in results.items()}
+    assert not (stage / "etc/containers/containers.conf.d/50-evc.conf").exists()
 
     artifacts = settings.data_dir / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
