@@ -172,6 +172,25 @@ def _push(api: Any, name: str, version: str, data: bytes) -> None:
     assert status == 201, body
 
 
+def _broken_model(w: np.ndarray, b: np.ndarray) -> bytes:
+    """The digits model with a Reshape to (-1, 7) before the softmax: it loads, but every
+    inference fails (10 classes do not reshape to rows of 7)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    shape = numpy_helper.from_array(np.array([-1, 7], np.int64), "S")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["z0"]), helper.make_node("Add", ["z0", "B"], ["z1"]),
+         helper.make_node("Reshape", ["z1", "S"], ["z"]), helper.make_node("Softmax", ["z"], ["probs"], axis=1)],
+        "digits",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", w.shape[0]])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", w.shape[1]])],
+        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B"), shape],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="evc-test")
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
 def _infer(endpoint: str, name: str, version: str, x: np.ndarray) -> np.ndarray:
     import tritonclient.http as httpclient
 
@@ -239,6 +258,21 @@ def test_container_deploy_pull_or_ship_rollout_rollback_remove(
     job = api.call("POST", f"/api/v1/deployments/{dep_id}/rollback", json={})[1]
     assert api.wait_job(job["id"], timeout=120)["state"] == "succeeded"
     _check_serving(api, dep_id, name, "1", v1)
+
+    # a version that fails the smoke inference: the first device goes back to v1 (its container
+    # replaced again, gated), the rollout stops, the other device is not touched
+    _push(api, name, "3", _broken_model(w, b))
+    job = api.call("PATCH", f"/api/v1/deployments/{dep_id}", json={"version": "3", "max_unavailable": 1})[1]
+    job = api.wait_job(job["id"], timeout=120)
+    assert job["state"] == "failed" and pair[0].name in job["error"]["message"], job
+    status, dep = api.call("GET", f"/api/v1/deployments/{dep_id}")
+    first, second = dep["targets"]
+    assert first["state"] == "rolled-back" and first["version"] == "1", first
+    assert "failed its smoke inference on version 3" in first["reason"], first
+    assert second["state"] == "running" and second["version"] == "1", second
+    x = np.zeros((1, 64), np.float32)
+    for t in dep["targets"]:
+        assert _infer(t["endpoint"], name, "1", x).shape == (1, 10)
 
     # removal removes the containers and the folders
     job = api.wait_job(api.call("DELETE", f"/api/v1/deployments/{dep_id}")[1]["id"], timeout=60)
