@@ -384,7 +384,19 @@ def test_container_profile_playbooks_podman_and_the_exporter_image(
     artifacts.mkdir(parents=True, exist_ok=True)
     archive = artifacts / "evc-edge-exporter.tar"
     if not archive.exists():
-        subprocess.run(["podman", "save", "-q", "-o", str(archive), "localhost/evc-edge-exporter:0.1.0"], check=True)
+        subprocess.run(
+            [
+                "podman",
+                "save",
+                "-q",
+                "--format",
+                "oci-archive",
+                "-o",
+                str(archive),
+                "localhost/evc-edge-exporter:0.1.0",
+            ],
+            check=True,
+        )
     port = free_port()
     ex = {"mode": "container", "runtime": "podman", "image_archive": archive.name, "exporter_port": port,
           "listen": "127.0.0.1"}  # fmt: skip
