@@ -89,7 +89,7 @@ def image_ref(registry: RegistryProcess) -> str:
     return line[2]
 
 
-def _podman_home(home: Path, uid: int, gid: int, blocked: str | None = None) -> None:
+def _podman_home(home: Path, uid: int, gid: int, blocked: str | None = None, insecure: str | None = None) -> None:
     """Rootless podman for the device's account, in its home (what the container-runtime
     playbook writes for an account without root), its registry *blocked* when given."""
     conf = home / ".config" / "containers"
@@ -103,6 +103,8 @@ def _podman_home(home: Path, uid: int, gid: int, blocked: str | None = None) -> 
     )
     if blocked:
         (conf / "registries.conf").write_text(f'[[registry]]\nlocation = "{blocked}"\nblocked = true\n')
+    if insecure:  # a plain-HTTP registry, as an operator declares one for podman
+        (conf / "registries.conf").write_text(f'[[registry]]\nlocation = "{insecure}"\ninsecure = true\n')
     for path in [home / ".config", *(home / ".config").rglob("*")]:
         os.chown(path, uid, gid)
 
@@ -351,16 +353,20 @@ def test_container_profile_playbooks_podman_and_the_exporter_image(
     """The container profile's playbooks on a sudo device: container-runtime (runtime podman)
     writes EVC's containers.conf.d (staged under evc_sysroot, as simulated devices share one
     filesystem) and checks that podman answers for the account, idempotently; the exporter
-    (mode container) runs the evc-edge-exporter image built here, delivered as an archive,
-    and answers with metrics; state absent removes its container."""
+    (mode container) runs the evc-edge-exporter image built here, pushed to the registry and
+    pulled by the device (digest-pinned), and answers with metrics; state absent removes its
+    container."""
     from tests.test_provision_integration import provision_now, register, stage_root
 
-    build = subprocess.run([str(ROOT / "scripts" / "build-edge-images"), "--only", "evc-edge-exporter"], cwd=ROOT,
-                           capture_output=True, text=True, timeout=900, check=False)  # fmt: skip
+    build = subprocess.run(
+        [str(ROOT / "scripts" / "build-edge-images"), "--only", "evc-edge-exporter", "--push", registry.host,
+         "--insecure"], cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
+    exporter_image = build.stdout.strip().splitlines()[-1].split()[2]
     (sim,) = sim_devices(1, privilege="sudo")
     pw = pwd.getpwnam(sim.username)
-    _podman_home(sim.home, pw.pw_uid, pw.pw_gid)
+    _podman_home(sim.home, pw.pw_uid, pw.pw_gid, insecure=registry.host)
     request.addfinalizer(lambda: _clean(sim, sim.username))
     dev = register(store, sim)
     sysroot = Path(tempfile.mkdtemp(prefix="evc-sysroot-"))
@@ -380,25 +386,8 @@ def test_container_profile_playbooks_podman_and_the_exporter_image(
     assert job["state"] == "succeeded", {d: r.get("message") for d, r in results.items()}
     assert not (stage / "etc/containers/containers.conf.d/50-evc.conf").exists()
 
-    artifacts = settings.data_dir / "artifacts"
-    artifacts.mkdir(parents=True, exist_ok=True)
-    archive = artifacts / "evc-edge-exporter.tar"
-    if not archive.exists():
-        subprocess.run(
-            [
-                "podman",
-                "save",
-                "-q",
-                "--format",
-                "oci-archive",
-                "-o",
-                str(archive),
-                "localhost/evc-edge-exporter:0.1.0",
-            ],
-            check=True,
-        )
     port = free_port()
-    ex = {"mode": "container", "runtime": "podman", "image_archive": archive.name, "exporter_port": port,
+    ex = {"mode": "container", "runtime": "podman", "image": exporter_image, "exporter_port": port,
           "listen": "127.0.0.1"}  # fmt: skip
     job, results = provision_now(store, settings, "exporter", [dev["id"]], extra_vars=ex)
     assert job["state"] == "succeeded", results
