@@ -118,14 +118,23 @@ def _as_device(dev: SimDevice, cmd: str, account: str = ACCOUNT) -> subprocess.C
 
 
 def _clean(dev: SimDevice, account: str = ACCOUNT) -> None:
+    """Remove the device's containers and image store, then stop its rootless podman's pause
+    process (the one whose HOME is this device's: each device has its own)."""
     _as_device(dev, "podman rm -af -t 1 >/dev/null 2>&1", account)
-    pause = Path(dev.home) / ".local" / "run" / "libpod" / "pause.pid"
-    if pause.is_file():
-        try:
-            os.kill(int(pause.read_text().strip()), signal.SIGKILL)
-        except (ValueError, ProcessLookupError):
-            pass
     _as_device(dev, "podman unshare rm -rf ~/.local/share/containers >/dev/null 2>&1", account)
+    _stop_pause(dev, account)
+
+
+def _stop_pause(dev: SimDevice, account: str = ACCOUNT) -> None:
+    uid, home = pwd.getpwnam(account).pw_uid, f"HOME={dev.home}".encode()
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or proc.stat().st_uid != uid:
+                continue
+            if (proc / "cmdline").read_bytes() == b"podman\0" and home in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
 
 
 @pytest.fixture(scope="module")
@@ -344,6 +353,7 @@ def test_a_device_without_a_usable_runtime_fails_with_the_reason(
             assert f"no container runtime (podman or docker) usable by the account on {dev.name}" in msg, msg
             assert "podman is installed but does not answer" in msg and "container-runtime playbook" in msg, msg
     finally:
+        _stop_pause(dev)
         simulator.remove(dev.name)
 
 
