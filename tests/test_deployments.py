@@ -240,8 +240,10 @@ def test_bad_requests_are_clear_4xx(api: Any, devices: list[Device]) -> None:
     name = f"digits-dep-{time.time_ns() % 10**9}"
     _push_model(api, name)
     base = {"model": name, "version": "1"}
-    status, body = api.call("POST", "/api/v1/deployments", json={**base, "devices": ids, "runtime": "container"})
-    assert status == 422 and "not supported yet" in body["message"]
+    status, body = api.call("POST", "/api/v1/deployments", json={**base, "devices": ids, "runtime": "kubernetes"})
+    assert status == 422 and "runtime" in json.dumps(body)
+    bad_image = {**base, "devices": ids, "runtime": "container", "image": "evc; rm -rf ~"}
+    assert api.call("POST", "/api/v1/deployments", json=bad_image)[0] == 422
     status, body = api.call("POST", "/api/v1/deployments", json={**base, "devices": ids, "cluster": "c1"})
     assert status == 422
     status, body = api.call("POST", "/api/v1/deployments", json={**base, "devices": ["dev_nope"]})

@@ -272,6 +272,7 @@ def test_models_scope_pushes_and_reads_hardware_nothing_else(api, flush, model_b
     assert d["id"] == dev_id and d["arch"] == "aarch64" and d["cpus"] == 6 and d["memory_bytes"] == 8 << 30
     assert d["accelerators"] == [{"kind": "jetson", "name": "Xavier NX"}]
     assert d["runtimes"]["docker"] is True and d["runtimes"]["python3"] == "3.8.10"
+    assert d["runtimes"]["podman"] is False
     assert d["load"]["load1"] == 3.0 and d["load"]["load1_per_cpu"] == 0.5
     assert api.call("GET", f"/api/v1/clusters/{cl_id}/hardware", token="read")[0] == 200
     assert api.call("GET", "/api/v1/clusters/cl_nope/hardware", token=evf)[0] == 404

@@ -314,7 +314,7 @@ def test_container_mode_runs_replaces_and_removes_the_exporter_container(tmp_pat
         (run,) = json.loads(state.read_text())["runs"]
         assert run[run.index("--name") + 1] == "evc-edge-exporter" and "--network" in run
         assert {"--pid=host", "--volume=/proc:/host/proc:ro", "--volume=/tmp:/tmp:ro"} <= set(run)
-        assert run[run.index("evc:0.1.0") + 1 :][:3] == ["python", "-m", "evc.device.exporter"]
+        assert run[run.index("localhost/evc-edge-exporter:0.1.0") + 1 :][:3] == ["python", "-m", "evc.device.exporter"]
         assert "--port" in run and str(port) in run and "--mount=/tmp" in run
         first = containers()["evc-edge-exporter"]["pid"]
 

@@ -174,7 +174,7 @@ def test_parse_facts_pure() -> None:
     text = (
         "id=uid=1000(edge) gid=1000(edge) groups=1000(edge),27(sudo)\n"
         'uname=jetson-01 5.10.120-tegra aarch64\nos="Ubuntu 20.04.6 LTS"\ncpus=6\nmem_kb=8000000\n'
-        "df=100 50\npython3=Python 3.8.10\ndocker=1\ngpu=Orin (nvgpu), 30536\n"
+        "df=100 50\npython3=Python 3.8.10\ndocker=1\npodman=1\ngpu=Orin (nvgpu), 30536\n"
         "jetson=# R35 (release), REVISION: 4.1\nsudo=1\n"
     )
     f = parse_facts(text)
@@ -182,7 +182,7 @@ def test_parse_facts_pure() -> None:
     assert f["uid"] == 1000 and f["user"] == "edge" and f["os"] == "Ubuntu 20.04.6 LTS"
     assert f["cpus"] == 6 and f["memory_bytes"] == 8000000 * 1024 and f["disk_bytes"] == 100 * 1024
     assert f["python3"] == "3.8.10"
-    assert f["docker"] is True and f["containerd"] is False
+    assert f["docker"] is True and f["containerd"] is False and f["podman"] is True
     assert f["gpus"] == [{"name": "Orin (nvgpu)", "memory_mb": 30536}]
     assert f["privilege"] == "sudo" and f["jetson"].startswith("# R35")
     assert parse_facts("id=uid=0(root) gid=0(root)\nsudo=1")["privilege"] == "root"

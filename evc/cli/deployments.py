@@ -20,10 +20,11 @@ def _model_ref(ref: str) -> tuple[str, str]:
 def _targets_view(dep: dict[str, Any]) -> None:
     rows = [
         {"device": t["device"], "state": t.get("state"), "version": t.get("version") or "",
-         "endpoint": t.get("endpoint") or "", "reason": t.get("reason") or ""}
+         "endpoint": t.get("endpoint") or "", "reason": t.get("reason") or "", "image": t.get("delivery") or ""}
         for t in dep.get("targets") or []
     ]  # fmt: skip
-    _table(rows, ["device", "state", "version", "endpoint", "reason"])
+    columns = ["device", "state", "version", "endpoint", "reason"]
+    _table(rows, columns + (["image"] if dep.get("runtime") == "container" else []))
 
 
 def _show(dep: dict[str, Any]) -> None:
@@ -32,6 +33,8 @@ def _show(dep: dict[str, Any]) -> None:
         f"deployment {dep['id']}: {dep['model']}:{dep['version']}{variant} {dep['state']} "
         f"(runtime {dep['runtime']}, port {dep['port']}, python {dep['python']})"
     )
+    if dep.get("image"):
+        console.print(f"image {dep['image']} (id {str(dep.get('image_id') or '')[:12]})")
     rollout = dep.get("rollout") or {}
     if rollout:
         frm, to = (rollout.get("from") or {}).get("served_version"), (rollout.get("to") or {}).get("served_version")
@@ -72,7 +75,15 @@ def _ports(c: Ctx, values: tuple[str, ...]) -> dict[str, int]:
 @click.option("--port", type=int, default=None, help="the edge server's port on the devices (default 8500)")
 @click.option("--ports", "ports", multiple=True, help="per-device ports: DEVICE=PORT,... (devices sharing an address)")
 @click.option("--python", default=None, help="the devices' Python, with numpy and onnxruntime (default: the cluster's)")
-@click.option("--runtime", default="process", type=click.Choice(["process"]), help="process (container: later)")
+@click.option(
+    "--runtime",
+    default="process",
+    type=click.Choice(["process", "container"]),
+    help="process (a supervised user-space server) or container (podman or docker on the devices)",
+)
+@click.option(
+    "--image", default=None, help="with --runtime container: the edge server's image (default: EVC's edge_image)"
+)
 @click.option("--ensure-level/--no-ensure-level", default=True, show_default=True,
               help="raise the cluster's level first where devices are below what the runtime needs")  # fmt: skip
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per model (default: its own)")
@@ -80,8 +91,8 @@ def _ports(c: Ctx, values: tuple[str, ...]) -> dict[str, int]:
 @pass_ctx
 def deploy(
     c: Ctx, ref: str, variant: str | None, cluster: str | None, devices: tuple[str, ...], labels: tuple[str, ...],
-    port: int | None, ports: tuple[str, ...], python: str | None, runtime: str, ensure_level: bool,
-    threads: int | None, wait: bool,
+    port: int | None, ports: tuple[str, ...], python: str | None, runtime: str, image: str | None,
+    ensure_level: bool, threads: int | None, wait: bool,
 ) -> None:  # fmt: skip
     """Deploy model NAME:VERSION to a cluster, devices or the devices with some labels (the edge
     inference server, health-gated)."""
@@ -96,7 +107,9 @@ def deploy(
         }
     else:
         body.update({"cluster": cluster} if cluster else {"devices": list(devices)})
-    opts = {"variant": variant, "port": port, "python": python, "threads": threads}
+    if image and runtime != "container":
+        raise click.UsageError("--image goes with --runtime container")
+    opts = {"variant": variant, "port": port, "python": python, "threads": threads, "image": image}
     body.update({k: v for k, v in opts.items() if v is not None})
     if ports:
         body["ports"] = _ports(c, ports)

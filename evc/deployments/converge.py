@@ -238,10 +238,19 @@ def run(store: Store, settings: Settings, job: JobRun) -> JSON | Partial:
     job.event(f"re-converging {dep['model']}:{spec.version} on {len(todo)} device(s) ({job.params.get('reason')})",
               type=EventType.STEP)  # fmt: skip
 
-    def one(dev: Any) -> Any:
-        return ensure.ensure(settings, dev, dataclasses.replace(spec, port=int(ports.get(dev["id"], spec.port))))
+    from evc.deployments import container
 
-    results = _each(settings, todo, "re-convergence", one)
+    image = None
+    if dep.get("runtime") == "container":  # the container replaced where it is not as it should be
+        image = container.resolve(settings, dep.get("image"))
+
+    def one(dev: Any) -> Any:
+        at = dataclasses.replace(spec, port=int(ports.get(dev["id"], spec.port)))
+        if image is not None:
+            return container.install_and_start(settings, dev, at, image)
+        return ensure.ensure(settings, dev, at)
+
+    results = _each(settings, todo, "re-convergence", one, container.DELIVERY_TIMEOUT_S if image else 0.0)
     for d in skipped:
         results.append((d["id"], {"ok": False, "error": {"message": f"device is {d.get('state')}: not re-converged"}}))
     states = store.deployment_devices(dep["id"])
@@ -279,8 +288,14 @@ def leave_job(store: Store, settings: Settings, job: JobRun) -> JSON | Partial:
     dep_id = str(job.params["deployment"])
     devices = store.get_devices(job.job["targets"])
     names = {d["id"]: str(d.get("name") or d["id"]) for d in devices}
-    results = _each(settings, devices, "clean-up", lambda dev: remote.stop_and_remove(settings, dev, dep_id))
     dep = store.get_deployment(dep_id)
+    if dep.get("runtime") == "container":
+        from evc.deployments import container
+
+        stop = container.stop_and_remove
+    else:
+        stop = remote.stop_and_remove
+    results = _each(settings, devices, "clean-up", lambda dev: stop(settings, dev, dep_id))
     for dev_id, res in results:
         job.result(dev_id, res)
         if res["ok"]:

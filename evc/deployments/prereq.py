@@ -11,7 +11,7 @@ it (``params.after``); without it, the deployment is refused (412) with what to 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from evc import profiles
 from evc.context import Context
@@ -30,9 +30,16 @@ def required_level(runtime: str, python_given: bool) -> int:
     return RUNTIME_LEVEL.get(runtime, 0)
 
 
-def below(devices: Sequence[Mapping[str, Any]], level: int) -> list[Mapping[str, Any]]:
-    """The devices under *level* (pure)."""
-    return [d for d in devices if int(d.get("level") or 0) < level]
+def below(devices: Sequence[Mapping[str, Any]], level: int, runtime: str = "process") -> list[Mapping[str, Any]]:
+    """The devices under *level* that lack what it gives *runtime* (pure): a device whose facts
+    show a container runtime (podman, docker) has what a ``container`` deployment needs of L3
+    (the deploy job still checks that it answers for EVC's account)."""
+    return [d for d in devices if int(d.get("level") or 0) < level and not _has_runtime(d, runtime)]
+
+
+def _has_runtime(device: Mapping[str, Any], runtime: str) -> bool:
+    facts = device.get("facts") or {}
+    return runtime == "container" and bool(facts.get("podman") or facts.get("docker"))
 
 
 def _hint(names: list[str], level: int, clusters: dict[str, str], runtime: str) -> str:
@@ -54,7 +61,7 @@ def ensure(ctx: Context, device_ids: Sequence[str], runtime: str, python_given: 
     *ensure_level* is off, or they are in no cluster (no profile says how to raise them)."""
     store = ctx.store
     level = required_level(runtime, python_given)
-    low: list[Device] = [d for d in store.get_devices(device_ids) if int(d.get("level") or 0) < level]
+    low = cast(list[Device], below(store.get_devices(device_ids), level, runtime))
     if not low:
         return []
     names = [str(d.get("name") or d["id"]) for d in low]

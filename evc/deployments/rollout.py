@@ -156,6 +156,15 @@ class _Run:
     ports: Mapping[str, int]
     states: dict[str, JSON]
     old_specs: dict[str, remote.Spec] = field(default_factory=dict)
+    image: Any = None  # a container deployment's edge image (evc.deployments.container.Image)
+
+    def switch(self, dev: Device, spec: remote.Spec) -> Any:
+        """Switch *dev* to *spec*: as a process, or as a container of ``image``."""
+        if self.image is not None:
+            from evc.deployments import container
+
+            return container.switch(self.settings, dev, spec, self.image)
+        return switch.switch(self.settings, dev, spec)
 
     def spec_for(self, dev: Device, spec: remote.Spec) -> remote.Spec:
         return remote.Spec(spec.deployment, spec.name, spec.version, spec.model, spec.sha256, spec.python,
@@ -183,7 +192,7 @@ def _batch(r: _Run, batch: list[Device], failed: list[tuple[str, str]]) -> None:
     for d in batch:
         st = r.states.get(d["id"]) or {}
         r.store.set_deployment_device(dep["id"], d["id"], {**st, "state": DeploymentDeviceState.UPDATING})
-    results = _each(r.settings, batch, "update", lambda dev: switch.switch(r.settings, dev, r.spec_for(dev, new)))
+    results = _each(r.settings, batch, "update", lambda dev: r.switch(dev, r.spec_for(dev, new)))
     back: list[Device] = []
     for dev_id, res in results:
         r.job.result(dev_id, res)
@@ -208,7 +217,7 @@ def _back(r: _Run, dev: Device, reason: str) -> None:
                 "sha256": new.sha256}  # fmt: skip
         r.store.set_deployment_device(dep["id"], dev["id"], gone)
         return
-    ((_, res),) = _each(r.settings, [dev], "rollback", lambda d, p=prev: switch.switch(r.settings, d, r.spec_for(d, p)))
+    ((_, res),) = _each(r.settings, [dev], "rollback", lambda d, p=prev: r.switch(d, r.spec_for(d, p)))
     if res["ok"]:
         state = {**{k: v for k, v in res.items() if k != "ok"}, "state": DeploymentDeviceState.ROLLED_BACK,
                  "reason": reason}  # fmt: skip
@@ -269,6 +278,10 @@ def run(store: Store, settings: Settings, job: JobRun) -> JSON | Partial:
     names = {d["id"]: str(d.get("name") or d["id"]) for d in devices}
     states = store.deployment_devices(dep["id"])
     r = _Run(store, settings, job, dep, rollout, new, devices, names, dep.get("ports") or {}, states)
+    if dep.get("runtime") == "container":
+        from evc.deployments import container
+
+        r.image = container.resolve(settings, dep.get("image"))
     todo = [d for d in devices if not _at(states.get(d["id"]), new)]
     for d in devices:  # already there (a rerun, or a rollback to where a device went back to)
         if d not in todo:

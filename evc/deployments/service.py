@@ -17,7 +17,7 @@ from typing import Any
 
 from evc import pool as pooling
 from evc.context import Context
-from evc.deployments import prereq, remote
+from evc.deployments import container, prereq, remote
 from evc.errors import Conflict, DeviceError, SSHTimeout, ValidationError
 from evc.fl.service import device_python, resolve_devices
 from evc.jobs import JobRun, Partial
@@ -26,9 +26,9 @@ from evc.models import registry
 from evc.settings import Settings
 from evc.store import TERMINAL_STATES, Store, new_id, now
 
-RUNTIMES = ("process",)
+RUNTIMES = ("process", "container")
 #: runtimes issue 13 names that this slice does not run yet
-LATER_RUNTIMES = ("container",)
+LATER_RUNTIMES: tuple[str, ...] = ()
 DEFAULT_PORT = 8500
 
 
@@ -72,8 +72,10 @@ def submit(ctx: Context, data: Mapping[str, Any]) -> tuple[Job, JSON]:
         "id": new_id("dep"), "model": name, "version": version, "variant": variant or None,
         "served_version": served_version(version, variant), "sha256": rec["sha256"], "runtime": runtime,
         "port": port, "ports": ports, "python": python, "cluster": cluster or None, "selector": selector,
-        "devices": devices, "threads": int(data.get("threads") or 0), "state": DeploymentState.DEPLOYING,
-        "job": None, "created_by": ctx.actor, "created_at": now(), "level_jobs": after,
+        "devices": devices, "threads": int(data.get("threads") or 0),
+        "image": (str(data.get("image") or "") or None) if runtime == "container" else None,
+        "state": DeploymentState.DEPLOYING, "job": None, "created_by": ctx.actor, "created_at": now(),
+        "level_jobs": after,
     }  # fmt: skip
     store.create_deployment(dep)
     params: JSON = {"deployment": dep["id"], **({"after": after} if after else {})}
@@ -135,12 +137,14 @@ def _device_timeout(settings: Settings) -> float:
     return settings.ssh_connect_timeout_s + 4 * settings.ssh_command_timeout_s + remote.READY_TIMEOUT_S
 
 
-def _each(settings: Settings, devices: Sequence[Device], what: str, work: Any) -> list[tuple[str, JSON]]:
-    """Run ``work(device)`` on every device at once; each one's result or ``{"ok": False, error}``."""
+def _each(settings: Settings, devices: Sequence[Device], what: str, work: Any,
+          extra_s: float = 0.0) -> list[tuple[str, JSON]]:  # fmt: skip
+    """Run ``work(device)`` on every device at once (each given the device timeout plus *extra_s*);
+    each one's result or ``{"ok": False, error}``."""
 
     async def one(dev: Device) -> tuple[str, JSON]:
         try:
-            res = await asyncio.wait_for(work(dev), _device_timeout(settings))
+            res = await asyncio.wait_for(work(dev), _device_timeout(settings) + extra_s)
         except TimeoutError:
             return dev["id"], {"ok": False, "error": SSHTimeout(f"the {what} did not finish in time").to_dict()}
         except DeviceError as exc:
@@ -182,12 +186,16 @@ def deploy(store: Store, settings: Settings, run: JobRun) -> JSON | Partial:
     names = {d["id"]: str(d.get("name") or d["id"]) for d in devices}
     run.event(f"deploying {dep['model']}:{dep['served_version']} to {len(devices)} device(s)", type=EventType.STEP)
     ports: Mapping[str, int] = dep.get("ports") or {}
+    image = _container_image(store, settings, dep, run)
 
     def one(dev: Device) -> Any:
         port = int(ports.get(dev["id"], spec.port))
+        if image is not None:
+            return container.install_and_start(settings, dev, dataclasses.replace(spec, port=port), image)
         return remote.install_and_start(settings, dev, dataclasses.replace(spec, port=port))
 
-    results = _each(settings, devices, "deployment", one)
+    # a container deployment may also pull or ship (and load) the edge image
+    results = _each(settings, devices, "deployment", one, container.DELIVERY_TIMEOUT_S if image else 0.0)
     ok = 0
     for dev_id, res in results:
         if res["ok"]:
@@ -215,6 +223,20 @@ def deploy(store: Store, settings: Settings, run: JobRun) -> JSON | Partial:
     return summary
 
 
+def _container_image(store: Store, settings: Settings, dep: JSON, run: JobRun) -> container.Image | None:
+    """A container deployment's edge image, resolved on the controller (its id recorded); None: a process."""
+    if dep.get("runtime") != "container":
+        return None
+    image = container.resolve(settings, dep.get("image"))
+    store.update_deployment(dep["id"], image=image.ref, image_id=image.id)
+    run.event(f"edge image {image.ref} (id {image.id[:12]})", type=EventType.STEP)
+    return image
+
+
+def dep_runtime(store: Store, deployment_id: str) -> str:
+    return str(store.get_deployment(deployment_id).get("runtime") or "process")
+
+
 def remove_job(store: Store, settings: Settings, run: JobRun) -> JSON | Partial:
     """The ``deploy-remove`` job: stop every target's server, remove its folder; then the record
     (kept, ``removing``, while a device could not be cleaned: run the removal again); devices
@@ -226,7 +248,8 @@ def remove_job(store: Store, settings: Settings, run: JobRun) -> JSON | Partial:
     dep_id = str(run.params["deployment"])
     devices = store.get_devices(run.job["targets"])
     names = {d["id"]: str(d.get("name") or d["id"]) for d in devices}
-    results = _each(settings, devices, "removal", lambda dev: remote.stop_and_remove(settings, dev, dep_id))
+    stop = container.stop_and_remove if dep_runtime(store, dep_id) == "container" else remote.stop_and_remove
+    results = _each(settings, devices, "removal", lambda dev: stop(settings, dev, dep_id))
     ok = 0
     for dev_id, res in results:
         ok += bool(res["ok"])

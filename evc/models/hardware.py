@@ -45,6 +45,7 @@ def device_hardware(dev: Mapping[str, Any]) -> JSON:
             "python3": facts.get("python3"),
             "docker": bool(facts.get("docker")),
             "containerd": bool(facts.get("containerd")),
+            "podman": bool(facts.get("podman")),
             "systemd": bool(facts.get("systemd")),
         },
         "privilege": dev.get("privilege") or facts.get("privilege"),
