@@ -36,6 +36,7 @@ BLUEPRINTS = [
     "evc.api.monitoring",
     "evc.api.models",
     "evc.api.deployments",
+    "evc.api.recommend",
 ]
 
 MAX_BODY = 1024 * 1024

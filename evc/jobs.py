@@ -58,6 +58,8 @@ JOB_KINDS: dict[str, JobKind] = {
         JobKind(JobKindName.MODEL_QUANTIZE, "evc.model_quantize", Queue.DEFAULT),
         JobKind(JobKindName.DEPLOY, "evc.deploy", Queue.SSH),
         JobKind(JobKindName.DEPLOY_REMOVE, "evc.deploy_remove", Queue.SSH),
+        JobKind(JobKindName.MODEL_PROFILE, "evc.model_profile", Queue.SSH, mutating=False),
+        JobKind(JobKindName.DEVICE_CALIBRATE, "evc.device_calibrate", Queue.SSH, mutating=False),
     )
 }
 

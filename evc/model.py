@@ -73,6 +73,8 @@ class JobKindName(Name):
     MODEL_QUANTIZE = "model-quantize"
     DEPLOY = "deploy"
     DEPLOY_REMOVE = "deploy-remove"
+    MODEL_PROFILE = "model-profile"
+    DEVICE_CALIBRATE = "device-calibrate"
 
 
 class Queue(Name):

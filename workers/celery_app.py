@@ -22,6 +22,7 @@ TASK_MODULES = [
     "evc.tasks.clusters",
     "evc.tasks.models",
     "evc.tasks.deployments",
+    "evc.tasks.recommend",
 ]
 
 
