@@ -24,6 +24,11 @@ from evc.cli.common import Ctx, main, pass_ctx
     default=None,
     help="JSON {device name: port}: serve each device on the port it had before",
 )
+@click.option(
+    "--cpus",
+    default="",
+    help="real CPU limits cycled over the devices, e.g. 0.25,0.5,1 (cgroup CPU quotas; needs root)",
+)
 @pass_ctx
 def sim(
     c: Ctx,
@@ -34,13 +39,14 @@ def sim(
     privileges: str,
     prefix: str,
     ports_file: Path | None,
+    cpus: str,
 ) -> None:
     """Run N simulated edge devices (real SSH servers on loopback) until Ctrl-C."""
     from evc import keys, simulator
     from evc.stack import read_ports
 
     simulator.require()  # a distribution of its own (sim/): imported only now
-    from evc_sim import serve_forever
+    from evc_sim import cpuquota, serve_forever
 
     root = root or c.settings.data_dir / "sim"
     state_file = state_file or root / "devices.json"
@@ -55,4 +61,5 @@ def sim(
         [p for p in privileges.split(",") if p],
         prefix=prefix,
         ports=read_ports(ports_file) if ports_file else None,
+        cpus=cpuquota.parse_cpus_list(cpus),
     )

@@ -37,6 +37,8 @@ class SimDevice:
     mode: FaultMode = "ok"
     slow_s: float = 2.0
     drop_after_s: float = 0.2
+    #: a real CPU limit (cgroup CFS quota, :mod:`evc_sim.cpuquota`): 0.25 = a quarter of a core
+    cpus: float | None = None
 
     @property
     def authorized_keys_path(self) -> Path:
@@ -56,6 +58,7 @@ class SimDevice:
             "privilege": self.privilege,
             "home": str(self.home),
             "mode": self.mode,
+            **({"cpus": self.cpus} if self.cpus is not None else {}),
         }
 
     @classmethod
@@ -69,6 +72,7 @@ class SimDevice:
             home=Path(data["home"]),
             privilege=check_privilege(str(data["privilege"])),
             mode=check_mode(str(data.get("mode", "ok"))),
+            cpus=float(data["cpus"]) if data.get("cpus") is not None else None,
         )
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from evc.errors import ConfigError
+from evc_sim import cpuquota
 from evc_sim.device import FaultMode, Privilege, SimDevice
 from evc_sim.server import Simulator
 from evc_sim.spawn_helper import commands_start_with_default_signals
@@ -89,8 +90,15 @@ class SimulatorThread:
     def device(self, name: str) -> SimDevice:
         return self.simulator.device(name)
 
-    def start(self, n: int, prefix: str = "sim", *, privileges: Privilege | Sequence[str] = "user") -> list[SimDevice]:
-        return self._run(self.simulator.start(n, prefix, privileges=privileges))
+    def start(
+        self,
+        n: int,
+        prefix: str = "sim",
+        *,
+        privileges: Privilege | Sequence[str] = "user",
+        cpus: Sequence[float] = (),
+    ) -> list[SimDevice]:
+        return self._run(self.simulator.start(n, prefix, privileges=privileges, cpus=cpus))
 
     def add(
         self,
@@ -99,8 +107,12 @@ class SimulatorThread:
         *,
         port: int | None = None,
         authorized_keys: Sequence[str] | None = None,
+        cpus: float | None = None,
     ) -> SimDevice:
-        return self._run(self.simulator.add(name, privilege, port=port, authorized_keys=authorized_keys))
+        return self._run(self.simulator.add(name, privilege, port=port, authorized_keys=authorized_keys, cpus=cpus))
+
+    def set_cpus(self, name: str, cpus: float) -> None:
+        self._run(_call(self.simulator.set_cpus, name, cpus))
 
     def remove(self, name: str) -> None:
         self._run(self.simulator.remove(name))
@@ -181,6 +193,7 @@ async def serve(
     base_port: int = 0,
     stop: asyncio.Event | None = None,
     ports: Mapping[str, int] | None = None,
+    cpus: Sequence[float] = (),
 ) -> None:
     """Serve *n* devices until *stop* is set or SIGTERM/SIGINT arrives; keep *state_file* current.
 
@@ -195,7 +208,7 @@ async def serve(
             handled.append(sig)
     sim = Simulator(root_dir, host=host, authorized_keys=authorized_keys, base_port=base_port)
     try:
-        devices = await sim.start(n, prefix, privileges=privileges, ports=ports)
+        devices = await sim.start(n, prefix, privileges=privileges, ports=ports, cpus=cpus)
         sim.write_state(state_file)
         log.info("serving %d simulated devices; state in %s", len(devices), state_file)
         await stop.wait()
@@ -218,12 +231,14 @@ def run_simulator(
     host: str = "127.0.0.1",
     base_port: int = 0,
     ports: Mapping[str, int] | None = None,
+    cpus: Sequence[float] = (),
 ) -> None:
     """Blocking :func:`serve` on a fresh event loop: the target for a child process."""
     asyncio.run(
         serve(
             n, Path(root_dir), Path(state_file), authorized_keys=authorized_keys,
             privileges=privileges, prefix=prefix, host=host, base_port=base_port, ports=ports,
+            cpus=cpus,
         )
     )  # fmt: skip
 
@@ -249,12 +264,14 @@ def serve_forever(
     host: str = "127.0.0.1",
     base_port: int = 0,
     ports: Mapping[str, int] | None = None,
+    cpus: Sequence[float] = (),
 ) -> None:
     """``evc sim``: serve *n* devices authorizing the keys in *authorized_keys_file*."""
     keys = read_keys_file(authorized_keys_file) if authorized_keys_file else []
     run_simulator(
         n, root_dir, state_file, keys,
         privileges=privileges, prefix=prefix, host=host, base_port=base_port, ports=ports,
+        cpus=cpus,
     )  # fmt: skip
 
 
@@ -269,6 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prefix", default="sim")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--base-port", type=int, default=0, help="first port (0: free ports)")
+    p.add_argument("--cpus", default="", help="real CPU limits cycled over the devices, e.g. 0.25,0.5,1 (root)")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
@@ -278,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.devices, args.root, args.state_file or args.root / "devices.json",
             args.authorized_keys, privileges,
             prefix=args.prefix, host=args.host, base_port=args.base_port,
+            cpus=cpuquota.parse_cpus_list(args.cpus),
         )  # fmt: skip
     except ConfigError as exc:
         log.error("%s", exc.message)

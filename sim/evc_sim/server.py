@@ -30,6 +30,7 @@ from pathlib import Path
 import asyncssh
 
 from evc.errors import ConfigError, NotFound
+from evc_sim import cpuquota
 from evc_sim.accounts import (
     ACCOUNT_HOMES,
     Account,
@@ -182,13 +183,15 @@ class Simulator:
         *,
         privileges: Privilege | Sequence[str] = "user",
         ports: Mapping[str, int] | None = None,
+        cpus: Sequence[float] = (),
     ) -> list[SimDevice]:
         """Add *n* devices named ``<prefix>-0001``... and start serving them.
 
         *privileges* is one level or a sequence cycled through; in a sequence, levels this
         process cannot present (``root`` when not running as root) are skipped with a warning.
         *ports* gives devices the port they had before (a device whose port is taken now gets
-        another one, with a warning).
+        another one, with a warning). *cpus* gives the devices real CPU limits, cycled through
+        (:mod:`evc_sim.cpuquota`; e.g. ``(0.25, 0.5, 1)``).
         """
         levels = self._privilege_cycle(privileges)
         taken = set(self._devices)
@@ -203,13 +206,14 @@ class Simulator:
         out = []
         for k, name in enumerate(names):
             level = levels[k % len(levels)]
+            limit = cpus[k % len(cpus)] if cpus else None
             try:
-                out.append(await self.add(name, level, port=ports.get(name)))
+                out.append(await self.add(name, level, port=ports.get(name), cpus=limit))
             except ConfigError as exc:
                 if name not in ports:
                     raise
                 log.warning("%s; it gets another port", exc.message)
-                out.append(await self.add(name, level, port=0))
+                out.append(await self.add(name, level, port=0, cpus=limit))
         return out
 
     def _privilege_cycle(self, privileges: Privilege | Sequence[str]) -> list[Privilege]:
@@ -230,13 +234,18 @@ class Simulator:
         *,
         port: int | None = None,
         authorized_keys: Sequence[str] | None = None,
+        cpus: float | None = None,
     ) -> SimDevice:
-        """Add one device and serve it; *port* None: the next base port, or a free one."""
+        """Add one device and serve it; *port* None: the next base port, or a free one; *cpus*: a
+        real CPU limit for everything it runs (:mod:`evc_sim.cpuquota`)."""
         if not DEVICE_NAME.fullmatch(name):
             raise ConfigError(f"{name!r} is not a device name (letters, digits, '.', '_', '-')")
         if name in self._devices:
             raise ConfigError(f"a simulated device named {name!r} exists already")
         privilege = check_privilege(privilege)
+        if cpus is not None:
+            cpus = cpuquota.check_cpus(cpus)
+            cpuquota.create(name, cpus)
         self._prepare()
         account = self._accounts.for_privilege(privilege)
         if port is None:
@@ -255,6 +264,7 @@ class Simulator:
             host_key_public=" ".join(host_key.export_public_key().decode().split()[:2]),
             home=home,
             privilege=privilege,
+            cpus=cpus,
         )
         rt = _Runtime(device, account, host_key, spawner=self._spawner)
         if privilege == "root":  # root only in namespaces of its own: see evc_sim.namespaces
@@ -266,14 +276,31 @@ class Simulator:
             await self._serve(rt)
         except BaseException:
             del self._devices[name]
+            self._release_cgroup(device)
             raise
         return device
+
+    def set_cpus(self, name: str, cpus: float) -> None:
+        """Change the CPU limit of a device that was added with one (it applies at once, to what
+        it runs now too)."""
+        dev = self._runtime(name).device
+        if dev.cpus is None:
+            raise ConfigError(f"simulated device {name} has no CPU limit to change (add it with cpus=...)")
+        cpuquota.set_quota(cpuquota.group_of(name), cpus)
+        dev.cpus = cpuquota.check_cpus(cpus)
+
+    def _release_cgroup(self, device: SimDevice) -> None:
+        if device.cpus is not None:
+            group = cpuquota.group_of(device.name)
+            self._spawner.forget(group)
+            cpuquota.remove(group)
 
     async def remove(self, name: str) -> None:
         """Stop serving a device and forget it (its files stay in ``root_dir``)."""
         rt = self._runtime(name)
         await self._shut(rt)
         del self._devices[name]
+        self._release_cgroup(rt.device)
 
     def _prepare(self) -> None:
         if self._prepared:
@@ -461,6 +488,8 @@ class Simulator:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(proc.wait(), 2.0)
         await self._spawner.close()
+        for rt in runtimes:
+            self._release_cgroup(rt.device)
 
     async def __aenter__(self) -> Simulator:
         return self

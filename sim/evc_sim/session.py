@@ -31,6 +31,7 @@ from typing import Any
 import asyncssh
 from asyncssh.constants import EXTENDED_DATA_STDERR
 
+from evc_sim import cpuquota
 from evc_sim.accounts import Account
 from evc_sim.device import SimDevice
 from evc_sim.namespaces import Isolation
@@ -242,7 +243,8 @@ async def _start(
     """Start the session's command (see :mod:`evc_sim.spawn`) and wire it to the channel."""
     env = session_env(process, device, account)
     argv, term = session_argv(process)
-    start = functools.partial(spawner.spawn, argv, account, cwd=str(device.home), isolation=isolation)
+    cgroup = cpuquota.group_of(device.name) if device.cpus is not None else None
+    start = functools.partial(spawner.spawn, argv, account, cwd=str(device.home), isolation=isolation, cgroup=cgroup)
     if not term:
         return await _start_on_pipes(process, start, env)
     return await _start_on_terminal(process, start, env, term, account, isolation)

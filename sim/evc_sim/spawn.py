@@ -49,9 +49,10 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evc_sim import spawn_helper
+from evc_sim import cpuquota, spawn_helper
 from evc_sim.spawn_helper import REQUEST_MAX, commands_start_with_default_signals, take_controlling_tty
 
 if TYPE_CHECKING:
@@ -278,10 +279,15 @@ class _Helper:
     """The simulator's end of one account's spawner process."""
 
     def __init__(
-        self, account: Account, on_gone: Callable[[_Helper], None], isolation: Isolation | None = None
+        self,
+        account: Account,
+        on_gone: Callable[[_Helper], None],
+        isolation: Isolation | None = None,
+        cgroup: Path | None = None,
     ) -> None:
         self.account = account
         self.isolation = isolation
+        self.cgroup = cgroup
         self.loop = asyncio.get_running_loop()
         self.started = 0  # commands started through it
         self.dead = False
@@ -309,6 +315,14 @@ class _Helper:
             raise
         finally:
             theirs.close()
+        if cgroup is not None:  # before it is asked for anything: its children inherit the group
+            try:
+                cpuquota.add_pid(cgroup, popen.pid)
+            except OSError:
+                popen.kill()
+                popen.wait()
+                ours.close()
+                raise
         ours.setblocking(False)
         self.sock = ours
         self.process = _LocalChild(popen)
@@ -441,7 +455,7 @@ class Spawner:
             helpers = os.environ.get(HELPERS_ENV, "1") != "0"
         self.use_helpers = helpers and helpers_supported()
         commands_start_with_default_signals()
-        self._helpers: dict[tuple[Account, Isolation | None], _Helper] = {}
+        self._helpers: dict[tuple[Account, Isolation | None, Path | None], _Helper] = {}
         self._retired: list[_Helper] = []
         self._broken: set[Account] = set()
 
@@ -457,23 +471,27 @@ class Spawner:
         stderr: int,
         controlling_tty: bool = False,
         isolation: Isolation | None = None,
+        cgroup: Path | None = None,
     ) -> ChildProcess:
         """Start *argv* as *account* leading a new session, with the given stdio descriptors (and
         stdin as its controlling terminal, if *controlling_tty*); inside the namespaces
-        *isolation* describes, if given (always through a spawner process of its own).
+        *isolation* describes, if given (always through a spawner process of its own); in the
+        cgroup *cgroup* (:mod:`evc_sim.cpuquota`), if given (through a spawner process of its own,
+        moved into that cgroup when it starts, so the command and its children are in it).
 
         The descriptors stay the caller's to close once this returns. Raises OSError when the
         command cannot start (a missing working directory, for one).
         """
-        if isolation is not None:  # never started anywhere else: that would be the host's uid 0
+        if isolation is not None or cgroup is not None:  # isolated: never the host's uid 0
             if not self.use_helpers:
-                raise OSError(errno.ENOSYS, "a simulated root device needs spawner processes (Linux)")
+                why = "a simulated root device or CPU quota needs spawner processes (Linux)"
+                raise OSError(errno.ENOSYS, why)
             try:
-                return await self._helper(account, isolation).spawn(
+                return await self._helper(account, isolation, cgroup).spawn(
                     argv, cwd, env, (stdin, stdout, stderr), controlling_tty
                 )
             except _HelperUnavailable:
-                why = "the device's namespaces are not available (see the simulator's log)"
+                why = "the device's namespaces or cgroup are not available (see the simulator's log)"
                 raise OSError(errno.EAGAIN, why) from None
         if (controlling_tty or not account.is_self) and self.use_helpers and account not in self._broken:
             try:
@@ -485,12 +503,12 @@ class Spawner:
             controlling_tty=controlling_tty,
         )  # fmt: skip
 
-    def _helper(self, account: Account, isolation: Isolation | None = None) -> _Helper:
-        key = (account, isolation)
+    def _helper(self, account: Account, isolation: Isolation | None = None, cgroup: Path | None = None) -> _Helper:
+        key = (account, isolation, cgroup)
         helper = self._helpers.get(key)
         if helper is None or helper.dead:
             try:
-                helper = _Helper(account, self._helper_gone, isolation)
+                helper = _Helper(account, self._helper_gone, isolation, cgroup)
             except OSError as exc:
                 log.warning("cannot start a spawner process for %s (%s): using setpriv", account.name, exc)
                 if isolation is None:
@@ -499,12 +517,20 @@ class Spawner:
             self._helpers[key] = helper
         return helper
 
+    def forget(self, cgroup: Path) -> None:
+        """Stop the spawner processes that start commands in *cgroup* (a device going away)."""
+        for key, helper in list(self._helpers.items()):
+            if key[2] == cgroup:
+                del self._helpers[key]
+                self._retired.append(helper)
+                helper.close()
+
     def _helper_gone(self, helper: _Helper) -> None:
-        key = (helper.account, helper.isolation)
+        key = (helper.account, helper.isolation, helper.cgroup)
         if self._helpers.get(key) is helper:
             del self._helpers[key]
         self._retired.append(helper)
-        if not helper.started and helper.isolation is None:  # it never worked: don't try again
+        if not helper.started and helper.isolation is None and helper.cgroup is None:  # never worked
             log.warning("commands of %s start through setpriv from now on", helper.account.name)
             self._broken.add(helper.account)
 
