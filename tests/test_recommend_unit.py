@@ -211,3 +211,17 @@ def test_the_runner_runs_with_python_38_syntax_and_reports(tmp_path: Path) -> No
     bad = subprocess.run([sys.executable, str(runner), "--model", str(tmp_path / "none.onnx")], capture_output=True,
                          text=True, timeout=60, check=False)  # fmt: skip
     assert bad.returncode == 1 and json.loads(bad.stdout)["ok"] is False
+
+
+def test_the_cli_table_rows() -> None:
+    from evc.cli.recommend import recommendation_rows
+
+    d = {
+        "devices": [{"device": "dev_1", "name": "edge-1", "label": "int8", "accuracy": 0.951, "rejected": ["base: x"],
+                     "figures": {"p50_ms": 3.2, "p95_ms": 4.1, "throughput_ips": 312.5, "source": "predicted",
+                                 "uncertainty": 0.12}}],
+        "unable": [{"device": "dev_2", "name": "edge-2", "reason": "no variant meets the constraints: ..."}],
+    }  # fmt: skip
+    rows = recommendation_rows(d)
+    assert rows[0]["variant"] == "int8" and rows[0]["source"] == "predicted ±12%" and rows[0]["others"] == "base: x"
+    assert rows[1] == {"device": "edge-2", "variant": "-", "others": "no variant meets the constraints: ..."}

@@ -548,11 +548,53 @@ def federated() -> Json:
     )
 
 
+def recommendation() -> Json:
+    M = 'model=~"$model"'
+    return dashboard(
+        "evc-recommend",
+        "EVC / Model recommendation",
+        [
+            stat("Devices with a recommendation", f"count(evc_recommend_chosen{{{M}}})"),
+            stat(
+                "Worst measured / predicted p50",
+                f'max(evc_recommend_latency_ms{{{M}, source="measured"}} '
+                f'/ ignoring(source) evc_recommend_latency_ms{{{M}, source="predicted"}})',
+            ),
+            panel(
+                "Recommended variant per device",
+                [target(f"evc_recommend_chosen{{{M}}} == 1", table=True)],
+                kind="table",
+                w=12,
+                description="evc model recommend: the variant chosen per device for the last constraints asked",
+            ),
+            panel(
+                "p50 latency of the recommended variant: measured vs predicted",
+                [target(f"evc_recommend_latency_ms{{{M}}}", "{{device}} {{variant}} {{source}}")],
+                unit="ms",
+                w=12,
+            ),
+            panel(
+                "Measured / predicted p50 (1 = exact)",
+                [
+                    target(
+                        f'evc_recommend_latency_ms{{{M}, source="measured"}} '
+                        f'/ ignoring(source) evc_recommend_latency_ms{{{M}, source="predicted"}}',
+                        "{{device}} {{variant}}",
+                    )
+                ],
+                w=24,
+            ),
+        ],
+        [query_var("model", "label_values(evc_recommend_chosen, model)", "Model")],
+    )
+
+
 DASHBOARDS = {
     "evc-fleet.json": fleet,
     "evc-device.json": device_detail,
     "evc-jobs.json": jobs,
     "evc-federated.json": federated,
+    "evc-recommend.json": recommendation,
 }
 
 

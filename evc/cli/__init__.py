@@ -9,6 +9,9 @@ from __future__ import annotations
 
 # the command groups register their commands on `main` as they are imported
 from evc.cli import clusters, deployments, devices, fl, fleet, jobs, models, monitoring, provision, sim, stack, tokens  # noqa: F401
+
+# isort: split
+from evc.cli import recommend  # noqa: F401  (model profile and recommend, device calibrate: after models)
 from evc.cli.common import main
 
 __all__ = ["main"]
