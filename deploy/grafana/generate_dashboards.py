@@ -550,43 +550,18 @@ def federated() -> Json:
 
 def recommendation() -> Json:
     M = 'model=~"$model"'
-    return dashboard(
-        "evc-recommend",
-        "EVC / Model recommendation",
-        [
-            stat("Devices with a recommendation", f"count(evc_recommend_chosen{{{M}}})"),
-            stat(
-                "Worst measured / predicted p50",
-                f'max(evc_recommend_latency_ms{{{M}, source="measured"}} '
-                f'/ ignoring(source) evc_recommend_latency_ms{{{M}, source="predicted"}})',
-            ),
-            panel(
-                "Recommended variant per device",
-                [target(f"evc_recommend_chosen{{{M}}} == 1", table=True)],
-                kind="table",
-                w=12,
-                description="evc model recommend: the variant chosen per device for the last constraints asked",
-            ),
-            panel(
-                "p50 latency of the recommended variant: measured vs predicted",
-                [target(f"evc_recommend_latency_ms{{{M}}}", "{{device}} {{variant}} {{source}}")],
-                unit="ms",
-                w=12,
-            ),
-            panel(
-                "Measured / predicted p50 (1 = exact)",
-                [
-                    target(
-                        f'evc_recommend_latency_ms{{{M}, source="measured"}} '
-                        f'/ ignoring(source) evc_recommend_latency_ms{{{M}, source="predicted"}}',
-                        "{{device}} {{variant}}",
-                    )
-                ],
-                w=24,
-            ),
-        ],
-        [query_var("model", "label_values(evc_recommend_chosen, model)", "Model")],
-    )
+    lat = "evc_recommend_latency_ms"
+    ratio = f'{lat}{{{M}, source="measured"}} / ignoring(source) {lat}{{{M}, source="predicted"}}'
+    latency = target(f"evc_recommend_latency_ms{{{M}}}", "{{device}} {{variant}} {{source}}")
+    panels = [
+        stat("Devices with a recommendation", f"count(evc_recommend_chosen{{{M}}})"),
+        stat("Worst measured / predicted p50", f"max({ratio})"),
+        panel("Recommended variant per device", [target(f"evc_recommend_chosen{{{M}}}", table=True)], kind="table"),
+        panel("p50 of the recommended variant: measured vs predicted", [latency], unit="ms"),
+        panel("Measured / predicted p50 (1 = exact)", [target(ratio, "{{device}} {{variant}}")], w=24),
+    ]  # fmt: skip
+    return dashboard("evc-recommend", "EVC / Model recommendation", panels,
+                     [query_var("model", "label_values(evc_recommend_chosen, model)", "Model")])  # fmt: skip
 
 
 DASHBOARDS = {
