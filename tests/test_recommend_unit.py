@@ -25,6 +25,7 @@ def test_features_of_a_cnn_and_its_int8_variant() -> None:
     assert fp32["conv"] == 64 * 4 * 19 + 64 * 8 * 73
     assert fp32["gemm"] == 2 * 512 * 10 + 10
     assert fp32["nodes"] == 8 and fp32["call"] == 1 and fp32["qconv"] == 0
+    assert fp32["im2col"] == 64 * 1 * 9 + 64 * 4 * 9
     int8 = features.of_bytes(calibration.quantize(digits_cnn(4)))
     assert int8["conv"] == 0 and int8["qconv"] == 64 * 4 * 18 + 64 * 8 * 72
     assert int8["qgemm"] == 2 * 512 * 10 and int8["nodes"] > fp32["nodes"]
@@ -41,14 +42,16 @@ def test_calibration_graphs_each_stress_their_feature() -> None:
     assert f["conv"]["conv"] > 1e7 and f["gemm"]["gemm"] > 1e7
     assert f["qconv"]["qconv"] > 1e7 and f["qgemm"]["qgemm"] > 1e7
     assert f["nodes"]["nodes"] == 48 and f["elements"]["elements"] > 1e6
+    assert f["thin"]["im2col"] / f["thin"]["conv"] > 5 * f["conv"]["im2col"] / f["conv"]["conv"]
 
 
 def test_coefficients_recover_known_costs() -> None:
     f = {k: features.of_bytes(v) for k, v in calibration.graphs().items()}
-    true = {"call": 0.004, "nodes": 0.0002, "elements": 6e-8, "conv": 5e-9, "gemm": 4e-9, "qconv": 3e-8, "qgemm": 1e-9}
+    true = {"call": 0.004, "nodes": 0.0002, "elements": 6e-8, "conv": 5e-9, "gemm": 4e-9, "qconv": 3e-8,
+            "qgemm": 1e-9, "im2col": 2e-7}  # fmt: skip
     timings = {k: sum(true[n] * x[n] for n in features.NAMES) for k, x in f.items()}
     got = calibration.coefficients(timings, f)
-    for k in ("conv", "gemm", "qconv", "qgemm", "elements"):
+    for k in ("conv", "gemm", "qconv", "qgemm", "elements", "im2col"):
         assert got[k] == pytest.approx(true[k], rel=0.05), k
     s = calibration.summary(got)
     assert s["conv_gflops"] == pytest.approx(200, rel=0.05)
@@ -60,18 +63,19 @@ def test_nnls_keeps_coefficients_non_negative() -> None:
     assert (x >= 0).all() and x[1] == 0
 
 
-def test_cfs_latency() -> None:
-    assert pm.cfs_latency(10, None, 0.1, 0.1) == 10
-    assert pm.cfs_latency(10, 2.0, 0.1, 0.1) == 10
-    assert pm.cfs_latency(10, 0.25, 0.1, None) == pytest.approx(40)  # the mean: w / q
-    assert pm.cfs_latency(0.1, 0.25, 0.1, 0.1) == pytest.approx(0.1 * (1 + 3 * 0.004 / 0.1))
-    assert pm.cfs_latency(100, 0.25, 0.1, 0.1) == pytest.approx(400)  # many budgets: w / q
+def test_wall_latency_and_slowdown() -> None:
+    assert pm.wall_latency(10, 1.0, 5) == 10
+    assert pm.wall_latency(10, 4.0, 5) == pytest.approx(40)  # longer than the span: the full slowdown
+    assert pm.wall_latency(1, 4.0, 5) == pytest.approx(1 * (1 + 3 * 0.2))
+    assert pm.Calibration({}, 0.25, 0.1).slowdown == 4.0  # not measured: from the quota
+    assert pm.Calibration({}, 0.25, 0.1, 2.5).slowdown == 2.5
+    assert pm.Calibration({}, None).slowdown == 1.0
 
 
 def _cal(quota: float | None, speed: float = 1.0) -> pm.Calibration:
     return pm.Calibration({"call": 0.01 / speed, "nodes": 0.001 / speed, "elements": 1e-7 / speed,
                            "conv": 1e-8 / speed, "gemm": 1e-8 / speed, "qconv": 4e-8 / speed,
-                           "qgemm": 2e-9 / speed}, quota, 0.1)  # fmt: skip
+                           "qgemm": 2e-9 / speed, "im2col": 1e-7 / speed}, quota, 0.1)  # fmt: skip
 
 
 def _variants() -> dict[str, dict[str, float]]:
@@ -81,7 +85,7 @@ def _variants() -> dict[str, dict[str, float]]:
         out[f"v{i}"] = {
             "call": 1.0, "nodes": float(rng.integers(5, 30)), "elements": float(rng.integers(10_000, 1_000_000)),
             "conv": float(rng.integers(100_000, 100_000_000)), "gemm": float(rng.integers(10_000, 1_000_000)),
-            "qconv": 0.0, "qgemm": 0.0,
+            "qconv": 0.0, "qgemm": 0.0, "im2col": float(rng.integers(1_000, 100_000)),
         }  # fmt: skip
     return out
 
@@ -89,7 +93,7 @@ def _variants() -> dict[str, dict[str, float]]:
 def _truth(cal: pm.Calibration, x: dict[str, float], bias: float = 1.3) -> pm.Observation:
     """A 'device' whose real costs are *bias* times the calibrated conv cost (what α learns)."""
     w = sum(cal.coef[k] * x[k] * (bias if k == "conv" else 1.0) for k in features.NAMES)
-    p50 = pm.cfs_latency(w, cal.quota, cal.period_s, 0.2)
+    p50 = pm.wall_latency(w, cal.slowdown, 3.0)
     return pm.Observation("", "", 1, x, p50, p50 * 1.2, w)
 
 
@@ -100,7 +104,7 @@ def test_the_predictor_learns_the_feature_correction_and_predicts_held_out_devic
     for name, x in list(xs.items())[:4]:
         o = _truth(cals["d-full"], x)
         train.append(pm.Observation("d-full", name, 1, x, o.p50_ms, o.p95_ms, o.cpu_ms))
-    assert pm.fit(train, cals).reach == pm.Predictor().reach  # no quota'd profile: the prior
+    assert pm.fit(train, cals).span_ms == pm.Predictor().span_ms  # no slowed profile: the prior
     o = _truth(cals["d-half"], xs["v5"])
     train.append(pm.Observation("d-half", "v5", 1, xs["v5"], o.p50_ms, o.p95_ms, o.cpu_ms))
     pred = pm.fit(train, cals)
@@ -177,10 +181,12 @@ def test_records_and_fingerprint() -> None:
     rec = profile_record(out, {"name": "m", "version": "1", "variant": "int8"}, dev, "job_1")
     assert rec["batches"]["1"]["p50_ms"] == 1.0 and rec["facts"] == fp and rec["variant"] == "int8"
     g = {k: features.of_bytes(v) for k, v in calibration.graphs().items()}
-    outs = {k: {"results": [{"cpu_p50_ms": 0.01 + g[k]["conv"] * 1e-8}], "cpu_quota": 0.25, "cfs_period_s": 0.1}
+    outs = {k: {"results": [{"cpu_p50_ms": 0.01 + g[k]["conv"] * 1e-8, "p50_ms": 0.03 + g[k]["conv"] * 3e-8}],
+                "cpu_quota": 0.25, "cfs_period_s": 0.1}
             for k in g}  # fmt: skip
     cal = calibration_record(outs, g, dev, "job_2")
     assert cal["cpu_quota"] == 0.25 and cal["coef"]["conv"] > 0 and cal["facts"] == fp
+    assert cal["slowdown"] == pytest.approx(3.0, rel=0.01)
 
 
 def test_metrics_families() -> None:

@@ -26,7 +26,7 @@ MEASURED_UNCERTAINTY = 0.05
 
 
 def _cal(rec: Mapping[str, Any]) -> pm.Calibration:
-    return pm.Calibration(rec.get("coef") or {}, rec.get("cpu_quota"), rec.get("cfs_period_s"))
+    return pm.Calibration(rec.get("coef") or {}, rec.get("cpu_quota"), rec.get("cfs_period_s"), rec.get("slowdown"))
 
 
 def current(store: Store, devices: Sequence[Mapping[str, Any]]) -> tuple[dict[str, JSON], list[JSON]]:
@@ -46,6 +46,15 @@ def observations(store: Store, profiles: Iterable[Mapping[str, Any]]) -> list[pm
         for b, f in (p.get("batches") or {}).items():
             out.append(pm.Observation(p["device"], p["sha256"], int(b), at_batch(x, int(b)), f["p50_ms"], f["p95_ms"],
                                       f["cpu_p50_ms"], f.get("mean_ms")))  # fmt: skip
+    return out
+
+
+def timed_points(cals: Mapping[str, Mapping[str, Any]]) -> list[pm.WallPoint]:
+    """The calibration graphs' (device, CPU ms, wall-clock ms): the wall-clock model's data."""
+    out = []
+    for dev, c in cals.items():
+        walls = c.get("wall_ms") or {}
+        out += [(dev, float(cpu), float(walls[g])) for g, cpu in (c.get("timings_ms") or {}).items() if g in walls]
     return out
 
 
@@ -98,7 +107,8 @@ def recommend(store: Store, settings: Settings, name: str, args: Mapping[str, An
     recs = candidates(store, name, args.get("version"), args.get("variants"))
     devices = store.get_devices(resolve_devices(store, args.get("devices"), args.get("cluster")))
     cals, profiles = current(store, devices)
-    pred, report = pm.fit_with_uncertainty(observations(store, profiles), {d: _cal(c) for d, c in cals.items()})
+    pcals = {d: _cal(c) for d, c in cals.items()}
+    pred, report = pm.fit_with_uncertainty(observations(store, profiles), pcals, timed_points(cals))
     feats = {r["sha256"]: features_of(store, settings, r) for r in recs}
     prof = {(p["sha256"], p["device"]): p for p in profiles if p.get("runtime") == RUNTIME}
     rss = {p["sha256"]: p.get("peak_rss_bytes") for p in profiles}
@@ -122,7 +132,7 @@ def recommend(store: Store, settings: Settings, name: str, args: Mapping[str, An
         "max_latency_ms": k.max_latency_ms, "min_accuracy": k.min_accuracy, "devices": out_devices,
         "unable": [{"device": u["device"], "name": u["name"], "reason": u["reason"]} for u in unable],
         "predictor": {**report, "profiles": pred.profiles, "uncertainty": round(pred.uncertainty, 3),
-                      "reach": pred.reach, "alpha": [round(float(a), 4) for a in pred.alpha]},
+                      "span_ms": pred.span_ms, "alpha": [round(float(a), 4) for a in pred.alpha]},
         "at": now(),
     }  # fmt: skip
     if watch:

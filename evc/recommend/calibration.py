@@ -9,6 +9,7 @@ ones are ONNX Runtime's dynamic quantization of the float ones, as EVC's int8 va
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,10 @@ import numpy as np
 from evc.recommend import features as feats
 
 #: the calibration graphs, in the order they run
-GRAPHS = ("call", "nodes", "elements", "conv", "gemm", "qconv", "qgemm")
+GRAPHS = ("call", "nodes", "elements", "conv", "gemm", "qconv", "qgemm", "thin", "mid", "long")
+#: the graph whose wall-clock / CPU time says how much slower a long inference runs on the
+#: device than its CPU time (CPU quota, other load): not used for the coefficients
+LONG = "long"
 #: the runner's counts for a calibration (short: a few seconds of CPU on a slow device)
 WARMUP, TIMED, BATCH = 3, 25, 1
 
@@ -42,17 +46,18 @@ def _relu_chain(n: int, width: int, name: str) -> bytes:
     return _model(nodes, io[:1], io[1:], [], name)
 
 
-def _conv(c: int = 32, hw: int = 32) -> bytes:
+def _conv(c: int = 32, hw: int = 32, c_out: int | None = None, n: int = 1, name: str = "conv") -> bytes:
     from onnx import TensorProto as T
     from onnx import helper as h
     from onnx import numpy_helper as nh
 
     rng = np.random.default_rng(1)
-    w = nh.from_array((rng.standard_normal((c, c, 3, 3)) * 0.1).astype(np.float32), "W")
-    b = nh.from_array(np.zeros(c, np.float32), "B")
+    co = c_out or c
+    w = nh.from_array((rng.standard_normal((co, c, 3, 3)) * 0.1).astype(np.float32), "W")
+    b = nh.from_array(np.zeros(co, np.float32), "B")
     node = h.make_node("Conv", ["X", "W", "B"], ["Y"], pads=[1, 1, 1, 1], kernel_shape=[3, 3])
-    return _model([node], [h.make_tensor_value_info("X", T.FLOAT, [1, c, hw, hw])],
-                  [h.make_tensor_value_info("Y", T.FLOAT, [1, c, hw, hw])], [w, b], "conv")  # fmt: skip
+    return _model([node], [h.make_tensor_value_info("X", T.FLOAT, [n, c, hw, hw])],
+                  [h.make_tensor_value_info("Y", T.FLOAT, [n, co, hw, hw])], [w, b], name)  # fmt: skip
 
 
 def _gemm(m: int = 64, k: int = 512, n: int = 512) -> bytes:
@@ -89,6 +94,9 @@ def graphs() -> dict[str, bytes]:
         "gemm": gemm,
         "qconv": quantize(conv),
         "qgemm": quantize(gemm),
+        "thin": _conv(8, 128, c_out=2, name="thin"),
+        "mid": _conv(32, 32, n=24, name="mid"),
+        "long": _conv(32, 32, n=160, name="long"),
     }
 
 
@@ -112,7 +120,7 @@ def coefficients(timings_ms: dict[str, float], graph_features: dict[str, dict[st
     """The CPU milliseconds one unit of each feature costs on the device, from the CPU time per
     inference of each calibration graph (*timings_ms*) and the graphs' features: non-negative
     least squares on relative errors, so small graphs count as much as big ones."""
-    names = [g for g in GRAPHS if g in timings_ms and timings_ms[g] > 0 and g in graph_features]
+    names = [g for g in GRAPHS if g != LONG and timings_ms.get(g, 0) > 0 and g in graph_features]
     a = np.array([feats.vector(graph_features[g]) for g in names], dtype=float)
     y = np.array([timings_ms[g] for g in names], dtype=float)
     if not len(names):
@@ -121,6 +129,13 @@ def coefficients(timings_ms: dict[str, float], graph_features: dict[str, dict[st
     scale[scale == 0] = 1.0
     x = nnls(a / scale / y[:, None], np.ones(len(names)))
     return {k: float(v) for k, v in zip(feats.NAMES, x / scale, strict=True)}
+
+
+def slowdown(outs: Mapping[str, Mapping[str, Any]]) -> float | None:
+    """Wall-clock p50 / CPU p50 of the long calibration graph (None when it did not run)."""
+    res = ((outs.get(LONG) or {}).get("results") or [{}])[0]
+    wall, cpu = res.get("p50_ms"), res.get("cpu_p50_ms")
+    return max(1.0, float(wall) / float(cpu)) if wall and cpu else None
 
 
 def summary(coef: dict[str, float]) -> dict[str, float | None]:
@@ -135,4 +150,5 @@ def summary(coef: dict[str, float]) -> dict[str, float | None]:
         "ns_per_element": round(coef.get("elements", 0.0) * 1e6, 4),
         "us_per_node": round(coef.get("nodes", 0.0) * 1e3, 3),
         "us_per_call": round(coef.get("call", 0.0) * 1e3, 3),
+        "ns_per_im2col": round(coef.get("im2col", 0.0) * 1e6, 4),
     }  # fmt: skip

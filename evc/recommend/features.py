@@ -3,7 +3,9 @@
 One sample's work, by operator class: FLOPs of fp32 convolutions (``conv``), of fp32 matrix
 products (``gemm``: Gemm, MatMul), of their integer forms (``qconv``: ConvInteger, QLinearConv;
 ``qgemm``: MatMulInteger, QLinearMatMul), the tensor elements every node writes (``elements``:
-the elementwise and data-movement work) and the node count (``nodes``: per-node overhead). The
+the elementwise and data-movement work), the unrolled inputs of convolutions (``im2col``: output
+positions × input channels per group × kernel size, what makes a convolution with few channels
+cost more than its FLOPs say) and the node count (``nodes``: per-node overhead). The
 FLOPs come from EVC's graph analysis (:func:`evc.models.metadata.node_flops`); a symbolic batch
 dimension is taken as 1, and :func:`at_batch` scales to a batch size.
 """
@@ -17,9 +19,9 @@ from typing import Any
 from evc.models import metadata
 
 #: the features, in the order the predictor's vectors use; ``call`` is 1 per inference
-NAMES = ("call", "nodes", "elements", "conv", "gemm", "qconv", "qgemm")
+NAMES = ("call", "nodes", "elements", "conv", "gemm", "qconv", "qgemm", "im2col")
 #: the features that grow with the batch size
-PER_SAMPLE = ("elements", "conv", "gemm", "qconv", "qgemm")
+PER_SAMPLE = ("elements", "conv", "gemm", "qconv", "qgemm", "im2col")
 
 #: integer operators and (the float operator whose FLOPs they do, the inputs that play X and W)
 _INTEGER_OPS = {
@@ -56,7 +58,19 @@ def of_model(model: Any) -> dict[str, float]:
         flops, cls = _node(node, shapes)
         if cls and flops:
             out[cls] += flops
+            if cls in ("conv", "qconv"):
+                out["im2col"] += _im2col(node, shapes)
     return out
+
+
+def _im2col(node: Any, shapes: dict[str, list[int]]) -> float:
+    """Output positions × input channels per group × kernel size of a convolution (one sample)."""
+    w_index = 3 if node.op_type == "QLinearConv" else 1
+    w = shapes.get(node.input[w_index]) if len(node.input) > w_index else None
+    out = shapes.get(node.output[0])
+    if not w or not out or len(out) < 3:
+        return 0.0
+    return float(math.prod(out[2:]) * math.prod(w[1:]))
 
 
 def _node(node: Any, shapes: dict[str, list[int]]) -> tuple[int | None, str | None]:

@@ -7,11 +7,14 @@ corrected on the profiles that exist, then the device's CPU quota.
    feature (ridge regression toward 1 on the relative errors of every profile's CPU time) and
    ``β`` a per-device factor (the geometric mean of its profiles' ratios, shrunk toward the
    fleet's: a device with no profile gets the fleet's).
-2. Wall-clock latency under a CFS CPU quota ``q`` < 1 (period ``P``; the runner and the edge
-   server use one thread): run back to back, an inference of CPU time ``w`` is stalled
-   ``P - qP`` at each exhausted budget ``qP``, so it sees ``floor(w/qP)`` or one more stall
-   (that one with probability ``frac(w/qP)``): the p50 and p95 follow, the mean is ``w/q``. A
-   per-device factor ``γ`` (shrunk toward the fleet's) corrects what this leaves out (other load).
+2. Wall-clock latency: an inference much shorter than a scheduling slice mostly runs between
+   stalls (latency ``w``); a long one is slowed by the device's ``S``, the wall-clock / CPU
+   time of the long calibration graph (the CPU quota, other load on the device; ``1 / quota``
+   when not measured). In between, linearly: ``p50 = w · (1 + (S - 1) · ramp(w))`` where
+   ``ramp`` rises from 0 at ``onset`` to 1 at ``onset + span`` (CPU ms; a scheduler lets a
+   short inference finish: the step is sharp), both fitted on the profiles and the calibration
+   graphs' own wall-clock and CPU times; the mean is ``w · S``. A per-device factor ``γ``
+   (shrunk toward the fleet's) corrects what this leaves out.
 3. Uncertainty: the root-mean-square relative error of the p50 on held-out profiles
    (leave-one-out).
 """
@@ -30,8 +33,10 @@ from evc.recommend import features as feats
 RIDGE = 0.05
 #: prior weight (in profiles) of the fleet's factor in a device's β and γ
 SHRINK = 1.0
-#: the candidate values of :attr:`Predictor.reach`
-REACHES = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+#: the candidate values of :attr:`Predictor.span_ms`
+SPANS_MS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 35.0, 60.0, 100.0)
+#: the candidate values of :attr:`Predictor.onset_ms`
+ONSETS_MS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 #: uncertainty when there are too few profiles to measure it
 DEFAULT_UNCERTAINTY = 0.3
 MIN_UNCERTAINTY = 0.05
@@ -39,12 +44,19 @@ MIN_UNCERTAINTY = 0.05
 
 @dataclass(frozen=True)
 class Calibration:
-    """A device's calibration: CPU ms per feature unit, its CPU quota (CPUs; None: no limit)
-    and the CFS period (s)."""
+    """A device's calibration: CPU ms per feature unit, its CPU quota (CPUs; None: no limit),
+    the CFS period (s) and the measured slowdown of a long inference (None: from the quota)."""
 
     coef: Mapping[str, float]
     quota: float | None = None
     period_s: float | None = None
+    measured_slowdown: float | None = None
+
+    @property
+    def slowdown(self) -> float:
+        if self.measured_slowdown:
+            return max(1.0, float(self.measured_slowdown))
+        return 1.0 / self.quota if self.quota and self.quota < 1 else 1.0
 
     def vector(self) -> np.ndarray:
         return np.array([float(self.coef.get(k, 0.0)) for k in feats.NAMES])
@@ -86,8 +98,10 @@ class Predictor:
     gamma0: float = 1.0
     uncertainty: float = DEFAULT_UNCERTAINTY
     profiles: int = 0
-    #: how many CFS budgets an inference needs to see its full share of stalls (fitted)
-    reach: float = 0.1
+    #: how long (CPU ms) an inference must be to be slowed by the device's full slowdown (fitted)
+    span_ms: float = 5.0
+    #: below this CPU time an inference is not slowed at all (fitted)
+    onset_ms: float = 0.0
     #: the fleet's median p95 / p50 of the profiles (a predicted p95 is the p50 times it)
     tail: float = 1.5
 
@@ -98,28 +112,29 @@ class Predictor:
     def predict(self, device: str, cal: Calibration, x: Mapping[str, float]) -> Estimate:
         w = self.cpu_ms(device, cal, x)
         g = self.gamma.get(device, self.gamma0)
-        p50 = cfs_latency(w, cal.quota, cal.period_s, self.reach) * g
-        mean = max(p50, cfs_latency(w, cal.quota, cal.period_s, None) * g)
+        p50 = wall_latency(w, cal.slowdown, self.span_ms, self.onset_ms) * g
+        mean = max(p50, w * cal.slowdown * g)
         return Estimate(p50, p50 * self.tail, mean, w, self.uncertainty)
 
 
-def cfs_latency(w_ms: float, quota: float | None, period_s: float | None, reach: float | None) -> float:
-    """Wall-clock latency of back-to-back inferences of CPU time *w_ms* under a CFS quota of
-    *quota* CPUs per period (one thread). *reach* None: the mean, ``w / quota``. Otherwise the
-    median: an inference much shorter than the budget ``quota · period`` mostly runs between
-    stalls (latency ``w``); one of *reach* budgets or longer sees its share of stalls (``w /
-    quota``); in between, linearly in ``w / budget``."""
-    if quota is None or quota >= 1 or not period_s or w_ms <= 0:
+def wall_latency(w_ms: float, slowdown: float, span_ms: float, onset_ms: float = 0.0) -> float:
+    """The p50 wall-clock latency of inferences of CPU time *w_ms* on a device whose long
+    inferences run *slowdown* times slower than their CPU time (see the module doc)."""
+    if w_ms <= 0:
         return w_ms
-    slow = 1.0 / quota - 1.0
-    if reach is None:
-        return w_ms * (1 + slow)
-    r = w_ms / (quota * period_s * 1000.0)
-    return w_ms * (1 + slow * min(1.0, r / reach))
+    return w_ms * (1 + (slowdown - 1) * min(1.0, max(0.0, w_ms - onset_ms) / span_ms))
+
+
+def _median(xs: Sequence[float]) -> float:
+    ys = sorted(xs)
+    n = len(ys)
+    return ys[n // 2] if n % 2 else (ys[n // 2 - 1] + ys[n // 2]) / 2
 
 
 def _shrunk(logs: Sequence[float], prior: float) -> float:
-    return math.exp((sum(logs) + SHRINK * prior) / (len(logs) + SHRINK))
+    """A device's factor: the median of its log ratios, shrunk toward the fleet's *prior*."""
+    n = len(logs)
+    return math.exp((n * _median(logs) + SHRINK * prior) / (n + SHRINK))
 
 
 def _fit_alpha(z: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -137,24 +152,31 @@ def _fit_alpha(z: np.ndarray, y: np.ndarray) -> np.ndarray:
     return alpha
 
 
+#: (device, CPU ms, wall-clock p50 ms) of one timed graph: a profile's, or a calibration graph's
+WallPoint = tuple[str, float, float]
+
+
 def _wall_fit(
-    obs: Sequence[Observation], calibrations: Mapping[str, Calibration], reach: float
+    points: Sequence[WallPoint], calibrations: Mapping[str, Calibration], span: float, onset: float
 ) -> tuple[float, dict[str, list[float]]]:
     """The log ratios measured p50 / modelled p50 (from the measured CPU time) by device, and
-    their squared spread around each device's mean (what *reach* should make small)."""
+    their absolute spread around each device's median (what *span* and *onset* should make small)."""
     logs: dict[str, list[float]] = {}
-    for o in obs:
-        cal = calibrations[o.device]
-        logs.setdefault(o.device, []).append(math.log(o.p50_ms / cfs_latency(o.cpu_ms, cal.quota, cal.period_s, reach)))
-    spread = 0.0
+    for dev, cpu, wall in points:
+        model = wall_latency(cpu, calibrations[dev].slowdown, span, onset)
+        logs.setdefault(dev, []).append(math.log(wall / model))
+    spread = 0.0  # absolute deviations around each device's median: one noisy profile counts once
     for xs in logs.values():
-        m = sum(xs) / len(xs)
-        spread += sum((x - m) ** 2 for x in xs) + (m * m if len(xs) == 1 else 0.0)
+        m = _median(xs)
+        spread += sum(abs(x - m) for x in xs) + (abs(m) if len(xs) == 1 else 0.0)
     return spread, logs
 
 
-def fit(observations: Iterable[Observation], calibrations: Mapping[str, Calibration]) -> Predictor:
-    """The predictor fitted on *observations* of calibrated devices (others are left out)."""
+def fit(
+    observations: Iterable[Observation], calibrations: Mapping[str, Calibration], timed: Sequence[WallPoint] = ()
+) -> Predictor:
+    """The predictor fitted on *observations* of calibrated devices (others are left out); the
+    wall-clock model also on *timed* (the calibration graphs' CPU and wall-clock times)."""
     obs = [o for o in observations if o.device in calibrations and o.cpu_ms > 0 and o.p50_ms > 0]
     pred = Predictor(profiles=len(obs))
     if not obs:
@@ -170,11 +192,14 @@ def fit(observations: Iterable[Observation], calibrations: Mapping[str, Calibrat
         if b > 0:
             cpu_by_dev.setdefault(o.device, []).append(math.log(o.cpu_ms / b))
     pred.beta = {d: _shrunk(xs, math.log(pred.beta0)) for d, xs in cpu_by_dev.items()}
-    if any((calibrations[o.device].quota or 1.0) < 1.0 for o in obs):  # else it cannot be told
-        pred.reach = min(REACHES, key=lambda r: _wall_fit(obs, calibrations, r)[0])
-    _, wall_logs = _wall_fit(obs, calibrations, pred.reach)
+    points = [(o.device, o.cpu_ms, o.p50_ms) for o in obs]
+    points += [p for p in timed if p[0] in calibrations and p[1] > 0 and p[2] > 0]
+    if any(calibrations[p[0]].slowdown > 1.05 for p in points):  # else it cannot be told
+        grid = [(s, o) for s in SPANS_MS for o in ONSETS_MS]
+        pred.span_ms, pred.onset_ms = min(grid, key=lambda so: _wall_fit(points, calibrations, *so)[0])
+    _, wall_logs = _wall_fit(points, calibrations, pred.span_ms, pred.onset_ms)
     all_wall = [x for xs in wall_logs.values() for x in xs]
-    pred.gamma0 = math.exp(sum(all_wall) / len(all_wall))
+    pred.gamma0 = math.exp(_median(all_wall))
     pred.gamma = {d: _shrunk(xs, math.log(pred.gamma0)) for d, xs in wall_logs.items()}
     tails = sorted(o.p95_ms / o.p50_ms for o in obs)
     pred.tail = max(1.0, tails[len(tails) // 2])
@@ -182,13 +207,13 @@ def fit(observations: Iterable[Observation], calibrations: Mapping[str, Calibrat
 
 
 def held_out(
-    observations: Sequence[Observation], calibrations: Mapping[str, Calibration]
+    observations: Sequence[Observation], calibrations: Mapping[str, Calibration], timed: Sequence[WallPoint] = ()
 ) -> list[tuple[Observation, Estimate]]:
     """Leave-one-out: each observation predicted by the predictor fitted on the others."""
     obs = [o for o in observations if o.device in calibrations]
     out = []
     for i, o in enumerate(obs):
-        p = fit(obs[:i] + obs[i + 1 :], calibrations)
+        p = fit(obs[:i] + obs[i + 1 :], calibrations, timed)
         out.append((o, p.predict(o.device, calibrations[o.device], o.features)))
     return out
 
@@ -212,11 +237,11 @@ def error_report(errors: Sequence[float]) -> dict[str, float | int | None]:
 
 
 def fit_with_uncertainty(
-    observations: Sequence[Observation], calibrations: Mapping[str, Calibration]
+    observations: Sequence[Observation], calibrations: Mapping[str, Calibration], timed: Sequence[WallPoint] = ()
 ) -> tuple[Predictor, dict[str, float | int | None]]:
     """The predictor on every observation, its uncertainty and error report from leave-one-out."""
-    pred = fit(observations, calibrations)
-    errors = relative_errors(held_out(observations, calibrations)) if len(observations) >= 3 else []
+    pred = fit(observations, calibrations, timed)
+    errors = relative_errors(held_out(observations, calibrations, timed)) if len(observations) >= 3 else []
     report = error_report(errors)
     if errors:
         pred.uncertainty = max(MIN_UNCERTAINTY, float(report["rms"] or 0.0))

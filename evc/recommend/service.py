@@ -225,7 +225,9 @@ def calibration_record(outs: Mapping[str, Mapping[str, Any]], graph_feats: Mappi
     coef = calibration.coefficients(timings, dict(graph_feats))
     first = next(iter(outs.values()))
     return {
-        "coef": coef, "summary": calibration.summary(coef), "timings_ms": timings, "cpu_quota": first.get("cpu_quota"),
+        "coef": coef, "summary": calibration.summary(coef), "timings_ms": timings,
+        "wall_ms": {name: float(o["results"][0]["p50_ms"]) for name, o in outs.items()},
+        "slowdown": calibration.slowdown(outs), "cpu_quota": first.get("cpu_quota"),
         "cfs_period_s": first.get("cfs_period_s"), "cpu_count": first.get("cpu_count"), "load": first.get("load"),
         "facts": facts_fingerprint(dev), "job": job_id, "at": now(),
     }  # fmt: skip
