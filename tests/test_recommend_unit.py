@@ -70,6 +70,10 @@ def test_wall_latency_and_slowdown() -> None:
     assert pm.Calibration({}, 0.25, 0.1).slowdown == 4.0  # not measured: from the quota
     assert pm.Calibration({}, 0.25, 0.1, 2.5).slowdown == 2.5
     assert pm.Calibration({}, None).slowdown == 1.0
+    quarter = pm.Calibration({}, 0.25, 0.1)  # a budget of 25 ms per 100 ms
+    assert pm.quota_stall(0.5, quarter) == 0.0  # 2 % of inferences stalled: not in the p95
+    assert pm.quota_stall(5.0, quarter) == pytest.approx(75.0)  # 20 %: the p95 has a whole stall
+    assert pm.quota_stall(5.0, pm.Calibration({}, None)) == 0.0
 
 
 def _cal(quota: float | None, speed: float = 1.0) -> pm.Calibration:

@@ -98,8 +98,11 @@ def constraints_of(args: Mapping[str, Any]) -> choose.Constraints:
     return choose.Constraints(objective, args.get("max_latency_ms"), args.get("min_accuracy"))
 
 
-def recommend(store: Store, settings: Settings, name: str, args: Mapping[str, Any], watch: bool = True) -> JSON:
-    """``GET /models/{name}/recommend``: per device of ``cluster`` (or ``devices``)."""
+def recommend(
+    store: Store, settings: Settings, name: str, args: Mapping[str, Any], watch: bool = True, report: bool = True
+) -> JSON:
+    """``GET /models/{name}/recommend``: per device of ``cluster`` (or ``devices``); *report*:
+    with the predictor's held-out error (leave-one-out; the follower does without)."""
     from evc.fl.service import resolve_devices
 
     k = constraints_of(args)
@@ -108,7 +111,8 @@ def recommend(store: Store, settings: Settings, name: str, args: Mapping[str, An
     devices = store.get_devices(resolve_devices(store, args.get("devices"), args.get("cluster")))
     cals, profiles = current(store, devices)
     pcals = {d: _cal(c) for d, c in cals.items()}
-    pred, report = pm.fit_with_uncertainty(observations(store, profiles), pcals, timed_points(cals))
+    obs, timed = observations(store, profiles), timed_points(cals)
+    pred, errors = pm.fit_with_uncertainty(obs, pcals, timed) if report else (pm.fit(obs, pcals, timed), {})
     feats = {r["sha256"]: features_of(store, settings, r) for r in recs}
     prof = {(p["sha256"], p["device"]): p for p in profiles if p.get("runtime") == RUNTIME}
     rss = {p["sha256"]: p.get("peak_rss_bytes") for p in profiles}
@@ -131,7 +135,7 @@ def recommend(store: Store, settings: Settings, name: str, args: Mapping[str, An
         "model": name, "version": recs[0]["version"], "batch": batch, "objective": k.objective,
         "max_latency_ms": k.max_latency_ms, "min_accuracy": k.min_accuracy, "devices": out_devices,
         "unable": [{"device": u["device"], "name": u["name"], "reason": u["reason"]} for u in unable],
-        "predictor": {**report, "profiles": pred.profiles, "uncertainty": round(pred.uncertainty, 3),
+        "predictor": {**errors, "profiles": pred.profiles, "uncertainty": round(pred.uncertainty, 3),
                       "span_ms": pred.span_ms, "alpha": [round(float(a), 4) for a in pred.alpha]},
         "at": now(),
     }  # fmt: skip
@@ -164,7 +168,7 @@ def follow(store: Store, settings: Settings, device_ids: Iterable[str] | None = 
     for model, w in store.recommendation_watches().items():
         before = w.get("chosen") or {}
         try:
-            view = recommend(store, settings, model, w.get("args") or {}, watch=True)
+            view = recommend(store, settings, model, w.get("args") or {}, watch=True, report=False)
         except Exception:  # noqa: BLE001 - a model or cluster removed meanwhile: nothing to follow
             continue
         after = {d["device"]: d for d in view["devices"]} | {u["device"]: {**u, "label": None} for u in view["unable"]}
