@@ -237,13 +237,42 @@ def _figures(args: argparse.Namespace, store: Store, settings: Any, api: API, id
     return all(f.ok for f in figures), figures
 
 
+def replay(path: str, batch: int) -> None:
+    """The predictor's figures again from a run's saved measurements (``--save``), with this
+    code: the same kept pairs, no devices needed (the recommendation figure needs the API)."""
+    raw = json.loads(Path(path).read_text())
+    quotas, cals = raw["quotas"], raw["calibrations"]
+    ids = sorted(quotas, key=lambda d: quotas[d])
+    anchor = ids[len(ids) // 2]
+    kept = {(anchor, v) for v in ["base", *VARIANTS]} | {(d, "base") for d in (ids[0], ids[1], ids[-1]) if d != anchor}
+    profiles = {(p["device"], p["variant"] or "base"): p for p in raw["profiles"]}
+    obs = [pm.Observation(d, v, batch, at_batch(raw["features"][p["sha256"]], batch), f["p50_ms"], f["p95_ms"],
+                          f["cpu_p50_ms"]) for (d, v), p in profiles.items() if (d, v) in kept
+           for f in [p["batches"][str(batch)]]]  # fmt: skip
+    pcals = {d: advise._cal(c) for d, c in cals.items()}
+    pred = pm.fit(obs, pcals, advise.timed_points(cals))
+    errors = []
+    for (d, v), p in profiles.items():
+        if (d, v) not in kept:
+            m = p["batches"][str(batch)]["p50_ms"]
+            errors.append((pred.predict(d, pcals[d], at_batch(raw["features"][p["sha256"]], batch)).p50_ms - m) / m)
+    within = sum(abs(e) <= 0.2 for e in errors) / len(errors)
+    emit(
+        [Figure("held-out pairs with p50 predicted within ±20 % (replay)", ">= 90 %", 100 * within, "%", within >= 0.9)]
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpus", default="0.15,0.25,0.4,0.6,0.8,1", help="one simulated device per quota")
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--timed", type=int, default=60)
     parser.add_argument("--save", default=None, help="write the raw measurements (JSON) here")
+    parser.add_argument("--replay", default=None, help="only the predictor's figure, from a --save file")
     args = parser.parse_args()
+    if args.replay:
+        replay(args.replay, args.batch)
+        return
     with tempfile.TemporaryDirectory(prefix="evc-bench-recommend-") as tmp:
         ok, figures = run(args, Path(tmp))
     emit(figures)
