@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import logging
 from typing import Any
 
 import redis
+from apispec.ext.marshmallow import MarshmallowPlugin
+from apispec.ext.marshmallow.openapi import OpenAPIConverter
 from evc.api import docs_assets
 from flask import Flask, g, jsonify, request
 from flask_smorest import Api
+from marshmallow import fields
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
@@ -49,7 +53,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config.update(
         API_TITLE="EVC — Edge Vision Cluster",
         API_VERSION=__version__,
-        OPENAPI_VERSION="3.0.3",
+        OPENAPI_VERSION="3.1.0",
         OPENAPI_URL_PREFIX="/api/v1",
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH="/docs",
@@ -64,12 +68,15 @@ def create_app(settings: Settings | None = None) -> Flask:
         },
     )
     app.extensions["evc"] = {"settings": settings, "store": None, "celery": None}
-    api = _Api(app)
+    api = _Api(app, spec_kwargs={"marshmallow_plugin": _MarshmallowPlugin()})
     app.url_map.converters["id"] = IdConverter
     api.register_converter(IdConverter, lambda _: {"type": "string", "pattern": ID_PATTERN, "maxLength": 64})
     for mod in BLUEPRINTS:
         api.register_blueprint(importlib.import_module(mod).blp)
     app.register_blueprint(docs_assets.bp)
+    from evc.api import ui  # the web console at /ui (server-rendered; its own error pages)
+
+    app.register_blueprint(ui.bp)
     _errors(app)
     _audit(app)
     if settings.cors_origins:
@@ -86,6 +93,40 @@ class IdConverter(BaseConverter):
     """The ``id`` URL converter: a record id, or no match (404)."""
 
     regex = ID_PATTERN[1:-1]
+
+
+class _Converter(OpenAPIConverter):
+    """apispec's converter, plus the JSON Schema keywords a schema class declares in
+    ``openapi_extra`` (e.g. ``oneOf`` for "give exactly one of", ``minProperties``) and a field in
+    ``metadata={"openapi": {...}}`` (e.g. ``propertyNames`` for label keys): what the validators
+    check that marshmallow's fields alone cannot say, so the document admits nothing they refuse."""
+
+    def init_attribute_functions(self) -> None:
+        super().init_attribute_functions()
+        self.add_attribute_function(_field_openapi)
+
+    def schema2jsonschema(self, schema: Any) -> dict[str, Any]:
+        out: dict[str, Any] = super().schema2jsonschema(schema)
+        extra = getattr(schema, "openapi_extra", None)
+        if extra:
+            out.update(copy.deepcopy(extra))
+        return out
+
+
+def _field_openapi(self: Any, field: Any, **kwargs: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    key_field = getattr(field, "key_field", None)
+    if isinstance(field, fields.Dict) and key_field is not None:  # what the keys' validators admit
+        key = self.field2property(key_field)
+        names = {k: key[k] for k in ("pattern", "minLength", "maxLength", "enum") if k in key}
+        if names:
+            out["propertyNames"] = names
+    out.update(copy.deepcopy(field.metadata.get("openapi", {})))
+    return out
+
+
+class _MarshmallowPlugin(MarshmallowPlugin):
+    Converter = _Converter
 
 
 class _Api(Api):

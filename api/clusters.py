@@ -16,7 +16,19 @@ from evc.model import Scope
 blp = Blueprint("clusters", __name__, url_prefix="/api/v1", description="Clusters and interworking profiles")
 
 
+def _vars_by_profile() -> dict[str, Any]:
+    """OpenAPI: ``vars`` may name only the playbooks of the chosen profile."""
+    return {
+        "oneOf": [
+            {"properties": {"profile": {"const": p.name}, "vars": {"propertyNames": {"enum": sorted(p.playbooks())}}}}
+            for p in profiles.profiles().values()
+        ]
+    }
+
+
 class ClusterCreateSchema(StrictSchema):
+    openapi_extra = _vars_by_profile()
+
     name = fields.String(required=True, validate=validate_name)
     profile = fields.String(required=True, validate=validate.OneOf(profiles.names()))
     target_level = fields.Integer(load_default=0, validate=validate.Range(min=0, max=profiles.MAX_LEVEL))

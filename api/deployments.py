@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from evc.api.deps import context, get_store, require
-from evc.api.schemas import JobSchema, PageArgs, PageSchema, StrictSchema, page, validate_name
+from evc.api.schemas import JobSchema, PageArgs, PageSchema, StrictSchema, one_of, page, validate_name
 from flask_smorest import Blueprint
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
@@ -21,12 +21,21 @@ blp = Blueprint(
 
 
 class DeploymentCreateSchema(StrictSchema):
+    openapi_extra = one_of("cluster", "devices")
+
     model = fields.String(required=True, validate=validate_name, metadata={"description": "the model's name"})
     version = fields.String(required=True, validate=validate_name)
     variant = fields.String(load_default=None, validate=validate.Length(min=1, max=32))
-    cluster = fields.String(load_default=None, metadata={"description": "every member of this cluster"})
+    cluster = fields.String(
+        load_default=None,
+        validate=validate.Length(min=1, max=64),
+        metadata={"description": "every member of this cluster"},
+    )
     devices = fields.List(fields.String(), load_default=None, validate=validate.Length(min=1, max=10_000))
-    runtime = fields.String(load_default="process", metadata={"description": "process (container: later)"})
+    runtime = fields.String(
+        load_default="process",
+        metadata={"description": "process (container: later)", "openapi": {"enum": list(service.RUNTIMES)}},
+    )
     port = fields.Integer(load_default=service.DEFAULT_PORT, validate=validate.Range(min=1, max=65535))
     ports = fields.Dict(
         keys=fields.String(),

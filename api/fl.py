@@ -1,21 +1,24 @@
 """Federated learning over HTTP: submit, show (per-round metrics), stop, resume, download a
-model; install the FL client on devices; partition a dataset onto them."""
+model, export it to the model registry (ONNX); install the FL client on devices; partition a dataset onto them."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from evc.api.deps import context, get_sender, get_settings, get_store, require, unit_of_work
-from evc.api.schemas import JobListArgs, JobPageSchema, JobSchema, StrictSchema, page
+from evc.api.models import VersionSchema
+from evc.api.schemas import JobListArgs, JobPageSchema, JobSchema, StrictSchema, one_of, page, validate_name
 from flask import Response
 from flask_smorest import Blueprint
 from marshmallow import ValidationError as SchemaError
 from marshmallow import fields, validate, validates_schema
 
 from evc.choices import PARTITIONS
+from evc.fl import export as fl_export
 from evc.fl import service
 from evc.fl.strategy import STRATEGIES
 from evc.model import JobKindName, Scope
+from evc.models import registry
 from evc.queue import JobQueue
 
 blp = Blueprint("fl", __name__, url_prefix="/api/v1/fl", description="Federated learning")
@@ -32,6 +35,8 @@ class DataSpecSchema(StrictSchema):
 
 
 class Targets(StrictSchema):
+    openapi_extra = one_of("devices", "cluster")
+
     devices = fields.List(fields.String(validate=ID), validate=validate.Length(min=1, max=10_000))
     cluster = fields.String(validate=ID)
 
@@ -45,7 +50,7 @@ class FLJobCreateSchema(Targets):
     model = fields.String(
         load_default="softmax",
         validate=validate.Length(max=300),
-        metadata={"description": "softmax, mlp, mlp:<hidden> or module:<path on the device>.py"},
+        metadata={"description": "softmax, mlp[:<hidden>], cnn[:<channels>], plugin:<name> or module:<path>.py"},
     )
     data = fields.Nested(DataSpecSchema, required=True)
     rounds = fields.Integer(load_default=10, validate=validate.Range(min=1, max=100_000))
@@ -77,6 +82,15 @@ class FLJobCreateSchema(Targets):
     )
     n_features = fields.Integer(allow_none=True, validate=validate.Range(min=1))
     n_classes = fields.Integer(allow_none=True, validate=validate.Range(min=2))
+    export = fields.Nested(
+        lambda: ExportTarget(), allow_none=True, load_default=None,
+        metadata={"description": "when the job succeeds, register its global model as this model version (ONNX)"},
+    )  # fmt: skip
+
+
+class ExportTarget(StrictSchema):
+    name = fields.String(required=True, validate=validate_name)
+    version = fields.String(required=True, validate=validate_name)
 
 
 class FLJobSchema(JobSchema):
@@ -177,6 +191,32 @@ def model(args: dict[str, Any], job_id: str) -> Any:
         mimetype="application/octet-stream",
         headers={"Content-Disposition": f'attachment; filename="{job_id}-round-{rnd}.npz"', "X-EVC-Round": str(rnd)},
     )
+
+
+class ExportSchema(StrictSchema):
+    name = fields.String(
+        required=True, validate=validate_name, metadata={"description": "the model's name in the registry"}
+    )
+    version = fields.String(required=True, validate=validate_name, metadata={"description": "the version to register"})
+    round = fields.Integer(validate=validate.Range(min=1), metadata={"description": "default: the last round"})
+
+
+@blp.route("/jobs/<id:job_id>/export", methods=["POST"])
+@require(Scope.MODELS)
+@blp.arguments(ExportSchema)
+@blp.response(201, VersionSchema)
+@blp.alt_response(200, schema=VersionSchema, description="this job's model was registered under that version before")
+@blp.alt_response(
+    409,
+    description="the job has not succeeded; the name and version hold other bytes; a device-code model "
+    "(module:, plugin:); or a graph whose accuracy is not the job's",
+)
+def export(data: dict[str, Any], job_id: str) -> Any:
+    """Export a finished job's global model to ONNX (softmax, mlp, cnn) and register it in the
+    model registry with the accuracy ONNX Runtime measures on the job's test set; then
+    `POST /api/v1/deployments` serves it."""
+    rec, created = fl_export.export(context(), job_id, data["name"], data["version"], data.get("round"))
+    return registry.version_view(get_store(), rec), 201 if created else 200
 
 
 @blp.route("/install", methods=["POST"])

@@ -14,7 +14,16 @@ import json
 from typing import Any
 
 from evc.api.deps import context, get_settings, get_store, require, require_any
-from evc.api.schemas import JobSchema, Labels, PageArgs, PageSchema, StrictSchema, page, validate_name
+from evc.api.schemas import (
+    LABEL_FILTER_OPENAPI,
+    JobSchema,
+    Labels,
+    PageArgs,
+    PageSchema,
+    StrictSchema,
+    page,
+    validate_name,
+)
 from flask import Response, g, request, stream_with_context
 from flask_smorest import Blueprint, abort
 from marshmallow import Schema, ValidationError, fields, validate
@@ -115,11 +124,31 @@ class VariantForm(StrictSchema):
     metadata = JSONObject(VariantMetaSchema, required=True)
 
 
+def _multipart_doc(meta: type[Schema], *, file_required: bool) -> dict[str, Any]:
+    """The whole multipart body as OpenAPI documents it: flask-smorest documents the ``files``
+    schema alone, without the ``metadata`` form field, which it loads from the form."""
+    return {
+        "properties": {
+            "file": {"type": "string", "format": "binary", "description": "the model (ONNX first)"},
+            "metadata": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "description": f"a JSON object: {meta.__name__}",
+            },
+        },
+        "required": ["file", "metadata"] if file_required else ["metadata"],
+    }
+
+
 class FileForm(StrictSchema):
+    openapi_extra = _multipart_doc(VariantMetaSchema, file_required=True)
+
     file = _file_field()
 
 
 class OptionalFileForm(StrictSchema):
+    openapi_extra = _multipart_doc(VersionMetaSchema, file_required=False)
+
     file = _file_field(required=False)
 
 
@@ -196,7 +225,9 @@ class ModelPageSchema(PageSchema):
 class ModelListArgs(PageArgs):
     task = fields.String(validate=validate.Length(max=64))
     format = fields.String(validate=validate.Length(max=32))
-    label = fields.List(fields.String(), metadata={"description": "key=value, repeatable"})
+    label = fields.List(
+        fields.String(metadata={"openapi": LABEL_FILTER_OPENAPI}), metadata={"description": "key=value, repeatable"}
+    )
     name_prefix = fields.String(validate=validate.Length(max=63))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from evc.api.deps import context, get_settings, require
-from evc.api.schemas import JobSchema, Labels, StrictSchema
+from evc.api.schemas import JobSchema, Labels, StrictSchema, one_of
 from flask_smorest import Blueprint
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
@@ -78,6 +78,8 @@ class RunOptionsSchema(StrictSchema):
 
 
 class ProvisionSchema(RunOptionsSchema):
+    openapi_extra = one_of("targets", "selector")
+
     targets = fields.List(
         fields.String(validate=validate.Length(min=1, max=64)),
         validate=validate.Length(min=1, max=10_000),
@@ -109,7 +111,11 @@ def playbooks() -> Any:
     return {"items": [s.public() for s in Catalog.from_settings(get_settings()).list()]}
 
 
-@blp.route("/playbooks/<name>", methods=["GET"])
+@blp.route(
+    "/playbooks/<name>",
+    methods=["GET"],
+    parameters=[{"in": "path", "name": "name", "schema": {"type": "string", "pattern": NAME.pattern}}],
+)
 @require(Scope.READ)
 @blp.response(200, PlaybookSchema)
 def playbook(name: str) -> Any:

@@ -36,6 +36,38 @@ def _check_host(value: str) -> None:
 # validators that are also documented: the OpenAPI schema carries their pattern and length;
 #: a host name (RFC 1123) or an IP address, documented as a string of at most 253 characters
 validate_host: list[Callable[[Any], Any]] = [validate.Length(min=1, max=253), _check_host]
+#: what `validate_host` admits, as JSON Schema (a field's ``metadata={"openapi": HOST_OPENAPI}``)
+HOST_OPENAPI = {
+    "anyOf": [
+        {"format": "ipv4"},
+        {"format": "ipv6"},
+        {"pattern": "^(?![0-9.]+$)" + HOSTNAME_RE.pattern[1:]},
+    ]
+}
+#: a ``key=value`` label filter (query parameters), as JSON Schema
+LABEL_FILTER_OPENAPI = {"pattern": "^[^=]+="}
+#: what `validate_labels` admits, as JSON Schema
+LABELS_OPENAPI = {
+    "maxProperties": 64,
+    "propertyNames": {"pattern": LABEL_KEY_RE.pattern},
+    "additionalProperties": {"type": "string", "pattern": LABEL_VALUE_RE.pattern},
+}
+
+
+def one_of(*names: str) -> dict[str, Any]:
+    """A schema's ``openapi_extra`` for "give exactly one of *names*"."""
+    return {"oneOf": [{"required": [n], "properties": {n: {"not": {"type": "null"}}}} for n in names]}
+
+
+#: a schema's ``openapi_extra`` for "give at least one field"
+NOT_EMPTY = {"minProperties": 1}
+
+
+def Host(**kw: Any) -> fields.String:  # noqa: N802 - a field factory reads like a field
+    """A host name (RFC 1123) or an IP address, documented as such."""
+    return fields.String(validate=validate_host, metadata={"openapi": HOST_OPENAPI}, **kw)
+
+
 validate_name = validate.Regexp(
     NAME_RE, error="1-63 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"
 )
@@ -55,7 +87,13 @@ def validate_labels(value: dict[str, str]) -> None:
 
 
 def Labels(**kw: Any) -> fields.Dict:  # noqa: N802 - a field factory reads like a field
-    return fields.Dict(keys=fields.String(), values=fields.String(), validate=validate_labels, **kw)
+    return fields.Dict(
+        keys=fields.String(),
+        values=fields.String(),
+        validate=validate_labels,
+        metadata={"openapi": LABELS_OPENAPI},
+        **kw,
+    )
 
 
 class StrictSchema(Schema):
@@ -189,7 +227,7 @@ class EventPageSchema(Schema):
 
 # ----------------------------------------------------------------------------- devices
 class JumpHostSchema(StrictSchema):
-    host = fields.String(required=True, validate=validate_host)
+    host = Host(required=True)
     port = fields.Integer(load_default=22, validate=validate.Range(min=1, max=65535))
     username = fields.String(required=True, validate=validate_user)
     host_key = fields.String(validate=validate.Regexp(HOST_KEY_RE), allow_none=True)
@@ -197,7 +235,7 @@ class JumpHostSchema(StrictSchema):
 
 class DeviceCreateSchema(StrictSchema):
     name = fields.String(required=True, validate=validate_name)
-    host = fields.String(required=True, validate=validate_host)
+    host = Host(required=True)
     port = fields.Integer(load_default=22, validate=validate.Range(min=1, max=65535))
     username = fields.String(required=True, validate=validate_user)
     labels = Labels(load_default=dict)
@@ -233,7 +271,9 @@ class DeviceImportResultSchema(Schema):
 class ConnectionSchema(StrictSchema):
     """New connection details of a device; what is left out stays as it is."""
 
-    host = fields.String(validate=validate_host)
+    openapi_extra = NOT_EMPTY
+
+    host = Host()
     port = fields.Integer(validate=validate.Range(min=1, max=65535))
     username = fields.String(validate=validate_user)
     host_key = fields.String(
@@ -250,6 +290,8 @@ class ConnectionSchema(StrictSchema):
 
 
 class DeviceUpdateSchema(StrictSchema):
+    openapi_extra = NOT_EMPTY
+
     name = fields.String(validate=validate_name)
     labels = Labels()
     connection = fields.Nested(
@@ -299,7 +341,8 @@ class DevicePageSchema(PageSchema):
 class DeviceListArgs(PageArgs):
     state = fields.String(validate=validate.Length(max=32))
     label = fields.List(
-        fields.String(validate=validate.Length(max=320)), metadata={"description": "key=value, repeatable"}
+        fields.String(validate=validate.Length(max=320), metadata={"openapi": LABEL_FILTER_OPENAPI}),
+        metadata={"description": "key=value, repeatable"},
     )
     cluster = fields.String(validate=validate.Length(max=64))
     name = fields.String(validate=validate.Length(max=63), metadata={"description": "name prefix"})
@@ -353,6 +396,17 @@ class TokenPageSchema(PageSchema):
     items = fields.List(fields.Nested(TokenSchema))
 
 
+_OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+#: what `validate_cidr` admits, as JSON Schema (an address, or an IPv4 network with its prefix)
+CIDR_OPENAPI = {
+    "anyOf": [
+        {"format": "ipv4"},
+        {"format": "ipv6"},
+        {"pattern": rf"^({_OCTET}\.){{3}}{_OCTET}/(3[0-2]|[12]?[0-9])$"},
+    ]
+}
+
+
 def validate_cidr(value: str) -> None:
     try:
         ipaddress.ip_network(value, strict=False)
@@ -365,7 +419,7 @@ class EnrollmentCreateSchema(StrictSchema):
     max_uses = fields.Integer(validate=validate.Range(min=1, max=100_000), load_default=None)
     labels = Labels(load_default=dict)
     allow_networks = fields.List(
-        fields.String(validate=[validate.Length(min=2, max=49), validate_cidr]),
+        fields.String(validate=[validate.Length(min=2, max=49), validate_cidr], metadata={"openapi": CIDR_OPENAPI}),
         load_default=list,
         validate=validate.Length(max=32),
         metadata={

@@ -59,6 +59,7 @@ BENCHMARKS = [
     Bench("health_sweep", ("--devices", "20", "--ansible-devices", "10", "--warm-runs", "2"), 2400),
     Bench("fl_evc", ("--rounds", "5"), 1800),
     Bench("fl_reference", ("--rounds", "5"), 900),
+    Bench("fl_vision", ("--rounds", "5"), 600),
     Bench("sim_scale", ("--devices", "20", "--warm-runs", "2"), 2400),
     Bench("job_listing", ("--jobs", "5000", "--requests", "50"), 900),
     Bench("edge_server", ("--requests", "300", "--warmup", "50"), 600),

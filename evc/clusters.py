@@ -16,8 +16,7 @@ HIDDEN = ("join_token",)
 
 
 def _check_vars(profile: profiles.Profile, values: JSON) -> None:
-    known = {s.playbook for lvl in profiles.LEVELS for s in profile.steps(lvl)}
-    unknown = set(values) - known
+    unknown = set(values) - profile.playbooks()
     if unknown:
         raise ValidationError(
             f"vars name playbooks the {profile.name} profile does not run: {sorted(unknown)}", field="vars"

@@ -37,6 +37,8 @@ class Settings:
     auth_fail_window_s: int = 60
     # proxies (IPs or CIDRs, comma separated) whose X-Forwarded-For is believed; empty: none
     trusted_proxies: str = ""
+    # the web console (/ui): a session lasts this long after its last use
+    console_session_ttl_s: int = 8 * 3600
     # jobs
     idempotency_ttl_s: int = 86400
     job_lease_s: float = 30.0  # a running job's worker renews its lease; an expired lease means the worker died

@@ -39,7 +39,7 @@ def repo(tmp_path: Path) -> Path:
     # bootstrap finds the OS programs it checks for: it installs nothing either
     tools = tmp_path / "tools"
     tools.mkdir()
-    for name in ("sshd", "ssh", "prometheus"):
+    for name in ("sshd", "ssh", "prometheus", "chromium", "chromedriver"):
         (tools / name).write_text("#!/bin/sh\nexit 0\n")
         (tools / name).chmod(0o755)
     return repo

@@ -34,7 +34,7 @@ from evc.fl.data import (
     save_shard,
     write_shards,
 )
-from evc.fl.models import MLP, Model, SoftmaxRegression, is_device_model, load_model, validate_model_spec
+from evc.fl.models import CNN, MLP, Model, SoftmaxRegression, is_device_model, load_model, validate_model_spec
 from evc.fl.protocol import params_from_npz, params_to_npz
 from evc.fl.simulation import simulate
 from evc.fl.strategy import (
@@ -45,7 +45,9 @@ from evc.fl.strategy import (
     FitResult,
     Strategy,
     make_strategy,
+    sampling_rng,
 )
+from evc.store import new_id
 
 # rounds 1, 5, 10, 20 of FEDERATED.md
 REFERENCE = {
@@ -247,6 +249,22 @@ def test_sampling_is_seeded_and_order_independent() -> None:
     assert draws != [tuple(c for c, _ in s.configure_fit(r, IDS)) for r in range(1, 6)]
     explicit = s.configure_fit(1, IDS, np.random.default_rng([7, 1]))
     assert [c for c, _ in explicit] == [c for c, _ in a]
+
+
+def test_sampling_follows_the_job_order_never_the_ids() -> None:
+    """Issue 16.1: the same seed and device order pick the same positions on any fleet, whatever
+    ids its registration gave (ids that sort differently from the job order included)."""
+    s = make_strategy("fedavg", fraction_fit=0.5, seed=42)
+    fleets = [[f"dev_{h}" for h in "zyxwvutsrqponmlkjihg"], [f"dev_{k:02d}" for k in range(20)],
+              [new_id("dev") for _ in range(20)]]  # fmt: skip
+    for rnd in range(1, 6):
+        picks = []
+        for ids in fleets:
+            index = {c: k for k, c in enumerate(ids)}
+            picks.append([index[c] for c, _ in s.configure_fit(rnd, list(reversed(ids)), client_index=index)])
+        assert picks[0] == picks[1] == picks[2], picks
+        want = sorted(int(i) for i in sampling_rng(42, rnd).choice(20, size=10, replace=False))
+        assert picks[0] == want  # the reference draw: positions in the job order
 
 
 def test_fit_config_carries_training_plan_and_index() -> None:
@@ -653,3 +671,79 @@ def test_reference_accuracy_in_process(digits: Dataset, partition: str) -> None:
     assert got == pytest.approx(REFERENCE[partition], abs=0.005)
     assert all(h["num_clients"] == 10 and h["num_examples"] == 1437 for h in run.history)
     assert run.history[-1]["train_loss"] < run.history[0]["train_loss"]
+
+
+def test_built_in_models_are_reproducible_from_their_documentation() -> None:
+    """Issue 16.3: the documented initialisation and layout, re-done with plain numpy."""
+    d, h, k, seed = 64, 32, 10, 42
+    rng = np.random.default_rng(seed)
+    want = [
+        rng.normal(0, np.sqrt(2 / d), (d, h)),
+        np.zeros(h),
+        rng.normal(0, np.sqrt(2 / (h + k)), (h, k)),
+        np.zeros(k),
+    ]
+    got = load_model("mlp").init_params(seed)
+    assert [p.shape for p in got] == [(d, h), (h,), (h, k), (k,)]
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+    assert all(not p.any() for p in load_model("softmax").init_params(seed))
+    assert [p.shape for p in load_model("softmax").init_params(0)] == [(d, k), (k,)]
+    # a forward pass from the documented formula
+    X = np.random.default_rng(1).random((5, d))
+    logits = np.maximum(X @ got[0] + got[1], 0) @ got[2] + got[3]
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(MLP(d, k).predict_proba(got, X), probs / probs.sum(1, keepdims=True), rtol=1e-12)
+
+
+def test_cnn_layout_initialisation_and_gradients() -> None:
+    """Issue 16.4: the CNN as documented (layout, seeded init), and its gradients are the
+    loss's (central differences, at biases away from relu's kink)."""
+    model = load_model("cnn")
+    params = model.init_params(7)
+    rng = np.random.default_rng(7)
+    want = [rng.normal(0, np.sqrt(2 / 9), (8, 1, 3, 3)), np.zeros(8), rng.normal(0, np.sqrt(2 / 138), (128, 10)),
+            np.zeros(10)]  # fmt: skip
+    assert all(np.array_equal(a, b) for a, b in zip(params, want, strict=True))
+    assert [p.shape for p in load_model("cnn:4").init_params(0)] == [(4, 1, 3, 3), (4,), (64, 10), (10,)]
+    ds = load_reference_digits()
+    X, y = ds.X_train[:6], ds.y_train[:6]
+    params[1] = np.random.default_rng(1).normal(0, 0.1, 8)
+    _, grads = CNN(64, 10).loss_grad([p.copy() for p in params], X, y)
+    eps = 1e-6
+    for k, p in enumerate(params):
+        for idx in (tuple(0 for _ in p.shape), tuple(s - 1 for s in p.shape), tuple(s // 2 for s in p.shape)):
+            up = [q.copy() for q in params]
+            up[k][idx] += eps
+            down = [q.copy() for q in params]
+            down[k][idx] -= eps
+            numeric = (CNN(64, 10).loss_grad(up, X, y)[0] - CNN(64, 10).loss_grad(down, X, y)[0]) / (2 * eps)
+            assert numeric == pytest.approx(grads[k][idx], abs=1e-7), (k, idx)
+    with pytest.raises(ValidationError, match="square images"):
+        load_model("cnn", n_features=10)
+    assert validate_model_spec("cnn:16") == "cnn:16" and validate_model_spec("plugin:my-trainer") == "plugin:my-trainer"
+    assert is_device_model("plugin:my-trainer")
+    with pytest.raises(ValidationError, match="never loads it"):
+        load_model("plugin:my-trainer")
+    for bad in ("cnn:0", "cnn:x", "plugin:", "plugin:../x"):
+        with pytest.raises(ValidationError):
+            validate_model_spec(bad)
+
+
+@pytest.mark.parametrize("spec", ["softmax", "mlp", "mlp:16", "cnn", "cnn:4"])
+def test_onnx_export_computes_what_the_model_computes(spec: str) -> None:
+    """Issue 16.5: the ONNX graph built from the weights gives the numpy model's probabilities."""
+    import onnxruntime as ort
+
+    from evc.fl.export import onnx_accuracy, onnx_graph
+
+    ds = load_reference_digits()
+    model = load_model(spec)
+    params, _ = model.fit(model.init_params(3), ds.X_train, ds.y_train, epochs=1, lr=0.1, batch_size=32,
+                          batch_order_seed=[3])  # fmt: skip
+    data = onnx_graph(spec, params, n_features=64, n_classes=10)
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"X": ds.X_test.astype(np.float32)})[0]
+    np.testing.assert_allclose(got, model.predict_proba(params, ds.X_test), atol=1e-5)  # type: ignore[attr-defined]
+    assert onnx_accuracy(data, ds.X_test, ds.y_test) == model.evaluate(params, ds.X_test, ds.y_test)["accuracy"]
+    with pytest.raises(ValidationError, match="no ONNX export"):
+        onnx_graph("module:/x.py", params, n_features=64, n_classes=10)

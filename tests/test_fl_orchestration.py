@@ -123,7 +123,8 @@ def register(store: Store, fleet: list[SimDevice]) -> Iterator[Register]:
 
     yield make
     for dev_id in made:
-        store.delete_device(dev_id)
+        if store.get_devices([dev_id]):  # a test may have unregistered them itself
+            store.delete_device(dev_id)
 
 
 @pytest.fixture
@@ -453,11 +454,11 @@ def test_fl_client_playbook_installs_and_checks(sim_devices: Any, evc_key_path: 
     """The catalog's fl-client playbook (function level L4): ships the client, checks the Python
     has numpy, changes nothing the second time, and refuses a Python without numpy."""
     spec = load_spec(builtin_dir() / "fl-client.yml", "builtin")
-    assert spec.min_privilege == "user" and spec.validate({}) == {"python": "python3"}
+    assert spec.min_privilege == "user" and spec.validate({}) == {"python": "python3", "plugin": ""}
     (dev,) = sim_devices(1, privilege="root")
     argv = ["ansible-playbook", str(spec.path), "-e", f"python={PYTHON}"]
     first = run_ansible(argv, [("d", dev)], evc_key_path, tmp_path / "a1")
-    assert first.returncode == 0 and "changed=2" in first.stdout, first.stdout[-2000:]  # directory, client
+    assert first.returncode == 0 and "changed=3" in first.stdout, first.stdout[-2000:]  # directory, models, client
     assert (dev.home / ".evc" / "fl" / "client.py").read_bytes() == channels.CLIENT_PATH.read_bytes()
     # again, with a Python that cannot run it: nothing changes, and the check refuses, saying why
     bad = run_ansible(["ansible-playbook", str(spec.path), "-e", "python=/bin/false"], [("d", dev)],
@@ -503,3 +504,73 @@ def test_planted_module_never_runs_on_the_controller(api: Any, worker: Any, stor
     ref = _reference(digits, 3, 2)  # the same maths: the device-given init is softmax's zeros
     for a, b in zip(_final_params(api.settings, job["id"]), ref.params, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_two_registrations_of_one_fleet_train_the_same_clients(api: Any, worker: Any, store: Store,
+                                                              register: Register) -> None:  # fmt: skip
+    """Issue 16.1: one fleet registered twice (new device ids each time), the same shards,
+    device order and seed: the same client sets (by position in the job) and the same accuracy."""
+    seen = []
+    for _ in range(2):
+        devices = register(6)
+        index = {d["id"]: k for k, d in enumerate(devices)}
+        status, job = api.call("POST", "/api/v1/fl/jobs", json=_job_body(devices, 3, fraction_fit=0.5))
+        assert status == 202, job
+        job = api.wait_job(job["id"], 60)
+        assert job["state"] == "succeeded", job
+        _, view = api.call("GET", f"/api/v1/fl/jobs/{job['id']}")
+        seen.append([(sorted(index[d] for d in r["participants"]), r["eval_accuracy"]) for r in view["fl"]["rounds"]])
+        for d in devices:  # unregister: the same simulated devices register again, under new ids
+            store.delete_device(d["id"])
+    assert seen[0] == seen[1], seen
+    assert all(len(clients) == 3 for clients, _ in seen[0])
+
+
+#: a softmax model whose round-1 fit kills its own client process with SIGKILL on client 0 (what
+#: the kernel's OOM killer does) and takes a second on the others
+KILLED_MODEL = """
+import os, signal, time
+from evc.device.fl_client import SoftmaxRegression
+_m = SoftmaxRegression(64, 10)
+init_params, evaluate = _m.init_params, _m.evaluate
+def fit(params, X, y, *, epochs, lr, batch_size, batch_order_seed, prox_mu=0.0, global_params=None):
+    if batch_order_seed[1] == 1 and batch_order_seed[2] == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if batch_order_seed[1] == 1:
+        time.sleep(1.0)
+    return _m.fit(params, X, y, epochs=epochs, lr=lr, batch_size=batch_size,
+                  batch_order_seed=batch_order_seed, prox_mu=prox_mu, global_params=global_params)
+"""
+
+
+def test_failures_say_what_happened(api: Any, worker: Any, store: Store, register: Register,
+                                    device_readable: Path) -> None:  # fmt: skip
+    """Issue 16.2 on real simulated devices: a client killed by SIGKILL is reported as such; a
+    degraded device sitting round 1 out is named with its health checks' reason; when no device
+    can train round 2 the job fails at once (not after round_timeout) with every device's reason."""
+    module = device_readable / "killed.py"
+    module.write_text(KILLED_MODEL)
+    module.chmod(0o644)
+    devices = register(4)
+    ids = [d["id"] for d in devices]
+    sick = {"breaches": ["load1 9.00 per CPU > 2.00"], "misses": 0}
+    store.update_device(ids[3], state="degraded", health=sick)
+    body = _job_body(devices, 2, model=f"module:{module}", round_timeout=30)
+    status, job = api.call("POST", "/api/v1/fl/jobs", json=body)
+    assert status == 202, job
+    _wait_for(lambda: _fit_in_flight(store, job["id"], 1), what="round 1 in flight")
+    lost = {"misses": 3, "error": {"reason": "unreachable", "message": "connection refused"}}
+    for dev_id in ids:
+        store.update_device(dev_id, state="offline", health=lost)
+    job = api.wait_job(job["id"], 20)  # round 1 closes (~1 s); round 2 cannot start: failed at once
+    assert job["state"] == "failed", job
+    _, view = api.call("GET", f"/api/v1/fl/jobs/{job['id']}")
+    (r1,) = view["fl"]["rounds"]
+    assert r1["failures"][ids[0]] == "command_failed: the FL client was killed by SIGKILL — out of memory?", r1
+    assert sorted(r1["participants"]) == sorted(ids[1:3])
+    assert r1["skipped"] == {ids[3]: "the device is degraded (load1 9.00 per CPU > 2.00)"}
+    error = present(job["error"])
+    assert error["message"].startswith("no device can train round 2: "), error
+    why = "the device is offline (3 missed health checks (unreachable: connection refused))"
+    assert error["details"]["unavailable"] == dict.fromkeys(ids, why)
+    assert present(job["finished_at"]) - r1["closed_at"] < 5.0  # not round_timeout (30 s) later

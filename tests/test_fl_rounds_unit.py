@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from evc.fl.aggregation import round_message, round_record
+from evc.fl.channels import how_it_ended
+from evc.fl.jobspec import eligibility, health_detail
 from evc.fl.orchestrator import DEGRADED, sit_outs
 from evc.model import FLState
 
@@ -71,3 +73,26 @@ def test_a_store_outage_is_retried_not_recorded_as_the_jobs_error() -> None:
         Rounds(Down(StoreUnavailable("Redis is unreachable")), Settings(), None).recover(None)  # type: ignore[arg-type]
     out = Rounds(Down(NotFound("job job_a not found")), Settings(), None).recover(None)  # type: ignore[arg-type]
     assert out["job_a"].startswith("error:")
+
+
+def test_a_signal_is_named_not_an_exit_status() -> None:
+    """Issue 16.2: a client killed by a signal says so (SSH's exit-signal, or a shell's 128+n)."""
+    assert how_it_ended(-1, ("KILL", False, "", "")) == "killed by SIGKILL — out of memory?"
+    assert how_it_ended(None, "SEGV") == "killed by SIGSEGV"
+    assert how_it_ended(137) == "killed by SIGKILL — out of memory?"
+    assert how_it_ended(143) == "killed by SIGTERM"
+    assert how_it_ended(3) == "exit status 3" and how_it_ended(None) == "ended without an exit status"
+
+
+def test_health_exclusions_say_why() -> None:
+    """Issue 16.2: a device sitting a round out for its health is named with what the checks said."""
+    degraded = {**dev("a", "degraded"), "health": {"breaches": ["load 3.1 per CPU > 2.0"], "misses": 0}}
+    offline = {**dev("b", "offline"), "health": {"misses": 3, "error": {"reason": "unreachable", "message": "refused"}}}
+    fleet = {"a": degraded, "b": offline, "c": dev("c")}
+    out = sit_outs(["a", "b", "c"], fleet, min_available=1)
+    assert out == {
+        "a": "the device is degraded (load 3.1 per CPU > 2.0)",
+        "b": "the device is offline (3 missed health checks (unreachable: refused))",
+    }
+    assert sit_outs(["a", "b", "c"], fleet, min_available=2) == {"b": out["b"]}  # degraded makes up the number
+    assert health_detail(None) == "" and eligibility(dev("c")) is None

@@ -133,6 +133,11 @@ def test_wheel_and_sdist_carry_the_mapped_folders(checkout: Path, tmp_path: Path
             rel = src.relative_to(ROOT / "playbooks").as_posix()
             assert f"evc/playbooks/{rel}" in names, f"playbook file {rel} is not in the wheel"
     assert "evc/fl/digits.npz" in names and "evc/profiles/profiles.yml" in names
+    # the web console's templates and assets (served by EVC itself)
+    for src in (ROOT / "api" / "ui").rglob("*"):
+        if src.is_file() and "__pycache__" not in src.parts:
+            rel = src.relative_to(ROOT / "api").as_posix()
+            assert f"evc/api/{rel}" in names, f"console file {rel} is not in the wheel"
     # device-side code, where the exporter bundle and the fl-client playbook look for it
     assert "evc/device/fl_client.py" in names and "evc/device/exporter/__main__.py" in names
     simulator = sorted(n for n in names if n.startswith(("evc/sim/", "evc_sim/")) or n == "evc/sshd.py")

@@ -57,6 +57,9 @@ def test_commands_and_their_children_run_under_the_devices_quota(sim_devices: Ma
     assert _cpu_line(out).startswith("/evc-sim/") and _cpu_line(out).endswith(f"/{slow.name}")
     group = cpuquota.group_of(slow.name)
     assert (group / "cpu.cfs_quota_us").read_text().strip() == "20000"
+    assert (group / "cpu.shares").read_text().strip() == str(round(0.2 * 1024))
+    for parent in (group.parent, group.parent.parent):  # the fleet is not one process's share
+        assert (parent / "cpu.shares").read_text().strip() == str(cpuquota.MAX_SHARES)
     out_fast = _run(fast, evc_key_path, BUSY)
     assert float(out_fast.splitlines()[0]) > used
     assert _cpu_line(out_fast).endswith(f"/{fast.name}")

@@ -84,7 +84,12 @@ def _fl_watch(c: Ctx, client: Client, job_id: str, poll: float = 0.5) -> dict[st
     "--data", "data_path", required=True, help="shard path on each device, e.g. ~/.evc/fl/data/digits/shard.npz"
 )
 @click.option("--rounds", default=10, show_default=True)
-@click.option("--model", default="softmax", show_default=True, help="softmax, mlp, mlp:<hidden> or module:<path>.py")
+@click.option(
+    "--model",
+    default="softmax",
+    show_default=True,
+    help="softmax, mlp[:<hidden>], cnn[:<channels>], plugin:<name> or module:<path>.py",
+)
 @click.option(
     "--strategy", default="fedavg", show_default=True, type=click.Choice(["fedavg", "fedprox", "fedavgm", "fedadam"])
 )
@@ -101,26 +106,72 @@ def _fl_watch(c: Ctx, client: Client, job_id: str, poll: float = 0.5) -> dict[st
 @click.option("--test-set", default=None, help="server-side test set to evaluate each round on")
 @click.option("--queue", default="fl", show_default=True)
 @click.option("--watch/--no-watch", default=True, show_default=True, help="follow the rounds live")
+@click.option(
+    "--export",
+    "export_as",
+    default=None,
+    metavar="NAME:VERSION",
+    help="when it succeeds, register the global model as this model version (ONNX; implies --watch)",
+)
 @pass_ctx
 def fl_start(c: Ctx, devices: tuple[str, ...], cluster: str | None, data_path: str, params: tuple[str, ...],
-             watch: bool, **opts: Any) -> None:  # fmt: skip
-    """Start a federated learning job."""
+             watch: bool, export_as: str | None, **opts: Any) -> None:  # fmt: skip
+    """Start a federated learning job (`--export digits:2`, then `evc deploy digits:2 ...`)."""
     body = {**_targets(devices, cluster), "data": {"path": data_path}, "strategy_params": _param(params),
             **{k: v for k, v in opts.items() if v is not None}}  # fmt: skip
+    if export_as:
+        name, version = _model_ref(export_as)
+        body["export"] = {"name": name, "version": version}
     client = c.client()
     job = client.post("/api/v1/fl/jobs", json=body)
     if not watch:
         emit(c, job, lambda j: console.print(f"FL job [bold]{j['id']}[/bold] queued"))
         return
     view = _fl_watch(c, client, job["id"])
+    summary = view.get("summary") or {}
+    if not c.as_json and summary.get("exported"):
+        _exported(summary["exported"])
+    if not c.as_json and summary.get("export_error"):
+        err_console.print(f"export failed: {summary['export_error']}")
     if c.as_json:
         emit(c, view)
-    _exit_by_state(view)
+    _exit_by_state(view, exported=not export_as or bool(summary.get("exported")))
 
 
-def _exit_by_state(job: dict[str, Any]) -> None:
-    """Exit 0 when the job succeeded, 1 otherwise (failed, partial, cancelled)."""
-    sys.exit(0 if job["state"] == "succeeded" else 1)
+def _model_ref(ref: str) -> tuple[str, str]:
+    name, sep, version = ref.partition(":")
+    if not sep or not name or not version:
+        raise click.BadParameter(f"{ref!r} must be NAME:VERSION", param_hint="--export")
+    return name, version
+
+
+def _exported(rec: dict[str, Any]) -> None:
+    acc = rec.get("accuracy") or {}
+    where = f", accuracy {acc['value']:.4f} on {acc['dataset']}" if acc.get("value") is not None else ""
+    console.print(
+        f"registered model [bold]{rec['name']}:{rec['version']}[/bold] (ONNX{where}; sha256 {rec['sha256'][:12]})"
+    )
+
+
+@fl.command("export")
+@click.argument("job_id")
+@click.option("--model", "name", required=True, help="the model's name in the registry")
+@click.option("--version", required=True, help="the version to register")
+@click.option("--round", "rnd", type=int, default=None, help="default: the last round")
+@pass_ctx
+def fl_export(c: Ctx, job_id: str, name: str, version: str, rnd: int | None) -> None:
+    """Register a finished job's global model in the model registry as ONNX (softmax, mlp,
+    cnn), with its accuracy on the job's test set; `evc deploy NAME:VERSION` then serves it."""
+    body: dict[str, Any] = {"name": name, "version": version}
+    if rnd is not None:
+        body["round"] = rnd
+    emit(c, c.client().post(f"/api/v1/fl/jobs/{job_id}/export", json=body), _exported)
+
+
+def _exit_by_state(job: dict[str, Any], exported: bool = True) -> None:
+    """Exit 0 when the job succeeded (and exported its model when asked to), 1 otherwise
+    (failed, partial, cancelled, not exported)."""
+    sys.exit(0 if job["state"] == "succeeded" and exported else 1)
 
 
 @fl.command("show")

@@ -58,6 +58,7 @@ def up(c: Ctx, sim_devices: int, flower_port: int | None, bind: str | None, api_
         console.print(f"[bold green]EVC is up[/bold green]  (data: {s.data_dir}, logs: {stack.log_dir})")
         console.print(f"  API        {s.api_url}/api/v1")
         console.print(f"  docs       {s.api_url}/api/v1/docs")
+        console.print(f"  console    {s.api_url}/ui  (sign in with the admin token below, or a read token)")
         console.print(f"  SSH key    curl -s {s.api_url}/api/v1/ssh-key?format=text")
         if stack.redis:
             console.print(f"  Redis      {redacted(s.redis_url)}  (password in {stack.redis.data_dir / 'password'})")

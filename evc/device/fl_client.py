@@ -33,13 +33,10 @@ Parameters travel as ``base64(npz)`` with arrays ``arr_0 .. arr_{n-1}`` in param
 A request's ``"id"`` (any JSON value) is echoed in its response.  A failing request is answered
 ``{"ok": false, "error": "...", "op": ...}`` and never ends the process; end of stdin ends it.
 
-User models: ``model = "module:/path/to/file.py"`` loads a Python file on the device that defines
-module-level functions with the same signatures as the built-in models::
-
-    def init_params(seed: int) -> list[np.ndarray]: ...
-    def fit(params, X, y, *, epochs, lr, batch_size, batch_order_seed, prox_mu=0.0,
-            global_params=None) -> tuple[list[np.ndarray], dict]: ...   # metrics: loss, n
-    def evaluate(params, X, y) -> dict: ...                             # loss, accuracy, n
+Models: ``softmax``, ``mlp[:<hidden>]``, ``cnn[:<channels>]`` (its maths in ``fl_models.py``,
+shipped beside this file), ``module:/path/file.py`` (module-level ``init_params``, ``fit``,
+``evaluate`` as :mod:`evc.fl.models` describes) and ``plugin:<name>`` (``plugins/<name>.py``
+beside this file: Flower's NumPyClient shape, see ``fl_models.py``).
 
 Anything user code prints goes to stderr; stdout carries protocol lines only.
 """
@@ -60,6 +57,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "CNN",
     "MLP",
     "PROTOCOL_VERSION",
     "ModuleModel",
@@ -196,7 +194,11 @@ class _GradientModel:
 
 
 class SoftmaxRegression(_GradientModel):
-    """Multinomial logistic regression: ``softmax(X @ W + b)``, W (d, k), b (k,), zero init."""
+    """Multinomial logistic regression (``"softmax"``): ``softmax(X @ W + b)``.
+
+    Parameters, in order: ``W`` (d, k), ``b`` (k,), float64.  Initialisation: zeros (the seed is
+    ignored).  Loss: mean cross-entropy of a batch; plain SGD (:func:`sgd_fit`).
+    """
 
     name = "softmax"
 
@@ -227,7 +229,14 @@ class SoftmaxRegression(_GradientModel):
 
 
 class MLP(_GradientModel):
-    """One-hidden-layer ReLU network: ``softmax(relu(X @ W1 + b1) @ W2 + b2)``, seeded He init."""
+    """One-hidden-layer ReLU network (``"mlp"``, ``"mlp:<hidden>"``, default 32 hidden units):
+    ``softmax(relu(X @ W1 + b1) @ W2 + b2)``.
+
+    Parameters, in order: ``W1`` (d, h), ``b1`` (h,), ``W2`` (h, k), ``b2`` (k,), float64.
+    Initialisation (:meth:`init_params`): ``rng = numpy.random.default_rng(seed)``, then
+    ``W1 = rng.normal(0, sqrt(2 / d), (d, h))`` (He), ``W2 = rng.normal(0, sqrt(2 / (h + k)),
+    (h, k))`` (Glorot-scaled), drawn in that order; biases zero.
+    """
 
     name = "mlp"
 
@@ -272,6 +281,56 @@ class MLP(_GradientModel):
         return loss, [X.T @ dh, dh.sum(axis=0), hidden.T @ p, p.sum(axis=0)]
 
 
+class CNN(_GradientModel):
+    """A small convolutional network (``"cnn"``, ``"cnn:<channels>"``, default 8 channels) for
+    square single-channel images: conv 3x3 -> relu -> max-pool 2x2 -> dense -> softmax.  The
+    maths, parameter layout and initialisation are in ``fl_models.py`` (shipped beside this
+    file): ``W1 (c, 1, 3, 3)``, ``b1 (c,)``, ``W2 (c * (side // 2) ** 2, k)``, ``b2 (k,)``."""
+
+    name = "cnn"
+
+    def __init__(self, n_features: int, n_classes: int, channels: int = 8) -> None:
+        if n_classes < 2 or channels < 1:
+            raise ValueError("cnn needs n_classes >= 2 and channels >= 1")
+        self.n_features, self.n_classes, self.channels = int(n_features), int(n_classes), int(channels)
+        self._maths = models_module()
+        self._maths.cnn_side(self.n_features)  # refuses non-square images now
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(s) for s in self._maths.cnn_shapes(self.n_features, self.n_classes, self.channels)]
+
+    def init_params(self, seed: int = 0) -> list[np.ndarray]:
+        """He-normal conv weights, then Glorot-scaled dense weights, from ``default_rng(seed)``."""
+        return list(self._maths.cnn_init(self.n_features, self.n_classes, self.channels, seed))
+
+    def predict_proba(self, params: Sequence[np.ndarray], X: np.ndarray) -> np.ndarray:
+        return _softmax(self._maths.cnn_forward(params, X)["logits"])
+
+    def loss_grad(self, params: list[np.ndarray], X: np.ndarray, y: np.ndarray) -> tuple[float, list[np.ndarray]]:
+        cache = self._maths.cnn_forward(params, X)
+        p = _softmax(cache["logits"])
+        loss = _cross_entropy(p, y)
+        p[np.arange(len(y)), y] -= 1.0
+        p /= len(y)
+        return loss, list(self._maths.cnn_backward(params, cache, p))
+
+
+def models_module() -> Any:
+    """``fl_models.py`` beside this file (the CNN, plug-ins), loaded by its path: the same code
+    from ``~/.evc/fl`` on a device and from ``evc/device`` in EVC."""
+    key = "evc_fl_client_models"
+    if key not in sys.modules:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fl_models.py")
+        spec = importlib.util.spec_from_file_location(key, path)
+        if spec is None or spec.loader is None or not os.path.isfile(path):
+            raise ImportError(f"{path} is missing: reinstall the FL client (fl-client playbook, `evc fl install`)")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[key] = module
+    return sys.modules[key]
+
+
 def _evaluate(p: np.ndarray, X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     n = int(y.shape[0])
     if n == 0:
@@ -287,19 +346,24 @@ class ModuleModel:
     """A user model: a Python file defining ``init_params``, ``fit`` and ``evaluate``."""
 
     def __init__(self, path: str) -> None:
-        if not os.path.isfile(path):
-            raise ValueError(f"model module {path!r} does not exist")
-        name = "evc_user_model_" + "".join(c if c.isalnum() else "_" for c in path)
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise ValueError(f"cannot import model module {path!r}")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = self.import_file(path, "evc_user_model_" + "".join(c if c.isalnum() else "_" for c in path))
         missing = [f for f in ("init_params", "fit", "evaluate") if not callable(getattr(module, f, None))]
         if missing:
             raise ValueError("model module {!r} lacks {}".format(path, ", ".join(missing)))
         self.name = "module:" + path
         self.module = module
+
+    @staticmethod
+    def import_file(path: str, name: str) -> Any:
+        """Import the Python file *path* as module *name* (user code: devices only)."""
+        if not os.path.isfile(path):
+            raise ValueError(f"model module {path!r} does not exist")
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ValueError(f"cannot import model module {path!r}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
 
     def init_params(self, seed: int = 0) -> list[np.ndarray]:
         return [np.asarray(p) for p in self.module.init_params(seed)]
@@ -327,12 +391,20 @@ class ModuleModel:
         return dict(self.module.evaluate(list(params), X, y))
 
 
-def load_model(spec: str, *, n_features: int, n_classes: int) -> SoftmaxRegression | MLP | ModuleModel:
-    """Build a model from its spec: ``"softmax"``, ``"mlp"``, ``"mlp:<hidden>"`` or
-    ``"module:/path/to/file.py"`` (dimensions are ignored for module models).
+def load_model(spec: str, *, n_features: int, n_classes: int) -> Any:
+    """Build a model from its spec: ``"softmax"``, ``"mlp"``, ``"mlp:<hidden>"``, ``"cnn"``,
+    ``"cnn:<channels>"``, ``"module:/path/to/file.py"`` or ``"plugin:<name>"`` (dimensions are
+    ignored for module models and plug-ins).
 
     Raises ``ValueError`` for an unknown or malformed spec.
     """
+    if spec == "cnn" or spec.startswith("cnn:"):
+        channels = spec[4:]
+        if channels and not channels.isdigit():
+            raise ValueError(f"cnn spec must be 'cnn' or 'cnn:<channels>', got {spec!r}")
+        return CNN(n_features, n_classes, int(channels) if channels else 8)
+    if spec.startswith("plugin:"):
+        return models_module().load_plugin(spec[len("plugin:") :], ModuleModel.import_file)
     if spec == "softmax":
         return SoftmaxRegression(n_features, n_classes)
     if spec == "mlp" or spec.startswith("mlp:"):
@@ -342,7 +414,9 @@ def load_model(spec: str, *, n_features: int, n_classes: int) -> SoftmaxRegressi
         return MLP(n_features, n_classes, int(hidden) if hidden else 32)
     if spec.startswith("module:") and len(spec) > len("module:"):
         return ModuleModel(spec[len("module:") :])
-    raise ValueError(f"unknown model {spec!r}: use 'softmax', 'mlp', 'mlp:<hidden>' or 'module:<path>'")
+    raise ValueError(
+        f"unknown model {spec!r}: use softmax, mlp[:<hidden>], cnn[:<channels>], module:<path> or plugin:<name>"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,7 +462,10 @@ class _Shard:
             n_classes = int(last[0]) if len(last) == 1 else 0
         key = (spec, self.X.shape[1], int(n_classes))
         if key not in self._models:
-            self._models[key] = load_model(spec, n_features=key[1], n_classes=key[2])
+            model = load_model(spec, n_features=key[1], n_classes=key[2])
+            if hasattr(model, "bind"):  # a plug-in: its client gets this device's shard
+                model.bind(self.X, self.y)
+            self._models[key] = model
         return self._models[key]
 
 

@@ -30,6 +30,7 @@ import logging
 import os
 import posixpath
 import shlex
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
@@ -47,7 +48,7 @@ from evc.errors import (
     SSHTimeout,
     ValidationError,
 )
-from evc.fl.protocol import CLIENT_PATH, decode_message, encode_message
+from evc.fl.protocol import CLIENT_MODELS_PATH, CLIENT_PATH, decode_message, encode_message
 from evc.runtime import WorkerRuntime
 from evc.settings import Settings
 from evc.store import JSON
@@ -80,6 +81,25 @@ def python_hint(python: str, where: str, error: str) -> str:
             f"interpreter the device has ({error})"
         )
     return f"{python} on {where} cannot run the FL client: {error}"
+
+
+def how_it_ended(exit_status: int | None, exit_signal: object = None) -> str:
+    """How a device process ended, in words: ``exit status 3``, or for a signal (SSH's
+    exit-signal, or a shell's status 128+n) ``killed by SIGKILL — out of memory?`` (the kernel's
+    OOM killer sends SIGKILL). Pure."""
+    name = ""
+    if exit_signal:
+        raw = str(exit_signal[0] if isinstance(exit_signal, tuple | list) else exit_signal)
+        name = raw if raw.startswith("SIG") else f"SIG{raw}"
+    elif exit_status is not None and 128 < exit_status < 128 + 65:
+        try:
+            name = signal.Signals(exit_status - 128).name
+        except ValueError:
+            name = ""
+    if not name:
+        return f"exit status {exit_status}" if exit_status is not None else "ended without an exit status"
+    hint = " — out of memory?" if name == "SIGKILL" else ""
+    return f"killed by {name}{hint}"
 
 
 def shell_path(path: str) -> str:
@@ -211,13 +231,15 @@ class ClientChannel:
                 "the FL client's channel closed before it exited (device or connection lost)",
                 device_id=self.device_id,
             )
-        what = f"exit status {status}" if status is not None else f"signal {self.process.exit_signal}"
+        signalled = self.process.exit_signal
+        what = how_it_ended(None if signalled else status, signalled)  # asyncssh: status -1 on a signal
         if status in (126, 127) or "No module named 'numpy'" in last:  # it never started
             return CommandFailed(python_hint(self.spec.python, self.device_name, last or what),
                                  exit_status=status, stderr=tail, device_id=self.device_id)  # fmt: skip
+        message = f"the FL client was {what}" if what.startswith("killed") else f"the FL client exited ({what})"
         return CommandFailed(
-            f"the FL client exited ({what})" + (f": {last}" if last else ""),
-            exit_status=status, stderr=tail, device_id=self.device_id,
+            message + (f": {last}" if last else ""), exit_status=None if signalled else status, stderr=tail,
+            device_id=self.device_id,
         )  # fmt: skip
 
     def close(self) -> None:
@@ -321,18 +343,19 @@ async def push(settings: Settings, device: Mapping[str, Any], path: str, data: b
 
 #: run by the configured python on the device: numpy present, and the client's own version
 _CHECK = (
-    "import sys, numpy; sys.path.insert(0, sys.argv[1]); import client; "
+    "import sys, numpy; sys.path.insert(0, sys.argv[1]); import client; client.models_module(); "
     "print(sys.version.split()[0], numpy.__version__, client.PROTOCOL_VERSION)"
 )
 
 
 async def install_client(settings: Settings, device: Mapping[str, Any], python: str = "python3") -> JSON:
-    """Ship the FL client to ``~/.evc/fl/client.py`` and check *python* runs it with numpy.
+    """Ship the FL client to ``~/.evc/fl/client.py`` (``fl_models.py`` beside it) and check *python* runs it with numpy.
 
     Returns what to record on the device as ``fl_client``. Raises :class:`CommandFailed`
     naming what is missing (python, numpy) and how to fix it.
     """
     data = CLIENT_PATH.read_bytes()
+    await push(settings, device, f"~/{REMOTE_DIR}/fl_models.py", CLIENT_MODELS_PATH.read_bytes())
     await push(settings, device, "~/" + REMOTE_CLIENT, data)
 
     async def check(conn: asyncssh.SSHClientConnection, target: ssh.Target) -> JSON:
@@ -340,7 +363,7 @@ async def install_client(settings: Settings, device: Mapping[str, Any], python: 
         res = await ssh.run(conn, cmd, target, settings, check=False)
         if res.exit_status != 0:
             err = str(res.stderr or "").strip().splitlines()
-            last = err[-1] if err else f"exit status {res.exit_status}"
+            last = err[-1] if err else how_it_ended(None if res.exit_signal else res.exit_status, res.exit_signal)
             where = str(device.get("name") or target.address)
             raise CommandFailed(
                 f"cannot run the FL client: {python_hint(python, where, last)}",

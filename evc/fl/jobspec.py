@@ -4,14 +4,16 @@ around them: its dispatcher, which devices may train, where checkpoints and test
 from __future__ import annotations
 
 import os
+import posixpath
 import secrets
 import socket
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from evc.errors import ValidationError
+from evc.errors import NotFound, ValidationError
 from evc.fl.models import Model, load_model
 from evc.fl.strategy import Strategy, make_strategy
 from evc.model import ACTIVE_PHASES as ACTIVE_PHASES  # re-exported (evc.fl.orchestrator)
@@ -72,11 +74,46 @@ def eligibility(device: Mapping[str, Any]) -> str | None:
         )
     state = device.get("state")
     if state != DeviceState.ONLINE:
-        return f"the device is {state}"
+        why = health_detail(device.get("health"))
+        return f"the device is {state}" + (f" ({why})" if why else "")
     return None
 
 
-#: :func:`eligibility`'s reason for a degraded device (it may still make up a round's numbers)
+def record_fl_client(store: Any, device_id: str, values: Mapping[str, Any]) -> None:
+    """Mark *device_id* ready for FL after the ``fl-client`` playbook succeeded on it (the
+    provisioning service's per-playbook success hook), with the plug-ins it now holds. A device
+    removed while the job ran stays removed."""
+    try:
+        device = store.get_device(device_id)
+    except NotFound:
+        return
+    plugins = set((device.get("fl_client") or {}).get("plugins") or [])
+    if values.get("plugin"):
+        plugins.add(posixpath.basename(str(values["plugin"]))[: -len(".py")])
+    store.update_device(device_id, fl_client={
+        **(device.get("fl_client") or {}), "python": values.get("python", "python3"),
+        "path": "~/.evc/fl/client.py", "via": "fl-client playbook", "plugins": sorted(plugins),
+        "installed_at": time.time(),
+    })  # fmt: skip
+
+
+def health_detail(health: Mapping[str, Any] | None) -> str:
+    """What the health checks last said of a device that is not online: the thresholds it
+    breaches, or its missed checks and their error ("" when nothing was recorded). Pure."""
+    if not health:
+        return ""
+    parts = [str(b) for b in health.get("breaches") or []]
+    misses = int(health.get("misses") or 0)
+    if misses:
+        err = health.get("error") or {}
+        what = (
+            f"{err.get('reason', 'error')}: {err.get('message', 'no answer')}" if isinstance(err, Mapping) else str(err)
+        )
+        parts.append(f"{misses} missed health check{'s' if misses > 1 else ''} ({what})")
+    return "; ".join(parts)
+
+
+#: :func:`eligibility`'s reason for a degraded device starts so (it may still make up a round's numbers)
 DEGRADED = "the device is degraded"
 
 
@@ -95,6 +132,8 @@ class FLSpec:
     queue: str = "fl"
     n_features: int = 64
     n_classes: int = 10
+    #: ``{"name", "version"}``: register the global model when the job succeeds (or None)
+    export: Mapping[str, str] | None = None
 
     @classmethod
     def from_params(cls, p: Mapping[str, Any]) -> FLSpec:
@@ -111,6 +150,7 @@ class FLSpec:
                 queue=str(p.get("queue", "fl")),
                 n_features=int(p.get("n_features") or 64),
                 n_classes=int(p.get("n_classes") or 10),
+                export=dict(p["export"]) if p.get("export") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValidationError(f"not an FL job's parameters: {exc!r}") from exc
@@ -122,6 +162,7 @@ class FLSpec:
             "round_timeout": self.round_timeout, "python": self.python,
             "test_set": self.test_set, "queue": self.queue,
             "n_features": self.n_features, "n_classes": self.n_classes,
+            **({"export": dict(self.export)} if self.export else {}),
         }  # fmt: skip
 
     @property

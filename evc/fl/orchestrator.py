@@ -137,8 +137,8 @@ class Rounds(Closing, Recovery):
         devices = {d["id"]: d for d in self.store.get_devices(spec.devices)}
         skipped = sit_outs(spec.devices, devices, strategy.plan.min_available_clients)
         available = [d for d in spec.devices if d not in skipped]
-        if not available and st.get("first_round") == round:
-            # nothing to wait for at the start: fail now, saying why for each device
+        if not available:
+            # no device can train: fail now, saying why for each device (resume retries)
             self.fail_job(run, PreconditionFailed(
                 f"no device can train round {round}: " + "; ".join(f"{d}: {why}" for d, why in skipped.items()),
                 round=round, unavailable=skipped,
@@ -328,7 +328,7 @@ def sit_outs(
         if reason:
             skipped[dev_id] = reason
     short = min_available - sum(1 for d in job_devices if d not in skipped)
-    for dev_id in [d for d in job_devices if skipped.get(d) == DEGRADED][: max(0, short)]:
+    for dev_id in [d for d in job_devices if skipped.get(d, "").startswith(DEGRADED)][: max(0, short)]:
         del skipped[dev_id]
     return skipped
 

@@ -22,6 +22,7 @@ from evc.errors import CommandFailed, DeviceError, ValidationError
 from evc.fl.strategy import FitConfig
 
 __all__ = [
+    "CLIENT_MODELS_PATH",
     "CLIENT_PATH",
     "PROTOCOL_VERSION",
     "EvaluateReply",
@@ -44,6 +45,8 @@ __all__ = [
 
 #: the self-contained device runtime, to copy to devices (numpy is its only dependency)
 CLIENT_PATH: Path = Path(__file__).resolve().parent.parent / "device" / "fl_client.py"
+#: shipped beside the client as ``fl_models.py`` (the CNN's maths, plug-ins); numpy only too
+CLIENT_MODELS_PATH: Path = CLIENT_PATH.with_name("fl_models.py")
 
 
 def params_to_npz(params: Sequence[np.ndarray]) -> bytes:

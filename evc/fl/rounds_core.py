@@ -8,7 +8,7 @@ import logging
 import statistics
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,10 +55,28 @@ class RoundsCore:
             "median_round_s": statistics.median(durations) if durations else None,
             "client_starts": sum(int(r.get("client_starts") or 0) for r in records),
         }
+        if spec.export:
+            summary.update(self._export(run, spec.export))
         self.store.fl_cas(run.id, {}, phase=FLPhase.DONE)
         self.store.fl_deactivate(run.id)
         run.succeed(summary, message=f"finished {spec.rounds} rounds")
         self._close_channels(run.id)
+
+    def _export(self, run: JobRun, target: Mapping[str, str]) -> JSON:
+        """Register the finished model (the job's ``export``) on behalf of whoever submitted the
+        job: ``{"exported": version}``, or ``{"export_error": why}`` (the training stands)."""
+        from evc.context import Context
+        from evc.fl import export as fl_export
+
+        ctx = Context(self.store, self.settings).acting_as(str(run.job.get("created_by") or "evc:fl"))
+        try:
+            rec, _ = fl_export.export(ctx, run.id, target["name"], target["version"], finished=False)
+        except EVCError as exc:
+            run.event(f"export to {target['name']}:{target['version']} failed: {exc.message}", type=EventType.FL)
+            return {"export_error": exc.message}
+        keep = ("name", "version", "sha256", "accuracy")
+        run.event(f"registered the model as {rec['name']}:{rec['version']}", type=EventType.FL)
+        return {"exported": {k: rec.get(k) for k in keep}}
 
     def _stop(self, run: JobRun, why: str) -> None:
         self.store.fl_cas(run.id, {"phase": [*BETWEEN_ROUNDS, *IN_ROUND]},

@@ -22,7 +22,7 @@ from evc.errors import Conflict, DeviceError, NotFound, PreconditionFailed, SSHT
 from evc.fl import channels
 from evc.fl.checkpoint import latest_round, list_rounds, load_checkpoint
 from evc.fl.data import load_reference_digits, partition_dirichlet, partition_iid, save_shard
-from evc.fl.models import validate_model_spec
+from evc.fl.models import is_device_model, validate_model_spec
 from evc.fl.orchestrator import FLSpec, checkpoint_dir, evaluation_dir, fl_ready
 from evc.fl.protocol import params_to_npz
 from evc.fl.strategy import make_strategy
@@ -155,6 +155,7 @@ def build_spec(settings: Settings, data: Mapping[str, Any], devices: list[str]) 
             n_features = int(z["X"].shape[1])
             n_classes = n_classes or int(z["y"].max()) + 1
     return FLSpec(
+        export=_check_export(data.get("export"), model),
         devices=tuple(devices),
         rounds=rounds,
         strategy=strategy.name,
@@ -167,6 +168,20 @@ def build_spec(settings: Settings, data: Mapping[str, Any], devices: list[str]) 
         n_features=int(n_features or 64),
         n_classes=int(n_classes or 10),
     )
+
+
+def _check_export(export: Any, model: str) -> JSON | None:
+    """``{"name", "version"}``: register the finished job's model (:mod:`evc.fl.export`)."""
+    if export is None:
+        return None
+    if not isinstance(export, Mapping) or set(export) != {"name", "version"}:
+        raise ValidationError('export must be {"name": ..., "version": ...}', field="export")
+    if is_device_model(model):
+        raise ValidationError(f"model {model!r} is device code: it has no ONNX export", field="export")
+    for key in ("name", "version"):
+        if not NAME_RE.match(str(export[key])):
+            raise ValidationError(f"export.{key} must be 1-64 letters, digits, '.', '_' or '-'", field="export")
+    return {"name": str(export["name"]), "version": str(export["version"])}
 
 
 def check_ready(store: Store, devices: Sequence[str]) -> None:

@@ -160,12 +160,14 @@ class Strategy:
     ) -> list[tuple[str, FitConfig]]:
         """Sample this round's clients and say how each one trains.
 
-        Sampling draws ``num_fit_clients`` ids without replacement from ``sorted(available)``
-        with ``rng`` (default :func:`sampling_rng(plan.seed, round) <sampling_rng>`), so the
-        order of ``available_clients`` does not matter.  ``client_index`` maps each id to its
-        stable index in the job (it seeds the batch order); by default it is the position in
-        ``available_clients``, so pass the job's device order or the mapping.  The result is
-        ordered by client index.  Raises :class:`PreconditionFailed` when fewer than
+        Sampling draws ``num_fit_clients`` positions without replacement,
+        ``rng.choice(len(pool), k, replace=False)``, from the available clients ordered by
+        ``client_index`` (their stable index in the job, which also seeds the batch order;
+        default: the position in ``available_clients``), with ``rng`` (default
+        :func:`sampling_rng(plan.seed, round) <sampling_rng>`).  Sampling never looks at the
+        ids themselves: two fleets registered separately (different device ids) with the same
+        shards, device order and seed train the same client sets.  The result is ordered by
+        client index.  Raises :class:`PreconditionFailed` when fewer than
         ``min_available_clients`` are available.
         """
         if round < 1:
@@ -189,7 +191,7 @@ class Strategy:
             if self.plan.seed is None and self.plan.fraction_fit < 1.0:
                 raise ValidationError("unseeded plan: pass an rng to sample clients")
             rng = sampling_rng(self.plan.seed, round)
-        pool = sorted(ids)
+        pool = sorted(ids, key=lambda c: (index[c], c))  # job order, never the ids' own order
         k = self.num_fit_clients(len(pool))
         chosen = [pool[i] for i in rng.choice(len(pool), size=k, replace=False)]
         chosen.sort(key=lambda c: (index[c], c))

@@ -76,6 +76,10 @@ class Profile:
     def steps(self, level: int) -> tuple[Step, ...]:
         return self.levels.get(level, ())
 
+    def playbooks(self) -> set[str]:
+        """Every playbook this profile's levels run (what cluster ``vars`` may name)."""
+        return {s.playbook for lvl in LEVELS for s in self.steps(lvl)}
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,

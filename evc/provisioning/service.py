@@ -12,6 +12,7 @@ from typing import Any
 from evc import monitoring
 from evc.context import Context
 from evc.errors import Conflict, EVCError, PreconditionFailed, ValidationError
+from evc.fl.jobspec import record_fl_client
 from evc.jobs import JobRun
 from evc.model import JSON, TERMINAL_STATES, Device, HostStatus, Job, JobKindName, strings
 from evc.provisioning.catalog import Catalog, PlaybookSpec
@@ -40,8 +41,12 @@ log = logging.getLogger(__name__)
 SECRET_TTL_S = 7 * 86400
 
 #: what EVC records after a playbook succeeded on a device (not in check mode), by playbook:
-#: (store, device id, the run's validated variables); the exporter marks the device monitored
-ON_SUCCESS: dict[str, Callable[[Store, str, JSON], None]] = {"exporter": monitoring.record_exporter}
+#: (store, device id, the run's validated variables); the exporter marks the device monitored,
+#: fl-client marks it ready for federated learning
+ON_SUCCESS: dict[str, Callable[[Store, str, JSON], None]] = {
+    "exporter": monitoring.record_exporter,
+    "fl-client": record_fl_client,  # the device can train (and holds the plug-in, if one was shipped)
+}
 
 
 class ProvisionFailed(EVCError):

@@ -1,5 +1,5 @@
 """The one package that talks to Redis: devices, clusters, tokens, jobs and their events, logs,
-federated learning, the model registry, deployments, locks.
+federated learning, the model registry, deployments, locks, console sessions.
 
 :class:`Store` is the facade the rest of EVC uses, composed of one part per aggregate (each in
 its own module, sharing :class:`~evc.store._base.StoreBase`). Its Redis client is private, and
@@ -20,6 +20,7 @@ from evc.store.jobs import JOB_STATES, TERMINAL_STATES, JobStore
 from evc.store.locks import LockStore
 from evc.store.models import ModelStore
 from evc.store.profiles import ProfileStore
+from evc.store.sessions import SessionStore
 from evc.store.tokens import TokenStore
 
 __all__ = ["ID_RE", "JOB_STATES", "JSON", "TERMINAL_STATES", "Store", "new_id", "now", "redis_client"]
@@ -27,7 +28,7 @@ __all__ = ["ID_RE", "JOB_STATES", "JSON", "TERMINAL_STATES", "Store", "new_id", 
 
 class Store(
     DeviceStore, ClusterStore, TokenStore, JobStore, FleetLogStore, FLStore, ModelStore, DeploymentStore, LockStore,
-    ProfileStore, StoreBase,
+    SessionStore, ProfileStore, StoreBase,
 ):  # fmt: skip
     """Typed access to EVC's state in Redis. Build one per process with :meth:`from_settings`."""
 

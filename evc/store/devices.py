@@ -70,5 +70,6 @@ class DeviceStore(StoreBase):
             self.k("device-name", dev["name"]),
             self.k("device-token", dev.get("token_hash", "")),
             self.k("device-cluster", device_id),
+            self.k("health-history", device_id),
         )
         return dev

@@ -9,6 +9,7 @@ from typing import Any
 
 from evc.store import scripts
 from evc.store._base import DEVICE, JSON, StoreBase, _dump, now
+from evc.store.sessions import HEALTH_HISTORY, health_sample
 
 
 class FleetLogStore(StoreBase):
@@ -53,6 +54,11 @@ class FleetLogStore(StoreBase):
         for device_id, fields in changes.items():
             args = [x for kv in _dump(fields).items() for x in kv]
             script(keys=[self.k("device", device_id)], args=args, client=pipe)
+        for device_id, fields in changes.items():  # the console's sparklines (evc.store.sessions)
+            sample = health_sample(device_id, fields)
+            if sample is not None:
+                pipe.lpush(self.k("health-history", device_id), json.dumps(sample))
+                pipe.ltrim(self.k("health-history", device_id), 0, HEALTH_HISTORY - 1)
         if events:
             t = now()
             pipe.lpush(self.k("events"), *[json.dumps({"ts": t, **e}) for e in events])

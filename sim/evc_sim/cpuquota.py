@@ -18,6 +18,7 @@ import contextlib
 import errno
 import math
 import os
+import time
 from pathlib import Path
 
 from evc.errors import ConfigError
@@ -28,6 +29,8 @@ PERIOD_US = 100_000
 #: the smallest quota the kernel takes is 1 ms per period
 MIN_CPUS = 0.01
 MAX_CPUS = 1024.0
+#: the largest CFS weight cgroup v1 takes (a plain process weighs 1024)
+MAX_SHARES = 262144
 
 
 def unavailable_reason() -> str | None:
@@ -61,21 +64,30 @@ def group_of(device: str, owner_pid: int | None = None) -> Path:
 
 
 def create(device: str, cpus: float) -> Path:
-    """Make (or reuse) the device's cgroup with a quota of *cpus*; its path."""
+    """Make (or reuse) the device's cgroup with a quota of *cpus*; its path.
+
+    The groups above it get the largest CFS weight: otherwise every simulated device together
+    would weigh as much as one process of the machine, and on a busy machine their quotas would
+    never be reached (a device would get less than its share, all devices alike).
+    """
     reason = unavailable_reason()
     if reason:
         raise ConfigError(reason)
     path = group_of(device)
     path.mkdir(parents=True, exist_ok=True)
+    for parent in (path.parent, path.parent.parent):
+        (parent / "cpu.shares").write_text(f"{MAX_SHARES}\n")
     set_quota(path, cpus)
     return path
 
 
 def set_quota(path: Path, cpus: float) -> None:
-    """Give the cgroup at *path* a quota of *cpus* CPUs."""
+    """Give the cgroup at *path* a quota of *cpus* CPUs (and a weight in proportion, so devices
+    under one simulator share in the ratio of their quotas when the machine is short)."""
     cpus = check_cpus(cpus)
     (path / "cpu.cfs_period_us").write_text(f"{PERIOD_US}\n")
     (path / "cpu.cfs_quota_us").write_text(f"{max(1000, round(cpus * PERIOD_US))}\n")
+    (path / "cpu.shares").write_text(f"{min(MAX_SHARES, max(2, round(cpus * 1024)))}\n")
 
 
 def add_pid(path: Path, pid: int) -> None:
@@ -95,13 +107,18 @@ def pids(path: Path) -> list[int]:
 def remove(path: Path) -> None:
     """Move what is left in the cgroup to the root group and remove it (and the simulator's
     folder above it when that is empty). Never raises for a group that is gone."""
-    for pid in pids(path):
-        with contextlib.suppress(OSError):
-            add_pid(CPU_ROOT, pid)
-    for p in (path, path.parent):
+    for _ in range(50):  # a spawner that is exiting may still be listed for a moment
+        for pid in pids(path):
+            with contextlib.suppress(OSError):
+                add_pid(CPU_ROOT, pid)
         try:
-            p.rmdir()
-        except OSError as exc:
-            if exc.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
-                raise
+            path.rmdir()
             break
+        except FileNotFoundError:
+            break
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            time.sleep(0.02)
+    with contextlib.suppress(OSError):  # the simulator's folder, once its last device is gone
+        path.parent.rmdir()
