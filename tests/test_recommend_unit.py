@@ -74,6 +74,9 @@ def test_wall_latency_and_slowdown() -> None:
     assert pm.quota_stall(0.5, quarter) == 0.0  # 2 % of inferences stalled: not in the p95
     assert pm.quota_stall(5.0, quarter) == pytest.approx(75.0)  # 20 %: the p95 has a whole stall
     assert pm.quota_stall(5.0, pm.Calibration({}, None)) == 0.0
+    assert pm.quota_stalls(10.0, quarter) == 0.0  # the median inference fits in a budget
+    assert pm.quota_stalls(15.0, quarter) == pytest.approx(75.0)  # 60 % of them see one stall
+    assert pm.quota_stalls(40.0, quarter) == pytest.approx(150.0)
 
 
 def _cal(quota: float | None, speed: float = 1.0) -> pm.Calibration:

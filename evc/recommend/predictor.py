@@ -13,7 +13,9 @@ corrected on the profiles that exist, then the device's CPU quota.
    when not measured). In between, linearly: ``p50 = w · (1 + (S - 1) · ramp(w))`` where
    ``ramp`` rises from 0 at ``onset`` to 1 at ``onset + span`` (CPU ms; a scheduler lets a
    short inference finish: the step is sharp), both fitted on the profiles and the calibration
-   graphs' own wall-clock and CPU times; the mean is ``w · S``. A per-device factor ``γ``
+   graphs' own wall-clock and CPU times; at least ``w`` plus the CFS stalls its median sees
+   under a quota (:func:`quota_stalls`: once ``w`` outlasts the budget ``quota · period``, a
+   whole ``period - budget`` per budget); the mean is ``w · S``. A per-device factor ``γ``
    (shrunk toward the fleet's) corrects what this leaves out.
 3. Uncertainty: the root-mean-square relative error of the p50 on held-out profiles
    (leave-one-out).
@@ -115,7 +117,7 @@ class Predictor:
     def predict(self, device: str, cal: Calibration, x: Mapping[str, float]) -> Estimate:
         w = self.cpu_ms(device, cal, x)
         g = self.gamma.get(device, self.gamma0)
-        p50 = wall_latency(w, cal.slowdown, self.span_ms, self.onset_ms) * g
+        p50 = max(wall_latency(w, cal.slowdown, self.span_ms, self.onset_ms), w + quota_stalls(w, cal)) * g
         mean = max(p50, w * cal.slowdown * g)
         return Estimate(p50, p50 * self.tail + quota_stall(w, cal), mean, w, self.uncertainty)
 
@@ -126,6 +128,17 @@ def wall_latency(w_ms: float, slowdown: float, span_ms: float, onset_ms: float =
     if w_ms <= 0:
         return w_ms
     return w_ms * (1 + (slowdown - 1) * min(1.0, max(0.0, w_ms - onset_ms) / span_ms))
+
+
+def quota_stalls(w_ms: float, cal: Calibration) -> float:
+    """The CFS stalls in the median of back-to-back inferences of CPU time *w_ms*: an inference
+    sees ``floor(w / budget)`` or one more stall of ``period - budget``, the latter with probability
+    ``frac(w / budget)``."""
+    if not cal.quota or cal.quota >= 1 or not cal.period_s:
+        return 0.0
+    budget = cal.quota * cal.period_s * 1000.0
+    r = w_ms / budget
+    return (cal.period_s * 1000.0 - budget) * (math.floor(r) + (1 if r - math.floor(r) > 0.5 else 0))
 
 
 def quota_stall(w_ms: float, cal: Calibration) -> float:
@@ -177,7 +190,8 @@ def _wall_fit(
     their absolute spread around each device's median (what *span* and *onset* should make small)."""
     logs: dict[str, list[float]] = {}
     for dev, cpu, wall in points:
-        model = wall_latency(cpu, calibrations[dev].slowdown, span, onset)
+        cal = calibrations[dev]
+        model = max(wall_latency(cpu, cal.slowdown, span, onset), cpu + quota_stalls(cpu, cal))
         logs.setdefault(dev, []).append(math.log(wall / model))
     spread = 0.0  # absolute deviations around each device's median: one noisy profile counts once
     for xs in logs.values():
