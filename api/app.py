@@ -42,6 +42,7 @@ BLUEPRINTS = [
     "evc.api.deployments",
     "evc.api.inference",
     "evc.api.collab",
+    "evc.api.recommend",
 ]
 
 MAX_BODY = 1024 * 1024

@@ -20,7 +20,9 @@ def exposition(store: Store, app: Any) -> Response:
 
 def _build_registry(store: Store) -> CollectorRegistry:
     from evc import metrics
+    from evc.recommend.metrics import RecommendCollector
 
     registry = metrics.registry_for_exposition()
     registry.register(metrics.FleetCollector(store))
+    registry.register(RecommendCollector(store))
     return registry

@@ -61,6 +61,8 @@ JOB_KINDS: dict[str, JobKind] = {
         JobKind(JobKindName.PARALLEL_INFER, "evc.parallel_infer", Queue.DEFAULT, mutating=False),
         JobKind(JobKindName.INFER_JOINT, "evc.infer_joint", Queue.SSH, mutating=False),
         JobKind(JobKindName.INFER_SPLIT, "evc.infer_split", Queue.SSH, mutating=False),
+        JobKind(JobKindName.MODEL_PROFILE, "evc.model_profile", Queue.SSH, mutating=False),
+        JobKind(JobKindName.DEVICE_CALIBRATE, "evc.device_calibrate", Queue.SSH, mutating=False),
     )
 }
 

@@ -76,6 +76,8 @@ class JobKindName(Name):
     PARALLEL_INFER = "parallel-infer"
     INFER_JOINT = "infer-joint"
     INFER_SPLIT = "infer-split"
+    MODEL_PROFILE = "model-profile"
+    DEVICE_CALIBRATE = "device-calibrate"
 
 
 class Queue(Name):

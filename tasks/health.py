@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from typing import Any
@@ -14,6 +15,8 @@ from evc.context import Caller, Context
 from evc.errors import Conflict
 from evc.jobs import JobRun
 from evc.store import JSON
+
+log = logging.getLogger(__name__)
 
 
 def _owner(task: Any) -> str:
@@ -36,6 +39,17 @@ def _reconverge(ctx: Context, changes: list[JSON]) -> None:
     on_health(ctx, changes, after={t: str(j["id"]) for j in level_jobs for t in j.get("targets") or []})
 
 
+def _follow(ctx: Context, res: Any) -> None:
+    """Watched model recommendations re-evaluated for the swept devices (load and facts may have
+    changed): an event when one would change (:func:`evc.recommend.advise.follow`)."""
+    from evc.recommend.advise import follow
+
+    try:
+        follow(ctx.store, ctx.settings, list(res.states))
+    except Exception:  # noqa: BLE001 - following recommendations never fails a sweep
+        log.exception("recommendations were not re-evaluated after the sweep")
+
+
 @shared_task(name="evc.health_tick", **{**TASK_OPTIONS, "max_retries": 0})
 def health_tick(self) -> JSON:
     """Beat's sweep of the whole fleet; skipped when another sweep still runs."""
@@ -46,6 +60,7 @@ def health_tick(self) -> JSON:
             return {"skipped": "another sweep is running"}
         res = health.sweep(store, settings)
     _reconverge(ctx, res.changes)
+    _follow(ctx, res)
     return res.summary()
 
 
@@ -62,6 +77,7 @@ def health_sweep(self, job_id: str) -> str:
                 raise Conflict("another health sweep is still running; try again later")
             res = health.sweep(store, settings, run.job.get("targets") or None)
         _reconverge(ctx, res.changes)
+        _follow(ctx, res)
         per_device = res.per_device()
         for device_id, result in per_device.items():
             run.result(device_id, result, count=False)

@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from evc import metrics
 from evc.device.exporter.cli import ExporterConfig, build_exporter, make_registry
 from evc.device.exporter.gpu import TegrastatsCollector
+from evc.recommend.metrics import RecommendCollector
 from tests.fixtures.prometheus import (
     EdgeExporterProcess,
     PrometheusAPIError,
@@ -60,6 +61,7 @@ GRAFANA_VARS = {
     "$__range": "5m",
     "$cluster": ".*",
     "$fl_job": ".*",
+    "$model": ".*",
 }
 METRIC_NAME = re.compile(r"^[a-z_:][a-z0-9_:]*$")
 UNIT_SUFFIXES = ("_seconds", "_bytes", "_celsius", "_watts", "_hertz", "_ratio")
@@ -534,7 +536,7 @@ def known_metric_names(tmp_path: Path) -> set[str]:
     metrics.observe_health_sweep(1.0)
     body = generate_latest(metrics.registry_for_exposition(metrics.FleetCollector(FleetStore()))).decode()
     metrics.remove_fl_job("fl_names")
-    return names | exposed_names(body) | infer_metric_names() | FLOWER_METRICS | {"up"}
+    return names | exposed_names(body) | infer_metric_names() | recommend_names() | FLOWER_METRICS | {"up"}
 
 
 def infer_metric_names() -> set[str]:
@@ -548,6 +550,15 @@ def infer_metric_names() -> set[str]:
     m.failed("m", "1", 400, "bad_request")
     m.models([SimpleNamespace(name="m", version="1", sha256="0" * 64, ready=True)])
     return exposed_names(m.render()[0].decode())
+
+
+def recommend_names() -> set[str]:
+    """The series of watched model recommendations (evc.recommend.metrics)."""
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    registry.register(RecommendCollector(FleetStore()))
+    return exposed_names(generate_latest(registry).decode())
 
 
 def test_dashboards_and_rules_use_only_exposed_metrics(tmp_path: Path) -> None:
@@ -596,6 +607,10 @@ class FleetStore:
         ]  # fmt: skip
         self.queues = {"default": 0, "ssh": 3, "ansible": 0, "fl": 1}
         self.broken = False
+
+    def recommendation_watches(self) -> dict[str, Any]:
+        chosen = {"name": "sim-1", "label": "int8", "p50_ms": 3.0, "source": "measured", "predicted_p50_ms": 3.3}
+        return {"digits": {"chosen": {"dev_1": chosen}}}
 
     def all_devices(self) -> list[dict[str, Any]]:
         if self.broken:
@@ -763,7 +778,7 @@ def evc_metrics_endpoint() -> Iterator[tuple[str, FleetStore]]:
     server, thread = start_http_server(
         port,
         addr="127.0.0.1",
-        registry=metrics.registry_for_exposition(metrics.FleetCollector(store)),
+        registry=metrics.registry_for_exposition(metrics.FleetCollector(store), RecommendCollector(store)),
     )
     yield f"127.0.0.1:{port}", store
     server.shutdown()

@@ -24,6 +24,7 @@ TASK_MODULES = [
     "evc.tasks.deployments",
     "evc.tasks.inference",
     "evc.tasks.collab",
+    "evc.tasks.recommend",
 ]
 
 

@@ -25,6 +25,9 @@ from evc.cli import (  # noqa: F401
     stack,
     tokens,
 )
+
+# isort: split
+from evc.cli import recommend  # noqa: F401  (model profile and recommend, device calibrate: after models)
 from evc.cli.common import main
 
 __all__ = ["main"]

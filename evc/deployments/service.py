@@ -47,6 +47,10 @@ def submit(ctx: Context, data: Mapping[str, Any]) -> tuple[Job, JSON]:
     if runtime not in RUNTIMES:
         raise ValidationError(f"runtime must be one of {list(RUNTIMES)}", field="runtime")
     name, version, variant = str(data["model"]), str(data["version"]), data.get("variant")
+    if variant == "recommended":  # evc.recommend: the variant recommended for every target
+        from evc.recommend.advise import resolve_recommended
+
+        variant = resolve_recommended(store, ctx.settings, name, version, data)
     rec = (
         registry.get_variant(store, name, version, str(variant))
         if variant

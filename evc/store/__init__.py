@@ -20,6 +20,7 @@ from evc.store.inference import InferenceStore
 from evc.store.jobs import JOB_STATES, TERMINAL_STATES, JobStore
 from evc.store.locks import LockStore
 from evc.store.models import ModelStore
+from evc.store.profiles import ProfileStore
 from evc.store.sessions import SessionStore
 from evc.store.tokens import TokenStore
 
@@ -28,7 +29,7 @@ __all__ = ["ID_RE", "JOB_STATES", "JSON", "TERMINAL_STATES", "Store", "new_id", 
 
 class Store(
     DeviceStore, ClusterStore, TokenStore, JobStore, FleetLogStore, FLStore, ModelStore, DeploymentStore, LockStore,
-    SessionStore, InferenceStore, StoreBase,
+    SessionStore, InferenceStore, ProfileStore, StoreBase,
 ):  # fmt: skip
     """Typed access to EVC's state in Redis. Build one per process with :meth:`from_settings`."""
 
