@@ -239,3 +239,53 @@ def test_bad_requests_are_4xx(api: Any, settings: Any) -> None:
     assert status == 404
     status, body = api.call("POST", "/api/v1/deployments/dep_nope/infer", json={"inputs": []})
     assert status == 404
+
+
+def test_progress_reaches_flower_through_celery_events(
+    api: Any, settings: Any, deployment: tuple[str, list[Device]]
+) -> None:
+    """Flower builds its view from Celery's events with ``celery.events.state.State``: the job's
+    ``task-progress`` events arrive there, and the task shows as PROGRESS with done/total."""
+    import threading
+
+    from evc.workers.celery_app import make_celery
+
+    app = make_celery(settings, include_tasks=False)
+    state = app.events.State()
+    progress: list[dict[str, Any]] = []
+    ready, stop = threading.Event(), threading.Event()
+
+    def listen() -> None:
+        def on_event(event: dict[str, Any]) -> None:
+            state.event(event)
+            if event.get("type") == "task-progress":
+                progress.append(event)
+                task = state.tasks.get(event["uuid"])
+                event["seen_state"] = task.state if task is not None else None
+            recv.should_stop = stop.is_set()
+
+        with app.connection_for_read() as conn:
+            recv = app.events.Receiver(conn, handlers={"*": on_event})
+            ready.set()
+            while not stop.is_set():
+                try:
+                    recv.capture(limit=None, timeout=1, wakeup=False)
+                except Exception:  # noqa: BLE001 - a timeout: look at the stop flag again
+                    pass
+
+    t = threading.Thread(target=listen, daemon=True)
+    t.start()
+    assert ready.wait(5)
+    dep_id, _ = deployment
+    body = {"kind": "parallel", "deployment": dep_id, "dataset": "digits", "repeat": 20, "chunk": {"target_s": 0.2}}
+    status, job = api.call("POST", "/api/v1/inference/jobs", json=body)
+    assert status == 202, job
+    assert api.wait_job(job["id"], timeout=120)["state"] == "succeeded"
+    wait_until(lambda: progress, 10, "a task-progress event")
+    stop.set()
+    t.join(5)
+    mine = [e for e in progress if str(e["uuid"]).startswith(job["id"])]
+    assert mine, progress[:3]
+    last = mine[-1]
+    assert last["seen_state"] == "PROGRESS" and 0 < last["done"] <= last["total"] == 20 * 360
+    assert "items_per_s" in last and isinstance(last.get("rates"), dict)
