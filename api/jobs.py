@@ -24,7 +24,7 @@ blp = Blueprint("jobs", __name__, url_prefix="/api/v1", description="Asynchronou
 
 
 @blp.route("/jobs", methods=["POST"])
-@require(Scope.ADMIN)
+@require(Scope.ADMIN, deferrable=True)
 @blp.arguments(JobCreateSchema)
 @blp.response(202, JobSchema)
 def submit(data: dict[str, Any]) -> Any:
