@@ -27,7 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import requests
-from _common import Figure, emit, median, pct, private_stack, stamp
+from _common import Figure, emit, median, pct, private_stack, stamp, tree_cpu
 
 from evc.auth import create_operator_token
 from evc.context import Context
@@ -82,8 +82,10 @@ def _gunicorn(app: str, settings: Any, config: str, workers: int) -> subprocess.
 
 def _wrk(
     app: str, settings: Any, token: str, duration: int, connections: int, config: str, workers: int,
-    profile: Path | None = None,
-) -> tuple[float, float, str]:  # fmt: skip
+    redis_pid: int, profile: Path | None = None,
+) -> tuple[float, float, float, str]:  # fmt: skip
+    """(requests/s, p99 ms, CPU ms per request of the API's processes and Redis, wrk's output).
+    The CPU per request is what a busy machine changes least: the figure to compare there."""
     api = _gunicorn(app, settings, config, workers)
     spy = None
     try:
@@ -98,12 +100,14 @@ def _wrk(
                  "-r", "200", "-d", str(duration), "-f", "raw", "-o", str(profile), "-p", str(api.pid)],
                 stdout=subprocess.DEVNULL,
             )  # fmt: skip
+        cpu0 = tree_cpu(api.pid) + tree_cpu(redis_pid)
         out = subprocess.run(
             ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
             capture_output=True,
             text=True,
             check=True,
         ).stdout
+        cpu = tree_cpu(api.pid) + tree_cpu(redis_pid) - cpu0
         if spy is not None:
             spy.wait(60)
     finally:
@@ -114,7 +118,8 @@ def _wrk(
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if non2xx:
         print(f"WARNING: {app}: {non2xx.group(1)} non-2xx responses")
-    return rps, p99, out
+    n = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return rps, p99, cpu / max(n, 1) * 1000, out
 
 
 def _available(config: str) -> bool:
@@ -146,21 +151,23 @@ def submission(a: argparse.Namespace) -> list[Figure]:
     figs: list[Figure] = []
     try:
         for config in [c for c in a.configs.split(",") if _available(c)]:
-            base: list[tuple[float, float]] = []
-            evc: list[tuple[float, float]] = []
+            base: list[tuple[float, float, float]] = []
+            evc: list[tuple[float, float, float]] = []
+            pid = srv.proc.pid if srv.proc else 0
             for i in range(a.repeat):
-                base.append(_wrk("_bare_app:app", settings, token, a.duration, a.connections, config, a.workers)[:2])
+                run = (settings, token, a.duration, a.connections, config, a.workers, pid)
+                base.append(_wrk("_bare_app:app", *run)[:3])
                 prof = a.profile / f"evc-{config}.txt" if a.profile and i == 0 else None
-                rps, p99, out = _wrk(
-                    "evc.api.wsgi:app", settings, token, a.duration, a.connections, config, a.workers, prof
-                )
-                evc.append((rps, p99))
-                print(f"[{config} {i + 1}/{a.repeat}] bare {base[-1][0]:.0f} req/s p99 {base[-1][1]:.1f} ms; "
-                      f"EVC {rps:.0f} req/s p99 {p99:.1f} ms")  # fmt: skip
-            (b_rps, b_p99), (e_rps, e_p99) = _best(base), _best(evc)
+                rps, p99, cpu, _ = _wrk("evc.api.wsgi:app", *run, prof)
+                evc.append((rps, p99, cpu))
+                print(f"[{config} {i + 1}/{a.repeat}] bare {base[-1][0]:.0f} req/s p99 {base[-1][1]:.1f} ms "
+                      f"{base[-1][2]:.2f} CPU ms/req; EVC {rps:.0f} req/s p99 {p99:.1f} ms {cpu:.2f} CPU ms/req "
+                      f"(load {os.getloadavg()[0]:.1f})")  # fmt: skip
+            (b_rps, b_p99, b_cpu), (e_rps, e_p99, e_cpu) = _best(base), _best(evc)
             label = f"{a.workers} {config} workers" + (" x 8 threads" if config == "gthread" else "")
             print(f"{label}: bare {b_rps:.0f} req/s p99 {b_p99:.1f} ms; EVC {e_rps:.0f} req/s p99 {e_p99:.1f} ms; "
-                  f"ratio {e_rps / b_rps:.2f}, p99 ratio {e_p99 / b_p99:.2f}")  # fmt: skip
+                  f"ratio {e_rps / b_rps:.2f}, p99 ratio {e_p99 / b_p99:.2f}; CPU ms/request (API + Redis) "
+                  f"bare {b_cpu:.2f}, EVC {e_cpu:.2f}")  # fmt: skip
             figs += [
                 Figure(f"API submissions/s ({label})", "-", e_rps, "req/s", True),
                 Figure(
@@ -175,10 +182,10 @@ def submission(a: argparse.Namespace) -> list[Figure]:
     return figs
 
 
-def _best(runs: list[tuple[float, float]]) -> tuple[float, float]:
-    """The best throughput and the best p99 of repeated runs: the machine's noise only ever
-    slows a run down."""
-    return max(r for r, _ in runs), min(p for _, p in runs)
+def _best(runs: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    """The best throughput, p99 and CPU per request of repeated runs: the machine's noise only
+    ever slows a run down."""
+    return max(r[0] for r in runs), min(r[1] for r in runs), min(r[2] for r in runs)
 
 
 def roundtrip(n: int) -> list[Figure]:

@@ -43,7 +43,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import redis
-from _common import API, Figure, emit, private_stack, spawn, stop
+from _common import API, Figure, emit, private_stack, spawn, stop, tree_cpu
 from _plot import loglog
 from provision_bench import PLAYBOOK
 
@@ -59,26 +59,6 @@ TERMINAL = ("succeeded", "partial", "failed", "cancelled")
 def own_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-def tree_cpu(pid: int) -> float:
-    """CPU seconds of *pid*, its reaped children and its live descendants (Linux /proc)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    table: dict[int, tuple[int, float]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                f = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            table[int(entry)] = (int(f[1]), sum(int(x) for x in f[11:15]) / tick)
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        if p in table:
-            total += table[p][1]
-            todo += [c for c, (parent, _) in table.items() if parent == p]
-    return total
 
 
 class Meter:
