@@ -101,11 +101,14 @@ def wait_jobs(store: Store, ids: list[str], timeout: float) -> list[dict[str, An
     return [dict(store.get_job(j)) for j in ids]
 
 
-def start_sim(tmp: Path, n: int, settings: Settings, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], list[Any]]:
+def start_sim(
+    tmp: Path, n: int, settings: Settings, env: dict[str, str], started: list[subprocess.Popen[bytes]]
+) -> tuple[subprocess.Popen[bytes], list[Any]]:
     state = tmp / "devices.json"
     sim = spawn([sys.executable, "-m", "evc_sim", "--devices", str(n), "--root", str(tmp / "sim"),
                  "--state-file", str(state), "--authorized-keys", str(settings.key_path.with_suffix(".pub")),
                  "--privileges", "user", "--prefix", "cc"], env, tmp / "sim.log")  # fmt: skip
+    started.append(sim)
     deadline = time.monotonic() + 900
     while not state.exists():
         if sim.poll() is not None or time.monotonic() > deadline:
@@ -126,12 +129,14 @@ def measure(n: int, a: argparse.Namespace) -> dict[str, Any]:
     env = {**os.environ, **settings_env(settings)}
     store = Store.from_settings(settings)
     r = redis.Redis.from_url(settings.redis_url)
-    sim, devices = start_sim(tmp, n, settings, env)
-    worker = spawn([sys.executable, "-m", "celery", "-A", "evc.workers.app", "worker", "-Q", "ssh,ansible,default",
-                    "-c", "2", "-l", "WARNING", "--without-mingle", "--without-gossip", "-n", f"cc{n}@localhost"],
-                   env, tmp / "worker.log")  # fmt: skip
     rows: dict[str, Any] = {"devices": n, "load": os.getloadavg()[0]}
+    started: list[subprocess.Popen[bytes]] = []  # stopped whatever happens (Ctrl-C included)
     try:
+        sim, devices = start_sim(tmp, n, settings, env, started)
+        worker = spawn([sys.executable, "-m", "celery", "-A", "evc.workers.app", "worker", "-Q", "ssh,ansible,default",
+                        "-c", str(a.concurrency), "-l", "WARNING", "--without-mingle", "--without-gossip",
+                        "-n", f"cc{n}@localhost"], env, tmp / "worker.log")  # fmt: skip
+        started.append(worker)
         api = API(settings, store)
         from evc.workers.celery_app import make_celery
 
@@ -172,8 +177,8 @@ def measure(n: int, a: argparse.Namespace) -> dict[str, Any]:
         rows["redis_used_memory_B"] = int(r.info("memory")["used_memory"])
     finally:
         pooling.shutdown()
-        stop(worker)
-        stop(sim)
+        for proc in reversed(started):
+            stop(proc)
         srv.stop()
     return rows
 
@@ -228,6 +233,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="100,1000,5000")
     ap.add_argument("--warm-runs", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=4, help="the worker's processes (registration is I/O bound)")
     ap.add_argument("--provision-sample", type=int, default=20)
     ap.add_argument("--playbook", default="bench3", help="bench3: provision_bench's three tasks (ping, command, stat)")
     ap.add_argument("--noop-jobs", type=int, default=200)
