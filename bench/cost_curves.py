@@ -222,6 +222,15 @@ def table(results: list[dict[str, Any]]) -> list[Figure]:
         g = by_n[5000]["sweep"]["cpu_per_device_s"] / by_n[1000]["sweep"]["cpu_per_device_s"]
         figs.append(Figure("warm sweep CPU/device growth 1,000->5,000", "<= 1.2x", g, "x", g <= 1.2, g / 1.2))
     for res in results:
+        for op in OPS:
+            row, n = res.get(op), res["devices"]
+            if row and op != "listing":
+                per = "job" if op == "noop" else "device"
+                figs.append(
+                    Figure(f"{op}: controller CPU per {per} ({n})", "-", row["cpu_per_device_s"] * 1000, "ms", True)
+                )
+            if row and op in ("register", "sweep", "listing"):
+                figs.append(Figure(f"{op}: wall time ({n} devices)", "-", row["wall_s"], "s", True))
         figs.append(
             Figure(f"Redis memory per device ({res['devices']} devices)", "-", res["mem_per_device_B"], "B", True)
         )
