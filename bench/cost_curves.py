@@ -226,9 +226,9 @@ def table(results: list[dict[str, Any]]) -> list[Figure]:
             row, n = res.get(op), res["devices"]
             if row and op != "listing":
                 per = "job" if op == "noop" else "device"
-                figs.append(
-                    Figure(f"{op}: controller CPU per {per} ({n})", "-", row["cpu_per_device_s"] * 1000, "ms", True)
-                )
+                said = f"; {row['note'].split(',')[0]}" if op == "provision" else ""  # the sample, said
+                name = f"{op}: controller CPU per {per} ({n}{said})"
+                figs.append(Figure(name, "-", row["cpu_per_device_s"] * 1000, "ms", True))
             if row and op in ("register", "sweep", "listing"):
                 figs.append(Figure(f"{op}: wall time ({n} devices)", "-", row["wall_s"], "s", True))
         figs.append(
