@@ -25,7 +25,7 @@ blp = Blueprint("jobs", __name__, url_prefix="/api/v1", description="Asynchronou
 
 @blp.route("/jobs", methods=["POST"])
 @require(Scope.ADMIN, deferrable=True)
-@blp.arguments(JobCreateSchema)
+@blp.arguments(JobCreateSchema())  # an instance: webargs would build one per request from the class
 @blp.response(202, JobSchema)
 def submit(data: dict[str, Any]) -> Any:
     """Submit a generic job (kind `noop`: checks the pipeline end to end)."""
