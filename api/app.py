@@ -262,12 +262,32 @@ def _audit(app: Flask) -> None:
             )
         if pipe is not None:
             try:
-                pipe.execute()
+                _execute(get_store(), pipe)
             except (StoreUnavailable, redis.RedisError) as exc:
                 log.error("could not commit %s %s: %s", request.method, request.path, exc)
                 body = _error_body(503, "EVC's store is unavailable; nothing was done, retry later")
                 return app.response_class(json.dumps(body), status=503, mimetype="application/json")
+            except EVCError as exc:  # a cached token revoked or changed since: what it gets now
+                pipe.reset()
+                resp = jsonify(_error_body(exc.status, exc.message, error=exc.code))
+                resp.status_code = exc.status
+                if exc.status == 429 and exc.details.get("retry_after"):
+                    resp.headers["Retry-After"] = str(exc.details["retry_after"])
         return resp
+
+
+def _execute(store: Any, pipe: Any) -> None:
+    """Commit the request's unit of work: checking a token taken from the cache in the same
+    round trip (:meth:`~evc.store.Store.commit_as_token`); when that check fails, the token is
+    checked again from the store (raising what it now gets) and, if it passes, committed."""
+    from evc.api.deps import recheck
+
+    deferred = g.get("evc_deferred")
+    if deferred is not None and store.commit_as_token(pipe, deferred.token_hash, deferred.token):
+        return
+    if deferred is not None:
+        recheck(deferred)
+    pipe.execute()
 
 
 def _cors(app: Flask, origins: str) -> None:

@@ -72,25 +72,47 @@ def client_address() -> str:
     )
 
 
-def authenticate() -> Principal:
+def token_cache() -> auth.TokenCache:
+    """This process's :class:`~evc.auth.TokenCache` (``auth_cache_s``)."""
+    ext = _ext()
+    if ext.get("token_cache") is None:
+        ext["token_cache"] = auth.TokenCache(ext["settings"].auth_cache_s)
+    return cast(auth.TokenCache, ext["token_cache"])
+
+
+def authenticate(deferrable: bool = False) -> Principal:
+    """The caller; with *deferrable* (a view whose writes all go through :func:`unit_of_work`)
+    an operator token may come from this process's cache, its check then made by the commit
+    (``g.evc_deferred``). Never with an ``Idempotency-Key``: claiming one writes at once."""
     p = getattr(g, "principal", None)
     if p is None:
-        p = auth.authenticate(get_store(), get_settings(), request.headers.get("Authorization"), client_address())
+        cache = token_cache() if deferrable and "Idempotency-Key" not in request.headers else None
+        header = request.headers.get("Authorization")
+        p, g.evc_deferred = auth.authenticate_deferred(get_store(), get_settings(), header, client_address(), cache)
         g.principal = p
     return cast(Principal, p)
+
+
+def recheck(deferred: auth.Deferred) -> None:
+    """A deferred token failed its commit-time check: forget it and authenticate the request
+    again from the store, raising what a request with that token now gets (401, 429, 403)."""
+    token_cache().forget(deferred.token_hash)
+    p = auth.authenticate(get_store(), get_settings(), request.headers.get("Authorization"), client_address())
+    g.evc_check(p)
 
 
 def principal() -> Principal:
     return authenticate()
 
 
-def _guard(check: Callable[[Principal], None]) -> Callable[[F], F]:
+def _guard(check: Callable[[Principal], None], deferrable: bool = False) -> Callable[[F], F]:
     """A view decorator: authenticate the caller, run *check* on it, document bearer auth."""
 
     def deco(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            check(authenticate())
+            g.evc_check = check
+            check(authenticate(deferrable))
             return fn(*args, **kwargs)
 
         _security(wrapper)
@@ -99,9 +121,10 @@ def _guard(check: Callable[[Principal], None]) -> Callable[[F], F]:
     return deco
 
 
-def require(scope: str) -> Callable[[F], F]:
-    """Operator token with *scope* (``admin`` implies every scope)."""
-    return _guard(lambda p: auth.check_scope(p, scope))
+def require(scope: str, *, deferrable: bool = False) -> Callable[[F], F]:
+    """Operator token with *scope* (``admin`` implies every scope). *deferrable*: the view
+    writes only through :func:`unit_of_work` (see :func:`authenticate`)."""
+    return _guard(lambda p: auth.check_scope(p, scope), deferrable)
 
 
 def require_any(*scopes: str) -> Callable[[F], F]:

@@ -24,8 +24,8 @@ blp = Blueprint("jobs", __name__, url_prefix="/api/v1", description="Asynchronou
 
 
 @blp.route("/jobs", methods=["POST"])
-@require(Scope.ADMIN)
-@blp.arguments(JobCreateSchema)
+@require(Scope.ADMIN, deferrable=True)
+@blp.arguments(JobCreateSchema())  # an instance: webargs would build one per request from the class
 @blp.response(202, JobSchema)
 def submit(data: dict[str, Any]) -> Any:
     """Submit a generic job (kind `noop`: checks the pipeline end to end)."""

@@ -151,3 +151,23 @@ class API:
                 return dict(job)
             time.sleep(0.05)
         raise SystemExit(f"job {job_id} did not finish in {timeout} s")
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of *pid*, its reaped children and its live descendants (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    table: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                f = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            table[int(entry)] = (int(f[1]), sum(int(x) for x in f[11:15]) / tick)
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        if p in table:
+            total += table[p][1]
+            todo += [c for c, (parent, _) in table.items() if parent == p]
+    return total

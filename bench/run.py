@@ -53,7 +53,7 @@ class Bench:
 
 
 BENCHMARKS = [
-    Bench("api_submit", ("--duration", "2", "--jobs", "50"), 900),
+    Bench("api_submit", ("--duration", "2", "--jobs", "50", "--repeat", "1", "--configs", "sync"), 900),
     Bench("registration", ("--devices", "10"), 900),
     Bench("provision_bench", ("--devices", "5", "--forks", "5", "--rounds", "1"), 1800),
     Bench("health_sweep", ("--devices", "20", "--ansible-devices", "10", "--warm-runs", "2"), 2400),
@@ -63,6 +63,23 @@ BENCHMARKS = [
     Bench("sim_scale", ("--devices", "20", "--warm-runs", "2"), 2400),
     Bench("job_listing", ("--jobs", "5000", "--requests", "50"), 900),
     Bench("edge_server", ("--requests", "300", "--warmup", "50"), 600),
+    Bench(
+        "cost_curves",
+        (
+            "--sizes",
+            "10,30",
+            "--warm-runs",
+            "2",
+            "--provision-sample",
+            "5",
+            "--noop-jobs",
+            "20",
+            "--list-requests",
+            "5",
+        ),
+        3600,
+        quick_timeout_s=400,
+    ),
 ]
 
 

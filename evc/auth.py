@@ -6,7 +6,8 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -120,6 +121,44 @@ _INDEX = {
 }
 
 
+class TokenCache:
+    """Operator-token records an API process resolved in the last *ttl_s* seconds, by token
+    hash: a request that finds its token here needs no lookup round trip, and what it writes is
+    committed only while the token is unchanged (:meth:`evc.store.Store.commit_as_token`), so a
+    token revoked meanwhile writes nothing. Bounded: the oldest entry goes first."""
+
+    def __init__(self, ttl_s: float, size: int = 1024, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s, self.size, self.clock = ttl_s, size, clock
+        self._entries: dict[str, tuple[float, Token]] = {}
+
+    def get(self, digest: str) -> Token | None:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        if entry[0] <= self.clock():
+            self._entries.pop(digest, None)
+            return None
+        return entry[1]
+
+    def put(self, digest: str, rec: Token) -> None:
+        if self.ttl_s <= 0:
+            return
+        if len(self._entries) >= self.size:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[digest] = (self.clock() + self.ttl_s, rec)
+
+    def forget(self, digest: str) -> None:
+        self._entries.pop(digest, None)
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A principal taken from a :class:`TokenCache`: its token's check is the commit's."""
+
+    token_hash: str
+    token: Token
+
+
 def authenticate(store: Store, settings: Settings, header: str | None, client: str = "") -> Principal:
     """Resolve an ``Authorization: Bearer ...`` header to a principal, or raise AuthError.
 
@@ -127,12 +166,25 @@ def authenticate(store: Store, settings: Settings, header: str | None, client: s
     stored hash is constant-time. Failed attempts are counted per client address and per
     presented-token prefix; past the limit a failure answers 429. A valid token is never
     refused, however many others failed."""
+    return authenticate_deferred(store, settings, header, client)[0]
+
+
+def authenticate_deferred(
+    store: Store, settings: Settings, header: str | None, client: str = "", cache: TokenCache | None = None
+) -> tuple[Principal, Deferred | None]:
+    """:func:`authenticate`, an operator token taken from *cache* when it is there (then with
+    a :class:`Deferred`: the caller must commit through
+    :meth:`~evc.store.Store.commit_as_token`), else resolved (and put in *cache*)."""
     if not header or not header.startswith("Bearer "):
         raise AuthError("missing bearer token: send 'Authorization: Bearer <token>'")
     token = header[7:].strip()
     digest = hash_token(token)
     index, kind = _INDEX.get(token[:5], ("token-hash", "token"))
-    rec = store.resolve_token(index, kind, digest)
+    cache = cache if kind == "token" else None
+    cached = cache.get(digest) if cache is not None else None
+    rec: Any = cached or store.resolve_token(index, kind, digest)
+    if cache is not None and cached is None and rec and not rec.get("revoked"):
+        cache.put(digest, rec)
     principal: Principal | None = None
     stored = (rec or {}).get("token_hash" if kind == "device" else "hash", "")
     if rec and hmac.compare_digest(stored, digest):
@@ -148,7 +200,7 @@ def authenticate(store: Store, settings: Settings, header: str | None, client: s
             principal = Principal(PrincipalKind.ENROLLMENT, rec["id"])
     if principal is None:
         _fail(store, settings, client, token, "invalid token")
-    return principal
+    return principal, Deferred(digest, cached) if cached is not None else None
 
 
 def _fail(store: Store, settings: Settings, client: str, token: str, message: str) -> NoReturn:

@@ -35,6 +35,10 @@ class Settings:
     enrollment_max_uses: int = 10
     auth_fail_limit: int = 20  # failed authentications per client per window
     auth_fail_window_s: int = 60
+    # an API process reuses an operator token it resolved for this long, on the endpoints whose
+    # writes all go through the request's unit of work (job submission); the commit re-checks
+    # the token atomically, so a revoked token writes nothing. 0: resolve on every request
+    auth_cache_s: float = 5.0
     # proxies (IPs or CIDRs, comma separated) whose X-Forwarded-For is believed; empty: none
     trusted_proxies: str = ""
     # the web console (/ui): a session lasts this long after its last use

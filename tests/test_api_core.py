@@ -251,3 +251,25 @@ def test_docs_page_works_air_gapped(api) -> None:
         assert asset.status_code == 200, url
         assert len(asset.get_data()) > 1000, url
     assert api.client.get("/api/v1/docs/assets/../../app.py").status_code == 404
+
+
+def test_a_cached_token_changed_elsewhere_commits_nothing(api) -> None:
+    """Job submission reuses an operator token this API process resolved (``auth_cache_s``);
+    what it writes commits only while the token is unchanged. Revoked or narrowed in the store
+    by another process (no call through this API, whose cache keeps the old record), the next
+    submission gets what the token now deserves and no job is written."""
+    _, tok = api.call("POST", "/api/v1/tokens", json={"name": f"cached{time.time_ns()}", "scopes": ["admin"]})
+    status, job = api.call("POST", "/api/v1/jobs", json={"kind": "noop"}, token=tok["token"])  # resolved, cached
+    assert status == 202 and api.store.get_job(job["id"])["kind"] == "noop"
+    status, job = api.call("POST", "/api/v1/jobs", json={"kind": "noop"}, token=tok["token"])  # from the cache
+    assert status == 202 and api.store.get_job(job["id"])["created_by"].endswith(tok["name"])
+    total = api.store.list_jobs(0, 1)[1]
+    api.store.update_token(tok["id"], scopes=["read"])
+    status, body = api.call("POST", "/api/v1/jobs", json={"kind": "noop"}, token=tok["token"])
+    assert status == 403 and "admin" in body["message"]
+    api.store.update_token(tok["id"], scopes=["admin"], revoked=True)
+    status, body = api.call("POST", "/api/v1/jobs", json={"kind": "noop"}, token=tok["token"])
+    assert status == 401 and "revoked" in body["message"]
+    assert api.store.list_jobs(0, 1)[1] == total  # nothing written by either refused request
+    audit = api.call("GET", "/api/v1/audit?limit=5")[1]["items"]
+    assert not any(e.get("status") in (401, 403) and e.get("actor", "").endswith(tok["name"]) for e in audit)

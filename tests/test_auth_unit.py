@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -120,3 +120,24 @@ def test_trusted_proxies_must_parse() -> None:
         auth.client_address("127.0.0.1", "1.2.3.4", "not-a-network")
     assert auth.client_address("10.1.2.3", "1.2.3.4", "10.0.0.0/8") == "1.2.3.4"
     assert auth.client_address("10.1.2.3", "10.9.9.9", "10.0.0.0/8") == "10.9.9.9"  # every hop trusted: first
+
+
+def test_token_cache_expires_forgets_and_is_bounded() -> None:
+    from evc.auth import TokenCache
+
+    clock = [100.0]
+    cache = TokenCache(5.0, size=2, clock=lambda: clock[0])
+    rec = cast(Any, {"id": "tok_1", "scopes": ["admin"]})
+    cache.put("h1", rec)
+    assert cache.get("h1") == rec and cache.get("h2") is None
+    clock[0] += 5.0
+    assert cache.get("h1") is None  # expired
+    cache.put("h1", rec)
+    cache.forget("h1")
+    assert cache.get("h1") is None
+    for h in ("a", "b", "c"):
+        cache.put(h, rec)
+    assert cache.get("a") is None and cache.get("c") == rec  # the oldest went first
+    off = TokenCache(0.0)
+    off.put("h", rec)
+    assert off.get("h") is None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import socket
 import time
 import uuid
@@ -20,6 +21,19 @@ from typing import Any
 from celery import Celery
 
 Command = tuple[str, tuple[Any, ...]]
+
+
+#: a task argument whose ``repr`` is exactly Celery's ``saferepr`` of it (ids, names, numbers)
+_PLAIN = re.compile(r"[A-Za-z0-9_.:@-]{0,64}\Z")
+
+
+def plain_argsrepr(args: list[Any]) -> str | None:
+    """Celery's ``saferepr`` of *args* (the message's ``argsrepr``) for the plain ids and
+    integers tasks take, without its cost (a twentieth of a submission); None for anything
+    else: Celery computes it."""
+    if len(args) <= 8 and all(type(a) is int or (type(a) is str and _PLAIN.match(a)) for a in args):
+        return repr(list(args))
+    return None
 
 
 class TaskPublisher:
@@ -44,6 +58,7 @@ class TaskPublisher:
         msg = amqp.as_task_v2(
             task_id, name, args=args, kwargs={}, countdown=countdown, origin=self.hostname,
             create_sent_event=self.send_sent_event, reply_to=self.reply_to, root_id=task_id, ignore_result=None,
+            argsrepr=plain_argsrepr(args), kwargsrepr="{}",
         )  # fmt: skip
         body = json.dumps(msg.body).encode()
         envelope = {

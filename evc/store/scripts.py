@@ -237,6 +237,24 @@ if not id then return {} end
 return redis.call('HGETALL', ARGV[1] .. id)
 """
 
+# Commit a request's unit of work as operator token ARGV[1], only while that token is what the
+# API cached: KEYS[1] its hash index names it, its record KEYS[2] is not revoked and still has
+# the scopes ARGV[2] and expiry ARGV[3] (JSON as stored). Then the commands follow in ARGV, each
+# as (number of words, words...), run in order, atomically like MULTI/EXEC. Returns 1, or 0
+# with nothing written.
+COMMIT_AS_TOKEN = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local f = redis.call('HMGET', KEYS[2], 'revoked', 'scopes', 'expires_at')
+if f[1] ~= 'false' or f[2] ~= ARGV[2] or f[3] ~= ARGV[3] then return 0 end
+local i = 4
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return 1
+"""
+
 # Revoke operator token KEYS[2] unless it is the last usable admin token: KEYS[1] the token
 # index; ARGV[1] the record key prefix, ARGV[2] the token id, ARGV[3] now, ARGV[4] revoked_at.
 # Returns 'missing', 'last_admin' or 'ok'.

@@ -11,6 +11,11 @@ from evc.store import scripts
 from evc.store._base import ENROLLMENT, TOKEN, StoreBase, _text, now
 
 
+def _json(value: Any) -> str:
+    """A field's value as the store writes it (``_base._dump``)."""
+    return json.dumps(value, separators=(",", ":"))
+
+
 class TokenStore(StoreBase):
     # ------------------------------------------------------------------ token lookup
     def resolve_token(self, index: str, kind: str, token_hash: str) -> JSON | None:
@@ -20,6 +25,26 @@ class TokenStore(StoreBase):
             return None
         it = iter(raw)
         return {k.decode(): json.loads(v) for k, v in zip(it, it, strict=True)}
+
+    def commit_as_token(self, pipe: Any, token_hash: str, token: JSON) -> bool:
+        """Run what is queued on *pipe* (a request's unit of work) in one atomic script, only
+        while operator token *token* (a record the API cached) is unchanged: still indexed by
+        *token_hash*, not revoked, the same scopes and expiry. One round trip, the token's check
+        included. False with nothing written, *pipe* untouched, when the token changed or *pipe*
+        holds a script (a script cannot run one): the caller checks the token and executes
+        *pipe* itself."""
+        stack = pipe.command_stack
+        if pipe.scripts or any(str(args[0]).upper() in ("EVAL", "EVALSHA") for args, _ in stack):
+            return False
+        argv: list[Any] = [token["id"], _json(token.get("scopes")), _json(token.get("expires_at"))]
+        for args, _ in stack:
+            argv.append(len(args))
+            argv.extend(args)
+        keys = [self.k("token-hash", token_hash), self.k("token", token["id"])]
+        if not self._script(scripts.COMMIT_AS_TOKEN)(keys=keys, args=argv):
+            return False
+        pipe.reset()
+        return True
 
     # ------------------------------------------------------------------ operator tokens
     def claim_bootstrap(self) -> bool:
