@@ -27,12 +27,10 @@ import io
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -41,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import API, Figure, emit, private_stack, spawn, stop  # noqa: E402
+from _plot import Canvas  # noqa: E402
 
 from evc import keys  # noqa: E402
 from evc.embedded import free_port  # noqa: E402
@@ -51,50 +50,32 @@ from evc_sim import read_state  # noqa: E402
 from tests.fixtures.collab_models import accuracy, cached_cloud_model, digits, edge_model  # noqa: E402
 
 
-# ---------------------------------------------------------------- a tiny PNG writer
+# ---------------------------------------------------------------- the curve as a PNG
 def png(path: Path, points: list[tuple[float, float]], marks: list[tuple[float, float]], target: tuple[float, float],
         w: int = 480, h: int = 320) -> None:  # fmt: skip
     """The curve (x: offload 0..1, ticks every 10 %; y: accuracy) as a black line, *marks* as red
     squares, the target (least accuracy, most offload) as blue lines, grey axes."""
     ys = [p[1] for p in points + marks] + [target[0]]
     lo, hi = min(ys) - 0.01, min(1.0, max(ys) + 0.01)
-    px = [[(255, 255, 255)] * w for _ in range(h)]
-    m = 30
+    cv, m = Canvas(w, h), 30
 
     def at(x: float, y: float) -> tuple[int, int]:
         return m + round(x * (w - 2 * m)), h - m - round((y - lo) / (hi - lo) * (h - 2 * m))
 
-    def dot(c: int, r: int, col: tuple[int, int, int], size: int = 1) -> None:
-        for dr in range(-size, size + 1):
-            for dc in range(-size, size + 1):
-                if 0 <= r + dr < h and 0 <= c + dc < w:
-                    px[r + dr][c + dc] = col
-
-    for c in range(m, w - m):
-        dot(c, h - m, (150, 150, 150), 0)
-    for r in range(m, h - m):
-        dot(m, r, (150, 150, 150), 0)
+    grey, blue = (150, 150, 150), (0, 90, 220)
+    cv.line((m, h - m), (w - m - 1, h - m), grey, 0)
+    cv.line((m, m), (m, h - m - 1), grey, 0)
     for tick in range(11):  # offload every 10 %
-        dot(*at(tick / 10, lo), (150, 150, 150), 2)
+        cv.dot(*at(tick / 10, lo), grey, 2)
     for i in range(0, w - 2 * m, 4):  # dashed: the accuracy to reach, the offload allowed
-        dot(*at(i / (w - 2 * m), target[0]), (0, 90, 220), 0)
+        cv.dot(*at(i / (w - 2 * m), target[0]), blue, 0)
     for i in range(0, h - 2 * m, 4):
-        dot(at(target[1], lo)[0], h - m - i, (0, 90, 220), 0)
-    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
-        (c0, r0), (c1, r1) = at(x0, y0), at(x1, y1)
-        steps = max(abs(c1 - c0), abs(r1 - r0), 1)
-        for s in range(steps + 1):
-            dot(round(c0 + (c1 - c0) * s / steps), round(r0 + (r1 - r0) * s / steps), (0, 0, 0), 1)
+        cv.dot(at(target[1], lo)[0], h - m - i, blue, 0)
+    for a, b in zip(points, points[1:], strict=False):
+        cv.line(at(*a), at(*b), (0, 0, 0))
     for x, y in marks:
-        dot(*at(x, y), (220, 0, 0), 4)
-    raw = b"".join(b"\x00" + bytes(v for p in row for v in p) for row in px)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))  # fmt: skip
+        cv.dot(*at(x, y), (220, 0, 0), 4)
+    cv.save(path)
 
 
 # ---------------------------------------------------------------- the link, in a process of its own
