@@ -189,6 +189,14 @@ def test_worker_metrics_endpoint_merges_the_workers_files(settings: Settings, tm
     assert resp.status_code == 200 and resp.content_type.startswith("text/plain")
     assert b'evc_jobs_total{kind="provision",state="succeeded"} 1.0' in resp.data
     assert b"evc_devices" not in resp.data  # the fleet is the API's /metrics, not the workers'
+    # worker containers sharing one volume write to a folder each (compose.podman.yaml), with
+    # the same file names (their process ids repeat): every folder is merged
+    for name in ("default@host-0a1b2c3d", "default@host-4e5f6a7b"):
+        (workers / name).mkdir()
+        for f in workers.glob("*.db"):
+            (workers / name / f.name).write_bytes(f.read_bytes())
+    resp = client.get("/metrics/workers")
+    assert b'evc_jobs_total{kind="provision",state="succeeded"} 3.0' in resp.data
 
 
 def test_process_exit_hooks_forget_a_dead_process(tmp_path: Path) -> None:
