@@ -84,7 +84,7 @@ def scale_to(stack: Stack, n: int) -> None:
     assert len(names) == 2 * n, names
 
     def ready() -> bool:
-        return all(" ready." in stack.podman("logs", c, check=False) for c in names)
+        return all(" ready." in stack.logs(c) for c in names)
 
     wait_until(ready, 180, f"{2 * n} workers to be ready", interval=1.0)
 

@@ -157,12 +157,12 @@ def _worker_killed_mid_job(stack: Stack) -> None:
     assert len(workers) == 2, workers
     job = stack.call("POST", "/api/v1/jobs", {"kind": "noop", "params": {"sleep_s": 10}})
     wait_until(lambda: stack.call("GET", f"/api/v1/jobs/{job['id']}")["state"] == "running", 60, "the job to run")
-    (victim,) = [w for w in workers if job["id"] in stack.podman("logs", w, check=False, timeout=30)]
+    (victim,) = [w for w in workers if job["id"] in stack.logs(w)]
     stack.podman("kill", "-s", "KILL", victim)
     done = stack.wait_job(job["id"], 90)
     assert done["state"] == "succeeded" and done["attempt"] >= 1, done
     survivor = next(w for w in workers if w != victim)
-    assert job["id"] in stack.podman("logs", survivor, check=False)
+    assert job["id"] in stack.logs(survivor)
     r = redis.Redis(port=stack.ports["redis"], password=stack.env["REDIS_PASSWORD"])
     assert int(r.get("evc:noop-effects") or 0) == 1
     stack.podman("start", victim)  # back for what follows (restart policy aside)
