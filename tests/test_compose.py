@@ -26,7 +26,7 @@ import redis
 from evc_sim import SimulatorThread
 from tests.fixtures.compose import Stack, ensure_images, new_stack, podman_env, since, why_not
 from tests.fixtures.helpers import free_port, wait_until
-from tests.test_monitoring_e2e import build_prometheus_client_wheel, stop_exporter
+from tests.fixtures.prometheus import build_prometheus_client_wheel, stop_exporter
 
 log = logging.getLogger(__name__)
 
