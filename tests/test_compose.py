@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -56,8 +57,11 @@ def sim(stack: Stack) -> Iterator[SimulatorThread]:
     root = Path(tempfile.mkdtemp(prefix="evc-sim-"))
     root.chmod(0o711)
     key = stack.call("GET", "/api/v1/ssh-key")["public_key"].strip()
-    with SimulatorThread(root, authorized_keys=[key]) as simulator:
-        yield simulator
+    try:
+        with SimulatorThread(root, authorized_keys=[key]) as simulator:
+            yield simulator
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_the_stack_registers_provisions_trains_and_survives(stack: Stack, sim: SimulatorThread) -> None:

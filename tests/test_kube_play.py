@@ -99,23 +99,25 @@ def test_the_base_plays_and_serves(played: Stack) -> None:
     root = Path(tempfile.mkdtemp(prefix="evc-sim-"))
     root.chmod(0o711)
     key = stack.call("GET", "/api/v1/ssh-key")["public_key"].strip()
-    with SimulatorThread(root, authorized_keys=[key]) as sim:
-        (d,) = sim.start(1, f"kube{os.getpid() % 10000}", privileges="root")
-        out = stack.call(
-            "POST", "/api/v1/devices", {"name": d.name, "host": d.host, "port": d.port, "username": d.username}
-        )
-        assert stack.wait_job(out["job"]["id"])["state"] == "succeeded"
-        assert stack.call("GET", f"/api/v1/devices/{out['device']['id']}")["state"] == "online"
+    try:
+        with SimulatorThread(root, authorized_keys=[key]) as sim:
+            (d,) = sim.start(1, f"kube{os.getpid() % 10000}", privileges="root")
+            body = {"name": d.name, "host": d.host, "port": d.port, "username": d.username}
+            out = stack.call("POST", "/api/v1/devices", body)
+            assert stack.wait_job(out["job"]["id"])["state"] == "succeeded"
+            assert stack.call("GET", f"/api/v1/devices/{out['device']['id']}")["state"] == "online"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     job = stack.call("POST", "/api/v1/jobs", {"kind": "noop"})
     assert stack.wait_job(job["id"])["state"] == "succeeded"
     # a worker pod's metrics sidecar serves that pod's worker metrics (the first of them: the port
     # the mapping gave it)
     deadline = time.monotonic() + 30
-    body = b""
-    while time.monotonic() < deadline and b"evc_" not in body:
+    scraped = b""
+    while time.monotonic() < deadline and b"evc_" not in scraped:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{stack.ports['metrics']}/metrics", timeout=5) as r:  # noqa: S310
-                body = r.read()
+                scraped = r.read()
         except OSError:
             time.sleep(1)
-    assert b"evc_" in body
+    assert b"evc_" in scraped
