@@ -171,3 +171,19 @@ def tree_cpu(pid: int) -> float:
             total += table[p][1]
             todo += [c for c, (parent, _) in table.items() if parent == p]
     return total
+
+
+def registered(store: Any, devices: list[Any], id_prefix: str) -> list[str]:
+    """Online device records for simulated *devices*, as a successful registration leaves them
+    (host keys pinned: what a sweep reads), ids ``<id_prefix><index>``."""
+    ids = []
+    for i, d in enumerate(devices):
+        dev_id = f"{id_prefix}{i:05d}"
+        rec = {
+            "id": dev_id, "name": d.name, "host": d.host, "port": d.port, "username": d.username,
+            "host_key": d.host_key_public, "state": "online", "health": None, "last_seen": None,
+            "cluster_id": None, "labels": {}, "created_at": time.time(),
+        }  # fmt: skip
+        store.create_device(rec, token_hash=f"h-{dev_id}")
+        ids.append(dev_id)
+    return ids

@@ -23,16 +23,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import asyncssh
-from _common import Figure, emit, private_stack
+from _common import Figure, emit, private_stack, registered
 
 from evc import health, keys
 from evc import pool as pooling
-from evc.model import Device
 from evc.settings import Settings
 from evc.store import Store
 from evc_sim import SimDevice, raise_fd_limit, read_state
@@ -63,17 +61,7 @@ def start_simulator(root: Path, n: int, pub: Path) -> tuple[subprocess.Popen[byt
 
 def register(store: Store, devices: list[SimDevice]) -> list[str]:
     """Device records as a successful registration leaves them (pinned host keys)."""
-    ids = []
-    for i, d in enumerate(devices):
-        dev_id = f"dev_{i:05d}"
-        rec = cast(Device, {  # what registration sets that a sweep reads
-            "id": dev_id, "name": d.name, "host": d.host, "port": d.port, "username": d.username,
-            "host_key": d.host_key_public, "state": "online", "health": None, "last_seen": None,
-            "cluster_id": None, "labels": {}, "created_at": time.time(),
-        })  # fmt: skip
-        store.create_device(rec, token_hash=f"h-{dev_id}")
-        ids.append(dev_id)
-    return ids
+    return registered(store, devices, "dev_")
 
 
 def timed_sweep(store: Store, settings: Settings) -> tuple[float, health.SweepResult]:

@@ -307,15 +307,31 @@ def mark_process_dead(pid: int, path: str | os.PathLike[str] | None = None) -> N
         multiprocess.mark_process_dead(pid, None if path is None else str(path))
 
 
+class FolderTreeCollector:
+    """The multiprocess files of a folder and of its subfolders, merged: one subfolder per
+    worker container when the containers share one volume (their process ids repeat, so each
+    writes to a folder of its own: deploy/compose/compose.podman.yaml)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def collect(self) -> Iterable[Metric]:
+        files = sorted(str(p) for p in self.path.rglob("*.db"))
+        return multiprocess.MultiProcessCollector.merge(files, accumulate=True)
+
+
 def registry_for_exposition(*extra: Collector, metrics_dir: str | os.PathLike[str] | None = None) -> CollectorRegistry:
     """A fresh registry to render one scrape: EVC's metrics plus *extra* collectors.
 
     In multiprocess mode (or when *metrics_dir* is given) the values are merged from the
-    files of every process writing to that directory; otherwise this process's values.
+    files of every process writing to that directory (and, for *metrics_dir*, its
+    subdirectories); otherwise this process's values.
     """
     registry = CollectorRegistry(auto_describe=False)
-    if metrics_dir is not None or multiprocess_enabled():
-        multiprocess.MultiProcessCollector(registry, path=None if metrics_dir is None else str(metrics_dir))
+    if metrics_dir is not None:
+        registry.register(FolderTreeCollector(metrics_dir))
+    elif multiprocess_enabled():
+        multiprocess.MultiProcessCollector(registry)
     else:
         registry.register(REGISTRY)
     for collector in extra:
@@ -340,6 +356,7 @@ __all__ = [
     "FleetCollector",
     "FleetStore",
     "fleet_families",
+    "FolderTreeCollector",
     "mark_process_dead",
     "metric_names",
     "multiprocess_dir",

@@ -1094,3 +1094,37 @@ def test_k8s_scrape_config_pod_discovery_passes_promtool(
     if "kubernetes_sd_configs not found" in proc.stdout + proc.stderr:
         pytest.skip("this promtool is built without Kubernetes discovery (Debian's is)")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("podman") is None, reason="podman-compose asks podman for its version")
+def test_compose_podman_override_merges_as_tests_run_it(tmp_path: Path) -> None:
+    """Structural: compose.yaml + compose.podman.yaml as podman-compose merges them (`config`):
+    every service on the host's network, EVC's processes on 127.0.0.1's Redis with the password,
+    Redis persistent, a folder per worker container on the volume the API reads for
+    /metrics/workers, and node names that differ between containers of one service."""
+    exe = Path(sys.executable).parent / "podman-compose"
+    if not exe.exists():
+        pytest.skip("podman-compose is not installed (the test extra)")
+    env = {**os.environ, "REDIS_PASSWORD": "pw-1", "GRAFANA_ADMIN_PASSWORD": "x", "PROMETHEUS_CONFIG": "/dev/null",
+           "REDIS_PORT": "16379", "API_PORT": "18080", "WORKER_DEFAULT_REPLICAS": "2"}  # fmt: skip
+    files = ["-f", str(COMPOSE), "-f", str(COMPOSE_DIR / "compose.podman.yaml")]
+    out = subprocess.run([str(exe), *files, "-p", "evccheck", "config"], env=env, capture_output=True, text=True,
+                         timeout=60, check=True).stdout  # fmt: skip
+    services = load_yaml(out)["services"]
+    assert {s.get("network_mode") for n, s in services.items() if n != "grafana"} == {"host"}
+    assert "--appendonly" in services["redis"]["command"] and "pw-1" in services["redis"]["command"]
+    assert services["redis"]["command"][services["redis"]["command"].index("--port") + 1] == "16379"
+    for name in EVC_SERVICES:
+        assert _env(services[name])["EVC_REDIS_URL"] == "redis://:pw-1@127.0.0.1:16379/0", name
+    assert "127.0.0.1:18080" in services["evc-api"]["command"]
+    assert "evc-worker-metrics:/run/evc-metrics/workers" in services["evc-api"]["volumes"]
+    for q in QUEUES:
+        worker = services[f"worker-{q}"]
+        assert "evc-worker-metrics:/run/evc-metrics/workers" in worker["volumes"], q
+        script = worker["command"][-1]
+        assert (
+            f'n="{q}@$(hostname)-$(od -An -N4' in script
+            and 'PROMETHEUS_MULTIPROC_DIR="/run/evc-metrics/workers/$n"' in script
+        )
+        assert f"-Q {q}" in script and '-n "$n"' in script
+    assert str(services["worker-default"]["scale"]) == "2"

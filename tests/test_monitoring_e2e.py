@@ -10,8 +10,6 @@ pure helpers, the endpoints, and the process-exit hooks of gunicorn and Celery.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import logging
 import os
@@ -25,7 +23,6 @@ import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Callable, Iterator
-from importlib import metadata
 from pathlib import Path
 from typing import Any, cast
 
@@ -40,7 +37,17 @@ from evc.provisioning.service import ProvisionRequest, submit_provision
 from evc.settings import Settings
 from evc.store import JSON, Store, new_id, now
 from evc_sim import SimDevice
-from tests.fixtures.prometheus import PrometheusServer, free_port, rewrite_rule_durations, wait_until
+from tests.fixtures.prometheus import (
+    PrometheusServer,
+    alive,
+    build_prometheus_client_wheel,
+    exporter_dir,
+    free_port,
+    read_pid,
+    rewrite_rule_durations,
+    stop_exporter,
+    wait_until,
+)
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +196,14 @@ def test_worker_metrics_endpoint_merges_the_workers_files(settings: Settings, tm
     assert resp.status_code == 200 and resp.content_type.startswith("text/plain")
     assert b'evc_jobs_total{kind="provision",state="succeeded"} 1.0' in resp.data
     assert b"evc_devices" not in resp.data  # the fleet is the API's /metrics, not the workers'
+    # worker containers sharing one volume write to a folder each (compose.podman.yaml), with
+    # the same file names (their process ids repeat): every folder is merged
+    for name in ("default@host-0a1b2c3d", "default@host-4e5f6a7b"):
+        (workers / name).mkdir()
+        for f in workers.glob("*.db"):
+            (workers / name / f.name).write_bytes(f.read_bytes())
+    resp = client.get("/metrics/workers")
+    assert b'evc_jobs_total{kind="provision",state="succeeded"} 3.0' in resp.data
 
 
 def test_process_exit_hooks_forget_a_dead_process(tmp_path: Path) -> None:
@@ -337,69 +352,6 @@ def test_container_mode_runs_replaces_and_removes_the_exporter_container(tmp_pat
 
 
 # ------------------------------------------------------------------------------ end to end
-def build_prometheus_client_wheel(dest_dir: Path) -> Path:
-    """The installed prometheus_client as a wheel, as an operator would supply it (no download)."""
-    dist = metadata.distribution("prometheus_client")
-    info = f"prometheus_client-{dist.version}.dist-info"
-    files = {
-        str(f): Path(str(dist.locate_file(f))).read_bytes()
-        for f in dist.files or []
-        if f.parts[0] == "prometheus_client" and "__pycache__" not in f.parts
-    }
-    files[f"{info}/METADATA"] = (dist.read_text("METADATA") or "").encode()
-    files[f"{info}/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: evc-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-    record = [
-        f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}"
-        for name, data in sorted(files.items())
-    ]
-    files[f"{info}/RECORD"] = ("\n".join([*record, f"{info}/RECORD,,"]) + "\n").encode()
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    wheel = dest_dir / f"prometheus_client-{dist.version}-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in sorted(files.items()):
-            zf.writestr(name, data)
-    return wheel
-
-
-def exporter_dir(sim: SimDevice) -> Path:
-    return sim.home / ".evc" / "exporter"
-
-
-def read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def stop_exporter(sim: SimDevice) -> None:
-    """Kill the device's supervisor, then its exporter (TERM, then KILL), whatever state they are in."""
-    d = exporter_dir(sim)
-    for name in ("exporter.supervisor.pid", "exporter.pid"):
-        pid = read_pid(d / name)
-        if not alive(pid):
-            continue
-        assert pid is not None
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if alive(pid):
-            os.kill(pid, signal.SIGKILL)
-
-
 @pytest.fixture()
 def exporters() -> Iterator[list[SimDevice]]:
     """Devices whose exporters the test starts; every one is stopped after it, even on failure.

@@ -13,6 +13,8 @@ cgroup (v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``, or v2 ``cpu.max``) and 
 cgroup was throttled during the run. Needs numpy and onnxruntime; Python 3.8+; no EVC imports.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import os
