@@ -101,7 +101,7 @@ def calibrate(data: dict[str, Any]) -> Any:
     return service.submit_calibrate(context(), data)
 
 
-@blp.route("/devices/<device_id>/calibration", methods=["GET"])
+@blp.route("/devices/<id:device_id>/calibration", methods=["GET"])
 @require_any(*READERS)
 @blp.response(200)
 def calibration(device_id: str) -> Any:
