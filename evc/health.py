@@ -34,7 +34,7 @@ from typing import Any
 import asyncssh
 
 from evc import pool as pooling
-from evc import ssh
+from evc import ssh, webhooks
 from evc.errors import DeviceError, DeviceOffline, PreconditionFailed, ValidationError
 from evc.model import (
     HEALTH_STATES,
@@ -484,31 +484,15 @@ def publish(settings: Settings, events: list[JSON]) -> threading.Thread | None:
     """Metrics for each state change, and the webhook (in the background, best effort)."""
     for ev in events:
         _metric("record_device_state_change", ev["from"], ev["to"])
-    if not events or not settings.webhook_url:
+    if not events:
         return None
-    t = threading.Thread(
-        target=_post_webhook, args=(settings.webhook_url, settings.webhook_timeout_s, events),
-        name="evc-webhook", daemon=True,
-    )  # fmt: skip
-    t.start()
-    return t
+    return webhooks.post(settings, webhook_body(events))
 
 
 def webhook_body(events: list[JSON]) -> JSON:
     """One POST per batch of state changes: a Slack-style ``text`` line and the events."""
     lines = [f"{e.get('name') or e['device']}: {e['from']} → {e['to']} ({e['reason']})" for e in events]
     return {"type": "device.state", "text": "\n".join(lines), "events": events}
-
-
-def _post_webhook(url: str, timeout: float, events: list[JSON]) -> None:
-    import requests
-
-    try:
-        resp = requests.post(url, json=webhook_body(events), timeout=timeout)
-        if resp.status_code >= 400:
-            log.warning("webhook %s answered %s", url, resp.status_code)
-    except requests.RequestException as exc:
-        log.warning("webhook %s failed: %s", url, exc)
 
 
 def _metric(name: str, *args: Any) -> None:

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
+from evc import webhooks
 from evc.errors import NotFound
 from evc.model import JSON
 from evc.settings import Settings
@@ -111,25 +112,9 @@ def webhook_body(events: list[JSON]) -> JSON:
 def publish(settings: Settings, events: list[JSON]) -> threading.Thread | None:
     """POST *events* to the webhook in the background (best effort); None when there is nothing
     to send or no webhook."""
-    if not events or not settings.webhook_url:
+    if not events:
         return None
-    t = threading.Thread(
-        target=_post, args=(settings.webhook_url, settings.webhook_timeout_s, events),
-        name="evc-deployment-webhook", daemon=True,
-    )  # fmt: skip
-    t.start()
-    return t
-
-
-def _post(url: str, timeout: float, events: list[JSON]) -> None:
-    import requests
-
-    try:
-        resp = requests.post(url, json=webhook_body(events), timeout=timeout)
-        if resp.status_code >= 400:
-            log.warning("webhook %s answered %s", url, resp.status_code)
-    except requests.RequestException as exc:
-        log.warning("webhook %s failed: %s", url, exc)
+    return webhooks.post(settings, webhook_body(events), "evc-deployment-webhook")
 
 
 def around_job(store: EventStore, settings: Settings, kind: str, deployment_id: str, body: Callable[[], T]) -> T:

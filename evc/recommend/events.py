@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from evc import webhooks
 from evc.model import JSON
 from evc.settings import Settings
 
@@ -43,24 +44,9 @@ def webhook_body(events: list[JSON]) -> JSON:
 def publish(settings: Settings, events: list[JSON], wait: bool = True) -> threading.Thread | None:
     """POST *events* to the webhook in the background (best effort); joined for at most the
     webhook's timeout when *wait* (a short-lived worker would drop it)."""
-    if not events or not settings.webhook_url:
+    if not events:
         return None
-    t = threading.Thread(
-        target=_post, args=(settings.webhook_url, settings.webhook_timeout_s, events),
-        name="evc-recommend-webhook", daemon=True,
-    )  # fmt: skip
-    t.start()
-    if wait:
+    t = webhooks.post(settings, webhook_body(events), "evc-recommend-webhook")
+    if t is not None and wait:
         t.join(settings.webhook_timeout_s + 1)
     return t
-
-
-def _post(url: str, timeout: float, events: list[JSON]) -> None:
-    import requests
-
-    try:
-        resp = requests.post(url, json=webhook_body(events), timeout=timeout)
-        if resp.status_code >= 400:
-            log.warning("webhook %s answered %s", url, resp.status_code)
-    except requests.RequestException as exc:
-        log.warning("webhook %s failed: %s", url, exc)
