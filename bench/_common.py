@@ -173,17 +173,34 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
-def registered(store: Any, devices: list[Any], id_prefix: str) -> list[str]:
+def registered(store: Any, devices: list[Any], id_prefix: str | None = None, privilege: str | None = None) -> list[str]:
     """Online device records for simulated *devices*, as a successful registration leaves them
-    (host keys pinned: what a sweep reads), ids ``<id_prefix><index>``."""
+    (host keys pinned: what a sweep reads); ids ``<id_prefix><index>``, or new ids; with
+    *privilege*, that privilege at level 0."""
+    from evc.store import new_id
+
     ids = []
     for i, d in enumerate(devices):
-        dev_id = f"{id_prefix}{i:05d}"
+        dev_id = f"{id_prefix}{i:05d}" if id_prefix else new_id("dev")
         rec = {
             "id": dev_id, "name": d.name, "host": d.host, "port": d.port, "username": d.username,
             "host_key": d.host_key_public, "state": "online", "health": None, "last_seen": None,
             "cluster_id": None, "labels": {}, "created_at": time.time(),
+            **({"privilege": privilege, "level": 0} if privilege else {}),
         }  # fmt: skip
         store.create_device(rec, token_hash=f"h-{dev_id}")
         ids.append(dev_id)
     return ids
+
+
+def wait_for_sim(proc: subprocess.Popen[bytes], state: Path, log: Path, timeout: float = 60.0) -> list[Any]:
+    """The devices a simulator process lists in *state* once it serves them (SystemExit with the
+    end of its *log* when it dies or takes longer than *timeout*)."""
+    from evc_sim import read_state
+
+    deadline = time.monotonic() + timeout
+    while not state.exists():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise SystemExit(f"the simulator did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.1)
+    return list(read_state(state))

@@ -38,7 +38,7 @@ from typing import Any, cast
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import API, Figure, emit, private_stack, spawn, stop  # noqa: E402
+from _common import API, Figure, emit, private_stack, spawn, stop, wait_for_sim  # noqa: E402
 from _plot import Canvas  # noqa: E402
 
 from evc import keys  # noqa: E402
@@ -46,7 +46,6 @@ from evc.embedded import free_port  # noqa: E402
 from evc.model import Device  # noqa: E402
 from evc.settings import settings_env  # noqa: E402
 from evc.store import Store, new_id  # noqa: E402
-from evc_sim import read_state  # noqa: E402
 from tests.fixtures.collab_models import accuracy, cached_cloud_model, digits, edge_model  # noqa: E402
 
 
@@ -114,12 +113,7 @@ def _start(tmp: Path, settings: Any) -> tuple[list[subprocess.Popen[bytes]], Any
          "-c", "2", "-n", "bench-collab@%h", "-l", "WARNING", "--without-mingle", "--without-gossip"],
         env, tmp / "worker.log",
     )]  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not state.exists():
-        if time.monotonic() > deadline or procs[0].poll() is not None:
-            raise SystemExit(f"the simulator did not start: {(tmp / 'sim.log').read_text()[-2000:]}")
-        time.sleep(0.1)
-    return procs, read_state(state)[0]
+    return procs, wait_for_sim(procs[0], state, tmp / "sim.log")[0]
 
 
 def _device(store: Store, d: Any) -> str:

@@ -43,7 +43,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import redis
-from _common import API, Figure, emit, private_stack, spawn, stop, tree_cpu
+from _common import API, Figure, emit, private_stack, spawn, stop, tree_cpu, wait_for_sim
 from _plot import loglog
 from provision_bench import PLAYBOOK
 
@@ -51,7 +51,7 @@ from evc import health, keys
 from evc import pool as pooling
 from evc.settings import Settings, settings_env
 from evc.store import Store
-from evc_sim import raise_fd_limit, read_state
+from evc_sim import raise_fd_limit
 
 TERMINAL = ("succeeded", "partial", "failed", "cancelled")
 
@@ -109,12 +109,7 @@ def start_sim(
                  "--state-file", str(state), "--authorized-keys", str(settings.key_path.with_suffix(".pub")),
                  "--privileges", "user", "--prefix", "cc"], env, tmp / "sim.log")  # fmt: skip
     started.append(sim)
-    deadline = time.monotonic() + 900
-    while not state.exists():
-        if sim.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the simulator did not start: {(tmp / 'sim.log').read_text()[-2000:]}")
-        time.sleep(0.2)
-    return sim, read_state(state)
+    return sim, wait_for_sim(sim, state, tmp / "sim.log", timeout=900)
 
 
 def measure(n: int, a: argparse.Namespace) -> dict[str, Any]:

@@ -32,14 +32,13 @@ from typing import cast
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import API, Figure, emit, median, private_stack, spawn, stop  # noqa: E402
+from _common import API, Figure, emit, median, private_stack, registered, spawn, stop, wait_for_sim  # noqa: E402
 
 from evc import keys  # noqa: E402
 from evc.embedded import free_port  # noqa: E402
-from evc.model import Device  # noqa: E402
 from evc.settings import settings_env  # noqa: E402
-from evc.store import Store, new_id  # noqa: E402
-from evc_sim import SimDevice, read_state  # noqa: E402
+from evc.store import Store  # noqa: E402
+from evc_sim import SimDevice  # noqa: E402
 from tests.fixtures.onnx_models import digits_model, fit_softmax, softmax_model  # noqa: E402
 from tests.test_deploy_container import ACCOUNT, _clean, _podman_home  # noqa: E402
 from tests.test_models_oci import start_registry  # noqa: E402
@@ -69,24 +68,11 @@ def _start(args: argparse.Namespace, tmp: Path, env: dict[str, str], key: Path) 
          "--state-file", str(state), "--authorized-keys", str(key), "--privileges", "user", "--prefix", "bc"],
         env, tmp / "sim.log",
     )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not state.exists():
-        if time.monotonic() > deadline or sim.poll() is not None:
-            raise SystemExit(f"the simulator did not start: {(tmp / 'sim.log').read_text()[-2000:]}")
-        time.sleep(0.1)
-    return sim, read_state(state)
+    return sim, wait_for_sim(sim, state, tmp / "sim.log")
 
 
 def _records(store: Store, sims: list[SimDevice]) -> list[str]:
-    ids = []
-    for d in sims:
-        rec = cast(Device, {
-            "id": new_id("dev"), "name": d.name, "host": d.host, "port": d.port, "username": d.username,
-            "host_key": d.host_key_public, "state": "online", "privilege": "user", "level": 0, "labels": {},
-            "cluster_id": None, "health": None, "created_at": time.time(),
-        })  # fmt: skip
-        ids.append(store.create_device(rec, token_hash="h-" + rec["id"])["id"])
-    return ids
+    return registered(store, sims, privilege="user")
 
 
 def _timed(api: API, method: str, path: str, body: Mapping[str, object]) -> tuple[float, dict[str, object]]:

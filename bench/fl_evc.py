@@ -35,12 +35,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import API, Figure, emit, private_stack, spawn, stop  # noqa: E402
+from _common import API, Figure, emit, private_stack, spawn, stop, wait_for_sim  # noqa: E402
 
 from evc import keys  # noqa: E402
 from evc.settings import settings_env  # noqa: E402
 from evc.store import Store  # noqa: E402
-from evc_sim import read_state  # noqa: E402
 
 REFERENCE = {
     "iid": {1: 0.7917, 5: 0.8556, 10: 0.8611, 20: 0.8806},
@@ -69,12 +68,7 @@ def start_sim(n: int, tmp: Path, env: dict[str, str], settings: Any) -> tuple[su
          "--state-file", str(state), "--authorized-keys", str(settings.key_path.with_suffix(".pub")),
          "--privileges", "root", "--prefix", "fl"], env, tmp / "sim.log",
     )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not state.exists():
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise SystemExit(f"the simulator did not start: {(tmp / 'sim.log').read_text()[-2000:]}")
-        time.sleep(0.1)
-    return proc, read_state(state)
+    return proc, wait_for_sim(proc, state, tmp / "sim.log")
 
 
 def start_worker(pool: str, concurrency: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

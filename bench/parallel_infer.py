@@ -40,22 +40,21 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import API, Figure, emit, private_stack, spawn, stop  # noqa: E402
+from _common import API, Figure, emit, private_stack, registered, spawn, stop, wait_for_sim  # noqa: E402
 
 from evc import keys  # noqa: E402
 from evc.embedded import free_port  # noqa: E402
 from evc.fl.data import load_reference_digits  # noqa: E402
 from evc.inference.oip import Connection  # noqa: E402
-from evc.model import Device  # noqa: E402
 from evc.settings import settings_env  # noqa: E402
-from evc.store import Store, new_id  # noqa: E402
+from evc.store import Store  # noqa: E402
 from evc_sim import SimDevice, cpuquota, read_state  # noqa: E402
 from tests.fixtures.deploy import kill_servers  # noqa: E402
 from tests.fixtures.onnx_models import mlp_model  # noqa: E402
@@ -72,23 +71,13 @@ def _start(args: argparse.Namespace, tmp: Path, env: dict[str, str], settings: A
                "-P", "threads", "-c", "4", "-n", "bench-parallel@%h", "-l", "WARNING",
                "--without-mingle", "--without-gossip"], env, tmp / "worker.log"),
     ]  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not state.exists():
-        if time.monotonic() > deadline or procs[0].poll() is not None:
-            raise SystemExit(f"the simulator did not start: {(tmp / 'sim.log').read_text()[-2000:]}")
-        time.sleep(0.1)
+    wait_for_sim(procs[0], state, tmp / "sim.log")
     return procs
 
 
 def _deploy(api: API, store: Store, sims: list[SimDevice], model: bytes) -> tuple[str, list[str], dict[str, str]]:
-    ids, endpoints = [], {}
+    ids, endpoints = registered(store, sims, privilege="root"), {}
     for d in sims:
-        rec = cast(Device, {
-            "id": new_id("dev"), "name": d.name, "host": d.host, "port": d.port, "username": d.username,
-            "host_key": d.host_key_public, "state": "online", "privilege": "root", "level": 0, "labels": {},
-            "cluster_id": None, "health": None, "created_at": time.time(),
-        })  # fmt: skip
-        ids.append(store.create_device(rec, token_hash="h-" + rec["id"])["id"])
         (Path(d.home) / "py").write_text(f'#!/bin/sh\nEVC_INFER_THREADS=1 exec {sys.executable} "$@"\n')
         (Path(d.home) / "py").chmod(0o755)
     form = {"metadata": json.dumps({"name": "digits-mlp", "version": "1"}), "file": (io.BytesIO(model), "m.onnx")}

@@ -34,16 +34,15 @@ from typing import Any, cast
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import API, Figure, emit, private_stack, spawn, stop  # noqa: E402
+from _common import API, Figure, emit, private_stack, registered, spawn, stop, wait_for_sim  # noqa: E402
 
 from evc import keys  # noqa: E402
-from evc.model import Device  # noqa: E402
 from evc.recommend import advise, calibration, choose  # noqa: E402
 from evc.recommend import predictor as pm  # noqa: E402
 from evc.recommend.features import at_batch  # noqa: E402
 from evc.settings import settings_env  # noqa: E402
-from evc.store import Store, new_id  # noqa: E402
-from evc_sim import cpuquota, read_state  # noqa: E402
+from evc.store import Store  # noqa: E402
+from evc_sim import cpuquota  # noqa: E402
 from tests.fixtures.onnx_models import accuracy, digits_cnn  # noqa: E402
 
 MODEL = "digits-cnn"
@@ -79,23 +78,12 @@ def _start(tmp: Path, settings: Any, cpus: str, n: int) -> tuple[list[subprocess
                "-c", "4", "-n", "bench-recommend@%h", "-l", "WARNING", "--without-mingle", "--without-gossip"], env,
               tmp / "worker.log"),
     ]  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not state.exists():
-        if time.monotonic() > deadline or procs[0].poll() is not None:
-            raise SystemExit(f"the simulator did not start: {(tmp / 'sim.log').read_text()[-2000:]}")
-        time.sleep(0.1)
-    return procs, read_state(state)
+    return procs, wait_for_sim(procs[0], state, tmp / "sim.log")
 
 
 def _devices(store: Store, sims: list[Any]) -> list[str]:
-    ids = []
+    ids = registered(store, sims, privilege="root")
     for d in sims:
-        rec = cast(Device, {
-            "id": new_id("dev"), "name": d.name, "host": d.host, "port": d.port, "username": d.username,
-            "host_key": d.host_key_public, "state": "online", "privilege": "root", "level": 0, "labels": {},
-            "cluster_id": None, "health": None, "created_at": time.time(),
-        })  # fmt: skip
-        ids.append(store.create_device(rec, token_hash="h-" + rec["id"])["id"])
         (Path(d.home) / "py").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
         (Path(d.home) / "py").chmod(0o755)
     return ids

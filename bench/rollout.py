@@ -38,14 +38,13 @@ from typing import cast
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import API, Figure, emit, private_stack, spawn, stop  # noqa: E402
+from _common import API, Figure, emit, private_stack, spawn, stop, wait_for_sim  # noqa: E402
 
 from evc import keys  # noqa: E402
 from evc.embedded import free_port  # noqa: E402
 from evc.model import Device  # noqa: E402
 from evc.settings import settings_env  # noqa: E402
 from evc.store import Store, new_id  # noqa: E402
-from evc_sim import read_state  # noqa: E402
 from tests.fixtures.onnx_models import digits_model, fit_softmax, softmax_model  # noqa: E402
 from tests.test_rollout import FAULT  # noqa: E402
 from tests.test_rollout_live import Hammer  # noqa: E402
@@ -85,12 +84,7 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
              "-P", "threads", "-c", "4", "-n", "bench-rollout@%h", "-l", "WARNING",
              "--without-mingle", "--without-gossip"], env, tmp / "worker.log",
         ))  # fmt: skip
-        deadline = time.monotonic() + 60
-        while not state.exists():
-            if time.monotonic() > deadline or procs[0].poll() is not None:
-                raise SystemExit(f"the simulator did not start: {(tmp / 'sim.log').read_text()[-2000:]}")
-            time.sleep(0.1)
-        sims = read_state(state)
+        sims = wait_for_sim(procs[0], state, tmp / "sim.log")
         api = API(settings, store)
         ids = []
         for i, d in enumerate(sims):
