@@ -204,3 +204,10 @@ def wait_for_sim(proc: subprocess.Popen[bytes], state: Path, log: Path, timeout:
             raise SystemExit(f"the simulator did not start: {log.read_text()[-2000:]}")
         time.sleep(0.1)
     return list(read_state(state))
+
+
+def stop_edge_servers(devices: list[Any]) -> None:
+    """Stop every edge server a deployment left on simulated *devices* (their supervisors)."""
+    for d in devices:
+        for script in (Path(d.home) / ".evc" / "deploy").glob("*/supervise.sh"):
+            subprocess.run(["sh", str(script), "stop"], check=False, timeout=30)

@@ -38,7 +38,7 @@ from typing import Any, cast
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import API, Figure, emit, private_stack, spawn, stop, wait_for_sim  # noqa: E402
+from _common import API, Figure, emit, private_stack, spawn, stop, stop_edge_servers, wait_for_sim  # noqa: E402
 from _plot import Canvas  # noqa: E402
 
 from evc import keys  # noqa: E402
@@ -262,9 +262,7 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
         figures += _split(api, args, cnn_dep, cnn_port, data)
         return all(f.ok for f in figures), figures
     finally:
-        if sim is not None:
-            for script in (Path(sim.home) / ".evc" / "deploy").glob("*/supervise.sh"):
-                subprocess.run(["sh", str(script), "stop"], check=False, timeout=30)
+        stop_edge_servers([sim] if sim is not None else [])
         for p in reversed(procs):
             stop(p)
         redis.stop()

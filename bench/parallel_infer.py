@@ -35,7 +35,6 @@ import contextlib
 import io
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import API, Figure, emit, private_stack, registered, spawn, stop, wait_for_sim  # noqa: E402
+from _common import API, Figure, emit, private_stack, registered, spawn, stop, stop_edge_servers, wait_for_sim  # noqa: E402
 
 from evc import keys  # noqa: E402
 from evc.embedded import free_port  # noqa: E402
@@ -200,9 +199,7 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
         return all(f.ok for f in figures), figures
     finally:
         stack.close()
-        for s in sims:
-            for script in (Path(s.home) / ".evc" / "deploy").glob("*/supervise.sh"):
-                subprocess.run(["sh", str(script), "stop"], check=False, timeout=30)
+        stop_edge_servers(sims)
         for p in reversed(procs):
             stop(p)
         redis.stop()

@@ -38,7 +38,7 @@ from typing import cast
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import API, Figure, emit, private_stack, spawn, stop, wait_for_sim  # noqa: E402
+from _common import API, Figure, emit, private_stack, spawn, stop, stop_edge_servers, wait_for_sim  # noqa: E402
 
 from evc import keys  # noqa: E402
 from evc.embedded import free_port  # noqa: E402
@@ -169,9 +169,7 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
         ]  # fmt: skip
         return all(f.ok for f in figures), figures
     finally:
-        for d in sims:  # servers left running if something stopped half-way
-            for script in (Path(d.home) / ".evc" / "deploy").glob("*/supervise.sh"):
-                subprocess.run(["sh", str(script), "stop"], check=False, timeout=30)
+        stop_edge_servers(sims)  # servers left running if something stopped half-way
         for p in reversed(procs):
             stop(p)
         redis.stop()
