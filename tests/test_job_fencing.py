@@ -270,7 +270,7 @@ def test_a_run_slower_than_its_lease_is_one_execution(killable, simulator, sim_d
     s, store, _, tmp = killable
     (dev,) = sim_devices(1, privilege="user")
     dev_id = _online_record(store, dev)
-    simulator.set_fault(dev.name, "slow", slow_s=2.0)  # > job_lease_s (1.5 s)
+    simulator.set_fault(dev.name, "slow", slow_s=3.5)  # > 2 x job_lease_s (1.5 s): each command outlasts two
     ctx = Context(store, s, make_celery(s, include_tasks=False), Caller("test"))
     workers = [Worker(s, tmp / f"slow{i}.log", concurrency=1) for i in (1, 2)]
     try:
