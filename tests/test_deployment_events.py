@@ -12,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import HTTPServer
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,6 +27,7 @@ from evc.errors import DeviceError
 from evc.model import Cluster, Device
 from evc.settings import Settings
 from evc.store import JSON, Store, new_id, now
+from tests.fixtures.helpers import webhook_receiver
 from tests.fixtures.prometheus import PrometheusServer, free_port, wait_until
 
 TARGETS = "/api/v1/prometheus/targets"
@@ -110,17 +111,7 @@ def test_remove_events_end_with_removed_once_the_record_is_gone() -> None:
 
 
 # ------------------------------------------------------------------------------ with Redis and HTTP
-class _Hook(BaseHTTPRequestHandler):
-    received: list[JSON] = []
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        _Hook.received.append(json.loads(body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
+_Hook = webhook_receiver()  # what the webhook was sent: _Hook.received
 
 
 @pytest.fixture()

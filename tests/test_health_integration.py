@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Any, cast
+from http.server import HTTPServer
+from typing import Any, ClassVar, cast
 
 import asyncssh
 import pytest
@@ -20,7 +19,7 @@ from evc.pool import SSHPool
 from evc.settings import Settings
 from evc.store import JSON, Store, new_id
 from evc_sim import SimDevice, SimulatorThread
-from tests.fixtures.helpers import present
+from tests.fixtures.helpers import WebhookReceiver, present, webhook_receiver
 
 pytestmark = pytest.mark.integration
 
@@ -283,17 +282,7 @@ def test_heartbeat_of_a_pending_device_does_not_change_state(
 
 
 # ---------------------------------------------------------------------- state changes go out
-class _Hook(BaseHTTPRequestHandler):
-    received: list[JSON] = []
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        _Hook.received.append(json.loads(body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
+_Hook = webhook_receiver()  # what the webhook was sent: _Hook.received
 
 
 def test_webhook_is_called_on_state_change(
@@ -323,7 +312,9 @@ def test_webhook_is_called_on_state_change(
         simulator.set_fault(sim.name, "ok")
 
 
-class _SlowHook(_Hook):
+class _SlowHook(WebhookReceiver):
+    received: ClassVar[list[Any]] = []
+
     def do_POST(self) -> None:  # noqa: N802
         time.sleep(3.0)
         super().do_POST()
