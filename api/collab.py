@@ -34,11 +34,11 @@ def _upload_limit() -> None:
         g.evc_body_limit = f"the data set is larger than the limit of {limit} bytes (setting model_max_upload_bytes)"
 
 
-class DatasetForm(StrictSchema):
+class EvalSetForm(StrictSchema):
     file = fields.Raw(required=True, metadata={"type": "string", "format": "binary", "description": ".npz: X, y"})
 
 
-class DatasetSchema(Schema):
+class EvalSetDigestSchema(Schema):
     sha256 = fields.String()
 
 
@@ -105,8 +105,8 @@ class SplitSchema(EdgeArgs):
 
 @blp.route("/eval-sets", methods=["POST"])
 @require(Scope.ADMIN)
-@blp.arguments(DatasetForm, location="files")
-@blp.response(201, DatasetSchema)
+@blp.arguments(EvalSetForm, location="files")
+@blp.response(201, EvalSetDigestSchema)
 def upload_dataset(files: dict[str, Any]) -> Any:
     """Store a labelled evaluation set (an `.npz` holding X and y): its digest, which quantization,
     joint and split jobs name (`GET /eval-sets` lists them)."""
