@@ -186,8 +186,10 @@ def _figures(args: argparse.Namespace, store: Store, settings: Any, api: API, id
                 cpu_errors.append((est.cpu_ms - truth[(dev, v)]["cpu_p50_ms"]) / truth[(dev, v)]["cpu_p50_ms"])
             rows.append(f"{names[dev]:<8} {quotas[dev]:>5.2f} {v:<5} {m:>9.2f} {est.p50_ms:>9.2f} {100 * err:>+7.1f}%"
                         f"  {'kept (measured)' if (dev, v) in kept else 'held out'}")  # fmt: skip
-    print(f"\ndevice   cpus  var   p50 meas  p50 pred    error  (batch {args.batch}; fitted onset {pred.onset_ms} ms, "
-          f"span {pred.span_ms} ms; machine load1 {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")  # fmt: skip
+    ramp = (f"fitted onset {pred.onset_ms} ms, span {pred.span_ms} ms" if not all(c.throttled for c in pcals.values())
+            else "CFS quota model on every device")  # fmt: skip
+    print(f"\ndevice   cpus  var   p50 meas  p50 pred    error  (batch {args.batch}; {ramp}; "
+          f"machine load1 {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")  # fmt: skip
     print("\n".join(rows))
     within = sum(abs(e) <= 0.2 for e in errors) / len(errors)
     cpu_within = sum(abs(e) <= 0.2 for e in cpu_errors) / len(cpu_errors)
