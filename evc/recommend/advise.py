@@ -45,7 +45,7 @@ def observations(store: Store, profiles: Iterable[Mapping[str, Any]]) -> list[pm
             continue
         for b, f in (p.get("batches") or {}).items():
             out.append(pm.Observation(p["device"], p["sha256"], int(b), at_batch(x, int(b)), f["p50_ms"], f["p95_ms"],
-                                      f["cpu_p50_ms"], f.get("mean_ms")))  # fmt: skip
+                                      f["cpu_p50_ms"], f.get("mean_ms"), f.get("timed")))  # fmt: skip
     return out
 
 
@@ -76,7 +76,7 @@ def _figures(dev: Mapping[str, Any], rec: Mapping[str, Any], prof: Mapping[str, 
              pred: pm.Predictor, x: Mapping[str, float], batch: int, follow_load: bool,
              rss: int | None) -> tuple[choose.Figures | None, float | None]:  # fmt: skip
     """The pair's figures (measured when profiled at *batch*, else predicted) and the predicted p50."""
-    predicted = pred.predict(dev["id"], _cal(cal), at_batch(dict(x), batch)) if cal else None
+    predicted = pred.predict(dev["id"], _cal(cal), at_batch(dict(x), batch), rec["sha256"]) if cal else None
     measured = ((prof or {}).get("batches") or {}).get(str(batch))
     if measured:
         k = load_factor(dev, prof.get("load")) if follow_load and prof else 1.0

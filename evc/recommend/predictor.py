@@ -1,22 +1,27 @@
 """The latency predictor (pure): per-operator costs from the graph × the device's calibration,
 corrected on the profiles that exist, then the device's CPU quota.
 
-1. CPU time of one inference: ``w = β_device · Σ_i α_i · t_i(device) · x_i(variant, batch)``
+1. CPU time of one inference: ``w = β_device · δ_variant · Σ_i α_i · t_i(device) · x_i(variant, batch)``
    where ``x`` are the graph's cost features (:mod:`evc.recommend.features`), ``t`` the device's
    calibrated cost per unit (:mod:`evc.recommend.calibration`), ``α`` one global correction per
-   feature (ridge regression toward 1 on the relative errors of every profile's CPU time) and
-   ``β`` a per-device factor (the geometric mean of its profiles' ratios, shrunk toward the
-   fleet's: a device with no profile gets the fleet's).
-2. Wall-clock latency: an inference much shorter than a scheduling slice mostly runs between
-   stalls (latency ``w``); a long one is slowed by the device's ``S``, the wall-clock / CPU
-   time of the long calibration graph (the CPU quota, other load on the device; ``1 / quota``
-   when not measured). In between, linearly: ``p50 = w · (1 + (S - 1) · ramp(w))`` where
-   ``ramp`` rises from 0 at ``onset`` to 1 at ``onset + span`` (CPU ms; a scheduler lets a
-   short inference finish: the step is sharp), both fitted on the profiles and the calibration
-   graphs' own wall-clock and CPU times; at least ``w`` plus the CFS stalls its median sees
-   under a quota (:func:`quota_stalls`: once ``w`` outlasts the budget ``quota · period``, a
-   whole ``period - budget`` per budget); the mean is ``w · S``. A per-device factor ``γ``
-   (shrunk toward the fleet's) corrects what this leaves out.
+   feature (ridge regression toward 1 on the relative errors of every profile's CPU time), ``β``
+   a per-device factor (shrunk toward the fleet's ``β0``: a device with no profile gets it) and
+   ``δ`` a per-variant factor: what the features miss of that graph (kernels the runtime fuses,
+   pads to its SIMD block or calls per image), learnt from its profiles on other devices (a
+   variant never profiled: 1). ``β`` and ``δ`` are one two-way fit of the log ratios.
+2. Wall-clock p50 under a CFS quota ``q`` (period ``P``): the group runs ``B = q · P`` CPU ms per
+   period, then waits ``P - B``. An inference of ``r = w / B`` budgets waits ``floor(r)`` or one
+   more time, the latter when it starts in the last ``frac(r)`` of a budget; back to back, the
+   starts fall evenly over the budget, so ``frac(r)`` of the inferences wait once more and the
+   quantiles of the profiling runner's ``n`` timed runs follow (:func:`quota_stalls` for the
+   p50, :func:`quota_stall` for the p95, checked against a step-by-step simulation in the tests
+   and the bench's devices). Without a quota an inference much shorter than a scheduling slice
+   mostly runs between stalls (latency ``w``); a long one is slowed by the device's ``S``, the
+   wall-clock / CPU time of the long calibration graph: ``p50 = w · (1 + (S - 1) · ramp(w))``
+   where ``ramp`` rises from 0 at ``onset`` to 1 at ``onset + span`` (CPU ms), both fitted on the
+   profiles and the calibration graphs' own wall-clock and CPU times. A per-device factor ``γ``
+   (shrunk toward the fleet's) corrects what this leaves out (other load). The mean is ``w / q``
+   under a quota (the group's CPU share), else ``w · S``.
 3. Uncertainty: the root-mean-square relative error of the p50 on held-out profiles
    (leave-one-out).
 """
@@ -35,10 +40,14 @@ from evc.recommend import features as feats
 RIDGE = 0.002
 #: prior weight (in profiles) of the fleet's factor in a device's β and γ
 SHRINK = 1.0
+#: prior weight (in profiles) of "the features are right" in a variant's factor δ
+VARIANT_SHRINK = 0.1
 #: the candidate values of :attr:`Predictor.span_ms`
 SPANS_MS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 35.0, 60.0, 100.0)
 #: the candidate values of :attr:`Predictor.onset_ms`
 ONSETS_MS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+#: the timed inferences of a profile when the profiles do not say (the profiling job's default)
+DEFAULT_TIMED = 50
 #: uncertainty when there are too few profiles to measure it
 DEFAULT_UNCERTAINTY = 0.3
 MIN_UNCERTAINTY = 0.05
@@ -57,10 +66,22 @@ class Calibration:
     measured_slowdown: float | None = None
 
     @property
+    def throttled(self) -> bool:
+        """Whether the CFS quota model applies: a quota under one CPU and its period known."""
+        return bool(self.quota and self.quota < 1 and self.period_s)
+
+    @property
     def slowdown(self) -> float:
         if self.measured_slowdown:
             return max(1.0, float(self.measured_slowdown))
         return 1.0 / self.quota if self.quota and self.quota < 1 else 1.0
+
+    @property
+    def load_slowdown(self) -> float:
+        """The slowdown the ramp of :func:`wall_latency` applies: none under a CFS quota, whose
+        stalls :func:`quota_stalls` counts (other load is in the device's ``γ``); else the
+        measured (or the quota's) slowdown."""
+        return 1.0 if self.throttled else self.slowdown
 
     def vector(self) -> np.ndarray:
         return np.array([float(self.coef.get(k, 0.0)) for k in feats.NAMES])
@@ -78,6 +99,7 @@ class Observation:
     p95_ms: float
     cpu_ms: float
     mean_ms: float | None = None
+    timed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +122,8 @@ class Predictor:
     gamma: dict[str, float] = field(default_factory=dict)
     beta0: float = 1.0
     gamma0: float = 1.0
+    #: per variant (:attr:`Observation.variant`): what the feature model misses of its CPU time
+    delta: dict[str, float] = field(default_factory=dict)
     uncertainty: float = DEFAULT_UNCERTAINTY
     profiles: int = 0
     #: how long (CPU ms) an inference must be to be slowed by the device's full slowdown (fitted)
@@ -107,19 +131,37 @@ class Predictor:
     #: below this CPU time an inference is not slowed at all (fitted)
     onset_ms: float = 0.0
     #: the fleet's median p95 / p50 of the profiles, quota stalls left out (a predicted p95 is
-    #: the p50 times it, plus :func:`quota_stall`)
+    #: the p50 without its stalls times it, plus :func:`quota_stall`)
     tail: float = 1.5
+    #: how many inferences a profile times (the fleet's median; the quantiles' stalls depend on it)
+    timed: int = DEFAULT_TIMED
 
-    def cpu_ms(self, device: str, cal: Calibration, x: Mapping[str, float]) -> float:
+    def cpu_ms(self, device: str, cal: Calibration, x: Mapping[str, float], variant: str | None = None) -> float:
         z = cal.vector() * np.array(feats.vector(dict(x)))
-        return float(z @ self.alpha) * self.beta.get(device, self.beta0)
+        return float(z @ self.alpha) * self.beta.get(device, self.beta0) * self.delta.get(variant or "", 1.0)
 
-    def predict(self, device: str, cal: Calibration, x: Mapping[str, float]) -> Estimate:
-        w = self.cpu_ms(device, cal, x)
+    def predict(self, device: str, cal: Calibration, x: Mapping[str, float], variant: str | None = None) -> Estimate:
+        """The estimate for the graph of features *x* (at its batch) on *device*; *variant* (the
+        key of :attr:`Observation.variant`) brings in what that graph's own profiles (on other
+        devices) say about its cost."""
+        w = self.cpu_ms(device, cal, x, variant)
         g = self.gamma.get(device, self.gamma0)
-        p50 = max(wall_latency(w, cal.slowdown, self.span_ms, self.onset_ms), w + quota_stalls(w, cal)) * g
-        mean = max(p50, w * cal.slowdown * g)
-        return Estimate(p50, p50 * self.tail + quota_stall(w, cal), mean, w, self.uncertainty)
+        p50 = p50_model(w, cal, self.span_ms, self.onset_ms, self.timed) * g
+        p95 = ((p50 / g - quota_stalls(w, cal, self.timed)) * self.tail + quota_stall(w, cal, self.timed)) * g
+        # back to back under a quota, a run costs its CPU time over the quota on average
+        mean = max(p50, w / cal.quota * g if cal.throttled and cal.quota else w * cal.slowdown * g)
+        return Estimate(p50, p95, mean, w, self.uncertainty)
+
+
+def p50_model(
+    w_ms: float, cal: Calibration, span_ms: float, onset_ms: float = 0.0, timed: int = DEFAULT_TIMED
+) -> float:
+    """The p50 wall-clock latency of back-to-back inferences of CPU time *w_ms* on the device of
+    *cal* (γ left out): under a CFS quota, the CPU time plus the stalls its median sees
+    (:func:`quota_stalls`); else :func:`wall_latency`'s ramp to the device's slowdown."""
+    if cal.throttled:
+        return w_ms + quota_stalls(w_ms, cal, timed)
+    return wall_latency(w_ms, cal.load_slowdown, span_ms, onset_ms)
 
 
 def wall_latency(w_ms: float, slowdown: float, span_ms: float, onset_ms: float = 0.0) -> float:
@@ -130,26 +172,39 @@ def wall_latency(w_ms: float, slowdown: float, span_ms: float, onset_ms: float =
     return w_ms * (1 + (slowdown - 1) * min(1.0, max(0.0, w_ms - onset_ms) / span_ms))
 
 
-def quota_stalls(w_ms: float, cal: Calibration) -> float:
-    """The CFS stalls in the median of back-to-back inferences of CPU time *w_ms*: an inference
-    sees ``floor(w / budget)`` or one more stall of ``period - budget``, the latter with probability
-    ``frac(w / budget)``."""
-    if not cal.quota or cal.quota >= 1 or not cal.period_s:
+def quota_stalls(w_ms: float, cal: Calibration, timed: int = DEFAULT_TIMED) -> float:
+    """The CFS stalls in the p50 of *timed* back-to-back inferences of CPU time *w_ms*: a whole
+    number of them (the median of an even count between the two modes is a tie that a few
+    per cent of CPU time decides: the slower mode, which a throttled device's colder caches favour)."""
+    if not cal.throttled or not cal.quota or not cal.period_s:
         return 0.0
-    budget = cal.quota * cal.period_s * 1000.0
+    stall = (1.0 - cal.quota) * cal.period_s * 1000.0
+    return stall * math.floor(_stalls_at(0.5, w_ms, cal, timed) / stall + 0.5)
+
+
+def quota_stall(w_ms: float, cal: Calibration, timed: int = DEFAULT_TIMED) -> float:
+    """The CFS stalls in the p95 of *timed* back-to-back inferences of CPU time *w_ms*."""
+    return _stalls_at(0.95, w_ms, cal, timed)
+
+
+def _stalls_at(q: float, w_ms: float, cal: Calibration, timed: int) -> float:
+    """The CFS stalls in the *q* quantile (interpolated, as the profiling runner's) of *timed*
+    back-to-back inferences of CPU time *w_ms* under a quota.
+
+    The group runs ``budget = quota · period`` CPU ms per period, then waits ``period - budget``:
+    an inference of ``r = w / budget`` budgets waits ``floor(r)`` or ``floor(r) + 1`` times,
+    the latter when it starts in the last ``frac(r)`` of a budget. Back to back, the starts
+    advance by ``w`` modulo the budget and so fall evenly over it: about ``K = frac(r) · timed``
+    of the inferences (rounded: the likeliest count) wait once more, the slowest ``K`` of them."""
+    if not cal.throttled or not cal.quota or not cal.period_s or w_ms <= 0:
+        return 0.0
+    period = cal.period_s * 1000.0
+    budget = cal.quota * period
     r = w_ms / budget
-    return (cal.period_s * 1000.0 - budget) * (math.floor(r) + (1 if r - math.floor(r) > 0.5 else 0))
-
-
-def quota_stall(w_ms: float, cal: Calibration) -> float:
-    """What a CFS quota adds to the p95 of back-to-back inferences of CPU time *w_ms*: once more
-    than about 5 % of them run into an exhausted budget ``quota · period``, the p95 includes a
-    stall of ``period - budget`` (ramped in between 3 % and 10 %)."""
-    if not cal.quota or cal.quota >= 1 or not cal.period_s:
-        return 0.0
-    budget = cal.quota * cal.period_s * 1000.0
-    hit = w_ms / budget
-    return (cal.period_s * 1000.0 - budget) * min(1.0, max(0.0, (hit - 0.03) / 0.07))
+    n = max(1, timed)
+    more = round((r - math.floor(r)) * n)
+    at = q * (n - 1)  # the quantile's (fractional) index in the sorted times
+    return (period - budget) * (math.floor(r) + min(1.0, max(0.0, at - (n - more - 1))))
 
 
 def _median(xs: Sequence[float]) -> float:
@@ -162,6 +217,35 @@ def _shrunk(logs: Sequence[float], prior: float) -> float:
     """A device's factor: the median of its log ratios, shrunk toward the fleet's *prior*."""
     n = len(logs)
     return math.exp((n * _median(logs) + SHRINK * prior) / (n + SHRINK))
+
+
+def _device_and_variant_factors(
+    obs: Sequence[Observation], base: np.ndarray, iterations: int = 20
+) -> tuple[float, dict[str, float], dict[str, float]]:
+    """The fleet's CPU factor ``β0``, each device's ``β`` and each variant's ``δ``: a two-way model
+    of the log ratios measured / modelled CPU time (device × variant), by alternating means.
+
+    ``β`` is shrunk toward ``β0`` with ``SHRINK`` profiles of prior weight; ``δ`` toward 1 with
+    ``VARIANT_SHRINK``: what the features miss of a graph (fused or blocked kernels, per-call
+    costs the calibration graphs do not show) is the graph's, about the same on every device,
+    while one profile's noise is a few per cent, so one profile of a variant says much."""
+    rows = [(o.device, o.variant, math.log(o.cpu_ms / b)) for o, b in zip(obs, base, strict=True) if b > 0]
+    if not rows:
+        return 1.0, {}, {}
+    b0, dev, var = 0.0, dict[str, float](), dict[str, float]()
+    for _ in range(iterations):
+        b0 = sum(e - var.get(v, 0.0) for _, v, e in rows) / len(rows)
+        dev = _group_means([(d, e - var.get(v, 0.0)) for d, v, e in rows], b0, SHRINK)
+        var = _group_means([(v, e - dev[d]) for d, v, e in rows], 0.0, VARIANT_SHRINK)
+    return math.exp(b0), {k: math.exp(x) for k, x in dev.items()}, {k: math.exp(x) for k, x in var.items()}
+
+
+def _group_means(items: Iterable[tuple[str, float]], prior: float, weight: float) -> dict[str, float]:
+    """Per key, the mean of its values shrunk toward *prior* with *weight* values' worth."""
+    sums: dict[str, list[float]] = {}
+    for k, x in items:
+        sums.setdefault(k, []).append(x)
+    return {k: (sum(xs) + weight * prior) / (len(xs) + weight) for k, xs in sums.items()}
 
 
 def _fit_alpha(z: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -184,14 +268,17 @@ WallPoint = tuple[str, float, float]
 
 
 def _wall_fit(
-    points: Sequence[WallPoint], calibrations: Mapping[str, Calibration], span: float, onset: float
+    points: Sequence[WallPoint],
+    calibrations: Mapping[str, Calibration],
+    span: float,
+    onset: float,
+    timed: int = DEFAULT_TIMED,
 ) -> tuple[float, dict[str, list[float]]]:
     """The log ratios measured p50 / modelled p50 (from the measured CPU time) by device, and
     their absolute spread around each device's median (what *span* and *onset* should make small)."""
     logs: dict[str, list[float]] = {}
     for dev, cpu, wall in points:
-        cal = calibrations[dev]
-        model = max(wall_latency(cpu, cal.slowdown, span, onset), cpu + quota_stalls(cpu, cal))
+        model = p50_model(cpu, calibrations[dev], span, onset, timed)
         logs.setdefault(dev, []).append(math.log(wall / model))
     spread = 0.0  # absolute deviations around each device's median: one noisy profile counts once
     for xs in logs.values():
@@ -211,26 +298,30 @@ def fit(
         return pred
     z = np.array([calibrations[o.device].vector() * np.array(feats.vector(dict(o.features))) for o in obs])
     y = np.array([o.cpu_ms for o in obs])
+    counts = [o.timed for o in obs if o.timed]
+    pred.timed = int(_median(counts)) if counts else DEFAULT_TIMED
     pred.alpha = _fit_alpha(z, y)
     base = z @ pred.alpha
-    cpu_logs = [math.log(o.cpu_ms / b) for o, b in zip(obs, base, strict=True) if b > 0]
-    pred.beta0 = math.exp(sum(cpu_logs) / len(cpu_logs)) if cpu_logs else 1.0
-    cpu_by_dev: dict[str, list[float]] = {}
-    for o, b in zip(obs, base, strict=True):
-        if b > 0:
-            cpu_by_dev.setdefault(o.device, []).append(math.log(o.cpu_ms / b))
-    pred.beta = {d: _shrunk(xs, math.log(pred.beta0)) for d, xs in cpu_by_dev.items()}
+    pred.beta0, pred.beta, pred.delta = _device_and_variant_factors(obs, base)
     points = [(o.device, o.cpu_ms, o.p50_ms) for o in obs]
     points += [p for p in timed if p[0] in calibrations and p[1] > 0 and p[2] > 0]
-    if any(calibrations[p[0]].slowdown > 1.05 for p in points):  # else it cannot be told
+    if any(calibrations[p[0]].load_slowdown > 1.05 for p in points):  # else it cannot be told
         grid = [(s, o) for s in SPANS_MS for o in ONSETS_MS]
-        pred.span_ms, pred.onset_ms = min(grid, key=lambda so: _wall_fit(points, calibrations, *so)[0])
-    _, wall_logs = _wall_fit(points, calibrations, pred.span_ms, pred.onset_ms)
+        pred.span_ms, pred.onset_ms = min(
+            grid, key=lambda so: _wall_fit(points, calibrations, so[0], so[1], pred.timed)[0]
+        )
+    _, wall_logs = _wall_fit(points, calibrations, pred.span_ms, pred.onset_ms, pred.timed)
     all_wall = [x for xs in wall_logs.values() for x in xs]
     pred.gamma0 = math.exp(_median(all_wall))
     pred.gamma = {d: _shrunk(xs, math.log(pred.gamma0)) for d, xs in wall_logs.items()}
-    tails = [(o.p95_ms - quota_stall(o.cpu_ms, calibrations[o.device])) / o.p50_ms for o in obs]
-    pred.tail = max(1.0, _median(tails))
+    tails = []  # the p95 / p50 of the CPU time and other waits, the quota's stalls left out
+    for o in obs:
+        cal = calibrations[o.device]
+        p50 = o.p50_ms - quota_stalls(o.cpu_ms, cal, o.timed or pred.timed)
+        p95 = o.p95_ms - quota_stall(o.cpu_ms, cal, o.timed or pred.timed)
+        if p50 > 0 and p95 > 0:
+            tails.append(p95 / p50)
+    pred.tail = max(1.0, _median(tails)) if tails else pred.tail
     return pred
 
 
