@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tests.fixtures: the digits model
 
-from _common import Figure, emit, pct
+from _common import Figure, emit, pct, tree_cpu
 
 from tests.fixtures.helpers import free_port
 from tests.fixtures.onnx_models import digits_model, models_folder
@@ -158,7 +158,8 @@ def concurrent_throughput(port: int, x: np.ndarray, clients: int, per_client: in
     return clients * per_client / elapsed
 
 
-Timings = dict[str, tuple[list[float], float]]  # client -> (latencies in ms, requests/s)
+#: client -> (latencies in ms, requests/s, the server process's CPU time per request in us)
+Timings = dict[str, tuple[list[float], float, float]]
 
 
 def bare_json_body(x: np.ndarray) -> bytes:
@@ -167,10 +168,17 @@ def bare_json_body(x: np.ndarray) -> bytes:
     ).encode()
 
 
-def client_timings(port: int, x: np.ndarray, n: int, warmup: int) -> Timings:
-    """Latencies (ms) and rates of the three clients on one keep-alive connection each:
-    tritonclient with binary tensors ("bin"), with JSON tensors ("json"), bare http.client ("bare")."""
+def client_timings(port: int, pid: int, x: np.ndarray, n: int, warmup: int) -> Timings:
+    """Latencies (ms), rates and server CPU (process *pid*) of the three clients on one keep-alive
+    connection each: tritonclient with binary tensors ("bin"), with JSON tensors ("json"), bare
+    http.client ("bare"). CPU time is what the machine's load cannot inflate much: it counts the
+    server's work, not its waits for a core."""
     import tritonclient.http as httpclient
+
+    def measured(call: Callable[[], object]) -> tuple[list[float], float, float]:
+        cpu0 = tree_cpu(pid)
+        lat, rate = timed(call, n, warmup)
+        return lat, rate, (tree_cpu(pid) - cpu0) / (n + warmup) * 1e6
 
     client = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}")
 
@@ -180,7 +188,7 @@ def client_timings(port: int, x: np.ndarray, n: int, warmup: int) -> Timings:
         out = [httpclient.InferRequestedOutput("probs", binary_data=binary)]
         return lambda: client.infer("digits", [inp], outputs=out).as_numpy("probs")
 
-    got = {"bin": timed(triton(True), n, warmup), "json": timed(triton(False), n, warmup)}
+    got = {"bin": measured(triton(True)), "json": measured(triton(False))}
     client.close()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     body = bare_json_body(x)
@@ -189,7 +197,7 @@ def client_timings(port: int, x: np.ndarray, n: int, warmup: int) -> Timings:
         conn.request("POST", "/v2/models/digits/infer", body)
         return conn.getresponse().read()
 
-    got["bare"] = timed(bare, n, warmup)
+    got["bare"] = measured(bare)
     conn.close()
     return got
 
@@ -231,7 +239,7 @@ def reference_timings(args: list[str], x: np.ndarray, n: int, warmup: int) -> Ti
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise SystemExit("the do-nothing HTTP server did not start") from None
                 time.sleep(0.05)
-        return client_timings(port, x, n, warmup)
+        return client_timings(port, proc.pid, x, n, warmup)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -241,7 +249,7 @@ def figures(
     a: argparse.Namespace, local: tuple[list[float], float], edge: Timings, ref: Timings, means: tuple[float, float],
     conc_rate: float,
 ) -> list[Figure]:  # fmt: skip
-    (local_lat, local_rate), (bin_lat, bin_rate), (bare_lat, bare_rate) = local, edge["bin"], edge["bare"]
+    (local_lat, local_rate), (bin_lat, bin_rate, bin_cpu), (bare_lat, bare_rate, _) = local, edge["bin"], edge["bare"]
     b = a.batch if not a.hidden else f"{a.batch}, MLP {a.hidden}"
     p50_local = pct(local_lat, 50)
     p50_bin = pct(bin_lat, 50)
@@ -277,6 +285,11 @@ def figures(
             "us",
             True,
         ),
+        Figure("edge server CPU per request, tritonclient", "-", bin_cpu, "us", True),
+        Figure("edge server CPU per request, tritonclient JSON", "-", edge["json"][2], "us", True),
+        Figure("edge server CPU per request, bare http.client", "-", edge["bare"][2], "us", True),
+        Figure("do-nothing server CPU per request, tritonclient", "-", ref["bin"][2], "us", True),
+        Figure("do-nothing server CPU per request, bare client", "-", ref["bare"][2], "us", True),
         Figure("edge server mean time per request (its /metrics)", "-", server_ms, "ms", True),
         Figure("  of which in ONNX Runtime (its /metrics)", "-", ort_ms * 1000, "us", True),
         Figure("edge server throughput, 1 tritonclient", "-", bin_rate, "req/s", True),
@@ -326,7 +339,7 @@ def main() -> None:
         assert isinstance(got, np.ndarray)
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
         client.close()
-        edge = client_timings(port, x, a.requests, a.warmup)
+        edge = client_timings(port, proc.pid, x, a.requests, a.warmup)
         means = server_means(port)
         conc_rate = concurrent_throughput(port, x, a.concurrency, max(1, a.requests // a.concurrency))
         replies = canned_replies(port, x, work)

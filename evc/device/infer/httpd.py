@@ -38,6 +38,9 @@ class Headers(Dict[str, str]):
         return dict.get(self, key.lower(), default)
 
 
+_get = dict.get  # this module's lookups: lower-case names already
+
+
 class Reply:
     """What a handler answers: status, body, content type, extra headers; *served* is the
     handler's own record of the request (passed to the *record* callback with the time)."""
@@ -74,23 +77,23 @@ class BadRequest(Exception):
 
 def parse_head(head: bytes) -> tuple[str, str, bool, Headers]:
     """A request head (without the blank line) as (method, target, HTTP/1.1 or later, headers)."""
-    lines = head.split(b"\r\n")
-    words = lines[0].split()
-    if len(words) != 3 or not words[2].startswith(b"HTTP/1."):
-        raise BadRequest(400, "malformed request line {!r}".format(lines[0][:100].decode("latin-1")))
+    request_line, _, rest = head.decode("latin-1").partition("\r\n")
+    words = request_line.split()
+    if len(words) != 3 or not words[2].startswith("HTTP/1."):
+        raise BadRequest(400, f"malformed request line {request_line[:100]!r}")
     headers = Headers()
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
+    for line in rest.split("\r\n") if rest else ():
+        name, sep, value = line.partition(":")
         if not sep or not name or name != name.strip():
-            raise BadRequest(400, "malformed header line {!r}".format(line[:100].decode("latin-1")))
-        key = name.decode("latin-1").lower()
-        text = value.strip().decode("latin-1")
-        headers[key] = headers[key] + ", " + text if key in headers else text
-    return words[0].decode("latin-1"), words[1].decode("latin-1"), words[2] != b"HTTP/1.0", headers
+            raise BadRequest(400, f"malformed header line {line[:100]!r}")
+        key = name.lower()
+        value = value.strip()
+        headers[key] = headers[key] + ", " + value if key in headers else value
+    return words[0], words[1], words[2] != "HTTP/1.0", headers
 
 
 def keeps_alive(http11: bool, headers: Headers) -> bool:
-    tokens = headers.get("connection", "").lower()
+    tokens = _get(headers, "connection", "").lower()
     if http11:
         return "close" not in tokens
     return "keep-alive" in tokens
@@ -196,10 +199,10 @@ class Connection:
     def _read_body(self, method: str, http11: bool, headers: Headers) -> bytes:
         if method not in ("GET", "POST"):
             raise BadRequest(501, f"method {method} is not supported: use GET or POST")
-        if "chunked" in headers.get("transfer-encoding", "").lower():
+        if "chunked" in _get(headers, "transfer-encoding", "").lower():
             raise BadRequest(411, "send a Content-Length (chunked bodies are not supported)")
         try:
-            length = int(headers.get("content-length", "0"))
+            length = int(_get(headers, "content-length", "0"))
         except ValueError:
             raise BadRequest(400, "Content-Length is not a number") from None
         if length < 0:
@@ -208,7 +211,7 @@ class Connection:
             raise BadRequest(413, f"the body is {length} bytes, more than the limit of {self.server.max_body}")
         if length == 0:
             return b""
-        if http11 and headers.get("expect", "").lower() == "100-continue" and not self.buf:
+        if http11 and _get(headers, "expect", "").lower() == "100-continue" and not self.buf:
             self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = self._body(length)
         return body if method == "POST" else b""
