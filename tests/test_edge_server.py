@@ -333,8 +333,13 @@ def test_the_http_layer_keeps_alive_pipelines_and_refuses_clearly(
             while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < 12000:
                 reply += s.recv(65536)
         assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Type: application/octet-stream" in reply
+        idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+        idle.sendall(live)
+        assert idle.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
     finally:
         assert server.stop(5)
+    with idle:  # an idle keep-alive connection is closed when the server stops
+        assert idle.recv(100) == b""
 
 
 def test_the_command_line_refuses_a_missing_models_folder(tmp_path: Path) -> None:

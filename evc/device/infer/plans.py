@@ -22,6 +22,7 @@ from .tensors import DATATYPES, encode_response
 #: a plan's input: name, dtype, element count, offset in the binary section, shape
 PlannedInput = Tuple[str, Any, int, int, Tuple[int, ...]]
 MAX_PLANS = 256
+MAX_HEADER = 8192  # longer JSON headers are not planned (the cache holds each header's bytes)
 MAX_REPLIES = 16  # response headers per plan (one per output shapes: batch sizes vary little)
 _LITTLE = sys.byteorder == "little"  # native arrays' bytes are then the protocol's
 

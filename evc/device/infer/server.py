@@ -27,7 +27,7 @@ from urllib.parse import unquote
 from . import __version__
 from .httpd import HTTPServer, Reply
 from .metrics import UNKNOWN, InferMetrics
-from .plans import Plan, Plans, plan_inputs
+from .plans import MAX_HEADER, Plan, Plans, plan_inputs
 from .repository import ModelUnavailable, ModelVersion, Repository, UnknownModel
 from .tensors import HEADER_LENGTH, TensorError, decode_inputs, encode_response, requested_outputs, split_body
 
@@ -137,7 +137,7 @@ class App:
     ) -> Response:
         """A request to *mv* (ready), *asked* by (name, version): planned, else read and checked."""
         key = plan = None
-        if header_length is not None and header_length.isdigit():
+        if header_length is not None and header_length.isdigit() and int(header_length) <= MAX_HEADER:
             offset = int(header_length)
             key = (asked[0], asked[1], bytes(body[:offset]))
             plan = self.plans.get(key)
