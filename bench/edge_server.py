@@ -7,7 +7,9 @@ Target (issue 13): latency ratio server / in-process <= 1.5 at batch 1 over loop
 p50/p99 latency and throughput of both, sequential requests on one keep-alive connection (the
 client's default binary tensors, and JSON tensors), a bare ``http.client`` JSON client (the
 server's own cost without tritonclient's), the concurrent throughput of N clients, and the
-server's mean time per request and in ONNX Runtime (from its /metrics). Both sides use the same
+server's mean time per request and in ONNX Runtime (from its /metrics), and the same clients
+against a do-nothing HTTP server (bench/_null_http.py, replaying the edge server's answers): the
+floor of a loopback round trip by a Python client, so the rest is the server's own. Both sides use the same
 ONNX Runtime thread count (``--threads``). ``--hidden H`` serves a heavier model of the same
 shapes instead (an MLP with random weights), to see the ratio when the model's own time counts.
 """
@@ -18,6 +20,7 @@ import argparse
 import http.client
 import itertools
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -32,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tests.fixtures: the digits model
 
-from _common import Figure, emit, pct
+from _common import Figure, emit, pct, tree_cpu
 
 from tests.fixtures.helpers import free_port
 from tests.fixtures.onnx_models import digits_model, models_folder
@@ -125,9 +128,7 @@ def server_means(port: int) -> tuple[float, float]:
 
 def concurrent_throughput(port: int, x: np.ndarray, clients: int, per_client: int) -> float:
     """Requests/s of *clients* threads, each with its own keep-alive connection (bare JSON)."""
-    body = json.dumps(
-        {"inputs": [{"name": "X", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
-    ).encode()
+    body = bare_json_body(x)
     barrier = threading.Barrier(clients + 1)
     errors: list[BaseException] = []
 
@@ -157,6 +158,147 @@ def concurrent_throughput(port: int, x: np.ndarray, clients: int, per_client: in
     return clients * per_client / elapsed
 
 
+#: client -> (latencies in ms, requests/s, the server process's CPU time per request in us)
+Timings = dict[str, tuple[list[float], float, float]]
+
+
+def bare_json_body(x: np.ndarray) -> bytes:
+    return json.dumps(
+        {"inputs": [{"name": "X", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+    ).encode()
+
+
+def client_timings(port: int, pid: int, x: np.ndarray, n: int, warmup: int) -> Timings:
+    """Latencies (ms), rates and server CPU (process *pid*) of the three clients on one keep-alive
+    connection each: tritonclient with binary tensors ("bin"), with JSON tensors ("json"), bare
+    http.client ("bare"). CPU time is what the machine's load cannot inflate much: it counts the
+    server's work, not its waits for a core."""
+    import tritonclient.http as httpclient
+
+    def measured(call: Callable[[], object]) -> tuple[list[float], float, float]:
+        cpu0 = tree_cpu(pid)
+        lat, rate = timed(call, n, warmup)
+        return lat, rate, (tree_cpu(pid) - cpu0) / (n + warmup) * 1e6
+
+    client = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}")
+
+    def triton(binary: bool) -> Callable[[], object]:
+        inp = httpclient.InferInput("X", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=binary)
+        out = [httpclient.InferRequestedOutput("probs", binary_data=binary)]
+        return lambda: client.infer("digits", [inp], outputs=out).as_numpy("probs")
+
+    got = {"bin": measured(triton(True)), "json": measured(triton(False))}
+    client.close()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    body = bare_json_body(x)
+
+    def bare() -> object:
+        conn.request("POST", "/v2/models/digits/infer", body)
+        return conn.getresponse().read()
+
+    got["bare"] = measured(bare)
+    conn.close()
+    return got
+
+
+def canned_replies(port: int, x: np.ndarray, folder: Path) -> list[str]:
+    """The edge server's answers to a JSON and a binary request, saved for the do-nothing server;
+    its arguments after the port."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", "/v2/models/digits/infer", bare_json_body(x))
+    (folder / "reply.json").write_bytes(conn.getresponse().read())
+    head = json.dumps(
+        {
+            "inputs": [{"name": "X", "shape": list(x.shape), "datatype": "FP32",
+                        "parameters": {"binary_data_size": x.nbytes}}],
+            "outputs": [{"name": "probs", "parameters": {"binary_data": True}}],
+        }
+    ).encode()  # fmt: skip
+    conn.request(
+        "POST", "/v2/models/digits/infer", head + x.tobytes(), {"Inference-Header-Content-Length": str(len(head))}
+    )
+    r = conn.getresponse()
+    (folder / "reply.bin").write_bytes(r.read())
+    conn.close()
+    return [str(folder / "reply.json"), str(folder / "reply.bin"), str(r.getheader("Inference-Header-Content-Length"))]
+
+
+def reference_timings(args: list[str], x: np.ndarray, n: int, warmup: int) -> Timings:
+    """The same clients against the do-nothing server (bench/_null_http.py) replaying *args*."""
+    port = free_port()
+    script = Path(__file__).resolve().parent / "_null_http.py"
+    proc = subprocess.Popen([sys.executable, str(script), str(port), *args])
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise SystemExit("the do-nothing HTTP server did not start") from None
+                time.sleep(0.05)
+        return client_timings(port, proc.pid, x, n, warmup)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def figures(
+    a: argparse.Namespace, local: tuple[list[float], float], edge: Timings, ref: Timings, means: tuple[float, float],
+    conc_rate: float,
+) -> list[Figure]:  # fmt: skip
+    (local_lat, local_rate), (bin_lat, bin_rate, bin_cpu), (bare_lat, bare_rate, _) = local, edge["bin"], edge["bare"]
+    b = a.batch if not a.hidden else f"{a.batch}, MLP {a.hidden}"
+    p50_local = pct(local_lat, 50)
+    p50_bin = pct(bin_lat, 50)
+    ratio = p50_bin / p50_local
+    overhead_us = (p50_bin - p50_local) * 1000
+    own_us = (p50_bin - pct(ref["bin"][0], 50)) * 1000  # less the client's and loopback's floor
+    server_ms, ort_ms = means
+    print(
+        f"batch {b}, {a.requests} requests each, ORT threads {a.threads}; in-process mean "
+        f"{statistics.fmean(local_lat) * 1000:.1f} us; the 1.5 ratio needs a model taking >= "
+        f"{2 * overhead_us / 1000:.2f} ms per inference at this overhead (tritonclient, end to end), "
+        f">= {2 * max(own_us, 0.0) / 1000:.3f} ms at the server's own part of it (less the do-nothing "
+        f"server's round trip), >= {2 * (server_ms - ort_ms):.3f} ms at its own time by /metrics"
+    )
+    return [
+        Figure(f"edge server / in-process p50 latency, batch {b}", "<= 1.5", ratio, "x", ratio <= 1.5, ratio),
+        Figure(f"edge server p50 latency, batch {b} (tritonclient)", "-", p50_bin, "ms", True),
+        Figure(f"edge server p99 latency, batch {b} (tritonclient)", "-", pct(bin_lat, 99), "ms", True),
+        Figure(f"ONNX Runtime in-process p50, batch {b}", "-", p50_local * 1000, "us", True),
+        Figure(f"ONNX Runtime in-process p99, batch {b}", "-", pct(local_lat, 99) * 1000, "us", True),
+        Figure("edge server overhead per request, p50", "-", overhead_us, "us", True),
+        Figure("edge server p50, tritonclient JSON tensors", "-", pct(edge["json"][0], 50), "ms", True),
+        Figure("edge server p50, bare http.client JSON", "-", pct(bare_lat, 50), "ms", True),
+        Figure("edge server p99, bare http.client JSON", "-", pct(bare_lat, 99), "ms", True),
+        Figure("do-nothing HTTP server p50, tritonclient (reference)", "-", pct(ref["bin"][0], 50), "ms", True),
+        Figure("do-nothing HTTP server p50, tritonclient JSON (ref.)", "-", pct(ref["json"][0], 50), "ms", True),
+        Figure("do-nothing HTTP server p50, bare http.client (ref.)", "-", pct(ref["bare"][0], 50), "ms", True),
+        Figure("edge server's own part, tritonclient p50 - reference", "-", own_us, "us", True),
+        Figure(
+            "edge server's own part, bare p50 - reference",
+            "-",
+            (pct(bare_lat, 50) - pct(ref["bare"][0], 50)) * 1000,
+            "us",
+            True,
+        ),
+        Figure("edge server CPU per request, tritonclient", "-", bin_cpu, "us", True),
+        Figure("edge server CPU per request, tritonclient JSON", "-", edge["json"][2], "us", True),
+        Figure("edge server CPU per request, bare http.client", "-", edge["bare"][2], "us", True),
+        Figure("do-nothing server CPU per request, tritonclient", "-", ref["bin"][2], "us", True),
+        Figure("do-nothing server CPU per request, bare client", "-", ref["bare"][2], "us", True),
+        Figure("edge server mean time per request (its /metrics)", "-", server_ms, "ms", True),
+        Figure("  of which in ONNX Runtime (its /metrics)", "-", ort_ms * 1000, "us", True),
+        Figure("edge server throughput, 1 tritonclient", "-", bin_rate, "req/s", True),
+        Figure("edge server throughput, 1 bare client", "-", bare_rate, "req/s", True),
+        Figure(f"edge server throughput, {a.concurrency} bare clients", "-", conc_rate, "req/s", True),
+        Figure("ONNX Runtime in-process throughput", "-", local_rate, "inf/s", True),
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=2000)
@@ -179,81 +321,33 @@ def main() -> None:
     if a.hidden:
         data = mlp_model(a.hidden)
     x = np.ascontiguousarray(d.X_test[: a.batch].astype(np.float32))
-    models = models_folder(Path(tempfile.mkdtemp(prefix="evc-bench-infer-")), {("digits", "1"): data})
+    work = Path(tempfile.mkdtemp(prefix="evc-bench-infer-"))
+    models = models_folder(work, {("digits", "1"): data})
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = a.threads
     sess = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
-    local_lat, local_rate = timed(lambda: sess.run(None, {"X": x}), a.requests, a.warmup)
+    local = timed(lambda: sess.run(None, {"X": x}), a.requests, a.warmup)
     expected = sess.run(None, {"X": x})[0]
 
     proc, port = start_server(models, a.threads)
     try:
         client = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}")
-
-        def triton(binary: bool) -> Callable[[], object]:
-            inp = httpclient.InferInput("X", list(x.shape), "FP32")
-            inp.set_data_from_numpy(x, binary_data=binary)
-            out = [httpclient.InferRequestedOutput("probs", binary_data=binary)]
-
-            def call() -> object:
-                return client.infer("digits", [inp], outputs=out).as_numpy("probs")
-
-            return call
-
-        got = triton(True)()
+        inp = httpclient.InferInput("X", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=True)
+        got = client.infer("digits", [inp], outputs=[httpclient.InferRequestedOutput("probs")]).as_numpy("probs")
         assert isinstance(got, np.ndarray)
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
-        bin_lat, bin_rate = timed(triton(True), a.requests, a.warmup)
-        json_lat, json_rate = timed(triton(False), a.requests, a.warmup)
         client.close()
-
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        body = json.dumps(
-            {"inputs": [{"name": "X", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
-        ).encode()
-
-        def bare() -> object:
-            conn.request("POST", "/v2/models/digits/infer", body)
-            return conn.getresponse().read()
-
-        bare_lat, bare_rate = timed(bare, a.requests, a.warmup)
-        conn.close()
-        server_ms, ort_ms = server_means(port)
+        edge = client_timings(port, proc.pid, x, a.requests, a.warmup)
+        means = server_means(port)
         conc_rate = concurrent_throughput(port, x, a.concurrency, max(1, a.requests // a.concurrency))
+        replies = canned_replies(port, x, work)
     finally:
         proc.terminate()
         proc.wait(30)
-
-    b = a.batch if not a.hidden else f"{a.batch}, MLP {a.hidden}"
-    p50_local, p99_local = pct(local_lat, 50), pct(local_lat, 99)
-    p50_bin, p99_bin = pct(bin_lat, 50), pct(bin_lat, 99)
-    ratio = p50_bin / p50_local
-    overhead_us = (p50_bin - p50_local) * 1000
-    print(
-        f"batch {b}, {a.requests} requests each, ORT threads {a.threads}; in-process mean "
-        f"{statistics.fmean(local_lat) * 1000:.1f} us; the 1.5 ratio needs a model taking >= "
-        f"{2 * overhead_us / 1000:.2f} ms per inference at this overhead"
-    )
-    emit(
-        [
-            Figure(f"edge server / in-process p50 latency, batch {b}", "<= 1.5", ratio, "x", ratio <= 1.5, ratio),
-            Figure(f"edge server p50 latency, batch {b} (tritonclient)", "-", p50_bin, "ms", True),
-            Figure(f"edge server p99 latency, batch {b} (tritonclient)", "-", p99_bin, "ms", True),
-            Figure(f"ONNX Runtime in-process p50, batch {b}", "-", p50_local * 1000, "us", True),
-            Figure(f"ONNX Runtime in-process p99, batch {b}", "-", p99_local * 1000, "us", True),
-            Figure("edge server overhead per request, p50", "-", overhead_us, "us", True),
-            Figure("edge server p50, tritonclient JSON tensors", "-", pct(json_lat, 50), "ms", True),
-            Figure("edge server p50, bare http.client JSON", "-", pct(bare_lat, 50), "ms", True),
-            Figure("edge server p99, bare http.client JSON", "-", pct(bare_lat, 99), "ms", True),
-            Figure("edge server mean time per request (its /metrics)", "-", server_ms, "ms", True),
-            Figure("  of which in ONNX Runtime (its /metrics)", "-", ort_ms * 1000, "us", True),
-            Figure("edge server throughput, 1 tritonclient", "-", bin_rate, "req/s", True),
-            Figure("edge server throughput, 1 bare client", "-", bare_rate, "req/s", True),
-            Figure(f"edge server throughput, {a.concurrency} bare clients", "-", conc_rate, "req/s", True),
-            Figure("ONNX Runtime in-process throughput", "-", local_rate, "inf/s", True),
-        ]
-    )
+    ref = reference_timings(replies, x, a.requests, a.warmup)
+    emit(figures(a, local, edge, ref, means, conc_rate))
 
 
 if __name__ == "__main__":

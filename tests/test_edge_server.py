@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from evc.device.infer.metrics import InferMetrics
 from evc.device.infer.repository import Repository
 from evc.device.infer.server import App
 from evc.device.infer.tensors import (
+    HEADER_LENGTH,
     TensorError,
     decode_input,
     decode_inputs,
@@ -230,6 +232,114 @@ def test_routes_in_process_digests_versions_and_errors(tmp_path: Path, digits: t
     app.metrics.models(repo.scan())
     assert call("GET", "/v2/health/ready") == (200, {"ready": True})
     assert call("POST", "/v2/models/bad/infer", req)[0] == 200
+
+
+def _binary_request(x: np.ndarray, extra: bytes = b"") -> tuple[bytes, str]:
+    head = json.dumps(
+        {
+            "inputs": [{"name": "X", "shape": list(x.shape), "datatype": "FP32",
+                        "parameters": {"binary_data_size": x.nbytes}}],
+            "outputs": [{"name": "probs", "parameters": {"binary_data": True}}],
+        }
+    ).encode()  # fmt: skip
+    return head + x.tobytes() + extra, str(len(head))
+
+
+def test_repeated_binary_headers_take_the_planned_path_and_answer_the_same(
+    tmp_path: Path, digits: tuple[bytes, Dataset]
+) -> None:
+    import onnxruntime as ort
+
+    data, d = digits
+    folder = models_folder(tmp_path, {("digits", "1"): data})
+    repo = Repository(folder)
+    app = App(repo, InferMetrics("t", use_prometheus_client=False))
+    app.metrics.models(repo.scan())
+    local = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    x = d.X_test[:2].astype(np.float32)
+
+    def infer(body: bytes, header_length: str) -> Any:
+        return app.handle("POST", ["v2", "models", "digits", "infer"], {HEADER_LENGTH: header_length}, body)
+
+    first = infer(*_binary_request(x))  # read and checked, then planned
+    assert first.status == 200 and len(app.plans._plans) == 1
+    again = infer(*_binary_request(x))  # planned: the same bytes
+    assert (again.status, again.body, again.headers) == (first.status, first.body, first.headers)
+    assert again.served[0:2] == ("digits", "1") and again.served[3] == 2
+    for rows in (x[::-1], d.X_test[5:7].astype(np.float32)):
+        r = infer(*_binary_request(np.ascontiguousarray(rows)))
+        n = int(r.headers[HEADER_LENGTH])
+        got = np.frombuffer(r.body[n:], np.float32).reshape(2, 10)
+        np.testing.assert_allclose(got, local.run(None, {"X": rows})[0], rtol=1e-6, atol=1e-7)
+    bad = infer(*_binary_request(x, b"junk"))  # the same header, a longer body: checked the general way
+    assert bad.status == 400 and b"4 bytes of binary data after the last binary input" in bad.body
+
+    models_folder(folder, {("digits", "2"): data})  # a new version: the plan of version 1 is not used
+    app.metrics.models(repo.scan())
+    r = infer(*_binary_request(x))
+    assert r.status == 200 and json.loads(r.body[: int(r.headers[HEADER_LENGTH])])["model_version"] == "2"
+
+
+def _exchange(port: int, raw: bytes, *, read_until_close: bool = True) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(raw)
+        if not read_until_close:
+            return s.recv(65536)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+        return got
+
+
+def test_the_http_layer_keeps_alive_pipelines_and_refuses_clearly(
+    tmp_path: Path, digits: tuple[bytes, Dataset]
+) -> None:
+    from evc.device.infer.server import InferServer
+
+    data, d = digits
+    server = InferServer(
+        Repository(models_folder(tmp_path, {("digits", "1"): data})), InferMetrics("t"), "127.0.0.1", 0
+    )
+    port = server.start()
+    try:
+        live = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+        got = _exchange(port, live + live + b"GET /v2/health/live HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert got.count(b"HTTP/1.1 200 OK\r\n") == 3 and got.count(b'{"live":true}') == 3
+        assert got.endswith(b'Connection: close\r\n\r\n{"live":true}')
+        assert b"Server: evc-edge-infer/" in got
+        got = _exchange(port, b"GET /v2/health/live HTTP/1.0\r\n\r\n")  # HTTP/1.0: closes
+        assert got.startswith(b"HTTP/1.1 200 OK\r\n") and b"Connection: close" in got
+        for raw, status, message in (
+            (b"PUT /v2 HTTP/1.1\r\n\r\n", 501, "method PUT is not supported: use GET or POST"),
+            (b"POST /v2 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 411, "send a Content-Length"),
+            (b"POST /v2 HTTP/1.1\r\nContent-Length: ten\r\n\r\n", 400, "Content-Length is not a number"),
+            (b"GET /v2\r\n\r\n", 400, "malformed request line"),
+            (b"GET /v2 HTTP/1.1\r\nno colon\r\n\r\n", 400, "malformed header line"),
+        ):
+            got = _exchange(port, raw)
+            assert got.startswith(f"HTTP/1.1 {status} ".encode()), got
+            assert message in json.loads(got.split(b"\r\n\r\n", 1)[1])["error"]
+        x = d.X_test[:300].astype(np.float32)  # a body of many segments, after 100-continue
+        body, header_length = _binary_request(x)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(
+                b"POST /v2/models/digits/infer HTTP/1.1\r\nExpect: 100-continue\r\n"
+                + f"Content-Length: {len(body)}\r\nInference-Header-Content-Length: {header_length}\r\n\r\n".encode()
+            )
+            assert s.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            for i in range(0, len(body), 10000):
+                s.sendall(body[i : i + 10000])
+            reply = b""
+            while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < 12000:
+                reply += s.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Type: application/octet-stream" in reply
+        idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+        idle.sendall(live)
+        assert idle.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
+    finally:
+        assert server.stop(5)
+    with idle:  # an idle keep-alive connection is closed when the server stops
+        assert idle.recv(100) == b""
 
 
 def test_the_command_line_refuses_a_missing_models_folder(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ exits 0. Standard clients work against it (``tritonclient.http``, KServe's ``Inf
 
 - :mod:`.tensors`: the protocol's tensors (JSON and binary) to and from numpy
 - :mod:`.repository`: the models folder, digest checks, ONNX Runtime sessions
-- :mod:`.server`: the routes and the HTTP server; :mod:`.metrics`: ``/metrics``
+- :mod:`.server`: the routes; :mod:`.httpd`: the HTTP/1.1 server; :mod:`.metrics`: ``/metrics``
 - :mod:`.cli`: the command line
 """
 

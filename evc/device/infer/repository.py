@@ -92,6 +92,10 @@ class ModelVersion:
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
     reason: str = ""
+    _by_name: dict[str, TensorSpec] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._by_name = {t.name: t for t in self.inputs}
 
     @property
     def ready(self) -> bool:
@@ -127,14 +131,14 @@ class ModelVersion:
         """Check *inputs* against the model's; the names of the outputs to compute (None: all)."""
         if not self.ready:
             raise ModelUnavailable(self.reason)
-        want = {t.name: t for t in self.inputs}
+        want = self._by_name or {t.name: t for t in self.inputs}
         for name, array in inputs.items():
             spec = want.get(name)
             if spec is None:
                 raise TensorError("the model has no input {} (its inputs: {})".format(name, ", ".join(want)))
             spec.check(array)
-        missing = [n for n in want if n not in inputs]
-        if missing:
+        if len(inputs) != len(want):
+            missing = [n for n in want if n not in inputs]
             raise TensorError("missing input(s): {}".format(", ".join(missing)))
         names = [t.name for t in self.outputs]
         if outputs is not None:
@@ -176,8 +180,16 @@ def load_version(
         return mv
     mv.inputs = [_spec(a) for a in sess.get_inputs()]
     mv.outputs = [_spec(a) for a in sess.get_outputs()]
+    mv.__post_init__()
     mv.session = sess
     return mv
+
+
+def _pick(versions: dict[str, ModelVersion]) -> ModelVersion:
+    """The highest version that is ready, else the highest."""
+    ordered = sorted(versions, key=_version_key, reverse=True)
+    ready = [v for v in ordered if versions[v].ready]
+    return versions[(ready or ordered)[0]]
 
 
 class Repository:
@@ -188,6 +200,7 @@ class Repository:
         self.session_options = session_options
         self.providers = providers
         self._models: dict[str, dict[str, ModelVersion]] = {}
+        self._default: dict[str, ModelVersion] = {}  # by name: what a request without a version gets
         self._lock = threading.Lock()
 
     def scan(self) -> list[ModelVersion]:
@@ -209,8 +222,9 @@ class Repository:
                 else:
                     log.error("model %s:%s is unavailable: %s", name, version, mv.reason)
             found.setdefault(name, {})[version] = mv
+        default = {name: _pick(versions) for name, versions in found.items()}
         with self._lock:
-            self._models = found
+            self._models, self._default = found, default
         return self.versions()
 
     def versions(self) -> list[ModelVersion]:
@@ -220,22 +234,26 @@ class Repository:
     def names(self) -> list[str]:
         return sorted(self._models)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._models
+
     def version_names(self, name: str) -> list[str]:
         return sorted(self._models.get(name, {}), key=_version_key)
 
     def get(self, name: str, version: str | None = None) -> ModelVersion:
         """A version of *name* (None: the highest that is ready, else the highest)."""
+        if version is None:
+            mv = self._default.get(name)
+            if mv is None:
+                raise UnknownModel(f"unknown model {name}")
+            return mv
         versions = self._models.get(name)
         if not versions:
             raise UnknownModel(f"unknown model {name}")
-        if version is not None:
-            mv = versions.get(version)
-            if mv is None:
-                raise UnknownModel(f"model {name} has no version {version}")
-            return mv
-        ordered = sorted(versions, key=_version_key, reverse=True)
-        ready = [v for v in ordered if versions[v].ready]
-        return versions[(ready or ordered)[0]]
+        mv = versions.get(version)
+        if mv is None:
+            raise UnknownModel(f"model {name} has no version {version}")
+        return mv
 
     def ready(self) -> bool:
         """Every version found loaded, and there is at least one."""

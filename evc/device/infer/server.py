@@ -1,5 +1,5 @@
-"""The Open Inference Protocol (KServe v2 REST) over a :class:`Repository`, on the standard
-library's threading HTTP server (HTTP/1.1 keep-alive, one thread per connection).
+"""The Open Inference Protocol (KServe v2 REST) over a :class:`Repository`, on the lean HTTP/1.1
+server of :mod:`.httpd` (keep-alive, one thread per connection).
 
 Routes (``{v}``: ``/versions/<version>``, optional; without it the highest ready version):
 
@@ -19,35 +19,27 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote
 
 from . import __version__
+from .httpd import HTTPServer, Reply
 from .metrics import UNKNOWN, InferMetrics
-from .repository import ModelUnavailable, Repository, UnknownModel
+from .plans import MAX_HEADER, Plan, Plans, plan_inputs
+from .repository import ModelUnavailable, ModelVersion, Repository, UnknownModel
 from .tensors import HEADER_LENGTH, TensorError, decode_inputs, encode_response, requested_outputs, split_body
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "evc-edge-infer"
 EXTENSIONS = ["binary_tensor_data"]
-JSON_TYPE = "application/json"
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 
-
-@dataclass
-class Response:
-    status: int
-    body: bytes
-    content_type: str = JSON_TYPE
-    headers: dict[str, str] | None = None
-    #: a served inference to record before the response is written: (model, version, compute s, batch)
-    served: tuple[str, str, float, int | None] | None = None
+#: status, body, content type, extra headers, and ``served``: an inference to record before the
+#: response is written, (model, version, compute s, batch)
+Response = Reply
 
 
 def reply(status: int, doc: Any) -> Response:
@@ -70,6 +62,7 @@ class App:
         self.repo = repo
         self.metrics = metrics
         self.stopping = False
+        self.plans = Plans()
 
     def handle(self, method: str, parts: list[str], headers: Any, body: bytes) -> Response:
         if parts == ["metrics"]:
@@ -114,7 +107,7 @@ class App:
         return reply(200, mv.metadata(self.repo.version_names(name)))
 
     def infer(self, name: str, version: str | None, headers: Any, body: bytes) -> Response:
-        model = name if name in self.repo.names() else UNKNOWN
+        model = name if name in self.repo else UNKNOWN
         label_version = version or ""
         try:
             mv = self.repo.get(name, version)
@@ -124,22 +117,7 @@ class App:
             encoding = headers.get("Content-Encoding", "identity")
             if encoding not in ("identity", ""):
                 raise TensorError(f"Content-Encoding {encoding} is not supported: send the body uncompressed")
-            doc, binary = split_body(body, headers.get(HEADER_LENGTH))
-            inputs = decode_inputs(doc, binary)
-            outputs, binary_out, default_binary = requested_outputs(doc)
-            names = mv.prepare(inputs, outputs)
-            t0 = time.perf_counter()
-            try:
-                results = mv.run(names, inputs)
-            except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own errors
-                status = _ort_status(exc)
-                self.metrics.failed(model, label_version, status, "bad_request" if status == 400 else "internal")
-                return error(status, f"inference failed: {exc}")
-            compute = time.perf_counter() - t0
-            head: dict[str, Any] = {"model_name": mv.name, "model_version": mv.version}
-            if isinstance(doc.get("id"), str):
-                head["id"] = doc["id"]
-            data, header_length = encode_response(head, results, binary_out, default_binary)
+            return self._infer(mv, (name, version), headers.get(HEADER_LENGTH), body)
         except UnknownModel as exc:
             self.metrics.failed(model, label_version, 404, "not_found")
             return error(404, str(exc))
@@ -149,118 +127,73 @@ class App:
         except TensorError as exc:
             self.metrics.failed(model, label_version, 400, "bad_request")
             return error(400, str(exc))
-        first = next(iter(inputs.values()))
-        batch = int(first.shape[0]) if first.ndim >= 1 else None
-        if header_length is None:
-            return Response(200, data, served=(mv.name, mv.version, compute, batch))
-        return Response(
-            200,
-            data,
-            "application/octet-stream",
-            {HEADER_LENGTH: str(header_length)},
-            served=(mv.name, mv.version, compute, batch),
-        )
+        except _RunFailed as exc:
+            status = _ort_status(exc.cause)
+            self.metrics.failed(model, label_version, status, "bad_request" if status == 400 else "internal")
+            return error(status, f"inference failed: {exc.cause}")
 
-
-class Handler(BaseHTTPRequestHandler):
-    """HTTP/1.1 keep-alive; each response is written in one call (with TCP_NODELAY: no Nagle delay)."""
-
-    protocol_version = "HTTP/1.1"
-    server_version = f"{SERVER_NAME}/{__version__}"
-    server: InferHTTPServer
-
-    def setup(self) -> None:
-        super().setup()
-        try:
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-        log.debug("%s %s", self.address_string(), format % args)
-
-    def do_GET(self) -> None:
-        self._serve("GET")
-
-    def do_POST(self) -> None:
-        self._serve("POST")
-
-    def _serve(self, method: str) -> None:
+    def _infer(
+        self, mv: ModelVersion, asked: tuple[str, str | None], header_length: str | None, body: bytes
+    ) -> Response:
+        """A request to *mv* (ready), *asked* by (name, version): planned, else read and checked."""
+        key = plan = None
+        if header_length is not None and header_length.isdigit() and int(header_length) <= MAX_HEADER:
+            offset = int(header_length)
+            key = (asked[0], asked[1], bytes(body[:offset]))
+            plan = self.plans.get(key)
+        if plan is not None and plan.mv is mv and len(body) == offset + plan.size:
+            inputs = plan.arrays(body, offset)
+            t0 = time.perf_counter()
+            results = _run(mv, plan.names, inputs)
+            compute = time.perf_counter() - t0
+            data, length = plan.encode(results)
+            return _answer(data, length, (mv.name, mv.version, compute, plan.batch))
+        doc, binary = split_body(body, header_length)
+        inputs = decode_inputs(doc, binary)
+        outputs, binary_out, default_binary = requested_outputs(doc)
+        names = mv.prepare(inputs, outputs)
         t0 = time.perf_counter()
-        srv = self.server
-        srv.enter()
-        try:
-            resp = self._response(method)
-            if resp.served is not None:  # recorded before the answer leaves: a client then sees it counted
-                model, version, compute, batch = resp.served
-                srv.app.metrics.served(model, version, resp.status, time.perf_counter() - t0, compute, batch)
-            self._write(resp)
-        finally:
-            srv.leave()
-
-    def _response(self, method: str) -> Response:
-        path = self.path.split("?", 1)[0]
-        parts = [unquote(p) for p in path.strip("/").split("/") if p]
-        body = b""
-        if method == "POST":
-            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-                self.close_connection = True
-                return error(411, "send a Content-Length (chunked bodies are not supported)")
-            try:
-                length = int(self.headers.get("Content-Length", "0"))
-            except ValueError:
-                self.close_connection = True
-                return error(400, "Content-Length is not a number")
-            if length > self.server.max_body:
-                self.close_connection = True
-                return error(413, f"the body is {length} bytes, more than the limit of {self.server.max_body}")
-            body = self.rfile.read(length) if length > 0 else b""
-        try:
-            return self.server.app.handle(method, parts, self.headers, body)
-        except Exception as exc:  # noqa: BLE001 - a bug must answer 500, not drop the connection
-            log.exception("%s %s failed", method, self.path)
-            return error(500, f"internal error: {exc}")
-
-    def _write(self, resp: Response) -> None:
-        lines = [
-            "HTTP/1.1 {} {}".format(resp.status, self.responses.get(resp.status, ("",))[0]),
-            "Server: " + self.server_version,
-            "Content-Type: " + resp.content_type,
-            f"Content-Length: {len(resp.body)}",
-        ]
-        for k, v in (resp.headers or {}).items():
-            lines.append(f"{k}: {v}")
-        if self.close_connection:
-            lines.append("Connection: close")
-        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + resp.body)
-        self.log_request(resp.status, len(resp.body))
+        results = _run(mv, names, inputs)
+        compute = time.perf_counter() - t0
+        head: dict[str, Any] = {"model_name": mv.name, "model_version": mv.version}
+        if isinstance(doc.get("id"), str):
+            head["id"] = doc["id"]
+        planned = plan_inputs(doc, inputs) if key is not None else None
+        if key is not None and planned:
+            self.plans.add(key, Plan(mv, planned, names, binary_out, default_binary, head))
+        data, length = encode_response(head, results, binary_out, default_binary)
+        first = next(iter(inputs.values()))
+        return _answer(data, length, (mv.name, mv.version, compute, int(first.shape[0]) if first.ndim >= 1 else None))
 
 
-class InferHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
+class _RunFailed(Exception):
+    """ONNX Runtime's own error (*cause*) running a request that passed the checks."""
 
-    def __init__(self, address: tuple[str, int], app: App, max_body: int = DEFAULT_MAX_BODY) -> None:
-        self.app = app
-        self.max_body = max_body
-        self._inflight = 0
-        self._idle = threading.Condition()
-        super().__init__(address, Handler)
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
-    def enter(self) -> None:
-        with self._idle:
-            self._inflight += 1
 
-    def leave(self) -> None:
-        with self._idle:
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.notify_all()
+def _run(mv: ModelVersion, names: list[str], inputs: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return mv.run(names, inputs)
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own errors
+        raise _RunFailed(exc) from exc
 
-    def drain(self, timeout: float) -> bool:
-        """Wait until no request is being served (at most *timeout* s); False if some still are."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._inflight == 0, timeout)
+
+def _answer(data: bytes, header_length: int | None, served: tuple[str, str, float, int | None]) -> Response:
+    """A successful inference's response: JSON, or a JSON header and binary tensors."""
+    if header_length is None:
+        return Response(200, data, served=served)
+    return Response(200, data, "application/octet-stream", {HEADER_LENGTH: str(header_length)}, served=served)
+
+
+def _parts(target: str) -> list[str]:
+    """A request target's path as its segments, percent-decoded (the query string ignored)."""
+    path = target.split("?", 1)[0]
+    if "%" in path:
+        return [unquote(p) for p in path.split("/") if p]
+    return [p for p in path.split("/") if p]
 
 
 class InferServer:
@@ -273,8 +206,15 @@ class InferServer:
         self.host = host
         self.port = port
         self.max_body = max_body
-        self._httpd: InferHTTPServer | None = None
+        self._httpd: HTTPServer | None = None
         self._thread: threading.Thread | None = None
+
+    def _handle(self, method: str, target: str, headers: Any, body: bytes) -> Response:
+        return self.app.handle(method, _parts(target), headers, body)
+
+    def _record(self, resp: Response, seconds: float) -> None:
+        model, version, compute, batch = resp.served
+        self.app.metrics.served(model, version, resp.status, seconds, compute, batch)
 
     def reload(self) -> None:
         """Rescan the models folder (new versions load, removed ones go, changed ones reload)."""
@@ -283,7 +223,9 @@ class InferServer:
     def start(self) -> int:
         """Load the models and start serving; returns the bound port (useful with port 0)."""
         self.reload()
-        httpd = InferHTTPServer((self.host, self.port), self.app, self.max_body)
+        httpd = HTTPServer(
+            (self.host, self.port), self._handle, f"{SERVER_NAME}/{__version__}", self.max_body, self._record
+        )
         self._httpd = httpd
         self.port = int(httpd.server_address[1])
         self._thread = threading.Thread(target=httpd.serve_forever, name="evc-infer-http", daemon=True)
