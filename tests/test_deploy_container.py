@@ -299,9 +299,12 @@ def test_container_deploy_pull_or_ship_rollout_rollback_remove(
     for t in dep["targets"]:
         assert _infer(t["endpoint"], name, "1", x).shape == (1, 10)
 
-    # removal removes the containers and the folders
+    # removal removes the containers and the folders, and the image archive shipped for it
+    archive = api.settings.data_dir / "images" / f"{dep['image_id']}.tar"
+    assert archive.is_file()
     job = api.wait_job(api.call("DELETE", f"/api/v1/deployments/{dep_id}")[1]["id"], timeout=60)
     assert job["state"] == "succeeded", job
+    assert not archive.exists()
     for dev in pair:
         out = _as_device(dev, "podman ps -a --format '{{.Names}}'")
         assert out.returncode == 0 and container.container_name(dep_id) not in out.stdout, out
@@ -463,3 +466,22 @@ def test_a_container_cluster_raised_to_l3_and_deployed_to(
     assert not (sysroot / dev_id / "etc/containers/containers.conf.d/50-evc.conf").exists()
     assert not (conf / "containers.conf").exists() and not (conf / "storage.conf").exists()
     assert (conf / "registries.conf").exists()  # not EVC's
+
+
+def test_image_archives_no_deployment_uses_are_pruned(store: Any, settings: Settings, tmp_path: Path) -> None:
+    """<data_dir>/images keeps the archives a deployment's image_id names (and any in progress)."""
+    from evc.store._base import new_id
+
+    s = settings.replace(data_dir=tmp_path)
+    (tmp_path / "images").mkdir()
+    used, unused = f"{time.time_ns():x}a", f"{time.time_ns():x}b"
+    for name in (f"{used}.tar", f"{unused}.tar", f"{unused}.part"):
+        (tmp_path / "images" / name).write_bytes(b"x")
+    dep = {"id": new_id("dep"), "model": "m", "version": "1", "devices": [], "image_id": used}
+    store.create_deployment(dep)
+    try:
+        assert container.prune_archives(store, s) == [unused]
+        assert {p.name for p in (tmp_path / "images").iterdir()} == {f"{unused}.part", f"{used}.tar"}
+    finally:
+        store.delete_deployment(dep["id"])
+    assert container.prune_archives(store, s) == [used]
