@@ -424,11 +424,13 @@ def test_a_container_cluster_raised_to_l3_and_deployed_to(
     with urllib.request.urlopen(f"http://127.0.0.1:{ex_port}/metrics", timeout=10) as resp:
         assert b"evc_" in resp.read()
     assert "evc-edge-exporter" in _as_device(sim, "podman ps --format '{{.Names}}'", sim.username).stdout
-    # idempotent: container-runtime again changes nothing
+    # L1 and L3 both run container-runtime: the second changes nothing; the playbook says what it did
+    runs = _playbook_changes(capi.store, job["id"], dev_id)
+    assert [p for p, _ in runs] == ["devenv", "container-runtime", "exporter", "container-runtime"], runs
+    assert runs[1][1] > 0 and runs[3][1] == 0, runs
+    said = [str(e.get("message", "")) for e in capi.store.events(job["id"], 0, 100_000)]
+    assert any("podman for evcsim-sudo: no subordinate ids (a simulated device" in m for m in said), said[-40:]
     internal = {"evc_sysroot": str(sysroot)}
-    again, results = provision_now(capi.store, capi.settings, "container-runtime", [dev_id],
-                                   extra_vars={"runtime": "podman"}, internal_vars=internal)  # fmt: skip
-    assert again["state"] == "succeeded" and results[dev_id]["changed"] == 0, results
 
     # a deployment with runtime container to the cluster (not device ids), ensure_level
     name = f"digits-ctrcl-{time.time_ns() % 10**9}"
@@ -466,6 +468,20 @@ def test_a_container_cluster_raised_to_l3_and_deployed_to(
     assert not (sysroot / dev_id / "etc/containers/containers.conf.d/50-evc.conf").exists()
     assert not (conf / "containers.conf").exists() and not (conf / "storage.conf").exists()
     assert (conf / "registries.conf").exists()  # not EVC's
+
+
+def _playbook_changes(store: Any, job_id: str, device_id: str) -> list[tuple[str, int]]:
+    """(playbook, tasks that changed the device) of each step of a level job, in order (printed
+    with each step's seconds, from its level event to its stats)."""
+    out: list[tuple[str, int]] = []
+    playbook, began = "", 0.0
+    for e in store.events(job_id, 0, 100_000):
+        if e.get("type") == "level" and e.get("playbook"):
+            playbook, began = str(e["playbook"]), float(e.get("ts") or 0)
+        elif e.get("event") == "playbook_on_stats":
+            out.append((playbook, int(e["hosts"][device_id]["changed"])))
+            print(f"  {playbook}: {float(e.get('ts') or 0) - began:.1f} s, {out[-1][1]} changed")
+    return out
 
 
 def test_image_archives_no_deployment_uses_are_pruned(store: Any, settings: Settings, tmp_path: Path) -> None:
