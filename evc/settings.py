@@ -67,6 +67,10 @@ class Settings:
     worker_concurrency: int = 4
     # playbooks
     playbook_dirs: str = ""  # extra operator playbook directories, os.pathsep separated
+    # simulated devices only (they share this machine's filesystem): the playbooks write system
+    # paths (/etc, /usr/local, /var/lib/evc) under <device_sysroot>/<device id>, as DESTDIR
+    # does, and leave the machine's user database alone. Empty (real devices): the real paths
+    device_sysroot: str = ""
     ansible_forks: int = 20
     # health
     health_interval_s: float = 60.0

@@ -11,6 +11,7 @@ including what simulated devices left running (the stack adopts orphans: :mod:`e
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -118,6 +119,8 @@ class Stack:
         for role in ("api", "workers"):  # files an earlier run left would be merged into this one's
             metrics.reset_multiprocess_dir(metrics.multiprocess_dir(metrics_dir, role))
         self.settings = s.replace(metrics_dir=str(metrics_dir))
+        if self.sim_devices and not s.device_sysroot:  # the simulated fleet's playbooks leave /etc alone
+            self.settings = self.settings.replace(device_sysroot=str(sim_sysroot(s.data_dir)))
         return metrics_dir
 
     def _prepare_store(self) -> None:
@@ -322,6 +325,22 @@ def make_private(data_dir: Path) -> None:
                 st = os.lstat(path)
                 if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o077:
                     os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
+
+
+def sim_sysroot(data_dir: Path) -> Path:
+    """Where the playbooks stage the system paths of `evc up --sim`'s devices (settings
+    ``device_sysroot``: ``<it>/<device id>/etc/...``), made when absent: a folder every simulated
+    account can reach and write (sticky: each device's account makes its own), outside the
+    private data directory when running as root (``/var/lib/evcsim/sysroots/<digest>``)."""
+    if os.geteuid() != 0:
+        path = data_dir / "sim" / "sysroot"
+    else:
+        path = Path("/var/lib/evcsim/sysroots") / hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
+        for parent in (path.parent.parent, path.parent):
+            parent.mkdir(mode=0o755, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o1777)
+    return path
 
 
 def split_bind(bind: str) -> tuple[str, int]:

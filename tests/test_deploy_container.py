@@ -42,7 +42,6 @@ from evc.deployments import container
 from evc.embedded import free_port
 from evc.model import Device
 from evc.settings import Settings
-from evc.store import Store
 from evc_sim import SimDevice, SimulatorThread
 from tests.fixtures.deploy import device_records
 from tests.fixtures.helpers import wait_until
@@ -91,9 +90,10 @@ def image_ref(registry: RegistryProcess) -> str:
     return line[2]
 
 
-def _podman_home(home: Path, uid: int, gid: int, blocked: str | None = None, insecure: str | None = None) -> None:
-    """Rootless podman for the device's account, in its home (what the container-runtime
-    playbook writes for an account without root), its registry *blocked* when given."""
+def _podman_home(home: Path, uid: int, gid: int, blocked: str | None = None) -> None:
+    """Rootless podman for a ``user`` device's account, in its home (what the container-runtime
+    playbook writes for an account without root, which it cannot run on a ``user`` device:
+    it needs sudo), its registry *blocked* when given."""
     conf = home / ".config" / "containers"
     conf.mkdir(parents=True, exist_ok=True)
     (conf / "containers.conf").write_text(
@@ -103,9 +103,17 @@ def _podman_home(home: Path, uid: int, gid: int, blocked: str | None = None, ins
         f'[storage]\ndriver = "overlay"\ngraphroot = "{home}/.local/share/containers/storage"\n'
         f'runroot = "{home}/.local/run/containers"\n[storage.options.overlay]\nignore_chown_errors = "true"\n'
     )
+    _registries(home, uid, gid, blocked=blocked)
+
+
+def _registries(home: Path, uid: int, gid: int, blocked: str | None = None, insecure: str | None = None) -> None:
+    """The account's registries.conf: *blocked* (a device on another network) or *insecure* (a
+    plain-HTTP registry, as an operator declares one for podman)."""
+    conf = home / ".config" / "containers"
+    conf.mkdir(parents=True, exist_ok=True)
     if blocked:
         (conf / "registries.conf").write_text(f'[[registry]]\nlocation = "{blocked}"\nblocked = true\n')
-    if insecure:  # a plain-HTTP registry, as an operator declares one for podman
+    if insecure:
         (conf / "registries.conf").write_text(f'[[registry]]\nlocation = "{insecure}"\ninsecure = true\n')
     for path in [home / ".config", *(home / ".config").rglob("*")]:
         os.chown(path, uid, gid)
@@ -160,17 +168,21 @@ def pair(simulator: SimulatorThread, registry: RegistryProcess) -> Iterator[list
 @pytest.fixture(scope="module")
 def capi(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """An API and a worker of their own (Redis database 13), the registry reached over plain
-    HTTP (``edge_image_tls_verify`` false: the test registry has no TLS)."""
+    HTTP (``edge_image_tls_verify`` false: the test registry has no TLS), simulated devices'
+    system paths staged under ``device_sysroot``."""
     from evc.api.app import create_app
 
     from tests.fixtures.services import API, Worker, own_database
 
-    s, st = own_database(settings, 13, "ctr", edge_image_tls_verify=False)
+    sysroot = Path(tempfile.mkdtemp(prefix="evc-sysroot-"))  # simulated devices' system paths, reachable
+    sysroot.chmod(0o1777)  # by every account (sticky: each device's account makes its own folder)
+    s, st = own_database(settings, 13, "ctr", edge_image_tls_verify=False, device_sysroot=str(sysroot))
     w = Worker(s, tmp_path_factory.mktemp("ctr-worker") / "worker.log", concurrency=2).start()
     try:
         yield API(create_app(s), st, s)
     finally:
         w.stop()
+        shutil.rmtree(sysroot, ignore_errors=True)
 
 
 @pytest.fixture()
@@ -287,9 +299,12 @@ def test_container_deploy_pull_or_ship_rollout_rollback_remove(
     for t in dep["targets"]:
         assert _infer(t["endpoint"], name, "1", x).shape == (1, 10)
 
-    # removal removes the containers and the folders
+    # removal removes the containers and the folders, and the image archive shipped for it
+    archive = api.settings.data_dir / "images" / f"{dep['image_id']}.tar"
+    assert archive.is_file()
     job = api.wait_job(api.call("DELETE", f"/api/v1/deployments/{dep_id}")[1]["id"], timeout=60)
     assert job["state"] == "succeeded", job
+    assert not archive.exists()
     for dev in pair:
         out = _as_device(dev, "podman ps -a --format '{{.Names}}'")
         assert out.returncode == 0 and container.container_name(dep_id) not in out.stdout, out
@@ -359,16 +374,20 @@ def test_a_device_without_a_usable_runtime_fails_with_the_reason(
         simulator.remove(dev.name)
 
 
-def test_container_profile_playbooks_podman_and_the_exporter_image(
-    store: Store, settings: Settings, registry: RegistryProcess, sim_devices: Any, request: pytest.FixtureRequest
+def test_a_container_cluster_raised_to_l3_and_deployed_to(
+    capi: Any, image_ref: str, registry: RegistryProcess, simulator: SimulatorThread, request: pytest.FixtureRequest
 ) -> None:
-    """The container profile's playbooks on a sudo device: container-runtime (runtime podman)
-    writes EVC's containers.conf.d (staged under evc_sysroot, as simulated devices share one
-    filesystem) and checks that podman answers for the account, idempotently; the exporter
-    (mode container) runs the evc-edge-exporter image built here, pushed to the registry and
-    pulled by the device (digest-pinned), and answers with metrics; state absent removes its
-    container."""
-    from tests.test_provision_integration import provision_now, register, stage_root
+    """The container profile for real, through the API: a simulated ``sudo`` device (stand-in
+    or real passwordless sudo; system paths staged under ``device_sysroot``) registered, in a
+    cluster of profile ``container`` raised to L3 by the level job (real ansible-playbook):
+    container-runtime (podman) writes the account's own containers.conf and, as the account
+    has no subordinate ids and the machine's user database is not a simulated device's to
+    change, ignore_chown_errors in its storage.conf, and checks that podman answers;
+    the exporter (mode container) runs the evc-edge-exporter image pulled from the registry and
+    answers. A deployment with runtime container to the CLUSTER (ensure_level) serves
+    tritonclient; removal and the cleanup playbook leave nothing of EVC's."""
+    from tests.fixtures.fleet import create_cluster, register_devices
+    from tests.test_provision_integration import provision_now
 
     build = subprocess.run(
         [str(ROOT / "scripts" / "build-edge-images"), "--only", "evc-edge-exporter", "--push", registry.host,
@@ -376,36 +395,109 @@ def test_container_profile_playbooks_podman_and_the_exporter_image(
     )  # fmt: skip
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
     exporter_image = build.stdout.strip().splitlines()[-1].split()[2]
-    (sim,) = sim_devices(1, privilege="sudo")
-    pw = pwd.getpwnam(sim.username)
-    _podman_home(sim.home, pw.pw_uid, pw.pw_gid, insecure=registry.host)
+    (sim,) = simulator.start(1, f"cc{os.getpid() % 10000}", privileges="sudo")
+    request.addfinalizer(lambda: simulator.remove(sim.name))
     request.addfinalizer(lambda: _clean(sim, sim.username))
-    dev = register(store, sim)
-    sysroot = Path(tempfile.mkdtemp(prefix="evc-sysroot-"))
-    sysroot.chmod(0o755)
-    request.addfinalizer(lambda: shutil.rmtree(sysroot, ignore_errors=True))
-    stage = stage_root(sysroot, dev, sim)
-    internal = {"evc_sysroot": str(sysroot)}
-    for attempt in (1, 2):
-        job, results = provision_now(store, settings, "container-runtime", [dev["id"]],
-                                     extra_vars={"runtime": "podman"}, internal_vars=internal)  # fmt: skip
-        assert job["state"] == "succeeded", {d: r.get("message") for d, r in results.items()}
-        assert (results[dev["id"]]["changed"] > 0) == (attempt == 1), results
-    conf = (stage / "etc/containers/containers.conf.d/50-evc.conf").read_text()
-    assert 'runtime = "runc"' in conf and "default_ulimits = []" in conf
-    cleanup = {"components": ["container-runtime"], "remove_workspace": False}
-    job, results = provision_now(store, settings, "cleanup", [dev["id"]], extra_vars=cleanup, internal_vars=internal)
-    assert job["state"] == "succeeded", {d: r.get("message") for d, r in results.items()}
-    assert not (stage / "etc/containers/containers.conf.d/50-evc.conf").exists()
-
-    port = free_port()
-    ex = {"mode": "container", "runtime": "podman", "image": exporter_image, "exporter_port": port,
-          "listen": "127.0.0.1"}  # fmt: skip
-    job, results = provision_now(store, settings, "exporter", [dev["id"]], extra_vars=ex)
-    assert job["state"] == "succeeded", results
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+    pw = pwd.getpwnam(sim.username)
+    _registries(sim.home, pw.pw_uid, pw.pw_gid, insecure=registry.host)  # the operator's registry, plain HTTP
+    (dev_id,) = register_devices(capi, [sim])
+    ex_port, port = free_port(), free_port()
+    exporter = {"image": exporter_image, "exporter_port": ex_port, "listen": "127.0.0.1"}
+    devenv = {"build_tools": False, "workspace": "ws", "venv": "envs/cl", "packages": []}
+    cl = create_cluster(capi, f"ctr{time.time_ns()}", "container", vars={"devenv": devenv, "exporter": exporter})
+    assert capi.call("POST", f"/api/v1/clusters/{cl['id']}/devices", json={"device_id": dev_id})[0] in (200, 202)
+    started = time.monotonic()
+    status, job = capi.call("POST", f"/api/v1/clusters/{cl['id']}/level", json={"target": 3})
+    assert status == 202, job
+    job = capi.wait_job(job["id"], timeout=300)
+    print(f"\ncontainer cluster to L3 (1 sudo device): {time.monotonic() - started:.1f} s")
+    assert job["state"] == "succeeded", job
+    assert job["results"][dev_id]["level"] == 3, job["results"]
+    conf = sim.home / ".config" / "containers"
+    text = (conf / "containers.conf").read_text()
+    assert 'runtime = "runc"' in text and "default_ulimits = []" in text, text
+    storage = (conf / "storage.conf").read_text()
+    assert 'ignore_chown_errors = "true"' in storage and "a simulated device" in storage, storage
+    assert (conf / "containers.conf").stat().st_uid == pwd.getpwnam(sim.username).pw_uid
+    sysroot = Path(capi.settings.device_sysroot)
+    assert "default_ulimits = []" in (sysroot / dev_id / "etc/containers/containers.conf.d/50-evc.conf").read_text()
+    with urllib.request.urlopen(f"http://127.0.0.1:{ex_port}/metrics", timeout=10) as resp:
         assert b"evc_" in resp.read()
     assert "evc-edge-exporter" in _as_device(sim, "podman ps --format '{{.Names}}'", sim.username).stdout
-    job, results = provision_now(store, settings, "exporter", [dev["id"]], extra_vars={**ex, "state": "absent"})
+    # L1 and L3 both run container-runtime: the second changes nothing; the playbook says what it did
+    runs = _playbook_changes(capi.store, job["id"], dev_id)
+    assert [p for p, _ in runs] == ["devenv", "container-runtime", "exporter", "container-runtime"], runs
+    assert runs[1][1] > 0 and runs[3][1] == 0, runs
+    said = [str(e.get("message", "")) for e in capi.store.events(job["id"], 0, 100_000)]
+    assert any("podman for evcsim-sudo: no subordinate ids (a simulated device" in m for m in said), said[-40:]
+    internal = {"evc_sysroot": str(sysroot)}
+
+    # a deployment with runtime container to the cluster (not device ids), ensure_level
+    name = f"digits-ctrcl-{time.time_ns() % 10**9}"
+    v1, _ = digits_model()
+    _push(capi, name, "1", v1)
+    body = {"model": name, "version": "1", "cluster": cl["id"], "runtime": "container", "image": image_ref,
+            "ensure_level": True, "ports": {dev_id: port}}  # fmt: skip
+    started = time.monotonic()
+    status, job = capi.call("POST", "/api/v1/deployments", json=body)
+    assert status == 202, job
+    dep_id = str(job["params"]["deployment"])
+    assert capi.wait_job(job["id"], timeout=240)["state"] == "succeeded"
+    print(f"container deploy to the cluster: {time.monotonic() - started:.1f} s")
+    dep = _check_serving(capi, dep_id, name, "1", v1)
+    assert dep["cluster"] == cl["id"] and [t["device"] for t in dep["targets"]] == [dev_id], dep
+    (t,) = dep["targets"]
+    assert t["runtime"] == "podman" and t["delivery"] == "pull" and t["endpoint"].endswith(f":{port}"), t
+    job = capi.wait_job(capi.call("DELETE", f"/api/v1/deployments/{dep_id}")[1]["id"], timeout=60)
+    assert job["state"] == "succeeded", job
+    assert (
+        container.container_name(dep_id)
+        not in _as_device(sim, "podman ps -a --format '{{.Names}}'", sim.username).stdout
+    )
+    wait_until(functools.partial(_closed, port), 10, f"port {port} to close")
+
+    # the exporter's container goes with state absent; cleanup removes EVC's podman settings
+    ex = {"mode": "container", "runtime": "podman", **exporter, "state": "absent"}
+    job, results = provision_now(capi.store, capi.settings, "exporter", [dev_id], extra_vars=ex)
     assert job["state"] == "succeeded", results
     assert "evc-edge-exporter" not in _as_device(sim, "podman ps -a --format '{{.Names}}'", sim.username).stdout
+    cleanup = {"components": ["container-runtime"], "remove_workspace": False}
+    job, results = provision_now(capi.store, capi.settings, "cleanup", [dev_id], extra_vars=cleanup,
+                                 internal_vars=internal)  # fmt: skip
+    assert job["state"] == "succeeded", {d: r.get("message") for d, r in results.items()}
+    assert not (sysroot / dev_id / "etc/containers/containers.conf.d/50-evc.conf").exists()
+    assert not (conf / "containers.conf").exists() and not (conf / "storage.conf").exists()
+    assert (conf / "registries.conf").exists()  # not EVC's
+
+
+def _playbook_changes(store: Any, job_id: str, device_id: str) -> list[tuple[str, int]]:
+    """(playbook, tasks that changed the device) of each step of a level job, in order (printed
+    with each step's seconds, from its level event to its stats)."""
+    out: list[tuple[str, int]] = []
+    playbook, began = "", 0.0
+    for e in store.events(job_id, 0, 100_000):
+        if e.get("type") == "level" and e.get("playbook"):
+            playbook, began = str(e["playbook"]), float(e.get("ts") or 0)
+        elif e.get("event") == "playbook_on_stats":
+            out.append((playbook, int(e["hosts"][device_id]["changed"])))
+            print(f"  {playbook}: {float(e.get('ts') or 0) - began:.1f} s, {out[-1][1]} changed")
+    return out
+
+
+def test_image_archives_no_deployment_uses_are_pruned(store: Any, settings: Settings, tmp_path: Path) -> None:
+    """<data_dir>/images keeps the archives a deployment's image_id names (and any in progress)."""
+    from evc.store._base import new_id
+
+    s = settings.replace(data_dir=tmp_path)
+    (tmp_path / "images").mkdir()
+    used, unused = f"{time.time_ns():x}a", f"{time.time_ns():x}b"
+    for name in (f"{used}.tar", f"{unused}.tar", f"{unused}.part"):
+        (tmp_path / "images" / name).write_bytes(b"x")
+    dep = {"id": new_id("dep"), "model": "m", "version": "1", "devices": [], "image_id": used}
+    store.create_deployment(dep)
+    try:
+        assert container.prune_archives(store, s) == [unused]
+        assert {p.name for p in (tmp_path / "images").iterdir()} == {f"{unused}.part", f"{used}.tar"}
+    finally:
+        store.delete_deployment(dep["id"])
+    assert container.prune_archives(store, s) == [used]

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -44,3 +46,20 @@ def test_stack_refuses_to_start_the_simulator(no_simulator: Path) -> None:
     with pytest.raises(ConfigError, match="the simulator is not installed"):
         stack._start_sim({})
     assert not stack.children
+
+
+def test_the_simulated_fleet_stages_system_paths(tmp_path: Path) -> None:
+    """`evc up --sim` gives its workers a device_sysroot every simulated account can write
+    (sticky), so the playbooks' system paths (/etc/containers, units) never reach this machine's."""
+    from evc.stack import sim_sysroot
+
+    root = sim_sysroot(tmp_path / "data")
+    assert root.is_dir() and root.stat().st_mode & 0o7777 == 0o1777
+    assert sim_sysroot(tmp_path / "data") == root and sim_sysroot(tmp_path / "other") != root
+    stack = Stack(load_settings(data_dir=tmp_path / "data", redis_url="redis://127.0.0.1:1/0"), sim_devices=1)
+    try:
+        stack._configure()  # no Redis is started: one is configured
+        assert stack.settings.device_sysroot == str(root)
+    finally:
+        if os.geteuid() == 0:
+            shutil.rmtree(root, ignore_errors=True)

@@ -47,7 +47,7 @@ from evc.deployments import switch as switching
 from evc.errors import CommandFailed, ConfigError, ConnectionDropped
 from evc.fl.channels import shell_path
 from evc.settings import Settings
-from evc.store import JSON
+from evc.store import JSON, Store
 
 #: the container runtimes tried on a device, in this order
 RUNTIMES = ("podman", "docker")
@@ -124,6 +124,23 @@ class Image:
                 raise ConfigError(f"cannot save the edge image {self.ref} to ship it: {res.stderr.strip()[-500:]}")
             part.rename(path)
         return shipping.Payload(path.read_bytes())
+
+
+def prune_archives(store: Store, settings: Settings) -> list[str]:
+    """Remove the shipped-image archives in ``<data_dir>/images`` that no deployment references
+    (by ``image_id``); the ids removed. The folder is listed before the references are read: an
+    archive a deploy job makes meanwhile belongs to an image its record already names."""
+    folder = settings.data_dir / "images"
+    archives = sorted(folder.glob("*.tar")) if folder.is_dir() else []
+    if not archives:
+        return []
+    used = {str(d.get("image_id") or "") for d in store.deployment_records()}
+    removed = []
+    for path in archives:
+        if path.stem not in used:
+            path.unlink(missing_ok=True)
+            removed.append(path.stem)
+    return removed
 
 
 def resolve(settings: Settings, ref: str | None = None) -> Image:

@@ -252,7 +252,8 @@ def remove_job(store: Store, settings: Settings, run: JobRun) -> JSON | Partial:
     dep_id = str(run.params["deployment"])
     devices = store.get_devices(run.job["targets"])
     names = {d["id"]: str(d.get("name") or d["id"]) for d in devices}
-    stop = container.stop_and_remove if dep_runtime(store, dep_id) == "container" else remote.stop_and_remove
+    runtime = dep_runtime(store, dep_id)
+    stop = container.stop_and_remove if runtime == "container" else remote.stop_and_remove
     results = _each(settings, devices, "removal", lambda dev: stop(settings, dev, dep_id))
     ok = 0
     for dev_id, res in results:
@@ -263,6 +264,10 @@ def remove_job(store: Store, settings: Settings, run: JobRun) -> JSON | Partial:
     summary: JSON = {"deployment": dep_id, "removed": ok, "failed": len(devices) - ok}
     if ok == len(devices):
         store.delete_deployment(dep_id)
+        if runtime == "container":  # the image archives shipped for it, unless another uses them
+            pruned = container.prune_archives(store, settings)
+            if pruned:
+                run.event(f"removed {len(pruned)} image archive(s) no deployment uses", type=EventType.STEP)
         return summary
     message = f"not removed from {len(devices) - ok} of {len(devices)} devices: {_reasons(results, names)}"
     if not ok:

@@ -234,6 +234,8 @@ def _internal_vars(settings: Settings) -> JSON:
         # EVC's edge exporter as one zip application, for the exporter playbook
         "evc_exporter_bundle": str(monitoring.exporter_bundle(settings.data_dir / "cache")),
         "evc_exporter_bundle_client": True,  # the bundle carries prometheus_client
+        # simulated devices: system paths staged under <evc_sysroot>/<device id> (settings.device_sysroot)
+        **({"evc_sysroot": settings.device_sysroot} if settings.device_sysroot else {}),
     }
 
 

@@ -49,6 +49,12 @@ class DeploymentStore(StoreBase):
         end = -1 if limit is None else offset + limit - 1
         return [i.decode() for i in self._redis.zrange(key, offset, end)], int(self._redis.zcard(key))
 
+    def deployment_records(self) -> list[JSON]:
+        """Every deployment's record (one MGET)."""
+        ids, _ = self.deployment_ids()
+        raws = self._redis.mget([self.k("deployment", i) for i in ids]) if ids else []
+        return [dict(json.loads(r)) for r in raws if r is not None]
+
     def set_deployment_device(self, deployment_id: str, device_id: str, state: JSON) -> None:
         value = json.dumps({**state, "updated_at": now()})
         self._redis.hset(self.k("deployment-devices", deployment_id), device_id, value)
