@@ -11,7 +11,9 @@ images it holds (``podman image inspect --format {{.RootFS.Layers}}``). So, on a
    ``~/.evc/images/<image id>.oci/blobs/sha256/`` with the resumable, digest-verified ship code
    (:mod:`evc.deployments.ship`: a blob's name is its sha256, so the check is the content
    address; a blob already there whole is not sent again);
-3. ``index.json`` and ``oci-layout`` are written beside them and the runtime loads the folder:
+3. ``index.json`` and ``oci-layout`` are written beside them, and the runtime loads the folder
+   (as an ``oci-archive``: ``tar`` of those few files; podman 4 cannot name an image loaded from
+   a folder under ``~/.evc``):
    podman takes the layers it has from its own store (a version that changes only its top
    layer sends that layer, the manifest and the config);
 4. should the load refuse the partial layout (a layer the device got in another compression,
@@ -158,7 +160,11 @@ async def ship_image(conn: asyncssh.SSHClientConnection, target: ssh.Target, set
     folder = shell_path(remote)
     head = (f"printf '%s' {shlex.quote(_index(layout, ref))} > {folder}/index.json && "
             f"printf '%s' '{{\"imageLayoutVersion\": \"1.0.0\"}}' > {folder}/oci-layout")  # fmt: skip
-    load = f"{head} && {rt} load -q -i {folder} >/dev/null"
+    # podman 4 names an image loaded from a folder after the folder's path (refused when a part of
+    # it starts with a dot, as ~/.evc): an oci-archive of the layout's few files is loaded instead
+    tar = shell_path(remote + ".tar")
+    load = (f"{head} && tar -C {folder} -cf {tar} oci-layout index.json blobs && {rt} load -q -i {tar} >/dev/null; "
+            f"rc=$?; rm -f {tar}; exit $rc")  # fmt: skip
     res = await ssh.run(conn, load, target, settings, check=False, timeout=timeout)
     if res.exit_status != 0 and len(todo) < len(layout.blobs()):
         report.full_retry = True
@@ -170,7 +176,7 @@ async def ship_image(conn: asyncssh.SSHClientConnection, target: ssh.Target, set
     if res.exit_status != 0:
         err = [x for x in str(res.stderr or "").splitlines() if x.strip()]
         raise CommandFailed(f"{rt} on {target.address} cannot load the image's layers: "
-                            f"{err[-1] if err else f'exit status {res.exit_status}'}",
+                            f"{' | '.join(err)[-1500:] if err else f'exit status {res.exit_status}'}",
                             device_id=target.device_id)  # fmt: skip
     return report
 
