@@ -10,6 +10,7 @@ it; both get the second version shipped, layer by layer.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import tempfile
 import time
@@ -123,3 +124,35 @@ def test_a_new_version_ships_its_new_layer_only_and_a_rebooted_device_serves_aga
         if status == 202:
             api.wait_job(job["id"], timeout=120)
         subprocess.run(["podman", "rmi", "-f", v2], capture_output=True, timeout=120, check=False)
+
+
+def test_a_layer_held_in_another_compression_is_sent_again(
+    capi: Any,  # noqa: F811
+    pair: list[SimDevice],  # noqa: F811
+    records: list[Device],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A device holding the base layer from an uncompressed archive: podman cannot match it to
+    the shipped (gzip) blob, so the partial load is refused and the whole layout is sent."""
+    api, sim, n = capi, pair[0], time.time_ns() % 10**9
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    (rootfs / "etc" / "base").write_bytes(os.urandom(1 << 20))
+    subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tmp_path / "base.tar"), "."], check=True, timeout=60)
+    base, app = f"localhost/evc-layerbase:{n}", f"localhost/evc-layerapp:{n}"
+    subprocess.run(["podman", "import", str(tmp_path / "base.tar"), base], capture_output=True, check=True, timeout=120)
+    try:
+        _second_version(base, app)
+        archive = sim.home / f"base-{n}.tar"  # the base, uncompressed (docker-archive), loaded on the device
+        subprocess.run(["podman", "save", "--format", "docker-archive", "-o", str(archive), base], check=True,
+                       capture_output=True, timeout=120)  # fmt: skip
+        archive.chmod(0o644)
+        loaded = _as_device(sim, f"podman load -q -i {archive} && rm -f {archive}")
+        assert loaded.returncode == 0, loaded.stderr
+        got = _first(api, records[0], app, "ship")
+        print(f"\nbase held uncompressed; shipped: {got}")
+        assert got["full_retry"] is True and got["layers_sent"] == 2, got
+        assert got["sent_bytes"] >= got["image_bytes"] * 0.99, got
+    finally:
+        subprocess.run(["podman", "rmi", "-f", app, base], capture_output=True, timeout=120, check=False)
+        _as_device(sim, f"podman rmi -f {app} {base} >/dev/null 2>&1")
