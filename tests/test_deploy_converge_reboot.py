@@ -1,6 +1,8 @@
 """A device that reboots between two health sweeps (it never looks offline) comes back serving:
 the sweep's server check (:mod:`evc.deployments.servers`) sees the deployment's port closed,
-marks the device ``failed`` with the reason and re-converges it, without an operator.
+marks the device ``failed`` with the reason and re-converges it, without an operator. The pids
+the supervisor had recorded belong to another process after the reboot: that one is neither
+taken for the server nor killed.
 
 A real API, Celery worker, Redis and a simulated device; the "reboot" kills the device's
 supervisor and edge server (what a reboot does to them). The sweep runs here and its outcome
@@ -18,11 +20,12 @@ from typing import Any
 
 import pytest
 
-from evc import health
+from evc import health, ssh
 from evc import pool as pooling
 from evc.context import Context
 from evc.deployments import servers
 from evc.embedded import free_port
+from evc.model import Device
 from evc.store import Store
 from evc_sim import SimDevice, SimulatorThread
 from tests.fixtures.deploy import device_records, kill_servers, started_devices
@@ -52,6 +55,13 @@ def sweep_and_revive(store: Store, api: Any, pool: pooling.SSHPool, device_ids: 
     return res
 
 
+def _on_device(api: Any, pool: pooling.SSHPool, dev: Device, cmd: str) -> str:
+    async def op(conn: Any, target: ssh.Target) -> str:
+        return str((await ssh.run(conn, cmd, target, api.settings, check=False)).stdout or "").strip()
+
+    return pooling.call(pool.use(dev, op))
+
+
 def test_a_device_rebooted_between_sweeps_serves_again_after_the_next_sweep(
     api: Any, worker: Any, store: Store, solo: list[SimDevice]
 ) -> None:
@@ -71,9 +81,13 @@ def test_a_device_rebooted_between_sweeps_serves_again_after_the_next_sweep(
             assert res.changes == [] and _jobs_of(store, dep_id, "deploy", since) == []
             assert servers.serving(store, [dev["id"]]) == {dev["id"]: {dep_id: port}}
 
-            # the device "reboots" between two sweeps: its server and supervisor are gone, SSH answers
+            # the device "reboots" between two sweeps: its server and supervisor are gone, SSH answers;
+            # their pids now belong to another process of the account (pids are reused after a boot)
             assert kill_servers(sim) == 2
             wait_until(lambda: _port_closed(port), timeout=10, what="the server gone")
+            d = f"~/.evc/deploy/{dep_id}"
+            reuse = f"echo $p > {d}/supervisor.pid; echo $p > {d}/server.pid; echo $p"
+            other = _on_device(api, pool, dev, f"setsid nohup sleep 600 </dev/null >/dev/null 2>&1 & p=$!; {reuse}")
             res = sweep_and_revive(store, api, pool, [dev["id"]])
             assert res.changes == [], "the device never looked offline"
             t = _targets(api, dep_id)[dev["id"]]
@@ -88,6 +102,7 @@ def test_a_device_rebooted_between_sweeps_serves_again_after_the_next_sweep(
             audit = [a for a in store.audit_log(limit=200)[0] if a["action"] == "deployment.server_down"]
             assert audit and audit[0]["target"] == dep_id, audit
             assert _port_open(port)
+            assert _on_device(api, pool, dev, f"kill -0 {other} && echo alive; kill {other}") == "alive"
             t = _targets(api, dep_id)[dev["id"]]
             assert t["state"] == "running" and t["restarted"] is True, t
             assert api.call("GET", f"/api/v1/deployments/{dep_id}")[1]["state"] == "running"

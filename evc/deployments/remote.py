@@ -60,10 +60,11 @@ dir=$(cd "$(dirname "$0")" && pwd) || exit 1
 spid=$dir/supervisor.pid
 cpid=$dir/server.pid
 log=$dir/server.log
-alive() {
+alive() {  # the pid in file $1 when it is this deployment's (after a reboot it may be another's)
   p=$(cat "$1" 2>/dev/null) || return 1
   case "$p" in '' | *[!0-9]*) return 1 ;; esac
   kill -0 "$p" 2>/dev/null || return 1
+  if [ -r "/proc/$p/cmdline" ] && ! tr '\0' ' ' <"/proc/$p/cmdline" | grep -qF "/${dir##*/}/"; then return 1; fi
   echo "$p"
 }
 stop_pid() {
