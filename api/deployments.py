@@ -123,8 +123,9 @@ class DeploymentTargetSchema(Schema):
                   "layers_reused (only the layers the device lacked are sent), full_retry"}
     )  # fmt: skip
     on_boot = fields.String(
-        metadata={"description": "runtime container: what starts the container when the device boots "
-                  "(podman-restart.service ...), or 'none: <why>' (the health sweep restarts it then)"}
+        metadata={"description": "what starts the server when the device boots (podman-restart.service for a "
+                  "container, evc-infer-<deployment>.service for a process), or 'none: <why>' (the health "
+                  "sweep restarts it then)"}
     )  # fmt: skip
     updated_at = fields.Float()
 

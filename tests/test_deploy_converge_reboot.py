@@ -73,6 +73,7 @@ def test_a_device_rebooted_between_sweeps_serves_again_after_the_next_sweep(
         port = free_port()
         job, dep_id = _deploy(api, name, [dev], [port])
         assert job["state"] == "succeeded", job
+        assert job["results"][dev["id"]]["on_boot"].startswith("none: no systemd"), job["results"]  # no systemd here
         pool = pooling.SSHPool(api.settings.replace(ssh_backoff_s=0.0, ssh_backoff_max_s=0.0))
         try:
             # serving: the sweep's check finds the port listening, submits nothing
