@@ -118,6 +118,15 @@ class DeploymentTargetSchema(Schema):
     container = fields.String(metadata={"description": "runtime container: the container's name"})
     image_id = fields.String(metadata={"description": "runtime container: the id of the image it runs"})
     delivery = fields.String(metadata={"description": "runtime container: how the image came (present, pull, ship)"})
+    image_shipped = fields.Dict(
+        metadata={"description": "runtime container, delivery ship: sent_bytes, image_bytes, layers_sent, "
+                  "layers_reused (only the layers the device lacked are sent), full_retry"}
+    )  # fmt: skip
+    on_boot = fields.String(
+        metadata={"description": "what starts the server when the device boots (podman-restart.service for a "
+                  "container, evc-infer-<deployment>.service for a process), or 'none: <why>' (the health "
+                  "sweep restarts it then)"}
+    )  # fmt: skip
     updated_at = fields.Float()
 
 

@@ -6,7 +6,9 @@ own process (``user`` devices: rootless podman per device, its image store in th
 a Celery worker process, the API in this process. Half the devices have the registry blocked
 (registries.conf), so the edge image is shipped to them (``podman save`` -> resumable SFTP ->
 ``podman load``); the others pull it. Then v1 -> v2 at ``--max-unavailable`` devices a time,
-the rollback, and the removal (containers gone).
+the rollback, and the removal (containers gone). Last, a second image version whose top layer
+alone changed (built FROM the edge image) is deployed to the shipping devices: the bytes that
+cross (only the layers a device lacks, :mod:`evc.deployments.layers`) vs the whole image.
 
     .venv/bin/python bench/deploy_container.py [--devices 4] [--max-unavailable 1]
 
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import API, Figure, emit, median, private_stack, registered, spawn, stop, wait_for_sim  # noqa: E402
 
-from evc import keys  # noqa: E402
+from evc import __version__, keys  # noqa: E402
 from evc.embedded import free_port  # noqa: E402
 from evc.settings import settings_env  # noqa: E402
 from evc.store import Store  # noqa: E402
@@ -72,13 +74,44 @@ def _start(args: argparse.Namespace, tmp: Path, env: dict[str, str], key: Path) 
 
 
 def _records(store: Store, sims: list[SimDevice]) -> list[str]:
-    return registered(store, sims, privilege="user")
+    """The devices as registration leaves them, podman in their facts (a container deployment's L3 need)."""
+    ids = registered(store, sims, privilege="user")
+    for i in ids:
+        store.update_device(i, facts={"podman": True})
+    return ids
 
 
 def _timed(api: API, method: str, path: str, body: Mapping[str, object]) -> tuple[float, dict[str, object]]:
     t0 = time.monotonic()
     job = api.wait(api.call(method, path, json=body)["id"], succeed=True)
     return time.monotonic() - t0, job
+
+
+def _layered(api: API, ids: list[str]) -> list[Figure]:
+    """A second image version whose top layer alone changed (FROM the edge image, one small file)
+    deployed to the devices that get images shipped: the bytes that crossed vs the whole image."""
+    from tests.test_deploy_container_layers import _second_version
+
+    v2 = _second_version(f"localhost/evc-edge-infer:{__version__}", f"localhost/evc-bench-layer:{os.getpid()}")
+    try:
+        body = {"model": "digits", "version": "1", "devices": ids, "runtime": "container", "image": v2,
+                "python": "python3", "ports": {i: free_port() for i in ids}}  # fmt: skip
+        took, job = _timed(api, "POST", "/api/v1/deployments", body)
+        got = [cast(dict[str, float], r["image_shipped"]) for r in cast(dict[str, dict[str, object]],
+                                                                         job["results"]).values()]  # fmt: skip
+        _timed(api, "DELETE", f"/api/v1/deployments/{cast(dict[str, str], job['params'])['deployment']}", {})
+    finally:
+        subprocess.run(["podman", "rmi", "-f", v2], capture_output=True, timeout=120, check=False)
+    whole, sent = median([g["image_bytes"] for g in got]), median([g["sent_bytes"] for g in got])
+    print(
+        f"new top layer: {len(got)} device(s) got {[g['layers_sent'] for g in got]} layer(s) each; "
+        f"reused {[g['layers_reused'] for g in got]}"
+    )
+    return [
+        Figure("v2 (new top layer) shipped: whole image layout (MB)", "-", whole / 1e6, "MB", True),
+        Figure("v2 (new top layer) shipped: bytes sent per device (kB, median)", "-", sent / 1e3, "kB", bool(got)),
+        Figure(f"v2 (new top layer) deployed to {len(got)} shipping device(s) (s)", "-", took, "s", True),
+    ]
 
 
 def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
@@ -120,6 +153,7 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
             rollout_s, _ = _timed(api, "PATCH", f"/api/v1/deployments/{dep_id}", patch)
             rollback_s, _ = _timed(api, "POST", f"/api/v1/deployments/{dep_id}/rollback", {})
             remove_s, _ = _timed(api, "DELETE", f"/api/v1/deployments/{dep_id}", {})
+            layered = _layered(api, ids[1::2])
             return True, [
                 Figure("edge image build (cached) + push (s)", "-", build_s, "s", True),
                 Figure(f"deploy v1 to {args.devices} devices, all at once (s)", "-", deploy_s, "s", True),
@@ -128,6 +162,7 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[bool, list[Figure]]:
                 Figure(f"rollout v1 -> v2, max_unavailable {args.max_unavailable} (s)", "-", rollout_s, "s", True),
                 Figure("rollback to v1 (s)", "-", rollback_s, "s", True),
                 Figure("removal (containers and folders) (s)", "-", remove_s, "s", True),
+                *layered,
             ]
         finally:
             for d in sims:

@@ -39,6 +39,19 @@ def _reconverge(ctx: Context, changes: list[JSON]) -> None:
     on_health(ctx, changes, after={t: str(j["id"]) for j in level_jobs for t in j.get("targets") or []})
 
 
+def _revive(ctx: Context, res: Any) -> None:
+    """Deployments whose server no longer answers on a device that answered the sweep (it
+    rebooted between sweeps, the server died) re-converged (:func:`evc.deployments.servers.revive`);
+    devices that came back are :func:`_reconverge`'s."""
+    from evc.deployments.servers import revive
+
+    back = {str(ch.get("device")) for ch in res.changes}
+    try:
+        revive(ctx, [d for d in res.results if d not in back])
+    except Exception:  # noqa: BLE001 - checking the servers never fails a sweep
+        log.exception("the deployments' servers were not checked after the sweep")
+
+
 def _follow(ctx: Context, res: Any) -> None:
     """Watched model recommendations re-evaluated for the swept devices (load and facts may have
     changed): an event when one would change (:func:`evc.recommend.advise.follow`)."""
@@ -60,6 +73,7 @@ def health_tick(self) -> JSON:
             return {"skipped": "another sweep is running"}
         res = health.sweep(store, settings)
     _reconverge(ctx, res.changes)
+    _revive(ctx, res)
     _follow(ctx, res)
     return res.summary()
 
@@ -77,6 +91,7 @@ def health_sweep(self, job_id: str) -> str:
                 raise Conflict("another health sweep is still running; try again later")
             res = health.sweep(store, settings, run.job.get("targets") or None)
         _reconverge(ctx, res.changes)
+        _revive(ctx, res)
         _follow(ctx, res)
         per_device = res.per_device()
         for device_id, result in per_device.items():

@@ -15,7 +15,7 @@ def test_run_command_quotes_and_pins_the_image_id() -> None:
     cmd = container.run_command("podman", spec, image)
     assert cmd.startswith("podman rm -f evc-infer-dep_1 >/dev/null 2>&1; podman run --detach --name evc-infer-dep_1")
     assert '--volume "$HOME"/.evc/deploy/dep_1/models:/models:ro sha256:' + "ef" * 32 in cmd
-    assert "--network host" in cmd and "--restart unless-stopped" in cmd and cmd.endswith("--port 8600")
+    assert "--network host" in cmd and "--restart always" in cmd and cmd.endswith("--port 8600")
     assert container.pullable("127.0.0.1:5000/x:1") and container.pullable("registry.example.org/evc/x@sha256:1")
     assert not container.pullable("localhost/evc-edge-infer:0.1.0") and not container.pullable("evc:1")
 

@@ -6,7 +6,7 @@ import click
 import pytest
 
 from evc.cli.deployments import parse_pairs
-from evc.deployments import converge, events, prereq, switch
+from evc.deployments import converge, events, prereq, servers, switch
 from evc.deployments.rollout import allowed_failures
 from evc.errors import ValidationError
 
@@ -68,3 +68,26 @@ def test_live_gate_waits_for_the_version_itself() -> None:
     assert 'call("/v2/health/ready")' not in switch.LIVE_GATE
     compile(switch.LIVE_GATE, "gate", "exec")
     compile(switch.ONLY, "only", "exec")
+
+
+def test_the_server_probe_reads_listening_ports() -> None:
+    cmd = servers.probe_command([8600, 80, 8600])
+    assert cmd.count("grep") == 2 and ":2198 " in cmd and ":0050 " in cmd
+    assert servers.parse_probe("up 80\ndown 8600\ngarbage\ndown x\n") == {8600}
+    assert servers.probe_command([]) == "true"
+
+
+def test_the_boot_units_of_a_process_deployment() -> None:
+    from evc.deployments import boot
+
+    cmd = boot.process_command("dep_1a", ".evc/deploy/dep_1a")
+    assert (
+        "unit=evc-infer-dep_1a.service" in cmd and "ExecStart=/bin/sh %h/.evc/deploy/dep_1a/supervise.sh start" in cmd
+    )
+    assert "systemctl $sc enable" in cmd and "enable-linger" in cmd
+    assert "systemctl $sc disable evc-infer-dep_1a.service" in boot.remove_unit_command("dep_1a")
+    for bad in ("a b", "x;rm", "$(id)"):
+        with pytest.raises(ValueError):
+            boot.unit_name(bad)
+    with pytest.raises(ValueError):
+        boot.process_command("dep_1a", ".evc/deploy/$(id)")

@@ -12,13 +12,15 @@ On each device, in one SSH connection:
    reference carries ``@sha256:``); else, where the device cannot pull (no registry, another
    network, a ``localhost/`` reference), shipped over SSH: ``podman save`` on the controller
    (once per image, kept in ``<data_dir>/images``), the archive sent with the resumable,
-   digest-verified ship code (:mod:`evc.deployments.ship`) and ``load``-ed on the device;
+   digest-verified ship code (:mod:`evc.deployments.ship`) and ``load``-ed on the device; to
+   podman, layer by layer: only the layers the device's images lack (:mod:`evc.deployments.layers`);
 3. the model, into ``~/.evc/deploy/<deployment>/models/<name>/<version>/`` as for runtime
    ``process`` (shipped, digest-verified on the device);
 4. the container ``evc-infer-<deployment>``: ``--network host`` (the deployment's port on the
-   device), the models folder at ``/models`` read-only, ``--restart unless-stopped``, replaced
-   when it exists; then the same health gate as a process (ready + one smoke inference, run by
-   the device's Python: the standard library only). A container failing its gate is removed.
+   device), the models folder at ``/models`` read-only, ``--restart always`` (started at boot
+   where systemd can, :mod:`evc.deployments.boot`), replaced when it exists; then the same
+   health gate as a process (ready + one smoke inference, run by the device's Python: the
+   standard library only). A container failing its gate is removed.
 
 Rollouts (:func:`switch`) place the new version beside the running one like
 :mod:`evc.deployments.switch` and replace the container; removal (:func:`stop_and_remove`)
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import shlex
+import shutil
 import subprocess
 import time
 from collections.abc import Mapping
@@ -41,7 +44,7 @@ import asyncssh
 
 from evc import __version__, ssh
 from evc import pool as pooling
-from evc.deployments import remote
+from evc.deployments import boot, layers, remote
 from evc.deployments import ship as shipping
 from evc.deployments import switch as switching
 from evc.errors import CommandFailed, ConfigError, ConnectionDropped
@@ -105,6 +108,29 @@ class Image:
     archive_dir: Path
     _payload: shipping.Payload | None = field(default=None, repr=False)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    _layout: layers.Layout | None = field(default=None, repr=False)
+    #: what each device it was shipped to got, layer by layer (device id -> LayerShipment.as_json)
+    shipped: dict[str, JSON] = field(default_factory=dict, repr=False)
+
+    async def layout(self) -> layers.Layout:
+        """The image as an OCI layout (``podman save --format oci-dir``), kept in ``archive_dir`` by id."""
+        async with self._lock:
+            if self._layout is None:
+                self._layout = await asyncio.to_thread(self._save_layout)
+            return self._layout
+
+    def _save_layout(self) -> layers.Layout:
+        path = self.archive_dir / f"{self.id}.oci"
+        if not (path / "index.json").is_file():
+            self.archive_dir.mkdir(parents=True, exist_ok=True)
+            part = path.with_suffix(".oci-part")
+            shutil.rmtree(part, ignore_errors=True)
+            res = _podman(["save", "--format", "oci-dir", "-o", str(part), self.id])
+            if res.returncode != 0:
+                raise ConfigError(f"cannot save the edge image {self.ref} to ship it: {res.stderr.strip()[-500:]}")
+            shutil.rmtree(path, ignore_errors=True)
+            part.rename(path)
+        return layers.read_layout(path)
 
     async def payload(self) -> shipping.Payload:
         """The image as an OCI archive (``podman save``), cached in ``archive_dir`` by id."""
@@ -196,7 +222,14 @@ async def _has(conn: asyncssh.SSHClientConnection, target: ssh.Target, settings:
 
 async def _ship_image(conn: asyncssh.SSHClientConnection, target: ssh.Target, settings: Settings, rt: str,
                       image: Image, python: str, where: str) -> None:  # fmt: skip
-    """Ship the image's archive (resumable, digest-verified) and load it."""
+    """Ship the image's archive (resumable, digest-verified) and load it; to podman, only the
+    layers the device lacks (:mod:`evc.deployments.layers`)."""
+    if rt == "podman":
+        remote_dir = f"~/{REMOTE_IMAGES}/{image.id}.oci"
+        got = await layers.ship_image(conn, target, settings, rt, await image.layout(), image.ref, python, remote_dir,
+                                      PULL_TIMEOUT_S)  # fmt: skip
+        image.shipped[str(target.device_id)] = got.as_json()
+        return
     dest = f"~/{REMOTE_IMAGES}/{image.id}.tar"
     payload = await image.payload()
     try:
@@ -234,7 +267,7 @@ def run_command(rt: str, spec: remote.Spec, image: Image) -> str:
     models = f"{shell_path(spec.dir + '/models')}:/models:ro"
     args = [
         "run", "--detach", "--name", name, "--label", f"evc.deployment={spec.deployment}",
-        "--restart", "unless-stopped", "--network", "host",
+        "--restart", "always", "--network", "host",
     ]  # fmt: skip
     server = ["--models-dir", "/models", "--host", "0.0.0.0", "--port", str(int(spec.port))]  # noqa: S104
     return (
@@ -245,8 +278,9 @@ def run_command(rt: str, spec: remote.Spec, image: Image) -> str:
 
 
 async def _start(conn: asyncssh.SSHClientConnection, target: ssh.Target, settings: Settings, rt: str,
-                 spec: remote.Spec, image: Image, where: str, what: str = "") -> None:  # fmt: skip
-    """Run the container and health-gate it; a failing one is removed again (its log in the reason)."""
+                 spec: remote.Spec, image: Image, where: str, what: str = "") -> str:  # fmt: skip
+    """Run the container and health-gate it; a failing one is removed again (its log in the
+    reason). Returns what starts it at boot (:func:`evc.deployments.boot.enable`)."""
     name = container_name(spec.deployment)
     res = await _run(conn, target, settings, run_command(rt, spec, image))
     if res.exit_status != 0:
@@ -260,6 +294,7 @@ async def _start(conn: asyncssh.SSHClientConnection, target: ssh.Target, setting
         tail = " | ".join(x for x in str(logs.stdout or "").strip().splitlines() if x.strip())
         raise CommandFailed(str(exc) + (f" (container log: {tail})" if tail else ""),
                             device_id=target.device_id) from exc  # fmt: skip
+    return await boot.enable(conn, target, settings, rt)
 
 
 def _result(rt: str, spec: remote.Spec, image: Image, target: ssh.Target, delivery: str, took: float) -> JSON:
@@ -268,6 +303,7 @@ def _result(rt: str, spec: remote.Spec, image: Image, target: ssh.Target, delive
         "endpoint": f"{target.host}:{spec.port}", "dir": spec.dir, "runtime": rt,
         "container": container_name(spec.deployment), "image": image.ref, "image_id": image.id,
         "delivery": delivery, "image_s": round(took, 2),
+        **({"image_shipped": image.shipped[key]} if (key := str(target.device_id)) in image.shipped else {}),
     }  # fmt: skip
 
 
@@ -294,8 +330,8 @@ async def install_and_start(settings: Settings, device: Mapping[str, Any], spec:
         delivery = await ensure_image(conn, target, settings, rt, image, spec.python, where)
         took = time.monotonic() - started
         await remote._ship_model(conn, target, settings, spec, where)
-        await _start(conn, target, settings, rt, spec, image, where)
-        return _result(rt, spec, image, target, delivery, took)
+        on_boot = await _start(conn, target, settings, rt, spec, image, where)
+        return {**_result(rt, spec, image, target, delivery, took), "on_boot": on_boot}
 
     return await _retrying(settings, device, op)
 
@@ -312,8 +348,8 @@ async def switch(settings: Settings, device: Mapping[str, Any], spec: remote.Spe
         took = time.monotonic() - started
         shipped = await switching._place(conn, target, settings, spec, where)
         await switching._to_standby(conn, target, settings, spec, where)
-        await _start(conn, target, settings, rt, spec, image, where, f" on version {spec.version}")
-        return {**_result(rt, spec, image, target, delivery, took), "shipped": shipped}
+        on_boot = await _start(conn, target, settings, rt, spec, image, where, f" on version {spec.version}")
+        return {**_result(rt, spec, image, target, delivery, took), "shipped": shipped, "on_boot": on_boot}
 
     return await _retrying(settings, device, op)
 

@@ -10,6 +10,9 @@ Layout on the device (``DIR`` = ``~/.evc/deploy/<deployment>``)::
     DIR/supervise.sh                              start|stop|status: restarts the server if it dies
     DIR/server.log, DIR/server.pid, DIR/supervisor.pid
 
+Where the account has a systemd manager, ``evc-infer-<deployment>.service`` runs ``supervise.sh
+start`` at boot (:mod:`evc.deployments.boot`); removal disables it.
+
 Everything runs with the deployment's Python (it needs numpy and onnxruntime); a device whose
 Python lacks them fails with a reason a person can act on.
 """
@@ -30,6 +33,7 @@ import asyncssh
 
 from evc import pool as pooling
 from evc import ssh
+from evc.deployments import boot
 from evc.deployments import ship as shipping
 from evc.errors import CommandFailed, ConnectionDropped
 from evc.fl.channels import put_file, shell_path
@@ -60,10 +64,11 @@ dir=$(cd "$(dirname "$0")" && pwd) || exit 1
 spid=$dir/supervisor.pid
 cpid=$dir/server.pid
 log=$dir/server.log
-alive() {
+alive() {  # the pid in file $1 when it is this deployment's (after a reboot it may be another's)
   p=$(cat "$1" 2>/dev/null) || return 1
   case "$p" in '' | *[!0-9]*) return 1 ;; esac
   kill -0 "$p" 2>/dev/null || return 1
+  if [ -r "/proc/$p/cmdline" ] && ! tr '\0' ' ' <"/proc/$p/cmdline" | grep -qF "/${dir##*/}/"; then return 1; fi
   echo "$p"
 }
 stop_pid() {
@@ -331,9 +336,11 @@ async def install_and_start(settings: Settings, device: Mapping[str, Any], spec:
         await _ship_model(conn, target, settings, spec, where)
         await _start_server(conn, target, settings, spec, where)
         await _gate(conn, target, settings, spec, where)
+        on_boot = await boot.enable_process(conn, target, settings, spec.deployment, f"{REMOTE_ROOT}/{spec.deployment}")
         return {
             "state": "running", "version": spec.version, "sha256": spec.sha256,
             "endpoint": f"{target.host}:{spec.port}", "onnxruntime": ort_version, "dir": spec.dir,
+            "on_boot": on_boot,
         }  # fmt: skip
 
     # a connection that drops (e.g. mid-upload) is retried at once: the upload resumes
@@ -349,7 +356,8 @@ async def install_and_start(settings: Settings, device: Mapping[str, Any], spec:
 async def stop_and_remove(settings: Settings, device: Mapping[str, Any], deployment_id: str) -> JSON:
     """Stop the deployment's server on *device* and remove its folder (nothing there: fine)."""
     directory = shell_path(remote_dir(deployment_id))
-    cmd = f"if [ -f {directory}/supervise.sh ]; then sh {directory}/supervise.sh stop; fi; rm -rf {directory}"
+    stop = f"if [ -f {directory}/supervise.sh ]; then sh {directory}/supervise.sh stop; fi; rm -rf {directory}"
+    cmd = f"{boot.remove_unit_command(deployment_id)}; {stop}"
 
     async def op(conn: asyncssh.SSHClientConnection, target: ssh.Target) -> JSON:
         res = await _run(conn, target, settings, cmd)
