@@ -485,7 +485,8 @@ def _playbook_changes(store: Any, job_id: str, device_id: str) -> list[tuple[str
 
 
 def test_image_archives_no_deployment_uses_are_pruned(store: Any, settings: Settings, tmp_path: Path) -> None:
-    """<data_dir>/images keeps the archives a deployment's image_id names (and any in progress)."""
+    """<data_dir>/images keeps the archives and OCI layouts a deployment's image_id names (and any
+    save in progress)."""
     from evc.store._base import new_id
 
     s = settings.replace(data_dir=tmp_path)
@@ -493,11 +494,13 @@ def test_image_archives_no_deployment_uses_are_pruned(store: Any, settings: Sett
     used, unused = f"{time.time_ns():x}a", f"{time.time_ns():x}b"
     for name in (f"{used}.tar", f"{unused}.tar", f"{unused}.part"):
         (tmp_path / "images" / name).write_bytes(b"x")
+    for name in (f"{used}.oci", f"{unused}.oci"):  # the layer-by-layer ship's OCI layouts
+        (tmp_path / "images" / name / "blobs").mkdir(parents=True)
     dep = {"id": new_id("dep"), "model": "m", "version": "1", "devices": [], "image_id": used}
     store.create_deployment(dep)
     try:
         assert container.prune_archives(store, s) == [unused]
-        assert {p.name for p in (tmp_path / "images").iterdir()} == {f"{unused}.part", f"{used}.tar"}
+        assert {p.name for p in (tmp_path / "images").iterdir()} == {f"{unused}.part", f"{used}.tar", f"{used}.oci"}
     finally:
         store.delete_deployment(dep["id"])
     assert container.prune_archives(store, s) == [used]

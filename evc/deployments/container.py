@@ -153,18 +153,25 @@ class Image:
 
 
 def prune_archives(store: Store, settings: Settings) -> list[str]:
-    """Remove the shipped-image archives in ``<data_dir>/images`` that no deployment references
-    (by ``image_id``); the ids removed. The folder is listed before the references are read: an
-    archive a deploy job makes meanwhile belongs to an image its record already names."""
+    """Remove the shipped images in ``<data_dir>/images`` that no deployment references (by
+    ``image_id``): archives (``<id>.tar``) and OCI layouts (``<id>.oci/``); the ids removed. Saves
+    in progress (``.part``, ``.oci-part``) are left alone. The folder is listed before the
+    references are read: an image a deploy job saves meanwhile belongs to an image its record
+    already names."""
     folder = settings.data_dir / "images"
-    archives = sorted(folder.glob("*.tar")) if folder.is_dir() else []
-    if not archives:
+    entries = sorted(p for p in folder.iterdir() if p.suffix in (".tar", ".oci")) if folder.is_dir() else []
+    if not entries:
         return []
     used = {str(d.get("image_id") or "") for d in store.deployment_records()}
     removed = []
-    for path in archives:
-        if path.stem not in used:
+    for path in entries:
+        if path.stem in used:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
             path.unlink(missing_ok=True)
+        if path.stem not in removed:
             removed.append(path.stem)
     return removed
 
