@@ -299,9 +299,9 @@ def test_container_deploy_pull_or_ship_rollout_rollback_remove(
     for t in dep["targets"]:
         assert _infer(t["endpoint"], name, "1", x).shape == (1, 10)
 
-    # removal removes the containers and the folders, and the image archive shipped for it
-    archive = api.settings.data_dir / "images" / f"{dep['image_id']}.tar"
-    assert archive.is_file()
+    # removal removes the containers and the folders, and the image layout shipped for it
+    archive = api.settings.data_dir / "images" / f"{dep['image_id']}.oci"
+    assert (archive / "index.json").is_file()
     job = api.wait_job(api.call("DELETE", f"/api/v1/deployments/{dep_id}")[1]["id"], timeout=60)
     assert job["state"] == "succeeded", job
     assert not archive.exists()
