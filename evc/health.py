@@ -393,6 +393,7 @@ def sweep(
         else:
             eligible.append(dev)
     pool = pool or pooling.pool_for(settings)
+    mark = (pool.opened, pool.closed)
     observations = pooling.call(observe(pool, eligible, settings)) if eligible else {}
     at = now()
     policy = HealthPolicy.from_settings(settings)
@@ -415,6 +416,7 @@ def sweep(
         store.record_health(changes, result.changes)
     if device_ids is None:  # the whole fleet: close connections of removed devices
         pooling.call(pool.prune({d["id"] for d in eligible}))
+    pooling.settle(pool, mark)
     result.duration_s = time.monotonic() - t0
     publish(settings, result.changes)
     _metric("observe_health_sweep", result.duration_s)  # devices by state come from the registry

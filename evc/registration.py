@@ -15,7 +15,9 @@ from evc.settings import Settings
 from evc.store import Store, now
 
 #: One POSIX sh script, run once over one channel: a ``key=value`` line per fact. It spawns as
-#: few processes as it can (about six): file contents are read with shell built-ins.
+#: few processes as it can (five commands: id, uname, nproc, df, python3): file contents are read
+#: with shell built-ins, and df's output through a here-document (no pipeline, whose reading
+#: group is one more process, inside a command substitution, one more).
 PROBE = r"""
 echo "id=$(id)"
 echo "uname=$(uname -n -r -m)"
@@ -24,7 +26,10 @@ if [ -r /etc/os-release ]; then
 fi
 echo "cpus=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null)"
 if [ -r /proc/meminfo ]; then read -r _ kb _ < /proc/meminfo; echo "mem_kb=$kb"; fi
-echo "df=$(df -Pk "$HOME" 2>/dev/null | { read -r _; read -r _ total _ free _; echo "$total $free"; })"
+{ read -r _; read -r _ total _ free _; } <<EOF
+$(df -Pk "$HOME" 2>/dev/null)
+EOF
+echo "df=$total $free"
 if command -v python3 >/dev/null 2>&1; then echo "python3=$(python3 --version 2>&1)"; fi
 command -v docker >/dev/null 2>&1 && echo "docker=1"
 command -v containerd >/dev/null 2>&1 && echo "containerd=1"

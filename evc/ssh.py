@@ -131,12 +131,17 @@ def _unpinned_jump(target: Target) -> JumpHostKeyMismatch:
     )
 
 
+#: seconds without traffic before a connection sends a keepalive (see SSHPool for pooled ones)
+KEEPALIVE_S = 30.0
+
+
 async def _open(target: Target, settings: Settings, tunnel: Any = None, **kw: Any) -> asyncssh.SSHClientConnection:
+    kw.setdefault("keepalive_interval", KEEPALIVE_S)
     return await asyncio.wait_for(
         asyncssh.connect(
             target.host, target.port, username=target.username, client_keys=[str(settings.key_path)],
             known_hosts=_trust(target.host_key), agent_path=None, tunnel=tunnel,
-            keepalive_interval=30, encryption_algs=_ciphers(settings), **kw,
+            encryption_algs=_ciphers(settings), **kw,
         ),
         settings.ssh_connect_timeout_s,
     )  # fmt: skip
