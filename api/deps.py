@@ -172,4 +172,7 @@ def context(*, idempotent: bool = False) -> Context:
     ctx = getattr(g, "evc_context", None)
     if ctx is None:
         ctx = g.evc_context = Context(get_store(), get_settings(), get_sender(), caller())
-    return cast(Context, ctx).with_key(idempotency_key()) if idempotent else cast(Context, ctx)
+    if not idempotent:
+        return cast(Context, ctx)
+    key = idempotency_key()
+    return cast(Context, ctx) if key is None and ctx.idempotency_key is None else cast(Context, ctx).with_key(key)

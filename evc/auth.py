@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -236,14 +237,15 @@ def client_address(remote_addr: str, forwarded_for: str | None, trusted_proxies:
     return hops[0] if hops else remote_addr
 
 
-def _networks(spec: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+@functools.lru_cache(maxsize=16)  # the setting, parsed once per process (not every request)
+def _networks(spec: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     try:
-        return [ipaddress.ip_network(p.strip(), strict=False) for p in spec.split(",") if p.strip()]
+        return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in spec.split(",") if p.strip())
     except ValueError as exc:
         raise ConfigError(f"setting trusted_proxies: {exc}") from exc
 
 
-def _in(addr: str, nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+def _in(addr: str, nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
     try:
         ip = ipaddress.ip_address(addr)
     except ValueError:

@@ -11,6 +11,7 @@ import pytest
 from evc import jobs
 from evc.errors import Conflict, JobCancelled, NotFound, StaleAttempt, ValidationError
 from evc.jobs import JobRun, new_job
+from evc.model import JobState
 from tests.fixtures.fakes import FakeStore
 
 JSON = dict[str, Any]
@@ -137,3 +138,59 @@ def test_cancel_of_a_queued_job_is_immediate(no_metrics: list[tuple[str, str]]) 
     run = running(store)
     assert jobs.cancel(store, run.id)["state"] == "running"  # type: ignore[arg-type]
     assert store.get_job(run.id)["cancel_requested"] is True
+
+
+def test_store_fields_are_json_as_json_dumps_writes_it() -> None:
+    """The store's field encoder (scalars without an encoder per call) writes what
+    ``json.dumps(value, separators=(",", ":"))`` writes, for every kind of value."""
+    import json
+
+    from evc.store._base import dump_value
+
+    values: list[Any] = [
+        "", "plain", 'q"uote\\', "é€😀\n\x00", "\ud800", None, True, False, 0, -7, 10**30, 0.1, -0.0, 1e20,
+        1780000000.123456, float("nan"), float("inf"), float("-inf"), {}, [], {"a": [1, 2.5, None]}, [True, "x"],
+        JobState.QUEUED,
+    ]  # fmt: skip
+    for v in values:
+        assert dump_value(v) == json.dumps(v, separators=(",", ":")), v
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"kind": "noop"}, {"kind": "noop", "params": {}}, {"kind": "noop", "params": {"sleep_s": 1}},
+        {"kind": "noop", "params": {"sleep_s": 60}}, {"kind": "noop", "params": {"sleep_s": -0.0}},
+        {"kind": "noop", "params": {"sleep_s": 60.5}}, {"kind": "noop", "params": {"sleep_s": True}},
+        {"kind": "noop", "params": {"sleep_s": float("nan")}}, {"kind": "noop", "params": {"sleep_s": 10**400}},
+        {"kind": "noop", "params": {"sleep_s": "1"}}, {"kind": "noop", "params": {"sleep_s": None}},
+        {"kind": "noop", "params": None}, {"kind": "noop", "params": []}, {"kind": "noop", "params": {"x": 1}},
+        {"kind": "noop", "x": 1}, {"kind": "noopx"}, {"kind": None}, {"kind": ["noop"]}, {}, {"params": {}},
+    ],
+)  # fmt: skip
+def test_job_submission_body_loads_as_its_fields_would(body: dict[str, Any]) -> None:
+    """POST /jobs' plain bodies take a shortcut: it loads exactly what the schema's fields load,
+    and every other body (each invalid one) gets the fields' own errors."""
+    from evc.api.schemas import JobCreateSchema
+    from marshmallow import Schema
+    from marshmallow import ValidationError as Invalid
+
+    schema = JobCreateSchema()
+
+    def load(fn: Any) -> tuple[str, Any]:
+        try:
+            return "ok", fn(body)
+        except Invalid as exc:
+            return "invalid", exc.messages
+
+    assert repr(load(schema.load)) == repr(load(lambda b: Schema.load(schema, b)))
+
+
+def test_a_job_dumps_as_its_schema_fields_would() -> None:
+    from evc.api.schemas import JobSchema
+    from marshmallow import Schema
+
+    job = {**new_job("noop", params={"sleep_s": 1.0}, created_by="operator:x"), "results": {"d": {"ok": True}}}
+    schema = JobSchema()
+    assert list(schema.dump(job).items()) == list(Schema.dump(schema, job).items())
+    assert schema.dump([job], many=True) == Schema.dump(schema, [job], many=True)

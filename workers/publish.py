@@ -50,50 +50,115 @@ class TaskPublisher:
         if tail.isdigit():
             db = int(tail)
         self.event_topic = f"/{db}.celeryev/task.sent"
+        #: each task's first message (no countdown, plain arguments): later ones are copies
+        self._protos: dict[str, Any] = {}
+        self._templates: dict[tuple[str, str], str] = {}
+        self._event_template: str | None = None
+
+    def message(self, name: str, task_id: str, args: list[Any], countdown: float | None = None) -> Any:
+        """Celery's protocol-2 message for the task (``amqp.as_task_v2``). A task without a
+        countdown whose id and arguments are plain (the job tasks) is a copy of the task's first
+        message with its id and arguments put in: the same message, without Celery's cost."""
+        argsrepr = plain_argsrepr(args)
+        proto = self._proto(name, task_id, args, argsrepr, countdown)
+        if proto is None:
+            return self._as_task_v2(name, task_id, args, argsrepr, countdown)
+        ids = {"id": task_id, "root_id": task_id, "argsrepr": argsrepr}
+        event = proto.sent_event and {**proto.sent_event, "args": argsrepr, "root_id": task_id, "uuid": task_id}
+        return proto._replace(
+            headers={**proto.headers, **ids}, properties={**proto.properties, "correlation_id": task_id},
+            body=(args, *proto.body[1:]), sent_event=event,
+        )  # fmt: skip
+
+    def _proto(self, name: str, task_id: str, args: list[Any], argsrepr: str | None, countdown: float | None) -> Any:
+        """The task's first message, when this one can be a copy of it (else None)."""
+        if countdown or argsrepr is None or not _PLAIN.match(task_id):
+            return None
+        proto = self._protos.get(name)
+        if proto is None:
+            proto = self._protos[name] = self._as_task_v2(name, task_id, args, argsrepr, None)
+        return proto
+
+    def _as_task_v2(
+        self, name: str, task_id: str, args: list[Any], argsrepr: str | None, countdown: float | None
+    ) -> Any:
+        return self.app.amqp.as_task_v2(
+            task_id, name, args=args, kwargs={}, countdown=countdown, origin=self.hostname,
+            create_sent_event=self.send_sent_event, reply_to=self.reply_to, root_id=task_id, ignore_result=None,
+            argsrepr=argsrepr, kwargsrepr="{}",
+        )  # fmt: skip
 
     def commands(
         self, name: str, task_id: str, args: list[Any], queue: str, countdown: float | None = None
     ) -> list[Command]:
-        amqp = self.app.amqp
-        msg = amqp.as_task_v2(
-            task_id, name, args=args, kwargs={}, countdown=countdown, origin=self.hostname,
-            create_sent_event=self.send_sent_event, reply_to=self.reply_to, root_id=task_id, ignore_result=None,
-            argsrepr=plain_argsrepr(args), kwargsrepr="{}",
-        )  # fmt: skip
-        body = json.dumps(msg.body).encode()
-        envelope = {
-            "body": base64.b64encode(body).decode(),
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": msg.headers,
-            "properties": {
-                **msg.properties,
-                "delivery_mode": 2,
-                "delivery_info": {"exchange": "", "routing_key": queue},
-                "priority": 0,
-                "body_encoding": "base64",
-                "delivery_tag": str(uuid.uuid4()),
-            },
-        }
-        cmds: list[Command] = [("lpush", (queue, json.dumps(envelope)))]
+        msg = self.message(name, task_id, args, countdown)
+        body = base64.b64encode(json.dumps(msg.body).encode()).decode()
+        if self._proto(name, task_id, args, msg.headers["argsrepr"], countdown) is None:
+            text = json.dumps(_envelope(body, msg.headers, msg.properties, queue, str(uuid.uuid4())))
+        else:  # the task's envelope as JSON once, its id, arguments, body and tag put in as text
+            text = self._template(name, queue, msg)
+            for hole, value in zip(_HOLES, (task_id, msg.headers["argsrepr"], body, str(uuid.uuid4())), strict=True):
+                text = text.replace(hole, value)
+        cmds: list[Command] = [("lpush", (queue, text))]
         if msg.sent_event is not None:
             event = {
                 "hostname": self.hostname, "utcoffset": 0.0, "pid": os.getpid(),
                 "clock": self.app.clock.forward(), **msg.sent_event, "queue": queue, "exchange": "",
                 "routing_key": queue, "timestamp": time.time(), "type": "task-sent",
             }  # fmt: skip
-            ev_env = {
-                "body": base64.b64encode(json.dumps(event).encode()).decode(),
-                "content-encoding": "utf-8",
-                "content-type": "application/json",
-                "headers": {"hostname": self.hostname},
-                "properties": {
-                    "delivery_mode": 1,
-                    "delivery_info": {"exchange": "celeryev", "routing_key": "task.sent"},
-                    "priority": 0,
-                    "body_encoding": "base64",
-                    "delivery_tag": str(uuid.uuid4()),
-                },
-            }
-            cmds.append(("publish", (self.event_topic, json.dumps(ev_env))))
+            if self._event_template is None:
+                self._event_template = json.dumps(_event_envelope(self.hostname, _HOLES[2], _HOLES[3]))
+            ev_body = base64.b64encode(json.dumps(event).encode()).decode()
+            ev_text = self._event_template.replace(_HOLES[2], ev_body).replace(_HOLES[3], str(uuid.uuid4()))
+            cmds.append(("publish", (self.event_topic, ev_text)))
         return cmds
+
+    def _template(self, name: str, queue: str, msg: Any) -> str:
+        """The JSON text of the envelope of *name*'s messages to *queue*, with holes (``_HOLES``)
+        for the task id, the arguments' repr, the body and the delivery tag."""
+        text = self._templates.get((name, queue))
+        if text is None:
+            task_id, argsrepr, body, tag = _HOLES
+            headers = {**msg.headers, "id": task_id, "root_id": task_id, "argsrepr": argsrepr}
+            properties = {**msg.properties, "correlation_id": task_id}
+            text = self._templates[(name, queue)] = json.dumps(_envelope(body, headers, properties, queue, tag))
+        return text
+
+
+#: where a template's values go: text JSON keeps as it is, found nowhere else in an envelope
+_HOLES = tuple(f"<<evc-{what}-{uuid.uuid4().hex}>>" for what in ("task-id", "argsrepr", "body", "tag"))
+
+
+def _envelope(body: str, headers: Any, properties: Any, queue: str, tag: str) -> dict[str, Any]:
+    """kombu's Redis envelope of a task message (*body* base64)."""
+    return {
+        "body": body,
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": headers,
+        "properties": {
+            **properties,
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": tag,
+        },
+    }
+
+
+def _event_envelope(hostname: str, body: str, tag: str) -> dict[str, Any]:
+    """kombu's Redis envelope of a task-sent event (*body* base64)."""
+    return {
+        "body": body,
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"hostname": hostname},
+        "properties": {
+            "delivery_mode": 1,
+            "delivery_info": {"exchange": "celeryev", "routing_key": "task.sent"},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": tag,
+        },
+    }

@@ -7,6 +7,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from json.encoder import encode_basestring_ascii
 from typing import Any, Generic, TypeVar, cast
 
 import redis
@@ -63,8 +64,32 @@ JOB: Kind[Job] = Kind("job")
 FL_STATE: Kind[FLState] = Kind("fl")
 
 
+#: ``json.dumps(value, separators=(",", ":"))`` without building an encoder per call
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+_INFINITIES = (float("inf"), float("-inf"))
+
+
+def dump_value(value: Any) -> str:
+    """A field's value as the store writes it: exactly ``json.dumps(value, separators=(",", ":"))``,
+    scalars (most fields) without the encoder's per-call setup (a job record: a fifth the time)."""
+    t = type(value)
+    if t is str:
+        return encode_basestring_ascii(value)
+    if value is None:
+        return "null"
+    if t is bool:
+        return "true" if value else "false"
+    if t is int:
+        return int.__repr__(value)
+    if t is float and value == value and value not in _INFINITIES:
+        return float.__repr__(value)
+    if not value and (t is dict or t is list):
+        return "{}" if t is dict else "[]"
+    return _compact(value)
+
+
 def _dump(obj: Mapping[str, Any]) -> dict[Any, Any]:
-    return {k: json.dumps(v, separators=(",", ":")) for k, v in obj.items()}
+    return {k: dump_value(v) for k, v in obj.items()}
 
 
 def _load(raw: dict[Any, Any]) -> JSON:

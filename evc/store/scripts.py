@@ -239,19 +239,15 @@ return redis.call('HGETALL', ARGV[1] .. id)
 
 # Commit a request's unit of work as operator token ARGV[1], only while that token is what the
 # API cached: KEYS[1] its hash index names it, its record KEYS[2] is not revoked and still has
-# the scopes ARGV[2] and expiry ARGV[3] (JSON as stored). Then the commands follow in ARGV, each
-# as (number of words, words...), run in order, atomically like MULTI/EXEC. Returns 1, or 0
-# with nothing written.
+# the scopes ARGV[2] and expiry ARGV[3] (JSON as stored). Then the commands, ARGV[4]: one JSON
+# array of commands, each an array of its words (strings), run in order, atomically like
+# MULTI/EXEC (one argument: the client packs one string, not a hundred). Returns 1, or 0 with
+# nothing written.
 COMMIT_AS_TOKEN = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 local f = redis.call('HMGET', KEYS[2], 'revoked', 'scopes', 'expires_at')
 if f[1] ~= 'false' or f[2] ~= ARGV[2] or f[3] ~= ARGV[3] then return 0 end
-local i = 4
-while i <= #ARGV do
-  local n = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + n))
-  i = i + n + 1
-end
+for _, words in ipairs(cjson.decode(ARGV[4])) do redis.call(unpack(words)) end
 return 1
 """
 

@@ -8,12 +8,24 @@ from typing import Any
 from evc.errors import Conflict, NotFound
 from evc.model import JSON, Enrollment, Token
 from evc.store import scripts
-from evc.store._base import ENROLLMENT, TOKEN, StoreBase, _text, now
+from evc.store._base import ENROLLMENT, TOKEN, StoreBase, _text, dump_value, now
+
+_json = dump_value  # a field's value as the store writes it
 
 
-def _json(value: Any) -> str:
-    """A field's value as the store writes it (``_base._dump``)."""
-    return json.dumps(value, separators=(",", ":"))
+def _command_words(stack: Any) -> str | None:
+    """A pipeline's queued commands as one JSON array of arrays of words, each word the text
+    redis-py would send (numbers as their ``repr``); None when a word is something else
+    (bytes, a bool...) or a command is a script: those go through the pipeline itself."""
+    out = []
+    for args, _ in stack:
+        if " " in str(args[0]) or str(args[0]).upper() in ("EVAL", "EVALSHA"):
+            return None
+        words = [a if type(a) is str else repr(a) if type(a) in (int, float) else None for a in args]
+        if None in words:
+            return None
+        out.append(words)
+    return json.dumps(out, ensure_ascii=False)
 
 
 class TokenStore(StoreBase):
@@ -31,15 +43,14 @@ class TokenStore(StoreBase):
         while operator token *token* (a record the API cached) is unchanged: still indexed by
         *token_hash*, not revoked, the same scopes and expiry. One round trip, the token's check
         included. False with nothing written, *pipe* untouched, when the token changed or *pipe*
-        holds a script (a script cannot run one): the caller checks the token and executes
-        *pipe* itself."""
-        stack = pipe.command_stack
-        if pipe.scripts or any(str(args[0]).upper() in ("EVAL", "EVALSHA") for args, _ in stack):
+        holds what the script cannot run (a script, or a word that is not text or a number):
+        the caller checks the token and executes *pipe* itself."""
+        if pipe.scripts:
             return False
-        argv: list[Any] = [token["id"], _json(token.get("scopes")), _json(token.get("expires_at"))]
-        for args, _ in stack:
-            argv.append(len(args))
-            argv.extend(args)
+        words = _command_words(pipe.command_stack)
+        if words is None:
+            return False
+        argv = [token["id"], _json(token.get("scopes")), _json(token.get("expires_at")), words]
         keys = [self.k("token-hash", token_hash), self.k("token", token["id"])]
         if not self._script(scripts.COMMIT_AS_TOKEN)(keys=keys, args=argv):
             return False
