@@ -84,8 +84,9 @@ def test_the_boot_units_of_a_process_deployment() -> None:
     assert (
         "unit=evc-infer-dep_1a.service" in cmd and "ExecStart=/bin/sh %h/.evc/deploy/dep_1a/supervise.sh start" in cmd
     )
-    assert "systemctl $sc enable" in cmd and "enable-linger" in cmd
-    assert "systemctl $sc disable evc-infer-dep_1a.service" in boot.remove_unit_command("dep_1a")
+    # the device's systemd tool, with --user or not ($sc), in the generated script (never run here)
+    assert '$sc enable "$unit"' in cmd and "enable-linger" in cmd
+    assert "$sc disable evc-infer-dep_1a.service" in boot.remove_unit_command("dep_1a")
     for bad in ("a b", "x;rm", "$(id)"):
         with pytest.raises(ValueError):
             boot.unit_name(bad)
