@@ -14,7 +14,7 @@ _json = dump_value  # a field's value as the store writes it
 
 
 _SCRIPT_COMMANDS = frozenset(("EVAL", "EVALSHA"))
-_NUMBERS = (int, float)
+_TEXT, _WORDS = frozenset((str,)), frozenset((str, int, float))
 
 
 def _command_words(stack: Any) -> str | None:
@@ -26,13 +26,13 @@ def _command_words(stack: Any) -> str | None:
         name = args[0]
         if type(name) is not str or " " in name or name.upper() in _SCRIPT_COMMANDS:
             return None
-        if all(type(a) is str for a in args):  # most commands: keys and stored values (text)
+        types = set(map(type, args))  # exact types: a bool is not a number here
+        if types <= _TEXT:  # most commands: keys and stored values
             out.append(args)
-            continue
-        words = [a if type(a) is str else repr(a) if type(a) in _NUMBERS else None for a in args]
-        if None in words:
+        elif types <= _WORDS:
+            out.append([a if type(a) is str else repr(a) for a in args])
+        else:
             return None
-        out.append(words)
     return json.dumps(out, ensure_ascii=False)
 
 
