@@ -249,13 +249,14 @@ def _audit(app: Flask) -> None:
             if pipe is not None:
                 pipe.reset()
             return resp
-        if request.method in MUTATING and not g.get("evc_no_audit"):
-            p = getattr(g, "principal", None)
+        method = request.method
+        if method in MUTATING and not g.get("evc_no_audit"):
+            p, view_args = getattr(g, "principal", None), request.view_args
             pipe = unit_of_work()
             get_store().audit(
                 p.label if p else "anonymous",
-                f"{request.method} {request.path}",
-                target=request.view_args and next(iter(request.view_args.values()), "") or "",
+                f"{method} {request.path}",
+                target=view_args and next(iter(view_args.values()), "") or "",
                 ip=client_address(),
                 pipe=pipe,
                 status=resp.status_code,

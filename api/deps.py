@@ -28,16 +28,18 @@ def get_settings() -> Settings:
     return cast(Settings, _ext()["settings"])
 
 
-def get_store() -> Store:
-    ext = _ext()
-    if ext.get("store") is None:
-        ext["store"] = Store.from_settings(ext["settings"])
-    return cast(Store, ext["store"])
+def get_store(ext: dict[str, Any] | None = None) -> Store:
+    """The app's store (*ext*: the app's ``extensions["evc"]``, when the caller has it)."""
+    ext = _ext() if ext is None else ext
+    store = ext.get("store")
+    if store is None:
+        store = ext["store"] = Store.from_settings(ext["settings"])
+    return cast(Store, store)
 
 
-def get_sender() -> Any:
+def get_sender(ext: dict[str, Any] | None = None) -> Any:
     """A Celery app without task modules: the API sends tasks by name."""
-    ext = _ext()
+    ext = _ext() if ext is None else ext
     if ext.get("celery") is None:
         from evc.workers.celery_app import make_celery
 
@@ -66,15 +68,19 @@ def idempotency_key() -> str | None:
 
 
 def client_address() -> str:
-    """The caller's address; ``X-Forwarded-For`` counts only from a configured trusted proxy."""
-    return auth.client_address(
-        request.remote_addr or "", request.headers.get("X-Forwarded-For"), get_settings().trusted_proxies
-    )
+    """The caller's address; ``X-Forwarded-For`` counts only from a configured trusted proxy
+    (worked out once per request)."""
+    addr = getattr(g, "evc_client", None)
+    if addr is None:
+        addr = g.evc_client = auth.client_address(
+            request.remote_addr or "", request.headers.get("X-Forwarded-For"), get_settings().trusted_proxies
+        )
+    return cast(str, addr)
 
 
-def token_cache() -> auth.TokenCache:
+def token_cache(ext: dict[str, Any] | None = None) -> auth.TokenCache:
     """This process's :class:`~evc.auth.TokenCache` (``auth_cache_s``)."""
-    ext = _ext()
+    ext = _ext() if ext is None else ext
     if ext.get("token_cache") is None:
         ext["token_cache"] = auth.TokenCache(ext["settings"].auth_cache_s)
     return cast(auth.TokenCache, ext["token_cache"])
@@ -86,9 +92,10 @@ def authenticate(deferrable: bool = False) -> Principal:
     (``g.evc_deferred``). Never with an ``Idempotency-Key``: claiming one writes at once."""
     p = getattr(g, "principal", None)
     if p is None:
-        cache = token_cache() if deferrable and "Idempotency-Key" not in request.headers else None
-        header = request.headers.get("Authorization")
-        p, g.evc_deferred = auth.authenticate_deferred(get_store(), get_settings(), header, client_address(), cache)
+        ext, headers = _ext(), request.headers
+        cache = token_cache(ext) if deferrable and "Idempotency-Key" not in headers else None
+        header, client = headers.get("Authorization"), client_address()
+        p, g.evc_deferred = auth.authenticate_deferred(get_store(ext), ext["settings"], header, client, cache)
         g.principal = p
     return cast(Principal, p)
 
@@ -171,7 +178,8 @@ def context(*, idempotent: bool = False) -> Context:
     *idempotent*, carrying the request's scoped ``Idempotency-Key`` (:func:`idempotency_key`)."""
     ctx = getattr(g, "evc_context", None)
     if ctx is None:
-        ctx = g.evc_context = Context(get_store(), get_settings(), get_sender(), caller())
+        ext = _ext()
+        ctx = g.evc_context = Context(get_store(ext), ext["settings"], get_sender(ext), caller())
     if not idempotent:
         return cast(Context, ctx)
     key = idempotency_key()

@@ -49,6 +49,7 @@ def test_messages_from_templates_are_celerys(name: str, task_id: str, args: list
     import base64
     import json
     import re
+    import uuid
 
     from evc.workers.publish import _envelope, _event_envelope
 
@@ -60,6 +61,8 @@ def test_messages_from_templates_are_celerys(name: str, task_id: str, args: list
     body = base64.b64encode(json.dumps(slow.body).encode()).decode()
     tag = re.search(r'"delivery_tag": "([0-9a-f-]{36})"', text).group(1)  # type: ignore[union-attr]
     assert q == queue and text == json.dumps(_envelope(body, slow.headers, slow.properties, queue, tag))
+    for t in (tag, json.loads(event)["properties"]["delivery_tag"]):  # str(uuid.uuid4())'s text
+        assert str(uuid.UUID(t)) == t and uuid.UUID(t).version == 4 and uuid.UUID(t).variant == uuid.RFC_4122
     sent = json.loads(event)
     assert json.loads(base64.b64decode(sent["body"]))["uuid"] == task_id and topic == tp.event_topic
     assert json.dumps(sent) == json.dumps(

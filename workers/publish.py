@@ -36,6 +36,16 @@ def plain_argsrepr(args: list[Any]) -> str | None:
     return None
 
 
+def uuid4_text() -> str:
+    """``str(uuid.uuid4())`` (a random version-4 UUID, the same text) without building a
+    :class:`uuid.UUID`: a delivery tag per message."""
+    b = bytearray(os.urandom(16))
+    b[6] = b[6] & 0x0F | 0x40
+    b[8] = b[8] & 0x3F | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 class TaskPublisher:
     """Builds the Redis commands that enqueue one task, exactly as kombu's Redis transport would."""
 
@@ -64,7 +74,7 @@ class TaskPublisher:
         if proto is None:
             return self._as_task_v2(name, task_id, args, argsrepr, countdown)
         ids = {"id": task_id, "root_id": task_id, "argsrepr": argsrepr}
-        event = proto.sent_event and {**proto.sent_event, "args": argsrepr, "root_id": task_id, "uuid": task_id}
+        event = _sent_event(proto, task_id, argsrepr)
         return proto._replace(
             headers={**proto.headers, **ids}, properties={**proto.properties, "correlation_id": task_id},
             body=(args, *proto.body[1:]), sent_event=event,
@@ -91,25 +101,30 @@ class TaskPublisher:
     def commands(
         self, name: str, task_id: str, args: list[Any], queue: str, countdown: float | None = None
     ) -> list[Command]:
-        msg = self.message(name, task_id, args, countdown)
-        body = base64.b64encode(json.dumps(msg.body).encode()).decode()
-        if self._proto(name, task_id, args, msg.headers["argsrepr"], countdown) is None:
-            text = json.dumps(_envelope(body, msg.headers, msg.properties, queue, str(uuid.uuid4())))
-        else:  # the task's envelope as JSON once, its id, arguments, body and tag put in as text
-            text = self._template(name, queue, msg)
-            for hole, value in zip(_HOLES, (task_id, msg.headers["argsrepr"], body, str(uuid.uuid4())), strict=True):
+        argsrepr = plain_argsrepr(args)
+        proto = self._proto(name, task_id, args, argsrepr, countdown)
+        if proto is None or argsrepr is None:  # (no proto without an argsrepr)
+            msg = self._as_task_v2(name, task_id, args, argsrepr, countdown)
+            body = base64.b64encode(json.dumps(msg.body).encode()).decode()
+            text = json.dumps(_envelope(body, msg.headers, msg.properties, queue, uuid4_text()))
+            sent = msg.sent_event
+        else:  # what :meth:`message` copies, put in as text: the envelope's JSON once per task and queue
+            body = base64.b64encode(json.dumps((args, *proto.body[1:])).encode()).decode()
+            text = self._template(name, queue, proto)
+            for hole, value in zip(_HOLES, (task_id, argsrepr, body, uuid4_text()), strict=True):
                 text = text.replace(hole, value)
+            sent = _sent_event(proto, task_id, argsrepr)
         cmds: list[Command] = [("lpush", (queue, text))]
-        if msg.sent_event is not None:
+        if sent is not None:
             event = {
                 "hostname": self.hostname, "utcoffset": 0.0, "pid": os.getpid(),
-                "clock": self.app.clock.forward(), **msg.sent_event, "queue": queue, "exchange": "",
+                "clock": self.app.clock.forward(), **sent, "queue": queue, "exchange": "",
                 "routing_key": queue, "timestamp": time.time(), "type": "task-sent",
             }  # fmt: skip
             if self._event_template is None:
                 self._event_template = json.dumps(_event_envelope(self.hostname, _HOLES[2], _HOLES[3]))
             ev_body = base64.b64encode(json.dumps(event).encode()).decode()
-            ev_text = self._event_template.replace(_HOLES[2], ev_body).replace(_HOLES[3], str(uuid.uuid4()))
+            ev_text = self._event_template.replace(_HOLES[2], ev_body).replace(_HOLES[3], uuid4_text())
             cmds.append(("publish", (self.event_topic, ev_text)))
         return cmds
 
@@ -127,6 +142,11 @@ class TaskPublisher:
 
 #: where a template's values go: text JSON keeps as it is, found nowhere else in an envelope
 _HOLES = tuple(f"<<evc-{what}-{uuid.uuid4().hex}>>" for what in ("task-id", "argsrepr", "body", "tag"))
+
+
+def _sent_event(proto: Any, task_id: str, argsrepr: str | None) -> Any:
+    """The task-sent event fields of a copy of *proto* (a task's first message)."""
+    return proto.sent_event and {**proto.sent_event, "args": argsrepr, "root_id": task_id, "uuid": task_id}
 
 
 def _envelope(body: str, headers: Any, properties: Any, queue: str, tag: str) -> dict[str, Any]:

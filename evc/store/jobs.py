@@ -66,13 +66,16 @@ class JobStore(StoreBase):
             if existing is not None:
                 return existing, False
         p = pipe if pipe is not None else self._redis.pipeline(transaction=True)
-        p.hset(self.k("job", job["id"]), mapping=_dump(job))
-        p.zadd(self.k("jobs"), {job["id"]: job["created_at"]})
-        p.zadd(self.k("jobs-kind", job["kind"]), {job["id"]: job["created_at"]})
-        p.zadd(self.k("jobs-state", job["state"]), {job["id"]: job["created_at"]})
-        p.zadd(self.k("jobs-ks", job["kind"], job["state"]), {job["id"]: job["created_at"]})
+        # the very commands ``hset(key, mapping=...)`` and ``zadd(key, {id: score})`` queue,
+        # without their option handling (the API's busiest write)
+        job_id, at, kind, state, pre = job["id"], job["created_at"], job["kind"], job["state"], self.prefix
+        p.execute_command("HSET", f"{pre}:job:{job_id}", *[x for kv in _dump(job).items() for x in kv])
+        p.execute_command("ZADD", f"{pre}:jobs", at, job_id)
+        p.execute_command("ZADD", f"{pre}:jobs-kind:{kind}", at, job_id)
+        p.execute_command("ZADD", f"{pre}:jobs-state:{state}", at, job_id)
+        p.execute_command("ZADD", f"{pre}:jobs-ks:{kind}:{state}", at, job_id)
         for target in dict.fromkeys(job.get("targets") or ()):
-            p.zadd(self.k("jobs-target", target), {job["id"]: job["created_at"]})
+            p.execute_command("ZADD", f"{pre}:jobs-target:{target}", at, job_id)
         for name, args in publish:
             getattr(p, name)(*args)
         if pipe is None:

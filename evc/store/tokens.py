@@ -13,18 +13,26 @@ from evc.store._base import ENROLLMENT, TOKEN, StoreBase, _text, dump_value, now
 _json = dump_value  # a field's value as the store writes it
 
 
+_SCRIPT_COMMANDS = frozenset(("EVAL", "EVALSHA"))
+_TEXT, _WORDS = frozenset((str,)), frozenset((str, int, float))
+
+
 def _command_words(stack: Any) -> str | None:
     """A pipeline's queued commands as one JSON array of arrays of words, each word the text
     redis-py would send (numbers as their ``repr``); None when a word is something else
     (bytes, a bool...) or a command is a script: those go through the pipeline itself."""
     out = []
     for args, _ in stack:
-        if " " in str(args[0]) or str(args[0]).upper() in ("EVAL", "EVALSHA"):
+        name = args[0]
+        if type(name) is not str or " " in name or name.upper() in _SCRIPT_COMMANDS:
             return None
-        words = [a if type(a) is str else repr(a) if type(a) in (int, float) else None for a in args]
-        if None in words:
+        types = set(map(type, args))  # exact types: a bool is not a number here
+        if types <= _TEXT:  # most commands: keys and stored values
+            out.append(args)
+        elif types <= _WORDS:
+            out.append([a if type(a) is str else repr(a) for a in args])
+        else:
             return None
-        out.append(words)
     return json.dumps(out, ensure_ascii=False)
 
 
