@@ -153,17 +153,23 @@ class API:
         raise SystemExit(f"job {job_id} did not finish in {timeout} s")
 
 
-def tree_cpu(pid: int) -> float:
-    """CPU seconds of *pid*, its reaped children and its live descendants (Linux /proc)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    table: dict[int, tuple[int, float]] = {}
+def proc_stats() -> dict[int, list[str]]:
+    """pid -> the fields of ``/proc/<pid>/stat`` after the command name (field 3 on: state, ppid,
+    ...), for every process now (Linux /proc)."""
+    table = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                f = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                table[int(entry)] = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            table[int(entry)] = (int(f[1]), sum(int(x) for x in f[11:15]) / tick)
+    return table
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of *pid*, its reaped children and its live descendants (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    table = {p: (int(f[1]), sum(int(x) for x in f[11:15]) / tick) for p, f in proc_stats().items()}
     total, todo = 0.0, [pid]
     while todo:
         p = todo.pop()

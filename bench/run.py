@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _common import proc_stats  # bench/ is this script's folder: on sys.path when run
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 FIGURE_PREFIX = "FIGURE "  # as bench/_common.py writes them
@@ -114,15 +116,7 @@ class Outcome:
 
 def _proc_table() -> dict[int, tuple[int, str]]:
     """pid -> (parent pid, start time) of every process now (Linux /proc)."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                f = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            table[int(entry)] = (int(f[1]), f[19])
-    return table
+    return {pid: (int(f[1]), f[19]) for pid, f in proc_stats().items()}
 
 
 def _descendants(pid: int) -> dict[int, str]:
