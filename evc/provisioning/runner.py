@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import ansible_runner
 
+from evc import QUIET_WARNINGS
 from evc.provisioning.inventory import Inventory
 
 log = logging.getLogger(__name__)
@@ -342,6 +343,8 @@ def runner_env(spec: PlaybookRun) -> dict[str, str]:
     virtualenv's) comes first on PATH, so a worker started without activating it finds it."""
     env = spec.inventory.env(spec.connect_timeout_s)
     env["ANSIBLE_ROLES_PATH"] = str(spec.playbook.parent / "roles")
+    # a deprecation ansible-core's imports trigger would be the first "verbose" event of every run
+    env["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS", ""), QUIET_WARNINGS]))
     bindir = Path(sys.executable).parent
     if (bindir / "ansible-playbook").exists():
         env["PATH"] = os.pathsep.join([str(bindir), os.environ.get("PATH", os.defpath)])
