@@ -39,9 +39,12 @@ import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from evc.errors import NotFound
+
+if TYPE_CHECKING:
+    from evc.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +162,21 @@ def exporter_record(values: Mapping[str, Any]) -> JSON | None:
             {"port": int(values.get("node_exporter_port") or DEFAULT_NODE_EXPORTER_PORT)} if node else None
         ),
     }
+
+
+def exporter_image_archive(settings: Settings, values: JSON) -> JSON:
+    """The ``exporter`` playbook's variables, with ``image_archive`` set (when it is not) to the
+    controller's archive of ``image`` in mode container when devices cannot pull that image
+    (``localhost/...``, what scripts/build-edge-images tags): saved once per image id in
+    ``<data_dir>/images/exporter/``, copied to each device and loaded where the image is absent.
+    Unchanged when the controller has no such image (the device may hold it)."""
+    from evc.deployments.container import pullable, tagged_archive
+
+    image = str(values.get("image") or "")
+    if values.get("mode") != "container" or values.get("image_archive") or not image or pullable(image):
+        return dict(values)
+    path = tagged_archive(image, settings.data_dir / "images" / "exporter")
+    return {**values, "image_archive": str(path)} if path else dict(values)
 
 
 def record_exporter(store: DiscoveryStore, device_id: str, values: Mapping[str, Any]) -> None:

@@ -338,6 +338,7 @@ def sim_sysroot(data_dir: Path) -> Path:
         path = Path("/var/lib/evcsim/sysroots") / hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
         for parent in (path.parent.parent, path.parent):
             parent.mkdir(mode=0o755, exist_ok=True)
+        path.parent.chmod(0o755)  # ours; mkdir's mode went through the stack's umask (077)
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o1777)
     return path

@@ -135,13 +135,17 @@ def _clean(dev: SimDevice, account: str = ACCOUNT) -> None:
     _stop_pause(dev, account)
 
 
+#: the command lines of rootless podman's pause process: its own, or catatonit's where installed
+PAUSE = (b"podman\0", b"catatonit\0-P\0")
+
+
 def _stop_pause(dev: SimDevice, account: str = ACCOUNT) -> None:
     uid, home = pwd.getpwnam(account).pw_uid, f"HOME={dev.home}".encode()
     for proc in Path("/proc").iterdir():
         try:
             if not proc.name.isdigit() or proc.stat().st_uid != uid:
                 continue
-            if (proc / "cmdline").read_bytes() == b"podman\0" and home in (proc / "environ").read_bytes().split(b"\0"):
+            if (proc / "cmdline").read_bytes() in PAUSE and home in (proc / "environ").read_bytes().split(b"\0"):
                 os.kill(int(proc.name), signal.SIGKILL)
         except (OSError, ValueError):
             continue
@@ -485,22 +489,24 @@ def _playbook_changes(store: Any, job_id: str, device_id: str) -> list[tuple[str
 
 
 def test_image_archives_no_deployment_uses_are_pruned(store: Any, settings: Settings, tmp_path: Path) -> None:
-    """<data_dir>/images keeps the archives and OCI layouts a deployment's image_id names (and any
-    save in progress)."""
+    """<data_dir>/images keeps the archives and OCI layouts a deployment's image_id names, any
+    save in progress, and the exporter's folder (the level job's archive of its image)."""
     from evc.store._base import new_id
 
     s = settings.replace(data_dir=tmp_path)
     (tmp_path / "images").mkdir()
     used, unused = f"{time.time_ns():x}a", f"{time.time_ns():x}b"
-    for name in (f"{used}.tar", f"{unused}.tar", f"{unused}.part"):
+    for name in (f"{used}.tar", f"{unused}.tar", f"{unused}.tar-part"):
         (tmp_path / "images" / name).write_bytes(b"x")
-    for name in (f"{used}.oci", f"{unused}.oci"):  # the layer-by-layer ship's OCI layouts
+    # the layer-by-layer ship's OCI layouts, one in progress, and the level job's exporter archives
+    for name in (f"{used}.oci", f"{unused}.oci", f"{unused}.oci-part", "exporter"):
         (tmp_path / "images" / name / "blobs").mkdir(parents=True)
     dep = {"id": new_id("dep"), "model": "m", "version": "1", "devices": [], "image_id": used}
     store.create_deployment(dep)
     try:
         assert container.prune_archives(store, s) == [unused]
-        assert {p.name for p in (tmp_path / "images").iterdir()} == {f"{unused}.part", f"{used}.tar", f"{used}.oci"}
+        kept = {f"{unused}.tar-part", f"{unused}.oci-part", "exporter"}
+        assert {p.name for p in (tmp_path / "images").iterdir()} == {*kept, f"{used}.tar", f"{used}.oci"}
     finally:
         store.delete_deployment(dep["id"])
     assert container.prune_archives(store, s) == [used]

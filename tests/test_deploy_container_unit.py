@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from evc.deployments import container, remote
 from evc.settings import load_settings
 
@@ -24,3 +26,32 @@ def test_default_image_follows_the_setting() -> None:
     assert container.default_image(load_settings(env={})) == "localhost/evc-edge-infer:0.1.0"
     s = load_settings(env={"EVC_EDGE_IMAGE": "r:5000/e@sha256:" + "a" * 64, "EVC_EDGE_IMAGE_TLS_VERIFY": "0"})
     assert container.default_image(s) == "r:5000/e@sha256:" + "a" * 64 and s.edge_image_tls_verify is False
+
+
+def test_the_exporter_gets_the_controllers_archive_only_of_an_image_devices_cannot_pull(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exporter playbook's variables: image_archive is filled in (from the controller's
+    podman) in mode container, for a localhost/ image, when the operator gave none."""
+    from evc import monitoring
+
+    saved: list[tuple[str, Path]] = []
+
+    def fake_archive(ref: str, folder: Path) -> Path | None:
+        saved.append((ref, folder))
+        return None if ref.endswith(":absent") else folder / "abc.tar"
+
+    monkeypatch.setattr(container, "tagged_archive", fake_archive)
+    s = load_settings(env={"EVC_DATA_DIR": str(tmp_path)})
+    local = {"mode": "container", "image": "localhost/evc-edge-exporter:0.1.0", "image_archive": ""}
+    got = monitoring.exporter_image_archive(s, local)
+    assert got["image_archive"] == str(tmp_path / "images" / "exporter" / "abc.tar")
+    assert saved == [("localhost/evc-edge-exporter:0.1.0", tmp_path / "images" / "exporter")]
+    for unchanged in (
+        {**local, "mode": "process"},
+        {**local, "image": "127.0.0.1:5000/evc-edge-exporter:0.1.0@sha256:" + "a" * 64},
+        {**local, "image_archive": "/srv/exporter.tar"},
+        {**local, "image": "localhost/evc-edge-exporter:absent"},  # not on the controller: the device may hold it
+    ):
+        assert monitoring.exporter_image_archive(s, unchanged) == unchanged
+    assert len(saved) == 2

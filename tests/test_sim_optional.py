@@ -53,8 +53,14 @@ def test_the_simulated_fleet_stages_system_paths(tmp_path: Path) -> None:
     (sticky), so the playbooks' system paths (/etc/containers, units) never reach this machine's."""
     from evc.stack import sim_sysroot
 
-    root = sim_sysroot(tmp_path / "data")
+    old = os.umask(0o077)  # evc up's
+    try:
+        root = sim_sysroot(tmp_path / "data")
+    finally:
+        os.umask(old)
     assert root.is_dir() and root.stat().st_mode & 0o7777 == 0o1777
+    if os.geteuid() == 0:  # every simulated account reaches its device's folder
+        assert root.parent.stat().st_mode & 0o7777 == 0o755
     assert sim_sysroot(tmp_path / "data") == root and sim_sysroot(tmp_path / "other") != root
     stack = Stack(load_settings(data_dir=tmp_path / "data", redis_url="redis://127.0.0.1:1/0"), sim_devices=1)
     try:

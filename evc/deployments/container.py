@@ -116,46 +116,71 @@ class Image:
         """The image as an OCI layout (``podman save --format oci-dir``), kept in ``archive_dir`` by id."""
         async with self._lock:
             if self._layout is None:
-                self._layout = await asyncio.to_thread(self._save_layout)
+                path = await asyncio.to_thread(self._save, "oci-dir", ".oci")
+                self._layout = layers.read_layout(path)
             return self._layout
-
-    def _save_layout(self) -> layers.Layout:
-        path = self.archive_dir / f"{self.id}.oci"
-        if not (path / "index.json").is_file():
-            self.archive_dir.mkdir(parents=True, exist_ok=True)
-            part = path.with_suffix(".oci-part")
-            shutil.rmtree(part, ignore_errors=True)
-            res = _podman(["save", "--format", "oci-dir", "-o", str(part), self.id])
-            if res.returncode != 0:
-                raise ConfigError(f"cannot save the edge image {self.ref} to ship it: {res.stderr.strip()[-500:]}")
-            shutil.rmtree(path, ignore_errors=True)
-            part.rename(path)
-        return layers.read_layout(path)
 
     async def payload(self) -> shipping.Payload:
         """The image as an OCI archive (``podman save``), cached in ``archive_dir`` by id."""
         async with self._lock:
             if self._payload is None:
-                self._payload = await asyncio.to_thread(self._archive)
+                path = await asyncio.to_thread(self._save, "oci-archive", ".tar")
+                self._payload = shipping.Payload(path.read_bytes())
             return self._payload
 
-    def _archive(self) -> shipping.Payload:
-        path = self.archive_dir / f"{self.id}.tar"
-        if not path.is_file():
-            self.archive_dir.mkdir(parents=True, exist_ok=True)
-            part = path.with_suffix(".part")
-            part.unlink(missing_ok=True)
-            res = _podman(["save", "--format", "oci-archive", "-o", str(part), self.id])
-            if res.returncode != 0:
-                raise ConfigError(f"cannot save the edge image {self.ref} to ship it: {res.stderr.strip()[-500:]}")
-            part.rename(path)
-        return shipping.Payload(path.read_bytes())
+    def _save(self, fmt: str, suffix: str) -> Path:
+        try:
+            return save(self.id, fmt, self.archive_dir / f"{self.id}{suffix}")
+        except ConfigError as exc:
+            raise ConfigError(f"cannot save the edge image {self.ref} to ship it: {exc}") from exc
+
+
+def save(image: str, fmt: str, path: Path) -> Path:
+    """``podman save --format FMT`` of *image* to *path* (a file, or a folder for ``oci-dir``),
+    unless it is there already; written beside it first (``<path>-part``, which pruning leaves
+    alone) and renamed into place whole. Raises :class:`~evc.errors.ConfigError` with podman's
+    complaint."""
+    done = path / "index.json" if fmt == "oci-dir" else path
+    if done.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + "-part")
+    if part.is_dir():
+        shutil.rmtree(part)
+    else:
+        part.unlink(missing_ok=True)
+    res = _podman(["save", "--format", fmt, "-o", str(part), image])
+    if res.returncode != 0:
+        raise ConfigError(res.stderr.strip()[-500:] or f"podman save exited with {res.returncode}")
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    part.rename(path)
+    return path
+
+
+def tagged_archive(ref: str, folder: Path) -> Path | None:
+    """The controller's image *ref* as a ``docker-archive`` (which keeps its name, so that a
+    device's ``load`` gives it back under *ref*) in *folder*, by image id, made once; the older
+    archives in *folder* are removed. None when the controller has no podman or no such image.
+    For images that playbooks run by name (the exporter's), where devices cannot pull *ref*."""
+    try:
+        res = _podman(["image", "inspect", "--format", "{{.Id}}", ref], timeout=60)
+    except ConfigError:
+        return None
+    if res.returncode != 0:
+        return None
+    image_id = res.stdout.strip().removeprefix("sha256:")
+    path = save(ref, "docker-archive", folder / f"{image_id}.tar")
+    for old in folder.glob("*.tar"):
+        if old != path:
+            old.unlink(missing_ok=True)
+    return path
 
 
 def prune_archives(store: Store, settings: Settings) -> list[str]:
     """Remove the shipped images in ``<data_dir>/images`` that no deployment references (by
     ``image_id``): archives (``<id>.tar``) and OCI layouts (``<id>.oci/``); the ids removed. Saves
-    in progress (``.part``, ``.oci-part``) are left alone. The folder is listed before the
+    in progress (``.tar-part``, ``.oci-part``) are left alone. The folder is listed before the
     references are read: an image a deploy job saves meanwhile belongs to an image its record
     already names."""
     folder = settings.data_dir / "images"

@@ -48,6 +48,12 @@ ON_SUCCESS: dict[str, Callable[[Store, str, JSON], None]] = {
     "fl-client": record_fl_client,  # the device can train (and holds the plug-in, if one was shipped)
 }
 
+#: what EVC adds to a playbook's validated variables in the worker, before the run, by playbook:
+#: the exporter in mode container gets the controller's archive of an image devices cannot pull
+BEFORE_RUN: dict[str, Callable[[Settings, JSON], JSON]] = {
+    "exporter": monitoring.exporter_image_archive,
+}
+
 
 class ProvisionFailed(EVCError):
     """Some hosts failed, were unreachable or were refused; the job's results say which."""
@@ -288,6 +294,8 @@ def run_spec(
     such a job, so each gets its own ansible-runner ident."""
     internal = {**_internal_vars(settings), **(internal_vars or {})}
     values = resolve_artifacts(spec, spec.validate(dict(extra_vars)), settings)
+    if spec.name in BEFORE_RUN:
+        values = BEFORE_RUN[spec.name](settings, values)
     sr = _SpecRun(store, settings, run, spec, targets, values, check=check, report=report, step=step)
     started = time.monotonic()
     sr.refuse_unfit()
@@ -537,7 +545,7 @@ def _summary(
 
 
 __all__ = [
-    "MAX_RETRIES", "ON_SUCCESS", "RETRYABLE", "RUNNABLE_STATES", "ProvisionFailed", "ProvisionRequest",
+    "BEFORE_RUN", "MAX_RETRIES", "ON_SUCCESS", "RETRYABLE", "RUNNABLE_STATES", "ProvisionFailed", "ProvisionRequest",
     "ansible_ident", "run_spec", "step_runner",
     "RetryPolicy", "artifact_root", "gate", "provision", "refusal", "resolve_artifacts", "resolve_targets",
     "retry_job", "submit_provision",
