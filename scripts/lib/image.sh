@@ -89,8 +89,15 @@ img_download() {
 # environment markers with the Python that runs it, not the target's (a dependency for
 # `python_full_version < "3.11.3"` -- bookworm has 3.11.2 -- is missed on a newer host Python)
 img_wheelhouse() {
-  local who="$1" base="$2" dest="$3" out missing=""
+  local who="$1" base="$2" dest="$3" out missing="" key
   shift 3
+  # resolved once per base image and requirement list (EVC_REFRESH_WHEELS=1: again, for newer releases)
+  key="$({ pm image inspect --format '{{.Id}}' "$base"; printf '%s\n' "$@"; } | sha256sum | cut -c1-16)"
+  if [ "${EVC_REFRESH_WHEELS:-}" != 1 ] && [ "$(cat "$dest/.resolved" 2>/dev/null)" = "$key" ]; then
+    echo "$who: the wheelhouse $dest resolves these $# requirements already"
+    return 0
+  fi
+  rm -f "$dest/.resolved"
   echo "$who: downloading $# requirements (and their dependencies) into $dest"
   img_download "$dest" "$@"
   printf '%s\n' "$@" >"$dest/.requirements.txt"
@@ -98,6 +105,7 @@ img_wheelhouse() {
     if out="$(pm run --rm --network none --volume "$PWD/$dest:/wheels:ro" "$base" sh -c \
       'python -m venv /tmp/v && /tmp/v/bin/pip install --disable-pip-version-check --dry-run \
          --no-index --find-links /wheels -r /wheels/.requirements.txt' 2>&1)"; then
+      echo "$key" >"$dest/.resolved"
       return 0
     fi
     missing="$(sed -n 's/^ERROR: No matching distribution found for \([^;]*\).*/\1/p' <<<"$out")"
