@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from evc.cli.common import CLUSTER, DEVICE, Ctx, _table, _watch, console, emit, main, pass_ctx
+from evc.cli.views import device_names
 
 
 def _model_ref(ref: str) -> tuple[str, str]:
@@ -17,9 +18,9 @@ def _model_ref(ref: str) -> tuple[str, str]:
     return name, version
 
 
-def _targets_view(dep: dict[str, Any]) -> None:
+def _targets_view(dep: dict[str, Any], names: dict[str, str]) -> None:
     rows = [
-        {"device": t["device"], "state": t.get("state"), "version": t.get("version") or "",
+        {"device": names.get(t["device"], t["device"]), "state": t.get("state"), "version": t.get("version") or "",
          "endpoint": t.get("endpoint") or "", "reason": t.get("reason") or "", "image": t.get("delivery") or ""}
         for t in dep.get("targets") or []
     ]  # fmt: skip
@@ -27,7 +28,7 @@ def _targets_view(dep: dict[str, Any]) -> None:
     _table(rows, columns + (["image"] if dep.get("runtime") == "container" else []))
 
 
-def _show(dep: dict[str, Any]) -> None:
+def _show(dep: dict[str, Any], names: dict[str, str]) -> None:
     variant = f" ({dep['variant']})" if dep.get("variant") else ""
     console.print(
         f"deployment {dep['id']}: {dep['model']}:{dep['version']}{variant} {dep['state']} "
@@ -39,7 +40,7 @@ def _show(dep: dict[str, Any]) -> None:
     if rollout:
         frm, to = (rollout.get("from") or {}).get("served_version"), (rollout.get("to") or {}).get("served_version")
         console.print(f"last {rollout.get('action', 'rollout')}: {frm} -> {to} {rollout.get('state')}")
-    _targets_view(dep)
+    _targets_view(dep, names)
 
 
 def parse_pairs(values: tuple[str, ...], what: str) -> list[tuple[str, str]]:
@@ -121,7 +122,7 @@ def deploy(
         return
     job = _watch(c, client, job["id"])
     dep = client.get(f"/api/v1/deployments/{dep_id}")
-    emit(c, dep, _show)
+    emit(c, dep, lambda d: _show(d, device_names(client)))
     sys.exit(0 if job["state"] == "succeeded" else 1)
 
 
@@ -153,7 +154,9 @@ def deployment_list(c: Ctx) -> None:
 @pass_ctx
 def deployment_show(c: Ctx, deployment_id: str) -> None:
     """A deployment with each device's state, version and endpoint."""
-    emit(c, c.client().get(f"/api/v1/deployments/{deployment_id}"), _show)
+    client = c.client()
+    dep = client.get(f"/api/v1/deployments/{deployment_id}")
+    emit(c, dep, lambda d: _show(d, device_names(client)))
 
 
 @deployment.command("rm")
@@ -181,7 +184,7 @@ def _rollout(c: Ctx, client: Any, job: dict[str, Any], deployment_id: str, wait:
         return
     job = _watch(c, client, job["id"])
     dep = client.get(f"/api/v1/deployments/{deployment_id}")
-    emit(c, dep, _show)
+    emit(c, dep, lambda d: _show(d, device_names(client)))
     if job["state"] != "succeeded" and not c.as_json:
         console.print(f"{job['kind']} job {job['id']} {job['state']}: {_job_message(job)}")
     sys.exit(0 if job["state"] == "succeeded" else 1)
