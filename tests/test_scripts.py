@@ -86,3 +86,25 @@ def test_bootstrap_leaves_the_hosts_services_alone(tmp_path: Path) -> None:
     made = calls.read_text().splitlines() if calls.exists() else []
     assert any(c.startswith("apt-get install") for c in made), (made, res.stdout, res.stderr)  # the path ran
     assert not [c for c in made if c.split()[0] in ("systemctl", "service", "pkill", "killall", "kill", "invoke-rc.d")]
+
+
+def test_the_constraints_pin_every_dependency_scripts_bootstrap_installs() -> None:
+    """deploy/constraints.txt (scripts/lock) pins each of EVC's and the simulator's requirements,
+    test and flower extras included, to one version: a dependency added to pyproject.toml
+    without `scripts/lock` would be installed unpinned."""
+    import tomllib
+
+    pins = {}
+    for line in (ROOT / "deploy" / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version.strip(), f"not an exact pin: {line!r}"
+            pins[re.sub(r"[-_.]+", "-", name.strip().lower())] = version.strip()
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    sim = tomllib.loads((ROOT / "sim" / "pyproject.toml").read_text())["project"]
+    wanted = [*meta["dependencies"], *meta["optional-dependencies"]["test"], *meta["optional-dependencies"]["flower"],
+              *sim.get("dependencies", [])]  # fmt: skip
+    names = {re.sub(r"[-_.]+", "-", re.split(r"[\s\[<>=!~;]", r, maxsplit=1)[0].lower()) for r in wanted}
+    # pip freeze leaves out the packaging tools; evc itself is the project
+    missing = sorted(names - set(pins) - {"setuptools", "wheel", "pip", "evc"})
+    assert not missing, f"unpinned in deploy/constraints.txt (run scripts/lock): {missing}"
