@@ -38,6 +38,7 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
+from evc import __version__
 from evc.deployments import container
 from evc.embedded import free_port
 from evc.model import Device
@@ -459,6 +460,20 @@ def test_a_container_cluster_raised_to_l3_and_deployed_to(
         not in _as_device(sim, "podman ps -a --format '{{.Names}}'", sim.username).stdout
     )
     wait_until(functools.partial(_closed, port), 10, f"port {port} to close")
+
+    # no registry: the controller's localhost/ image, copied only where absent, loaded, the archive
+    # removed from the device (evc.monitoring.exporter_image_archive)
+    local = {"mode": "container", "runtime": "podman", "image": f"localhost/evc-edge-exporter:{__version__}",
+             "exporter_port": free_port(), "listen": "127.0.0.1"}  # fmt: skip
+    for attempt in (1, 2):
+        job, results = provision_now(capi.store, capi.settings, "exporter", [dev_id], extra_vars=local)
+        assert job["state"] == "succeeded", {d: r.get("message") for d, r in results.items()}
+        changed = results[dev_id]["changed_tasks"]
+        assert ("Load the image, then remove the archive" in changed) == (attempt == 1), changed
+    assert list((Path(capi.settings.data_dir) / "images" / "exporter").glob("*.tar")), "no archive on the controller"
+    assert not list((sim.home / ".evc" / "exporter").glob("*.tar")), "the archive was left on the device"
+    with urllib.request.urlopen(f"http://127.0.0.1:{local['exporter_port']}/metrics", timeout=10) as resp:
+        assert b"evc_" in resp.read()
 
     # the exporter's container goes with state absent; cleanup removes EVC's podman settings
     ex = {"mode": "container", "runtime": "podman", **exporter, "state": "absent"}
