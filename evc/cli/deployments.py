@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -41,6 +42,11 @@ def _show(dep: dict[str, Any], names: dict[str, str]) -> None:
         frm, to = (rollout.get("from") or {}).get("served_version"), (rollout.get("to") or {}).get("served_version")
         console.print(f"last {rollout.get('action', 'rollout')}: {frm} -> {to} {rollout.get('state')}")
     _targets_view(dep, names)
+
+
+def _shower(client: Any) -> Callable[[dict[str, Any]], None]:
+    """:func:`_show` with the devices named (their names fetched only for the human view)."""
+    return lambda dep: _show(dep, device_names(client))
 
 
 def parse_pairs(values: tuple[str, ...], what: str) -> list[tuple[str, str]]:
@@ -122,7 +128,7 @@ def deploy(
         return
     job = _watch(c, client, job["id"])
     dep = client.get(f"/api/v1/deployments/{dep_id}")
-    emit(c, dep, lambda d: _show(d, device_names(client)))
+    emit(c, dep, _shower(client))
     sys.exit(0 if job["state"] == "succeeded" else 1)
 
 
@@ -156,7 +162,7 @@ def deployment_show(c: Ctx, deployment_id: str) -> None:
     """A deployment with each device's state, version and endpoint."""
     client = c.client()
     dep = client.get(f"/api/v1/deployments/{deployment_id}")
-    emit(c, dep, lambda d: _show(d, device_names(client)))
+    emit(c, dep, _shower(client))
 
 
 @deployment.command("rm")
@@ -184,7 +190,7 @@ def _rollout(c: Ctx, client: Any, job: dict[str, Any], deployment_id: str, wait:
         return
     job = _watch(c, client, job["id"])
     dep = client.get(f"/api/v1/deployments/{deployment_id}")
-    emit(c, dep, lambda d: _show(d, device_names(client)))
+    emit(c, dep, _shower(client))
     if job["state"] != "succeeded" and not c.as_json:
         console.print(f"{job['kind']} job {job['id']} {job['state']}: {_job_message(job)}")
     sys.exit(0 if job["state"] == "succeeded" else 1)

@@ -41,6 +41,10 @@ img_podman_conf() {
 }
 
 pm() { podman --runtime "$RUNTIME" "$@"; }
+# the versions scripts/bootstrap installs (deploy/constraints.txt) go into the wheelhouses too, so
+# an image holds what the tests last passed with; EVC_UNPINNED=1: the newest in pyproject's ranges
+IMG_PINS=()
+[ "${EVC_UNPINNED:-}" != 1 ] && [ -f deploy/constraints.txt ] && IMG_PINS=(-c deploy/constraints.txt)
 
 # img_base NAME BASE: make the base image BASE once (again with EVC_REBUILD_BASE=1): Debian
 # bookworm minbase, its python3 (3.11) as `python`, python3-venv, openssh-client, imported
@@ -78,7 +82,7 @@ img_download() {
   shift
   "$PY" -m pip --version >/dev/null 2>&1 || pip_cmd=(.venv/bin/pip)
   mkdir -p "$dest"
-  "${pip_cmd[@]}" download --quiet --disable-pip-version-check --dest "$dest" \
+  "${pip_cmd[@]}" download --quiet --disable-pip-version-check --dest "$dest" "${IMG_PINS[@]}" \
     --only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     "$@"
@@ -92,7 +96,8 @@ img_wheelhouse() {
   local who="$1" base="$2" dest="$3" out missing="" key
   shift 3
   # resolved once per base image and requirement list (EVC_REFRESH_WHEELS=1: again, for newer releases)
-  key="$({ pm image inspect --format '{{.Id}}' "$base"; printf '%s\n' "$@"; } | sha256sum | cut -c1-16)"
+  key="$({ pm image inspect --format '{{.Id}}' "$base"; printf '%s\n' "$@" "${IMG_PINS[@]}"
+    [ ${#IMG_PINS[@]} -eq 0 ] || cat deploy/constraints.txt; } | sha256sum | cut -c1-16)"
   if [ "${EVC_REFRESH_WHEELS:-}" != 1 ] && [ "$(cat "$dest/.resolved" 2>/dev/null)" = "$key" ]; then
     echo "$who: the wheelhouse $dest resolves these $# requirements already"
     return 0
