@@ -4,9 +4,10 @@ __version__ = "0.1.0"
 
 import warnings
 
-#: what the ansible-playbook processes EVC starts get in PYTHONWARNINGS too (evc.provisioning.runner)
-QUIET_WARNINGS = "ignore:DSA is deprecated"
 # asyncssh and ansible-core import cryptography's DSA classes, which cryptography 51 deprecates
 # on import: the warning is theirs, printed on every start, and says nothing to EVC's users
-# (EVC never makes or accepts DSA keys)
-warnings.filterwarnings("ignore", message="DSA is deprecated", category=Warning)
+# (EVC never makes or accepts DSA keys). evc_sim imports evc first for this filter.
+_DSA = "DSA is deprecated"
+#: the same filter for the ansible-playbook processes EVC starts, in PYTHONWARNINGS (evc.provisioning.runner)
+QUIET_WARNINGS = f"ignore:{_DSA}"
+warnings.filterwarnings("ignore", message=_DSA, category=Warning)

@@ -6,7 +6,7 @@ JSON state file. See :mod:`evc_sim.server` for the layout and :mod:`evc_sim.acco
 the three privilege levels are presented.
 """
 
-from evc_sim import _quiet  # noqa: F401 - first: a warning filter that must precede asyncssh's import
+import evc  # noqa: F401 - first: its warning filter (cryptography's DSA deprecation) precedes asyncssh's import
 from evc_sim.device import (
     FAULT_MODES,
     PRIVILEGES,
